@@ -1,0 +1,223 @@
+"""Discounted Future-KL, FIPO Eq. 6: a reverse discounted sum over the time axis.
+
+    FutureKL_t = Σ_{k=t}^{T-1} γ^{k−t} · x_k,        γ = 2^(−1/τ)
+    x_k        = Δlog p_k · mask_k · 1[Δlog p_k ≤ log c]
+
+Equivalently `F_{T-1} = x_{T-1}`, `F_t = x_t + γ F_{t+1}` (inclusive of token t).
+
+Three exact algorithms share one signature (time axis last, any leading axes):
+
+* ``"scan"``        the reverse recurrence with ``lax.scan``: O(T) work, T sequential steps.
+* ``"associative"`` the same recurrence as a parallel prefix scan over ``(γ, x)`` pairs
+                    with ``lax.associative_scan``: O(T log T) work, O(log T) depth.
+* ``"blocked"``     two-level blocked form for matrix units: inside each block of K tokens
+                    an upper-triangular γ-Toeplitz matmul, across blocks a second
+                    triangular matmul over the block-start values carries the tail in.
+                    O(T·(K + T/K)) flops, no sequential loop.
+
+None of them uses the "cumsum of γ^(−t)·x" shortcut: γ^(−t) overflows float32 for
+t ≳ 4,096 at τ = 32 and loses precision long before. ``"quadratic"`` is the official
+release's O(T²) chunked distance-matrix formulation, kept as a slow reference.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fipo_jax import _checks
+
+FutureKLMethod = Literal["auto", "scan", "associative", "blocked", "quadratic"]
+METHODS = ("scan", "associative", "blocked", "quadratic")
+
+# Fastest method per backend, from `experiments/bench_future_kl.py`. CPU is measured on
+# the project's 2-core machine (see README "Performance"). GPU/TPU entries are the
+# matmul-friendly choice and are provisional until measured on those backends.
+DEFAULT_METHOD_BY_BACKEND = {"cpu": "blocked", "gpu": "blocked", "tpu": "blocked"}
+DEFAULT_BLOCK_SIZE = 128
+_HIGHEST = lax.Precision.HIGHEST  # TPUs default f32 matmuls to bf16 passes.
+
+
+def discount_factor(decay_rate) -> jax.Array | float:
+    """γ = 2^(−1/τ): the weight of a token τ positions ahead is one half."""
+    if isinstance(decay_rate, (int, float)):
+        return 2.0 ** (-1.0 / decay_rate)
+    return jnp.exp2(-1.0 / jnp.asarray(decay_rate, jnp.float32))
+
+
+def default_method(backend: str | None = None) -> str:
+    """The Future-KL method used when ``method="auto"`` on ``backend`` (default: JAX's)."""
+    return DEFAULT_METHOD_BY_BACKEND.get(backend or jax.default_backend(), "blocked")
+
+
+def discounted_reverse_cumsum(
+    x: jax.Array,
+    gamma,
+    method: FutureKLMethod = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> jax.Array:
+    """F_t = Σ_{k≥t} γ^{k−t} x_k along the last axis, i.e. F_t = x_t + γ F_{t+1}.
+
+    Args:
+      x: ``[..., T]`` floating array.
+      gamma: discount in (0, 1]; a Python float or a traced scalar (so it can be vmapped).
+      method: ``"auto"``, ``"scan"``, ``"associative"``, ``"blocked"`` or ``"quadratic"``.
+      block_size: block length K of the ``"blocked"`` and ``"quadratic"`` methods.
+
+    Returns:
+      ``[..., T]`` array of the same dtype as ``x``.
+    """
+    if method == "auto":
+        method = default_method()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {('auto',) + METHODS}, got {method!r}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if x.shape[-1] == 0:
+        return x
+    gamma = jnp.asarray(gamma, x.dtype)
+    if method == "scan":
+        return _reverse_scan(x, gamma)
+    if method == "associative":
+        return _associative(x, gamma)
+    if method == "blocked":
+        return _blocked(x, gamma, block_size)
+    return _quadratic(x, gamma, block_size)
+
+
+def future_kl(
+    delta_log_probs: jax.Array,
+    mask: jax.Array,
+    decay_rate: float | jax.Array,
+    filter_threshold: float | None = None,
+    method: FutureKLMethod = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> jax.Array:
+    """Discounted Future-KL of FIPO (paper Eq. 5–6; official `compute_policy_loss_future_kl`).
+
+        FutureKL_t = Σ_{k≥t} γ^{k−t} · Δlog p_k · mask_k · 1[Δlog p_k ≤ log(threshold)]
+
+    with γ = 2^(−1/decay_rate). The filter is one-sided (only Δlog p > log c is dropped,
+    whatever the advantage sign) and a filtered or padded token contributes 0 without
+    shifting the positions of the others.
+
+    Args:
+      delta_log_probs: ``[..., T]`` log π_θ − log π_old per token (float).
+      mask: ``[..., T]`` response mask, bool or 0/1 numbers; non-zero marks a real token.
+      decay_rate: τ > 0, the half-life in tokens (official recipe: 32).
+      filter_threshold: ratio threshold c > 0 of the extreme-ratio filter (official:
+        ``clip_ratio_c`` = 10); ``None`` disables the filter.
+      method: algorithm (see module docstring); ``"auto"`` picks the measured fastest
+        for the current backend. All are exact to float32 rounding.
+      block_size: K for ``"blocked"`` / ``"quadratic"``.
+
+    Returns:
+      ``[..., T]`` float32 (or float64 under x64) Future-KL, zero where masked.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> f = future_kl(jnp.array([[0.1, 0.2, 0.3]]), jnp.ones((1, 3)), decay_rate=1.0)
+      >>> [round(float(v), 4) for v in f[0]]  # γ = 1/2
+      [0.275, 0.35, 0.3]
+    """
+    _checks.check_floating("delta_log_probs", delta_log_probs, min_rank=1)
+    _checks.check_mask("mask", mask, "delta_log_probs", delta_log_probs)
+    _checks.check_positive("decay_rate", decay_rate)
+    if filter_threshold is not None:
+        _checks.check_positive("filter_threshold", filter_threshold)
+    delta = jnp.asarray(delta_log_probs)
+    delta = delta.astype(jnp.promote_types(delta.dtype, jnp.float32))
+    keep = jnp.asarray(mask) != 0
+    if filter_threshold is not None:
+        keep = keep & (delta <= jnp.log(jnp.asarray(filter_threshold, delta.dtype)))
+    x = jnp.where(keep, delta, 0.0)
+    return discounted_reverse_cumsum(x, discount_factor(decay_rate), method, block_size)
+
+
+def _reverse_scan(x: jax.Array, gamma: jax.Array) -> jax.Array:
+    """F_t = x_t + γ F_{t+1} as a reverse `lax.scan` over time (carry: leading dims)."""
+    x_TxN = jnp.moveaxis(x, -1, 0)
+
+    def step(carry_N, x_N):
+        f_N = x_N + gamma * carry_N
+        return f_N, f_N
+
+    _, f_TxN = lax.scan(step, jnp.zeros_like(x_TxN[0]), x_TxN, reverse=True)
+    return jnp.moveaxis(f_TxN, 0, -1)
+
+
+def _associative(x: jax.Array, gamma: jax.Array) -> jax.Array:
+    """Parallel form of the recurrence: compose affine maps h ↦ a·h + b from the end.
+
+    combine((a₁, b₁), (a₂, b₂)) = (a₁a₂, b₁a₂ + b₂), where element 1 comes first in
+    scan order (i.e. later in time, since the scan runs in reverse).
+    """
+
+    def combine(first, second):
+        a1, b1 = first
+        a2, b2 = second
+        return a1 * a2, b1 * a2 + b2
+
+    gammas = jnp.broadcast_to(gamma, x.shape)
+    _, f = lax.associative_scan(combine, (gammas, x), reverse=True, axis=x.ndim - 1)
+    return f
+
+
+def _toeplitz_upper(gamma: jax.Array, size: int, stride: int, dtype) -> jax.Array:
+    """M[i, j] = γ^{stride·(j−i)} for j ≥ i, else 0: a [size, size] decay matrix."""
+    i = jnp.arange(size)
+    distance = (i[None, :] - i[:, None]).astype(dtype)
+    decay = jnp.power(gamma, stride * jnp.maximum(distance, 0))
+    return jnp.where(distance >= 0, decay, 0.0).astype(dtype)
+
+
+def _blocked(x: jax.Array, gamma: jax.Array, block_size: int) -> jax.Array:
+    """Two-level blocked Future-KL.
+
+    With blocks of K tokens, local_{b,i} = Σ_{j≥i} γ^{j−i} x_{b,j} (one [K,K] matmul);
+    the value at each block start then obeys S_b = Σ_{b'≥b} γ^{K(b'−b)} local_{b',0}
+    (one [nb,nb] matmul), and F_{b,i} = local_{b,i} + γ^{K−i} S_{b+1}.
+    """
+    t = x.shape[-1]
+    k = min(block_size, t)
+    n_blocks = -(-t // k)
+    pad = n_blocks * k - t
+    # Zeros appended after the end do not change any earlier F_t.
+    x_NxK = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(*x.shape[:-1], n_blocks, k)
+    local = jnp.einsum("...bj,ij->...bi", x_NxK, _toeplitz_upper(gamma, k, 1, x.dtype), precision=_HIGHEST)
+    block_start = local[..., 0]
+    starts = jnp.einsum(
+        "...c,bc->...b", block_start, _toeplitz_upper(gamma, n_blocks, k, x.dtype), precision=_HIGHEST
+    )
+    next_start = jnp.concatenate([starts[..., 1:], jnp.zeros_like(starts[..., :1])], axis=-1)
+    tail_decay = jnp.power(gamma, (k - jnp.arange(k)).astype(x.dtype))
+    f = local + next_start[..., None] * tail_decay
+    return f.reshape(*x.shape[:-1], n_blocks * k)[..., :t]
+
+
+def _quadratic(x: jax.Array, gamma: jax.Array, chunk: int) -> jax.Array:
+    """The official release's algorithm: Σ over column chunks of x[:, J] @ D[:, J]ᵀ,
+    D[i, j] = γ^{j−i}·1[j ≥ i]. O(T²) flops and O(T·chunk) memory per chunk. Reference only.
+    """
+    t = x.shape[-1]
+    pos_i = jnp.arange(t)[:, None]
+    out = jnp.zeros_like(x)
+    for start in range(0, t, chunk):
+        j = jnp.arange(start, min(t, start + chunk))[None, :]
+        distance = j - pos_i
+        decay_TxK = jnp.where(distance >= 0, jnp.power(gamma, jnp.maximum(distance, 0).astype(x.dtype)), 0.0)
+        out = out + jnp.einsum("...k,tk->...t", x[..., start : start + chunk], decay_TxK, precision=_HIGHEST)
+    return out
+
+
+__all__ = [
+    "DEFAULT_METHOD_BY_BACKEND",
+    "METHODS",
+    "default_method",
+    "discount_factor",
+    "discounted_reverse_cumsum",
+    "future_kl",
+]

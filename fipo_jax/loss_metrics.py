@@ -1,0 +1,100 @@
+"""Masked statistics for loss monitoring, jit-safe and NaN-free on empty masks.
+
+The official code gathers `x[mask]` (a data-dependent shape) and calls `torch.quantile`;
+here masked values are pushed to the end of one sort instead, so every shape is static.
+An empty selection yields 0, as the official code's fallback does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(mask, x, 0.0))
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Σ x·m / Σ m, and 0 when the mask is empty (verl: `masked_mean`)."""
+    return masked_sum(x, mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def masked_fraction(condition: jax.Array, mask: jax.Array) -> jax.Array:
+    """Share of masked tokens where `condition` holds."""
+    return masked_mean(condition.astype(jnp.float32), mask)
+
+
+def masked_min(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.where(jnp.any(mask), jnp.min(jnp.where(mask, x, jnp.inf)), 0.0)
+
+
+def masked_max(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.where(jnp.any(mask), jnp.max(jnp.where(mask, x, -jnp.inf)), 0.0)
+
+
+def grouped_quantiles(
+    values: jax.Array, group: jax.Array, n_groups: int, quantiles: tuple[float, ...]
+) -> jax.Array:
+    """Quantiles of `values` within each group, with one sort for all groups.
+
+    `group` holds ints in [0, n_groups]; the value `n_groups` means "no group".
+    Uses linear interpolation between order statistics (`torch.quantile` default):
+    v[⌊p⌋] + (p − ⌊p⌋)(v[⌈p⌉] − v[⌊p⌋]) with p = q·(n − 1).
+
+    Returns:
+      ``[n_groups, len(quantiles)]``; 0 for an empty group.
+    """
+    group_N = group.reshape(-1).astype(jnp.int32)
+    _, sorted_N = lax.sort((group_N, values.reshape(-1)), num_keys=2)
+    counts_G = jnp.stack([jnp.sum(group_N == g) for g in range(n_groups)])
+    offsets_G = jnp.cumsum(counts_G) - counts_G
+    q_Q = jnp.asarray(quantiles, jnp.float32)
+    pos_GxQ = q_Q[None, :] * jnp.maximum(counts_G - 1, 0)[:, None].astype(jnp.float32)
+    lo_GxQ = jnp.floor(pos_GxQ)
+    hi_GxQ = jnp.minimum(lo_GxQ + 1, jnp.maximum(counts_G - 1, 0)[:, None])
+    v_lo = sorted_N[offsets_G[:, None] + lo_GxQ.astype(jnp.int32)]
+    v_hi = sorted_N[offsets_G[:, None] + hi_GxQ.astype(jnp.int32)]
+    out = v_lo + (pos_GxQ - lo_GxQ) * (v_hi - v_lo)
+    return jnp.where(counts_G[:, None] > 0, out, 0.0)
+
+
+# (name, quantile) of the importance ratio on negative / positive-advantage tokens,
+# as logged by the official release (`pos_is_min`/`neg_is_min` are min, `*_max` max).
+_NEG_QUANTILES = (("neg_is_min", 0.0), ("neg_is_p75", 0.75), ("neg_is_p995", 0.995),
+                  ("neg_is_p999", 0.999), ("neg_is_max", 1.0))
+_POS_QUANTILES = (("pos_is_min", 0.0), ("pos_is_p25", 0.25), ("pos_is_median", 0.5),
+                  ("pos_is_p75", 0.75), ("pos_is_p995", 0.995), ("pos_is_p999", 0.999),
+                  ("pos_is_max", 1.0))
+
+
+def ratio_statistics(
+    ratio: jax.Array, advantages: jax.Array, mask: jax.Array, clip_ratio_c: float, quantiles: bool = True
+) -> dict[str, jax.Array]:
+    """Importance-ratio monitoring of the official release (masked over response tokens).
+
+    * ``neg_ratio_2_3``, ``neg_ratio_3_4``, ``neg_ratio_4_10``: share of tokens with A < 0
+      and r in [2, 3), [3, 4), [4, c).
+    * ``pos_mini_frac``: share of tokens with A > 0 and r < 1e-3.
+    * with ``quantiles``: min / p75 / p99.5 / p99.9 / max of r over A < 0 tokens and
+      min / p25 / median / p75 / p99.5 / p99.9 / max over A > 0 tokens (costs one sort).
+    """
+    negative = (advantages < 0) & mask
+    positive = (advantages > 0) & mask
+    stats = {
+        "neg_ratio_2_3": masked_fraction((ratio >= 2.0) & (ratio < 3.0) & negative, mask),
+        "neg_ratio_3_4": masked_fraction((ratio >= 3.0) & (ratio < 4.0) & negative, mask),
+        "neg_ratio_4_10": masked_fraction((ratio >= 4.0) & (ratio < clip_ratio_c) & negative, mask),
+        "pos_mini_frac": masked_fraction((ratio < 1e-3) & positive, mask),
+    }
+    if quantiles:
+        qs = tuple(q for _, q in _NEG_QUANTILES) + tuple(q for _, q in _POS_QUANTILES)
+        group = jnp.where(negative, 0, jnp.where(positive, 1, 2))
+        table = grouped_quantiles(ratio, group, 2, qs)
+        n_neg = len(_NEG_QUANTILES)
+        for i, (name, _) in enumerate(_NEG_QUANTILES):
+            stats[name] = table[0, i]
+        for i, (name, _) in enumerate(_POS_QUANTILES):
+            stats[name] = table[1, n_neg + i]
+    return stats

@@ -1,0 +1,437 @@
+"""Policy losses: FIPO (Future-KL influenced), DAPO (clip-higher + dual-clip), GRPO.
+
+Per token, with d = clamp(log π_θ − log π_old, −20, 20) and r = exp(d) (spec E1):
+
+    FIPO  f = sg(clip(exp(FutureKL(d)), lo, hi)), safety-clamped (E2–E5); Ã = A·f    (E6)
+    DAPO  Ã = A
+    ℓ     = max(−Ã r, −Ã clip(r, 1−ε_low, 1+ε_high))          (clip-higher PPO, E7)
+    ℓ     = min(ℓ, −Ã c)  where Ã < 0                          (dual clip; not in GRPO)
+
+FIPO also drops a whole response holding two or more dual-clipped A<0 tokens (E8).
+Optional extras for any mode: + β·KL(π_θ‖π_ref) per token (k1/k2/k3) − α·entropy.
+Aggregation (E9) returns `LossTerms(total, count)` so that micro-batch gradients can be
+summed and divided once, reproducing the exact mini-batch mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fipo_jax import _checks
+from fipo_jax.future_kl import DEFAULT_BLOCK_SIZE, METHODS as FUTURE_KL_METHODS, FutureKLMethod, future_kl
+from fipo_jax import loss_metrics as lm
+
+LossMode = Literal["fipo", "dapo", "grpo"]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+LOSS_MODES = ("fipo", "dapo", "grpo")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+# Bounds of the safety clamp (E5) and the weight cap when influence_clip == 0 (E4).
+_SAFETY_CLAMP = (0.8, 1.0)
+_UNCLIPPED_WEIGHT_CAP = 10.0
+_BOUND_TOLERANCE = 1e-7  # official clip-fraction metrics compare with ±1e-7
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossConfig:
+    """Settings of `policy_loss`; defaults are the official FIPO 32B recipe.
+
+    Fields left as ``None`` take the loss mode's official default, resolved on
+    construction: ``clip_ratio_high`` (0.28 for fipo/dapo, = ``clip_ratio_low`` for grpo),
+    ``aggregation`` ("token-mean"; grpo: "seq-mean-token-mean") and
+    ``drop_dual_clipped_sequences`` (True for fipo only).
+
+    Attributes:
+      loss_mode: "fipo", "dapo" (the official "vanilla" loss) or "grpo" (PPO clip, no dual clip).
+      clip_ratio_low, clip_ratio_high: ε_low, ε_high of the ratio clip [1−ε_low, 1+ε_high].
+      clip_ratio_c: dual-clip constant c (> 1); also the Future-KL filter threshold.
+      decay_rate: τ > 0, Future-KL half-life in tokens (γ = 2^(−1/τ)).
+      influence_clip: ε_f ≥ 0; weights clipped to [1, 1+ε_f] (high-only) or [1−ε_f, 1+ε_f];
+        0 selects the official fallback min(exp(FutureKL), 10).
+      influence_clip_high_only: see ``influence_clip``.
+      safety_threshold: A < 0 and r > this ⇒ weight clamped into [0.8, 1] (E5).
+      future_kl_filter: drop tokens with r > c from the Future-KL sum (E2; paper ablation
+        "without filter" sets False).
+      drop_dual_clipped_sequences: E8 sequence-drop rule.
+      aggregation: how per-token losses become one number (see `aggregate`).
+      aggregation_horizon: constant length L of "seq-mean-token-sum-norm" (default: T).
+      log_ratio_clamp: |log π_θ − log π_old| is clamped to this (official 20).
+      kl_coef, kl_estimator: β and the estimator of a KL(π_θ‖π_ref) penalty (needs ref_log_probs).
+      entropy_coeff: α of an entropy bonus (needs ``entropy``).
+      future_kl_method, future_kl_block_size: algorithm of `future_kl` ("auto" = fastest).
+      ratio_quantiles: compute the IS-ratio quantile metrics (one sort of B·T values).
+    """
+
+    loss_mode: LossMode = "fipo"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float | None = None
+    clip_ratio_c: float = 10.0
+    decay_rate: float = 32.0
+    influence_clip: float = 0.2
+    influence_clip_high_only: bool = True
+    safety_threshold: float = 10.0
+    future_kl_filter: bool = True
+    drop_dual_clipped_sequences: bool | None = None
+    aggregation: Aggregation | None = None
+    aggregation_horizon: int | None = None
+    log_ratio_clamp: float = 20.0
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coeff: float = 0.0
+    future_kl_method: FutureKLMethod = "auto"
+    future_kl_block_size: int = DEFAULT_BLOCK_SIZE
+    ratio_quantiles: bool = True
+
+    def __post_init__(self):
+        def fail(msg):
+            raise ValueError(f"PolicyLossConfig: {msg}")
+
+        if self.loss_mode not in LOSS_MODES:
+            fail(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
+        is_grpo = self.loss_mode == "grpo"
+        resolved = {
+            "clip_ratio_high": self.clip_ratio_low if is_grpo else 0.28,
+            "aggregation": "seq-mean-token-mean" if is_grpo else "token-mean",
+            "drop_dual_clipped_sequences": self.loss_mode == "fipo",
+        }
+        for name, value in resolved.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name in ("clip_ratio_low", "clip_ratio_high", "influence_clip", "kl_coef", "entropy_coeff"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+                fail(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.clip_ratio_low >= 1:
+            fail(f"clip_ratio_low must be < 1 so the lower ratio bound 1 - clip_ratio_low is > 0, got {self.clip_ratio_low}")
+        if not isinstance(self.clip_ratio_c, (int, float)) or not self.clip_ratio_c > 1:
+            fail(f"clip_ratio_c must be > 1 (dual-clip constant c), got {self.clip_ratio_c!r}")
+        if self.loss_mode != "grpo" and self.clip_ratio_c <= 1 + self.clip_ratio_high:
+            fail(f"clip_ratio_c ({self.clip_ratio_c}) must exceed 1 + clip_ratio_high ({1 + self.clip_ratio_high})")
+        for name in ("decay_rate", "safety_threshold", "log_ratio_clamp"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                fail(f"{name} must be a finite number > 0, got {value!r}")
+        if not self.influence_clip_high_only and self.influence_clip >= 1:
+            fail(f"influence_clip must be < 1 with influence_clip_high_only=False (lower bound 1 - ε_f), got {self.influence_clip}")
+        if self.aggregation not in AGGREGATIONS:
+            fail(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.aggregation_horizon is not None and (not isinstance(self.aggregation_horizon, int) or self.aggregation_horizon < 1):
+            fail(f"aggregation_horizon must be a positive int or None, got {self.aggregation_horizon!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            fail(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.future_kl_method not in ("auto",) + FUTURE_KL_METHODS:
+            fail(f"future_kl_method must be one of {('auto',) + FUTURE_KL_METHODS}, got {self.future_kl_method!r}")
+        if not isinstance(self.future_kl_block_size, int) or self.future_kl_block_size < 1:
+            fail(f"future_kl_block_size must be a positive int, got {self.future_kl_block_size!r}")
+        for name in ("influence_clip_high_only", "future_kl_filter", "drop_dual_clipped_sequences", "ratio_quantiles"):
+            if not isinstance(getattr(self, name), bool):
+                fail(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def influence_bounds(self) -> tuple[float, float]:
+        """(lo, hi) of the influence weight (E4): [1, 1+ε_f], [1−ε_f, 1+ε_f] or [0, 10]."""
+        if self.influence_clip == 0:
+            return 0.0, _UNCLIPPED_WEIGHT_CAP
+        lo = 1.0 if self.influence_clip_high_only else 1.0 - self.influence_clip
+        return lo, 1.0 + self.influence_clip
+
+    def replace(self, **changes) -> "PolicyLossConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def fipo_32b(cls, **overrides) -> "PolicyLossConfig":
+        """Official Qwen2.5-32B recipe: τ=32, weights in [1, 1.2], safety 10, c=10."""
+        return cls(**overrides)
+
+    @classmethod
+    def fipo_7b(cls, **overrides) -> "PolicyLossConfig":
+        """Official 7B pilot: balanced influence clip [0.8, 1.2], safety threshold 3."""
+        return cls(**{"influence_clip_high_only": False, "safety_threshold": 3.0, **overrides})
+
+    @classmethod
+    def dapo(cls, **overrides) -> "PolicyLossConfig":
+        """DAPO: clip-higher (0.2 / 0.28) + dual clip c=10, token-mean, no influence weights."""
+        return cls(**{"loss_mode": "dapo", **overrides})
+
+    @classmethod
+    def grpo(cls, **overrides) -> "PolicyLossConfig":
+        """GRPO: symmetric clip 0.2, per-sequence token-mean then mean over sequences."""
+        return cls(**{"loss_mode": "grpo", **overrides})
+
+
+class LossTerms(NamedTuple):
+    """An aggregated loss as ``total / count``; both are additive over micro-batches.
+
+    For "token-mean" `count` is the number of loss tokens, for the "seq-mean-*" modes
+    the number of sequences (times the horizon for "-norm"). Summing the terms (and the
+    gradients of `total`) over micro-batches and dividing once gives exactly the loss of
+    the concatenated batch.
+    """
+
+    total: jax.Array
+    count: jax.Array
+
+    @property
+    def value(self) -> jax.Array:
+        """total / count, and 0 for an empty batch (never NaN)."""
+        return self.total / jnp.maximum(self.count, 1.0)
+
+
+def influence_weights(
+    future_kl_values: jax.Array, advantages: jax.Array, ratio: jax.Array, config: PolicyLossConfig
+) -> tuple[jax.Array, jax.Array]:
+    """FIPO influence weights (spec E4–E5), stop-gradient.
+
+        f = clip(exp(FutureKL), lo, hi)
+        f ← clip(f, 0.8, 1)   where A < 0 and r > safety_threshold
+
+    Returns:
+      ``(weights, raw)`` with raw = exp(FutureKL) before clipping.
+    """
+    raw = jnp.exp(jax.lax.stop_gradient(future_kl_values))
+    lo, hi = config.influence_bounds
+    weights = jnp.clip(raw, lo, hi)
+    risky_negative = (advantages < 0) & (jax.lax.stop_gradient(ratio) > config.safety_threshold)
+    weights = jnp.where(risky_negative, jnp.clip(weights, *_SAFETY_CLAMP), weights)
+    return jax.lax.stop_gradient(weights), raw
+
+
+def clipped_surrogate(
+    ratio: jax.Array,
+    advantages: jax.Array,
+    clip_ratio_low: float,
+    clip_ratio_high: float,
+    clip_ratio_c: float | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token PPO loss with clip-higher and optional dual clip (spec E7).
+
+        ℓ = max(−A r, −A clip(r, 1−ε_low, 1+ε_high));  ℓ ← min(ℓ, −A c) where A < 0
+
+    Returns:
+      ``(loss, clipped, dual_clipped)``: the per-token loss and the official indicators
+      −A clip(r) > −A r (``pg_clipfrac``) and A<0 ∧ ℓ_ppo > −A c (``pg_clipfrac_lower``).
+    """
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+    ppo_loss = jnp.maximum(unclipped, clipped)
+    is_clipped = clipped > unclipped
+    if clip_ratio_c is None:
+        return ppo_loss, is_clipped, jnp.zeros_like(is_clipped)
+    dual_bound = -advantages * clip_ratio_c
+    is_dual_clipped = (advantages < 0) & (ppo_loss > dual_bound)
+    loss = jnp.where(advantages < 0, jnp.minimum(ppo_loss, dual_bound), ppo_loss)
+    return loss, is_clipped, is_dual_clipped
+
+
+def kl_penalty(log_probs: jax.Array, ref_log_probs: jax.Array, estimator: str) -> jax.Array:
+    """Per-token estimate of KL(π_θ ‖ π_ref) from sampled tokens (Schulman's k1/k2/k3).
+
+        k1 = log π_θ − log π_ref,   k2 = ½ (log π_θ − log π_ref)²,
+        k3 = exp(ρ) − ρ − 1 with ρ = clamp(log π_ref − log π_θ, ±20), clamped to [−10, 10]
+             (verl's "low_var_kl").
+    """
+    if estimator == "k1":
+        return log_probs - ref_log_probs
+    if estimator == "k2":
+        return 0.5 * jnp.square(log_probs - ref_log_probs)
+    if estimator == "k3":
+        rho = jnp.clip(ref_log_probs - log_probs, -20.0, 20.0)
+        return jnp.clip(jnp.exp(rho) - rho - 1.0, -10.0, 10.0)
+    raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, horizon: int | None = None) -> LossTerms:
+    """Aggregate a ``[B, T]`` per-token loss over a bool mask (spec E9; verl `agg_loss`).
+
+    * "token-mean":               Σ_bt ℓ·m / Σ_bt m
+    * "seq-mean-token-mean":      mean over non-empty rows of (Σ_t ℓ·m / Σ_t m)
+    * "seq-mean-token-sum":       Σ_bt ℓ·m / B
+    * "seq-mean-token-sum-norm":  Σ_bt ℓ·m / (B · L), L = horizon or T (Dr. GRPO)
+
+    verl's "seq-mean-token-mean" averages over all rows (NaN for an empty row) and its
+    "-norm" divides by L only; here empty rows are skipped and B is divided out, so that
+    every mode is a (total, count) pair that adds up across micro-batches.
+    """
+    batch, length = per_token.shape
+    masked = jnp.where(mask, per_token, 0.0)
+    if mode == "token-mean":
+        return LossTerms(jnp.sum(masked), jnp.sum(mask).astype(jnp.float32))
+    if mode == "seq-mean-token-mean":
+        tokens_B = jnp.sum(mask, axis=-1).astype(jnp.float32)
+        row_means = jnp.sum(masked, axis=-1) / jnp.maximum(tokens_B, 1.0)
+        return LossTerms(jnp.sum(row_means), jnp.sum(tokens_B > 0).astype(jnp.float32))
+    if mode == "seq-mean-token-sum":
+        return LossTerms(jnp.sum(masked), jnp.asarray(batch, jnp.float32))
+    if mode == "seq-mean-token-sum-norm":
+        return LossTerms(jnp.sum(masked), jnp.asarray(batch * (horizon or length), jnp.float32))
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+
+
+def _check_inputs(log_probs, old_log_probs, advantages, mask, ref_log_probs, entropy, config):
+    if not isinstance(config, PolicyLossConfig):
+        raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
+    _checks.check_floating("log_probs", log_probs, rank=2)
+    _checks.check_floating("old_log_probs", old_log_probs)
+    _checks.check_same_shape("old_log_probs", old_log_probs, "log_probs [B, T]", log_probs)
+    _checks.check_floating("advantages", advantages)
+    if jnp.ndim(advantages) == 1:
+        if jnp.shape(advantages)[0] != jnp.shape(log_probs)[0]:
+            raise ValueError(f"advantages of shape {jnp.shape(advantages)} must be [B] or [B, T] for log_probs of shape {jnp.shape(log_probs)}")
+    else:
+        _checks.check_same_shape("advantages", advantages, "log_probs [B, T]", log_probs)
+    _checks.check_mask("mask", mask, "log_probs [B, T]", log_probs)
+    if config.kl_coef > 0:
+        if ref_log_probs is None:
+            raise ValueError("config.kl_coef > 0 needs ref_log_probs ([B, T] log π_ref of the sampled tokens)")
+    if ref_log_probs is not None:
+        _checks.check_floating("ref_log_probs", ref_log_probs)
+        _checks.check_same_shape("ref_log_probs", ref_log_probs, "log_probs [B, T]", log_probs)
+    if config.entropy_coeff > 0 and entropy is None:
+        raise ValueError("config.entropy_coeff > 0 needs entropy ([B, T] per-token policy entropy)")
+    if entropy is not None:
+        _checks.check_floating("entropy", entropy)
+        _checks.check_same_shape("entropy", entropy, "log_probs [B, T]", log_probs)
+
+
+def policy_loss_terms(
+    log_probs: jax.Array,
+    old_log_probs: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    config: PolicyLossConfig,
+    *,
+    ref_log_probs: jax.Array | None = None,
+    entropy: jax.Array | None = None,
+) -> tuple[LossTerms, dict[str, jax.Array]]:
+    """Like `policy_loss`, but returns the loss as additive `LossTerms(total, count)`.
+
+    Use this to accumulate gradients over micro-batches: sum ∇total and count over the
+    micro-batches of a mini-batch, then divide once (exact mini-batch token-mean, paper
+    Eq. 8). `LossTerms.value` is the micro-batch's own loss (the official per-micro-batch
+    quantity).
+    """
+    _check_inputs(log_probs, old_log_probs, advantages, mask, ref_log_probs, entropy, config)
+    f32 = jnp.promote_types(jnp.result_type(log_probs), jnp.float32)
+    mask = jnp.asarray(mask) != 0
+    # Sanitise padding first so that garbage (±inf, NaN) there cannot reach a gradient.
+    log_probs = jnp.where(mask, log_probs, 0.0).astype(f32)
+    old_log_probs = jnp.where(mask, old_log_probs, 0.0).astype(f32)
+    advantages = jnp.broadcast_to(
+        advantages[:, None] if jnp.ndim(advantages) == 1 else advantages, log_probs.shape
+    )
+    advantages = jnp.where(mask, advantages, 0.0).astype(f32)
+
+    log_ratio = jnp.clip(log_probs - old_log_probs, -config.log_ratio_clamp, config.log_ratio_clamp)
+    ratio = jnp.exp(log_ratio)
+    ratio_sg = jax.lax.stop_gradient(ratio)
+    metrics = {"ppo_kl": lm.masked_mean(-jax.lax.stop_gradient(log_ratio), mask)}
+
+    weighted_advantages = advantages
+    if config.loss_mode == "fipo":
+        future = future_kl(
+            jax.lax.stop_gradient(log_ratio),
+            mask,
+            config.decay_rate,
+            filter_threshold=config.clip_ratio_c if config.future_kl_filter else None,
+            method=config.future_kl_method,
+            block_size=config.future_kl_block_size,
+        )
+        weights, raw = influence_weights(future, advantages, ratio_sg, config)
+        weighted_advantages = advantages * weights
+        metrics.update(_influence_metrics(weights, raw, mask, config))
+
+    dual_clip = None if config.loss_mode == "grpo" else config.clip_ratio_c
+    per_token, is_clipped, is_dual_clipped = clipped_surrogate(
+        ratio, weighted_advantages, config.clip_ratio_low, config.clip_ratio_high, dual_clip
+    )
+    metrics["pg_clipfrac"] = lm.masked_fraction(is_clipped, mask)
+    metrics["pg_clipfrac_lower"] = lm.masked_fraction(is_dual_clipped, mask)
+
+    loss_mask = mask
+    if config.drop_dual_clipped_sequences:
+        # E8: A<0 ∧ r>c (= dual-clipped) on two or more tokens removes the whole row.
+        hits_B = jnp.sum((advantages < 0) & (ratio_sg > config.clip_ratio_c) & mask, axis=-1)
+        loss_mask = mask & (hits_B <= 1)[:, None]
+    metrics["dropped_sequences"] = jnp.sum(jnp.any(mask, -1) & ~jnp.any(loss_mask, -1)).astype(jnp.float32)
+    metrics["loss_tokens"] = jnp.sum(loss_mask).astype(jnp.float32)
+
+    terms = aggregate(per_token, loss_mask, config.aggregation, config.aggregation_horizon)
+    metrics["pg_loss"] = jax.lax.stop_gradient(terms.value)
+    if ref_log_probs is not None:
+        kl = kl_penalty(log_probs, jnp.where(mask, ref_log_probs, 0.0).astype(f32), config.kl_estimator)
+        metrics["kl_loss"] = jax.lax.stop_gradient(aggregate(kl, loss_mask, config.aggregation, config.aggregation_horizon).value)
+        if config.kl_coef > 0:
+            per_token = per_token + config.kl_coef * kl
+    if entropy is not None:
+        entropy = jnp.where(mask, entropy, 0.0).astype(f32)
+        metrics["entropy"] = jax.lax.stop_gradient(aggregate(entropy, loss_mask, config.aggregation, config.aggregation_horizon).value)
+        if config.entropy_coeff > 0:
+            per_token = per_token - config.entropy_coeff * entropy
+    if ref_log_probs is not None or entropy is not None:
+        terms = aggregate(per_token, loss_mask, config.aggregation, config.aggregation_horizon)
+
+    metrics.update(lm.ratio_statistics(ratio_sg, advantages, mask, config.clip_ratio_c, config.ratio_quantiles))
+    return terms, metrics
+
+
+def policy_loss(
+    log_probs: jax.Array,
+    old_log_probs: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    config: PolicyLossConfig,
+    *,
+    ref_log_probs: jax.Array | None = None,
+    entropy: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """FIPO / DAPO / GRPO policy loss of one batch (see the module docstring).
+
+    Args:
+      log_probs: ``[B, T]`` log π_θ of the sampled tokens (gradient flows through these).
+      old_log_probs: ``[B, T]`` log π_old (rollout policy, recomputed by the trainer).
+      advantages: ``[B, T]`` or ``[B]`` advantages (e.g. `grpo_advantages`).
+      mask: ``[B, T]`` response mask, bool or 0/1 (right padding; empty rows allowed).
+      config: `PolicyLossConfig`.
+      ref_log_probs: ``[B, T]`` log π_ref, for a KL penalty (``config.kl_coef``).
+      entropy: ``[B, T]`` per-token entropy, for an entropy bonus (``config.entropy_coeff``).
+
+    Returns:
+      ``(loss, metrics)``: a float32 scalar and a dict of scalar metrics with the official
+      names (``pg_clipfrac``, ``ppo_kl``, ``pg_clipfrac_lower``, influence-weight and
+      IS-ratio statistics, ``dropped_sequences``, ...). An empty mask gives loss 0 and a
+      zero gradient.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> lp = jnp.log(jnp.array([[0.5, 0.5]]))
+      >>> loss, m = policy_loss(lp, lp, jnp.array([1.0]), jnp.ones((1, 2)), PolicyLossConfig())
+      >>> float(loss)
+      -1.0
+    """
+    terms, metrics = policy_loss_terms(
+        log_probs, old_log_probs, advantages, mask, config, ref_log_probs=ref_log_probs, entropy=entropy
+    )
+    return terms.value, metrics
+
+
+def _influence_metrics(weights, raw, mask, config) -> dict[str, jax.Array]:
+    """Official influence-weight monitoring (masked over response tokens)."""
+    lo, hi = config.influence_bounds
+    upper = lm.masked_fraction(weights >= hi - _BOUND_TOLERANCE, mask)
+    lower = lm.masked_fraction(weights <= lo + _BOUND_TOLERANCE, mask)
+    return {
+        "influence_weights_mean": lm.masked_mean(weights, mask),
+        "influence_weights_min": lm.masked_min(weights, mask),
+        "influence_weights_max": lm.masked_max(weights, mask),
+        "clip_frac_upper": upper,
+        "clip_frac_lower": lower,
+        "total_clip_frac": upper + lower,
+        "influence_weights_mean_raw": lm.masked_mean(raw, mask),
+        "raw_influence_weights_min": lm.masked_min(raw, mask),
+        "raw_influence_weights_max": lm.masked_max(raw, mask),
+    }
