@@ -1,2 +1,44 @@
-from fipo_jax.future_kl import future_kl, discounted_reverse_cumsum
-from fipo_jax.losses import PolicyLossConfig, LossTerms, policy_loss, policy_loss_terms, aggregate
+"""fipo_jax: FIPO (Future-KL Influenced Policy Optimization) in JAX.
+
+The functional core is re-exported here; see README.md for an example.
+"""
+
+from fipo_jax.advantages import (
+    broadcast_to_tokens,
+    dr_grpo_advantages,
+    dynamic_sampling_mask,
+    grpo_advantages,
+    rloo_advantages,
+)
+from fipo_jax.future_kl import discount_factor, discounted_reverse_cumsum, future_kl
+from fipo_jax.losses import (
+    LossTerms,
+    PolicyLossConfig,
+    aggregate,
+    clipped_surrogate,
+    influence_weights,
+    kl_penalty,
+    policy_loss,
+    policy_loss_terms,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LossTerms",
+    "PolicyLossConfig",
+    "aggregate",
+    "broadcast_to_tokens",
+    "clipped_surrogate",
+    "discount_factor",
+    "discounted_reverse_cumsum",
+    "dr_grpo_advantages",
+    "dynamic_sampling_mask",
+    "future_kl",
+    "grpo_advantages",
+    "influence_weights",
+    "kl_penalty",
+    "policy_loss",
+    "policy_loss_terms",
+    "rloo_advantages",
+]

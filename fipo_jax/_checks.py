@@ -44,8 +44,8 @@ def check_same_shape(name: str, x, ref_name: str, ref) -> None:
 def check_mask(name: str, mask, ref_name: str, ref) -> None:
     """A mask is bool or numeric (non-zero = valid) with the shape of `ref`."""
     dtype = _dtype(mask)
-    if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.number)):
-        raise TypeError(f"{name} must be a bool or numeric array, got dtype {dtype}")
+    if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise TypeError(f"{name} must be a bool or numeric (int/float) array, got dtype {dtype}")
     check_same_shape(name, mask, ref_name, ref)
 
 

@@ -193,7 +193,7 @@ def _blocked(x: jax.Array, gamma: jax.Array, block_size: int) -> jax.Array:
         "...c,bc->...b", block_start, _toeplitz_upper(gamma, n_blocks, k, x.dtype), precision=_HIGHEST
     )
     next_start = jnp.concatenate([starts[..., 1:], jnp.zeros_like(starts[..., :1])], axis=-1)
-    tail_decay = jnp.power(gamma, (k - jnp.arange(k)).astype(x.dtype))
+    tail_decay = jnp.power(gamma, (k - jnp.arange(k)).astype(x.dtype)).reshape((1,) * x.ndim + (k,))
     f = local + next_start[..., None] * tail_decay
     return f.reshape(*x.shape[:-1], n_blocks * k)[..., :t]
 
