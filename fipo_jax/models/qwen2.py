@@ -1,0 +1,555 @@
+"""Qwen2 / Qwen2.5 causal language model in flax.nnx.
+
+Architecture (matches `transformers.Qwen2ForCausalLM` with full attention):
+
+    h⁰ = E[ids]                                                   E: [V, D]
+    for each layer ℓ:
+        a  = RMSNorm(hˡ) ;  q = RoPE(a W_q + b_q), k = RoPE(a W_k + b_k), v = a W_v + b_v
+        hˡ' = hˡ + Attn(q, k, v) W_o                               grouped-query, causal
+        hˡ⁺¹ = hˡ' + (silu(m W_gate) ⊙ (m W_up)) W_down,  m = RMSNorm(hˡ')
+    logits = RMSNorm(hᴸ) W_lm                                      W_lm = Eᵀ when tied
+
+Parameters carry logical axis names in their `out_sharding` metadata (see `LOGICAL_AXES`);
+`fipo_jax.models.hf_io.param_shardings` maps them to a mesh. Head axes stay separate in the
+kernels (q kernel [embed, heads, head_dim]) so "heads → tensor" shards whole heads.
+
+Padding: `attention_mask` [B, T] (True = real token) removes pad keys from attention; RoPE
+positions default to `cumsum(mask) - 1`, so a left-padded row gets positions 0, 1, ... for its
+real tokens and computes exactly what that row would compute alone.
+
+KV cache (for the sampler): see `KVCache`, `init_kv_cache` and `Qwen2ForCausalLM.__call__`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fipo_jax.models.config import Qwen2Config
+
+# Logical axis names used in parameter metadata (one rules table maps them to mesh axes).
+AXIS_VOCAB = "vocab"
+AXIS_EMBED = "embed"
+AXIS_HEADS = "heads"
+AXIS_KV_HEADS = "kv_heads"
+AXIS_HEAD_DIM = "head_dim"
+AXIS_MLP = "mlp"
+AXIS_NORM = "norm"
+LOGICAL_AXES = (AXIS_VOCAB, AXIS_EMBED, AXIS_HEADS, AXIS_KV_HEADS, AXIS_HEAD_DIM, AXIS_MLP, AXIS_NORM)
+
+# Logical axes of each per-layer KV-cache array [B, S_max, N, K] (batch / length are activation
+# axes: the sampler decides how to shard them).
+KV_CACHE_AXES = ("batch", "length", AXIS_KV_HEADS, AXIS_HEAD_DIM)
+
+# Finite "minus infinity": a query whose keys are all masked (a pad position) gets a uniform,
+# finite distribution instead of NaN, so pad rows never poison gradients.
+_MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+def rms_norm(x_BxTxD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
+    """y = w ⊙ x / sqrt(mean(x²) + ε), statistics in float32, result in x's dtype.
+
+    As in HF Qwen2RMSNorm: normalise in float32, cast back, then scale by the weight.
+    """
+    x32 = x_BxTxD.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    weight_1xD = weight_D.reshape((1,) * (x_BxTxD.ndim - 1) + weight_D.shape)
+    return (x32 * inv_rms).astype(x_BxTxD.dtype) * weight_1xD.astype(x_BxTxD.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float) -> jax.Array:
+    """ω_i = θ^(-2i/K) for i = 0 .. K/2-1, float32 [K/2]."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    return 1.0 / (theta**exponents)
+
+
+def rope_cos_sin(positions_BxT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, K] (float32) in HF's rotate-half layout: angles = concat(pω, pω)."""
+    inv_freq_1x1xHalf = rope_inverse_frequencies(head_dim, theta)[None, None, :]
+    angles_BxTxHalf = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_1x1xHalf
+    angles_BxTxK = jnp.concatenate([angles_BxTxHalf, angles_BxTxHalf], axis=-1)
+    return jnp.cos(angles_BxTxK), jnp.sin(angles_BxTxK)
+
+
+def apply_rope(x_BxTxNxK: jax.Array, cos_BxTxK: jax.Array, sin_BxTxK: jax.Array) -> jax.Array:
+    """x·cos + rotate_half(x)·sin with rotate_half([x₁, x₂]) = [-x₂, x₁] (HF convention).
+
+    Computed in float32, returned in x's dtype.
+    """
+    x32 = x_BxTxNxK.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x32 * cos_BxTxK[:, :, None, :] + rotated * sin_BxTxK[:, :, None, :]
+    return out.astype(x_BxTxNxK.dtype)
+
+
+def positions_from_mask(mask_BxT: jax.Array, start_B: jax.Array | None = None) -> jax.Array:
+    """RoPE positions p_bt = start_b + (#real tokens in row b up to and including t) − 1.
+
+    Real tokens get consecutive positions starting at `start_b` (0 by default) whatever the
+    padding; pad tokens get the position of the preceding real token (clipped at 0), which is
+    harmless because pad keys are masked out.
+    """
+    counts_BxT = jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1)
+    if start_B is not None:
+        counts_BxT = counts_BxT + start_B.astype(jnp.int32)[:, None]
+    return jnp.maximum(counts_BxT - 1, 0)
+
+
+def grouped_query_attention(
+    q_BxTxHxK: jax.Array,
+    k_BxSxNxK: jax.Array,
+    v_BxSxNxK: jax.Array,
+    allowed_BxTxS: jax.Array,
+) -> jax.Array:
+    """softmax(q kᵀ / sqrt(K) masked by `allowed`) v with H query heads sharing N kv heads.
+
+    Query head h uses kv head h // G (G = H / N), the same grouping as HF's `repeat_kv`.
+    Scores and softmax are float32; the output has q's dtype.
+    """
+    batch, q_len, num_heads, head_dim = q_BxTxHxK.shape
+    num_kv_heads = k_BxSxNxK.shape[2]
+    groups = num_heads // num_kv_heads
+    q_BxTxNxGxK = q_BxTxHxK.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+    scores_BxNxGxTxS = jnp.einsum(
+        "btngk,bsnk->bngts", q_BxTxNxGxK, k_BxSxNxK, preferred_element_type=jnp.float32
+    ) * (head_dim**-0.5)
+    scores_BxNxGxTxS = jnp.where(allowed_BxTxS[:, None, None], scores_BxNxGxTxS, _MASKED_SCORE)
+    probs_BxNxGxTxS = jax.nn.softmax(scores_BxNxGxTxS, axis=-1).astype(v_BxSxNxK.dtype)
+    out_BxTxNxGxK = jnp.einsum("bngts,bsnk->btngk", probs_BxNxGxTxS, v_BxSxNxK)
+    return out_BxTxNxGxK.reshape(batch, q_len, num_heads, head_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------
+
+
+class KVCache(NamedTuple):
+    """Preallocated, static-shape key/value cache (a pytree; jit- and donation-friendly).
+
+    Slots are shared by all rows: a call with T new tokens writes slots [index, index + T) of
+    every row. Rows differ only through `valid_BxS` (pad / finished-row slots are False and never
+    attended to) and `next_position_B` (RoPE position of the row's next real token).
+
+    Attributes:
+      keys: per layer, [B, S_max, N, K] rotated keys.
+      values: per layer, [B, S_max, N, K] values.
+      valid_BxS: bool [B, S_max], slot holds a real token of that row.
+      next_position_B: int32 [B], RoPE position the row's next real token receives.
+      index: int32 scalar, next slot to write (same for all rows).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid_BxS: jax.Array
+    next_position_B: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        """S_max, the number of slots."""
+        return self.valid_BxS.shape[1]
+
+
+def init_kv_cache(
+    config: Qwen2Config, batch_size: int, max_len: int, dtype: str | jnp.dtype | None = None
+) -> KVCache:
+    """An empty cache: zeros, no valid slot, index 0, next positions 0.
+
+    Args:
+      config: the model config (layers, kv heads, head_dim).
+      batch_size: B.
+      max_len: S_max ≥ prompt length + tokens to generate.
+      dtype: cache dtype; defaults to the config's compute dtype.
+    """
+    if batch_size <= 0 or max_len <= 0:
+        raise ValueError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
+    cache_dtype = jnp.dtype(dtype) if dtype is not None else config.activation_dtype
+    shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
+    layers = range(config.num_hidden_layers)
+    return KVCache(
+        keys=tuple(jnp.zeros(shape, cache_dtype) for _ in layers),
+        values=tuple(jnp.zeros(shape, cache_dtype) for _ in layers),
+        valid_BxS=jnp.zeros((batch_size, max_len), jnp.bool_),
+        next_position_B=jnp.zeros((batch_size,), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+def _normal_param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], config: Qwen2Config
+) -> nnx.Param:
+    value = config.initializer_range * jax.random.normal(rngs.params(), shape, config.param_dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _constant_param(
+    shape: tuple[int, ...], axes: tuple[str, ...], fill: float, config: Qwen2Config
+) -> nnx.Param:
+    value = jnp.full(shape, fill, config.param_dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned scale `weight` [D] (logical axis `norm`)."""
+
+    def __init__(self, config: Qwen2Config):
+        self.eps = config.rms_norm_eps
+        self.weight = _constant_param((config.hidden_size,), (AXIS_NORM,), 1.0, config)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        return rms_norm(x_BxTxD, self.weight[...], self.eps)
+
+
+class Embed(nnx.Module):
+    """Token embedding table `embedding` [V, D] (logical axes vocab, embed)."""
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+        self.embedding = _normal_param(
+            rngs, (config.vocab_size, config.hidden_size), (AXIS_VOCAB, AXIS_EMBED), config
+        )
+
+    def __call__(self, ids_BxT: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        return jnp.take(self.embedding[...], ids_BxT, axis=0).astype(dtype)
+
+
+class DenseGeneral(nnx.Module):
+    """y = einsum(equation, x, kernel) (+ bias), kernel axes kept separate for sharding."""
+
+    def __init__(
+        self,
+        equation: str,
+        kernel_shape: tuple[int, ...],
+        kernel_axes: tuple[str, ...],
+        config: Qwen2Config,
+        *,
+        rngs: nnx.Rngs,
+        bias_axes: tuple[str, ...] | None = None,
+    ):
+        self.equation = equation
+        self.kernel = _normal_param(rngs, kernel_shape, kernel_axes, config)
+        if bias_axes is not None:
+            bias_shape = kernel_shape[len(kernel_shape) - len(bias_axes) :]
+            self.bias = _constant_param(bias_shape, bias_axes, 0.0, config)
+        else:
+            self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.equation, x, self.kernel[...].astype(x.dtype))
+        if self.bias is not None:
+            bias = self.bias[...]
+            y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape).astype(x.dtype)
+        return y
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE; biases on q/k/v only.
+
+    Kernels: q [embed, heads, head_dim], k/v [embed, kv_heads, head_dim],
+    o [heads, head_dim, embed].
+    """
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+        d, h, n, k = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.rope_theta = config.rope_theta
+        self.q_proj = DenseGeneral(
+            "btd,dhk->bthk", (d, h, k), (AXIS_EMBED, AXIS_HEADS, AXIS_HEAD_DIM), config,
+            rngs=rngs, bias_axes=(AXIS_HEADS, AXIS_HEAD_DIM),
+        )  # fmt: skip
+        self.k_proj = DenseGeneral(
+            "btd,dnk->btnk", (d, n, k), (AXIS_EMBED, AXIS_KV_HEADS, AXIS_HEAD_DIM), config,
+            rngs=rngs, bias_axes=(AXIS_KV_HEADS, AXIS_HEAD_DIM),
+        )  # fmt: skip
+        self.v_proj = DenseGeneral(
+            "btd,dnk->btnk", (d, n, k), (AXIS_EMBED, AXIS_KV_HEADS, AXIS_HEAD_DIM), config,
+            rngs=rngs, bias_axes=(AXIS_KV_HEADS, AXIS_HEAD_DIM),
+        )  # fmt: skip
+        self.o_proj = DenseGeneral(
+            "bthk,hkd->btd", (h, k, d), (AXIS_HEADS, AXIS_HEAD_DIM, AXIS_EMBED), config, rngs=rngs
+        )
+
+    def __call__(
+        self,
+        x_BxTxD: jax.Array,
+        cos_BxTxK: jax.Array,
+        sin_BxTxK: jax.Array,
+        allowed_BxTxS: jax.Array,
+        layer_cache: tuple[jax.Array, jax.Array] | None = None,
+        write_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Without a cache S = T; with one, the T new keys/values are written at slots
+        [write_index, write_index + T) and the queries attend over all S_max slots."""
+        q_BxTxHxK = apply_rope(self.q_proj(x_BxTxD), cos_BxTxK, sin_BxTxK)
+        k_BxTxNxK = apply_rope(self.k_proj(x_BxTxD), cos_BxTxK, sin_BxTxK)
+        v_BxTxNxK = self.v_proj(x_BxTxD)
+        new_cache = None
+        if layer_cache is not None:
+            k_cache, v_cache = layer_cache
+            start = (0, write_index, 0, 0)
+            k_BxSxNxK = jax.lax.dynamic_update_slice(k_cache, k_BxTxNxK.astype(k_cache.dtype), start)
+            v_BxSxNxK = jax.lax.dynamic_update_slice(v_cache, v_BxTxNxK.astype(v_cache.dtype), start)
+            new_cache = (k_BxSxNxK, v_BxSxNxK)
+            k_BxSxNxK = k_BxSxNxK.astype(x_BxTxD.dtype)
+            v_BxSxNxK = v_BxSxNxK.astype(x_BxTxD.dtype)
+        else:
+            k_BxSxNxK, v_BxSxNxK = k_BxTxNxK, v_BxTxNxK
+        out_BxTxHxK = grouped_query_attention(q_BxTxHxK, k_BxSxNxK, v_BxSxNxK, allowed_BxTxS)
+        return self.o_proj(out_BxTxHxK), new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(x W_gate) ⊙ x W_up); no biases."""
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = DenseGeneral("btd,df->btf", (d, f), (AXIS_EMBED, AXIS_MLP), config, rngs=rngs)
+        self.up_proj = DenseGeneral("btd,df->btf", (d, f), (AXIS_EMBED, AXIS_MLP), config, rngs=rngs)
+        self.down_proj = DenseGeneral("btf,fd->btd", (f, d), (AXIS_MLP, AXIS_EMBED), config, rngs=rngs)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: h += Attn(RMSNorm(h)); h += MLP(RMSNorm(h))."""
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(
+        self,
+        x_BxTxD: jax.Array,
+        cos_BxTxK: jax.Array,
+        sin_BxTxK: jax.Array,
+        allowed_BxTxS: jax.Array,
+        layer_cache: tuple[jax.Array, jax.Array] | None = None,
+        write_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        attn_BxTxD, new_cache = self.self_attn(
+            self.input_layernorm(x_BxTxD), cos_BxTxK, sin_BxTxK, allowed_BxTxS,
+            layer_cache, write_index,
+        )  # fmt: skip
+        x_BxTxD = x_BxTxD + attn_BxTxD
+        x_BxTxD = x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+        return x_BxTxD, new_cache
+
+
+def _layer_forward(
+    layer: DecoderLayer,
+    x_BxTxD: jax.Array,
+    cos_BxTxK: jax.Array,
+    sin_BxTxK: jax.Array,
+    allowed_BxTxS: jax.Array,
+) -> jax.Array:
+    return layer(x_BxTxD, cos_BxTxK, sin_BxTxK, allowed_BxTxS)[0]
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    """Qwen2 causal LM. Parameter paths mirror HF names (see `hf_io.weight_mapping`).
+
+    Call forms (all shapes static; B batch, T new tokens, V vocab, D hidden):
+
+      logits_BxTxV = model(input_ids_BxT, positions_BxT=None, attention_mask_BxT=None)
+          Full forward. Default mask: all True. Default positions: cumsum(mask) − 1, i.e.
+          0..T−1 without padding, per-row 0-based real-token positions with left padding.
+
+      logits_BxTxV, cache = model(input_ids_BxT, positions, attention_mask, kv_cache=cache)
+          Cached forward (prefill when T > 1, decode when T == 1): writes the T new keys/values
+          at slots [cache.index, cache.index + T), marks those slots valid where
+          attention_mask is True, attends causally over every valid slot ≤ its own, and returns
+          the cache with index += T and next_position_B advanced past the row's real tokens.
+          Default positions: cache.next_position_B + cumsum(mask) − 1. The caller must keep
+          cache.index + T ≤ cache.max_len (dynamic_update_slice would clamp silently).
+
+      `last_token_only=True` returns logits for the final position only ([B, 1, V]), which is
+      what prefill needs; with left padding the final position is real for every row.
+
+    Logits are float32. For log-probs without a [B, T, V] tensor use `hidden_states` +
+    `unembedding` / `unembed` on chunks.
+    """
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = Embed(config, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = DenseGeneral(
+                "btd,dv->btv", (config.hidden_size, config.vocab_size), (AXIS_EMBED, AXIS_VOCAB), config,
+                rngs=rngs,
+            )  # fmt: skip
+
+    # -- output head ------------------------------------------------------------------------
+
+    def unembedding(self) -> jax.Array:
+        """The LM-head matrix W [D, V] (Eᵀ when embeddings are tied), in the param dtype."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def unembed(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """logits = h W in float32 (accumulated in float32 whatever the compute dtype)."""
+        weight_DxV = self.unembedding().astype(hidden_BxTxD.dtype)
+        return jnp.einsum(
+            "...d,dv->...v", hidden_BxTxD, weight_DxV, preferred_element_type=jnp.float32
+        )
+
+    # -- trunk ------------------------------------------------------------------------------
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states [B, T, D] (compute dtype) of a full forward pass."""
+        mask_BxT = self._check_inputs(input_ids, positions, attention_mask)
+        if positions is None:
+            positions = positions_from_mask(mask_BxT)
+        cos_BxTxK, sin_BxTxK = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        seq_len = input_ids.shape[1]
+        causal_TxS = jnp.tril(jnp.ones((seq_len, seq_len), jnp.bool_))
+        allowed_BxTxS = causal_TxS[None] & mask_BxT[:, None, :]
+        layer_fn = nnx.remat(_layer_forward) if self.config.remat else _layer_forward
+        x_BxTxD = self.embed_tokens(input_ids, self.config.activation_dtype)
+        for layer in self.layers:
+            x_BxTxD = layer_fn(layer, x_BxTxD, cos_BxTxK, sin_BxTxK, allowed_BxTxS)
+        return self.norm(x_BxTxD)
+
+    def hidden_states_with_cache(
+        self,
+        input_ids: jax.Array,
+        kv_cache: KVCache,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Cached forward (see class docstring): final-normed hidden [B, T, D] and new cache."""
+        mask_BxT = self._check_inputs(input_ids, positions, attention_mask)
+        batch, seq_len = input_ids.shape
+        if len(kv_cache.keys) != self.config.num_hidden_layers:
+            raise ValueError(
+                f"kv_cache has {len(kv_cache.keys)} layers, model has {self.config.num_hidden_layers}"
+            )
+        if kv_cache.valid_BxS.shape[0] != batch:
+            raise ValueError(
+                f"kv_cache batch {kv_cache.valid_BxS.shape[0]} != input batch {batch}"
+            )
+        if seq_len > kv_cache.max_len:
+            raise ValueError(f"{seq_len} new tokens do not fit a cache of {kv_cache.max_len} slots")
+        if not isinstance(kv_cache.index, jax.core.Tracer) and int(kv_cache.index) + seq_len > kv_cache.max_len:
+            # Only checkable outside jit; under jit the caller must guarantee it.
+            raise ValueError(
+                f"{seq_len} new tokens at slot {int(kv_cache.index)} do not fit a cache of "
+                f"{kv_cache.max_len} slots"
+            )
+        if positions is None:
+            positions = positions_from_mask(mask_BxT, kv_cache.next_position_B)
+        cos_BxTxK, sin_BxTxK = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        index = kv_cache.index
+        valid_BxS = jax.lax.dynamic_update_slice(kv_cache.valid_BxS, mask_BxT, (0, index))
+        query_slot_T = index + jnp.arange(seq_len, dtype=jnp.int32)
+        key_slot_S = jnp.arange(kv_cache.max_len, dtype=jnp.int32)
+        allowed_BxTxS = (key_slot_S[None, :] <= query_slot_T[:, None])[None] & valid_BxS[:, None, :]
+        x_BxTxD = self.embed_tokens(input_ids, self.config.activation_dtype)
+        new_keys, new_values = [], []
+        for layer, k_cache, v_cache in zip(self.layers, kv_cache.keys, kv_cache.values):
+            x_BxTxD, (k_new, v_new) = layer(
+                x_BxTxD, cos_BxTxK, sin_BxTxK, allowed_BxTxS, (k_cache, v_cache), index
+            )
+            new_keys.append(k_new)
+            new_values.append(v_new)
+        # Next position = last real position + 1; rows with no real token keep their counter.
+        last_real_B = jnp.max(jnp.where(mask_BxT, positions, -1), axis=1)
+        next_position_B = jnp.where(
+            jnp.any(mask_BxT, axis=1), last_real_B + 1, kv_cache.next_position_B
+        ).astype(jnp.int32)
+        new_cache = KVCache(
+            keys=tuple(new_keys),
+            values=tuple(new_values),
+            valid_BxS=valid_BxS,
+            next_position_B=next_position_B,
+            index=(index + seq_len).astype(jnp.int32),
+        )
+        return self.norm(x_BxTxD), new_cache
+
+    # -- logits -----------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        kv_cache: KVCache | None = None,
+        *,
+        last_token_only: bool = False,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits [B, T, V] float32, or (logits, new_cache) when `kv_cache` is given."""
+        if kv_cache is None:
+            hidden_BxTxD = self.hidden_states(input_ids, positions, attention_mask)
+            new_cache = None
+        else:
+            hidden_BxTxD, new_cache = self.hidden_states_with_cache(
+                input_ids, kv_cache, positions, attention_mask
+            )
+        if last_token_only:
+            hidden_BxTxD = hidden_BxTxD[:, -1:]
+        logits_BxTxV = self.unembed(hidden_BxTxD)
+        return logits_BxTxV if kv_cache is None else (logits_BxTxV, new_cache)
+
+    def init_kv_cache(
+        self, batch_size: int, max_len: int, dtype: str | jnp.dtype | None = None
+    ) -> KVCache:
+        """`init_kv_cache(self.config, batch_size, max_len, dtype)`."""
+        return init_kv_cache(self.config, batch_size, max_len, dtype)
+
+    # -- validation -------------------------------------------------------------------------
+
+    def _check_inputs(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None,
+        attention_mask: jax.Array | None,
+    ) -> jax.Array:
+        """Validates shapes/dtypes at trace time; returns the bool mask (default all True)."""
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"input_ids must be an integer [B, T] array, got {input_ids.dtype}{list(input_ids.shape)}"
+            )
+        if positions is not None and (
+            positions.shape != input_ids.shape or not jnp.issubdtype(positions.dtype, jnp.integer)
+        ):
+            raise ValueError(
+                f"positions must be an integer array of shape {input_ids.shape}, "
+                f"got {positions.dtype}{list(positions.shape)}"
+            )
+        if attention_mask is None:
+            return jnp.ones(input_ids.shape, jnp.bool_)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have shape {input_ids.shape}, got {attention_mask.shape}"
+            )
+        return attention_mask.astype(jnp.bool_)
