@@ -33,10 +33,11 @@ from fipo_jax import _checks
 FutureKLMethod = Literal["auto", "scan", "associative", "blocked", "quadratic"]
 METHODS = ("scan", "associative", "blocked", "quadratic")
 
-# Fastest method per backend, from `experiments/bench_future_kl.py`. CPU is measured on
-# the project's 2-core machine (see README "Performance"). GPU/TPU entries are the
-# matmul-friendly choice and are provisional until measured on those backends.
-DEFAULT_METHOD_BY_BACKEND = {"cpu": "blocked", "gpu": "blocked", "tpu": "blocked"}
+# Fastest method per backend, from `experiments/bench_loss.py`. CPU: measured on the
+# project's 2-core machine (README "Performance"): XLA compiles the sequential scan into a
+# tight loop (~5 ns/step). GPU/TPU: not yet measured; "blocked" (matmuls, no T-step loop)
+# is the provisional choice there. Run the benchmark on your backend to check.
+DEFAULT_METHOD_BY_BACKEND = {"cpu": "scan", "gpu": "blocked", "tpu": "blocked"}
 DEFAULT_BLOCK_SIZE = 128
 _HIGHEST = lax.Precision.HIGHEST  # TPUs default f32 matmuls to bf16 passes.
 
