@@ -26,6 +26,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from fipo_jax import _checks
@@ -38,6 +39,9 @@ METHODS = ("scan", "associative", "blocked", "quadratic")
 # tight loop (~5 ns/step). GPU/TPU: not yet measured; "blocked" (matmuls, no T-step loop)
 # is the provisional choice there. Run the benchmark on your backend to check.
 DEFAULT_METHOD_BY_BACKEND = {"cpu": "scan", "gpu": "blocked", "tpu": "blocked"}
+# Block length K of "blocked" (the official chunk, 128, for "quadratic"). Small blocks win
+# on CPU (fewer wasted flops in the triangular matmul); 128 fills a TPU/GPU matrix unit.
+DEFAULT_BLOCK_SIZE_BY_BACKEND = {"cpu": 32, "gpu": 128, "tpu": 128}
 DEFAULT_BLOCK_SIZE = 128
 _HIGHEST = lax.Precision.HIGHEST  # TPUs default f32 matmuls to bf16 passes.
 
@@ -54,11 +58,18 @@ def default_method(backend: str | None = None) -> str:
     return DEFAULT_METHOD_BY_BACKEND.get(backend or jax.default_backend(), "blocked")
 
 
+def default_block_size(method: str, backend: str | None = None) -> int:
+    """The block length used when ``block_size=None``."""
+    if method == "blocked":
+        return DEFAULT_BLOCK_SIZE_BY_BACKEND.get(backend or jax.default_backend(), DEFAULT_BLOCK_SIZE)
+    return DEFAULT_BLOCK_SIZE
+
+
 def discounted_reverse_cumsum(
     x: jax.Array,
     gamma,
     method: FutureKLMethod = "auto",
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> jax.Array:
     """F_t = Σ_{k≥t} γ^{k−t} x_k along the last axis, i.e. F_t = x_t + γ F_{t+1}.
 
@@ -66,7 +77,8 @@ def discounted_reverse_cumsum(
       x: ``[..., T]`` floating array.
       gamma: discount in (0, 1]; a Python float or a traced scalar (so it can be vmapped).
       method: ``"auto"``, ``"scan"``, ``"associative"``, ``"blocked"`` or ``"quadratic"``.
-      block_size: block length K of the ``"blocked"`` and ``"quadratic"`` methods.
+      block_size: block length K of the ``"blocked"`` and ``"quadratic"`` methods;
+        ``None`` takes the measured default for the backend.
 
     Returns:
       ``[..., T]`` array of the same dtype as ``x``.
@@ -75,11 +87,16 @@ def discounted_reverse_cumsum(
         method = default_method()
     if method not in METHODS:
         raise ValueError(f"method must be one of {('auto',) + METHODS}, got {method!r}")
+    if block_size is None:
+        block_size = default_block_size(method)
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if x.shape[-1] == 0:
         return x
-    gamma = jnp.asarray(gamma, x.dtype)
+    if isinstance(gamma, (int, np.floating)):
+        gamma = float(gamma)
+    if not isinstance(gamma, float):
+        gamma = jnp.asarray(gamma, x.dtype)
     if method == "scan":
         return _reverse_scan(x, gamma)
     if method == "associative":
@@ -95,7 +112,7 @@ def future_kl(
     decay_rate: float | jax.Array,
     filter_threshold: float | None = None,
     method: FutureKLMethod = "auto",
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> jax.Array:
     """Discounted Future-KL of FIPO (paper Eq. 5–6; official `compute_policy_loss_future_kl`).
 
@@ -113,7 +130,7 @@ def future_kl(
         ``clip_ratio_c`` = 10); ``None`` disables the filter.
       method: algorithm (see module docstring); ``"auto"`` picks the measured fastest
         for the current backend. All are exact to float32 rounding.
-      block_size: K for ``"blocked"`` / ``"quadratic"``.
+      block_size: K for ``"blocked"`` / ``"quadratic"`` (``None``: backend default).
 
     Returns:
       ``[..., T]`` float32 (or float64 under x64) Future-KL, zero where masked.
@@ -141,6 +158,7 @@ def future_kl(
 def _reverse_scan(x: jax.Array, gamma: jax.Array) -> jax.Array:
     """F_t = x_t + γ F_{t+1} as a reverse `lax.scan` over time (carry: leading dims)."""
     x_TxN = jnp.moveaxis(x, -1, 0)
+    gamma = jnp.asarray(gamma, x.dtype)
 
     def step(carry_N, x_N):
         f_N = x_N + gamma * carry_N
@@ -162,25 +180,33 @@ def _associative(x: jax.Array, gamma: jax.Array) -> jax.Array:
         a2, b2 = second
         return a1 * a2, b1 * a2 + b2
 
-    gammas = jnp.broadcast_to(gamma, x.shape)
+    gammas = jnp.broadcast_to(jnp.asarray(gamma, x.dtype), x.shape)
     _, f = lax.associative_scan(combine, (gammas, x), reverse=True, axis=x.ndim - 1)
     return f
 
 
-def _toeplitz_upper(gamma: jax.Array, size: int, stride: int, dtype) -> jax.Array:
-    """M[i, j] = γ^{stride·(j−i)} for j ≥ i, else 0: a [size, size] decay matrix."""
-    i = jnp.arange(size)
-    distance = (i[None, :] - i[:, None]).astype(dtype)
-    decay = jnp.power(gamma, stride * jnp.maximum(distance, 0))
-    return jnp.where(distance >= 0, decay, 0.0).astype(dtype)
+def _decay_powers(gamma, exponents: np.ndarray, dtype) -> jax.Array:
+    """γ^e elementwise. A concrete γ is raised on the host in float64, so the result is an
+    exactly rounded constant of the compiled program; a traced γ is raised on device."""
+    if isinstance(gamma, float):
+        return jnp.asarray(np.power(gamma, exponents, dtype=np.float64), dtype)
+    return jnp.power(jnp.asarray(gamma, dtype), jnp.asarray(exponents, dtype))
 
 
-def _blocked(x: jax.Array, gamma: jax.Array, block_size: int) -> jax.Array:
-    """Two-level blocked Future-KL.
+def _toeplitz_upper(gamma, size: int, dtype) -> jax.Array:
+    """M[i, j] = γ^{j−i} for j ≥ i, else 0: the [size, size] in-block decay matrix."""
+    distance = np.arange(size)[None, :] - np.arange(size)[:, None]
+    decay = _decay_powers(gamma, np.maximum(distance, 0), dtype)
+    return jnp.where(jnp.asarray(distance >= 0), decay, 0.0).astype(dtype)
 
-    With blocks of K tokens, local_{b,i} = Σ_{j≥i} γ^{j−i} x_{b,j} (one [K,K] matmul);
-    the value at each block start then obeys S_b = Σ_{b'≥b} γ^{K(b'−b)} local_{b',0}
-    (one [nb,nb] matmul), and F_{b,i} = local_{b,i} + γ^{K−i} S_{b+1}.
+
+def _blocked(x: jax.Array, gamma, block_size: int) -> jax.Array:
+    """Blocked Future-KL: a Toeplitz matmul inside blocks plus a carried term.
+
+    With blocks of K tokens, local_{b,i} = Σ_{j≥i} γ^{j−i} x_{b,j} is one [K, K] matmul
+    for all blocks at once. The value at each block start obeys the short recurrence
+    S_b = local_{b,0} + γ^K S_{b+1} (T/K sequential steps), and
+    F_{b,i} = local_{b,i} + γ^{K−i} S_{b+1}.
     """
     t = x.shape[-1]
     k = min(block_size, t)
@@ -188,13 +214,10 @@ def _blocked(x: jax.Array, gamma: jax.Array, block_size: int) -> jax.Array:
     pad = n_blocks * k - t
     # Zeros appended after the end do not change any earlier F_t.
     x_NxK = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(*x.shape[:-1], n_blocks, k)
-    local = jnp.einsum("...bj,ij->...bi", x_NxK, _toeplitz_upper(gamma, k, 1, x.dtype), precision=_HIGHEST)
-    block_start = local[..., 0]
-    starts = jnp.einsum(
-        "...c,bc->...b", block_start, _toeplitz_upper(gamma, n_blocks, k, x.dtype), precision=_HIGHEST
-    )
+    local = jnp.einsum("...bj,ij->...bi", x_NxK, _toeplitz_upper(gamma, k, x.dtype), precision=_HIGHEST)
+    starts = _reverse_scan(local[..., 0], _decay_powers(gamma, np.asarray(k), x.dtype))
     next_start = jnp.concatenate([starts[..., 1:], jnp.zeros_like(starts[..., :1])], axis=-1)
-    tail_decay = jnp.power(gamma, (k - jnp.arange(k)).astype(x.dtype)).reshape((1,) * x.ndim + (k,))
+    tail_decay = _decay_powers(gamma, k - np.arange(k), x.dtype).reshape((1,) * x.ndim + (k,))
     f = local + next_start[..., None] * tail_decay
     return f.reshape(*x.shape[:-1], n_blocks * k)[..., :t]
 
@@ -204,12 +227,12 @@ def _quadratic(x: jax.Array, gamma: jax.Array, chunk: int) -> jax.Array:
     D[i, j] = γ^{j−i}·1[j ≥ i]. O(T²) flops and O(T·chunk) memory per chunk. Reference only.
     """
     t = x.shape[-1]
-    pos_i = jnp.arange(t)[:, None]
+    pos_i = np.arange(t)[:, None]
     out = jnp.zeros_like(x)
     for start in range(0, t, chunk):
-        j = jnp.arange(start, min(t, start + chunk))[None, :]
-        distance = j - pos_i
-        decay_TxK = jnp.where(distance >= 0, jnp.power(gamma, jnp.maximum(distance, 0).astype(x.dtype)), 0.0)
+        distance = np.arange(start, min(t, start + chunk))[None, :] - pos_i
+        decay = _decay_powers(gamma, np.maximum(distance, 0), x.dtype)
+        decay_TxK = jnp.where(jnp.asarray(distance >= 0), decay, 0.0)
         out = out + jnp.einsum("...k,tk->...t", x[..., start : start + chunk], decay_TxK, precision=_HIGHEST)
     return out
 

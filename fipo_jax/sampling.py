@@ -1,0 +1,379 @@
+"""Jitted autoregressive sampling with a preallocated KV cache.
+
+    prompts ─► left-align + pad to a length bucket P ─► prefill (one forward over [B, P])
+            ─► step 0: sample from the last prompt position's logits
+            ─► while step < N and some row unfinished: decode one token per row (KV cache),
+               sample, record token / mask / log-prob, update per-row finished flags
+
+All shapes are static (B, P, N and the cache length P + N − 1), so one compilation serves every
+batch with the same (B, P, config). The loop is a `lax.while_loop` that stops as soon as every
+row has emitted an EOS token.
+
+Token choice at each step, from float32 logits z over the vocabulary:
+
+    τ = 0 (greedy):  y = argmax z
+    τ > 0:           z' = z / τ ; keep the top_k largest z' (top_k > 0) ; of those keep the
+                     smallest set of most likely tokens whose renormalised mass reaches top_p
+                     (nucleus; the most likely token is always kept) ; y ~ softmax(kept z')
+
+Returned log-probs are log softmax(z / τ)[y] over the FULL vocabulary, i.e. before top-k / top-p
+truncation (with τ = 0: log softmax(z)[y]). This is the quantity the trainer recomputes by
+teacher forcing (`fipo_jax.logprobs.sequence_log_probs(..., temperature=τ)`), so the two can be
+compared or used as the rollout policy's log-probs.
+
+Output layout: `tokens[b, t]` is the t-th generated token of row b; `mask[b, t]` is True up to
+and including the row's first EOS (False afterwards, where tokens hold `pad_token_id` and
+log-probs 0). The left-padded prompt actually fed to the model is returned as well, so
+`concat([prompt_ids, tokens], 1)` with mask `concat([prompt_mask, mask], 1)` and
+`response_start = P` reproduces the sampler's inputs exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from fipo_jax.models.qwen2 import init_kv_cache
+
+DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample (static: each distinct config compiles its own sampler).
+
+    Attributes:
+      max_new_tokens: N ≥ 1, the length of every returned response buffer.
+      temperature: τ ≥ 0; 0 means greedy decoding (top_p / top_k are then ignored).
+      top_p: nucleus mass in (0, 1]; 1 disables nucleus filtering.
+      top_k: keep the k most likely tokens; 0 disables (k ≥ V is the same as 0).
+      eos_token_ids: tokens that end a response (the EOS itself is kept, mask 1); () never stops.
+      pad_token_id: written to prompt padding and to response slots after EOS.
+      prompt_length_buckets: increasing lengths; prompts are left-padded to the smallest bucket
+        that holds the longest prompt in the batch, bounding recompilation. None pads only to the
+        longest prompt (one compilation per distinct longest length).
+      cache_dtype: KV-cache dtype ("float32" / "bfloat16"); None uses the model's compute dtype.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    prompt_length_buckets: tuple[int, ...] | None = DEFAULT_PROMPT_BUCKETS
+    cache_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) or not (
+            math.isfinite(self.temperature) and self.temperature >= 0
+        ):
+            raise ValueError(
+                f"SamplingConfig.temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+            )
+        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be an int >= 0 (0 = disabled), got {self.top_k!r}")
+        if isinstance(self.eos_token_ids, (str, bytes)) or not isinstance(self.eos_token_ids, (tuple, list)):
+            raise ValueError(
+                f"SamplingConfig.eos_token_ids must be a tuple of token ids, got {self.eos_token_ids!r}"
+            )
+        if not all(_is_int(t) and t >= 0 for t in self.eos_token_ids):
+            raise ValueError(f"SamplingConfig.eos_token_ids must be non-negative ints, got {self.eos_token_ids!r}")
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
+            raise ValueError(f"SamplingConfig.pad_token_id must be an int >= 0, got {self.pad_token_id!r}")
+        if self.prompt_length_buckets is not None:
+            buckets = self.prompt_length_buckets
+            if (
+                not isinstance(buckets, (tuple, list))
+                or not buckets
+                or not all(_is_int(b) and b >= 1 for b in buckets)
+                or any(a >= b for a, b in zip(buckets, buckets[1:]))
+            ):
+                raise ValueError(
+                    "SamplingConfig.prompt_length_buckets must be None or a non-empty, strictly "
+                    f"increasing tuple of positive ints, got {buckets!r}"
+                )
+            object.__setattr__(self, "prompt_length_buckets", tuple(int(b) for b in buckets))
+        if self.cache_dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(
+                f"SamplingConfig.cache_dtype must be None, 'float32' or 'bfloat16', got {self.cache_dtype!r}"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        """True when τ = 0."""
+        return self.temperature == 0
+
+    def replace(self, **changes) -> SamplingConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def prompt_length(self, longest_prompt: int) -> int:
+        """P: the bucket that holds a prompt of `longest_prompt` real tokens."""
+        if self.prompt_length_buckets is None:
+            return longest_prompt
+        for bucket in self.prompt_length_buckets:
+            if bucket >= longest_prompt:
+                return bucket
+        raise ValueError(
+            f"the longest prompt has {longest_prompt} tokens, more than the largest prompt length "
+            f"bucket {self.prompt_length_buckets[-1]}; add a bucket or truncate prompts"
+        )
+
+
+class SampleOutput(NamedTuple):
+    """Sampler results (B rows, N = max_new_tokens, P = padded prompt length).
+
+    Attributes:
+      tokens: int32 [B, N], generated tokens; `pad_token_id` after a row's EOS.
+      mask: bool [B, N], True for generated tokens up to and including the first EOS.
+      log_probs: float32 [B, N], log softmax(z/τ)[token] over the full vocabulary (before
+        top-k / top-p truncation; τ = 1 when greedy); 0 where mask is False.
+      lengths: int32 [B], number of generated tokens per row (= mask.sum(1)).
+      prompt_ids: int32 [B, P], the left-aligned, bucket-padded prompt the model saw.
+      prompt_mask: bool [B, P], True at real prompt tokens.
+      num_steps: int32 scalar, decode positions actually computed (< N when every row stopped).
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    log_probs: jax.Array
+    lengths: jax.Array
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    num_steps: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Token choice (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def top_k_top_p_filter(scaled_logits_BxV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Sets logits outside the top-k / nucleus sets to −inf (ties at a threshold are kept).
+
+    top-k keeps z'_v ≥ (k-th largest z'). top-p then sorts the kept logits in decreasing order,
+    p = softmax(sorted), and keeps position i iff Σ_{j<i} p_j < top_p: the smallest prefix with
+    mass ≥ top_p (position 0 is always kept).
+    """
+    vocab = scaled_logits_BxV.shape[-1]
+    filtered_BxV = scaled_logits_BxV
+    sorted_desc_BxK = None
+    if 0 < top_k < vocab:
+        sorted_desc_BxK = lax.top_k(scaled_logits_BxV, top_k)[0]
+        filtered_BxV = jnp.where(scaled_logits_BxV >= sorted_desc_BxK[:, -1:], scaled_logits_BxV, -jnp.inf)
+    if top_p < 1.0:
+        if sorted_desc_BxK is None:
+            sorted_desc_BxK = -jnp.sort(-scaled_logits_BxV, axis=-1)
+        probs_BxK = jax.nn.softmax(sorted_desc_BxK, axis=-1)
+        mass_before_BxK = jnp.cumsum(probs_BxK, axis=-1) - probs_BxK
+        kept_BxK = mass_before_BxK < top_p
+        threshold_Bx1 = jnp.min(jnp.where(kept_BxK, sorted_desc_BxK, jnp.inf), axis=-1, keepdims=True)
+        filtered_BxV = jnp.where(scaled_logits_BxV >= threshold_Bx1, filtered_BxV, -jnp.inf)
+    return filtered_BxV
+
+
+def sample_tokens(
+    logits_BxV: jax.Array, key: jax.Array, temperature: float, top_p: float = 1.0, top_k: int = 0
+) -> tuple[jax.Array, jax.Array]:
+    """One token per row and its log-prob under the full temperature-scaled distribution.
+
+    Returns (tokens_B int32, log_probs_B float32) with log_probs = log softmax(z/τ)[token]
+    (τ = 1 when `temperature == 0`, which is greedy argmax).
+    """
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if temperature == 0:
+        tokens_B = jnp.argmax(logits_BxV, axis=-1)
+        scaled_BxV = logits_BxV
+    else:
+        scaled_BxV = logits_BxV / temperature
+        filtered_BxV = top_k_top_p_filter(scaled_BxV, top_k, top_p)
+        tokens_B = jax.random.categorical(key, filtered_BxV, axis=-1)
+    tokens_B = tokens_B.astype(jnp.int32)
+    log_probs_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BxV, axis=-1), tokens_B[:, None], axis=-1)[:, 0]
+    return tokens_B, log_probs_B
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode loop (pure, traceable)
+# ---------------------------------------------------------------------------------------------
+
+
+class _LoopState(NamedTuple):
+    step: jax.Array  # next response position to fill
+    cache: object
+    last_token_B: jax.Array
+    last_emitted_B: jax.Array
+    finished_B: jax.Array
+    tokens_BxN: jax.Array
+    mask_BxN: jax.Array
+    log_probs_BxN: jax.Array
+
+
+def generate_left_padded(
+    model, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array, key: jax.Array, config: SamplingConfig
+) -> SampleOutput:
+    """The sampler on prompts that are already left-padded (traceable; `generate` jits it).
+
+    Every row's last column must be a real token (left padding), which `generate` guarantees.
+    """
+    batch, prompt_len = prompt_ids_BxP.shape
+    max_new = config.max_new_tokens
+    eos_E = jnp.asarray(config.eos_token_ids, jnp.int32)
+    prompt_mask_BxP = prompt_mask_BxP.astype(jnp.bool_)
+
+    def choose(logits_BxV, step, finished_B):
+        tokens_B, log_probs_B = sample_tokens(
+            logits_BxV, jax.random.fold_in(key, step), config.temperature, config.top_p, config.top_k
+        )
+        emitted_B = ~finished_B
+        tokens_B = jnp.where(emitted_B, tokens_B, config.pad_token_id)
+        log_probs_B = jnp.where(emitted_B, log_probs_B, 0.0)
+        is_eos_B = jnp.any(tokens_B[:, None] == eos_E[None, :], axis=-1) if config.eos_token_ids else False
+        return tokens_B, log_probs_B, emitted_B, finished_B | (emitted_B & is_eos_B)
+
+    def record(state: _LoopState, cache, logits_BxV) -> _LoopState:
+        tokens_B, log_probs_B, emitted_B, finished_B = choose(logits_BxV, state.step, state.finished_B)
+        return _LoopState(
+            step=state.step + 1,
+            cache=cache,
+            last_token_B=tokens_B,
+            last_emitted_B=emitted_B,
+            finished_B=finished_B,
+            tokens_BxN=state.tokens_BxN.at[:, state.step].set(tokens_B),
+            mask_BxN=state.mask_BxN.at[:, state.step].set(emitted_B),
+            log_probs_BxN=state.log_probs_BxN.at[:, state.step].set(log_probs_B),
+        )
+
+    # Decode feeds at most N − 1 tokens after the prompt.
+    cache = init_kv_cache(model.config, batch, prompt_len + max_new - 1, config.cache_dtype)
+    prefill_logits_Bx1xV, cache = model(
+        prompt_ids_BxP, attention_mask=prompt_mask_BxP, kv_cache=cache, last_token_only=True
+    )
+    initial = _LoopState(
+        step=jnp.zeros((), jnp.int32),
+        cache=None,
+        last_token_B=jnp.zeros((batch,), jnp.int32),
+        last_emitted_B=jnp.zeros((batch,), jnp.bool_),
+        finished_B=jnp.zeros((batch,), jnp.bool_),
+        tokens_BxN=jnp.full((batch, max_new), config.pad_token_id, jnp.int32),
+        mask_BxN=jnp.zeros((batch, max_new), jnp.bool_),
+        log_probs_BxN=jnp.zeros((batch, max_new), jnp.float32),
+    )
+    state = record(initial, cache, prefill_logits_Bx1xV[:, 0])
+
+    def keep_going(state: _LoopState):
+        return (state.step < max_new) & ~jnp.all(state.finished_B)
+
+    def decode_one(state: _LoopState) -> _LoopState:
+        # A row that emitted nothing last step (finished) feeds a masked pad: its cache slot stays
+        # invalid and its position does not advance.
+        logits_Bx1xV, cache = model(
+            state.last_token_B[:, None], attention_mask=state.last_emitted_B[:, None], kv_cache=state.cache
+        )
+        return record(state, cache, logits_Bx1xV[:, 0])
+
+    state = lax.while_loop(keep_going, decode_one, state)
+    return SampleOutput(
+        tokens=state.tokens_BxN,
+        mask=state.mask_BxN,
+        log_probs=state.log_probs_BxN,
+        lengths=jnp.sum(state.mask_BxN, axis=1, dtype=jnp.int32),
+        prompt_ids=prompt_ids_BxP.astype(jnp.int32),
+        prompt_mask=prompt_mask_BxP,
+        num_steps=state.step,
+    )
+
+
+def _generate_from_state(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, key, config):
+    return generate_left_padded(nnx.merge(graphdef, state), prompt_ids_BxP, prompt_mask_BxP, key, config)
+
+
+_generate_jit = jax.jit(_generate_from_state, static_argnums=(0, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def left_align_prompts(
+    prompt_ids_BxL, prompt_mask_BxL, length: int, pad_token_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Moves each row's real tokens (in order) to the right end of a [B, length] array.
+
+    Accepts left-, right- or arbitrarily padded prompts; pad slots get `pad_token_id`.
+    """
+    ids_BxL = np.asarray(prompt_ids_BxL)
+    mask_BxL = np.asarray(prompt_mask_BxL).astype(bool)
+    # Stable sort on the mask puts pads first and keeps real tokens in their original order.
+    order_BxL = np.argsort(mask_BxL, axis=1, kind="stable")
+    ids_BxL = np.take_along_axis(ids_BxL, order_BxL, axis=1)
+    mask_BxL = np.take_along_axis(mask_BxL, order_BxL, axis=1)
+    width = ids_BxL.shape[1]
+    if length <= width:
+        ids_BxP, mask_BxP = ids_BxL[:, width - length :], mask_BxL[:, width - length :]
+    else:
+        extra = length - width
+        ids_BxP = np.pad(ids_BxL, ((0, 0), (extra, 0)))
+        mask_BxP = np.pad(mask_BxL, ((0, 0), (extra, 0)))
+    return np.where(mask_BxP, ids_BxP, pad_token_id).astype(np.int32), mask_BxP
+
+
+def generate(
+    model, prompt_ids, prompt_mask, key: jax.Array, config: SamplingConfig
+) -> SampleOutput:
+    """Samples `config.max_new_tokens` tokens per prompt with the live model's parameters.
+
+    Args:
+      model: a `Qwen2ForCausalLM` (its current parameters are used without copying; the jitted
+        sampler is a pure function of the model's state, cached per (graph, shapes, config)).
+      prompt_ids: integer [B, L] token ids (host or device array).
+      prompt_mask: bool/int [B, L], True at real tokens; None = all real. Left, right or mixed
+        padding is accepted (prompts are re-aligned to the left); every row needs ≥ 1 real token.
+      key: a JAX PRNG key; step t samples with `fold_in(key, t)`. Unused when greedy.
+      config: the `SamplingConfig`.
+
+    Returns:
+      `SampleOutput` (see its docstring); prompt_ids / prompt_mask there have P columns, the
+      bucket chosen for the longest prompt.
+    """
+    if not isinstance(config, SamplingConfig):
+        raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
+    ids_BxL = np.asarray(prompt_ids)
+    if ids_BxL.ndim != 2 or not np.issubdtype(ids_BxL.dtype, np.integer) or ids_BxL.shape[0] == 0:
+        raise ValueError(f"prompt_ids must be an integer [B, L] array with B >= 1, got {ids_BxL.dtype}{list(ids_BxL.shape)}")
+    mask_BxL = np.ones(ids_BxL.shape, bool) if prompt_mask is None else np.asarray(prompt_mask)
+    if mask_BxL.shape != ids_BxL.shape:
+        raise ValueError(f"prompt_mask must have the shape of prompt_ids {ids_BxL.shape}, got {mask_BxL.shape}")
+    mask_BxL = mask_BxL.astype(bool)
+    lengths_B = mask_BxL.sum(axis=1)
+    if np.any(lengths_B == 0):
+        raise ValueError(f"every prompt needs at least one real token; empty rows: {np.flatnonzero(lengths_B == 0).tolist()}")
+    vocab = model.config.vocab_size
+    real_ids = ids_BxL[mask_BxL]
+    if real_ids.min() < 0 or real_ids.max() >= vocab:
+        raise ValueError(f"prompt_ids must be in [0, vocab_size={vocab}), got range [{real_ids.min()}, {real_ids.max()}]")
+    out_of_vocab = [t for t in (*config.eos_token_ids, config.pad_token_id) if t >= vocab]
+    if out_of_vocab:
+        raise ValueError(f"eos_token_ids / pad_token_id must be < vocab_size={vocab}, got {out_of_vocab}")
+    prompt_len = config.prompt_length(int(lengths_B.max()))
+    ids_BxP, mask_BxP = left_align_prompts(ids_BxL, mask_BxL, prompt_len, config.pad_token_id)
+    graphdef, state = nnx.split(model)
+    return _generate_jit(graphdef, state, jnp.asarray(ids_BxP), jnp.asarray(mask_BxP), key, config)
