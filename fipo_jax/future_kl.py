@@ -222,17 +222,18 @@ def _blocked(x: jax.Array, gamma, block_size: int) -> jax.Array:
     return f.reshape(*x.shape[:-1], n_blocks * k)[..., :t]
 
 
-def _quadratic(x: jax.Array, gamma: jax.Array, chunk: int) -> jax.Array:
+def _quadratic(x: jax.Array, gamma, chunk: int) -> jax.Array:
     """The official release's algorithm: Σ over column chunks of x[:, J] @ D[:, J]ᵀ,
     D[i, j] = γ^{j−i}·1[j ≥ i]. O(T²) flops and O(T·chunk) memory per chunk. Reference only.
+    The [T, chunk] decay blocks are built on device (as constants they would be O(T²) bytes).
     """
     t = x.shape[-1]
-    pos_i = np.arange(t)[:, None]
+    gamma = jnp.asarray(gamma, x.dtype)
+    pos_i = jnp.arange(t)[:, None]
     out = jnp.zeros_like(x)
     for start in range(0, t, chunk):
-        distance = np.arange(start, min(t, start + chunk))[None, :] - pos_i
-        decay = _decay_powers(gamma, np.maximum(distance, 0), x.dtype)
-        decay_TxK = jnp.where(jnp.asarray(distance >= 0), decay, 0.0)
+        distance = jnp.arange(start, min(t, start + chunk))[None, :] - pos_i
+        decay_TxK = jnp.where(distance >= 0, jnp.power(gamma, jnp.maximum(distance, 0).astype(x.dtype)), 0.0)
         out = out + jnp.einsum("...k,tk->...t", x[..., start : start + chunk], decay_TxK, precision=_HIGHEST)
     return out
 
