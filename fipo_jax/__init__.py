@@ -20,6 +20,7 @@ from fipo_jax.losses import (
     kl_penalty,
     policy_loss,
     policy_loss_terms,
+    weight_micro_batch,
 )
 
 __version__ = "0.1.0"
@@ -41,4 +42,5 @@ __all__ = [
     "policy_loss",
     "policy_loss_terms",
     "rloo_advantages",
+    "weight_micro_batch",
 ]

@@ -184,6 +184,30 @@ class LossTerms(NamedTuple):
         return self.total / jnp.maximum(self.count, 1.0)
 
 
+MicroBatchWeighting = Literal["exact", "official"]
+
+
+def weight_micro_batch(
+    terms: LossTerms, weighting: MicroBatchWeighting, n_sequences: int, total_sequences: int
+) -> LossTerms:
+    """Terms of one micro-batch, ready to be summed over a mini-batch and divided once.
+
+    * "exact" (default, paper Eq. 8): unchanged; Σ_m total_m / Σ_m count_m is the
+      token-mean over the whole mini-batch.
+    * "official" (verl `dp_actor`): each micro-batch's own mean, weighted by its share of
+      the mini-batch's sequences, L = Σ_m value_m · n_m / N, written as
+      (value_m · n_m / N, n_m / N) so that the same "sum, then divide" rule applies.
+    """
+    if weighting == "exact":
+        return terms
+    if weighting == "official":
+        if not 0 < n_sequences <= total_sequences:
+            raise ValueError(f"need 0 < n_sequences ({n_sequences}) <= total_sequences ({total_sequences})")
+        share = n_sequences / total_sequences
+        return LossTerms(terms.value * share, jnp.asarray(share, jnp.float32))
+    raise ValueError(f"weighting must be 'exact' or 'official', got {weighting!r}")
+
+
 def influence_weights(
     future_kl_values: jax.Array, advantages: jax.Array, ratio: jax.Array, config: PolicyLossConfig
 ) -> tuple[jax.Array, jax.Array]:

@@ -87,15 +87,25 @@ def test_golden_micro_batch_accumulation_is_exact_token_mean(golden_dir, name):
     np.testing.assert_allclose(accumulated, data["grad_log_probs"], rtol=1e-5, atol=1e-5 * scale)
 
 
-def test_golden_official_micro_batch_weighting_differs_when_token_counts_differ(golden_dir):
+def test_golden_official_micro_batch_weighting(golden_dir):
     """verl weights micro-batch token-means by sequence count; that is not Eq. 8 in general."""
     data, config, expected = load_golden(golden_dir, "fipo_32b_s0")
-    weighted = 0.0
-    for rows in np.array_split(np.arange(16), 4):
-        terms, _ = fj.policy_loss_terms(data["log_probs"][rows], data["old_log_probs"][rows],
-                                        data["advantages"][rows], data["mask"][rows], config)
-        weighted += float(terms.value) * len(rows) / 16
-    assert abs(weighted - expected["loss"]) > 1e-4
+    splits = np.array_split(np.arange(16), 4)
+
+    def objective(lp, weighting):
+        parts = [fj.weight_micro_batch(
+            fj.policy_loss_terms(lp[r], data["old_log_probs"][r], data["advantages"][r], data["mask"][r], config)[0],
+            weighting, len(r), 16) for r in splits]
+        return sum(p.total for p in parts) / sum(p.count for p in parts)
+
+    lp = jnp.asarray(data["log_probs"])
+    official = sum(float(fj.policy_loss(lp[r], data["old_log_probs"][r], data["advantages"][r], data["mask"][r],
+                                        config)[0]) * len(r) / 16 for r in splits)
+    np.testing.assert_allclose(objective(lp, "official"), official, rtol=1e-6)
+    np.testing.assert_allclose(objective(lp, "exact"), expected["loss"], rtol=1e-5)
+    assert abs(official - expected["loss"]) > 1e-4  # unequal token counts: the two differ
+    with pytest.raises(ValueError, match="weighting must be 'exact' or 'official'"):
+        fj.weight_micro_batch(fj.LossTerms(1.0, 1.0), "mean", 1, 2)
 
 
 # ---------------------------------------------------------------- hand-computed cases
