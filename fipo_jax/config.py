@@ -1,0 +1,428 @@
+"""Run configuration: frozen dataclasses, validated on construction, loadable from JSON
+and overridable field by field (``--set rollout.n=8``).
+
+Unknown field names and impossible values are errors that name the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from typing import Any, Literal
+
+from fipo_jax.losses import PolicyLossConfig
+
+# PolicyLossConfig fields left None take the loss mode's official default.
+MODE_DEPENDENT_LOSS_FIELDS = ("clip_ratio_high", "aggregation", "drop_dual_clipped_sequences")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with the offending field in the message."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The policy. ``source="hf"`` loads a Hugging Face Qwen2/Qwen2.5 folder (``path``);
+    ``source="scratch"`` builds a small random Qwen2 from the fields below (CPU experiment)."""
+
+    source: Literal["scratch", "hf"] = "scratch"
+    path: str = ""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: bool = False
+    num_layers: int = 2
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    rope_theta: float = 10000.0
+    logprob_chunk_size: int = 1024
+
+    def __post_init__(self):
+        _require(self.source in ("scratch", "hf"), f"model.source must be 'scratch' or 'hf', got {self.source!r}")
+        _require(self.source != "hf" or bool(self.path), "model.path is required when model.source='hf'")
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "logprob_chunk_size"):
+            _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.num_heads % self.num_kv_heads == 0,
+                 f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
+        _require(self.hidden_size % self.num_heads == 0,
+                 f"model.hidden_size ({self.hidden_size}) must be a multiple of model.num_heads ({self.num_heads})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Prompts. ``task="digit_sum"`` is the synthetic CPU task; ``task="file"`` reads a
+    DAPO-schema parquet or JSONL (``train_path``, ``eval_path``)."""
+
+    task: Literal["digit_sum", "file"] = "digit_sum"
+    train_path: str = ""
+    eval_path: str = ""
+    n_terms: int = 5
+    max_digit: int = 9
+    train_prompts: int = 4096
+    eval_prompts: int = 64
+    max_prompt_tokens: int = 2048
+
+    def __post_init__(self):
+        _require(self.task in ("digit_sum", "file"), f"data.task must be 'digit_sum' or 'file', got {self.task!r}")
+        _require(self.task != "file" or bool(self.train_path), "data.train_path is required when data.task='file'")
+        _require(self.train_prompts >= 1 and self.eval_prompts >= 1, "data.train_prompts and data.eval_prompts must be >= 1")
+        _require(self.max_prompt_tokens >= 1, f"data.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+    """Sampling and DAPO dynamic sampling (official: 512 prompts × 16, 2048 prompts per round)."""
+
+    n: int = 8
+    prompts_per_step: int = 32
+    prompts_per_round: int = 64
+    max_rounds: int = 4
+    dynamic_sampling: bool = True
+    on_exhausted: Literal["error", "pad"] = "pad"
+    max_response_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        for name in ("n", "prompts_per_step", "prompts_per_round", "max_rounds", "max_response_tokens"):
+            _require(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.on_exhausted in ("error", "pad"),
+                 f"rollout.on_exhausted must be 'error' or 'pad', got {self.on_exhausted!r}")
+        _require(self.temperature > 0, f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, f"rollout.top_k must be >= 0, got {self.top_k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+    """DAPO reward: +1 correct / −1 wrong, plus overlong shaping counted in tokens:
+    min(−(len − (L_max − L_buf)) / L_buf · factor, 0) with L_max = rollout.max_response_tokens."""
+
+    overlong_shaping: bool = True
+    overlong_buffer: int = 8
+    overlong_factor: float = 1.0
+    verify_timeout_s: float = 2.0
+
+    def __post_init__(self):
+        _require(self.overlong_buffer >= 1, f"reward.overlong_buffer must be >= 1, got {self.overlong_buffer}")
+        _require(self.overlong_factor >= 0, f"reward.overlong_factor must be >= 0, got {self.overlong_factor}")
+        _require(self.verify_timeout_s > 0, f"reward.verify_timeout_s must be > 0, got {self.verify_timeout_s}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoSpec:
+    """Advantages, loss and update schedule (official: 8 mini-batches per step, 1 epoch)."""
+
+    loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    mini_batches: int = 8
+    micro_batch_size: int = 32
+    micro_batch_weighting: Literal["exact", "official"] = "exact"
+
+    def __post_init__(self):
+        _require(isinstance(self.loss, PolicyLossConfig), "algo.loss must be a PolicyLossConfig")
+        _require(self.advantage in ("grpo", "dr_grpo", "rloo"),
+                 f"algo.advantage must be 'grpo', 'dr_grpo' or 'rloo', got {self.advantage!r}")
+        _require(self.mini_batches >= 1, f"algo.mini_batches must be >= 1, got {self.mini_batches}")
+        _require(self.micro_batch_size >= 1, f"algo.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _require(self.micro_batch_weighting in ("exact", "official"),
+                 f"algo.micro_batch_weighting must be 'exact' or 'official', got {self.micro_batch_weighting!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+    """AdamW with global-norm clipping; LR warm-up counted in rollout steps (official: the
+    first step has LR 0)."""
+
+    lr: float = 1e-6
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"optim.b1/b2 must be in [0, 1), got {self.b1}, {self.b2}")
+        _require(self.grad_clip > 0, f"optim.grad_clip must be > 0, got {self.grad_clip}")
+
+    def lr_at(self, step: int) -> float:
+        """lr · min(1, step / warmup_steps), step counted from 0 (so step 0 has LR 0)."""
+        return self.lr * (min(1.0, step / self.warmup_steps) if self.warmup_steps else 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """Held-out evaluation: k samples per prompt → avg@k, cons@k (majority vote), pass@k."""
+
+    every: int = 10
+    k: int = 4
+    temperature: float = 1.0
+    top_p: float = 0.7
+
+    def __post_init__(self):
+        _require(self.every >= 0, f"eval.every must be >= 0 (0 = only before/after), got {self.every}")
+        _require(self.k >= 1, f"eval.k must be >= 1, got {self.k}")
+        _require(self.temperature >= 0 and 0 < self.top_p <= 1, "eval.temperature must be >= 0 and eval.top_p in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTSpec:
+    """Supervised warm start on generated demonstrations (``model.source="scratch"`` only);
+    the result is cached under ``cache_dir`` keyed by this spec, the model and the task."""
+
+    enabled: bool = True
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3
+    step_fraction: float = 0.5
+    cache_dir: str = "runs/.sft_cache"
+
+    def __post_init__(self):
+        _require(self.steps >= 0 and self.batch_size >= 1, "sft.steps must be >= 0 and sft.batch_size >= 1")
+        _require(self.lr > 0, f"sft.lr must be > 0, got {self.lr}")
+        _require(0 <= self.step_fraction <= 1, f"sft.step_fraction must be in [0, 1], got {self.step_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs; `fingerprint()` is what resume compares."""
+
+    name: str = "cpu_default"
+    seed: int = 0
+    steps: int = 40
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    data: DataSpec = dataclasses.field(default_factory=DataSpec)
+    rollout: RolloutSpec = dataclasses.field(default_factory=RolloutSpec)
+    reward: RewardSpec = dataclasses.field(default_factory=RewardSpec)
+    algo: AlgoSpec = dataclasses.field(default_factory=AlgoSpec)
+    optim: OptimSpec = dataclasses.field(default_factory=OptimSpec)
+    eval: EvalSpec = dataclasses.field(default_factory=EvalSpec)
+    sft: SFTSpec = dataclasses.field(default_factory=SFTSpec)
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    mesh_shape: tuple[int, ...] = (1,)
+
+    def __post_init__(self):
+        _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        _require(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _require(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        rows = self.rollout.prompts_per_step * self.rollout.n
+        _require(rows % self.algo.mini_batches == 0,
+                 f"rollout.prompts_per_step × rollout.n = {rows} sequences must split into algo.mini_batches="
+                 f"{self.algo.mini_batches} equal mini-batches")
+        mini = rows // self.algo.mini_batches
+        _require(mini % self.algo.micro_batch_size == 0 or self.algo.micro_batch_size >= mini,
+                 f"a mini-batch of {mini} sequences must split into micro-batches of algo.micro_batch_size="
+                 f"{self.algo.micro_batch_size}")
+        _require(self.rollout.max_response_tokens > self.reward.overlong_buffer or not self.reward.overlong_shaping,
+                 f"reward.overlong_buffer ({self.reward.overlong_buffer}) must be < rollout.max_response_tokens "
+                 f"({self.rollout.max_response_tokens})")
+        _require(self.rollout.prompts_per_round >= 1, "rollout.prompts_per_round must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields a resumed run must share with its checkpoint (all but the length of
+        the run, its name and the checkpoint cadence)."""
+        d = self.to_dict()
+        for key in ("steps", "name", "checkpoint_every", "keep_checkpoints"):
+            d.pop(key)
+        d["eval"].pop("every")
+        return d
+
+
+# ---------------------------------------------------------------- building from dicts / strings
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert JSON / command-line values to a field's annotated type."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        _require(isinstance(value, dict), f"{where} must be a mapping, got {value!r}")
+        return from_dict(annotation, value, where)
+    if origin is Literal:
+        _require(value in typing.get_args(annotation), f"{where} must be one of {typing.get_args(annotation)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            _require(type(None) in typing.get_args(annotation), f"{where} cannot be None")
+            return None
+        errors = []
+        for arg in args:
+            try:
+                return _coerce(value, arg, where)
+            except (ConfigError, ValueError, TypeError) as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        _require(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}")
+        inner = typing.get_args(annotation)[0]
+        return tuple(_coerce(v, inner, where) for v in value)
+    if annotation is bool:
+        if isinstance(value, str):
+            _require(value.lower() in ("true", "false", "1", "0", "yes", "no"), f"{where} must be a bool, got {value!r}")
+            return value.lower() in ("true", "1", "yes")
+        _require(isinstance(value, bool), f"{where} must be a bool, got {value!r}")
+        return value
+    if annotation is int:
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be an int, got {value!r}") from None
+        _require(not isinstance(value, bool) and as_float == int(as_float), f"{where} must be an int, got {value!r}")
+        return int(as_float)
+    if annotation is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if annotation is str:
+        _require(isinstance(value, str), f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict[str, Any], where: str = ""):
+    """Build dataclass `cls` from a (nested) dict; unknown keys are errors with suggestions."""
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            raise ConfigError(f"unknown config field {path!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; fields of {cls.__name__}: {names}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where or cls.__name__}: {err}") from err
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``a.b.c=value`` strings (values parsed as JSON when possible)."""
+    data = config.to_dict()
+    paths = [item.split("=", 1)[0].strip() for item in overrides]
+    if "algo.loss.loss_mode" in paths:
+        # Fields whose default depends on the mode are re-resolved for the new mode.
+        for name in MODE_DEPENDENT_LOSS_FIELDS:
+            if f"algo.loss.{name}" not in paths:
+                data["algo"]["loss"][name] = None
+    for item in overrides:
+        _require("=" in item, f"override {item!r} must look like field.path=value")
+        path, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        keys = path.strip().split(".")
+        for key in keys[:-1]:
+            _require(isinstance(node.get(key), dict), f"unknown config section {key!r} in override {item!r}")
+            node = node[key]
+        _require(keys[-1] in node, f"unknown config field {path!r} in override {item!r}"
+                 + (f" (did you mean {difflib.get_close_matches(keys[-1], list(node), n=1)[0]!r}?)"
+                    if difflib.get_close_matches(keys[-1], list(node), n=1) else ""))
+        node[keys[-1]] = value
+    return from_dict(TrainConfig, data)
+
+
+def load_config(name_or_path: str) -> TrainConfig:
+    """A named preset (see `PRESETS`) or a JSON file holding a (partial) `TrainConfig`."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]()
+    if not os.path.exists(name_or_path):
+        raise ConfigError(f"no config named {name_or_path!r}: not a preset {sorted(PRESETS)} nor an existing file")
+    with open(name_or_path, encoding="utf-8") as f:
+        return from_dict(TrainConfig, json.load(f))
+
+
+def with_algo(config: TrainConfig, algo: str) -> TrainConfig:
+    """Swap the loss to the official preset of ``algo`` ("fipo" keeps the config's FIPO settings)."""
+    if algo == "fipo":
+        loss = config.algo.loss if config.algo.loss.loss_mode == "fipo" else PolicyLossConfig()
+    elif algo == "dapo":
+        loss = PolicyLossConfig.dapo()
+    elif algo == "grpo":
+        loss = PolicyLossConfig.grpo()
+    else:
+        raise ConfigError(f"--algo must be fipo, dapo or grpo, got {algo!r}")
+    return dataclasses.replace(config, algo=dataclasses.replace(config.algo, loss=loss))
+
+
+# ------------------------------------------------------------------------------- presets
+
+def cpu_default() -> TrainConfig:
+    """The CPU experiment: a tiny Qwen2 on digit sums, SFT warm start, then FIPO (≤ 10 min, 2 cores)."""
+    return TrainConfig(
+        name="cpu_default",
+        steps=40,
+        rollout=RolloutSpec(n=8, prompts_per_step=32, prompts_per_round=48, max_rounds=3, max_response_tokens=48),
+        reward=RewardSpec(overlong_buffer=8),
+        algo=AlgoSpec(loss=PolicyLossConfig(decay_rate=8.0), mini_batches=4, micro_batch_size=64),
+        optim=OptimSpec(lr=1e-4, warmup_steps=2, weight_decay=0.0),
+        eval=EvalSpec(every=10, k=4, top_p=1.0),
+    )
+
+
+def qwen25_32b_fipo() -> TrainConfig:
+    """Official FIPO recipe for Qwen2.5-32B-Base on DAPO-Math-17k (spec §3.1)."""
+    return TrainConfig(
+        name="qwen2.5-32b-fipo",
+        steps=575,
+        model=ModelSpec(source="hf", path="/path/to/Qwen2.5-32B", dtype="bfloat16", compute_dtype="bfloat16",
+                        remat=True, logprob_chunk_size=1024),
+        data=DataSpec(task="file", train_path="/path/to/dapo-math-17k.parquet", eval_path="/path/to/aime-2024.parquet",
+                      max_prompt_tokens=2048),
+        rollout=RolloutSpec(n=16, prompts_per_step=512, prompts_per_round=2048, max_rounds=10, on_exhausted="error",
+                            max_response_tokens=20480, temperature=1.0, top_p=1.0),
+        reward=RewardSpec(overlong_buffer=4096, overlong_factor=1.0),
+        algo=AlgoSpec(loss=PolicyLossConfig.fipo_32b(), mini_batches=8, micro_batch_size=8),
+        optim=OptimSpec(lr=1e-6, warmup_steps=10, weight_decay=0.1, grad_clip=1.0),
+        eval=EvalSpec(every=5, k=32, temperature=1.0, top_p=0.7),
+        sft=SFTSpec(enabled=False),
+        checkpoint_every=5,
+    )
+
+
+def qwen25_7b_fipo() -> TrainConfig:
+    """The 7B pilot (spec §3.3): G = 32, balanced influence clip, safety 3, 10,240 tokens."""
+    base = qwen25_32b_fipo()
+    return dataclasses.replace(
+        base,
+        name="qwen2.5-7b-math-fipo",
+        model=dataclasses.replace(base.model, path="/path/to/Qwen2.5-Math-7B"),
+        rollout=dataclasses.replace(base.rollout, n=32, max_response_tokens=10240),
+        reward=RewardSpec(overlong_buffer=2048),
+        algo=AlgoSpec(loss=PolicyLossConfig.fipo_7b(), mini_batches=8, micro_batch_size=8),
+    )
+
+
+PRESETS = {"cpu_default": cpu_default, "qwen2.5-32b-fipo": qwen25_32b_fipo, "qwen2.5-7b-fipo": qwen25_7b_fipo}
