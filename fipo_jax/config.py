@@ -60,20 +60,20 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    """Prompts. ``task="digit_sum"`` is the synthetic CPU task; ``task="file"`` reads a
-    DAPO-schema parquet or JSONL (``train_path``, ``eval_path``)."""
+    """Prompts. ``task="chain"`` is the synthetic CPU task (`fipo_jax.data.ChainTask`);
+    ``task="file"`` reads a DAPO-schema parquet or JSONL (``train_path``, ``eval_path``)."""
 
-    task: Literal["digit_sum", "file"] = "digit_sum"
+    task: Literal["chain", "file"] = "chain"
     train_path: str = ""
     eval_path: str = ""
     n_terms: int = 5
-    max_digit: int = 9
+    ops: str = "+*"
     train_prompts: int = 4096
     eval_prompts: int = 64
     max_prompt_tokens: int = 2048
 
     def __post_init__(self):
-        _require(self.task in ("digit_sum", "file"), f"data.task must be 'digit_sum' or 'file', got {self.task!r}")
+        _require(self.task in ("chain", "file"), f"data.task must be 'chain' or 'file', got {self.task!r}")
         _require(self.task != "file" or bool(self.train_path), "data.train_path is required when data.task='file'")
         _require(self.train_prompts >= 1 and self.eval_prompts >= 1, "data.train_prompts and data.eval_prompts must be >= 1")
         _require(self.max_prompt_tokens >= 1, f"data.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")

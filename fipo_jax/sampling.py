@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -47,6 +48,10 @@ DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,26 +82,35 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"SamplingConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) or not (
-            math.isfinite(self.temperature) and self.temperature >= 0
-        ):
             raise ValueError(
-                f"SamplingConfig.temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+                f"SamplingConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}"
             )
-        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
+        if not _is_real(self.temperature) or not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(
+                "SamplingConfig.temperature must be a finite number >= 0 (0 = greedy), "
+                f"got {self.temperature!r}"
+            )
+        object.__setattr__(self, "temperature", float(self.temperature))
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
+        object.__setattr__(self, "top_p", float(self.top_p))
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"SamplingConfig.top_k must be an int >= 0 (0 = disabled), got {self.top_k!r}")
+            raise ValueError(
+                f"SamplingConfig.top_k must be an int >= 0 (0 = disabled), got {self.top_k!r}"
+            )
         if isinstance(self.eos_token_ids, (str, bytes)) or not isinstance(self.eos_token_ids, (tuple, list)):
             raise ValueError(
                 f"SamplingConfig.eos_token_ids must be a tuple of token ids, got {self.eos_token_ids!r}"
             )
         if not all(_is_int(t) and t >= 0 for t in self.eos_token_ids):
-            raise ValueError(f"SamplingConfig.eos_token_ids must be non-negative ints, got {self.eos_token_ids!r}")
+            raise ValueError(
+                f"SamplingConfig.eos_token_ids must be non-negative ints, got {self.eos_token_ids!r}"
+            )
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
         if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
-            raise ValueError(f"SamplingConfig.pad_token_id must be an int >= 0, got {self.pad_token_id!r}")
+            raise ValueError(
+                f"SamplingConfig.pad_token_id must be an int >= 0, got {self.pad_token_id!r}"
+            )
         if self.prompt_length_buckets is not None:
             buckets = self.prompt_length_buckets
             if (
@@ -110,6 +124,8 @@ class SamplingConfig:
                     f"increasing tuple of positive ints, got {buckets!r}"
                 )
             object.__setattr__(self, "prompt_length_buckets", tuple(int(b) for b in buckets))
+        for name in ("max_new_tokens", "top_k", "pad_token_id"):  # NumPy ints → int (hashing)
+            object.__setattr__(self, name, int(getattr(self, name)))
         if self.cache_dtype not in (None, "float32", "bfloat16"):
             raise ValueError(
                 f"SamplingConfig.cache_dtype must be None, 'float32' or 'bfloat16', got {self.cache_dtype!r}"
@@ -358,18 +374,25 @@ def generate(
         raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
     ids_BxL = np.asarray(prompt_ids)
     if ids_BxL.ndim != 2 or not np.issubdtype(ids_BxL.dtype, np.integer) or ids_BxL.shape[0] == 0:
-        raise ValueError(f"prompt_ids must be an integer [B, L] array with B >= 1, got {ids_BxL.dtype}{list(ids_BxL.shape)}")
+        raise ValueError(
+            f"prompt_ids must be an integer [B, L] array with B >= 1, got {ids_BxL.dtype}{list(ids_BxL.shape)}"
+        )
     mask_BxL = np.ones(ids_BxL.shape, bool) if prompt_mask is None else np.asarray(prompt_mask)
     if mask_BxL.shape != ids_BxL.shape:
-        raise ValueError(f"prompt_mask must have the shape of prompt_ids {ids_BxL.shape}, got {mask_BxL.shape}")
+        raise ValueError(
+            f"prompt_mask must have the shape of prompt_ids {ids_BxL.shape}, got {mask_BxL.shape}"
+        )
     mask_BxL = mask_BxL.astype(bool)
     lengths_B = mask_BxL.sum(axis=1)
     if np.any(lengths_B == 0):
-        raise ValueError(f"every prompt needs at least one real token; empty rows: {np.flatnonzero(lengths_B == 0).tolist()}")
+        empty_rows = np.flatnonzero(lengths_B == 0).tolist()
+        raise ValueError(f"every prompt needs at least one real token; empty rows: {empty_rows}")
     vocab = model.config.vocab_size
     real_ids = ids_BxL[mask_BxL]
     if real_ids.min() < 0 or real_ids.max() >= vocab:
-        raise ValueError(f"prompt_ids must be in [0, vocab_size={vocab}), got range [{real_ids.min()}, {real_ids.max()}]")
+        raise ValueError(
+            f"prompt_ids must be in [0, vocab_size={vocab}), got range [{real_ids.min()}, {real_ids.max()}]"
+        )
     out_of_vocab = [t for t in (*config.eos_token_ids, config.pad_token_id) if t >= vocab]
     if out_of_vocab:
         raise ValueError(f"eos_token_ids / pad_token_id must be < vocab_size={vocab}, got {out_of_vocab}")

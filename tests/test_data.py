@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fipo_jax.data import CharTokenizer, DigitSumTask, PromptIterator, PromptRecord, load_prompt_records, render_prompt
+from fipo_jax.data import CharTokenizer, ChainTask, PromptIterator, PromptRecord, load_prompt_records, render_prompt
 
 DAPO_INSTRUCTION = ("Solve the following math problem step by step. The last line of your response should be of the "
                     "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{q}\n\n"
@@ -91,17 +91,24 @@ def test_char_tokenizer_round_trip_and_errors():
         tok.encode("x")
 
 
-def test_digit_sum_task():
-    task = DigitSumTask(n_terms=4)
-    terms = np.array([3, 5, 2, 7])
-    assert task.prompt(terms) == "Q: 3+5+2+7=" and task.answer(terms) == "17"
-    assert task.step_solution(terms) == "3+5=8\n8+2=10\n10+7=17\nAnswer: 17"
-    assert task.direct_solution(terms) == "Answer: 17"
+def test_chain_task():
+    task = ChainTask(n_terms=4)
+    problem = ((3, 5, 2, 7), "+*+")
+    assert task.prompt(problem) == "Q: 3+5*2+7=" and task.answer(problem) == "3"  # ((3+5)·2+7) mod 10
+    assert task.step_solution(problem) == "3+5=8\n8*2=6\n6+7=3\nAnswer: 3"
+    assert task.direct_solution(problem) == "Answer: 3"
+    tok = CharTokenizer()
+    assert tok.decode(tok.encode(task.step_solution(problem))) == task.step_solution(problem)
+    assert task.max_response_tokens() == len(tok.encode(task.step_solution(problem))) + 1
+    assert task.prompt_tokens() == len(tok.encode(task.prompt(problem))) + 1
     demos = task.demonstrations(np.random.default_rng(0), 400, step_fraction=0.25)
     share = np.mean(["\n" in s for _, s in demos])
     assert 0.18 < share < 0.32
-    assert task.max_response_tokens() == len(CharTokenizer().encode(task.step_solution(np.full(4, 9)))) + 1
+    for record in task.problems(np.random.default_rng(1), 20):
+        assert record["ground_truth"] in "0123456789" and record["prompt"].startswith("Q: ")
     with pytest.raises(ValueError, match="n_terms must be an int >= 2"):
-        DigitSumTask(n_terms=1)
+        ChainTask(n_terms=1)
+    with pytest.raises(ValueError, match="ops must be a non-empty string"):
+        ChainTask(ops="/")
     with pytest.raises(ValueError, match="step_fraction must be in"):
         task.demonstrations(np.random.default_rng(0), 1, 1.5)

@@ -1,17 +1,20 @@
 """A synthetic reasoning task where careful step-by-step work beats guessing.
 
-Problem: the sum of ``n_terms`` digits, e.g. ``Q: 3+5+2+7=``. Two styles of answer:
+Problem: a chain of digit operations evaluated left to right, modulo 10, e.g.
+``Q: 3+5*2+7=`` means ((3 + 5) · 2 + 7) mod 10 = 3. Two styles of answer:
 
-    direct        Answer: 17
+    direct        Answer: 3
     step-by-step  3+5=8
-                  8+2=10
-                  10+7=17
-                  Answer: 17
+                  8*2=6
+                  6+7=3
+                  Answer: 3
 
-A small transformer learns every single step of the chain almost perfectly but cannot add
-five digits "in its head" in one token, so a policy trained on a mix of both styles is
-right far more often when it writes the longer chain. RL with a verifiable reward should
-therefore move it toward longer, correct chains — the effect FIPO reports at 32B, in
+Mixing + and · makes the result order-dependent, so it cannot be read off an average of
+the digits (a plain sum can: small transformers learn that in one shot). Each written step
+is a single lookup in a 10 × 10 table, which a small model learns almost perfectly; the
+whole chain "in its head" it mostly cannot. A policy trained on a mix of both styles is
+therefore right far more often when it writes the longer chain, and RL with a verifiable
+reward should move it toward longer, correct chains — the effect FIPO reports at 32B, in
 miniature. The texts use the DAPO answer format, so the real reward code scores them.
 """
 
@@ -22,7 +25,7 @@ import dataclasses
 import numpy as np
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
-_SYMBOLS = (PAD, BOS, EOS, "Q:", "Answer:", "+", "=", " ", "\n") + tuple("0123456789")
+_SYMBOLS = (PAD, BOS, EOS, "Q:", "Answer:", "+", "*", "=", " ", "\n") + tuple("0123456789")
 
 
 class CharTokenizer:
@@ -60,56 +63,74 @@ class CharTokenizer:
         return "".join(self.tokens[int(i)] for i in ids if not (skip_special_tokens and int(i) in specials))
 
 
+_OPS = {"+": lambda a, b: a + b, "*": lambda a, b: a * b}
+
+
 @dataclasses.dataclass(frozen=True)
-class DigitSumTask:
-    """Sums of ``n_terms`` digits in [0, ``max_digit``]."""
+class ChainTask:
+    """``n_terms`` digits joined by ops from ``ops``, evaluated left to right mod ``modulus``."""
 
     n_terms: int = 5
-    max_digit: int = 9
+    ops: str = "+*"
+    modulus: int = 10
 
     def __post_init__(self):
         if not (isinstance(self.n_terms, int) and self.n_terms >= 2):
             raise ValueError(f"n_terms must be an int >= 2, got {self.n_terms!r}")
-        if not (isinstance(self.max_digit, int) and 1 <= self.max_digit <= 9):
-            raise ValueError(f"max_digit must be an int in [1, 9], got {self.max_digit!r}")
+        if not self.ops or any(op not in _OPS for op in self.ops):
+            raise ValueError(f"ops must be a non-empty string over {sorted(_OPS)}, got {self.ops!r}")
+        if not (isinstance(self.modulus, int) and 2 <= self.modulus <= 10):
+            raise ValueError(f"modulus must be an int in [2, 10] (answers are single digits), got {self.modulus!r}")
 
-    def sample_terms(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return rng.integers(0, self.max_digit + 1, size=(n, self.n_terms))
-
-    @staticmethod
-    def prompt(terms) -> str:
-        return "Q: " + "+".join(str(int(t)) for t in terms) + "="
-
-    @staticmethod
-    def answer(terms) -> str:
-        return str(int(np.sum(terms)))
+    def sample(self, rng: np.random.Generator, n: int) -> list[tuple[tuple[int, ...], str]]:
+        """n problems as (digits, op string)."""
+        digits = rng.integers(0, 10, size=(n, self.n_terms))
+        ops = rng.integers(0, len(self.ops), size=(n, self.n_terms - 1))
+        return [(tuple(int(d) for d in ds), "".join(self.ops[o] for o in os_)) for ds, os_ in zip(digits, ops)]
 
     @staticmethod
-    def direct_solution(terms) -> str:
-        return "Answer: " + str(int(np.sum(terms)))
+    def prompt(problem) -> str:
+        digits, ops = problem
+        return "Q: " + "".join(f"{d}{op}" for d, op in zip(digits, ops)) + f"{digits[-1]}="
 
-    @staticmethod
-    def step_solution(terms) -> str:
-        """One line per partial sum, then the answer line."""
-        lines, total = [], int(terms[0])
-        for t in terms[1:]:
-            lines.append(f"{total}+{int(t)}={total + int(t)}")
-            total += int(t)
-        return "\n".join(lines + [f"Answer: {total}"])
+    def partial_results(self, problem) -> list[int]:
+        digits, ops = problem
+        values = [digits[0] % self.modulus]
+        for d, op in zip(digits[1:], ops):
+            values.append(_OPS[op](values[-1], d) % self.modulus)
+        return values
+
+    def answer(self, problem) -> str:
+        return str(self.partial_results(problem)[-1])
+
+    def direct_solution(self, problem) -> str:
+        return "Answer: " + self.answer(problem)
+
+    def step_solution(self, problem) -> str:
+        """One line per operation with its result, then the answer line."""
+        digits, ops = problem
+        values = self.partial_results(problem)
+        lines = [f"{values[i]}{op}{digits[i + 1]}={values[i + 1]}" for i, op in enumerate(ops)]
+        return "\n".join(lines + [f"Answer: {values[-1]}"])
 
     def max_response_tokens(self) -> int:
-        """Length of the longest step-by-step solution in tokens (plus EOS)."""
-        worst = np.full(self.n_terms, self.max_digit)
-        return len(CharTokenizer().encode(self.step_solution(worst))) + 1
+        """Tokens of a step-by-step solution (all the same length), plus EOS."""
+        problem = ((0,) * self.n_terms, self.ops[0] * (self.n_terms - 1))
+        return len(CharTokenizer().encode(self.step_solution(problem))) + 1
+
+    def prompt_tokens(self) -> int:
+        """Tokens of a prompt (all the same length), plus BOS."""
+        problem = ((0,) * self.n_terms, self.ops[0] * (self.n_terms - 1))
+        return len(CharTokenizer().encode(self.prompt(problem))) + 1
 
     def demonstrations(self, rng: np.random.Generator, n: int, step_fraction: float) -> list[tuple[str, str]]:
         """(prompt, solution) pairs; a ``step_fraction`` share is worked step by step."""
         if not 0.0 <= step_fraction <= 1.0:
             raise ValueError(f"step_fraction must be in [0, 1], got {step_fraction}")
-        terms = self.sample_terms(rng, n)
         steps = rng.random(n) < step_fraction
-        return [(self.prompt(t), self.step_solution(t) if s else self.direct_solution(t)) for t, s in zip(terms, steps)]
+        return [(self.prompt(p), self.step_solution(p) if s else self.direct_solution(p))
+                for p, s in zip(self.sample(rng, n), steps)]
 
     def problems(self, rng: np.random.Generator, n: int) -> list[dict]:
-        """Prompt records in the trainer's format: {"prompt": str, "ground_truth": str}."""
-        return [{"prompt": self.prompt(t), "ground_truth": self.answer(t)} for t in self.sample_terms(rng, n)]
+        """Prompt records: {"prompt": str, "ground_truth": str}."""
+        return [{"prompt": self.prompt(p), "ground_truth": self.answer(p)} for p in self.sample(rng, n)]

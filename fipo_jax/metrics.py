@@ -1,0 +1,110 @@
+"""Run metrics: a JSONL log that survives resume, summaries, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterable
+
+import numpy as np
+
+
+def to_python(value: Any) -> Any:
+    """JSON-safe scalars (numpy / jax scalars → float/int; NaN/inf kept as strings)."""
+    if isinstance(value, dict):
+        return {k: to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_python(v) for v in value]
+    if hasattr(value, "item") and np.ndim(value) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``, one object per RL step with a ``step`` field.
+
+    `truncate_after(step)` drops lines written after the checkpoint a run resumes from,
+    so a resumed run's log reads exactly like an uninterrupted one.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def read(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        rows = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break  # a line cut by a kill: everything after it is unreliable
+        return rows
+
+    def truncate_after(self, step: int) -> None:
+        rows = [r for r in self.read() if r.get("step", -1) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.path)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(to_python(row)) + "\n")
+
+
+def length_stats(lengths: Iterable[int], max_length: int) -> dict[str, float]:
+    """Mean, median, quartiles, max and the share of responses cut at `max_length`."""
+    x = np.asarray(list(lengths), np.float64)
+    if x.size == 0:
+        return {}
+    q25, q50, q75 = np.percentile(x, [25, 50, 75])
+    return {"mean": float(x.mean()), "median": float(q50), "q25": float(q25), "q75": float(q75),
+            "max": float(x.max()), "clip_rate": float(np.mean(x >= max_length))}
+
+
+def plot_run(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
+    """PNG plots of accuracy, response length and influence weights over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    panels = [
+        ("accuracy.png", "accuracy", [("rollout/accuracy", "train rollouts"), ("eval/avg@k", "held-out avg@k"),
+                                      ("eval/pass@k", "held-out pass@k")]),
+        ("length.png", "response length (tokens)", [("rollout/length_mean", "mean"), ("rollout/length_median", "median")]),
+        ("influence_weights.png", "influence weight", [("actor/influence_weights_mean", "mean"),
+                                                       ("actor/influence_weights_max", "max"),
+                                                       ("actor/influence_weights_min", "min")]),
+    ]
+    written = []
+    for filename, ylabel, series in panels:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        drew = False
+        for key, label in series:
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, ms=3, label=label)
+                drew = True
+        if drew:
+            ax.set_xlabel("RL step")
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            path = os.path.join(out_dir, filename)
+            fig.savefig(path, dpi=110)
+            written.append(path)
+        plt.close(fig)
+    return written

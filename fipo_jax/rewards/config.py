@@ -1,0 +1,70 @@
+"""`RewardConfig`: every knob of the DAPO math reward, validated once at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+from fipo_jax.rewards.extract import DEFAULT_ANSWER_WINDOW_CHARS
+from fipo_jax.rewards.shaping import validate_overlong_args
+from fipo_jax.rewards.verify import DEFAULT_MAX_ANSWER_CHARS, DEFAULT_VERIFY_TIMEOUT_S
+
+__all__ = ["RewardConfig"]
+
+
+def _positive_int(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        suffix = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be a positive int{suffix}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """DAPO math reward settings (official 32B recipe values by default, plus two extensions).
+
+    Attributes:
+      answer_window_chars: only the last this-many characters of a response are searched for the
+        answer (official: 300). None searches the whole response.
+      boxed_fallback: with no ``Answer:`` line, use the last ``\\boxed{}`` (extension; official: off).
+      use_math_verify: when normalised strings differ, ask math-verify (extension; official: off,
+        string match only).
+      verify_timeout_s: hard time bound of one math-verify check, seconds.
+      max_answer_chars: extracted answers longer than this are scored wrong without parsing.
+      max_response_length: L_max, generation limit in tokens (official: 20480).
+      overlong_buffer: L_buf in tokens (official: 4096); None disables overlong shaping.
+      overlong_factor: penalty at L_max tokens is ``−overlong_factor`` (official: 1.0).
+    """
+
+    answer_window_chars: int | None = DEFAULT_ANSWER_WINDOW_CHARS
+    boxed_fallback: bool = True
+    use_math_verify: bool = True
+    verify_timeout_s: float = DEFAULT_VERIFY_TIMEOUT_S
+    max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
+    max_response_length: int = 20480
+    overlong_buffer: int | None = 4096
+    overlong_factor: float = 1.0
+
+    def __post_init__(self):
+        _positive_int("answer_window_chars", self.answer_window_chars, allow_none=True)
+        for name in ("boxed_fallback", "use_math_verify"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        timeout = self.verify_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError(f"verify_timeout_s must be a finite number of seconds > 0, got {timeout!r}")
+        _positive_int("max_answer_chars", self.max_answer_chars)
+        _positive_int("max_response_length", self.max_response_length)
+        if self.overlong_buffer is not None:
+            try:
+                validate_overlong_args(self.max_response_length, self.overlong_buffer, self.overlong_factor)
+            except ValueError as exc:  # re-word with the config's field names
+                message = str(exc).replace("buffer_length", "overlong_buffer").replace("penalty_factor", "overlong_factor")
+                raise ValueError(message) from None
+
+    @classmethod
+    def official_dapo(cls, **overrides) -> RewardConfig:
+        """The verl DAPO reward exactly: ``Answer:`` line only, normalised string match only."""
+        return cls(**{"boxed_fallback": False, "use_math_verify": False, **overrides})

@@ -1,0 +1,121 @@
+"""DAPO overlong reward shaping, measured in tokens (verl ``reward_manager/dapo.py``).
+
+    expected = L_max − L_buf
+    R_len(|y|) = min( −(|y| − expected) / L_buf · factor , 0 )
+
+So R_len = 0 up to ``L_max − L_buf`` tokens, falls linearly to ``−factor`` at ``L_max`` tokens, and
+keeps falling beyond (the official code does not clip; responses are truncated at L_max, so with
+factor 1 the penalty lies in [−1, 0] and the shaped score in [−2, 1]). Lengths are counts of valid
+response TOKENS (the response mask sum), never characters.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["overlong_penalty", "shaped_scores", "validate_overlong_args"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def validate_overlong_args(max_response_length: int, buffer_length: int, penalty_factor: float) -> None:
+    """Raise ValueError naming the bad argument unless 0 < buffer_length ≤ max_response_length and factor ≥ 0."""
+    if not _is_int(max_response_length) or max_response_length < 1:
+        raise ValueError(f"max_response_length must be a positive int (tokens), got {max_response_length!r}")
+    if not _is_int(buffer_length) or buffer_length < 1:
+        raise ValueError(f"buffer_length must be a positive int (tokens), got {buffer_length!r}")
+    if buffer_length > max_response_length:
+        raise ValueError(
+            f"buffer_length ({buffer_length}) must be <= max_response_length ({max_response_length}): "
+            "the penalty starts at max_response_length - buffer_length tokens"
+        )
+    if (
+        isinstance(penalty_factor, bool)
+        or not isinstance(penalty_factor, numbers.Real)
+        or not math.isfinite(penalty_factor)
+        or penalty_factor < 0
+    ):
+        raise ValueError(f"penalty_factor must be a finite number >= 0, got {penalty_factor!r}")
+
+
+def _as_numeric(name: str, values):
+    """jax arrays stay jax (jit-safe); anything else becomes a numpy array. Checks the dtype."""
+    array = values if isinstance(values, jax.Array) else np.asarray(values)
+    dtype = array.dtype
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise TypeError(f"{name} must be an int or float array of token counts, got dtype {dtype}")
+    if isinstance(array, np.ndarray) and array.size and np.min(array) < 0:
+        raise ValueError(f"{name} must be >= 0 (token counts), got min {np.min(array)}")
+    return array
+
+
+def overlong_penalty(response_lengths, max_response_length: int, buffer_length: int, penalty_factor: float = 1.0):
+    """Soft overlong punishment per response: ``min(−(len − (L_max − L_buf)) / L_buf · factor, 0)``.
+
+    Args:
+      response_lengths: ``[...]`` token counts of the responses (ints or floats; numpy or jax).
+      max_response_length: L_max, the generation limit in tokens (official 32B: 20480).
+      buffer_length: L_buf, the width of the linear ramp in tokens (official: 4096).
+      penalty_factor: the penalty at exactly L_max tokens is ``−penalty_factor`` (official: 1.0).
+
+    Returns:
+      float32 penalties with the shape of ``response_lengths``: a jax array for jax input (usable
+      under ``jit``), else a numpy array.
+
+    >>> overlong_penalty([100, 16384, 18432, 20480], 20480, 4096).tolist()
+    [0.0, 0.0, -0.5, -1.0]
+    """
+    validate_overlong_args(max_response_length, buffer_length, penalty_factor)
+    lengths = _as_numeric("response_lengths", response_lengths)
+    xp = jnp if isinstance(lengths, jax.Array) else np
+    expected = max_response_length - buffer_length
+    exceed = lengths.astype(xp.float32) - xp.float32(expected)
+    penalty = -exceed / xp.float32(buffer_length) * xp.float32(penalty_factor)
+    return xp.minimum(penalty, xp.float32(0.0)).astype(xp.float32)
+
+
+def shaped_scores(
+    correct,
+    response_lengths,
+    *,
+    max_response_length: int,
+    buffer_length: int | None,
+    penalty_factor: float = 1.0,
+):
+    """DAPO shaped reward: ``(+1 if correct else −1) + min(−(len − (L_max − L_buf)) / L_buf · factor, 0)``.
+
+    Args:
+      correct: ``[...]`` bool (or 0/1) correctness of each response.
+      response_lengths: token counts, same shape as ``correct``.
+      max_response_length, buffer_length, penalty_factor: see `overlong_penalty`;
+        ``buffer_length=None`` turns the length penalty off (score = ±1).
+
+    Returns:
+      float32 scores (jax if either input is a jax array, else numpy).
+
+    >>> shaped_scores([True, False, True], [10, 10, 20480], max_response_length=20480, buffer_length=4096).tolist()
+    [1.0, -1.0, 0.0]
+    """
+    use_jax = isinstance(correct, jax.Array) or isinstance(response_lengths, jax.Array)
+    xp = jnp if use_jax else np
+    correct_arr = xp.asarray(correct)
+    if not (correct_arr.dtype == xp.bool_ or jnp.issubdtype(correct_arr.dtype, jnp.integer)):
+        raise TypeError(f"correct must be a bool (or 0/1 int) array, got dtype {correct_arr.dtype}")
+    lengths = _as_numeric("response_lengths", xp.asarray(response_lengths))
+    if np.shape(correct_arr) != np.shape(lengths):
+        raise ValueError(
+            f"correct has shape {np.shape(correct_arr)} but response_lengths has shape {np.shape(lengths)}; they must match"
+        )
+    base = xp.where(correct_arr.astype(bool), xp.float32(1.0), xp.float32(-1.0))
+    if buffer_length is None:
+        if not _is_int(max_response_length) or max_response_length < 1:
+            raise ValueError(f"max_response_length must be a positive int (tokens), got {max_response_length!r}")
+        return base.astype(xp.float32)
+    return (base + overlong_penalty(lengths, max_response_length, buffer_length, penalty_factor)).astype(xp.float32)
