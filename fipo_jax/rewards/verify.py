@@ -174,20 +174,26 @@ class MathVerifyWorker:
             self._kill()
             raise RuntimeError(f"math-verify worker failed to start: {reason}")
 
-    def _kill(self) -> None:
+    def _kill(self, graceful: bool = False) -> None:
+        """Stop the child: SIGKILL at once, or (graceful) close its stdin and kill only if it lingers."""
         proc, self._proc, self._replies = self._proc, None, None
         if proc is None:
             return
+        try:
+            proc.stdin.close()  # the child exits at end of input; stdout is closed by its reader thread
+        except OSError:
+            pass
+        if graceful:
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
         if proc.poll() is None:
             proc.kill()
             self.kills += 1
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            pass
-        try:
-            proc.stdin.close()  # stdout is closed by its reader thread at EOF
-        except OSError:
             pass
 
     def _receive(self, timeout_s: float) -> tuple[Literal["reply", "eof", "timeout"], dict | None]:
@@ -213,7 +219,7 @@ class MathVerifyWorker:
         """Stop the child process (a later check starts a new one)."""
         with self._lock:
             if os.getpid() == self._owner_pid:
-                self._kill()
+                self._kill(graceful=True)
             self._proc, self._replies = None, None
 
     def __enter__(self) -> MathVerifyWorker:
