@@ -383,12 +383,14 @@ def cpu_default() -> TrainConfig:
     """The CPU experiment: a tiny Qwen2 on digit sums, SFT warm start, then FIPO (≤ 10 min, 2 cores)."""
     return TrainConfig(
         name="cpu_default",
-        steps=40,
+        steps=50,
+        data=DataSpec(eval_prompts=128),
         rollout=RolloutSpec(n=8, prompts_per_step=32, prompts_per_round=48, max_rounds=3, max_response_tokens=48),
         reward=RewardSpec(overlong_buffer=8),
         algo=AlgoSpec(loss=PolicyLossConfig(decay_rate=8.0), mini_batches=4, micro_batch_size=64),
         optim=OptimSpec(lr=1e-4, warmup_steps=2, weight_decay=0.0),
         eval=EvalSpec(every=10, k=4, top_p=1.0),
+        sft=SFTSpec(steps=800),
     )
 
 

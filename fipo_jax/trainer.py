@@ -34,7 +34,7 @@ from fipo_jax.config import ConfigError, TrainConfig
 from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord, load_prompt_records, render_prompt
 from fipo_jax.rewards import RewardConfig, score_batch
 from fipo_jax.sampling import SamplingConfig, generate, left_align_prompts
-from fipo_jax.sharding import make_mesh, shard_batch
+from fipo_jax.sharding import make_mesh, replicated, shard_batch
 
 
 class DynamicSamplingExhausted(RuntimeError):
@@ -101,9 +101,13 @@ class Trainer:
         self.key = jax.random.key(config.seed)
         self.tokenizer, self.model, self.train_records, self.eval_records = self._build()
         self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
+        # Parameters live on the mesh from the start (replicated), so the jitted steps see the
+        # same placement before and after an update and compile once.
+        params = jax.device_put(params, replicated(self.mesh))
+        nnx.update(self.model, params)
         o = config.optim
         self.tx = rl_step.make_optimizer(o.lr, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip)
-        self.opt_state = self.tx.init(params)
+        self.opt_state = jax.device_put(self.tx.init(params), replicated(self.mesh))
         self.iterator = PromptIterator(self.train_records, seed=config.seed)
         self.step_index = 0
         self.metrics_log = metrics_lib.MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
