@@ -384,6 +384,7 @@ def policy_loss_terms(
         hits_B = jnp.sum((advantages < 0) & (ratio_sg > config.clip_ratio_c) & mask, axis=-1)
         loss_mask = mask & (hits_B <= 1)[:, None]
     metrics["dropped_sequences"] = jnp.sum(jnp.any(mask, -1) & ~jnp.any(loss_mask, -1)).astype(jnp.float32)
+    metrics["response_tokens"] = jnp.sum(mask).astype(jnp.float32)
     metrics["loss_tokens"] = jnp.sum(loss_mask).astype(jnp.float32)
 
     terms = aggregate(per_token, loss_mask, config.aggregation, config.aggregation_horizon)

@@ -69,23 +69,29 @@ def log_prob_pass(graphdef, params, rest, input_ids, attention_mask, response_le
     return lp.reshape(n_rows, response_len), ent.reshape(n_rows, response_len)
 
 
-_REDUCE_MIN = ("_min",)
-_REDUCE_MAX = ("_max",)
-_REDUCE_SUM = ("dropped_sequences", "loss_tokens")
+COUNT_METRICS = ("dropped_sequences", "loss_tokens", "response_tokens")
 
 
 def reduce_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Combine per-micro-batch metrics [M]: min/max for extremes, sums for counts, else mean."""
+    """Combine per-micro-batch metrics [M] into one value per key.
+
+    Counts are summed; "*_min" / "*_max" take the extreme over micro-batches that hold
+    response tokens; everything else (masked means over response tokens) is averaged with
+    the micro-batches' response-token counts as weights, so empty (padded) micro-batches
+    do not pull the means toward 0.
+    """
+    tokens = stacked["response_tokens"]
+    has_tokens = tokens > 0
     out = {}
     for key, values in stacked.items():
-        if key.endswith(_REDUCE_MIN):
-            out[key] = jnp.min(values)
-        elif key.endswith(_REDUCE_MAX):
-            out[key] = jnp.max(values)
-        elif key in _REDUCE_SUM:
+        if key in COUNT_METRICS:
             out[key] = jnp.sum(values)
+        elif key.endswith("_min"):
+            out[key] = jnp.where(jnp.any(has_tokens), jnp.min(jnp.where(has_tokens, values, jnp.inf)), 0.0)
+        elif key.endswith("_max"):
+            out[key] = jnp.where(jnp.any(has_tokens), jnp.max(jnp.where(has_tokens, values, -jnp.inf)), 0.0)
         else:
-            out[key] = jnp.mean(values)
+            out[key] = jnp.sum(values * tokens) / jnp.maximum(jnp.sum(tokens), 1.0)
     return out
 
 
@@ -115,7 +121,7 @@ def update_mini_batch(graphdef, params, rest, opt_state, batch: dict[str, jax.Ar
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grads, count, total), stacked = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro)
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1e-12), grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm)
 
     opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)

@@ -52,7 +52,7 @@ def _path_name(key_path) -> str:
 
 def save_params(model, path: str) -> None:
     """Parameters as a flat .npz (names are '/'-joined nnx paths), written atomically."""
-    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     flat = {_path_name(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.npz"
@@ -63,7 +63,7 @@ def save_params(model, path: str) -> None:
 def load_params(model, path: str) -> None:
     """Inverse of `save_params`: fill `model`'s parameters in place."""
     state = nnx.state(model, nnx.Param)
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state)
     values = []
     with np.load(path) as data:
         for key_path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:

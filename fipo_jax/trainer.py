@@ -335,11 +335,10 @@ class Trainer:
             per_update.append(update_metrics)
         nnx.update(self.model, params)
         per_update = jax.device_get(per_update)
-        for key in per_update[0]:
-            values = [float(m[key]) for m in per_update]
-            reduce = min if key.endswith("_min") else max if key.endswith("_max") else None
-            metrics[f"actor/{key}"] = reduce(values) if reduce else float(np.mean(values))
+        metrics.update({f"actor/{k}": float(v) for k, v in rl_step.reduce_metrics(
+            {k: np.asarray([m[k] for m in per_update]) for k in per_update[0]}).items()})
         metrics["actor/skipped_updates"] = float(sum(float(m["skipped_update"]) for m in per_update))
+        del metrics["actor/skipped_update"]
         t_total = time.perf_counter() - t0
         metrics.update({"time/rollout_s": t_rollout, "time/old_logprob_s": t_logprob,
                         "time/update_s": t_total - t_rollout - t_logprob, "time/step_s": t_total,

@@ -1,0 +1,152 @@
+"""End to end on a tiny model: rewards, dynamic sampling, updates, evaluation, checkpoints,
+resume equality (also after a SIGKILL), config refusal, the command line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fipo_jax.config import ConfigError, apply_overrides, cpu_default
+from fipo_jax.metrics import MetricsLog
+from fipo_jax.trainer import DynamicSamplingExhausted, Trainer, majority_vote
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = [
+    "model.num_layers=1", "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2",
+    "model.num_kv_heads=1", "data.n_terms=3", "data.train_prompts=64", "data.eval_prompts=8",
+    "rollout.n=4", "rollout.prompts_per_step=4", "rollout.prompts_per_round=6", "rollout.max_rounds=2",
+    "rollout.max_response_tokens=20", "reward.overlong_buffer=4", "algo.mini_batches=2",
+    "algo.micro_batch_size=4", "optim.lr=1e-3", "optim.warmup_steps=1", "eval.every=2", "eval.k=2",
+    "sft.steps=30", "sft.batch_size=16", "checkpoint_every=1", "keep_checkpoints=2", "steps=4",
+]
+
+
+def tiny_config(cache_dir, *extra):
+    return apply_overrides(cpu_default(), TINY + [f"sft.cache_dir={cache_dir}", *extra])
+
+
+def comparable(rows):
+    """Metrics minus wall-clock measurements."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("sft_cache"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache_dir):
+    run_dir = str(tmp_path_factory.mktemp("reference"))
+    summary = Trainer(tiny_config(cache_dir), run_dir, progress=False, log=lambda s: None).train()
+    return run_dir, summary
+
+
+def test_end_to_end_run_writes_everything(reference_run):
+    run_dir, summary = reference_run
+    rows = MetricsLog(os.path.join(run_dir, "metrics.jsonl")).read()
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    for key in ("accuracy_before", "accuracy_after", "mean_length_before", "mean_length_after"):
+        assert 0 <= summary[key] <= (1 if key.startswith("acc") else 20)
+    step = rows[1]
+    for key in ("rollout/accuracy", "rollout/rounds", "rollout/length_median", "rollout/length_clip_rate",
+                "actor/pg_clipfrac", "actor/ppo_kl", "actor/influence_weights_mean", "actor/entropy",
+                "actor/grad_norm", "actor/lr", "rollout/sampler_logprob_gap", "time/step_s", "time/tokens_per_s"):
+        assert key in step, key
+    assert step["actor/lr"] == 0.0  # warm-up counted in rollout steps: the first step has LR 0
+    assert rows[2]["actor/lr"] > 0
+    assert "eval/avg@k" in rows[0] and "eval/cons@k" in rows[2] and "eval/pass@k" in rows[4]
+    # Old log-probs are recomputed by the trainer; they agree with the sampler's to float error.
+    assert step["rollout/sampler_logprob_gap"] < 1e-3
+    assert {os.path.basename(p) for p in summary["plots"]} >= {"accuracy.png", "length.png", "influence_weights.png"}
+    assert json.load(open(os.path.join(run_dir, "summary.json")))["steps"] == 4
+    kept = sorted(d for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
+    assert kept == ["3", "4"]  # keep-last-N
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, reference_run):
+    run_dir = str(tmp_path / "resumed")
+    Trainer(tiny_config(cache_dir), run_dir, progress=False, log=lambda s: None).train(total_steps=2)
+    Trainer(tiny_config(cache_dir), run_dir, progress=False, log=lambda s: None).train()  # continues to 4
+    ours = MetricsLog(os.path.join(run_dir, "metrics.jsonl")).read()
+    reference = MetricsLog(os.path.join(reference_run[0], "metrics.jsonl")).read()
+    assert comparable(ours) == comparable(reference)
+
+
+def test_killed_run_resumes_identically(tmp_path, cache_dir, reference_run):
+    """SIGKILL a training process after its second checkpoint, rerun the same command."""
+    run_dir = str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--run-dir", run_dir, "--no-progress",
+           "--steps", "4"] + [a for o in TINY + [f"sft.cache_dir={cache_dir}"] for a in ("--set", o)]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(checkpoints) and "2" in os.listdir(checkpoints):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # Leave a half-written step behind, as a kill during a save would.
+    os.makedirs(os.path.join(checkpoints, "9.orbax-checkpoint-tmp-0", "params"), exist_ok=True)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "cut')
+    assert subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode == 0
+    ours = MetricsLog(os.path.join(run_dir, "metrics.jsonl")).read()
+    reference = MetricsLog(os.path.join(reference_run[0], "metrics.jsonl")).read()
+    assert comparable(ours) == comparable(reference)
+
+
+def test_changed_config_is_refused_on_resume(tmp_path, cache_dir, reference_run):
+    import shutil
+
+    run_dir = str(tmp_path / "changed")
+    shutil.copytree(reference_run[0], run_dir)
+    with pytest.raises(ConfigError, match=r"algo\.loss\.decay_rate: checkpoint 8\.0 vs now 16\.0"):
+        Trainer(tiny_config(cache_dir, "algo.loss.decay_rate=16"), run_dir, progress=False,
+                log=lambda s: None).train()
+
+
+def test_dynamic_sampling_exhaustion(tmp_path, cache_dir):
+    """Asking for more groups than the rounds can produce: an error, or padding when allowed."""
+    scarce = ["rollout.prompts_per_round=1", "rollout.max_rounds=1", "steps=1", "eval.every=0"]
+    trainer = Trainer(tiny_config(cache_dir, *scarce, "rollout.on_exhausted=error"), str(tmp_path / "a"),
+                      progress=False, log=lambda s: None)
+    with pytest.raises(DynamicSamplingExhausted, match=r"only [01] of 4 prompt groups had mixed outcomes"):
+        trainer.step()
+    padded = Trainer(tiny_config(cache_dir, "rollout.prompts_per_round=2", "rollout.max_rounds=1",
+                                 "rollout.dynamic_sampling=false", "steps=1"), str(tmp_path / "b"),
+                     progress=False, log=lambda s: None)
+    metrics = padded.step()
+    assert metrics["rollout/padded_rows"] == 8 and np.isfinite(metrics["actor/loss"])
+
+
+def test_majority_vote():
+    assert majority_vote(["3", None, "4", "4", "3"]) == "3"  # tie: first seen
+    assert majority_vote([None, ""]) is None
+    assert majority_vote(["7", "8", "8"]) == "8"
+
+
+def test_cli_help_and_config_errors(tmp_path):
+    train = os.path.join(ROOT, "experiments", "train.py")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, train, "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "--set" in out.stdout and "qwen2.5-32b-fipo" in out.stdout
+    out = subprocess.run([sys.executable, train, "--set", "rollout.nn=4"], capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and "unknown config field 'rollout.nn'" in out.stderr and "did you mean 'n'" in out.stderr
+    out = subprocess.run([sys.executable, train, "--config", "qwen2.5-32b-fipo", "--algo", "dapo", "--print-config",
+                          "--set", "rollout.n=8"], capture_output=True, text=True, env=env)
+    printed = json.loads(out.stdout)
+    assert printed["rollout"]["n"] == 8 and printed["algo"]["loss"]["loss_mode"] == "dapo"
+    assert printed["algo"]["loss"]["drop_dual_clipped_sequences"] is False
+    config_file = tmp_path / "c.json"
+    config_file.write_text(json.dumps({"rollout": {"n": 0}}))
+    out = subprocess.run([sys.executable, train, "--config", str(config_file)], capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and "rollout.n must be >= 1" in out.stderr
