@@ -139,14 +139,21 @@ def update_mini_batch(graphdef, params, rest, opt_state, batch: dict[str, jax.Ar
     return UpdateResult(params, opt_state, metrics)
 
 
-def jit_update(tx, loss_config: PolicyLossConfig, micro_batch_size: int, weighting: str, chunk_size: int):
-    """`update_mini_batch` jitted with params and optimizer state donated."""
+def jit_update(tx, loss_config: PolicyLossConfig, micro_batch_size: int, weighting: str, chunk_size: int,
+               out_shardings=None):
+    """`update_mini_batch` jitted with params and optimizer state donated.
+
+    `out_shardings`: optional (params, opt_state, metrics) shardings, so that updated
+    parameters keep their mesh placement."""
 
     def fn(graphdef, params, rest, opt_state, batch, learning_rate):
-        return update_mini_batch(graphdef, params, rest, opt_state, batch, learning_rate, tx, loss_config,
-                                 micro_batch_size, weighting, chunk_size)
+        result = update_mini_batch(graphdef, params, rest, opt_state, batch, learning_rate, tx, loss_config,
+                                   micro_batch_size, weighting, chunk_size)
+        return tuple(result)
 
-    return jax.jit(fn, static_argnums=(0,), donate_argnums=(1, 3))
+    kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
+    jitted = jax.jit(fn, static_argnums=(0,), donate_argnums=(1, 3), **kwargs)
+    return lambda *args: UpdateResult(*jitted(*args))
 
 
 def jit_log_prob_pass(chunk_size: int, rows_per_chunk: int):

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from fipo_jax import advantages as adv_lib
@@ -33,6 +34,7 @@ from fipo_jax import rl_step
 from fipo_jax.config import ConfigError, TrainConfig
 from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord, load_prompt_records, render_prompt
 from fipo_jax.rewards import RewardConfig, score_batch
+from fipo_jax.models.hf_io import param_shardings
 from fipo_jax.sampling import SamplingConfig, generate, left_align_prompts
 from fipo_jax.sharding import make_mesh, replicated, shard_batch
 
@@ -101,13 +103,18 @@ class Trainer:
         self.key = jax.random.key(config.seed)
         self.tokenizer, self.model, self.train_records, self.eval_records = self._build()
         self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
-        # Parameters live on the mesh from the start (replicated), so the jitted steps see the
-        # same placement before and after an update and compile once.
-        params = jax.device_put(params, replicated(self.mesh))
-        nnx.update(self.model, params)
+        # Parameters live on the mesh from the start, sharded by their logical axes (one rules
+        # table, `DEFAULT_RULES`); optimizer moments follow their parameters. The update pins
+        # these placements on its outputs, so every step compiles once and never reshards.
         o = config.optim
         self.tx = rl_step.make_optimizer(o.lr, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip)
-        self.opt_state = jax.device_put(self.tx.init(params), replicated(self.mesh))
+        self.param_shardings = param_shardings(params, self.mesh)
+        params = jax.device_put(params, self.param_shardings)
+        nnx.update(self.model, params)
+        self.opt_shardings = optax.tree_map_params(self.tx, lambda _, sharding: sharding, self.tx.init(params),
+                                                   self.param_shardings,
+                                                   transform_non_params=lambda _: replicated(self.mesh))
+        self.opt_state = jax.device_put(self.tx.init(params), self.opt_shardings)
         self.iterator = PromptIterator(self.train_records, seed=config.seed)
         self.step_index = 0
         self.metrics_log = metrics_lib.MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
@@ -122,7 +129,9 @@ class Trainer:
         rows_per_mini = config.rollout.prompts_per_step * config.rollout.n // algo.mini_batches
         self.micro_batch_size = min(algo.micro_batch_size, rows_per_mini)
         self._update = rl_step.jit_update(self.tx, algo.loss, self.micro_batch_size, algo.micro_batch_weighting,
-                                          config.model.logprob_chunk_size)
+                                          config.model.logprob_chunk_size,
+                                          out_shardings=(self.param_shardings, self.opt_shardings,
+                                                         replicated(self.mesh)))
         self._log_probs = rl_step.jit_log_prob_pass(config.model.logprob_chunk_size, self.micro_batch_size)
         from fipo_jax.checkpoint import RunCheckpointer
 
@@ -137,7 +146,7 @@ class Trainer:
             from fipo_jax.models.tokenizer import load_tokenizer
 
             model = load_pretrained(cfg.model.path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype,
-                                    remat=cfg.model.remat)
+                                    remat=cfg.model.remat, mesh=self.mesh)
             tokenizer = load_tokenizer(cfg.model.path)
         else:
             from fipo_jax.models import Qwen2Config, Qwen2ForCausalLM
