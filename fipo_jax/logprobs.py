@@ -29,7 +29,9 @@ from jax import lax
 
 from fipo_jax import _checks
 
-DEFAULT_CHUNK_SIZE = 512
+# Tokens (batch rows × time steps) per chunk when chunk_size is None: at V = 151,936 one float32
+# chunk of logits is 512 · V · 4 B ≈ 0.31 GB, and forward+backward keeps ~4 such arrays live.
+DEFAULT_TOKENS_PER_CHUNK = 512
 # f32 matmuls at full precision (TPUs/GPUs otherwise use bf16/tf32 passes); a no-op on CPU.
 DEFAULT_PRECISION = lax.Precision.HIGHEST
 
@@ -49,8 +51,8 @@ def _check_head_inputs(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, t
             f"targets_BxT must have shape [B, T] = {tuple(hidden_BxTxD.shape[:2])} (the leading axes "
             f"of hidden_BxTxD), got {tuple(targets_BxT.shape)}"
         )
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int (time steps per chunk), got {chunk_size!r}")
     _checks.check_positive("temperature", temperature)
 
 
@@ -84,7 +86,7 @@ def chunked_token_log_probs(
     unembedding_DxV: jax.Array,
     targets_BxT: jax.Array,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     temperature: Any = 1.0,
     return_entropy: bool = False,
     precision: lax.Precision | None = DEFAULT_PRECISION,
@@ -96,8 +98,10 @@ def chunked_token_log_probs(
       unembedding_DxV: the LM head W (any float dtype; upcast to float32 per chunk).
       targets_BxT: token ids y in [0, V). Positions the caller will mask out still need a valid
         id (e.g. the pad id); their outputs are meaningless.
-      chunk_size: C, time steps per chunk. Peak temporary memory ≈ a few × B·C·V·4 bytes.
-        T need not be a multiple of C (the last chunk is zero-padded and the padding dropped).
+      chunk_size: C, time steps per chunk (every chunk holds all B rows, so a batch-sharded
+        input stays sharded). Peak temporary memory ≈ 4 × B·C·V·4 bytes in forward+backward.
+        None: C = max(1, 512 // B), i.e. about 512 tokens per chunk. T need not be a multiple
+        of C (the last chunk is zero-padded and the padding dropped).
       temperature: τ > 0 (Python number or traced scalar).
       return_entropy: also return the entropy H_bt of softmax(z_bt) in nats.
       precision: matmul precision of the float32 h·W product.
@@ -111,6 +115,8 @@ def chunked_token_log_probs(
     if seq_len == 0:
         empty_BxT = jnp.zeros((batch, 0), jnp.float32)
         return (empty_BxT, empty_BxT) if return_entropy else empty_BxT
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_TOKENS_PER_CHUNK // max(batch, 1))
     chunk = min(chunk_size, seq_len)
     num_chunks = -(-seq_len // chunk)
     padding = num_chunks * chunk - seq_len
@@ -155,7 +161,7 @@ def full_logits_token_log_probs(
     Numerically identical to `chunked_token_log_probs`; memory O(B·T·V). Do not use it at
     Qwen vocabulary size on long sequences.
     """
-    _check_head_inputs(hidden_BxTxD, unembedding_DxV, targets_BxT, 1, temperature)
+    _check_head_inputs(hidden_BxTxD, unembedding_DxV, targets_BxT, None, temperature)
     log_probs_BxT, entropy_BxT = _chunk_log_probs(
         hidden_BxTxD, unembedding_DxV, targets_BxT, temperature, precision, return_entropy
     )
@@ -169,7 +175,7 @@ def sequence_log_probs(
     *,
     response_start: int = 1,
     positions_BxT: jax.Array | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     temperature: Any = 1.0,
     return_entropy: bool = False,
     precision: lax.Precision | None = DEFAULT_PRECISION,

@@ -76,6 +76,12 @@ def test_higher_temperature_raises_entropy():
     assert entropies[0] < entropies[1] < entropies[2] < np.log(V)
 
 
+def test_default_chunk_size_is_about_512_tokens():
+    hidden, weight, targets = make_inputs(seed=8, batch=3, seq=400)
+    ref = naive(hidden, weight, targets)[0]  # C = 512 // 3 = 170: three chunks, the last ragged
+    np.testing.assert_allclose(chunked_token_log_probs(hidden, weight, targets), ref, atol=1e-5, rtol=1e-6)
+
+
 def test_full_logits_reference_agrees():
     hidden, weight, targets = make_inputs(seed=3)
     full = full_logits_token_log_probs(hidden, weight, targets, temperature=0.7, return_entropy=True)
@@ -149,7 +155,7 @@ def test_empty_sequence():
         (dict(weight=jnp.zeros((D, V), jnp.int32)), TypeError, "unembedding_DxV must be a floating"),
         (dict(targets=jnp.zeros((B, T + 1), jnp.int32)), ValueError, r"targets_BxT must have shape \[B, T\]"),
         (dict(targets=jnp.zeros((B, T), jnp.float32)), TypeError, "targets_BxT must be an integer"),
-        (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be None or a positive int"),
         (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
     ],
 )
