@@ -1,4 +1,5 @@
-"""The README's Python examples run as written."""
+"""The README's runnable examples (```python fences) run as written; ```py fences are
+illustrative snippets with placeholder paths and are not executed."""
 
 import os
 import re
