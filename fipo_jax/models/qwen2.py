@@ -22,6 +22,8 @@ KV cache (for the sampler): see `KVCache`, `init_kv_cache` and `Qwen2ForCausalLM
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple
 
 import jax
@@ -228,7 +230,13 @@ class Embed(nnx.Module):
 
 
 class DenseGeneral(nnx.Module):
-    """y = einsum(equation, x, kernel) (+ bias), kernel axes kept separate for sharding."""
+    """y = einsum(equation, x, kernel) (+ bias), kernel axes kept separate for sharding.
+
+    The equation must contract the trailing axes of x with the leading axes of the kernel
+    (``"btd,dhk->bthk"``, ``"bthk,hkd->btd"``). It is computed as one 2-D GEMM
+    ``[B·T, D_in] @ [D_in, D_out]``: XLA:CPU lowers dots with several contracting dimensions
+    (the weight gradient of a 3-D einsum contracts B and T) to a slow generic loop.
+    """
 
     def __init__(
         self,
@@ -240,7 +248,15 @@ class DenseGeneral(nnx.Module):
         rngs: nnx.Rngs,
         bias_axes: tuple[str, ...] | None = None,
     ):
+        inputs, output = equation.split("->")
+        x_axes, k_axes = inputs.split(",")
+        contracted = [a for a in x_axes if a in k_axes]
+        n = len(contracted)
+        if x_axes[len(x_axes) - n :] != k_axes[:n] or output != x_axes[: len(x_axes) - n] + k_axes[n:]:
+            raise ValueError(f"DenseGeneral needs '<batch><contracted>,<contracted><features>->"
+                             f"<batch><features>', got {equation!r}")
         self.equation = equation
+        self.num_contracted = n
         self.kernel = _normal_param(rngs, kernel_shape, kernel_axes, config)
         if bias_axes is not None:
             bias_shape = kernel_shape[len(kernel_shape) - len(bias_axes) :]
@@ -249,7 +265,11 @@ class DenseGeneral(nnx.Module):
             self.bias = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum(self.equation, x, self.kernel[...].astype(x.dtype))
+        kernel = self.kernel[...].astype(x.dtype)
+        n = self.num_contracted
+        batch_shape, in_shape, out_shape = x.shape[: x.ndim - n], kernel.shape[:n], kernel.shape[n:]
+        y = jnp.dot(x.reshape(-1, math.prod(in_shape)), kernel.reshape(math.prod(in_shape), -1))
+        y = y.reshape(batch_shape + out_shape)
         if self.bias is not None:
             bias = self.bias[...]
             y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape).astype(x.dtype)
