@@ -111,10 +111,11 @@ class Trainer:
         self.param_shardings = param_shardings(params, self.mesh)
         params = jax.device_put(params, self.param_shardings)
         nnx.update(self.model, params)
-        self.opt_shardings = optax.tree_map_params(self.tx, lambda _, sharding: sharding, self.tx.init(params),
+        opt_state = self.tx.init(params)
+        self.opt_shardings = optax.tree_map_params(self.tx, lambda _, sharding: sharding, opt_state,
                                                    self.param_shardings,
                                                    transform_non_params=lambda _: replicated(self.mesh))
-        self.opt_state = jax.device_put(self.tx.init(params), self.opt_shardings)
+        self.opt_state = jax.device_put(opt_state, self.opt_shardings)
         self.iterator = PromptIterator(self.train_records, seed=config.seed)
         self.step_index = 0
         self.metrics_log = metrics_lib.MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
