@@ -274,10 +274,11 @@ class Trainer:
             n_kept += int(keep_groups.sum())
             if n_kept >= ro.prompts_per_step:
                 break
-        everything = Rollouts.concat(all_rounds, self.sampling.pad_token_id)
+        # Statistics over every sampled response (all rounds), not only the kept groups.
+        lengths, scores = (np.concatenate([getattr(r, f) for r in all_rounds]) for f in ("lengths", "scores"))
         stats = {"rollout/rounds": round_index + 1, "rollout/kept_groups": n_kept,
-                 "rollout/accuracy": float(everything.correct.mean()),
-                 "rollout/reward_errors": everything.reward_errors}
+                 "rollout/accuracy": float(np.concatenate([r.correct for r in all_rounds]).mean()),
+                 "rollout/reward_errors": sum(r.reward_errors for r in all_rounds)}
         batch = Rollouts.concat(kept, self.sampling.pad_token_id)
         need = ro.prompts_per_step * n
         if n_kept < ro.prompts_per_step:
@@ -290,12 +291,12 @@ class Trainer:
         batch = batch.take(np.arange(need) % len(batch.correct))  # truncate, or repeat rows to pad
         real = np.arange(need) < min(need, n_kept * n)
         batch.response_mask = batch.response_mask & real[:, None]  # padded rows carry no loss
-        return batch, {**stats, **self._rollout_stats(everything, "rollout")}
+        return batch, {**stats, **self._rollout_stats(lengths, scores, "rollout")}
 
-    def _rollout_stats(self, r: Rollouts, prefix: str) -> dict[str, float]:
-        length = metrics_lib.length_stats(r.lengths, self.config.rollout.max_response_tokens)
+    def _rollout_stats(self, lengths: np.ndarray, scores: np.ndarray, prefix: str) -> dict[str, float]:
+        length = metrics_lib.length_stats(lengths, self.config.rollout.max_response_tokens)
         out = {f"{prefix}/length_{k}": v for k, v in length.items()}
-        out[f"{prefix}/reward"] = float(r.scores.mean())
+        out[f"{prefix}/reward"] = float(scores.mean())
         return out
 
     # ----------------------------------------------------------------------------- one RL step
@@ -374,7 +375,7 @@ class Trainer:
                 for v, ans, row in zip(votes, answers, correct)]
         out = {"eval/avg@k": float(correct.mean()), "eval/pass@k": float(correct.any(axis=1).mean()),
                "eval/cons@k": float(np.mean(cons)), "eval/k": k}
-        out.update(self._rollout_stats(r, "eval"))
+        out.update(self._rollout_stats(r.lengths, r.scores, "eval"))
         return out
 
     # ----------------------------------------------------------------------------- the run

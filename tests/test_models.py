@@ -38,16 +38,15 @@ ATOL = 1e-4
 VOCAB = 64
 
 
+# The tiny architecture both libraries' configs are built from.
+TINY_DIMS = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+
+
 def make_hf_model(**overrides) -> transformers.Qwen2ForCausalLM:
     """A tiny random float32 Qwen2 with large enough weights that logits differ meaningfully."""
     kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
+        **TINY_DIMS,
         rope_theta=10000.0,
         tie_word_embeddings=False,
         max_position_embeddings=128,
@@ -85,13 +84,7 @@ def cached_forward(model, ids, mask, cache, last_token_only=False):
 
 def tiny_config(**overrides) -> Qwen2Config:
     kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
+        **TINY_DIMS,
     )
     kwargs.update(overrides)
     return Qwen2Config(**kwargs)
