@@ -108,25 +108,37 @@ def positions_from_mask(mask_BxT: jax.Array, start_B: jax.Array | None = None) -
 
 def grouped_query_attention(
     q_BxTxHxK: jax.Array,
-    k_BxSxNxK: jax.Array,
-    v_BxSxNxK: jax.Array,
+    k_BxNxSxK: jax.Array,
+    v_BxNxSxK: jax.Array,
     allowed_BxTxS: jax.Array,
 ) -> jax.Array:
     """softmax(q kᵀ / sqrt(K) masked by `allowed`) v with H query heads sharing N kv heads.
 
     Query head h uses kv head h // G (G = H / N), the same grouping as HF's `repeat_kv`.
+    Keys and values are head-major ([B, N, S, K]) so both products are batched GEMMs over
+    (B, N) without transposing the keys (a full copy of the KV cache per decode step).
     Scores and softmax are float32; the output has q's dtype.
     """
     batch, q_len, num_heads, head_dim = q_BxTxHxK.shape
-    num_kv_heads = k_BxSxNxK.shape[2]
+    num_kv_heads = k_BxNxSxK.shape[1]
     groups = num_heads // num_kv_heads
-    q_BxTxNxGxK = q_BxTxHxK.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-    scores_BxNxGxTxS = jnp.einsum(
-        "btngk,bsnk->bngts", q_BxTxNxGxK, k_BxSxNxK, preferred_element_type=jnp.float32
+    q_BxNxGTxK = (
+        q_BxTxHxK.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+        .transpose(0, 2, 3, 1, 4)
+        .reshape(batch, num_kv_heads, groups * q_len, head_dim)
+    )
+    scores_BxNxGTxS = jnp.einsum(
+        "bnqk,bnsk->bnqs", q_BxNxGTxK, k_BxNxSxK, preferred_element_type=jnp.float32
     ) * (head_dim**-0.5)
+    scores_BxNxGxTxS = scores_BxNxGTxS.reshape(batch, num_kv_heads, groups, q_len, -1)
     scores_BxNxGxTxS = jnp.where(allowed_BxTxS[:, None, None], scores_BxNxGxTxS, _MASKED_SCORE)
-    probs_BxNxGxTxS = jax.nn.softmax(scores_BxNxGxTxS, axis=-1).astype(v_BxSxNxK.dtype)
-    out_BxTxNxGxK = jnp.einsum("bngts,bsnk->btngk", probs_BxNxGxTxS, v_BxSxNxK)
+    probs_BxNxGTxS = (
+        jax.nn.softmax(scores_BxNxGxTxS, axis=-1)
+        .astype(v_BxNxSxK.dtype)
+        .reshape(batch, num_kv_heads, groups * q_len, -1)
+    )
+    out_BxNxGTxK = jnp.einsum("bnqs,bnsk->bnqk", probs_BxNxGTxS, v_BxNxSxK)
+    out_BxTxNxGxK = out_BxNxGTxK.reshape(batch, num_kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
     return out_BxTxNxGxK.reshape(batch, q_len, num_heads, head_dim)
 
 
@@ -143,8 +155,8 @@ class KVCache(NamedTuple):
     attended to) and `next_position_B` (RoPE position of the row's next real token).
 
     Attributes:
-      keys: per layer, [B, S_max, N, K] rotated keys.
-      values: per layer, [B, S_max, N, K] values.
+      keys: per layer, [B, N, S_max, K] rotated keys (head-major: see grouped_query_attention).
+      values: per layer, [B, N, S_max, K] values.
       valid_BxS: bool [B, S_max], slot holds a real token of that row.
       next_position_B: int32 [B], RoPE position the row's next real token receives.
       index: int32 scalar, next slot to write (same for all rows).
@@ -176,7 +188,7 @@ def init_kv_cache(
     if batch_size <= 0 or max_len <= 0:
         raise ValueError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
     cache_dtype = jnp.dtype(dtype) if dtype is not None else config.activation_dtype
-    shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
+    shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
     layers = range(config.num_hidden_layers)
     return KVCache(
         keys=tuple(jnp.zeros(shape, cache_dtype) for _ in layers),
@@ -320,19 +332,20 @@ class Attention(nnx.Module):
         [write_index, write_index + T) and the queries attend over all S_max slots."""
         q_BxTxHxK = apply_rope(self.q_proj(x_BxTxD), cos_BxTxK, sin_BxTxK)
         k_BxTxNxK = apply_rope(self.k_proj(x_BxTxD), cos_BxTxK, sin_BxTxK)
-        v_BxTxNxK = self.v_proj(x_BxTxD)
+        k_BxNxTxK = k_BxTxNxK.transpose(0, 2, 1, 3)
+        v_BxNxTxK = self.v_proj(x_BxTxD).transpose(0, 2, 1, 3)
         new_cache = None
         if layer_cache is not None:
             k_cache, v_cache = layer_cache
-            start = (0, write_index, 0, 0)
-            k_BxSxNxK = jax.lax.dynamic_update_slice(k_cache, k_BxTxNxK.astype(k_cache.dtype), start)
-            v_BxSxNxK = jax.lax.dynamic_update_slice(v_cache, v_BxTxNxK.astype(v_cache.dtype), start)
-            new_cache = (k_BxSxNxK, v_BxSxNxK)
-            k_BxSxNxK = k_BxSxNxK.astype(x_BxTxD.dtype)
-            v_BxSxNxK = v_BxSxNxK.astype(x_BxTxD.dtype)
+            start = (0, 0, write_index, 0)
+            k_BxNxSxK = jax.lax.dynamic_update_slice(k_cache, k_BxNxTxK.astype(k_cache.dtype), start)
+            v_BxNxSxK = jax.lax.dynamic_update_slice(v_cache, v_BxNxTxK.astype(v_cache.dtype), start)
+            new_cache = (k_BxNxSxK, v_BxNxSxK)
+            k_BxNxSxK = k_BxNxSxK.astype(x_BxTxD.dtype)
+            v_BxNxSxK = v_BxNxSxK.astype(x_BxTxD.dtype)
         else:
-            k_BxSxNxK, v_BxSxNxK = k_BxTxNxK, v_BxTxNxK
-        out_BxTxHxK = grouped_query_attention(q_BxTxHxK, k_BxSxNxK, v_BxSxNxK, allowed_BxTxS)
+            k_BxNxSxK, v_BxNxSxK = k_BxNxTxK, v_BxNxTxK
+        out_BxTxHxK = grouped_query_attention(q_BxTxHxK, k_BxNxSxK, v_BxNxSxK, allowed_BxTxS)
         return self.o_proj(out_BxTxHxK), new_cache
 
 
