@@ -5,6 +5,11 @@
     python experiments/train.py --config qwen2.5-32b-fipo --set model.path=/ckpt/Qwen2.5-32B \\
         --set data.train_path=/data/dapo-math-17k.parquet --set data.eval_path=/data/aime-2024.parquet
 
+Multi-host (one process per host, all with the same arguments; see README "Multi-host"):
+
+    python experiments/train.py --config qwen2.5-7b-fipo --distributed auto ...          # TPU pod / SLURM
+    python experiments/train.py ... --distributed HOST:PORT --num-processes 4 --process-id $RANK
+
 Re-running with the same --run-dir resumes from its last complete checkpoint; a larger
 --steps continues a finished run. Configs: a preset name or a JSON file of (partial)
 `fipo_jax.config.TrainConfig` fields; --set overrides any field by its dotted path.
@@ -35,7 +40,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="shorthand for --set seed=N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    group = parser.add_argument_group("multi-host (jax.distributed)")
+    group.add_argument("--distributed", default=None, metavar="auto|HOST:PORT",
+                       help="start jax.distributed before training: 'auto' detects the cluster (Cloud TPU, SLURM, "
+                            "Open MPI), HOST:PORT is process 0's coordinator address (then also give "
+                            "--num-processes and --process-id)")
+    group.add_argument("--num-processes", type=int, default=None, help="number of processes (with HOST:PORT)")
+    group.add_argument("--process-id", type=int, default=None, help="this process's rank (with HOST:PORT)")
     return parser
+
+
+def start_distributed(args) -> None:
+    """jax.distributed.initialize from the CLI flags (must run before any other JAX use)."""
+    if args.distributed is None:
+        if args.num_processes is not None or args.process_id is not None:
+            raise ConfigError("--num-processes / --process-id need --distributed HOST:PORT")
+        return
+    from fipo_jax import distributed
+
+    if args.distributed == "auto":
+        if args.num_processes is not None or args.process_id is not None:
+            raise ConfigError("--distributed auto detects --num-processes / --process-id itself; drop them")
+        distributed.initialize()
+        return
+    if ":" not in args.distributed:
+        raise ConfigError(f"--distributed must be 'auto' or HOST:PORT, got {args.distributed!r}")
+    if args.num_processes is None or args.process_id is None:
+        raise ConfigError("--distributed HOST:PORT needs --num-processes and --process-id")
+    try:
+        distributed.initialize(args.distributed, args.num_processes, args.process_id)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def resolve_config(args):
@@ -52,6 +87,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = resolve_config(args)
+        if not args.print_config:
+            start_distributed(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -67,8 +104,11 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
-    print(f"run directory: {run_dir}")
+    from fipo_jax.distributed import is_primary
+
+    if is_primary():
+        print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
+        print(f"run directory: {run_dir}")
     return 0
 
 

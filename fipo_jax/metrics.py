@@ -27,11 +27,13 @@ class MetricsLog:
     """Append-only ``metrics.jsonl``, one object per RL step with a ``step`` field.
 
     `truncate_after(step)` drops lines written after the checkpoint a run resumes from,
-    so a resumed run's log reads exactly like an uninterrupted one.
+    so a resumed run's log reads exactly like an uninterrupted one. With ``writable=False``
+    (every process but the first of a multi-host run) writes are no-ops.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, writable: bool = True):
         self.path = path
+        self.writable = writable
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
     def read(self) -> list[dict]:
@@ -49,6 +51,8 @@ class MetricsLog:
         return rows
 
     def truncate_after(self, step: int) -> None:
+        if not self.writable:
+            return
         rows = [r for r in self.read() if r.get("step", -1) <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -57,6 +61,8 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def append(self, row: dict) -> None:
+        if not self.writable:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(to_python(row)) + "\n")
 

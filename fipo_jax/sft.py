@@ -55,7 +55,7 @@ def save_params(model, path: str) -> None:
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     flat = {_path_name(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npz"
+    tmp = f"{path}.{os.getpid()}.tmp.npz"  # unique: several processes may write the same cache
     np.savez(tmp, **flat)
     os.replace(tmp, path)
 

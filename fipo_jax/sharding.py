@@ -21,13 +21,20 @@ MESH_AXES = ("data", "fsdp", "tensor")
 def make_mesh(shape: tuple[int, ...] = (1,), devices=None) -> Mesh:
     """A mesh of `shape` over the first prod(shape) devices, axes named data/fsdp/tensor.
 
+    Devices are taken in `jax.devices()` order (process-major), so with several processes
+    the leading ``data`` axis spans hosts and the inner axes stay within a host.
+
     Built with `jax.sharding.Mesh` directly (Auto axis types), since `jax.make_mesh` defaults
     to Explicit axes that break `with_sharding_constraint` and sharded gathers.
     """
     if not shape or len(shape) > len(MESH_AXES) or any(int(s) < 1 for s in shape):
         raise ValueError(f"mesh shape must have 1..{len(MESH_AXES)} positive sizes, got {shape}")
+    all_devices = devices is None
     devices = list(jax.devices() if devices is None else devices)
     need = math.prod(shape)
+    if jax.process_count() > 1 and all_devices and need != len(devices):
+        raise ValueError(f"a multi-process run needs a mesh over all {len(devices)} devices of its "
+                         f"{jax.process_count()} processes, got mesh shape {shape} ({need} devices)")
     if need > len(devices):
         raise ValueError(f"mesh shape {shape} needs {need} devices, only {len(devices)} available "
                          f"(for CPU tests set XLA_FLAGS=--xla_force_host_platform_device_count={need})")

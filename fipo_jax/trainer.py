@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from fipo_jax import advantages as adv_lib
+from fipo_jax import distributed
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import rl_step
 from fipo_jax.config import ConfigError, TrainConfig
@@ -91,13 +92,21 @@ class Trainer:
       run_dir: where config.json, metrics.jsonl, checkpoints/, plots/ and summary.json go.
         An existing run directory is resumed from its last complete checkpoint.
       progress: show a progress bar (tqdm) on stderr.
+      log: where status lines go.
+
+    Multi-host: run one Trainer per process after `fipo_jax.distributed.initialize` (see that
+    module for the design); the mesh must then cover every device, the run directory must be on a
+    filesystem all hosts share, and only process 0 logs, shows progress and writes files other
+    than checkpoints.
     """
 
     def __init__(self, config: TrainConfig, run_dir: str, progress: bool = True, log: Callable[[str], None] = print):
         self.config = config
         self.run_dir = run_dir
-        self.progress = progress
-        self.log = log
+        self.primary = distributed.is_primary()
+        self.progress = progress and self.primary
+        self.log = log if self.primary else (lambda _: None)
+        distributed.check_same_on_all_processes(config.to_dict(), "the run config")
         os.makedirs(run_dir, exist_ok=True)
         self.mesh = make_mesh(config.mesh_shape)
         self.key = jax.random.key(config.seed)
@@ -118,7 +127,7 @@ class Trainer:
         self.opt_state = jax.device_put(opt_state, self.opt_shardings)
         self.iterator = PromptIterator(self.train_records, seed=config.seed)
         self.step_index = 0
-        self.metrics_log = metrics_lib.MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
+        self.metrics_log = metrics_lib.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), writable=self.primary)
         reward = config.reward
         self.reward_config = RewardConfig(max_response_length=config.rollout.max_response_tokens,
                                           overlong_buffer=reward.overlong_buffer if reward.overlong_shaping else None,
@@ -248,7 +257,7 @@ class Trainer:
         for i, e in enumerate(encoded):
             ids[i * n : (i + 1) * n, width - len(e) :] = e
             mask[i * n : (i + 1) * n, width - len(e) :] = True
-        out = jax.device_get(generate(self.model, ids, mask, key, sampling))
+        out = distributed.to_host(generate(self.model, ids, mask, key, sampling))
         lengths = np.asarray(out.lengths)
         texts = [self._decode(np.asarray(out.tokens[i]), int(lengths[i])) for i in range(len(ids))]
         golds = [r.ground_truth for r in records for _ in range(n)]
@@ -326,7 +335,7 @@ class Trainer:
         response_len = batch.tokens.shape[1]
         old_lp, entropy = self._log_probs(self.graphdef, params, self.rest, device["input_ids"],
                                           device["attention_mask"], response_len)
-        old_lp, entropy = np.asarray(old_lp), np.asarray(entropy)
+        old_lp, entropy = distributed.to_host((old_lp, entropy))
         t_logprob = time.perf_counter() - t0 - t_rollout
         mask = batch.response_mask
         tokens = max(int(mask.sum()), 1)
@@ -345,7 +354,7 @@ class Trainer:
                                                                   mini, lr)
             per_update.append(update_metrics)
         nnx.update(self.model, params)
-        per_update = jax.device_get(per_update)
+        per_update = distributed.to_host(per_update)
         metrics.update({f"actor/{k}": float(v) for k, v in rl_step.reduce_metrics(
             {k: np.asarray([m[k] for m in per_update]) for k in per_update[0]}).items()})
         metrics["actor/skipped_updates"] = float(sum(float(m["skipped_update"]) for m in per_update))
@@ -390,8 +399,9 @@ class Trainer:
             self.metrics_log.truncate_after(restored)
         else:
             self.metrics_log.truncate_after(-1)
-            with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(cfg.to_dict(), f, indent=2)
+            if self.primary:
+                with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
+                    json.dump(cfg.to_dict(), f, indent=2)
             before = self.evaluate()
             self.metrics_log.append({"step": 0, **before})
         bar = self._bar(total_steps, f"{cfg.name} [{cfg.algo.loss.loss_mode}]")
@@ -416,6 +426,10 @@ class Trainer:
         return self.write_summary()
 
     def write_summary(self) -> dict[str, Any]:
+        """summary.json and plots from metrics.jsonl (process 0; other processes return a stub)."""
+        if not self.primary:
+            return {"name": self.config.name, "algo": self.config.algo.loss.loss_mode, "steps": self.step_index,
+                    "process_index": jax.process_index()}
         rows = self.metrics_log.read()
         evals = [r for r in rows if "eval/avg@k" in r]
         summary = {"name": self.config.name, "algo": self.config.algo.loss.loss_mode, "steps": self.step_index}
