@@ -216,6 +216,7 @@ class TrainConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     mesh_shape: tuple[int, ...] = (1,)
+    tensorboard: bool = False  # also write metrics as TensorBoard scalars (run_dir/tensorboard)
 
     def __post_init__(self):
         _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
@@ -239,9 +240,9 @@ class TrainConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with its checkpoint (all but the length of
-        the run, its name and the checkpoint cadence)."""
+        the run, its name, the checkpoint cadence and logging)."""
         d = self.to_dict()
-        for key in ("steps", "name", "checkpoint_every", "keep_checkpoints"):
+        for key in ("steps", "name", "checkpoint_every", "keep_checkpoints", "tensorboard"):
             d.pop(key)
         d["eval"].pop("every")
         return d

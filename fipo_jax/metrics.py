@@ -67,6 +67,33 @@ class MetricsLog:
             f.write(json.dumps(to_python(row)) + "\n")
 
 
+class TensorBoardLog:
+    """Every numeric metric of a row as a TensorBoard scalar at the row's ``step``.
+
+    Needs the ``tensorboardX`` package (in requirements.txt). A resumed run writes the steps
+    after its checkpoint again; TensorBoard shows the latest value of each step. tensorboardX
+    rewrites characters TensorBoard does not allow in tags: ``eval/avg@k`` becomes ``eval/avg_k``.
+    """
+
+    def __init__(self, directory: str):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError("TrainConfig.tensorboard=True needs the tensorboardX package: "
+                              "pip install tensorboardX") from err
+        self.writer = SummaryWriter(directory)
+
+    def append(self, row: dict) -> None:
+        step = int(row.get("step", 0))
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, float(value), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def length_stats(lengths: Iterable[int], max_length: int) -> dict[str, float]:
     """Mean, median, quartiles, max and the share of responses cut at `max_length`."""
     x = np.asarray(list(lengths), np.float64)

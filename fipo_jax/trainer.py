@@ -128,6 +128,8 @@ class Trainer:
         self.iterator = PromptIterator(self.train_records, seed=config.seed)
         self.step_index = 0
         self.metrics_log = metrics_lib.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), writable=self.primary)
+        self.tensorboard = (metrics_lib.TensorBoardLog(os.path.join(run_dir, "tensorboard"))
+                            if config.tensorboard and self.primary else None)
         reward = config.reward
         self.reward_config = RewardConfig(max_response_length=config.rollout.max_response_tokens,
                                           overlong_buffer=reward.overlong_buffer if reward.overlong_shaping else None,
@@ -403,7 +405,7 @@ class Trainer:
                 with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
                     json.dump(cfg.to_dict(), f, indent=2)
             before = self.evaluate()
-            self.metrics_log.append({"step": 0, **before})
+            self._log_metrics({"step": 0, **before})
         bar = self._bar(total_steps, f"{cfg.name} [{cfg.algo.loss.loss_mode}]")
         if bar:
             bar.update(self.step_index)
@@ -411,7 +413,7 @@ class Trainer:
             metrics = self.step()
             if (cfg.eval.every and self.step_index % cfg.eval.every == 0) or self.step_index == total_steps:
                 metrics.update(self.evaluate())
-            self.metrics_log.append(metrics)
+            self._log_metrics(metrics)
             if self.step_index % cfg.checkpoint_every == 0 or self.step_index == total_steps:
                 self.checkpointer.save(self)
             if bar:
@@ -424,6 +426,11 @@ class Trainer:
             bar.close()
         self.checkpointer.wait()
         return self.write_summary()
+
+    def _log_metrics(self, row: dict[str, Any]) -> None:
+        self.metrics_log.append(row)
+        if self.tensorboard is not None:
+            self.tensorboard.append(row)
 
     def write_summary(self) -> dict[str, Any]:
         """summary.json and plots from metrics.jsonl (process 0; other processes return a stub)."""

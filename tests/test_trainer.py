@@ -44,8 +44,26 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, cache_dir):
     run_dir = str(tmp_path_factory.mktemp("reference"))
-    summary = Trainer(tiny_config(cache_dir), run_dir, progress=False, log=lambda s: None).train()
+    summary = Trainer(tiny_config(cache_dir, "tensorboard=true"), run_dir, progress=False, log=lambda s: None).train()
     return run_dir, summary
+
+
+def tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the TFRecord event files in `directory` (last write wins)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = {}
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):  # record: u64 length, u32 crc, payload, u32 crc
+            length = int.from_bytes(data[offset : offset + 8], "little")
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 16 + length
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
 
 
 def test_end_to_end_run_writes_everything(reference_run):
@@ -68,6 +86,9 @@ def test_end_to_end_run_writes_everything(reference_run):
     assert json.load(open(os.path.join(run_dir, "summary.json")))["steps"] == 4
     kept = sorted(d for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
     assert kept == ["3", "4"]  # keep-last-N
+    scalars = tensorboard_scalars(os.path.join(run_dir, "tensorboard"))
+    assert sorted(scalars["rollout/accuracy"]) == [1, 2, 3, 4] and sorted(scalars["eval/avg_k"]) == [0, 2, 4]  # TensorBoard tags: "@" → "_"
+    assert scalars["actor/pg_loss"][3] == pytest.approx(rows[3]["actor/pg_loss"], rel=1e-6)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, reference_run):
