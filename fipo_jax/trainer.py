@@ -111,6 +111,8 @@ class Trainer:
         self.mesh = make_mesh(config.mesh_shape)
         self.key = jax.random.key(config.seed)
         self.tokenizer, self.model, self.train_records, self.eval_records = self._build()
+        distributed.check_same_on_all_processes(
+            [[r.prompt, r.ground_truth] for r in self.train_records + self.eval_records], "the prompt data")
         self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
         # Parameters live on the mesh from the start, sharded by their logical axes (one rules
         # table, `DEFAULT_RULES`); optimizer moments follow their parameters. The update pins

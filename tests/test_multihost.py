@@ -83,6 +83,31 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     assert "actor/pg_loss" in multi_rows[1] and "eval/avg@k" in multi_rows[2]
 
 
+MISMATCH = r"""
+import sys
+from fipo_jax import distributed
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+distributed.check_same_on_all_processes({"seed": 0}, "the seed")
+try:
+    distributed.check_same_on_all_processes({"path": "/data/host" + sys.argv[2]}, "the prompt data")
+except RuntimeError as err:
+    print("REFUSED:", err)
+"""
+
+
+def test_processes_with_different_inputs_are_refused():
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", MISMATCH, f"localhost:{port}", str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=environment(1), cwd=ROOT) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for out in outputs:
+        assert "REFUSED: the prompt data differs between processes: process 0 and process(es) [1]" in out, out[-3000:]
+
+
 # --------------------------------------------------------------------------- one process
 
 
