@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fipo_jax.models.qwen2 import init_kv_cache
 
@@ -242,12 +243,37 @@ class _LoopState(NamedTuple):
     log_probs_BxN: jax.Array
 
 
+def constrain_rows(tree, row_sharding: NamedSharding | None):
+    """Pins dim 0 of every array in `tree` to `row_sharding`'s row split (other dims replicated).
+
+    Inside jit this keeps the sampler data-parallel: the KV cache and the decode buffers stay
+    split over rows instead of being left to sharding propagation. No-op when None.
+    """
+    if row_sharding is None:
+        return tree
+    rows = row_sharding.spec[0] if len(row_sharding.spec) else None
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.ndim == 0:
+            return x
+        spec = PartitionSpec(rows, *([None] * (x.ndim - 1)))
+        return lax.with_sharding_constraint(x, NamedSharding(row_sharding.mesh, spec))
+
+    return jax.tree.map(one, tree)
+
+
 def generate_left_padded(
-    model, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array, key: jax.Array, config: SamplingConfig
+    model,
+    prompt_ids_BxP: jax.Array,
+    prompt_mask_BxP: jax.Array,
+    key: jax.Array,
+    config: SamplingConfig,
+    row_sharding: NamedSharding | None = None,
 ) -> SampleOutput:
     """The sampler on prompts that are already left-padded (traceable; `generate` jits it).
 
     Every row's last column must be a real token (left padding), which `generate` guarantees.
+    `row_sharding` (optional) splits rows over devices: see `constrain_rows`.
     """
     batch, prompt_len = prompt_ids_BxP.shape
     max_new = config.max_new_tokens
@@ -278,11 +304,12 @@ def generate_left_padded(
         )
 
     # Decode feeds at most N − 1 tokens after the prompt.
-    cache = init_kv_cache(model.config, batch, prompt_len + max_new - 1, config.cache_dtype)
+    cache = constrain_rows(init_kv_cache(model.config, batch, prompt_len + max_new - 1, config.cache_dtype),
+                           row_sharding)
     prefill_logits_Bx1xV, cache = model(
         prompt_ids_BxP, attention_mask=prompt_mask_BxP, kv_cache=cache, last_token_only=True
     )
-    initial = _LoopState(
+    initial = constrain_rows(_LoopState(
         step=jnp.zeros((), jnp.int32),
         cache=None,
         last_token_B=jnp.zeros((batch,), jnp.int32),
@@ -291,7 +318,7 @@ def generate_left_padded(
         tokens_BxN=jnp.full((batch, max_new), config.pad_token_id, jnp.int32),
         mask_BxN=jnp.zeros((batch, max_new), jnp.bool_),
         log_probs_BxN=jnp.zeros((batch, max_new), jnp.float32),
-    )
+    ), row_sharding)
     state = record(initial, cache, prefill_logits_Bx1xV[:, 0])
 
     def keep_going(state: _LoopState):
@@ -317,11 +344,12 @@ def generate_left_padded(
     )
 
 
-def _generate_from_state(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, key, config):
-    return generate_left_padded(nnx.merge(graphdef, state), prompt_ids_BxP, prompt_mask_BxP, key, config)
+def _generate_from_state(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, key, config, row_sharding):
+    return generate_left_padded(nnx.merge(graphdef, state), prompt_ids_BxP, prompt_mask_BxP, key, config,
+                                row_sharding)
 
 
-_generate_jit = jax.jit(_generate_from_state, static_argnums=(0, 5))
+_generate_jit = jax.jit(_generate_from_state, static_argnums=(0, 5, 6))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +381,13 @@ def left_align_prompts(
 
 
 def generate(
-    model, prompt_ids, prompt_mask, key: jax.Array, config: SamplingConfig
+    model,
+    prompt_ids,
+    prompt_mask,
+    key: jax.Array,
+    config: SamplingConfig,
+    *,
+    row_sharding: NamedSharding | None = None,
 ) -> SampleOutput:
     """Samples `config.max_new_tokens` tokens per prompt with the live model's parameters.
 
@@ -365,6 +399,11 @@ def generate(
         padding is accepted (prompts are re-aligned to the left); every row needs ≥ 1 real token.
       key: a JAX PRNG key; step t samples with `fold_in(key, t)`. Unused when greedy.
       config: the `SamplingConfig`.
+      row_sharding: optional `NamedSharding` whose first spec entry names the mesh axes to split
+        rows over (e.g. ``NamedSharding(mesh, PartitionSpec("data"))``): prompts, KV cache and
+        outputs are then split by rows, each device group decoding its own rows (rows are
+        padded to a multiple of the split internally; the output has B rows). Works with
+        multi-process meshes; without it XLA chooses the layout.
 
     Returns:
       `SampleOutput` (see its docstring); prompt_ids / prompt_mask there have P columns, the
@@ -399,4 +438,22 @@ def generate(
     prompt_len = config.prompt_length(int(lengths_B.max()))
     ids_BxP, mask_BxP = left_align_prompts(ids_BxL, mask_BxL, prompt_len, config.pad_token_id)
     graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, jnp.asarray(ids_BxP), jnp.asarray(mask_BxP), key, config)
+    if row_sharding is None:
+        return _generate_jit(graphdef, state, jnp.asarray(ids_BxP), jnp.asarray(mask_BxP), key, config, None)
+    batch = ids_BxP.shape[0]
+    padded = -(-batch // _row_shards(row_sharding)) * _row_shards(row_sharding)
+    extra = np.arange(padded - batch) % batch  # padding rows repeat real prompts; they are dropped below
+    ids_BxP, mask_BxP = (np.concatenate([x, x[extra]]) for x in (ids_BxP, mask_BxP))
+    rows = NamedSharding(row_sharding.mesh, PartitionSpec(row_sharding.spec[0] if len(row_sharding.spec) else None))
+    out = _generate_jit(graphdef, state, jax.device_put(ids_BxP, rows), jax.device_put(mask_BxP, rows), key, config,
+                        rows)
+    if padded == batch:
+        return out
+    return SampleOutput(*(x if x.ndim == 0 else x[:batch] for x in out))
+
+
+def _row_shards(sharding: NamedSharding) -> int:
+    """How many ways `sharding` splits dim 0."""
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(sharding.mesh.shape[a] for a in axes)

@@ -37,7 +37,7 @@ from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord
 from fipo_jax.rewards import RewardConfig, score_batch
 from fipo_jax.models.hf_io import param_shardings
 from fipo_jax.sampling import SamplingConfig, generate, left_align_prompts
-from fipo_jax.sharding import make_mesh, replicated, shard_batch
+from fipo_jax.sharding import batch_sharding, make_mesh, replicated, shard_batch
 
 
 class DynamicSamplingExhausted(RuntimeError):
@@ -261,7 +261,8 @@ class Trainer:
         for i, e in enumerate(encoded):
             ids[i * n : (i + 1) * n, width - len(e) :] = e
             mask[i * n : (i + 1) * n, width - len(e) :] = True
-        out = distributed.to_host(generate(self.model, ids, mask, key, sampling))
+        out = distributed.to_host(generate(self.model, ids, mask, key, sampling,
+                                           row_sharding=batch_sharding(self.mesh)))
         lengths = np.asarray(out.lengths)
         texts = [self._decode(np.asarray(out.tokens[i]), int(lengths[i])) for i in range(len(ids))]
         golds = [r.ground_truth for r in records for _ in range(n)]
