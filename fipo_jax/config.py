@@ -46,12 +46,15 @@ class ModelSpec:
     num_kv_heads: int = 2
     rope_theta: float = 10000.0
     logprob_chunk_size: int = 1024
+    attention_chunk_size: int | None = None  # query-chunked attention: O(chunk × T) score memory
 
     def __post_init__(self):
         _require(self.source in ("scratch", "hf"), f"model.source must be 'scratch' or 'hf', got {self.source!r}")
         _require(self.source != "hf" or bool(self.path), "model.path is required when model.source='hf'")
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "logprob_chunk_size"):
             _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.attention_chunk_size is None or self.attention_chunk_size >= 1,
+                 f"model.attention_chunk_size must be None or >= 1, got {self.attention_chunk_size}")
         _require(self.num_heads % self.num_kv_heads == 0,
                  f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
         _require(self.hidden_size % self.num_heads == 0,
@@ -401,7 +404,7 @@ def qwen25_32b_fipo() -> TrainConfig:
         name="qwen2.5-32b-fipo",
         steps=575,
         model=ModelSpec(source="hf", path="/path/to/Qwen2.5-32B", dtype="bfloat16", compute_dtype="bfloat16",
-                        remat=True, logprob_chunk_size=1024),
+                        remat=True, logprob_chunk_size=1024, attention_chunk_size=1024),
         data=DataSpec(task="file", train_path="/path/to/dapo-math-17k.parquet", eval_path="/path/to/aime-2024.parquet",
                       max_prompt_tokens=2048),
         rollout=RolloutSpec(n=16, prompts_per_step=512, prompts_per_round=2048, max_rounds=10, on_exhausted="error",

@@ -160,7 +160,8 @@ class Trainer:
             from fipo_jax.models.tokenizer import load_tokenizer
 
             model = load_pretrained(cfg.model.path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype,
-                                    remat=cfg.model.remat, mesh=self.mesh)
+                                    remat=cfg.model.remat, attention_chunk_size=cfg.model.attention_chunk_size,
+                                    mesh=self.mesh)
             tokenizer = load_tokenizer(cfg.model.path)
         else:
             from fipo_jax.models import Qwen2Config, Qwen2ForCausalLM
@@ -171,7 +172,8 @@ class Trainer:
                 vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
                 num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
                 rope_theta=m.rope_theta, max_position_embeddings=4096, tie_word_embeddings=True,
-                dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+                dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+                attention_chunk_size=m.attention_chunk_size)
             model = Qwen2ForCausalLM(model_config, rngs=nnx.Rngs(cfg.seed))
         if cfg.data.task == "chain":
             task = ChainTask(n_terms=cfg.data.n_terms, ops=cfg.data.ops)

@@ -48,6 +48,9 @@ class Qwen2Config:
       compute_dtype: activation/matmul dtype; RMSNorm statistics, RoPE, attention softmax and
         the output logits are always float32.
       remat: rematerialise each decoder layer in the backward pass (nnx.remat).
+      attention_chunk_size: if set, full-sequence attention runs over query chunks of this many
+        tokens, each rematerialised in the backward pass, so its scores take
+        O(chunk × T) memory instead of O(T²) (same result; see `grouped_query_attention`).
     """
 
     vocab_size: int
@@ -65,6 +68,7 @@ class Qwen2Config:
     dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
+    attention_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -119,6 +123,9 @@ class Qwen2Config:
             )
         if not isinstance(self.remat, bool):
             raise ValueError(f"Qwen2Config.remat must be a bool, got {self.remat!r}")
+        chunk = self.attention_chunk_size
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
+            raise ValueError(f"Qwen2Config.attention_chunk_size must be None or a positive int, got {chunk!r}")
 
     # -- derived quantities -------------------------------------------------------------------
 
@@ -151,6 +158,7 @@ class Qwen2Config:
         dtype: str = "float32",
         compute_dtype: str | None = None,
         remat: bool = False,
+        attention_chunk_size: int | None = None,
     ) -> Qwen2Config:
         """Builds a config from a transformers `Qwen2Config` object or a `config.json` dict.
 
@@ -165,6 +173,7 @@ class Qwen2Config:
           dtype: parameter dtype of the model to build.
           compute_dtype: activation dtype; defaults to `dtype`.
           remat: rematerialise decoder layers.
+          attention_chunk_size: query-chunked attention (see the class docstring).
         """
         if isinstance(hf_config, Mapping):
             d = dict(hf_config)
@@ -194,6 +203,7 @@ class Qwen2Config:
             dtype=dtype,
             compute_dtype=compute_dtype or dtype,
             remat=remat,
+            attention_chunk_size=attention_chunk_size,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:

@@ -375,6 +375,7 @@ def load_pretrained(
     dtype: str = "float32",
     compute_dtype: str | None = None,
     remat: bool = False,
+    attention_chunk_size: int | None = None,
     mesh: Mesh | None = None,
     rules: Mapping[str, str | tuple[str, ...] | None] | None = None,
 ) -> Qwen2ForCausalLM:
@@ -385,6 +386,7 @@ def load_pretrained(
       dtype: parameter dtype ("float32" or "bfloat16"); checkpoint tensors are cast to it.
       compute_dtype: activation dtype; defaults to `dtype`.
       remat: rematerialise decoder layers in the backward pass.
+      attention_chunk_size: query-chunked attention (`Qwen2Config.attention_chunk_size`).
       mesh: if given, every parameter is placed on NamedSharding(mesh, spec from its logical axes).
       rules: logical axis → mesh axis table; defaults to `DEFAULT_RULES`.
 
@@ -395,7 +397,8 @@ def load_pretrained(
     import transformers  # local: transformers is heavy and only needed for config parsing
 
     hf_config = transformers.AutoConfig.from_pretrained(os.fspath(path))
-    config = Qwen2Config.from_hf(hf_config, dtype=dtype, compute_dtype=compute_dtype, remat=remat)
+    config = Qwen2Config.from_hf(hf_config, dtype=dtype, compute_dtype=compute_dtype, remat=remat,
+                                 attention_chunk_size=attention_chunk_size)
     return load_weights(path, config, mesh=mesh, rules=rules)
 
 

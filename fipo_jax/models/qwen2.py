@@ -111,6 +111,35 @@ def grouped_query_attention(
     k_BxNxSxK: jax.Array,
     v_BxNxSxK: jax.Array,
     allowed_BxTxS: jax.Array,
+    query_chunk_size: int | None = None,
+) -> jax.Array:
+    """softmax(q kᵀ / sqrt(K) masked by `allowed`) v, optionally over chunks of queries.
+
+    Each query row's softmax involves only its own scores, so splitting the T queries into
+    chunks of `query_chunk_size` (a `lax.map`, each chunk rematerialised in the backward pass)
+    gives the same result with O(chunk × S) score memory per layer instead of O(T × S) — what
+    makes 20k-token training sequences fit. The last chunk is padded with masked rows.
+    """
+    q_len = q_BxTxHxK.shape[1]
+    if query_chunk_size is None or q_len <= query_chunk_size:
+        return _attention(q_BxTxHxK, k_BxNxSxK, v_BxNxSxK, allowed_BxTxS)
+    batch, _, num_heads, head_dim = q_BxTxHxK.shape
+    num_chunks = -(-q_len // query_chunk_size)
+    pad = num_chunks * query_chunk_size - q_len
+    q_BxTpxHxK = jnp.pad(q_BxTxHxK, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    allowed_BxTpxS = jnp.pad(allowed_BxTxS, ((0, 0), (0, pad), (0, 0)))
+    chunk_first = lambda x: jnp.moveaxis(x.reshape(batch, num_chunks, query_chunk_size, *x.shape[2:]), 1, 0)  # noqa: E731
+    attend = jax.checkpoint(lambda qa: _attention(qa[0], k_BxNxSxK, v_BxNxSxK, qa[1]), prevent_cse=False)
+    out_CxBxcxHxK = jax.lax.map(attend, (chunk_first(q_BxTpxHxK), chunk_first(allowed_BxTpxS)))
+    out_BxTpxHxK = jnp.moveaxis(out_CxBxcxHxK, 0, 1).reshape(batch, -1, num_heads, head_dim)
+    return out_BxTpxHxK[:, :q_len]
+
+
+def _attention(
+    q_BxTxHxK: jax.Array,
+    k_BxNxSxK: jax.Array,
+    v_BxNxSxK: jax.Array,
+    allowed_BxTxS: jax.Array,
 ) -> jax.Array:
     """softmax(q kᵀ / sqrt(K) masked by `allowed`) v with H query heads sharing N kv heads.
 
@@ -303,6 +332,7 @@ class Attention(nnx.Module):
             config.head_dim,
         )
         self.rope_theta = config.rope_theta
+        self.attention_chunk_size = config.attention_chunk_size
         self.q_proj = DenseGeneral(
             "btd,dhk->bthk", (d, h, k), (AXIS_EMBED, AXIS_HEADS, AXIS_HEAD_DIM), config,
             rngs=rngs, bias_axes=(AXIS_HEADS, AXIS_HEAD_DIM),
@@ -345,7 +375,9 @@ class Attention(nnx.Module):
             v_BxNxSxK = v_BxNxSxK.astype(x_BxTxD.dtype)
         else:
             k_BxNxSxK, v_BxNxSxK = k_BxNxTxK, v_BxNxTxK
-        out_BxTxHxK = grouped_query_attention(q_BxTxHxK, k_BxNxSxK, v_BxNxSxK, allowed_BxTxS)
+        out_BxTxHxK = grouped_query_attention(
+            q_BxTxHxK, k_BxNxSxK, v_BxNxSxK, allowed_BxTxS, self.attention_chunk_size
+        )
         return self.o_proj(out_BxTxHxK), new_cache
 
 
