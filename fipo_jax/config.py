@@ -404,7 +404,7 @@ def qwen25_32b_fipo() -> TrainConfig:
         name="qwen2.5-32b-fipo",
         steps=575,
         model=ModelSpec(source="hf", path="/path/to/Qwen2.5-32B", dtype="bfloat16", compute_dtype="bfloat16",
-                        remat=True, logprob_chunk_size=1024, attention_chunk_size=1024),
+                        remat=True, logprob_chunk_size=1024, attention_chunk_size=512),
         data=DataSpec(task="file", train_path="/path/to/dapo-math-17k.parquet", eval_path="/path/to/aime-2024.parquet",
                       max_prompt_tokens=2048),
         rollout=RolloutSpec(n=16, prompts_per_step=512, prompts_per_round=2048, max_rounds=10, on_exhausted="error",

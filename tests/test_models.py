@@ -534,7 +534,7 @@ def test_load_onto_mesh_with_8_fake_devices(tmp_path):
 
 
 def test_query_chunked_attention_equals_full_attention():
-    from fipo_jax.models.qwen2 import grouped_query_attention
+    from fipo_jax.models.qwen2 import AttentionMask, grouped_query_attention
 
     batch, q_len, heads, kv_heads, head_dim = 2, 37, 4, 2, 8
     keys = jax.random.split(jax.random.key(0), 3)
@@ -543,10 +543,12 @@ def test_query_chunked_attention_equals_full_attention():
     v = jax.random.normal(keys[2], (batch, kv_heads, q_len, head_dim))
     real = np.ones((batch, q_len), bool)
     real[1, :5] = False  # left padding in row 1
-    allowed = jnp.tril(jnp.ones((q_len, q_len), bool))[None] & jnp.asarray(real)[:, None, :]
+    mask = AttentionMask(jnp.arange(q_len, dtype=jnp.int32), jnp.asarray(real))
+    expected = np.tril(np.ones((q_len, q_len), bool))[None] & real[:, None, :]
+    np.testing.assert_array_equal(mask.allowed(), expected)
 
     def loss(q, k, v, chunk):
-        out = grouped_query_attention(q, k, v, allowed, chunk)
+        out = grouped_query_attention(q, k, v, mask, chunk)
         return jnp.sum(jnp.sin(out) * jnp.asarray(real)[:, :, None, None]), out
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
@@ -566,15 +568,15 @@ def test_attention_chunking_in_the_model_and_its_memory():
 
     # XLA temporaries of attention forward + backward at T = 1024: unchunked they hold several
     # [4 heads, T, T] f32 tensors; with 128-query chunks about an eighth of that.
-    from fipo_jax.models.qwen2 import grouped_query_attention
+    from fipo_jax.models.qwen2 import AttentionMask, grouped_query_attention
 
     t = 1024
     shapes = (jax.ShapeDtypeStruct((1, t, 4, 8), jnp.float32), jax.ShapeDtypeStruct((1, 2, t, 8), jnp.float32),
               jax.ShapeDtypeStruct((1, 2, t, 8), jnp.float32))
-    allowed = jnp.tril(jnp.ones((t, t), bool))[None]
+    mask = AttentionMask(jnp.arange(t, dtype=jnp.int32), jnp.ones((1, t), bool))
 
     def temp_bytes(chunk):
-        fn = jax.grad(lambda q, k, v: jnp.sum(grouped_query_attention(q, k, v, allowed, chunk)), argnums=(0, 1, 2))
+        fn = jax.grad(lambda q, k, v: jnp.sum(grouped_query_attention(q, k, v, mask, chunk)), argnums=(0, 1, 2))
         return jax.jit(fn).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
 
     full, chunk_128 = temp_bytes(None), temp_bytes(128)

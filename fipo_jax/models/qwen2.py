@@ -106,31 +106,61 @@ def positions_from_mask(mask_BxT: jax.Array, start_B: jax.Array | None = None) -
     return jnp.maximum(counts_BxT - 1, 0)
 
 
+class AttentionMask(NamedTuple):
+    """Which key slots each query may attend to, without a [B, T, S] tensor.
+
+    allowed[b, t, s] = (s ≤ query_slots[t]) ∧ key_valid[b, s]: causal over slot indices (a
+    full forward has query t at slot t; a cached forward writes its T queries at slots
+    index … index + T − 1), restricted to slots holding a real token of row b. Built per query
+    chunk, so masks cost O(B·S) memory, not O(B·T·S).
+    """
+
+    query_slots_T: jax.Array  # int32 [T]
+    key_valid_BxS: jax.Array  # bool [B, S]
+
+    def allowed(self) -> jax.Array:
+        """bool [B, T, S]."""
+        key_slots_S = jnp.arange(self.key_valid_BxS.shape[1], dtype=jnp.int32)
+        causal_TxS = key_slots_S[None, :] <= self.query_slots_T[:, None]
+        return causal_TxS[None] & self.key_valid_BxS[:, None, :]
+
+
 def grouped_query_attention(
     q_BxTxHxK: jax.Array,
     k_BxNxSxK: jax.Array,
     v_BxNxSxK: jax.Array,
-    allowed_BxTxS: jax.Array,
+    mask: AttentionMask,
     query_chunk_size: int | None = None,
 ) -> jax.Array:
-    """softmax(q kᵀ / sqrt(K) masked by `allowed`) v, optionally over chunks of queries.
+    """softmax(q kᵀ / sqrt(K) masked by `mask`) v, optionally over chunks of queries.
 
     Each query row's softmax involves only its own scores, so splitting the T queries into
     chunks of `query_chunk_size` (a `lax.map`, each chunk rematerialised in the backward pass)
     gives the same result with O(chunk × S) score memory per layer instead of O(T × S) — what
-    makes 20k-token training sequences fit. The last chunk is padded with masked rows.
+    makes 20k-token training sequences fit. The last chunk is padded with queries that may
+    attend to nothing; their outputs are dropped.
     """
     q_len = q_BxTxHxK.shape[1]
     if query_chunk_size is None or q_len <= query_chunk_size:
-        return _attention(q_BxTxHxK, k_BxNxSxK, v_BxNxSxK, allowed_BxTxS)
+        return _attention(q_BxTxHxK, k_BxNxSxK, v_BxNxSxK, mask.allowed())
     batch, _, num_heads, head_dim = q_BxTxHxK.shape
     num_chunks = -(-q_len // query_chunk_size)
     pad = num_chunks * query_chunk_size - q_len
-    q_BxTpxHxK = jnp.pad(q_BxTxHxK, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    allowed_BxTpxS = jnp.pad(allowed_BxTxS, ((0, 0), (0, pad), (0, 0)))
-    chunk_first = lambda x: jnp.moveaxis(x.reshape(batch, num_chunks, query_chunk_size, *x.shape[2:]), 1, 0)  # noqa: E731
-    attend = jax.checkpoint(lambda qa: _attention(qa[0], k_BxNxSxK, v_BxNxSxK, qa[1]), prevent_cse=False)
-    out_CxBxcxHxK = jax.lax.map(attend, (chunk_first(q_BxTpxHxK), chunk_first(allowed_BxTpxS)))
+    q_CxBxcxHxK = jnp.moveaxis(
+        jnp.pad(q_BxTxHxK, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
+            batch, num_chunks, query_chunk_size, num_heads, head_dim
+        ),
+        1,
+        0,
+    )
+    slots_Cxc = jnp.pad(mask.query_slots_T, (0, pad), constant_values=-1).reshape(num_chunks, query_chunk_size)
+
+    def attend_chunk(q_and_slots):
+        q_BxcxHxK, slots_c = q_and_slots
+        allowed_BxcxS = AttentionMask(slots_c, mask.key_valid_BxS).allowed()
+        return _attention(q_BxcxHxK, k_BxNxSxK, v_BxNxSxK, allowed_BxcxS)
+
+    out_CxBxcxHxK = jax.lax.map(jax.checkpoint(attend_chunk, prevent_cse=False), (q_CxBxcxHxK, slots_Cxc))
     out_BxTpxHxK = jnp.moveaxis(out_CxBxcxHxK, 0, 1).reshape(batch, -1, num_heads, head_dim)
     return out_BxTpxHxK[:, :q_len]
 
@@ -354,7 +384,7 @@ class Attention(nnx.Module):
         x_BxTxD: jax.Array,
         cos_BxTxK: jax.Array,
         sin_BxTxK: jax.Array,
-        allowed_BxTxS: jax.Array,
+        mask: AttentionMask,
         layer_cache: tuple[jax.Array, jax.Array] | None = None,
         write_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
@@ -376,7 +406,7 @@ class Attention(nnx.Module):
         else:
             k_BxNxSxK, v_BxNxSxK = k_BxNxTxK, v_BxNxTxK
         out_BxTxHxK = grouped_query_attention(
-            q_BxTxHxK, k_BxNxSxK, v_BxNxSxK, allowed_BxTxS, self.attention_chunk_size
+            q_BxTxHxK, k_BxNxSxK, v_BxNxSxK, mask, self.attention_chunk_size
         )
         return self.o_proj(out_BxTxHxK), new_cache
 
@@ -408,12 +438,12 @@ class DecoderLayer(nnx.Module):
         x_BxTxD: jax.Array,
         cos_BxTxK: jax.Array,
         sin_BxTxK: jax.Array,
-        allowed_BxTxS: jax.Array,
+        mask: AttentionMask,
         layer_cache: tuple[jax.Array, jax.Array] | None = None,
         write_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         attn_BxTxD, new_cache = self.self_attn(
-            self.input_layernorm(x_BxTxD), cos_BxTxK, sin_BxTxK, allowed_BxTxS,
+            self.input_layernorm(x_BxTxD), cos_BxTxK, sin_BxTxK, mask,
             layer_cache, write_index,
         )  # fmt: skip
         x_BxTxD = x_BxTxD + attn_BxTxD
@@ -426,9 +456,9 @@ def _layer_forward(
     x_BxTxD: jax.Array,
     cos_BxTxK: jax.Array,
     sin_BxTxK: jax.Array,
-    allowed_BxTxS: jax.Array,
+    mask: AttentionMask,
 ) -> jax.Array:
-    return layer(x_BxTxD, cos_BxTxK, sin_BxTxK, allowed_BxTxS)[0]
+    return layer(x_BxTxD, cos_BxTxK, sin_BxTxK, mask)[0]
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -496,13 +526,11 @@ class Qwen2ForCausalLM(nnx.Module):
         if positions is None:
             positions = positions_from_mask(mask_BxT)
         cos_BxTxK, sin_BxTxK = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        seq_len = input_ids.shape[1]
-        causal_TxS = jnp.tril(jnp.ones((seq_len, seq_len), jnp.bool_))
-        allowed_BxTxS = causal_TxS[None] & mask_BxT[:, None, :]
+        mask = AttentionMask(jnp.arange(input_ids.shape[1], dtype=jnp.int32), mask_BxT)
         layer_fn = nnx.remat(_layer_forward) if self.config.remat else _layer_forward
         x_BxTxD = self.embed_tokens(input_ids, self.config.activation_dtype)
         for layer in self.layers:
-            x_BxTxD = layer_fn(layer, x_BxTxD, cos_BxTxK, sin_BxTxK, allowed_BxTxS)
+            x_BxTxD = layer_fn(layer, x_BxTxD, cos_BxTxK, sin_BxTxK, mask)
         return self.norm(x_BxTxD)
 
     def hidden_states_with_cache(
@@ -536,14 +564,12 @@ class Qwen2ForCausalLM(nnx.Module):
         cos_BxTxK, sin_BxTxK = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         index = kv_cache.index
         valid_BxS = jax.lax.dynamic_update_slice(kv_cache.valid_BxS, mask_BxT, (0, index))
-        query_slot_T = index + jnp.arange(seq_len, dtype=jnp.int32)
-        key_slot_S = jnp.arange(kv_cache.max_len, dtype=jnp.int32)
-        allowed_BxTxS = (key_slot_S[None, :] <= query_slot_T[:, None])[None] & valid_BxS[:, None, :]
+        mask = AttentionMask(index + jnp.arange(seq_len, dtype=jnp.int32), valid_BxS)
         x_BxTxD = self.embed_tokens(input_ids, self.config.activation_dtype)
         new_keys, new_values = [], []
         for layer, k_cache, v_cache in zip(self.layers, kv_cache.keys, kv_cache.values):
             x_BxTxD, (k_new, v_new) = layer(
-                x_BxTxD, cos_BxTxK, sin_BxTxK, allowed_BxTxS, (k_cache, v_cache), index
+                x_BxTxD, cos_BxTxK, sin_BxTxK, mask, (k_cache, v_cache), index
             )
             new_keys.append(k_new)
             new_values.append(v_new)
