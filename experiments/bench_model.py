@@ -11,6 +11,9 @@ weights in PyTorch/transformers, side by side in one run, plus the LM-head memor
 (b) log-prob forward + backward of Σ log p(x_{t+1} | x_≤t) over a [B, P+N] batch w.r.t. all
     parameters. Ours: jit(grad(sequence_log_probs)) (chunked LM head). Reference: the torch
     model's full logits → log_softmax → gather → backward. Throughput = B·(P+N−1) / seconds.
+(d) long decode, ours only: `--long-new-tokens` (default 1,024) new tokens per row with the
+    block-wise decode attention (reads only the KV-cache blocks written so far; the default)
+    vs dense decode attention (reads the whole preallocated cache every step).
 (c) memory of the LM-head log-probs at Qwen2.5-0.5B head shape (D=896, V=151,936), B=1,
     T=8,192: XLA's compiled temporary buffers for the chunked computation vs one full-logits
     tensor (both only compiled, never run), forward and forward+backward.
@@ -46,7 +49,7 @@ from fipo_jax.logprobs import (  # noqa: E402
     full_logits_token_log_probs,
     sequence_log_probs,
 )
-from fipo_jax.models import load_pretrained  # noqa: E402
+from fipo_jax.models import Qwen2ForCausalLM, load_pretrained  # noqa: E402
 from fipo_jax.sampling import SamplingConfig, generate  # noqa: E402
 
 
@@ -183,6 +186,32 @@ def bench_logprob_train(args, torch_model, model) -> dict:
     }
 
 
+def bench_long_decode(args, model) -> dict:
+    """Block-wise vs dense decode attention at a long response length (same weights)."""
+    import dataclasses
+
+    dense = Qwen2ForCausalLM(dataclasses.replace(model.config, decode_block_size=None), rngs=nnx.Rngs(0))
+    nnx.update(dense, nnx.state(model, nnx.Param))
+    rng = np.random.default_rng(args.seed + 2)
+    prompts = rng.integers(0, args.vocab, size=(args.batch, args.prompt_len)).astype(np.int32)
+    config = SamplingConfig(max_new_tokens=args.long_new_tokens, temperature=0.0,
+                            prompt_length_buckets=(args.prompt_len,))
+    key = jax.random.key(0)
+    fns = {"blocked": lambda: jax.block_until_ready(generate(model, prompts, None, key, config)),
+           "dense": lambda: jax.block_until_ready(generate(dense, prompts, None, key, config))}
+    for fn in fns.values():
+        fn()
+    medians, minima = time_alternating(fns, max(3, args.repeats // 2))
+    same = np.array_equal(np.asarray(fns["blocked"]().tokens), np.asarray(fns["dense"]().tokens))
+    work = args.batch * args.long_new_tokens
+    return {"shape": f"B={args.batch}, prompt={args.prompt_len}, new={args.long_new_tokens}, "
+                     f"cache {args.prompt_len + args.long_new_tokens - 1} slots, block {model.config.decode_block_size}",
+            "blocked_s": medians["blocked"], "dense_s": medians["dense"],
+            "blocked_tokens_per_s": work / medians["blocked"], "dense_tokens_per_s": work / medians["dense"],
+            "speedup": medians["dense"] / medians["blocked"], "speedup_best": minima["dense"] / minima["blocked"],
+            "greedy_tokens_identical": bool(same)}
+
+
 def bench_head_memory(args) -> dict:
     """Compiled XLA memory of the LM-head log-probs, chunked vs full logits (compile only)."""
     b, t, d, v = 1, args.head_seq, args.head_dim, args.head_vocab
@@ -262,6 +291,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--long-new-tokens", type=int, default=1024, help="new tokens for (d); 0 skips (d)")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="time steps per LM-head log-prob chunk (default: ~512 tokens per chunk)")
     parser.add_argument("--head-seq", type=int, default=8192, help="T for the memory comparison (c)")
@@ -295,14 +325,24 @@ def main(argv=None):
     decode = bench_decode(args, torch_model, model)
     print("running (b) log-prob forward+backward ...", flush=True)
     train = bench_logprob_train(args, torch_model, model)
+    long_decode = None
+    if args.long_new_tokens:
+        print("running (d) long decode, block-wise vs dense attention ...", flush=True)
+        long_decode = bench_long_decode(args, model)
     print("running (c) LM-head memory (compile only) ...", flush=True)
     memory = bench_head_memory(args)
     env["load_average_at_end"] = os.getloadavg()[0]
     print(report(env, model_desc, decode, train, memory))
+    if long_decode:
+        print(f"\n(d) long greedy decode {long_decode['shape']}: block-wise "
+              f"{long_decode['blocked_tokens_per_s']:.0f} new tokens/s vs dense {long_decode['dense_tokens_per_s']:.0f} "
+              f"→ {long_decode['speedup']:.2f}× [{long_decode['speedup_best']:.2f}×]; tokens identical: "
+              f"{long_decode['greedy_tokens_identical']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"env": env, "args": vars(args), "model": model_desc, "params": params,
-                       "decode": decode, "logprob_train": train, "head_memory": memory}, f, indent=2)  # fmt: skip
+                       "decode": decode, "logprob_train": train, "long_decode": long_decode,
+                       "head_memory": memory}, f, indent=2)  # fmt: skip
         print(f"\nwrote {args.out}")
 
 

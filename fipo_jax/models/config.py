@@ -51,6 +51,9 @@ class Qwen2Config:
       attention_chunk_size: if set, full-sequence attention runs over query chunks of this many
         tokens, each rematerialised in the backward pass, so its scores take
         O(chunk × T) memory instead of O(T²) (same result; see `grouped_query_attention`).
+      decode_block_size: a decode step attends over the KV cache in blocks of this many slots,
+        reading only the blocks written so far (`decode_attention`); None reads the whole
+        cache every step.
     """
 
     vocab_size: int
@@ -69,6 +72,7 @@ class Qwen2Config:
     compute_dtype: str = "float32"
     remat: bool = False
     attention_chunk_size: int | None = None
+    decode_block_size: int | None = 256
 
     def __post_init__(self) -> None:
         for name in (
@@ -123,9 +127,10 @@ class Qwen2Config:
             )
         if not isinstance(self.remat, bool):
             raise ValueError(f"Qwen2Config.remat must be a bool, got {self.remat!r}")
-        chunk = self.attention_chunk_size
-        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
-            raise ValueError(f"Qwen2Config.attention_chunk_size must be None or a positive int, got {chunk!r}")
+        for name in ("attention_chunk_size", "decode_block_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"Qwen2Config.{name} must be None or a positive int, got {value!r}")
 
     # -- derived quantities -------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from fipo_jax.models.config import Qwen2Config
 
@@ -163,6 +164,63 @@ def grouped_query_attention(
     out_CxBxcxHxK = jax.lax.map(jax.checkpoint(attend_chunk, prevent_cse=False), (q_CxBxcxHxK, slots_Cxc))
     out_BxTpxHxK = jnp.moveaxis(out_CxBxcxHxK, 0, 1).reshape(batch, -1, num_heads, head_dim)
     return out_BxTpxHxK[:, :q_len]
+
+
+def decode_attention(
+    q_BxHxK: jax.Array,
+    k_cache_BxNxSxK: jax.Array,
+    v_cache_BxNxSxK: jax.Array,
+    mask: AttentionMask,
+    block_size: int,
+) -> jax.Array:
+    """One query per row against the cache, reading only the blocks of slots written so far.
+
+    A decode step's query sits at slot i = mask.query_slots_T[0] and may attend only to slots
+    ≤ i, so slots after i need not be read: blocks b = 0 … ⌈(i + 1) / block⌉ − 1 are visited
+    in a `fori_loop` with a traced trip count, combined by the online softmax
+
+        m' = max(m, max_s z_s),  l' = l·e^(m − m') + Σ_s e^(z_s − m'),
+        a' = a·e^(m − m') + Σ_s e^(z_s − m') v_s,      out = a / l,
+
+    so the cost of a step grows with the tokens generated so far instead of the cache size
+    (a full-length cache for 20k-token responses is otherwise streamed whole at every step).
+    Equal to the dense softmax up to float rounding. Not differentiable (decode only). When
+    S is not a multiple of the block, the last block is read from S − block and its slots that
+    an earlier block already covered are masked out.
+    """
+    batch, num_heads, head_dim = q_BxHxK.shape
+    num_kv_heads, max_len = k_cache_BxNxSxK.shape[1], k_cache_BxNxSxK.shape[2]
+    block = min(block_size, max_len)
+    groups = num_heads // num_kv_heads
+    q_BxNxGxK = q_BxHxK.reshape(batch, num_kv_heads, groups, head_dim).astype(jnp.float32) * (head_dim**-0.5)
+    query_slot = mask.query_slots_T[0]
+    num_blocks = query_slot // block + 1
+
+    def visit(b, carry):
+        m_BxNxG, l_BxNxG, acc_BxNxGxK = carry
+        start = jnp.minimum(b * block, max_len - block)
+        slots_L = start + jnp.arange(block, dtype=jnp.int32)
+        k_BxNxLxK = lax.dynamic_slice_in_dim(k_cache_BxNxSxK, start, block, axis=2).astype(jnp.float32)
+        v_BxNxLxK = lax.dynamic_slice_in_dim(v_cache_BxNxSxK, start, block, axis=2).astype(jnp.float32)
+        valid_BxL = lax.dynamic_slice_in_dim(mask.key_valid_BxS, start, block, axis=1)
+        allowed_BxL = valid_BxL & ((slots_L >= b * block) & (slots_L <= query_slot))[None]
+        z_BxNxGxL = jnp.einsum("bngk,bnlk->bngl", q_BxNxGxK, k_BxNxLxK)
+        z_BxNxGxL = jnp.where(allowed_BxL[:, None, None], z_BxNxGxL, _MASKED_SCORE)
+        m_new = jnp.maximum(m_BxNxG, jnp.max(z_BxNxGxL, axis=-1))
+        p_BxNxGxL = jnp.exp(z_BxNxGxL - m_new[..., None])
+        rescale = jnp.exp(m_BxNxG - m_new)
+        l_new = l_BxNxG * rescale + jnp.sum(p_BxNxGxL, axis=-1)
+        acc_new = acc_BxNxGxK * rescale[..., None] + jnp.einsum("bngl,bnlk->bngk", p_BxNxGxL, v_BxNxLxK)
+        return m_new, l_new, acc_new
+
+    init = (
+        jnp.full((batch, num_kv_heads, groups), _MASKED_SCORE, jnp.float32),
+        jnp.zeros((batch, num_kv_heads, groups), jnp.float32),
+        jnp.zeros((batch, num_kv_heads, groups, head_dim), jnp.float32),
+    )
+    _, l_BxNxG, acc_BxNxGxK = lax.fori_loop(0, num_blocks, visit, init)
+    out_BxNxGxK = acc_BxNxGxK / l_BxNxG[..., None]
+    return out_BxNxGxK.reshape(batch, num_heads, head_dim).astype(q_BxHxK.dtype)
 
 
 def _attention(
@@ -363,6 +421,7 @@ class Attention(nnx.Module):
         )
         self.rope_theta = config.rope_theta
         self.attention_chunk_size = config.attention_chunk_size
+        self.decode_block_size = config.decode_block_size
         self.q_proj = DenseGeneral(
             "btd,dhk->bthk", (d, h, k), (AXIS_EMBED, AXIS_HEADS, AXIS_HEAD_DIM), config,
             rngs=rngs, bias_axes=(AXIS_HEADS, AXIS_HEAD_DIM),
@@ -389,7 +448,8 @@ class Attention(nnx.Module):
         write_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Without a cache S = T; with one, the T new keys/values are written at slots
-        [write_index, write_index + T) and the queries attend over all S_max slots."""
+        [write_index, write_index + T) and the queries attend over all S_max slots (a single
+        decode query over the written blocks only: `decode_attention`)."""
         q_BxTxHxK = apply_rope(self.q_proj(x_BxTxD), cos_BxTxK, sin_BxTxK)
         k_BxTxNxK = apply_rope(self.k_proj(x_BxTxD), cos_BxTxK, sin_BxTxK)
         k_BxNxTxK = k_BxTxNxK.transpose(0, 2, 1, 3)
@@ -401,6 +461,10 @@ class Attention(nnx.Module):
             k_BxNxSxK = jax.lax.dynamic_update_slice(k_cache, k_BxNxTxK.astype(k_cache.dtype), start)
             v_BxNxSxK = jax.lax.dynamic_update_slice(v_cache, v_BxNxTxK.astype(v_cache.dtype), start)
             new_cache = (k_BxNxSxK, v_BxNxSxK)
+            block = self.decode_block_size
+            if q_BxTxHxK.shape[1] == 1 and block is not None and k_BxNxSxK.shape[2] > block:
+                out_BxHxK = decode_attention(q_BxTxHxK[:, 0], k_BxNxSxK, v_BxNxSxK, mask, block)
+                return self.o_proj(out_BxHxK[:, None]), new_cache
             k_BxNxSxK = k_BxNxSxK.astype(x_BxTxD.dtype)
             v_BxNxSxK = v_BxNxSxK.astype(x_BxTxD.dtype)
         else:
