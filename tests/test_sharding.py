@@ -59,7 +59,8 @@ from fipo_jax.sampling import SamplingConfig, generate
 from fipo_jax.sharding import make_mesh
 mesh = make_mesh((4, 2))
 model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2),
+                                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                     decode_block_size=4),  # the block-wise decode path, split by rows
                          rngs=nnx.Rngs(0))
 params = nnx.state(model, nnx.Param)
 nnx.update(model, jax.device_put(params, param_shardings(params, mesh)))
