@@ -4,7 +4,8 @@ Every jitted training computation runs under a mesh from the start — one devic
 default — so scaling out changes the mesh shape, not the code path. Mesh axes are named
 ``data``, ``fsdp``, ``tensor`` (in that order for as many axes as the shape has); rows of
 a batch are split over ``data``. Parameter placement by logical axes lives in
-`fipo_jax.models.hf_io` (`DEFAULT_RULES`, `param_shardings`).
+`fipo_jax.models.hf_io` (`DEFAULT_RULES`, `param_shardings`); multi-host start-up and host
+views of global arrays in `fipo_jax.distributed`.
 """
 
 from __future__ import annotations
