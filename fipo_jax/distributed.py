@@ -37,8 +37,8 @@ def initialize(
 ) -> None:
     """`jax.distributed.initialize`, called before any other JAX use, with clear errors.
 
-    With no arguments JAX detects the cluster itself (Cloud TPU pods, SLURM, Open MPI, the
-    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables). On
+    With no arguments JAX detects the cluster itself (Cloud TPU pods, SLURM, Open MPI,
+    Kubernetes, mpi4py; the coordinator may also come from ``JAX_COORDINATOR_ADDRESS``). On
     CPU, cross-process collectives use gloo.
     """
     explicit = (coordinator_address, num_processes, process_id)
