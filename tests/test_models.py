@@ -611,6 +611,13 @@ def test_decode_attention_reads_written_blocks_and_equals_dense(block):
         blocked = jax.jit(decode_attention, static_argnums=4)(q, k, v, mask, block)
         live = valid[:, : query_slot + 1].any(axis=1)  # rows with at least one visible key
         np.testing.assert_allclose(np.asarray(blocked)[live], np.asarray(dense)[live], atol=1e-5)
+        # bfloat16 inputs: same dtype policy as the dense path (f32 scores and accumulation).
+        half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+        dense16 = _attention(half[0][:, None], half[1], half[2], mask.allowed())[:, 0]
+        blocked16 = jax.jit(decode_attention, static_argnums=4)(*half, mask, block)
+        assert blocked16.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(blocked16, np.float32)[live], np.asarray(dense16, np.float32)[live],
+                                   atol=3e-2)
 
 
 def test_blocked_decode_matches_dense_decode_in_the_sampler():

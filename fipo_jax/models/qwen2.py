@@ -192,7 +192,7 @@ def decode_attention(
     num_kv_heads, max_len = k_cache_BxNxSxK.shape[1], k_cache_BxNxSxK.shape[2]
     block = min(block_size, max_len)
     groups = num_heads // num_kv_heads
-    q_BxNxGxK = q_BxHxK.reshape(batch, num_kv_heads, groups, head_dim).astype(jnp.float32) * (head_dim**-0.5)
+    q_BxNxGxK = q_BxHxK.reshape(batch, num_kv_heads, groups, head_dim)
     query_slot = mask.query_slots_T[0]
     num_blocks = query_slot // block + 1
 
@@ -200,17 +200,22 @@ def decode_attention(
         m_BxNxG, l_BxNxG, acc_BxNxGxK = carry
         start = jnp.minimum(b * block, max_len - block)
         slots_L = start + jnp.arange(block, dtype=jnp.int32)
-        k_BxNxLxK = lax.dynamic_slice_in_dim(k_cache_BxNxSxK, start, block, axis=2).astype(jnp.float32)
-        v_BxNxLxK = lax.dynamic_slice_in_dim(v_cache_BxNxSxK, start, block, axis=2).astype(jnp.float32)
+        # As in `_attention`: inputs in the query's dtype, scores and accumulation in float32.
+        k_BxNxLxK = lax.dynamic_slice_in_dim(k_cache_BxNxSxK, start, block, axis=2).astype(q_BxHxK.dtype)
+        v_BxNxLxK = lax.dynamic_slice_in_dim(v_cache_BxNxSxK, start, block, axis=2).astype(q_BxHxK.dtype)
         valid_BxL = lax.dynamic_slice_in_dim(mask.key_valid_BxS, start, block, axis=1)
         allowed_BxL = valid_BxL & ((slots_L >= b * block) & (slots_L <= query_slot))[None]
-        z_BxNxGxL = jnp.einsum("bngk,bnlk->bngl", q_BxNxGxK, k_BxNxLxK)
+        z_BxNxGxL = jnp.einsum(
+            "bngk,bnlk->bngl", q_BxNxGxK, k_BxNxLxK, preferred_element_type=jnp.float32
+        ) * (head_dim**-0.5)
         z_BxNxGxL = jnp.where(allowed_BxL[:, None, None], z_BxNxGxL, _MASKED_SCORE)
         m_new = jnp.maximum(m_BxNxG, jnp.max(z_BxNxGxL, axis=-1))
         p_BxNxGxL = jnp.exp(z_BxNxGxL - m_new[..., None])
         rescale = jnp.exp(m_BxNxG - m_new)
         l_new = l_BxNxG * rescale + jnp.sum(p_BxNxGxL, axis=-1)
-        acc_new = acc_BxNxGxK * rescale[..., None] + jnp.einsum("bngl,bnlk->bngk", p_BxNxGxL, v_BxNxLxK)
+        acc_new = acc_BxNxGxK * rescale[..., None] + jnp.einsum(
+            "bngl,bnlk->bngk", p_BxNxGxL.astype(v_BxNxLxK.dtype), v_BxNxLxK, preferred_element_type=jnp.float32
+        )
         return m_new, l_new, acc_new
 
     init = (
