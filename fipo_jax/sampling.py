@@ -251,7 +251,7 @@ def constrain_rows(tree, row_sharding: NamedSharding | None):
     """
     if row_sharding is None:
         return tree
-    rows = row_sharding.spec[0] if len(row_sharding.spec) else None
+    rows = _row_axes(row_sharding)
 
     def one(x):
         if not isinstance(x, jax.Array) or x.ndim == 0:
@@ -440,11 +440,12 @@ def generate(
     graphdef, state = nnx.split(model)
     if row_sharding is None:
         return _generate_jit(graphdef, state, jnp.asarray(ids_BxP), jnp.asarray(mask_BxP), key, config, None)
+    rows = NamedSharding(row_sharding.mesh, PartitionSpec(_row_axes(row_sharding)))
+    shards = math.prod(rows.mesh.shape[a] for a in jax.tree.leaves(rows.spec[0]))
     batch = ids_BxP.shape[0]
-    padded = -(-batch // _row_shards(row_sharding)) * _row_shards(row_sharding)
+    padded = -(-batch // shards) * shards
     extra = np.arange(padded - batch) % batch  # padding rows repeat real prompts; they are dropped below
     ids_BxP, mask_BxP = (np.concatenate([x, x[extra]]) for x in (ids_BxP, mask_BxP))
-    rows = NamedSharding(row_sharding.mesh, PartitionSpec(row_sharding.spec[0] if len(row_sharding.spec) else None))
     out = _generate_jit(graphdef, state, jax.device_put(ids_BxP, rows), jax.device_put(mask_BxP, rows), key, config,
                         rows)
     if padded == batch:
@@ -452,8 +453,6 @@ def generate(
     return SampleOutput(*(x if x.ndim == 0 else x[:batch] for x in out))
 
 
-def _row_shards(sharding: NamedSharding) -> int:
-    """How many ways `sharding` splits dim 0."""
-    axes = sharding.spec[0] if len(sharding.spec) else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(sharding.mesh.shape[a] for a in axes)
+def _row_axes(sharding: NamedSharding):
+    """The mesh axis (or axes, or None) that `sharding` splits dim 0 over."""
+    return sharding.spec[0] if len(sharding.spec) else None
