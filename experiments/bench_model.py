@@ -49,7 +49,7 @@ from fipo_jax.logprobs import (  # noqa: E402
     full_logits_token_log_probs,
     sequence_log_probs,
 )
-from fipo_jax.models import Qwen2ForCausalLM, load_pretrained  # noqa: E402
+from fipo_jax.models import CausalLM, load_pretrained  # noqa: E402
 from fipo_jax.sampling import SamplingConfig, generate  # noqa: E402
 
 
@@ -190,7 +190,7 @@ def bench_long_decode(args, model) -> dict:
     """Block-wise vs dense decode attention at a long response length (same weights)."""
     import dataclasses
 
-    dense = Qwen2ForCausalLM(dataclasses.replace(model.config, decode_block_size=None), rngs=nnx.Rngs(0))
+    dense = CausalLM(dataclasses.replace(model.config, decode_block_size=None), rngs=nnx.Rngs(0))
     nnx.update(dense, nnx.state(model, nnx.Param))
     rng = np.random.default_rng(args.seed + 2)
     prompts = rng.integers(0, args.vocab, size=(args.batch, args.prompt_len)).astype(np.int32)

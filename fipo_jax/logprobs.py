@@ -193,7 +193,7 @@ def sequence_log_probs(
     columns s−1 … T−2 go through the LM head.
 
     Args:
-      model: a `Qwen2ForCausalLM` (anything with `hidden_states(ids, positions, mask)` and
+      model: a `CausalLM` (anything with `hidden_states(ids, positions, mask)` and
         `unembedding()` → [D, V]).
       input_ids_BxT: integer token ids.
       attention_mask_BxT: bool/int, True/non-zero at real tokens (default all real). Padding may

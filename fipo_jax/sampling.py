@@ -42,7 +42,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fipo_jax.models.qwen2 import init_kv_cache
+from fipo_jax.models.kv_cache import init_kv_cache
 
 DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -392,7 +392,7 @@ def generate(
     """Samples `config.max_new_tokens` tokens per prompt with the live model's parameters.
 
     Args:
-      model: a `Qwen2ForCausalLM` (its current parameters are used without copying; the jitted
+      model: a `CausalLM` (its current parameters are used without copying; the jitted
         sampler is a pure function of the model's state, cached per (graph, shapes, config)).
       prompt_ids: integer [B, L] token ids (host or device array).
       prompt_mask: bool/int [B, L], True at real tokens; None = all real. Left, right or mixed

@@ -164,17 +164,17 @@ class Trainer:
                                     mesh=self.mesh)
             tokenizer = load_tokenizer(cfg.model.path)
         else:
-            from fipo_jax.models import Qwen2Config, Qwen2ForCausalLM
+            from fipo_jax.models import CausalLM, ModelConfig
 
             tokenizer = CharTokenizer()
             m = cfg.model
-            model_config = Qwen2Config(
+            model_config = ModelConfig(
                 vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
                 num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
                 rope_theta=m.rope_theta, max_position_embeddings=4096, tie_word_embeddings=True,
                 dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat,
                 attention_chunk_size=m.attention_chunk_size)
-            model = Qwen2ForCausalLM(model_config, rngs=nnx.Rngs(cfg.seed))
+            model = CausalLM(model_config, rngs=nnx.Rngs(cfg.seed))
         if cfg.data.task == "chain":
             task = ChainTask(n_terms=cfg.data.n_terms, ops=cfg.data.ops)
             make = lambda seed, n: [PromptRecord(r["prompt"], r["ground_truth"], "chain", str(i))  # noqa: E731
@@ -206,7 +206,7 @@ class Trainer:
 
         spec = self.config.sft
         key = sft.cache_key(dataclasses.asdict(self.config.model), self.config.data.n_terms, self.config.data.ops,
-                            dataclasses.asdict(spec), self.config.seed, "v1")
+                            dataclasses.asdict(spec), self.config.seed, "v2")
         path = os.path.join(spec.cache_dir, f"sft-{key}.npz")
         if os.path.exists(path):
             sft.load_params(model, path)

@@ -251,8 +251,9 @@ def test_loader_rejects_unsupported_config_json(tmp_path):
     with open(config_file) as f:
         original = json.load(f)
     for change, pattern in [
-        ({"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window"),
-        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "linear"),
+        ({"model_type": "mistral"}, "unsupported model_type 'mistral'"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "yarn"),
+        ({"hidden_act": "relu"}, "hidden_act='relu'"),
     ]:
         with open(config_file, "w") as f:
             json.dump({**original, **change}, f)
@@ -275,14 +276,15 @@ BASE_HF_DICT = dict(
 @pytest.mark.parametrize(
     "change, pattern",
     [
-        (dict(use_sliding_window=True), "use_sliding_window"),
-        (dict(layer_types=["full_attention", "sliding_attention"]), "sliding_attention"),
+        (dict(use_sliding_window=True, sliding_window=4, layer_types=["full_attention", "chunked_attention"]),
+         "chunked_attention"),
         (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "yarn"),
         (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "dynamic"),
         (dict(rope_theta=1e4, rope_parameters={"rope_theta": 1e6, "rope_type": "default"}), "disagree"),
         (dict(partial_rotary_factor=0.5), "partial rotary"),
-        (dict(model_type="llama"), "model_type"),
-        (dict(hidden_act="gelu"), "silu"),
+        (dict(model_type="mistral"), "model_type 'mistral'"),
+        (dict(model_type="gemma3"), "multimodal"),
+        (dict(hidden_act="gelu"), "hidden_act='gelu'"),
         (dict(attention_bias=False), "attention_bias"),
         (dict(mlp_bias=True), "mlp_bias"),
     ],
@@ -496,7 +498,7 @@ SHARDED_LOAD_SCRIPT = textwrap.dedent(
         "q": layer.self_attn.q_proj.kernel[...].sharding.spec,
         "k": layer.self_attn.k_proj.kernel[...].sharding.spec,
         "down": layer.mlp.down_proj.kernel[...].sharding.spec,
-        "norm": layer.input_layernorm.weight[...].sharding.spec,
+        "norm": layer.attn_norm.weight[...].sharding.spec,
     }
     assert tuple(specs["embed"]) == ("tensor", "fsdp"), specs
     assert tuple(specs["q"]) == ("fsdp", "tensor", None), specs
@@ -535,7 +537,7 @@ def test_load_onto_mesh_with_8_fake_devices(tmp_path):
 
 
 def test_query_chunked_attention_equals_full_attention():
-    from fipo_jax.models.qwen2 import AttentionMask, grouped_query_attention
+    from fipo_jax.models.attention import AttentionMask, grouped_query_attention
 
     batch, q_len, heads, kv_heads, head_dim = 2, 37, 4, 2, 8
     keys = jax.random.split(jax.random.key(0), 3)
@@ -544,12 +546,13 @@ def test_query_chunked_attention_equals_full_attention():
     v = jax.random.normal(keys[2], (batch, kv_heads, q_len, head_dim))
     real = np.ones((batch, q_len), bool)
     real[1, :5] = False  # left padding in row 1
-    mask = AttentionMask(jnp.arange(q_len, dtype=jnp.int32), jnp.asarray(real))
+    positions = positions_from_mask(jnp.asarray(real))
+    mask = AttentionMask(jnp.arange(q_len, dtype=jnp.int32), jnp.asarray(real), positions, positions)
     expected = np.tril(np.ones((q_len, q_len), bool))[None] & real[:, None, :]
     np.testing.assert_array_equal(mask.allowed(), expected)
 
     def loss(q, k, v, chunk):
-        out = grouped_query_attention(q, k, v, mask, chunk)
+        out = grouped_query_attention(q, k, v, mask, 8**-0.5, None, chunk)
         return jnp.sum(jnp.sin(out) * jnp.asarray(real)[:, :, None, None]), out
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
@@ -569,15 +572,17 @@ def test_attention_chunking_in_the_model_and_its_memory():
 
     # XLA temporaries of attention forward + backward at T = 1024: unchunked they hold several
     # [4 heads, T, T] f32 tensors; with 128-query chunks about an eighth of that.
-    from fipo_jax.models.qwen2 import AttentionMask, grouped_query_attention
+    from fipo_jax.models.attention import AttentionMask, grouped_query_attention
 
     t = 1024
     shapes = (jax.ShapeDtypeStruct((1, t, 4, 8), jnp.float32), jax.ShapeDtypeStruct((1, 2, t, 8), jnp.float32),
               jax.ShapeDtypeStruct((1, 2, t, 8), jnp.float32))
-    mask = AttentionMask(jnp.arange(t, dtype=jnp.int32), jnp.ones((1, t), bool))
+    slots = jnp.arange(t, dtype=jnp.int32)
+    mask = AttentionMask(slots, jnp.ones((1, t), bool), slots[None], slots[None])
 
     def temp_bytes(chunk):
-        fn = jax.grad(lambda q, k, v: jnp.sum(grouped_query_attention(q, k, v, mask, chunk)), argnums=(0, 1, 2))
+        fn = jax.grad(lambda q, k, v: jnp.sum(grouped_query_attention(q, k, v, mask, 8**-0.5, None, chunk)),
+                      argnums=(0, 1, 2))
         return jax.jit(fn).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
 
     full, chunk_128 = temp_bytes(None), temp_bytes(128)
@@ -594,7 +599,7 @@ def test_attention_chunking_in_the_model_and_its_memory():
 def test_decode_attention_reads_written_blocks_and_equals_dense(block):
     """Decode attention over written blocks only = dense masked softmax over the whole cache,
     including a cache length (23) that the block does not divide and a padded row."""
-    from fipo_jax.models.qwen2 import AttentionMask, _attention, decode_attention
+    from fipo_jax.models.attention import AttentionMask, _attention, decode_attention
 
     batch, heads, kv_heads, head_dim, slots = 3, 4, 2, 8, 23
     keys = jax.random.split(jax.random.key(1), 3)
@@ -606,15 +611,17 @@ def test_decode_attention_reads_written_blocks_and_equals_dense(block):
     valid[1, :3] = False  # left padding
     valid[:, 15:] = False
     for query_slot in (0, 3, 7, 14):
-        mask = AttentionMask(jnp.asarray([query_slot], jnp.int32), jnp.asarray(valid))
-        dense = _attention(q[:, None], k, v, mask.allowed())[:, 0]
-        blocked = jax.jit(decode_attention, static_argnums=4)(q, k, v, mask, block)
+        positions = positions_from_mask(jnp.asarray(valid))
+        mask = AttentionMask(jnp.asarray([query_slot], jnp.int32), jnp.asarray(valid), positions[:, query_slot:][:, :1],
+                             positions)
+        dense = _attention(q[:, None], k, v, mask.allowed(), 8**-0.5)[:, 0]
+        blocked = jax.jit(decode_attention, static_argnums=(4, 5))(q, k, v, mask, 8**-0.5, block)
         live = valid[:, : query_slot + 1].any(axis=1)  # rows with at least one visible key
         np.testing.assert_allclose(np.asarray(blocked)[live], np.asarray(dense)[live], atol=1e-5)
         # bfloat16 inputs: same dtype policy as the dense path (f32 scores and accumulation).
         half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-        dense16 = _attention(half[0][:, None], half[1], half[2], mask.allowed())[:, 0]
-        blocked16 = jax.jit(decode_attention, static_argnums=4)(*half, mask, block)
+        dense16 = _attention(half[0][:, None], half[1], half[2], mask.allowed(), 8**-0.5)[:, 0]
+        blocked16 = jax.jit(decode_attention, static_argnums=(4, 5))(*half, mask, 8**-0.5, block)
         assert blocked16.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(blocked16, np.float32)[live], np.asarray(dense16, np.float32)[live],
                                    atol=3e-2)

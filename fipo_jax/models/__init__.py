@@ -1,10 +1,28 @@
-"""Qwen2 / Qwen2.5 policy model in flax.nnx with logical axis names, HF import/export and a KV cache."""
+"""Pretrained decoder LMs in flax.nnx: Qwen2/2.5, Qwen3, Llama 3 and Gemma 3 (text) as one decoder whose
+family differences are config fields; HF safetensors and GGUF import, HF export, KV cache.
 
-from fipo_jax.models.config import SUPPORTED_DTYPES, Qwen2Config, UnsupportedConfigError
+Modules: `config` (ModelConfig), `families` (HF configs and tensor names per family), `rope`,
+`attention` (full / chunked / sliding / decode), `kv_cache`, `layers`, `decoder` (the layer stack),
+`hf_io` (safetensors import/export, sharding rules), `gguf_io` (GGUF import), `tokenizer`, `assets`
+(checkpoints that ship in packages).
+"""
+
+from fipo_jax.models.attention import AttentionMask, decode_attention, grouped_query_attention
+from fipo_jax.models.config import (
+    MODEL_TYPES,
+    SUPPORTED_DTYPES,
+    ModelConfig,
+    Qwen2Config,
+    RopeScaling,
+    UnsupportedConfigError,
+)
+from fipo_jax.models.decoder import CausalLM, Qwen2ForCausalLM, positions_from_mask
+from fipo_jax.models.families import WeightMapping, config_from_hf, config_to_hf, hf_weight_table
 from fipo_jax.models.hf_io import (
     DEFAULT_RULES,
     CheckpointMismatchError,
-    WeightMapping,
+    SafetensorsSource,
+    TensorSource,
     checkpoint_files,
     load_pretrained,
     load_weights,
@@ -13,33 +31,35 @@ from fipo_jax.models.hf_io import (
     save_pretrained,
     weight_mapping,
 )
-from fipo_jax.models.qwen2 import (
-    KV_CACHE_AXES,
-    LOGICAL_AXES,
-    KVCache,
-    Qwen2ForCausalLM,
-    apply_rope,
-    grouped_query_attention,
-    init_kv_cache,
-    positions_from_mask,
-    rms_norm,
-    rope_cos_sin,
-)
+from fipo_jax.models.kv_cache import KV_CACHE_AXES, KVCache, init_kv_cache
+from fipo_jax.models.layers import LOGICAL_AXES, rms_norm
+from fipo_jax.models.rope import apply_rope, rope_cos_sin, rope_inverse_frequencies
 
 __all__ = [
     "DEFAULT_RULES",
     "KV_CACHE_AXES",
     "LOGICAL_AXES",
+    "MODEL_TYPES",
     "SUPPORTED_DTYPES",
+    "AttentionMask",
+    "CausalLM",
     "CheckpointMismatchError",
     "KVCache",
+    "ModelConfig",
     "Qwen2Config",
     "Qwen2ForCausalLM",
+    "RopeScaling",
+    "SafetensorsSource",
+    "TensorSource",
     "UnsupportedConfigError",
     "WeightMapping",
     "apply_rope",
     "checkpoint_files",
+    "config_from_hf",
+    "config_to_hf",
+    "decode_attention",
     "grouped_query_attention",
+    "hf_weight_table",
     "init_kv_cache",
     "load_pretrained",
     "load_weights",
@@ -48,6 +68,7 @@ __all__ = [
     "positions_from_mask",
     "rms_norm",
     "rope_cos_sin",
+    "rope_inverse_frequencies",
     "save_pretrained",
     "weight_mapping",
 ]

@@ -1,13 +1,13 @@
-"""Hugging Face checkpoint import/export for the nnx Qwen2 model.
+"""Checkpoint import/export for the nnx decoder (every family in `fipo_jax.models.families`).
 
-Import: `config.json` through `transformers.AutoConfig`, tensors from `model.safetensors` or a
-sharded checkpoint (`model.safetensors.index.json`), one tensor at a time, through the explicit
-table `weight_mapping(config)` (HF key → nnx path + layout transform). With a mesh, each tensor is
-placed straight onto the `NamedSharding` its logical axes map to, so the host never holds more
-than one tensor of the model.
+Import: `config.json` (normalised by transformers' config class of its model_type), tensors
+from `model.safetensors`, a sharded checkpoint (`model.safetensors.index.json`) or a GGUF file
+(`gguf_io`), one tensor at a time, through the explicit table `hf_weight_table(config)` (HF key →
+nnx path + layout transform). With a mesh, each tensor is placed straight onto the
+`NamedSharding` its logical axes map to, so the host never holds more than one tensor of the model.
 
-Export: `save_pretrained` writes HF-layout safetensors (torch Linear weights are [out, in]) and a
-transformers-5 `config.json` that `transformers.Qwen2ForCausalLM.from_pretrained` loads.
+Export: `save_pretrained` writes HF-layout safetensors (torch Linear weights are [out, in]) and the
+family's transformers-5 `config.json`, which `transformers.AutoModelForCausalLM` loads.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,8 +26,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fipo_jax.models.config import Qwen2Config
-from fipo_jax.models.qwen2 import Qwen2ForCausalLM
+from fipo_jax.models.config import MODEL_TYPES, ModelConfig, UnsupportedConfigError
+from fipo_jax.models.decoder import CausalLM
+from fipo_jax.models.families import WeightMapping, config_from_hf, hf_weight_table
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -48,111 +49,14 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
 # Buffers some checkpoints carry that are recomputed from the config, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
+# Alias of `hf_weight_table` under its original name.
+weight_mapping = hf_weight_table
+
 _FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not match the model: lists every problem at once."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout transforms between HF tensors and our parameters
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """How one HF tensor maps onto one of our parameters.
-
-    Attributes:
-      name: short description, used in messages.
-      hf_shape: our parameter shape → the HF tensor shape.
-      to_ours: (HF array, our shape) → our array.
-      to_hf: our array → HF array.
-    """
-
-    name: str
-    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
-    to_ours: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-
-
-# Same shape (embedding [V, D], norm weights [D]).
-COPY = Layout(
-    "copy",
-    hf_shape=lambda s: s,
-    to_ours=lambda x, s: x,
-    to_hf=lambda x: x,
-)
-# torch Linear [out, in] ↔ our kernel [in, out].
-LINEAR = Layout(
-    "transpose",
-    hf_shape=lambda s: (s[1], s[0]),
-    to_ours=lambda x, s: x.T,
-    to_hf=lambda x: x.T,
-)
-# q/k/v Linear [N·K, D] ↔ our kernel [D, N, K] (output features split into heads).
-HEADS_OUT = Layout(
-    "transpose + split heads",
-    hf_shape=lambda s: (s[1] * s[2], s[0]),
-    to_ours=lambda x, s: x.T.reshape(s),
-    to_hf=lambda x: x.reshape(x.shape[0], x.shape[1] * x.shape[2]).T,
-)
-# q/k/v bias [N·K] ↔ our bias [N, K].
-HEADS_BIAS = Layout(
-    "split heads",
-    hf_shape=lambda s: (s[0] * s[1],),
-    to_ours=lambda x, s: x.reshape(s),
-    to_hf=lambda x: x.reshape(-1),
-)
-# o_proj Linear [D, H·K] ↔ our kernel [H, K, D] (input features split into heads).
-HEADS_IN = Layout(
-    "transpose + split heads",
-    hf_shape=lambda s: (s[2], s[0] * s[1]),
-    to_ours=lambda x, s: x.T.reshape(s),
-    to_hf=lambda x: x.reshape(x.shape[0] * x.shape[1], x.shape[2]).T,
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightMapping:
-    """One row of the mapping table: HF key ↔ nnx path, with the layout transform."""
-
-    hf_key: str
-    path: tuple[str | int, ...]
-    layout: Layout
-
-
-_GLOBAL_TABLE = (
-    ("model.embed_tokens.weight", ("embed_tokens", "embedding"), COPY),
-    ("model.norm.weight", ("norm", "weight"), COPY),
-)
-_LM_HEAD_ROW = ("lm_head.weight", ("lm_head", "kernel"), LINEAR)
-_LAYER_TABLE = (
-    ("input_layernorm.weight", ("input_layernorm", "weight"), COPY),
-    ("post_attention_layernorm.weight", ("post_attention_layernorm", "weight"), COPY),
-    ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), HEADS_OUT),
-    ("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), HEADS_BIAS),
-    ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), HEADS_OUT),
-    ("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), HEADS_BIAS),
-    ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), HEADS_OUT),
-    ("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), HEADS_BIAS),
-    ("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), HEADS_IN),
-    ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), LINEAR),
-    ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), LINEAR),
-    ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), LINEAR),
-)
-
-
-def weight_mapping(config: Qwen2Config) -> tuple[WeightMapping, ...]:
-    """The full HF ↔ nnx table for `config` (no lm_head row when embeddings are tied)."""
-    rows = [WeightMapping(k, p, t) for k, p, t in _GLOBAL_TABLE]
-    if not config.tie_word_embeddings:
-        rows.append(WeightMapping(*_LM_HEAD_ROW))
-    for i in range(config.num_hidden_layers):
-        for suffix, sub_path, layout in _LAYER_TABLE:
-            rows.append(WeightMapping(f"model.layers.{i}.{suffix}", ("layers", i, *sub_path), layout))
-    return tuple(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,10 +119,59 @@ def param_shardings(
 
 
 @dataclasses.dataclass(frozen=True)
-class _TensorInfo:
-    file: str
+class TensorInfo:
+    """What a checkpoint holds under one HF name, known before any tensor data is read."""
+
     shape: tuple[int, ...]
     dtype: str
+    readable: bool = True  # False: a dtype / quantisation the loader cannot turn into floats
+
+
+class TensorSource:
+    """A checkpoint seen through HF tensor names and layouts (safetensors folder or GGUF file)."""
+
+    description: str = "checkpoint"
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """HF name → shape / dtype of every tensor (no data read)."""
+        raise NotImplementedError
+
+    def read(self, names: Sequence[str]):
+        """Yields (name, float numpy array in the HF layout), one tensor at a time."""
+        raise NotImplementedError
+
+
+class SafetensorsSource(TensorSource):
+    """The tensors of `model.safetensors` or a sharded checkpoint (`model.safetensors.index.json`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.files = checkpoint_files(path)
+        self.description = os.fspath(path)
+        self._file_of: dict[str, str] = {}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        found: dict[str, TensorInfo] = {}
+        for file in self.files:
+            with safe_open(file, framework="numpy") as f:
+                for key in f.keys():
+                    if key in found:
+                        raise CheckpointMismatchError(f"tensor {key!r} appears in both {self._file_of[key]} and {file}")
+                    tensor_slice = f.get_slice(key)
+                    dtype = tensor_slice.get_dtype()
+                    found[key] = TensorInfo(tuple(tensor_slice.get_shape()), dtype, dtype in _FLOAT_DTYPES)
+                    self._file_of[key] = file
+        return found
+
+    def read(self, names: Sequence[str]):
+        if not self._file_of:
+            self.infos()
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self._file_of[name], []).append(name)
+        for file, keys in by_file.items():
+            with safe_open(file, framework="numpy") as f:
+                for key in keys:
+                    yield key, f.get_tensor(key)
 
 
 def checkpoint_files(path: str | os.PathLike) -> list[str]:
@@ -235,36 +188,19 @@ def checkpoint_files(path: str | os.PathLike) -> list[str]:
     raise FileNotFoundError(f"no {SAFETENSORS_INDEX} or {SAFETENSORS_SINGLE} in {path}")
 
 
-def _scan_tensors(files: Sequence[str]) -> dict[str, _TensorInfo]:
-    """Name → (file, shape, dtype) from the safetensors headers (no tensor data is read)."""
-    found: dict[str, _TensorInfo] = {}
-    for file in files:
-        with safe_open(file, framework="numpy") as f:
-            for key in f.keys():
-                if key in found:
-                    raise CheckpointMismatchError(
-                        f"tensor {key!r} appears in both {found[key].file} and {file}"
-                    )
-                tensor_slice = f.get_slice(key)
-                found[key] = _TensorInfo(file, tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
-    return found
-
-
 def _check_tensors(
     table: Sequence[WeightMapping],
     param_shapes: Mapping[tuple, tuple[int, ...]],
-    found: Mapping[str, _TensorInfo],
-    config: Qwen2Config,
+    found: Mapping[str, TensorInfo],
+    config: ModelConfig,
+    source: TensorSource,
 ) -> None:
     """Raises one CheckpointMismatchError naming every missing/unexpected/mis-shaped tensor."""
     expected = {row.hf_key: row for row in table}
     allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = sorted(k for k in expected if k not in found)
-    unexpected = sorted(
-        k
-        for k in found
-        if k not in expected and k not in allowed_extra and not k.endswith(_IGNORED_SUFFIXES)
-    )
+    unexpected = sorted(k for k in found
+                        if k not in expected and k not in allowed_extra and not k.endswith(_IGNORED_SUFFIXES))
     misshaped, bad_dtype = [], []
     for key, row in expected.items():
         if key not in found:
@@ -272,15 +208,13 @@ def _check_tensors(
         want = tuple(row.layout.hf_shape(param_shapes[row.path]))
         if found[key].shape != want:
             misshaped.append(f"{key}: checkpoint {list(found[key].shape)}, expected {list(want)}")
-        if found[key].dtype not in _FLOAT_DTYPES:
+        if not found[key].readable:
             bad_dtype.append(f"{key}: {found[key].dtype}")
     if "lm_head.weight" in allowed_extra and "lm_head.weight" in found:
-        embed_shape = found.get("model.embed_tokens.weight", _TensorInfo("", (), "")).shape
+        embed_shape = found["model.embed_tokens.weight"].shape if "model.embed_tokens.weight" in found else ()
         if found["lm_head.weight"].shape != embed_shape:
-            misshaped.append(
-                f"lm_head.weight: checkpoint {list(found['lm_head.weight'].shape)}, expected "
-                f"{list(embed_shape)} (tied to model.embed_tokens.weight)"
-            )
+            misshaped.append(f"lm_head.weight: checkpoint {list(found['lm_head.weight'].shape)}, expected "
+                             f"{list(embed_shape)} (tied to model.embed_tokens.weight)")
     problems = []
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {missing}")
@@ -289,19 +223,16 @@ def _check_tensors(
     if misshaped:
         problems.append(f"mis-shaped tensors ({len(misshaped)}): {misshaped}")
     if bad_dtype:
-        problems.append(f"non-float tensors ({len(bad_dtype)}), quantised checkpoints are not supported: {bad_dtype}")
+        problems.append(f"tensors of a dtype the loader cannot read ({len(bad_dtype)}): {bad_dtype}")
     if problems:
         raise CheckpointMismatchError(
-            "checkpoint does not match the Qwen2 model "
+            f"{source.description} does not match the {config.model_type} model "
             f"(layers={config.num_hidden_layers}, hidden={config.hidden_size}, "
-            f"heads={config.num_attention_heads}/{config.num_key_value_heads}, "
-            f"tied={config.tie_word_embeddings}):\n  " + "\n  ".join(problems)
-        )
+            f"heads={config.num_attention_heads}/{config.num_key_value_heads}, head_dim={config.head_dim}, "
+            f"tied={config.tie_word_embeddings}):\n  " + "\n  ".join(problems))
 
 
-def _place(
-    array: np.ndarray, variable: nnx.Variable, mesh: Mesh | None, rules: Mapping | None
-) -> jax.Array:
+def _place(array: np.ndarray, variable: nnx.Variable, mesh: Mesh | None, rules: Mapping | None) -> jax.Array:
     """Host array → device array, sharded by the parameter's logical axes when a mesh is given."""
     if mesh is None:
         return jax.device_put(array)
@@ -311,61 +242,49 @@ def _place(
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def _check_tied_head(found: Mapping[str, _TensorInfo]) -> None:
+def _check_tied_head(source: TensorSource) -> None:
     """A tied checkpoint may still carry lm_head.weight; accept it only if it equals the embedding."""
-    with safe_open(found["lm_head.weight"].file, framework="numpy") as f:
-        head = f.get_tensor("lm_head.weight")
-    with safe_open(found["model.embed_tokens.weight"].file, framework="numpy") as f:
-        embed = f.get_tensor("model.embed_tokens.weight")
-    if not np.array_equal(head, embed):
-        raise CheckpointMismatchError(
-            "config has tie_word_embeddings=True but the checkpoint's lm_head.weight differs from "
-            "model.embed_tokens.weight"
-        )
+    tensors = dict(source.read(["lm_head.weight", "model.embed_tokens.weight"]))
+    if not np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
+        raise CheckpointMismatchError("config has tie_word_embeddings=True but the checkpoint's lm_head.weight "
+                                      "differs from model.embed_tokens.weight")
 
 
 def load_weights(
-    path: str | os.PathLike,
-    config: Qwen2Config,
+    source: TensorSource | str | os.PathLike,
+    config: ModelConfig,
     *,
     mesh: Mesh | None = None,
     rules: Mapping[str, str | tuple[str, ...] | None] | None = None,
-) -> Qwen2ForCausalLM:
-    """Builds the model abstractly (nnx.eval_shape) and fills it from safetensors, tensor by tensor.
+) -> CausalLM:
+    """Builds the model abstractly (nnx.eval_shape) and fills it from `source`, tensor by tensor.
 
-    Checks every tensor name/shape against `weight_mapping(config)` before reading any data.
-    Tensors are cast to `config.dtype`; with `mesh`, each lands directly on its NamedSharding.
+    `source` is a `TensorSource` or a safetensors checkpoint folder. Every tensor name/shape is
+    checked against `hf_weight_table(config)` before any data is read. Tensors are cast to
+    `config.dtype`; with `mesh`, each lands directly on its NamedSharding.
     """
-    files = checkpoint_files(path)
-    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)))
+    if not isinstance(source, TensorSource):
+        source = SafetensorsSource(source)
+    abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     variables = dict(nnx.to_flat_state(state))
-    table = weight_mapping(config)
+    table = hf_weight_table(config)
     table_paths = {row.path for row in table}
     if table_paths != set(variables):
         # Internal consistency between the model and the mapping table, not a checkpoint issue.
-        raise AssertionError(
-            f"mapping table and model disagree: {sorted(map(str, table_paths ^ set(variables)))}"
-        )
-    found = _scan_tensors(files)
-    _check_tensors(table, {p: tuple(v.shape) for p, v in variables.items()}, found, config)
+        raise AssertionError(f"mapping table and model disagree: {sorted(map(str, table_paths ^ set(variables)))}")
+    found = source.infos()
+    _check_tensors(table, {p: tuple(v.shape) for p, v in variables.items()}, found, config, source)
     if config.tie_word_embeddings and "lm_head.weight" in found:
-        _check_tied_head(found)
-
+        _check_tied_head(source)
     param_dtype = np.dtype(config.dtype)
-    rows_by_file: dict[str, list[WeightMapping]] = {}
-    for row in table:
-        rows_by_file.setdefault(found[row.hf_key].file, []).append(row)
-    for file, rows in rows_by_file.items():
-        with safe_open(file, framework="numpy") as f:
-            for row in rows:
-                variable = variables[row.path]
-                hf_array = f.get_tensor(row.hf_key)
-                ours = np.ascontiguousarray(
-                    row.layout.to_ours(hf_array, tuple(variable.shape)).astype(param_dtype)
-                )
-                variable.set_value(_place(ours, variable, mesh, rules))
-                del hf_array, ours
+    rows = {row.hf_key: row for row in table}
+    for key, hf_array in source.read(list(rows)):
+        row = rows[key]
+        variable = variables[row.path]
+        ours = np.ascontiguousarray(row.layout.to_ours(hf_array, tuple(variable.shape)).astype(param_dtype))
+        variable.set_value(_place(ours, variable, mesh, rules))
+        del hf_array, ours
     return nnx.merge(graphdef, state)
 
 
@@ -378,28 +297,55 @@ def load_pretrained(
     attention_chunk_size: int | None = None,
     mesh: Mesh | None = None,
     rules: Mapping[str, str | tuple[str, ...] | None] | None = None,
-) -> Qwen2ForCausalLM:
-    """Loads a HF Qwen2/Qwen2.5 checkpoint folder as an nnx `Qwen2ForCausalLM`.
+) -> CausalLM:
+    """Loads a pretrained Qwen2/2.5, Qwen3, Llama 3 or Gemma 3 (text) model as an nnx `CausalLM`.
 
     Args:
-      path: local folder with config.json and model.safetensors (or a sharded index).
+      path: a Hugging Face checkpoint folder (config.json + model.safetensors or a sharded index;
+        the family is read from config.json's model_type), or a `.gguf` file (llama.cpp format,
+        float or quantised tensors, dequantised on load: see `fipo_jax.models.gguf_io`).
       dtype: parameter dtype ("float32" or "bfloat16"); checkpoint tensors are cast to it.
       compute_dtype: activation dtype; defaults to `dtype`.
       remat: rematerialise decoder layers in the backward pass.
-      attention_chunk_size: query-chunked attention (`Qwen2Config.attention_chunk_size`).
+      attention_chunk_size: query-chunked attention (`ModelConfig.attention_chunk_size`).
       mesh: if given, every parameter is placed on NamedSharding(mesh, spec from its logical axes).
       rules: logical axis → mesh axis table; defaults to `DEFAULT_RULES`.
 
     Raises:
+      FileNotFoundError: no such folder / file, or a folder without config.json or weights.
       UnsupportedConfigError: the config describes a model this implementation does not compute.
       CheckpointMismatchError: missing / unexpected / mis-shaped tensors (all listed at once).
     """
+    path = os.fspath(path)
+    options = dict(dtype=dtype, compute_dtype=compute_dtype, remat=remat, attention_chunk_size=attention_chunk_size)
+    if path.endswith(".gguf") or os.path.isfile(path):
+        from fipo_jax.models import gguf_io
+
+        return gguf_io.load_gguf(path, mesh=mesh, rules=rules, **options)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint folder or .gguf file at {path!r}")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
+    with open(config_path, encoding="utf-8") as f:
+        hf_dict = json.load(f)
+    config = config_from_hf(_normalised_hf_config(hf_dict), **options)
+    return load_weights(SafetensorsSource(path), config, mesh=mesh, rules=rules)
+
+
+def _normalised_hf_config(hf_dict: dict[str, Any]) -> Any:
+    """config.json through transformers' own config class when it knows the family (it fills the
+    defaults a file may omit exactly as transformers would); the raw dict otherwise, so that
+    `config_from_hf` names what is unsupported."""
     import transformers  # local: transformers is heavy and only needed for config parsing
 
-    hf_config = transformers.AutoConfig.from_pretrained(os.fspath(path))
-    config = Qwen2Config.from_hf(hf_config, dtype=dtype, compute_dtype=compute_dtype, remat=remat,
-                                 attention_chunk_size=attention_chunk_size)
-    return load_weights(path, config, mesh=mesh, rules=rules)
+    model_type = hf_dict.get("model_type")
+    if model_type not in MODEL_TYPES:
+        return hf_dict
+    try:
+        return transformers.AutoConfig.for_model(model_type, **{k: v for k, v in hf_dict.items() if k != "model_type"})
+    except (TypeError, ValueError) as error:
+        raise UnsupportedConfigError(f"config.json is not a valid {model_type} config for transformers: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,9 +363,9 @@ def _to_host(array: jax.Array) -> np.ndarray:
 
 
 def save_pretrained(
-    model: Qwen2ForCausalLM,
+    model: CausalLM,
     path: str | os.PathLike,
-    config: Qwen2Config | None = None,
+    config: ModelConfig | None = None,
     *,
     dtype: str | None = None,
     max_shard_bytes: int | None = None,
@@ -442,7 +388,8 @@ def save_pretrained(
     out_dtype = np.dtype(dtype or config.dtype)
     path = os.fspath(path)
     variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    table = weight_mapping(config)
+    table = hf_weight_table(config)
+    hf_dict = config.to_hf_dict()  # raises before writing anything if the family cannot express it
     sizes = [int(np.prod(variables[row.path].shape)) * out_dtype.itemsize for row in table]
     groups = _plan_shards(sizes, max_shard_bytes)
     names = (
@@ -470,7 +417,6 @@ def save_pretrained(
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         with open(os.path.join(path, SAFETENSORS_INDEX), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
-    hf_dict = config.to_hf_dict()
     hf_dict["dtype"] = out_dtype.name
     hf_dict.update(extra_config or {})
     with open(os.path.join(path, "config.json"), "w") as f:

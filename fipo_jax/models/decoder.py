@@ -1,0 +1,250 @@
+"""The decoder-only causal LM of every supported family (Qwen2/2.5, Qwen3, Llama 3, Gemma 3).
+
+    h⁰ = E[ids] (· √D when scale_embeddings)                       E: [V, D]
+    for each layer ℓ (type full or sliding, RoPE of its type):
+        a   = Attn(RMSNorm(hˡ))                    q/k normed per head when qk_norm; GQA; window
+        hˡ' = hˡ + (RMSNorm(a) if sandwich_norms else a)
+        m   = MLP(RMSNorm(hˡ'))                    act(x W_gate) ⊙ (x W_up), then W_down
+        hˡ⁺¹ = hˡ' + (RMSNorm(m) if sandwich_norms else m)
+    logits = RMSNorm(hᴸ) W_lm                                       W_lm = Eᵀ when tied
+
+Padding: `attention_mask` [B, T] (True = real token) removes pad keys from attention; RoPE
+positions default to `cumsum(mask) − 1`, so a left-padded row gets positions 0, 1, … for its
+real tokens and computes exactly what that row would compute alone (sliding windows included:
+they are measured in positions).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fipo_jax.models.attention import AttentionMask
+from fipo_jax.models.config import ModelConfig
+from fipo_jax.models.kv_cache import KVCache, init_kv_cache
+from fipo_jax.models.layers import AXIS_EMBED, AXIS_VOCAB, MLP, Attention, DenseGeneral, Embed, RMSNorm
+from fipo_jax.models.rope import rope_cos_sin
+
+
+def positions_from_mask(mask_BxT: jax.Array, start_B: jax.Array | None = None) -> jax.Array:
+    """RoPE positions p_bt = start_b + (#real tokens in row b up to and including t) − 1.
+
+    Real tokens get consecutive positions starting at `start_b` (0 by default) whatever the
+    padding; pad tokens get the position of the preceding real token (clipped at 0), which is
+    harmless because pad keys are masked out.
+    """
+    counts_BxT = jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1)
+    if start_B is not None:
+        counts_BxT = counts_BxT + start_B.astype(jnp.int32)[:, None]
+    return jnp.maximum(counts_BxT - 1, 0)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block, with post-norms too when `sandwich_norms` (see module doc)."""
+
+    def __init__(self, config: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+        self.layer_type = layer_type
+        self.attn_norm = RMSNorm(config)
+        self.self_attn = Attention(config, layer_type, rngs=rngs)
+        self.mlp_norm = RMSNorm(config)
+        self.mlp = MLP(config, rngs=rngs)
+        if config.sandwich_norms:
+            self.attn_output_norm = RMSNorm(config)
+            self.mlp_output_norm = RMSNorm(config)
+        else:
+            self.attn_output_norm = self.mlp_output_norm = None
+
+    def __call__(
+        self,
+        x_BxTxD: jax.Array,
+        cos_BxTxK: jax.Array,
+        sin_BxTxK: jax.Array,
+        mask: AttentionMask,
+        layer_cache: tuple[jax.Array, jax.Array] | None = None,
+        write_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        attn_BxTxD, new_cache = self.self_attn(self.attn_norm(x_BxTxD), cos_BxTxK, sin_BxTxK, mask, layer_cache,
+                                               write_index)
+        if self.attn_output_norm is not None:
+            attn_BxTxD = self.attn_output_norm(attn_BxTxD)
+        x_BxTxD = x_BxTxD + attn_BxTxD
+        mlp_BxTxD = self.mlp(self.mlp_norm(x_BxTxD))
+        if self.mlp_output_norm is not None:
+            mlp_BxTxD = self.mlp_output_norm(mlp_BxTxD)
+        return x_BxTxD + mlp_BxTxD, new_cache
+
+
+def _layer_forward(layer: DecoderLayer, x_BxTxD, cos_BxTxK, sin_BxTxK, mask: AttentionMask) -> jax.Array:
+    return layer(x_BxTxD, cos_BxTxK, sin_BxTxK, mask)[0]
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only causal LM; `config` decides the family. Parameter paths: see `families`.
+
+    Call forms (all shapes static; B batch, T new tokens, V vocab, D hidden):
+
+      logits_BxTxV = model(input_ids_BxT, positions_BxT=None, attention_mask_BxT=None)
+          Full forward. Default mask: all True. Default positions: cumsum(mask) − 1, i.e.
+          0..T−1 without padding, per-row 0-based real-token positions with left padding.
+
+      logits_BxTxV, cache = model(input_ids_BxT, positions, attention_mask, kv_cache=cache)
+          Cached forward (prefill when T > 1, decode when T == 1): writes the T new keys/values
+          at slots [cache.index, cache.index + T), marks those slots valid where
+          attention_mask is True, attends causally over every valid slot ≤ its own, and returns
+          the cache with index += T and next_position_B advanced past the row's real tokens.
+          Default positions: cache.next_position_B + cumsum(mask) − 1. The caller must keep
+          cache.index + T ≤ cache.max_len (dynamic_update_slice would clamp silently).
+
+      `last_token_only=True` returns logits for the final position only ([B, 1, V]), which is
+      what prefill needs; with left padding the final position is real for every row.
+
+    Logits are float32. For log-probs without a [B, T, V] tensor use `hidden_states` +
+    `unembedding` / `unembed` on chunks.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = Embed(config, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, config.layer_type(i), rngs=rngs)
+                                for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = DenseGeneral("btd,dv->btv", (config.hidden_size, config.vocab_size),
+                                        (AXIS_EMBED, AXIS_VOCAB), config, rngs=rngs)
+
+    # -- output head ------------------------------------------------------------------------
+
+    def unembedding(self) -> jax.Array:
+        """The LM-head matrix W [D, V] (Eᵀ when embeddings are tied), in the param dtype."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def unembed(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """logits = h W in float32 (accumulated in float32 whatever the compute dtype)."""
+        weight_DxV = self.unembedding().astype(hidden_BxTxD.dtype)
+        return jnp.einsum("...d,dv->...v", hidden_BxTxD, weight_DxV, preferred_element_type=jnp.float32)
+
+    # -- trunk ------------------------------------------------------------------------------
+
+    def _rope_tables(self, positions_BxT: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """cos/sin per layer type present in the model (computed once per forward)."""
+        config = self.config
+        types = {layer.layer_type for layer in self.layers}
+        return {t: rope_cos_sin(positions_BxT, config.head_dim, *config.rope(t)) for t in types}
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states [B, T, D] (compute dtype) of a full forward pass."""
+        mask_BxT = self._check_inputs(input_ids, positions, attention_mask)
+        if positions is None:
+            positions = positions_from_mask(mask_BxT)
+        positions = positions.astype(jnp.int32)
+        tables = self._rope_tables(positions)
+        mask = AttentionMask(jnp.arange(input_ids.shape[1], dtype=jnp.int32), mask_BxT, positions, positions)
+        layer_fn = nnx.remat(_layer_forward) if self.config.remat else _layer_forward
+        x_BxTxD = self.embed_tokens(input_ids, self.config.activation_dtype)
+        for layer in self.layers:
+            x_BxTxD = layer_fn(layer, x_BxTxD, *tables[layer.layer_type], mask)
+        return self.norm(x_BxTxD)
+
+    def hidden_states_with_cache(
+        self,
+        input_ids: jax.Array,
+        kv_cache: KVCache,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Cached forward (see class docstring): final-normed hidden [B, T, D] and new cache."""
+        mask_BxT = self._check_inputs(input_ids, positions, attention_mask)
+        batch, seq_len = input_ids.shape
+        if len(kv_cache.keys) != self.config.num_hidden_layers:
+            raise ValueError(f"kv_cache has {len(kv_cache.keys)} layers, model has {self.config.num_hidden_layers}")
+        if kv_cache.valid_BxS.shape[0] != batch:
+            raise ValueError(f"kv_cache batch {kv_cache.valid_BxS.shape[0]} != input batch {batch}")
+        if seq_len > kv_cache.max_len:
+            raise ValueError(f"{seq_len} new tokens do not fit a cache of {kv_cache.max_len} slots")
+        if not isinstance(kv_cache.index, jax.core.Tracer) and int(kv_cache.index) + seq_len > kv_cache.max_len:
+            # Only checkable outside jit; under jit the caller must guarantee it.
+            raise ValueError(f"{seq_len} new tokens at slot {int(kv_cache.index)} do not fit a cache of "
+                             f"{kv_cache.max_len} slots")
+        if positions is None:
+            positions = positions_from_mask(mask_BxT, kv_cache.next_position_B)
+        positions = positions.astype(jnp.int32)
+        tables = self._rope_tables(positions)
+        index = kv_cache.index
+        valid_BxS = jax.lax.dynamic_update_slice(kv_cache.valid_BxS, mask_BxT, (0, index))
+        positions_BxS = jax.lax.dynamic_update_slice(kv_cache.positions_BxS, positions, (0, index))
+        mask = AttentionMask(index + jnp.arange(seq_len, dtype=jnp.int32), valid_BxS, positions, positions_BxS)
+        x_BxTxD = self.embed_tokens(input_ids, self.config.activation_dtype)
+        new_keys, new_values = [], []
+        for layer, k_cache, v_cache in zip(self.layers, kv_cache.keys, kv_cache.values):
+            x_BxTxD, (k_new, v_new) = layer(x_BxTxD, *tables[layer.layer_type], mask, (k_cache, v_cache), index)
+            new_keys.append(k_new)
+            new_values.append(v_new)
+        # Next position = last real position + 1; rows with no real token keep their counter.
+        last_real_B = jnp.max(jnp.where(mask_BxT, positions, -1), axis=1)
+        next_position_B = jnp.where(jnp.any(mask_BxT, axis=1), last_real_B + 1, kv_cache.next_position_B)
+        new_cache = KVCache(
+            keys=tuple(new_keys),
+            values=tuple(new_values),
+            valid_BxS=valid_BxS,
+            positions_BxS=positions_BxS,
+            next_position_B=next_position_B.astype(jnp.int32),
+            index=(index + seq_len).astype(jnp.int32),
+        )
+        return self.norm(x_BxTxD), new_cache
+
+    # -- logits -----------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        kv_cache: KVCache | None = None,
+        *,
+        last_token_only: bool = False,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits [B, T, V] float32, or (logits, new_cache) when `kv_cache` is given."""
+        if kv_cache is None:
+            hidden_BxTxD = self.hidden_states(input_ids, positions, attention_mask)
+            new_cache = None
+        else:
+            hidden_BxTxD, new_cache = self.hidden_states_with_cache(input_ids, kv_cache, positions, attention_mask)
+        if last_token_only:
+            hidden_BxTxD = hidden_BxTxD[:, -1:]
+        logits_BxTxV = self.unembed(hidden_BxTxD)
+        return logits_BxTxV if kv_cache is None else (logits_BxTxV, new_cache)
+
+    def init_kv_cache(self, batch_size: int, max_len: int, dtype: str | jnp.dtype | None = None) -> KVCache:
+        """`init_kv_cache(self.config, batch_size, max_len, dtype)`."""
+        return init_kv_cache(self.config, batch_size, max_len, dtype)
+
+    # -- validation -------------------------------------------------------------------------
+
+    def _check_inputs(self, input_ids: jax.Array, positions: jax.Array | None,
+                      attention_mask: jax.Array | None) -> jax.Array:
+        """Validates shapes/dtypes at trace time; returns the bool mask (default all True)."""
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be an integer [B, T] array, got {input_ids.dtype}{list(input_ids.shape)}")
+        if positions is not None and (positions.shape != input_ids.shape
+                                      or not jnp.issubdtype(positions.dtype, jnp.integer)):
+            raise ValueError(f"positions must be an integer array of shape {input_ids.shape}, "
+                             f"got {positions.dtype}{list(positions.shape)}")
+        if attention_mask is None:
+            return jnp.ones(input_ids.shape, jnp.bool_)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have shape {input_ids.shape}, got {attention_mask.shape}")
+        return attention_mask.astype(jnp.bool_)
+
+
+# The name of the original Qwen2-only model class, kept so existing code keeps working.
+Qwen2ForCausalLM = CausalLM

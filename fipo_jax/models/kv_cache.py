@@ -1,0 +1,70 @@
+"""The preallocated, static-shape key/value cache of the sampler (a pytree; jit- and donation-friendly)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fipo_jax.models.config import ModelConfig
+
+# Logical axes of each per-layer cache array [B, N, S_max, K] (batch / length are activation axes:
+# the sampler decides how to shard them).
+KV_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for S_max slots.
+
+    Slots are shared by all rows: a call with T new tokens writes slots [index, index + T) of
+    every row. Rows differ only through `valid_BxS` (pad / finished-row slots are False and never
+    attended to), `positions_BxS` and `next_position_B`. Sliding-window layers keep every slot
+    too and mask by position (`attention.decode_attention` reads only the window's blocks).
+
+    Attributes:
+      keys: per layer, [B, N, S_max, K] rotated keys (head-major: attention is a batched GEMM).
+      values: per layer, [B, N, S_max, K] values.
+      valid_BxS: bool [B, S_max], slot holds a real token of that row.
+      positions_BxS: int32 [B, S_max], RoPE position of the token in each slot.
+      next_position_B: int32 [B], RoPE position the row's next real token receives.
+      index: int32 scalar, next slot to write (same for all rows).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid_BxS: jax.Array
+    positions_BxS: jax.Array
+    next_position_B: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        """S_max, the number of slots."""
+        return self.valid_BxS.shape[1]
+
+
+def init_kv_cache(
+    config: ModelConfig, batch_size: int, max_len: int, dtype: str | jnp.dtype | None = None
+) -> KVCache:
+    """An empty cache: zeros, no valid slot, index 0, next positions 0.
+
+    Args:
+      config: the model config (layers, kv heads, head_dim).
+      batch_size: B.
+      max_len: S_max ≥ prompt length + tokens to generate.
+      dtype: cache dtype; defaults to the config's compute dtype.
+    """
+    if batch_size <= 0 or max_len <= 0:
+        raise ValueError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
+    cache_dtype = jnp.dtype(dtype) if dtype is not None else config.activation_dtype
+    shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+    layers = range(config.num_hidden_layers)
+    return KVCache(
+        keys=tuple(jnp.zeros(shape, cache_dtype) for _ in layers),
+        values=tuple(jnp.zeros(shape, cache_dtype) for _ in layers),
+        valid_BxS=jnp.zeros((batch_size, max_len), jnp.bool_),
+        positions_BxS=jnp.zeros((batch_size, max_len), jnp.int32),
+        next_position_B=jnp.zeros((batch_size,), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
