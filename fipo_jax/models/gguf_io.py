@@ -177,6 +177,8 @@ def gguf_hf_config(reader) -> dict[str, Any]:
 class GGUFSource(TensorSource):
     """A GGUF file's tensors under their Hugging Face names, dequantised and in HF layout."""
 
+    readable_types = READABLE_TYPES
+
     def __init__(self, reader, hf_config: Mapping[str, Any], path: str):
         self.reader = reader
         self.description = path

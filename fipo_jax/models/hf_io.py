@@ -131,6 +131,7 @@ class TensorSource:
     """A checkpoint seen through HF tensor names and layouts (safetensors folder or GGUF file)."""
 
     description: str = "checkpoint"
+    readable_types: tuple[str, ...] = ()
 
     def infos(self) -> dict[str, TensorInfo]:
         """HF name → shape / dtype of every tensor (no data read)."""
@@ -143,6 +144,8 @@ class TensorSource:
 
 class SafetensorsSource(TensorSource):
     """The tensors of `model.safetensors` or a sharded checkpoint (`model.safetensors.index.json`)."""
+
+    readable_types = tuple(_FLOAT_DTYPES)
 
     def __init__(self, path: str | os.PathLike):
         self.files = checkpoint_files(path)
@@ -223,7 +226,8 @@ def _check_tensors(
     if misshaped:
         problems.append(f"mis-shaped tensors ({len(misshaped)}): {misshaped}")
     if bad_dtype:
-        problems.append(f"tensors of a dtype the loader cannot read ({len(bad_dtype)}): {bad_dtype}")
+        problems.append(f"tensors of a type the loader cannot read ({len(bad_dtype)}): {bad_dtype} "
+                        f"(readable: {', '.join(source.readable_types)})")
     if problems:
         raise CheckpointMismatchError(
             f"{source.description} does not match the {config.model_type} model "
