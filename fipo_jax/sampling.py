@@ -22,8 +22,13 @@ teacher forcing (`fipo_jax.logprobs.sequence_log_probs(..., temperature=τ)`), s
 compared or used as the rollout policy's log-probs.
 
 Output layout: `tokens[b, t]` is the t-th generated token of row b; `mask[b, t]` is True up to
-and including the row's first EOS (False afterwards, where tokens hold `pad_token_id` and
-log-probs 0). The left-padded prompt actually fed to the model is returned as well, so
+and including the row's first EOS or the last token of its first stop sequence (False
+afterwards, where tokens hold `pad_token_id` and log-probs 0). Stop sequences are token
+sequences (like vLLM's `stop`, in tokens): a row stops once its generated tokens end with one.
+Their tokens are KEPT, exactly like an EOS: they were sampled by the policy, their log-probs are
+real, and training on them teaches the policy to stop; `stop_lengths[b]` says how many trailing
+tokens of row b form the matched stop sequence, so a caller drops them from the decoded text.
+The left-padded prompt actually fed to the model is returned as well, so
 `concat([prompt_ids, tokens], 1)` with mask `concat([prompt_mask, mask], 1)` and
 `response_start = P` reproduces the sampler's inputs exactly.
 """
@@ -65,6 +70,9 @@ class SamplingConfig:
       top_p: nucleus mass in (0, 1]; 1 disables nucleus filtering.
       top_k: keep the k most likely tokens; 0 disables (k ≥ V is the same as 0).
       eos_token_ids: tokens that end a response (the EOS itself is kept, mask 1); () never stops.
+      stop_sequences: token sequences that end a response once the generated tokens end with one
+        (kept, mask 1, like EOS; `SampleOutput.stop_lengths` marks them). Matched only against
+        generated tokens, never the prompt.
       pad_token_id: written to prompt padding and to response slots after EOS.
       prompt_length_buckets: increasing lengths; prompts are left-padded to the smallest bucket
         that holds the longest prompt in the batch, bounding recompilation. None pads only to the
@@ -77,6 +85,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     eos_token_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
     pad_token_id: int = 0
     prompt_length_buckets: tuple[int, ...] | None = DEFAULT_PROMPT_BUCKETS
     cache_dtype: str | None = None
@@ -108,6 +117,12 @@ class SamplingConfig:
                 f"SamplingConfig.eos_token_ids must be non-negative ints, got {self.eos_token_ids!r}"
             )
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        stops = self.stop_sequences
+        if (isinstance(stops, (str, bytes)) or not isinstance(stops, (tuple, list))
+                or not all(isinstance(q, (tuple, list)) and q and all(_is_int(t) and t >= 0 for t in q) for q in stops)):
+            raise ValueError("SamplingConfig.stop_sequences must be a tuple of non-empty token-id tuples "
+                             f"(encode stop strings with the tokenizer first), got {stops!r}")
+        object.__setattr__(self, "stop_sequences", tuple(tuple(int(t) for t in q) for q in stops))
         if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
             raise ValueError(
                 f"SamplingConfig.pad_token_id must be an int >= 0, got {self.pad_token_id!r}"
@@ -166,6 +181,8 @@ class SampleOutput(NamedTuple):
       prompt_ids: int32 [B, P], the left-aligned, bucket-padded prompt the model saw.
       prompt_mask: bool [B, P], True at real prompt tokens.
       num_steps: int32 scalar, decode positions actually computed (< N when every row stopped).
+      stop_lengths: int32 [B], length of the stop sequence that ended the row (its last tokens),
+        0 when the row ended with EOS, at the budget, or has no stop sequences.
     """
 
     tokens: jax.Array
@@ -175,6 +192,7 @@ class SampleOutput(NamedTuple):
     prompt_ids: jax.Array
     prompt_mask: jax.Array
     num_steps: jax.Array
+    stop_lengths: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +245,28 @@ def sample_tokens(
     return tokens_B, log_probs_B
 
 
+def stop_table(stop_sequences: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Stop sequences right-aligned in an [S, L] table (L = the longest) with a validity mask."""
+    width = max(map(len, stop_sequences))
+    tokens_SxL = np.full((len(stop_sequences), width), -1, np.int32)
+    valid_SxL = np.zeros((len(stop_sequences), width), bool)
+    for i, sequence in enumerate(stop_sequences):
+        tokens_SxL[i, width - len(sequence):] = sequence
+        valid_SxL[i, width - len(sequence):] = True
+    return tokens_SxL, valid_SxL
+
+
+def matched_stop_length(recent_BxL: jax.Array, tokens_SxL: jax.Array, valid_SxL: jax.Array) -> jax.Array:
+    """Length of the longest stop sequence that the last L tokens of each row end with (0: none).
+
+    recent_BxL holds a row's last L generated tokens, oldest first, −1 before its first token,
+    so a stop sequence can only match tokens the row generated.
+    """
+    matches_BxSxL = ~valid_SxL[None] | (recent_BxL[:, None, :] == tokens_SxL[None])
+    lengths_S = jnp.sum(valid_SxL, axis=1, dtype=jnp.int32)
+    return jnp.max(jnp.where(jnp.all(matches_BxSxL, axis=-1), lengths_S[None], 0), axis=-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Decode loop (pure, traceable)
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +281,8 @@ class _LoopState(NamedTuple):
     tokens_BxN: jax.Array
     mask_BxN: jax.Array
     log_probs_BxN: jax.Array
+    recent_BxL: jax.Array  # the last L generated tokens (L = longest stop sequence, 1 without)
+    stop_length_B: jax.Array
 
 
 def constrain_rows(tree, row_sharding: NamedSharding | None):
@@ -279,6 +321,9 @@ def generate_left_padded(
     max_new = config.max_new_tokens
     eos_E = jnp.asarray(config.eos_token_ids, jnp.int32)
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.bool_)
+    if config.stop_sequences:
+        stop_tokens_SxL, stop_valid_SxL = (jnp.asarray(x) for x in stop_table(config.stop_sequences))
+    recent_width = stop_tokens_SxL.shape[1] if config.stop_sequences else 1
 
     def choose(logits_BxV, step, finished_B):
         tokens_B, log_probs_B = sample_tokens(
@@ -292,6 +337,14 @@ def generate_left_padded(
 
     def record(state: _LoopState, cache, logits_BxV) -> _LoopState:
         tokens_B, log_probs_B, emitted_B, finished_B = choose(logits_BxV, state.step, state.finished_B)
+        recent_BxL, stop_length_B = state.recent_BxL, state.stop_length_B
+        if config.stop_sequences:
+            shifted_BxL = jnp.concatenate([recent_BxL[:, 1:], tokens_B[:, None]], axis=1)
+            recent_BxL = jnp.where(emitted_B[:, None], shifted_BxL, recent_BxL)
+            matched_B = matched_stop_length(recent_BxL, stop_tokens_SxL, stop_valid_SxL)
+            hit_B = emitted_B & (matched_B > 0)
+            stop_length_B = jnp.where(hit_B, matched_B, stop_length_B)
+            finished_B = finished_B | hit_B
         return _LoopState(
             step=state.step + 1,
             cache=cache,
@@ -301,6 +354,8 @@ def generate_left_padded(
             tokens_BxN=state.tokens_BxN.at[:, state.step].set(tokens_B),
             mask_BxN=state.mask_BxN.at[:, state.step].set(emitted_B),
             log_probs_BxN=state.log_probs_BxN.at[:, state.step].set(log_probs_B),
+            recent_BxL=recent_BxL,
+            stop_length_B=stop_length_B,
         )
 
     # Decode feeds at most N − 1 tokens after the prompt.
@@ -318,6 +373,8 @@ def generate_left_padded(
         tokens_BxN=jnp.full((batch, max_new), config.pad_token_id, jnp.int32),
         mask_BxN=jnp.zeros((batch, max_new), jnp.bool_),
         log_probs_BxN=jnp.zeros((batch, max_new), jnp.float32),
+        recent_BxL=jnp.full((batch, recent_width), -1, jnp.int32),
+        stop_length_B=jnp.zeros((batch,), jnp.int32),
     ), row_sharding)
     state = record(initial, cache, prefill_logits_Bx1xV[:, 0])
 
@@ -341,6 +398,7 @@ def generate_left_padded(
         prompt_ids=prompt_ids_BxP.astype(jnp.int32),
         prompt_mask=prompt_mask_BxP,
         num_steps=state.step,
+        stop_lengths=state.stop_length_B,
     )
 
 
@@ -432,9 +490,11 @@ def generate(
         raise ValueError(
             f"prompt_ids must be in [0, vocab_size={vocab}), got range [{real_ids.min()}, {real_ids.max()}]"
         )
-    out_of_vocab = [t for t in (*config.eos_token_ids, config.pad_token_id) if t >= vocab]
+    stop_ids = [t for sequence in config.stop_sequences for t in sequence]
+    out_of_vocab = [t for t in (*config.eos_token_ids, config.pad_token_id, *stop_ids) if t >= vocab]
     if out_of_vocab:
-        raise ValueError(f"eos_token_ids / pad_token_id must be < vocab_size={vocab}, got {out_of_vocab}")
+        raise ValueError(f"eos_token_ids / pad_token_id / stop_sequences must be < vocab_size={vocab}, "
+                         f"got {out_of_vocab}")
     prompt_len = config.prompt_length(int(lengths_B.max()))
     ids_BxP, mask_BxP = left_align_prompts(ids_BxL, mask_BxL, prompt_len, config.pad_token_id)
     graphdef, state = nnx.split(model)

@@ -246,6 +246,42 @@ def test_eos_masks_the_rest_of_the_row_and_stops_early(models, prompts, greedy_o
     np.testing.assert_allclose(out_lp, teacher_forced(models[1], out, 1.0), atol=1e-4, rtol=0)
 
 
+def test_stop_sequences_end_rows_keep_their_tokens_and_exact_log_probs(models, prompts):
+    """Sampled rows (τ = 1): each row stops right after the first place its generated tokens end
+    with a stop sequence; the stop tokens are kept (mask 1), `stop_lengths` marks them, the rest
+    of the row is padding, and teacher forcing reproduces every kept log-prob."""
+    _, ids, mask = prompts
+    free = generate(models[1], ids, mask, jax.random.key(3), SAMPLED)
+    tokens = np.asarray(free.tokens)
+    two = tuple(int(t) for t in tokens[0, 4:6])  # a 2-token sequence row 0 generates at steps 4-5
+    one = (int(tokens[1, 2]),)  # a 1-token sequence row 1 generates at step 2
+    never = (VOCAB - 1, VOCAB - 2, VOCAB - 3)
+    config = SAMPLED.replace(stop_sequences=(two, one, never), pad_token_id=1)
+    out = generate(models[1], ids, mask, jax.random.key(3), config)
+    out_tokens, out_mask, out_lp = (np.asarray(x) for x in (out.tokens, out.mask, out.log_probs))
+    for b in range(3):
+        row = [int(t) for t in tokens[b]]
+        ends = [t + 1 for t in range(NEW) if row[t] in one or tuple(row[max(0, t - 1):t + 1]) == two]
+        length = ends[0] if ends else NEW
+        expected_stop = 0 if not ends else (1 if row[length - 1] in one and tuple(row[length - 2:length]) != two
+                                            else 2)
+        assert int(out.lengths[b]) == length and int(out.stop_lengths[b]) == expected_stop, (b, row)
+        np.testing.assert_array_equal(out_tokens[b, :length], row[:length])  # same key → same draws
+        np.testing.assert_array_equal(out_mask[b], np.arange(NEW) < length)
+        assert np.all(out_tokens[b, length:] == 1) and np.all(out_lp[b, length:] == 0)
+    assert int(out.lengths[0]) <= 6 and int(out.lengths[1]) <= 3
+    np.testing.assert_allclose(out_lp, teacher_forced(models[1], out, 1.0), atol=1e-4, rtol=0)
+
+
+def test_stop_sequences_match_generated_tokens_only(models, prompts, greedy_output):
+    """A stop sequence that straddles the prompt and the response does not fire."""
+    _, ids, mask = prompts
+    first = int(np.asarray(greedy_output.tokens)[2, 0])
+    last_prompt_token = int(ids[2, -1])
+    out = generate(models[1], ids, mask, jax.random.key(0), GREEDY.replace(stop_sequences=((last_prompt_token, first),)))
+    assert int(out.lengths[2]) >= 2 and int(out.stop_lengths[2]) in (0, 2)
+
+
 def test_all_rows_stop_at_first_step(models, prompts, greedy_output):
     _, ids, mask = prompts
     first = tuple(int(t) for t in np.unique(np.asarray(greedy_output.tokens)[:, 0]))
@@ -270,6 +306,9 @@ def test_all_rows_stop_at_first_step(models, prompts, greedy_output):
         (dict(prompt_length_buckets=(64, 32)), "strictly increasing"),
         (dict(prompt_length_buckets=()), "prompt_length_buckets"),
         (dict(cache_dtype="float16"), "cache_dtype"),
+        (dict(stop_sequences="Question:"), "encode stop strings with the tokenizer first"),
+        (dict(stop_sequences=((),)), "non-empty token-id tuples"),
+        (dict(stop_sequences=((3, -1),)), "stop_sequences"),
     ],
 )
 def test_config_validation(change, pattern):
@@ -301,6 +340,8 @@ def test_generate_input_validation(models, prompts):
         generate(model, ids, empty, key, GREEDY)
     with pytest.raises(ValueError, match="must be < vocab_size=96"):
         generate(model, ids, mask, key, GREEDY.replace(eos_token_ids=(VOCAB,)))
+    with pytest.raises(ValueError, match=r"stop_sequences must be < vocab_size=96, got \[97\]"):
+        generate(model, ids, mask, key, GREEDY.replace(stop_sequences=((3, VOCAB + 1),)))
     with pytest.raises(ValueError, match=r"prompt_ids must be in \[0, vocab_size=96\)"):
         generate(model, np.where(mask, VOCAB + 3, 0), mask, key, GREEDY)
     with pytest.raises(ValueError, match=r"integer \[B, L\]"):
