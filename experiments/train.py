@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="shorthand for --set seed=N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="after training, write the policy as a Hugging Face checkpoint folder (safetensors, "
+                             "config.json, tokenizer) that transformers loads")
     group = parser.add_argument_group("multi-host (jax.distributed)")
     group.add_argument("--distributed", default=None, metavar="auto|HOST:PORT",
                        help="start jax.distributed before training: 'auto' detects the cluster (Cloud TPU, SLURM, "
@@ -106,9 +109,13 @@ def main(argv=None) -> int:
         return 2
     from fipo_jax.distributed import is_primary
 
+    if args.export:
+        trainer.export(args.export)
     if is_primary():
         print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
         print(f"run directory: {run_dir}")
+        if args.export:
+            print(f"exported policy: {args.export}")
     return 0
 
 

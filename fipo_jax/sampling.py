@@ -224,6 +224,32 @@ def top_k_top_p_filter(scaled_logits_BxV: jax.Array, top_k: int = 0, top_p: floa
     return filtered_BxV
 
 
+def categorical(key: jax.Array, logits_BxV: jax.Array, block: int = 512) -> jax.Array:
+    """y ~ softmax(logits) per row, from two uniforms per row instead of V Gumbel draws.
+
+    Inverse-CDF sampling in two levels: with p ∝ exp(z − max z) cut into blocks of `block`
+    tokens, pick block b with probability mass_b / Σ mass (first block whose running mass
+    reaches u₁ · Σ mass), then token j in b with probability p_j / mass_b (same rule with u₂).
+    The product is exactly p_y / Σ p; entries with p = 0 (−inf logits) are never chosen
+    because u ∈ (0, 1]. `jax.random.categorical` draws V Gumbel variates per row, which at a
+    262,144-token vocabulary costs more than the model's LM head on a CPU.
+    """
+    batch, vocab = logits_BxV.shape
+    blocks = -(-vocab // block)
+    padded_BxV = jnp.pad(logits_BxV, ((0, 0), (0, blocks * block - vocab)), constant_values=-jnp.inf)
+    probs_BxNxK = jnp.exp(padded_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True)).reshape(batch, blocks, block)
+    u_2xB = 1.0 - jax.random.uniform(key, (2, batch))  # in (0, 1]
+
+    def first_reaching(mass_BxM, u_B):
+        cumulative_BxM = jnp.cumsum(mass_BxM, axis=-1)
+        target_Bx1 = (u_B * cumulative_BxM[:, -1])[:, None]
+        return jnp.minimum(jnp.sum(cumulative_BxM < target_Bx1, axis=-1), mass_BxM.shape[-1] - 1)
+
+    block_B = first_reaching(jnp.sum(probs_BxNxK, axis=-1), u_2xB[0])
+    within_BxK = jnp.take_along_axis(probs_BxNxK, block_B[:, None, None], axis=1)[:, 0]
+    return block_B * block + first_reaching(within_BxK, u_2xB[1])
+
+
 def sample_tokens(
     logits_BxV: jax.Array, key: jax.Array, temperature: float, top_p: float = 1.0, top_k: int = 0
 ) -> tuple[jax.Array, jax.Array]:
@@ -239,7 +265,7 @@ def sample_tokens(
     else:
         scaled_BxV = logits_BxV / temperature
         filtered_BxV = top_k_top_p_filter(scaled_BxV, top_k, top_p)
-        tokens_B = jax.random.categorical(key, filtered_BxV, axis=-1)
+        tokens_B = categorical(key, filtered_BxV)
     tokens_B = tokens_B.astype(jnp.int32)
     log_probs_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BxV, axis=-1), tokens_B[:, None], axis=-1)[:, 0]
     return tokens_B, log_probs_B

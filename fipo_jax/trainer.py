@@ -33,11 +33,18 @@ from fipo_jax import distributed
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import rl_step
 from fipo_jax.config import ConfigError, TrainConfig
-from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord, load_prompt_records, render_prompt
+from fipo_jax.data import (ChainTask, CharTokenizer, PromptIterator, PromptRecord, WordProblemTask, load_prompt_records,
+                           render_prompt, word_problem_splits)
 from fipo_jax.rewards import RewardConfig, score_batch
 from fipo_jax.models.hf_io import param_shardings
 from fipo_jax.sampling import SamplingConfig, generate, left_align_prompts
 from fipo_jax.sharding import batch_sharding, make_mesh, replicated, shard_batch
+
+
+# Prompt widths the sampler compiles for (× 1.5 – 2 apart: prefill cost is proportional to the width).
+PROMPT_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+# The update trims all-padding prompt columns to a multiple of this (bounds recompilation).
+PROMPT_WIDTH_MULTIPLE = 64
 
 
 class DynamicSamplingExhausted(RuntimeError):
@@ -155,26 +162,24 @@ class Trainer:
 
     def _build(self):
         cfg = self.config
-        if cfg.model.source == "hf":
+        if cfg.model.source == "scratch":
+            tokenizer = CharTokenizer()
+            model = self._scratch_model(tokenizer)
+        else:
             from fipo_jax.models import load_pretrained
             from fipo_jax.models.tokenizer import load_tokenizer
 
-            model = load_pretrained(cfg.model.path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype,
+            if cfg.model.source == "gemma3-270m":
+                from fipo_jax.models.assets import gemma3_270m_gguf
+
+                path = gemma3_270m_gguf()
+            else:
+                path = cfg.model.path
+            self.log(f"[model] loading {path}")
+            model = load_pretrained(path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype,
                                     remat=cfg.model.remat, attention_chunk_size=cfg.model.attention_chunk_size,
                                     mesh=self.mesh)
-            tokenizer = load_tokenizer(cfg.model.path)
-        else:
-            from fipo_jax.models import CausalLM, ModelConfig
-
-            tokenizer = CharTokenizer()
-            m = cfg.model
-            model_config = ModelConfig(
-                vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-                rope_theta=m.rope_theta, max_position_embeddings=4096, tie_word_embeddings=True,
-                dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-                attention_chunk_size=m.attention_chunk_size)
-            model = CausalLM(model_config, rngs=nnx.Rngs(cfg.seed))
+            tokenizer = load_tokenizer(path)
         if cfg.data.task == "chain":
             task = ChainTask(n_terms=cfg.data.n_terms, ops=cfg.data.ops)
             make = lambda seed, n: [PromptRecord(r["prompt"], r["ground_truth"], "chain", str(i))  # noqa: E731
@@ -185,11 +190,29 @@ class Trainer:
             evals = evals[: cfg.data.eval_prompts]
             if cfg.model.source == "scratch" and cfg.sft.enabled:
                 self._warm_start(model, tokenizer, task)
+        elif cfg.data.task == "word_problems":
+            if isinstance(tokenizer, CharTokenizer):
+                raise ConfigError("data.task='word_problems' is English text: it needs a pretrained model and its "
+                                  "tokenizer (model.source 'hf' or 'gemma3-270m'), not model.source='scratch'")
+            task = WordProblemTask(max_steps=cfg.data.max_steps, few_shot=cfg.data.few_shot)
+            train, evals = word_problem_splits(task, cfg.seed, cfg.data.train_prompts, cfg.data.eval_prompts)
+            train, evals = self._fit_prompts(train, tokenizer, "train"), self._fit_prompts(evals, tokenizer, "eval")
         else:
             train = self._fit_prompts(load_prompt_records(cfg.data.train_path), tokenizer, "train")
             evals = (self._fit_prompts(load_prompt_records(cfg.data.eval_path, limit=cfg.data.eval_prompts),
                                        tokenizer, "eval") if cfg.data.eval_path else [])
         return tokenizer, model, train, evals
+
+    def _scratch_model(self, tokenizer: CharTokenizer):
+        from fipo_jax.models import CausalLM, ModelConfig
+
+        m = self.config.model
+        model_config = ModelConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+            num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+            rope_theta=m.rope_theta, max_position_embeddings=4096, tie_word_embeddings=True,
+            dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat, attention_chunk_size=m.attention_chunk_size)
+        return CausalLM(model_config, rngs=nnx.Rngs(self.config.seed))
 
     def _fit_prompts(self, records, tokenizer, split):
         """Drop prompts longer than data.max_prompt_tokens (as the official data loader does)."""
@@ -226,13 +249,24 @@ class Trainer:
         sft.save_params(model, path)
         self.log(f"[sft] final loss {losses[-1]:.4f}; cached at {path}")
 
+    def _stop_sequences(self) -> tuple[tuple[int, ...], ...]:
+        """Token sequences of the rollout's stop strings: each as written and after a space (BPE
+        and SentencePiece vocabularies spell a word differently after a space)."""
+        sequences = []
+        for text in self.config.rollout.stop:
+            for variant in (text, " " + text):
+                ids = tuple(self.tokenizer(variant, add_special_tokens=False)["input_ids"])
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return tuple(sequences)
+
     def _sampling_config(self, temperature, top_p, top_k) -> SamplingConfig:
         tok = self.tokenizer
         return SamplingConfig(max_new_tokens=self.config.rollout.max_response_tokens, temperature=temperature,
                               top_p=top_p, top_k=top_k, eos_token_ids=(tok.eos_token_id,),
+                              stop_sequences=self._stop_sequences() if self.config.rollout.stop else (),
                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                              prompt_length_buckets=tuple(b for b in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-                                                          if b < self.config.data.max_prompt_tokens + 16)
+                              prompt_length_buckets=tuple(b for b in PROMPT_BUCKETS if b < self.config.data.max_prompt_tokens + 16)
                               + (self.config.data.max_prompt_tokens + 16,))
 
     def _bar(self, total, desc):
@@ -249,7 +283,10 @@ class Trainer:
         if isinstance(tok, CharTokenizer):
             return [tok.bos_token_id] + tok.encode(record.prompt if isinstance(record.prompt, str)
                                                    else render_prompt(record))
-        return tok(render_prompt(record, tok), add_special_tokens=False)["input_ids"]
+        # A chat template writes its own special tokens (BOS included); plain text gets the
+        # tokenizer's (Gemma and Llama start with BOS, Qwen adds nothing).
+        templated = bool(getattr(tok, "chat_template", None))
+        return tok(render_prompt(record, tok), add_special_tokens=not templated)["input_ids"]
 
     def _decode(self, tokens: np.ndarray, length: int) -> str:
         return self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
@@ -266,7 +303,8 @@ class Trainer:
         out = distributed.to_host(generate(self.model, ids, mask, key, sampling,
                                            row_sharding=batch_sharding(self.mesh)))
         lengths = np.asarray(out.lengths)
-        texts = [self._decode(np.asarray(out.tokens[i]), int(lengths[i])) for i in range(len(ids))]
+        text_lengths = lengths - np.asarray(out.stop_lengths)  # the stop string is not part of the answer
+        texts = [self._decode(np.asarray(out.tokens[i]), int(text_lengths[i])) for i in range(len(ids))]
         golds = [r.ground_truth for r in records for _ in range(n)]
         rewards = score_batch(texts, golds, self.reward_config, response_lengths=lengths)
         return Rollouts(np.asarray(out.prompt_ids), np.asarray(out.prompt_mask), np.asarray(out.tokens),
@@ -318,9 +356,13 @@ class Trainer:
     # ----------------------------------------------------------------------------- one RL step
 
     def _batch_arrays(self, batch: Rollouts) -> dict[str, np.ndarray]:
+        # Prompts are left-padded to the sampler's bucket; columns that are padding in every row
+        # change nothing (positions count real tokens) and are dropped, to a multiple of 64.
+        used = int(batch.prompt_mask.sum(axis=1).max())
+        width = min(batch.prompt_ids.shape[1], -(-used // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE)
         return {
-            "input_ids": np.concatenate([batch.prompt_ids, batch.tokens], axis=1).astype(np.int32),
-            "attention_mask": np.concatenate([batch.prompt_mask, batch.response_mask], axis=1),
+            "input_ids": np.concatenate([batch.prompt_ids[:, -width:], batch.tokens], axis=1).astype(np.int32),
+            "attention_mask": np.concatenate([batch.prompt_mask[:, -width:], batch.response_mask], axis=1),
             "response_mask": batch.response_mask,
         }
 
@@ -431,6 +473,22 @@ class Trainer:
             bar.close()
         self.checkpointer.wait()
         return self.write_summary()
+
+    def export(self, path: str) -> None:
+        """The current policy as a Hugging Face checkpoint folder: safetensors + config.json of its
+        family (`save_pretrained`) and the tokenizer, loadable by `transformers.AutoModelForCausalLM`."""
+        from fipo_jax.models import save_pretrained
+
+        if isinstance(self.tokenizer, CharTokenizer):
+            raise ConfigError("export needs a pretrained model's tokenizer; the scratch model's task vocabulary "
+                              "is not a Hugging Face tokenizer")
+        tok = self.tokenizer
+        save_pretrained(self.model, path, extra_config={k: v for k, v in (
+            ("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id),
+            ("pad_token_id", tok.pad_token_id)) if v is not None})
+        if self.primary:
+            tok.save_pretrained(path)
+        self.log(f"[export] wrote the policy to {path}")
 
     def _log_metrics(self, row: dict[str, Any]) -> None:
         self.metrics_log.append(row)

@@ -1,0 +1,232 @@
+"""Benchmark on a real pretrained model: Gemma 3 270M (the packaged Q4_K_M GGUF, dequantised to
+float32), our JAX model vs transformers/PyTorch with the same weights, CPU, one run.
+
+    python experiments/bench_gemma.py --out bench_gemma.json       # the README figures
+
+(a) greedy decode: B = 8 prompts of 64 tokens, 128 new tokens each, KV cache, no early stop.
+    Ours: `fipo_jax.sampling.generate`. Reference: `transformers` `generate(do_sample=False)`.
+    Tokens/s = B·N / seconds; the greedy tokens of the two are compared.
+(b) log-prob forward + backward: Σ log p(x_{t+1} | x_≤t) over 8 × 512 tokens, gradient w.r.t.
+    every parameter. Ours: jit(value_and_grad(sequence_log_probs)) (LM head in chunks, never a
+    [B, T, V] tensor). Reference: logits → log_softmax → gather → backward.
+(c) peak memory of (b): each framework runs one step in a fresh subprocess; reported are the
+    process's RSS after loading the model (and, for ours, compiling the step), the peak RSS
+    during the step (Linux VmHWM, reset just before it), and their difference: the memory the
+    step itself takes (activations, logits, gradients). For ours also XLA's compiled
+    temporary-buffer size.
+
+Timings: median (and minimum) over `--repeats` rounds after a warm-up call, ours and the
+reference alternating. Prompts are random tokens from the real vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_model import throughput, time_alternating, timed  # noqa: E402
+
+from fipo_jax.logprobs import sequence_log_probs  # noqa: E402
+from fipo_jax.models import load_pretrained  # noqa: E402
+from fipo_jax.models.assets import gemma3_270m_gguf  # noqa: E402
+from fipo_jax.sampling import SamplingConfig, generate  # noqa: E402
+
+
+def torch_model(path: str):
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+
+def random_ids(args, shape, offset: int) -> np.ndarray:
+    # Skip the first 1,000 ids (control and special tokens) so prompts are ordinary text pieces.
+    return np.random.default_rng(args.seed + offset).integers(1000, 262144, size=shape).astype(np.int32)
+
+
+def bench_decode(args, reference_model, model) -> dict:
+    import torch
+
+    prompts = random_ids(args, (args.batch, args.prompt_len), 0)
+    prompts[:, 0] = 2  # <bos>
+    config = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, prompt_length_buckets=(args.prompt_len,))
+    key = jax.random.key(0)
+    prompts_t = torch.tensor(prompts, dtype=torch.long)
+    reference_model.generation_config.eos_token_id = None
+
+    def ours():
+        return jax.block_until_ready(generate(model, prompts, None, key, config))
+
+    def reference():
+        with torch.no_grad():
+            return reference_model.generate(prompts_t, attention_mask=torch.ones_like(prompts_t), do_sample=False,
+                                            max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                            pad_token_id=0)
+
+    first_ours = timed(ours)
+    timed(reference)
+    medians, minima = time_alternating({"ours": ours, "reference": reference}, args.repeats)
+    agreement = float(np.mean(np.asarray(ours().tokens) == reference()[:, args.prompt_len:].numpy()))
+    return {"shape": f"B={args.batch}, prompt={args.prompt_len}, new={args.new_tokens}",
+            **throughput(args.batch * args.new_tokens, first_ours, medians, minima),
+            "greedy_token_agreement": agreement}
+
+
+def ours_logprob_step(args, model):
+    """(jitted (state, ids) → (loss, grads), state) for our model."""
+    graphdef, state = nnx.split(model)
+
+    def loss(state, ids_BxT):
+        return -jnp.mean(sequence_log_probs(nnx.merge(graphdef, state), ids_BxT, None, chunk_size=args.chunk_size))
+
+    return jax.jit(jax.value_and_grad(loss)), state
+
+
+def torch_logprob_step(reference_model, ids_t):
+    import torch
+
+    def step():
+        reference_model.zero_grad(set_to_none=True)
+        logits = reference_model(ids_t).logits[:, :-1].float()
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, ids_t[:, 1:, None])[..., 0]
+        loss = -log_probs.mean()
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def bench_logprob_train(args, reference_model, model) -> dict:
+    import torch
+
+    ids = random_ids(args, (args.batch, args.train_len), 1)
+    ids_j, ids_t = jnp.asarray(ids), torch.tensor(ids, dtype=torch.long)
+    step, state = ours_logprob_step(args, model)
+    reference = torch_logprob_step(reference_model, ids_t)
+
+    def ours():
+        return jax.block_until_ready(step(state, ids_j))
+
+    first_ours = timed(ours)
+    timed(reference)
+    medians, minima = time_alternating({"ours": ours, "reference": reference}, args.repeats)
+    return {"shape": f"B={args.batch}, T={args.train_len}",
+            **throughput(args.batch * (args.train_len - 1), first_ours, medians, minima),
+            "loss_ours": float(ours()[0]), "loss_reference": float(reference())}
+
+
+def _status_gib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(field + ":"))
+    return int(line.split()[1]) / 2**20  # kB
+
+
+def reset_peak_rss() -> float:
+    """Resets the process's peak RSS (Linux clear_refs) and returns the current RSS in GiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_gib("VmRSS")
+
+
+def peak_rss_gib() -> float:
+    return _status_gib("VmHWM")
+
+
+def memory_child(args) -> dict:
+    """One log-prob forward+backward in this (fresh) process; peak RSS before and after."""
+    path = gemma3_270m_gguf()
+    ids = random_ids(args, (args.batch, args.train_len), 1)
+    if args.memory_child == "ours":
+        step, state = ours_logprob_step(args, load_pretrained(path))
+        ids_j = jnp.asarray(ids)
+        compiled = step.lower(state, ids_j).compile()
+        baseline = reset_peak_rss()
+        jax.block_until_ready(compiled(state, ids_j))
+        return {"baseline_gib": baseline, "peak_gib": peak_rss_gib(),
+                "xla_temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30}
+    import torch
+
+    model = torch_model(path)
+    baseline = reset_peak_rss()
+    torch_logprob_step(model, torch.tensor(ids, dtype=torch.long))()
+    return {"baseline_gib": baseline, "peak_gib": peak_rss_gib()}
+
+
+def bench_memory(args) -> dict:
+    out = {}
+    for which in ("ours", "reference"):
+        child = [sys.executable, os.path.abspath(__file__), "--memory-child", "ours" if which == "ours" else "torch",
+                 "--batch", str(args.batch), "--train-len", str(args.train_len), "--chunk-size", str(args.chunk_size)]
+        result = subprocess.run(child, capture_output=True, text=True, check=True)
+        numbers = json.loads(result.stdout.strip().splitlines()[-1])
+        numbers["step_gib"] = numbers["peak_gib"] - numbers["baseline_gib"]
+        out[which] = numbers
+    out["step_ratio"] = out["ours"]["step_gib"] / out["reference"]["step_gib"]
+    out["peak_ratio"] = out["ours"]["peak_gib"] / out["reference"]["peak_gib"]
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--train-len", type=int, default=512)
+    parser.add_argument("--chunk-size", type=int, default=32, help="log-prob chunk (time steps; × B rows)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", nargs="*", default=[], choices=("decode", "logprob", "memory"))
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--memory-child", choices=("ours", "torch"), default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        print(json.dumps(memory_child(args)))
+        return 0
+    import torch
+
+    results = {"device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+               "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+               "load_average_start": os.getloadavg()}
+    if "memory" not in args.skip:
+        results["memory"] = bench_memory(args)
+        print(json.dumps({"memory": results["memory"]}, indent=2), flush=True)
+    if {"decode", "logprob"} - set(args.skip):
+        path = gemma3_270m_gguf()
+        start = time.perf_counter()
+        model = load_pretrained(path)
+        results["ours_load_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        reference_model = torch_model(path)
+        results["reference_load_s"] = time.perf_counter() - start
+        if "decode" not in args.skip:
+            results["decode"] = bench_decode(args, reference_model, model)
+            print(json.dumps({"decode": results["decode"]}, indent=2), flush=True)
+        if "logprob" not in args.skip:
+            results["logprob_train"] = bench_logprob_train(args, reference_model, model)
+            print(json.dumps({"logprob_train": results["logprob_train"]}, indent=2), flush=True)
+    results["load_average_end"] = os.getloadavg()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
