@@ -14,6 +14,9 @@ weights in PyTorch/transformers, side by side in one run, plus the LM-head memor
 (d) long decode, ours only: `--long-new-tokens` (default 1,024) new tokens per row with the
     block-wise decode attention (reads only the KV-cache blocks written so far; the default)
     vs dense decode attention (reads the whole preallocated cache every step).
+(e) long decode with sliding-window layers (window `--window`, default 256), same weights: the
+    position mask with block skipping (the default) vs the same mask over the whole cache, and
+    full attention for reference.
 (c) memory of the LM-head log-probs at Qwen2.5-0.5B head shape (D=896, V=151,936), B=1,
     T=8,192: XLA's compiled temporary buffers for the chunked computation vs one full-logits
     tensor (both only compiled, never run), forward and forward+backward.
@@ -212,6 +215,44 @@ def bench_long_decode(args, model) -> dict:
             "greedy_tokens_identical": bool(same)}
 
 
+def _same_weights(model, **changes):
+    """Our model's weights under a changed config (layer types, decode blocks)."""
+    import dataclasses
+
+    other = nnx.eval_shape(lambda: CausalLM(dataclasses.replace(model.config, **changes), rngs=nnx.Rngs(0)))
+    return nnx.merge(nnx.graphdef(other), nnx.state(model))
+
+
+def bench_sliding_decode(args, model) -> dict:
+    """(e) Long decode with every layer a sliding-window layer (window W): the position mask with
+    block skipping (a step reads only the cache blocks inside the window; the default) vs the
+    same mask over the whole cache (decode_block_size=None), and full attention for reference."""
+    layers = model.config.num_hidden_layers
+    sliding = dict(layer_types=("sliding_attention",) * layers, sliding_window=args.window)
+    models = {"sliding_blocks": _same_weights(model, **sliding),
+              "sliding_dense_mask": _same_weights(model, **sliding, decode_block_size=None),
+              "full_blocks": model}
+    rng = np.random.default_rng(args.seed + 3)
+    prompts = rng.integers(0, args.vocab, size=(args.batch, args.prompt_len)).astype(np.int32)
+    config = SamplingConfig(max_new_tokens=args.long_new_tokens, temperature=0.0,
+                            prompt_length_buckets=(args.prompt_len,))
+    key = jax.random.key(0)
+    fns = {name: (lambda m=m: jax.block_until_ready(generate(m, prompts, None, key, config)))
+           for name, m in models.items()}
+    for fn in fns.values():
+        fn()
+    medians, minima = time_alternating(fns, max(3, args.repeats // 2))
+    work = args.batch * args.long_new_tokens
+    same = np.array_equal(np.asarray(fns["sliding_blocks"]().tokens), np.asarray(fns["sliding_dense_mask"]().tokens))
+    return {"shape": f"B={args.batch}, prompt={args.prompt_len}, new={args.long_new_tokens}, window {args.window}, "
+                     f"block {model.config.decode_block_size}",
+            **{f"{name}_tokens_per_s": work / medians[name] for name in fns},
+            "blocks_vs_dense_mask": medians["sliding_dense_mask"] / medians["sliding_blocks"],
+            "blocks_vs_dense_mask_best": minima["sliding_dense_mask"] / minima["sliding_blocks"],
+            "sliding_vs_full": medians["full_blocks"] / medians["sliding_blocks"],
+            "greedy_tokens_identical": bool(same)}
+
+
 def bench_head_memory(args) -> dict:
     """Compiled XLA memory of the LM-head log-probs, chunked vs full logits (compile only)."""
     b, t, d, v = 1, args.head_seq, args.head_dim, args.head_vocab
@@ -291,7 +332,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--long-new-tokens", type=int, default=1024, help="new tokens for (d); 0 skips (d)")
+    parser.add_argument("--long-new-tokens", type=int, default=1024, help="new tokens for (d) and (e); 0 skips both")
+    parser.add_argument("--window", type=int, default=256, help="sliding window W for (e); 0 skips (e)")
+    parser.add_argument("--only", choices=("sliding",), default=None, help="run only this section")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="time steps per LM-head log-prob chunk (default: ~512 tokens per chunk)")
     parser.add_argument("--head-seq", type=int, default=8192, help="T for the memory comparison (c)")
@@ -321,14 +364,24 @@ def main(argv=None):
         f"{args.layers} layers, d {args.hidden}, ffn {args.intermediate}, heads {args.heads}/{args.kv_heads} kv, "
         f"vocab {args.vocab}, {params / 1e6:.2f} M params, float32"
     )
+    if args.only == "sliding":
+        result = bench_sliding_decode(args, model)
+        print(json.dumps(result, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"env": env, "args": vars(args), "model": model_desc, "sliding_decode": result}, f, indent=2)
+        return
     print(f"model: {model_desc}\nrunning (a) decode ...", flush=True)
     decode = bench_decode(args, torch_model, model)
     print("running (b) log-prob forward+backward ...", flush=True)
     train = bench_logprob_train(args, torch_model, model)
-    long_decode = None
+    long_decode = sliding_decode = None
     if args.long_new_tokens:
         print("running (d) long decode, block-wise vs dense attention ...", flush=True)
         long_decode = bench_long_decode(args, model)
+        if args.window:
+            print("running (e) long decode, sliding-window layers ...", flush=True)
+            sliding_decode = bench_sliding_decode(args, model)
     print("running (c) LM-head memory (compile only) ...", flush=True)
     memory = bench_head_memory(args)
     env["load_average_at_end"] = os.getloadavg()[0]
@@ -338,10 +391,13 @@ def main(argv=None):
               f"{long_decode['blocked_tokens_per_s']:.0f} new tokens/s vs dense {long_decode['dense_tokens_per_s']:.0f} "
               f"→ {long_decode['speedup']:.2f}× [{long_decode['speedup_best']:.2f}×]; tokens identical: "
               f"{long_decode['greedy_tokens_identical']}")
+    if sliding_decode:
+        print(f"(e) sliding-window decode {sliding_decode['shape']}: {json.dumps(sliding_decode)}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"env": env, "args": vars(args), "model": model_desc, "params": params,
                        "decode": decode, "logprob_train": train, "long_decode": long_decode,
+                       "sliding_decode": sliding_decode,
                        "head_memory": memory}, f, indent=2)  # fmt: skip
         print(f"\nwrote {args.out}")
 

@@ -459,7 +459,7 @@ def gemma3_270m_fipo() -> TrainConfig:
                             max_response_tokens=64, temperature=1.0, stop=("Question:",)),
         reward=RewardSpec(overlong_buffer=16),
         algo=AlgoSpec(loss=PolicyLossConfig.fipo_32b(), mini_batches=2, micro_batch_size=6),
-        optim=OptimSpec(lr=5e-6, warmup_steps=0, weight_decay=0.0),
+        optim=OptimSpec(lr=1e-6, warmup_steps=0, weight_decay=0.0),
         eval=EvalSpec(every=4, k=2, temperature=1.0, top_p=1.0),
         sft=SFTSpec(enabled=False),
         checkpoint_every=4,

@@ -80,16 +80,20 @@ FAMILY = {"qwen2-sliding": "qwen2", "qwen3-head_dim16": "qwen3", "qwen3-mqa-bias
           "gemma3-mqa-window3": "gemma3_text"}
 
 
-def make_hf(name: str):
-    config_cls, model_cls, kwargs = VARIANTS[name]
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**{**COMMON, **kwargs})).eval()
+def perturbed(model):
+    """`model` with every norm weight and bias moved off its init (else they would test nothing)."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for key, param in model.named_parameters():
             if "norm" in key or key.endswith("bias"):
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
-    return model
+    return model.eval()
+
+
+def make_hf(name: str):
+    config_cls, model_cls, kwargs = VARIANTS[name]
+    torch.manual_seed(0)
+    return perturbed(model_cls(config_cls(**{**COMMON, **kwargs})))
 
 
 def torch_logits(model, ids, mask=None):

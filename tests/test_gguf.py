@@ -22,6 +22,7 @@ from fipo_jax.models.gguf_io import GGUFError, gguf_hf_config, read_gguf  # noqa
 from fipo_jax.models.tokenizer import load_tokenizer  # noqa: E402
 from fipo_jax.sampling import SamplingConfig, generate  # noqa: E402
 from tests.gguf_writer import write_gguf  # noqa: E402
+from tests.test_families import perturbed  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 VOCAB = 64
@@ -53,13 +54,7 @@ def tiny(model_type: str, **overrides):
                   num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=256)
     kwargs.update(overrides)
     torch.manual_seed(0)
-    model = classes[model_type][1](classes[model_type][0](**kwargs)).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
-    return model
+    return perturbed(classes[model_type][1](classes[model_type][0](**kwargs)))
 
 
 # transformers reads head_dim from GGUF metadata only for some architectures (Qwen3: fixed 128,

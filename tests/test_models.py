@@ -451,6 +451,23 @@ def test_remat_gives_same_loss_and_grads():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
 
 
+def test_remat_scans_the_layers_and_saves_activation_memory():
+    """remat runs the layers as one scan over stacked parameters: XLA keeps one layer's inputs
+    per layer instead of every activation (on XLA:CPU a remat over the unrolled loop saved
+    almost nothing). Compile-only memory analysis of forward + backward."""
+    config = tiny_config(num_hidden_layers=8, hidden_size=64, intermediate_size=256)
+
+    def temp_bytes(remat):
+        abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(config.replace(remat=remat), rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        loss = lambda s, ids: jnp.mean(nnx.merge(graphdef, s)(ids))  # noqa: E731
+        ids = jax.ShapeDtypeStruct((4, 256), jnp.int32)
+        return jax.jit(jax.grad(loss)).lower(state, ids).compile().memory_analysis().temp_size_in_bytes
+
+    plain, remat = temp_bytes(False), temp_bytes(True)
+    assert remat * 2 < plain, (remat, plain)
+
+
 def test_parameters_carry_logical_axes():
     model = nnx.eval_shape(lambda: Qwen2ForCausalLM(tiny_config(), rngs=nnx.Rngs(0)))
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))

@@ -163,9 +163,8 @@ class Attention(nnx.Module):
     Kernels: q [embed, heads, head_dim], k/v [embed, kv_heads, head_dim], o [heads, head_dim, embed].
     """
 
-    def __init__(self, config: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, h, n, k = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.window = config.window(layer_type)
         self.scale = config.attention_scale
         self.attention_chunk_size = config.attention_chunk_size
         self.decode_block_size = config.decode_block_size
@@ -187,12 +186,14 @@ class Attention(nnx.Module):
         cos_BxTxK: jax.Array,
         sin_BxTxK: jax.Array,
         mask: AttentionMask,
+        window: int | jax.Array | None = None,
         layer_cache: tuple[jax.Array, jax.Array] | None = None,
         write_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Without a cache S = T; with one, the T new keys/values are written at slots
         [write_index, write_index + T) and the queries attend over all S_max slots (a single
-        decode query over the visible blocks only: `decode_attention`)."""
+        decode query over the visible blocks only: `decode_attention`). `window`: the sliding
+        window of this layer (None: full attention; a traced int when layers are scanned)."""
         q_BxTxHxK, k_BxTxNxK = self.q_proj(x_BxTxD), self.k_proj(x_BxTxD)
         if self.q_norm is not None:
             q_BxTxHxK, k_BxTxNxK = self.q_norm(q_BxTxHxK), self.k_norm(k_BxTxNxK)
@@ -208,13 +209,12 @@ class Attention(nnx.Module):
             new_cache = (k_BxNxSxK, v_BxNxSxK)
             block = self.decode_block_size
             if q_BxTxHxK.shape[1] == 1 and block is not None and k_BxNxSxK.shape[2] > block:
-                out_BxHxK = decode_attention(q_BxTxHxK[:, 0], k_BxNxSxK, v_BxNxSxK, mask, self.scale, block,
-                                             self.window)
+                out_BxHxK = decode_attention(q_BxTxHxK[:, 0], k_BxNxSxK, v_BxNxSxK, mask, self.scale, block, window)
                 return self.o_proj(out_BxHxK[:, None]), new_cache
             k_BxNxSxK = k_BxNxSxK.astype(x_BxTxD.dtype)
             v_BxNxSxK = v_BxNxSxK.astype(x_BxTxD.dtype)
         else:
             k_BxNxSxK, v_BxNxSxK = k_BxNxTxK, v_BxNxTxK
-        out_BxTxHxK = grouped_query_attention(q_BxTxHxK, k_BxNxSxK, v_BxNxSxK, mask, self.scale, self.window,
+        out_BxTxHxK = grouped_query_attention(q_BxTxHxK, k_BxNxSxK, v_BxNxSxK, mask, self.scale, window,
                                               self.attention_chunk_size)
         return self.o_proj(out_BxTxHxK), new_cache
