@@ -238,16 +238,18 @@ def categorical(key: jax.Array, logits_BxV: jax.Array, block: int = 512) -> jax.
     blocks = -(-vocab // block)
     padded_BxV = jnp.pad(logits_BxV, ((0, 0), (0, blocks * block - vocab)), constant_values=-jnp.inf)
     probs_BxNxK = jnp.exp(padded_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True)).reshape(batch, blocks, block)
-    u_2xB = 1.0 - jax.random.uniform(key, (2, batch))  # in (0, 1]
+    # [B, 2], not [2, B]: row r's uniforms are then the same for any batch size, so rows padded
+    # for a device split leave the real rows' draws unchanged.
+    u_Bx2 = 1.0 - jax.random.uniform(key, (batch, 2))  # in (0, 1]
 
     def first_reaching(mass_BxM, u_B):
         cumulative_BxM = jnp.cumsum(mass_BxM, axis=-1)
         target_Bx1 = (u_B * cumulative_BxM[:, -1])[:, None]
         return jnp.minimum(jnp.sum(cumulative_BxM < target_Bx1, axis=-1), mass_BxM.shape[-1] - 1)
 
-    block_B = first_reaching(jnp.sum(probs_BxNxK, axis=-1), u_2xB[0])
+    block_B = first_reaching(jnp.sum(probs_BxNxK, axis=-1), u_Bx2[:, 0])
     within_BxK = jnp.take_along_axis(probs_BxNxK, block_B[:, None, None], axis=1)[:, 0]
-    return block_B * block + first_reaching(within_BxK, u_2xB[1])
+    return block_B * block + first_reaching(within_BxK, u_Bx2[:, 1])
 
 
 def sample_tokens(

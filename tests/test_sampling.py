@@ -18,6 +18,7 @@ from fipo_jax.logprobs import sequence_log_probs  # noqa: E402
 from fipo_jax.models import load_pretrained  # noqa: E402
 from fipo_jax.sampling import (  # noqa: E402
     SamplingConfig,
+    categorical,
     generate,
     left_align_prompts,
     sample_tokens,
@@ -218,6 +219,26 @@ def test_sample_tokens_frequencies_follow_filtered_distribution():
     tokens_hot, _ = jax.jit(jax.vmap(lambda k: sample_tokens(logits, k, temperature=2.0)))(keys)
     flat = np.sqrt(probs) / np.sqrt(probs).sum()
     np.testing.assert_allclose(np.bincount(np.asarray(tokens_hot)[:, 0], minlength=5) / len(keys), flat, atol=0.03)
+
+
+def test_categorical_across_blocks_and_independent_of_batch_size():
+    # 1300 tokens = 3 blocks of 512 (the last partial); mass in every block, some tokens banned.
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=1300).astype(np.float32) * 2
+    logits[rng.choice(1300, 400, replace=False)] = -np.inf
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    keys = jax.random.split(jax.random.key(3), 20000)
+    tokens = np.asarray(jax.jit(jax.vmap(lambda k: categorical(k, jnp.asarray(logits)[None])[0]))(keys))
+    assert np.all(np.isfinite(logits[tokens]))  # banned tokens never drawn
+    top = np.argsort(probs)[-20:]  # frequent enough to test: each has p > 0.3 %
+    counts = np.bincount(tokens, minlength=1300) / len(keys)
+    np.testing.assert_allclose(counts[top], probs[top], atol=4 * np.sqrt(probs[top] / len(keys)).max())
+    block_mass = np.add.reduceat(probs, [0, 512, 1024])
+    np.testing.assert_allclose(np.add.reduceat(counts, [0, 512, 1024]), block_mass, atol=0.012)
+    # Rows padded for a device split must not change the real rows' draws.
+    batch = jnp.asarray(rng.normal(size=(8, 1300)), jnp.float32)
+    np.testing.assert_array_equal(categorical(jax.random.key(1), batch)[:6], categorical(jax.random.key(1), batch[:6]))
 
 
 # ------------------------------------------------------------------------------------------
