@@ -6,19 +6,21 @@ float32), our JAX model vs transformers/PyTorch with the same weights, CPU, one 
 (a) greedy decode: B = 8 prompts of 64 tokens, 128 new tokens each, KV cache, no early stop.
     Ours: `fipo_jax.sampling.generate`. Reference: `transformers` `generate(do_sample=False)`.
     Tokens/s = B·N / seconds; the greedy tokens of the two are compared.
-(b) log-prob forward + backward: Σ log p(x_{t+1} | x_≤t) over 8 × 512 tokens, gradient w.r.t.
-    every parameter. Ours: jit(value_and_grad(sequence_log_probs)) (LM head in chunks, never a
-    [B, T, V] tensor). Reference: transformers' own loss (`model(ids, labels=ids).loss`, cross-
-    entropy over the full logits) → backward; the logits → log_softmax → gather formulation of
-    `bench_model.py` is killed for lack of memory at this size (24 GiB machine).
-(c) peak memory of (b): each framework runs one step in a fresh subprocess; reported are the
-    process's RSS after loading the model (and, for ours, compiling the step), the peak RSS
-    during the step (Linux VmHWM, reset just before it), and their difference: the memory the
-    step itself takes (activations, logits, gradients). For ours also XLA's compiled
-    temporary-buffer size.
+(b) log-prob forward + backward: mean −log p(x_{t+1} | x_≤t) over 8 × 512 tokens, gradient
+    w.r.t. every parameter. Ours: jit(value_and_grad(sequence_log_probs)) (LM head in chunks,
+    never a [B, T, V] tensor), without and with `remat` (a rematerialised scan over the layers).
+    Reference: transformers' own loss (`model(ids, labels=ids).loss`, cross-entropy over the full
+    logits) → backward, without and with `gradient_checkpointing_enable()`. (The logits →
+    log_softmax → gather formulation of `bench_model.py` does not fit this 24 GiB machine here.)
+(c) memory of (b): each variant runs in a fresh process, one after the other (transformers'
+    step and ours together would not fit in 24 GiB): RSS after loading and warming up (for ours:
+    compiling), then the peak RSS (Linux VmHWM, reset just before) over the timed steps; their
+    difference is what the step itself takes (activations, logits, gradients). For ours also
+    XLA's compiled temporary-buffer size.
 
-Timings: median (and minimum) over `--repeats` rounds after a warm-up call, ours and the
-reference alternating. Prompts are random tokens from the real vocabulary.
+Timings: median (and minimum) over `--repeats` calls after a warm-up call; (a) alternates ours
+and the reference within each round, (b) times each variant in its own process in sequence.
+Prompts are random tokens from the real vocabulary.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -101,37 +104,15 @@ def ours_logprob_step(args, model):
 
 
 def torch_logprob_step(reference_model, ids_t):
-    import torch
-
     def step():
-        # transformers' own loss path (labels=): mean −log p(x_{t+1} | x_≤t), fused cross-entropy
-        # on the full [B, T, V] logits. The manual logits → log_softmax → gather path needs more
-        # than this machine's 24 GiB at 8 × 512 with Gemma 3's vocabulary.
+        # transformers' own loss path (labels=): mean −log p(x_{t+1} | x_≤t), cross-entropy on
+        # the full [B, T, V] logits.
         reference_model.zero_grad(set_to_none=True)
         loss = reference_model(ids_t, labels=ids_t).loss
         loss.backward()
         return loss.detach()
 
     return step
-
-
-def bench_logprob_train(args, reference_model, model) -> dict:
-    import torch
-
-    ids = random_ids(args, (args.batch, args.train_len), 1)
-    ids_j, ids_t = jnp.asarray(ids), torch.tensor(ids, dtype=torch.long)
-    step, state = ours_logprob_step(args, model)
-    reference = torch_logprob_step(reference_model, ids_t)
-
-    def ours():
-        return jax.block_until_ready(step(state, ids_j))
-
-    first_ours = timed(ours)
-    timed(reference)
-    medians, minima = time_alternating({"ours": ours, "reference": reference}, args.repeats)
-    return {"shape": f"B={args.batch}, T={args.train_len}",
-            **throughput(args.batch * (args.train_len - 1), first_ours, medians, minima),
-            "loss_ours": float(ours()[0]), "loss_reference": float(reference())}
 
 
 def _status_gib(field: str) -> float:
@@ -147,41 +128,61 @@ def reset_peak_rss() -> float:
     return _status_gib("VmRSS")
 
 
-def peak_rss_gib() -> float:
-    return _status_gib("VmHWM")
+LOGPROB_VARIANTS = ("ours", "ours_remat", "torch", "torch_checkpointing")
 
 
-def memory_child(args) -> dict:
-    """One log-prob forward+backward in this (fresh) process; peak RSS before and after."""
+def logprob_child(args) -> dict:
+    """One variant of (b)/(c) in this fresh process: load, warm up (compile), then reset the
+    peak RSS and time `repeats` steps."""
     path = gemma3_270m_gguf()
     ids = random_ids(args, (args.batch, args.train_len), 1)
-    if args.memory_child == "ours":
-        step, state = ours_logprob_step(args, load_pretrained(path))
+    variant = args.logprob_child
+    out = {"variant": variant}
+    if variant.startswith("ours"):
+        model = load_pretrained(path, remat=variant == "ours_remat")
+        step, state = ours_logprob_step(args, model)
         ids_j = jnp.asarray(ids)
         compiled = step.lower(state, ids_j).compile()
-        baseline = reset_peak_rss()
-        jax.block_until_ready(compiled(state, ids_j))
-        return {"baseline_gib": baseline, "peak_gib": peak_rss_gib(),
-                "xla_temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30}
-    import torch
+        out["xla_temp_gib"] = compiled.memory_analysis().temp_size_in_bytes / 2**30
 
-    model = torch_model(path)
-    baseline = reset_peak_rss()
-    torch_logprob_step(model, torch.tensor(ids, dtype=torch.long))()
-    return {"baseline_gib": baseline, "peak_gib": peak_rss_gib()}
+        def run():
+            return jax.block_until_ready(compiled(state, ids_j))[0]
+    else:
+        import torch
+
+        model = torch_model(path)
+        if variant == "torch_checkpointing":
+            model.gradient_checkpointing_enable()
+            model.train()  # transformers checkpoints only in training mode (no dropout in Gemma 3)
+        run = torch_logprob_step(model, torch.tensor(ids, dtype=torch.long))
+    out["first_call_s"] = timed(run)
+    out["rss_before_gib"] = reset_peak_rss()
+    times = [timed(run) for _ in range(args.repeats)]
+    out.update(peak_gib=_status_gib("VmHWM"), median_s=statistics.median(times), min_s=min(times),
+               loss=float(run()))
+    out["step_gib"] = out["peak_gib"] - out["rss_before_gib"]
+    out["tokens_per_s"] = args.batch * (args.train_len - 1) / out["median_s"]
+    return out
 
 
-def bench_memory(args) -> dict:
-    out = {}
-    for which in ("ours", "reference"):
-        child = [sys.executable, os.path.abspath(__file__), "--memory-child", "ours" if which == "ours" else "torch",
-                 "--batch", str(args.batch), "--train-len", str(args.train_len), "--chunk-size", str(args.chunk_size)]
-        result = subprocess.run(child, capture_output=True, text=True, check=True)
-        numbers = json.loads(result.stdout.strip().splitlines()[-1])
-        numbers["step_gib"] = numbers["peak_gib"] - numbers["baseline_gib"]
-        out[which] = numbers
-    out["step_ratio"] = out["ours"]["step_gib"] / out["reference"]["step_gib"]
-    out["peak_ratio"] = out["ours"]["peak_gib"] / out["reference"]["peak_gib"]
+def bench_logprob(args) -> dict:
+    """(b) and (c): every variant in its own process, one after the other."""
+    out = {"shape": f"B={args.batch}, T={args.train_len}"}
+    for variant in LOGPROB_VARIANTS:
+        child = [sys.executable, os.path.abspath(__file__), "--logprob-child", variant, "--batch", str(args.batch),
+                 "--train-len", str(args.train_len), "--chunk-size", str(args.chunk_size),
+                 "--repeats", str(args.repeats), "--seed", str(args.seed)]
+        result = subprocess.run(child, capture_output=True, text=True)
+        if result.returncode != 0:
+            out[variant] = {"error": f"exit {result.returncode}: {result.stderr.strip()[-300:]}"}
+        else:
+            out[variant] = json.loads(result.stdout.strip().splitlines()[-1])
+        print(json.dumps({variant: out[variant]}), flush=True)
+    for ours, reference in (("ours", "torch"), ("ours_remat", "torch_checkpointing"), ("ours_remat", "torch")):
+        if "median_s" in out[ours] and "median_s" in out[reference]:
+            out[f"speed_{ours}_vs_{reference}"] = out[reference]["median_s"] / out[ours]["median_s"]
+            out[f"step_memory_{ours}_vs_{reference}"] = out[ours]["step_gib"] / out[reference]["step_gib"]
+            out[f"peak_memory_{ours}_vs_{reference}"] = out[ours]["peak_gib"] / out[reference]["peak_gib"]
     return out
 
 
@@ -194,22 +195,21 @@ def main() -> int:
     parser.add_argument("--chunk-size", type=int, default=32, help="log-prob chunk (time steps; × B rows)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip", nargs="*", default=[], choices=("decode", "logprob", "memory"))
+    parser.add_argument("--skip", nargs="*", default=[], choices=("decode", "logprob"))
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--memory-child", choices=("ours", "torch"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--logprob-child", choices=LOGPROB_VARIANTS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory_child:
-        print(json.dumps(memory_child(args)))
+    if args.logprob_child:
+        print(json.dumps(logprob_child(args)))
         return 0
     import torch
 
     results = {"device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                "load_average_start": os.getloadavg()}
-    if "memory" not in args.skip:
-        results["memory"] = bench_memory(args)
-        print(json.dumps({"memory": results["memory"]}, indent=2), flush=True)
-    if {"decode", "logprob"} - set(args.skip):
+    if "logprob" not in args.skip:
+        results["logprob_train"] = bench_logprob(args)
+    if "decode" not in args.skip:
         path = gemma3_270m_gguf()
         start = time.perf_counter()
         model = load_pretrained(path)
@@ -217,12 +217,8 @@ def main() -> int:
         start = time.perf_counter()
         reference_model = torch_model(path)
         results["reference_load_s"] = time.perf_counter() - start
-        if "decode" not in args.skip:
-            results["decode"] = bench_decode(args, reference_model, model)
-            print(json.dumps({"decode": results["decode"]}, indent=2), flush=True)
-        if "logprob" not in args.skip:
-            results["logprob_train"] = bench_logprob_train(args, reference_model, model)
-            print(json.dumps({"logprob_train": results["logprob_train"]}, indent=2), flush=True)
+        results["decode"] = bench_decode(args, reference_model, model)
+        print(json.dumps({"decode": results["decode"]}, indent=2), flush=True)
     results["load_average_end"] = os.getloadavg()
     if args.out:
         with open(args.out, "w") as f:
