@@ -153,8 +153,7 @@ class CausalLM(nnx.Module):
 
         With `config.remat`, the layers run as one `lax.scan` over their stacked parameters,
         each step rematerialised in the backward pass, so only the L layer inputs are kept. On
-        XLA:CPU a remat over an unrolled Python loop saves almost nothing (the recomputations
-        are scheduled early): Gemma 3 270M, 8 × 512 tokens, forward + backward temporaries
+        XLA:CPU a remat over an unrolled Python loop saves almost nothing: Gemma 3 270M, 8 × 512 tokens, forward + backward temporaries
         9.6 GiB unrolled (remat or not) vs 1.4 GiB scanned.
         """
         mask_BxT = self._check_inputs(input_ids, positions, attention_mask)
