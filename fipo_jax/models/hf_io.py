@@ -12,6 +12,7 @@ family's transformers-5 `config.json`, which `transformers.AutoModelForCausalLM`
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import os
@@ -127,19 +128,19 @@ class TensorInfo:
     readable: bool = True  # False: a dtype / quantisation the loader cannot turn into floats
 
 
-class TensorSource:
+class TensorSource(abc.ABC):
     """A checkpoint seen through HF tensor names and layouts (safetensors folder or GGUF file)."""
 
     description: str = "checkpoint"
     readable_types: tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def infos(self) -> dict[str, TensorInfo]:
         """HF name → shape / dtype of every tensor (no data read)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read(self, names: Sequence[str]):
         """Yields (name, float numpy array in the HF layout), one tensor at a time."""
-        raise NotImplementedError
 
 
 class SafetensorsSource(TensorSource):
