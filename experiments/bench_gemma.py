@@ -42,8 +42,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_model import throughput, time_alternating, timed  # noqa: E402
 
 from fipo_jax.logprobs import sequence_log_probs  # noqa: E402

@@ -17,14 +17,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fipo_jax as fj  # noqa: E402
 
 METHODS = ("scan", "associative", "blocked")

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
@@ -46,7 +45,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from fipo_jax.logprobs import (  # noqa: E402
     chunked_token_log_probs,
     full_logits_token_log_probs,

@@ -14,7 +14,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fipo_jax.config import apply_overrides, load_config, with_algo  # noqa: E402
 from fipo_jax.metrics import MetricsLog  # noqa: E402

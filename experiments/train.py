@@ -22,7 +22,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fipo_jax.config import PRESETS, ConfigError, apply_overrides, load_config, with_algo  # noqa: E402
 

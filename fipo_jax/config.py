@@ -246,9 +246,10 @@ class TrainConfig:
         _require(mini % self.algo.micro_batch_size == 0 or self.algo.micro_batch_size >= mini,
                  f"a mini-batch of {mini} sequences must split into micro-batches of algo.micro_batch_size="
                  f"{self.algo.micro_batch_size}")
-        _require(self.rollout.max_response_tokens > self.reward.overlong_buffer or not self.reward.overlong_shaping,
-                 f"reward.overlong_buffer ({self.reward.overlong_buffer}) must be < rollout.max_response_tokens "
-                 f"({self.rollout.max_response_tokens})")
+        # Same bound as rewards.shaping (and verl's DAPO reward manager): L_buf ≤ L_max.
+        _require(self.rollout.max_response_tokens >= self.reward.overlong_buffer or not self.reward.overlong_shaping,
+                 f"reward.overlong_buffer ({self.reward.overlong_buffer}) must be <= rollout.max_response_tokens "
+                 f"({self.rollout.max_response_tokens}): the penalty starts at max_response_tokens - overlong_buffer")
         _require(self.rollout.prompts_per_round >= 1, "rollout.prompts_per_round must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:

@@ -49,7 +49,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fipo_jax.models.kv_cache import init_kv_cache
 
-DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Prompt widths compiled for, 1.5–2× apart: prefill cost grows with the padded width, and each
+# width is one compilation.
+DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
 def _is_int(value) -> bool:

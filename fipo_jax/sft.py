@@ -7,8 +7,6 @@ model that can reason. Loss: mean next-token cross-entropy over response tokens 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 
 import jax
@@ -39,11 +37,6 @@ def demonstration_batch(pairs: list[tuple[str, str]], tokenizer, length: int) ->
         attention[row, : len(seq)] = True
         loss_mask[row, len(p) - 1 : len(seq) - 1] = True
     return ids, attention, loss_mask
-
-
-def cache_key(*parts) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _path_name(key_path) -> str:

@@ -37,12 +37,10 @@ from fipo_jax.data import (ChainTask, CharTokenizer, PromptIterator, PromptRecor
                            render_prompt, word_problem_splits)
 from fipo_jax.rewards import RewardConfig, score_batch
 from fipo_jax.models.hf_io import param_shardings
-from fipo_jax.sampling import SamplingConfig, generate, left_align_prompts
+from fipo_jax.sampling import DEFAULT_PROMPT_BUCKETS, SamplingConfig, generate, left_align_prompts
 from fipo_jax.sharding import batch_sharding, make_mesh, replicated, shard_batch
 
 
-# Prompt widths the sampler compiles for (× 1.5 – 2 apart: prefill cost is proportional to the width).
-PROMPT_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 # The update trims all-padding prompt columns to a multiple of this (bounds recompilation).
 PROMPT_WIDTH_MULTIPLE = 64
 
@@ -51,7 +49,7 @@ class DynamicSamplingExhausted(RuntimeError):
     """Too few prompt groups with mixed outcomes after the allowed generation rounds."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Rollouts:
     """Sampled responses on the host; rows grouped contiguously, n per prompt."""
 
@@ -228,8 +226,8 @@ class Trainer:
         from fipo_jax import sft
 
         spec = self.config.sft
-        key = sft.cache_key(dataclasses.asdict(self.config.model), self.config.data.n_terms, self.config.data.ops,
-                            dataclasses.asdict(spec), self.config.seed, "v2")
+        key = distributed.fingerprint([dataclasses.asdict(self.config.model), self.config.data.n_terms,
+                                       self.config.data.ops, dataclasses.asdict(spec), self.config.seed, "v2"])
         path = os.path.join(spec.cache_dir, f"sft-{key}.npz")
         if os.path.exists(path):
             sft.load_params(model, path)
@@ -262,12 +260,13 @@ class Trainer:
 
     def _sampling_config(self, temperature, top_p, top_k) -> SamplingConfig:
         tok = self.tokenizer
+        widest = self.config.data.max_prompt_tokens + 16
+        buckets = tuple(b for b in DEFAULT_PROMPT_BUCKETS if b < widest) + (widest,)
         return SamplingConfig(max_new_tokens=self.config.rollout.max_response_tokens, temperature=temperature,
                               top_p=top_p, top_k=top_k, eos_token_ids=(tok.eos_token_id,),
                               stop_sequences=self._stop_sequences() if self.config.rollout.stop else (),
                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                              prompt_length_buckets=tuple(b for b in PROMPT_BUCKETS if b < self.config.data.max_prompt_tokens + 16)
-                              + (self.config.data.max_prompt_tokens + 16,))
+                              prompt_length_buckets=buckets)
 
     def _bar(self, total, desc):
         if not self.progress:
@@ -344,7 +343,7 @@ class Trainer:
             stats["rollout/padded_rows"] = need - len(batch.correct)
         batch = batch.take(np.arange(need) % len(batch.correct))  # truncate, or repeat rows to pad
         real = np.arange(need) < min(need, n_kept * n)
-        batch.response_mask = batch.response_mask & real[:, None]  # padded rows carry no loss
+        batch = dataclasses.replace(batch, response_mask=batch.response_mask & real[:, None])  # pads: no loss
         return batch, {**stats, **self._rollout_stats(lengths, scores, "rollout")}
 
     def _rollout_stats(self, lengths: np.ndarray, scores: np.ndarray, prefix: str) -> dict[str, float]:

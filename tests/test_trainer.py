@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fipo_jax.config import ConfigError, apply_overrides, cpu_default
+from fipo_jax.rewards.shaping import validate_overlong_args
 from fipo_jax.metrics import MetricsLog
 from fipo_jax.trainer import DynamicSamplingExhausted, Trainer, majority_vote
 
@@ -153,6 +154,17 @@ def test_majority_vote():
     assert majority_vote(["3", None, "4", "4", "3"]) == "3"  # tie: first seen
     assert majority_vote([None, ""]) is None
     assert majority_vote(["7", "8", "8"]) == "8"
+
+
+def test_overlong_buffer_bound_matches_the_reward_code():
+    # L_buf = L_max is allowed (the penalty ramps from length 0), as in rewards.shaping and verl.
+    config = apply_overrides(cpu_default(), ["rollout.max_response_tokens=16", "reward.overlong_buffer=16"])
+    assert config.reward.overlong_buffer == config.rollout.max_response_tokens
+    validate_overlong_args(16, 16, 1.0)
+    with pytest.raises(ConfigError, match=r"reward\.overlong_buffer \(17\) must be <= rollout\.max_response_tokens"):
+        apply_overrides(cpu_default(), ["rollout.max_response_tokens=16", "reward.overlong_buffer=17"])
+    with pytest.raises(ValueError, match="must be <= max_response_length"):
+        validate_overlong_args(16, 17, 1.0)
 
 
 def test_cli_help_and_config_errors(tmp_path):
