@@ -237,9 +237,10 @@ class ModelConfig:
         """The factor on q·k: query_pre_attn_scalar^(−½), by default head_dim^(−½)."""
         return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
-    def layer_type(self, index: int) -> str:
-        """"full_attention" or "sliding_attention" for layer `index`."""
-        return "full_attention" if self.layer_types is None else self.layer_types[index]
+    @property
+    def every_layer_type(self) -> tuple[str, ...]:
+        """"full_attention" or "sliding_attention" for each layer, in order."""
+        return self.layer_types or ("full_attention",) * self.num_hidden_layers
 
     def window(self, layer_type: str) -> int | None:
         """The sliding window W of a layer type (None: full causal attention)."""

@@ -140,7 +140,7 @@ class CausalLM(nnx.Module):
     def _rope_tables(self, positions_BxT: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
         """cos/sin per layer type present in the model (computed once per forward)."""
         config = self.config
-        types = sorted({config.layer_type(i) for i in range(config.num_hidden_layers)})
+        types = sorted(set(config.every_layer_type))
         return {t: rope_cos_sin(positions_BxT, config.head_dim, *config.rope(t)) for t in types}
 
     def hidden_states(
@@ -153,8 +153,9 @@ class CausalLM(nnx.Module):
 
         With `config.remat`, the layers run as one `lax.scan` over their stacked parameters,
         each step rematerialised in the backward pass, so only the L layer inputs are kept. On
-        XLA:CPU a remat over an unrolled Python loop saves almost nothing: Gemma 3 270M, 8 × 512 tokens, forward + backward temporaries
-        9.6 GiB unrolled (remat or not) vs 1.4 GiB scanned.
+        XLA:CPU a remat over an unrolled Python loop saves almost nothing: Gemma 3 270M,
+        8 × 512 tokens, forward + backward temporaries 9.6 GiB unrolled (remat or not) vs
+        1.4 GiB scanned.
         """
         mask_BxT = self._check_inputs(input_ids, positions, attention_mask)
         if positions is None:
@@ -165,8 +166,7 @@ class CausalLM(nnx.Module):
         x_BxTxD = self.embed_tokens(input_ids, self.config.activation_dtype)
         if self.config.remat:
             return self.norm(self._scanned_layers(x_BxTxD, tables, mask))
-        for i, layer in enumerate(self.layers):
-            layer_type = self.config.layer_type(i)
+        for layer, layer_type in zip(self.layers, self.config.every_layer_type):
             x_BxTxD = layer(x_BxTxD, *tables[layer_type], mask, self.config.window(layer_type))[0]
         return self.norm(x_BxTxD)
 
@@ -175,7 +175,7 @@ class CausalLM(nnx.Module):
         picks its layer type's RoPE table and window from per-layer arrays."""
         config = self.config
         types = sorted(tables)
-        layer_types = [config.layer_type(i) for i in range(config.num_hidden_layers)]
+        layer_types = config.every_layer_type
         type_index_L = jnp.asarray([types.index(t) for t in layer_types], jnp.int32)
         # Per-layer windows only when some layer slides; otherwise no window mask at all.
         window_L = (jnp.asarray([config.window(t) or _NO_WINDOW for t in layer_types], jnp.int32)
@@ -223,8 +223,8 @@ class CausalLM(nnx.Module):
         mask = AttentionMask(index + jnp.arange(seq_len, dtype=jnp.int32), valid_BxS, positions, positions_BxS)
         x_BxTxD = self.embed_tokens(input_ids, self.config.activation_dtype)
         new_keys, new_values = [], []
-        for i, (layer, k_cache, v_cache) in enumerate(zip(self.layers, kv_cache.keys, kv_cache.values)):
-            layer_type = self.config.layer_type(i)
+        for layer, layer_type, k_cache, v_cache in zip(self.layers, self.config.every_layer_type, kv_cache.keys,
+                                                       kv_cache.values):
             x_BxTxD, (k_new, v_new) = layer(x_BxTxD, *tables[layer_type], mask, self.config.window(layer_type),
                                             (k_cache, v_cache), index)
             new_keys.append(k_new)
