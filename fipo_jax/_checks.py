@@ -1,16 +1,93 @@
-"""Trace-time argument checks with messages that name the argument and what was expected.
+"""The one vocabulary for argument and config checks, with messages that name what was wrong.
 
-They look only at static information (shapes, dtypes, Python numbers), so they cost
-nothing under `jit` and never branch on traced values.
+Two families, both cheap and never branching on traced values:
+
+* value checks for configs and Python arguments — `require`, `check_int`, `check_number`,
+  `check_choice`, `check_bool` — each raising ``error`` (default `ValueError`; configs pass their
+  own subclass, e.g. `fipo_jax.config.ConfigError`) with "``name`` must be …, got …";
+* array checks for function inputs — `check_floating`, `check_rank`, `check_same_shape`,
+  `check_mask`, `check_positive` — looking only at static information (shapes, dtypes, Python
+  numbers), so they cost nothing under `jit`.
+
+These play the role of ``chex`` asserts in rlax, with messages written for our users.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def is_int(value: Any) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A Python or NumPy real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def require(ok: bool, message: str, error: type[Exception] = ValueError) -> None:
+    """Raise ``error(message)`` unless ``ok``."""
+    if not ok:
+        raise error(message)
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None, allow_none: bool = False,
+              error: type[Exception] = ValueError) -> None:
+    """``value`` is an int (>= ``minimum`` when given), or None when ``allow_none``."""
+    if value is None and allow_none:
+        return
+    ok = is_int(value) and (minimum is None or value >= minimum)
+    if not ok:
+        what = "an int" if minimum is None else ("a positive int" if minimum == 1 else f"an int >= {minimum}")
+        raise error(f"{name} must be {what}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_number(name: str, value: Any, *, minimum: float | None = None, maximum: float | None = None,
+                 exclusive_minimum: bool = False, exclusive_maximum: bool = False, allow_none: bool = False,
+                 error: type[Exception] = ValueError) -> None:
+    """``value`` is a finite real number within the given bounds, or None when ``allow_none``."""
+    if value is None and allow_none:
+        return
+    ok = is_real(value) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if exclusive_minimum else value >= minimum
+    if ok and maximum is not None:
+        ok = value < maximum if exclusive_maximum else value <= maximum
+    if not ok:
+        bounds = []
+        if minimum is not None:
+            bounds.append(f"{'>' if exclusive_minimum else '>='} {minimum}")
+        if maximum is not None:
+            bounds.append(f"{'<' if exclusive_maximum else '<='} {maximum}")
+        what = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+        raise error(f"{name} must be {what}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any], error: type[Exception] = ValueError) -> None:
+    """``value`` is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise error(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_bool(name: str, value: Any, error: type[Exception] = ValueError) -> None:
+    """``value`` is a bool (not 0/1)."""
+    if not isinstance(value, bool):
+        raise error(f"{name} must be a bool, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- arrays
 
 
 def _shape(x) -> tuple[int, ...]:
