@@ -141,3 +141,46 @@ def plot_run(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
             written.append(path)
         plt.close(fig)
     return written
+
+
+class RunLog:
+    """Where a run's metric rows go: ``metrics.jsonl`` and, optionally, TensorBoard.
+
+    With ``writable=False`` (every process but the first of a multi-host run) nothing is written.
+    """
+
+    def __init__(self, run_dir: str, writable: bool = True, tensorboard: bool = False):
+        self.jsonl = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), writable=writable)
+        self.tensorboard = TensorBoardLog(os.path.join(run_dir, "tensorboard")) if tensorboard and writable else None
+
+    def append(self, row: dict) -> None:
+        self.jsonl.append(row)
+        if self.tensorboard is not None:
+            self.tensorboard.append(row)
+
+    def truncate_after(self, step: int) -> None:
+        self.jsonl.truncate_after(step)
+
+    def read(self) -> list[dict]:
+        return self.jsonl.read()
+
+
+def summarize(rows: list[dict], name: str, algo: str, steps: int, eval_prompts: int, plot_dir: str) -> dict:
+    """A run's summary from its metric rows: held-out accuracy / length / pass@k / cons@k before and
+    after, seconds per step, and the PNG plots (written to ``plot_dir``)."""
+    evals = [r for r in rows if "eval/avg@k" in r]
+    summary = {"name": name, "algo": algo, "steps": steps}
+    if evals:
+        first, last = evals[0], evals[-1]
+        summary.update({
+            "accuracy_before": first["eval/avg@k"], "accuracy_after": last["eval/avg@k"],
+            "mean_length_before": first.get("eval/length_mean"), "mean_length_after": last.get("eval/length_mean"),
+            "pass_at_k_before": first["eval/pass@k"], "pass_at_k_after": last["eval/pass@k"],
+            "cons_at_k_before": first["eval/cons@k"], "cons_at_k_after": last["eval/cons@k"],
+            "eval_k": last["eval/k"], "eval_prompts": eval_prompts,
+        })
+    times = [r["time/step_s"] for r in rows if "time/step_s" in r]
+    if times:
+        summary["seconds_per_step"] = float(np.mean(times))
+    summary["plots"] = plot_run(rows, plot_dir, f"{name} ({algo})")
+    return summary

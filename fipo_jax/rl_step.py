@@ -1,164 +1,389 @@
-"""The jitted pieces of one RL step, as pure functions of (params, batch).
+"""The RL update as one pure function: ``rl_update(state, batch) → (state, metrics)``.
 
-* `log_prob_pass`: teacher-forced log-probs (and entropy) of the responses, no gradient —
-  the trainer's recomputation of π_old with the same numerics as the update.
-* `update_mini_batch`: one optimizer update on a mini-batch, its gradient accumulated over
-  micro-batches as (Σ ∇total, Σ count) so the loss is the exact mini-batch token-mean
-  (or the official per-micro-batch weighting); global-norm clip; AdamW; an update whose
-  gradient is not finite is skipped and counted.
+Everything after the rollout runs on device in one jitted, donated call (design.md, "One RL
+step"); the batch crosses to the device once and only scalar metrics come back:
 
-Batch layout (rows = sequences): ``input_ids`` [B, P+N] = left-padded prompt ‖ response,
-``attention_mask`` [B, P+N], ``response_mask`` [B, N], ``old_log_probs`` [B, N],
-``advantages`` [B]. P is static per call (a sampler bucket), N = max response tokens.
+1. old log-probs log π_old and the entropy of the responses, without gradient, with the same
+   numerics as the update, one micro-batch of rows at a time (bounded memory);
+2. group advantages from the shaped scores (GRPO / Dr. GRPO / RLOO); rows whose response is
+   empty (padding rows) get 0;
+3. for each of the M mini-batches (a `lax.scan`): the policy-loss gradient accumulated over its
+   K micro-batches as (Σ ∇total, Σ count), which is the exact mini-batch token-mean (paper Eq. 8),
+   then global-norm clip and AdamW under an optax warm-up schedule; an update whose gradient is
+   not finite is skipped (parameters and optimizer state kept) and counted;
+4. metrics, each reduced once over every micro-batch of the step with its declared reduction
+   (`losses.METRIC_REDUCTIONS`, `UPDATE_METRIC_REDUCTIONS`), never inferred from its name.
+
+Batch layout (`RLBatch`): every field has leading axes [M, K, R], M mini-batches of K
+micro-batches of R rows (the host lays rows out so; R is the axis split over the mesh's data
+axis, so every micro-batch is spread over all data-parallel devices). Row order is the rollout's:
+groups of ``group_size`` responses to one prompt are contiguous. ``input_ids`` is the left-padded
+prompt followed by the response, [M, K, R, P + N].
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+import functools
+from typing import Any, Callable, Literal, NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from fipo_jax.logprobs import sequence_log_probs
+from fipo_jax import _checks
+from fipo_jax import advantages as adv_lib
+from fipo_jax import loss_metrics
 from fipo_jax.losses import LossTerms, PolicyLossConfig, policy_loss_terms, weight_micro_batch
+# TEMPORARY-COMPAT-START
+try:
+    from fipo_jax.logprobs import sequence_log_probs_with_entropy
+except ImportError:
+    from fipo_jax.logprobs import sequence_log_probs as _slp
+
+    def sequence_log_probs_with_entropy(*a, **k):
+        return _slp(*a, return_entropy=True, **k)
+try:
+    from fipo_jax.losses import METRIC_REDUCTIONS, importance_ratio
+except ImportError:
+    def importance_ratio(lp, old, mask, clamp):
+        mask = mask != 0
+        d = jnp.where(mask, lp, 0.0) - jnp.where(mask, old, 0.0)
+        return jnp.exp(jnp.clip(d, -clamp, clamp))
+
+    class _Red(dict):
+        def __missing__(self, k):
+            return "sum" if k in ("dropped_sequences", "loss_tokens", "response_tokens") else (
+                "min" if k.endswith("_min") else "max" if k.endswith("_max") else "mean")
+
+        def __contains__(self, k):
+            return True
+    METRIC_REDUCTIONS = _Red()
+if not hasattr(loss_metrics, "ratio_quantiles"):
+    def _rq(ratio, adv, mask):
+        st = loss_metrics.ratio_statistics(ratio, adv, mask, 10.0, True)
+        return {k: v for k, v in st.items() if "_is_" in k}
+    loss_metrics.ratio_quantiles = _rq
+try:
+    from fipo_jax.sharding import logical_sharding, param_shardings, replicated
+except ImportError:
+    from fipo_jax.models.hf_io import param_shardings
+    from fipo_jax.sharding import replicated
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def logical_sharding(axes, shape, mesh, name=""):
+        return NamedSharding(mesh, PartitionSpec(*["data" if a == "batch" else None for a in axes]))
+# TEMPORARY-COMPAT-END
+
+Reduction = Literal["sum", "mean", "min", "max"]
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[jax.Array, int], jax.Array]] = {
+    "grpo": adv_lib.grpo_advantages,
+    "dr_grpo": adv_lib.dr_grpo_advantages,
+    "rloo": adv_lib.rloo_advantages,
+}
+
+# How the update's own metrics combine over mini-batches ("mean" is weighted by response tokens).
+UPDATE_METRIC_REDUCTIONS: dict[str, Reduction] = {
+    "loss": "mean",
+    "grad_norm": "mean",
+    "lr": "mean",
+    "skipped_updates": "sum",
+}
 
 
-class UpdateResult(NamedTuple):
+@flax.struct.dataclass
+class RLState:
+    """Everything an RL run updates, as one pytree.
+
+    Attributes:
+      params: the policy's `nnx.Param` state (``nnx.merge(graphdef, params, rest)`` is the policy).
+      opt_state: the optax state of `make_optimizer`.
+      step: int32 scalar, RL steps done.
+      key: the run's PRNG key; step s samples with keys folded from (key, s).
+    """
+
     params: Any
     opt_state: Any
-    metrics: dict[str, jax.Array]
+    step: jax.Array
+    key: jax.Array
 
 
-def make_optimizer(lr: float, b1: float, b2: float, eps: float, weight_decay: float, grad_clip: float):
-    """Global-norm clip then AdamW; the learning rate is a hyperparameter set every step."""
+@flax.struct.dataclass
+class RLBatch:
+    """One step's kept rollouts, [M, K, R, ...] (see the module docstring)."""
 
-    def build(learning_rate):
-        return optax.chain(
-            optax.clip_by_global_norm(grad_clip),
-            optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
-        )
-
-    return optax.inject_hyperparams(build)(learning_rate=lr)
-
-
-def _merge(graphdef, params, rest):
-    return nnx.merge(graphdef, params, rest)
+    input_ids: Any  # [M, K, R, P+N] int32
+    attention_mask: Any  # [M, K, R, P+N] bool
+    response_mask: Any  # [M, K, R, N] bool, False on padding rows
+    scores: Any  # [M, K, R] float32 shaped scores
+    sampler_log_probs: Any  # [M, K, R, N] float32, log-probs the sampler drew the tokens with
 
 
-def response_log_probs(graphdef, params, rest, input_ids, attention_mask, response_len: int, chunk_size: int,
-                       return_entropy: bool = False):
-    """log π(response token | prefix) for the last `response_len` columns, [B, N]."""
-    model = _merge(graphdef, params, rest)
-    start = input_ids.shape[1] - response_len
-    return sequence_log_probs(model, input_ids, attention_mask, response_start=start, chunk_size=chunk_size,
-                              return_entropy=return_entropy)
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    """Static settings of `rl_update` (one compilation per distinct value).
 
-
-def log_prob_pass(graphdef, params, rest, input_ids, attention_mask, response_len: int, chunk_size: int,
-                  rows_per_chunk: int):
-    """Old log-probs and entropy for all rows, `rows_per_chunk` rows at a time (bounded memory)."""
-    params = jax.lax.stop_gradient(params)
-    n_rows = input_ids.shape[0]
-    n_chunks = n_rows // rows_per_chunk
-    ids = input_ids.reshape(n_chunks, rows_per_chunk, -1)
-    mask = attention_mask.reshape(n_chunks, rows_per_chunk, -1)
-    lp, ent = jax.lax.map(
-        lambda xs: response_log_probs(graphdef, params, rest, xs[0], xs[1], response_len, chunk_size, True), (ids, mask))
-    return lp.reshape(n_rows, response_len), ent.reshape(n_rows, response_len)
-
-
-COUNT_METRICS = ("dropped_sequences", "loss_tokens", "response_tokens")
-
-
-def reduce_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Combine per-micro-batch metrics [M] into one value per key.
-
-    Counts are summed; "*_min" / "*_max" take the extreme over micro-batches that hold
-    response tokens; everything else (masked means over response tokens) is averaged with
-    the micro-batches' response-token counts as weights, so empty (padded) micro-batches
-    do not pull the means toward 0.
+    Attributes:
+      loss: the policy loss.
+      group_size: responses per prompt (contiguous rows).
+      advantage: a key of `ADVANTAGE_ESTIMATORS`.
+      micro_batch_weighting: "exact" (token-mean over the mini-batch) or "official" (see
+        `losses.weight_micro_batch`).
+      logprob_chunk_size: vocabulary-projection chunk of the log-prob computation.
     """
-    tokens = stacked["response_tokens"]
-    has_tokens = tokens > 0
+
+    loss: PolicyLossConfig
+    group_size: int
+    advantage: str = "grpo"
+    micro_batch_weighting: Literal["exact", "official"] = "exact"
+    logprob_chunk_size: int = 1024
+
+    def __post_init__(self):
+        _checks.require(isinstance(self.loss, PolicyLossConfig),
+                        f"UpdateConfig.loss must be a PolicyLossConfig, got {type(self.loss).__name__}")
+        _checks.check_int("UpdateConfig.group_size", self.group_size, minimum=1)
+        _checks.check_choice("UpdateConfig.advantage", self.advantage, ADVANTAGE_ESTIMATORS)
+        _checks.check_choice("UpdateConfig.micro_batch_weighting", self.micro_batch_weighting, ("exact", "official"))
+        _checks.check_int("UpdateConfig.logprob_chunk_size", self.logprob_chunk_size, minimum=1)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def warmup_schedule(peak_lr: float, warmup_steps: int, updates_per_step: int) -> optax.Schedule:
+    """η(n) = peak_lr · min(1, ⌊n / U⌋ / W) for the n-th applied optimizer update.
+
+    Warm-up is counted in RL steps of U = ``updates_per_step`` updates (official: every update of
+    the first step has LR 0). A skipped (non-finite) update does not advance n, as with
+    `optax.apply_if_finite`.
+    """
+    _checks.check_int("updates_per_step", updates_per_step, minimum=1)
+
+    def schedule(count):
+        if not warmup_steps:
+            return jnp.asarray(peak_lr, jnp.float32)
+        rl_step = (count // updates_per_step).astype(jnp.float32)
+        return peak_lr * jnp.minimum(1.0, rl_step / warmup_steps)
+
+    return schedule
+
+
+class Optimizer(NamedTuple):
+    """An optax transformation and the learning-rate schedule inside it (for the ``lr`` metric)."""
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def make_optimizer(schedule: optax.Schedule, b1: float, b2: float, eps: float, weight_decay: float,
+                   grad_clip: float) -> Optimizer:
+    """Global-norm clip, then AdamW with the learning-rate ``schedule``."""
+    tx = optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+    )
+    return Optimizer(tx, schedule)
+
+
+def _applied_updates(opt_state) -> jax.Array:
+    """n of `warmup_schedule`: the count of the optimizer's schedule state."""
+    counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+              if isinstance(s, optax.ScaleByScheduleState)]
+    return counts[0] if counts else jnp.zeros((), jnp.int32)
+
+
+def init_state(params, optimizer: Optimizer, key: jax.Array) -> RLState:
+    """Step 0 of a run: ``params`` as given, a fresh optimizer state."""
+    return RLState(params=params, opt_state=optimizer.tx.init(params), step=jnp.zeros((), jnp.int32), key=key)
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def response_log_probs(graphdef, params, rest, input_ids, attention_mask, response_len: int, chunk_size: int):
+    """(log π(token | prefix), entropy) of the last ``response_len`` columns, each [R, N]."""
+    model = nnx.merge(graphdef, params, rest)
+    return sequence_log_probs_with_entropy(model, input_ids, attention_mask,
+                                           response_start=input_ids.shape[1] - response_len, chunk_size=chunk_size)
+
+
+def _old_log_probs(graphdef, params, rest, batch: RLBatch, chunk_size: int):
+    """π_old log-probs and entropy of every row, [M, K, R, N], one micro-batch at a time."""
+    params = jax.lax.stop_gradient(params)
+    lead = batch.input_ids.shape[:2]
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731  [M·K, R, ...]
+    response_len = batch.response_mask.shape[-1]
+    lp, ent = jax.lax.map(
+        lambda xs: response_log_probs(graphdef, params, rest, xs[0], xs[1], response_len, chunk_size),
+        (flat(batch.input_ids), flat(batch.attention_mask)))
+    return lp.reshape(lead + lp.shape[1:]), ent.reshape(lead + ent.shape[1:])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def reduce_metrics(stacked: dict[str, jax.Array], weights: jax.Array,
+                   reductions: dict[str, Reduction]) -> dict[str, jax.Array]:
+    """One value per key from values stacked over micro- (or mini-) batches.
+
+    "sum" adds; "mean" is the mean weighted by ``weights`` (response tokens), so batches without
+    tokens do not pull it toward 0; "min" / "max" take the extreme over batches with weight > 0
+    (0 when there is none). A key without a declared reduction is an error.
+    """
+    unknown = sorted(k for k in stacked if k not in reductions)
+    if unknown:
+        raise KeyError(f"metrics without a declared reduction: {unknown} (declare them in METRIC_REDUCTIONS)")
+    has = weights > 0
     out = {}
     for key, values in stacked.items():
-        if key in COUNT_METRICS:
+        how = reductions[key]
+        if how == "sum":
             out[key] = jnp.sum(values)
-        elif key.endswith("_min"):
-            out[key] = jnp.where(jnp.any(has_tokens), jnp.min(jnp.where(has_tokens, values, jnp.inf)), 0.0)
-        elif key.endswith("_max"):
-            out[key] = jnp.where(jnp.any(has_tokens), jnp.max(jnp.where(has_tokens, values, -jnp.inf)), 0.0)
+        elif how == "mean":
+            out[key] = jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        elif how == "min":
+            out[key] = jnp.where(jnp.any(has), jnp.min(jnp.where(has, values, jnp.inf)), 0.0)
+        elif how == "max":
+            out[key] = jnp.where(jnp.any(has), jnp.max(jnp.where(has, values, -jnp.inf)), 0.0)
         else:
-            out[key] = jnp.sum(values * tokens) / jnp.maximum(jnp.sum(tokens), 1.0)
+            raise ValueError(f"metric {key!r}: unknown reduction {how!r}")
     return out
 
 
-def update_mini_batch(graphdef, params, rest, opt_state, batch: dict[str, jax.Array], learning_rate,
-                      tx, loss_config: PolicyLossConfig, micro_batch_size: int, weighting: str, chunk_size: int):
-    """One optimizer update from one mini-batch (see the module docstring)."""
-    rows = batch["input_ids"].shape[0]
-    n_micro = max(1, rows // micro_batch_size)
-    per_micro = rows // n_micro
-    response_len = batch["response_mask"].shape[1]
-    micro = jax.tree.map(lambda x: x.reshape((n_micro, per_micro) + x.shape[1:]), batch)
+def _token_mean(x, mask):
+    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, loss_config: PolicyLossConfig, carry, mini):
+    """One optimizer update from one mini-batch [K, R, ...]; returns per-micro and per-update metrics."""
+    params, opt_state = carry
+    n_micro, rows = mini["response_mask"].shape[:2]
+    response_len = mini["response_mask"].shape[-1]
 
     def objective(p, mb):
-        lp = response_log_probs(graphdef, p, rest, mb["input_ids"], mb["attention_mask"], response_len, chunk_size)
-        terms, metrics = policy_loss_terms(lp, mb["old_log_probs"], mb["advantages"], mb["response_mask"], loss_config)
-        terms = weight_micro_batch(terms, weighting, per_micro, rows)
-        return terms.total, (terms, metrics)
+        lp, _ = response_log_probs(graphdef, p, rest, mb["input_ids"], mb["attention_mask"], response_len,
+                                   config.logprob_chunk_size)
+        terms, metrics = policy_loss_terms(lp, mb["old_log_probs"], mb["advantages"], mb["response_mask"],
+                                           loss_config)
+        terms = weight_micro_batch(terms, config.micro_batch_weighting, rows, n_micro * rows)
+        ratio = importance_ratio(lp, mb["old_log_probs"], mb["response_mask"], loss_config.log_ratio_clamp)
+        return terms.total, (terms, metrics, jax.lax.stop_gradient(ratio))
 
     grad_fn = jax.grad(objective, has_aux=True)
 
-    def accumulate(carry, mb):
-        grads_acc, count_acc, total_acc = carry
-        grads, (terms, metrics) = grad_fn(params, mb)
+    def accumulate(acc, mb):
+        grads_acc, count_acc, total_acc = acc
+        grads, (terms, metrics, ratio) = grad_fn(params, mb)
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-        return (grads_acc, count_acc + terms.count, total_acc + terms.total), metrics
+        return (grads_acc, count_acc + terms.count, total_acc + terms.total), (metrics, ratio)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, count, total), stacked = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+    (grads, count, total), (micro_metrics, ratio) = jax.lax.scan(
+        accumulate, (zeros, jnp.float32(0), jnp.float32(0)), mini)
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1e-12), grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm)
-
-    opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
+    lr = jnp.asarray(optimizer.schedule(_applied_updates(opt_state)), jnp.float32)
+    updates, new_opt_state = optimizer.tx.update(grads, opt_state, params)
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    params = jax.tree.map(keep, new_params, params)
+    params = jax.tree.map(keep, optax.apply_updates(params, updates), params)
     opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-
-    metrics = reduce_metrics(stacked)
-    metrics["loss"] = LossTerms(total, count).value
-    metrics["grad_norm"] = grad_norm
-    metrics["skipped_update"] = (~finite).astype(jnp.float32)
-    metrics["lr"] = jnp.asarray(learning_rate, jnp.float32)
-    return UpdateResult(params, opt_state, metrics)
+    update_metrics = {"loss": LossTerms(total, count).value, "grad_norm": grad_norm, "lr": lr,
+                      "skipped_updates": (~finite).astype(jnp.float32)}
+    return (params, opt_state), (micro_metrics, update_metrics, ratio)
 
 
-def jit_update(tx, loss_config: PolicyLossConfig, micro_batch_size: int, weighting: str, chunk_size: int,
-               out_shardings=None):
-    """`update_mini_batch` jitted with params and optimizer state donated.
+def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Optimizer, config: UpdateConfig
+              ) -> tuple[RLState, dict[str, jax.Array]]:
+    """One RL update (see the module docstring): pure, jit it with `jit_rl_update`.
 
-    `out_shardings`: optional (params, opt_state, metrics) shardings, so that updated
-    parameters keep their mesh placement."""
+    Returns the new state (``step`` + 1) and scalar metrics named as logged: ``actor/*`` (loss
+    metrics with official names, ``loss``, ``grad_norm``, ``lr``, ``skipped_updates``,
+    ``entropy``), ``rollout/sampler_logprob_gap`` and ``batch/length_weighted_advantage``.
+    """
+    n_mini, n_micro, rows = batch.response_mask.shape[:3]
+    mask = batch.response_mask
+    old_lp, entropy = _old_log_probs(graphdef, state.params, rest, batch, config.logprob_chunk_size)
+    estimator = ADVANTAGE_ESTIMATORS[config.advantage]
+    advantages = estimator(batch.scores.reshape(-1), config.group_size).reshape(batch.scores.shape)
+    advantages = advantages * jnp.any(mask, axis=-1)
 
-    def fn(graphdef, params, rest, opt_state, batch, learning_rate):
-        result = update_mini_batch(graphdef, params, rest, opt_state, batch, learning_rate, tx, loss_config,
-                                   micro_batch_size, weighting, chunk_size)
-        return tuple(result)
+    minis = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": mask,
+             "old_log_probs": old_lp, "advantages": advantages}
+    # The IS-ratio quantiles (two sorts of every token) are taken once below, outside the gradient.
+    loss_config = config.loss.replace(ratio_quantiles=False)
+    (params, opt_state), (micro_metrics, update_metrics, ratio) = jax.lax.scan(
+        functools.partial(_mini_batch_update, graphdef, rest, optimizer, config, loss_config),
+        (state.params, state.opt_state), minis)
 
-    kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
-    jitted = jax.jit(fn, static_argnums=(0,), donate_argnums=(1, 3), **kwargs)
-    return lambda *args: UpdateResult(*jitted(*args))
+    micro_tokens = jnp.sum(mask, axis=-1).sum(axis=-1).astype(jnp.float32)  # [M, K]
+    metrics = reduce_metrics(micro_metrics, micro_tokens, METRIC_REDUCTIONS)
+    metrics |= reduce_metrics(update_metrics, micro_tokens.sum(axis=-1), UPDATE_METRIC_REDUCTIONS)
+    if config.loss.ratio_quantiles:
+        token_advantages = jnp.broadcast_to(advantages[..., None], mask.shape)
+        metrics |= loss_metrics.ratio_quantiles(ratio.reshape(-1, mask.shape[-1]),
+                                                token_advantages.reshape(-1, mask.shape[-1]),
+                                                mask.reshape(-1, mask.shape[-1]))
+    metrics = {f"actor/{k}": v for k, v in metrics.items()}
+    metrics["actor/entropy"] = _token_mean(entropy, mask)
+    metrics["rollout/sampler_logprob_gap"] = _token_mean(jnp.abs(batch.sampler_log_probs - old_lp), mask)
+    metrics["batch/length_weighted_advantage"] = (
+        jnp.sum(advantages * jnp.sum(mask, axis=-1)) / jnp.maximum(jnp.sum(mask), 1))
+    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    return new_state, metrics
 
 
-def jit_log_prob_pass(chunk_size: int, rows_per_chunk: int):
-    def fn(graphdef, params, rest, input_ids, attention_mask, response_len):
-        return log_prob_pass(graphdef, params, rest, input_ids, attention_mask, response_len, chunk_size,
-                             rows_per_chunk)
+def jit_rl_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, state_shardings=None, metric_sharding=None):
+    """`rl_update` jitted once, the state donated; ``state_shardings`` pins the new state's placement
+    (so every step compiles once and never reshards)."""
+    fn = functools.partial(rl_update, graphdef=graphdef, rest=rest, optimizer=optimizer, config=config)
+    kwargs = {}
+    if state_shardings is not None:
+        kwargs["out_shardings"] = (state_shardings, metric_sharding)
+    return jax.jit(fn, donate_argnums=0, **kwargs)
 
-    return jax.jit(fn, static_argnums=(0, 5))
+
+# ----------------------------------------------------------------------------- placement
+
+
+def state_shardings(params, optimizer: Optimizer, mesh) -> RLState:
+    """Where each leaf of the state lives: parameters by the rules table (`param_shardings`),
+    optimizer moments like their parameters, counters and the key replicated."""
+    params_sharding = param_shardings(params, mesh)
+    opt_shapes = jax.eval_shape(optimizer.tx.init, params)
+    opt_sharding = optax.tree_map_params(optimizer.tx, lambda _, sharding: sharding, opt_shapes, params_sharding,
+                                         transform_non_params=lambda _: replicated(mesh))
+    return RLState(params=params_sharding, opt_state=opt_sharding, step=replicated(mesh), key=replicated(mesh))
+
+
+def abstract_state(state: RLState, shardings: RLState) -> RLState:
+    """Shape, dtype and placement of every leaf (what a checkpoint restore fills in)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def batch_shardings(batch: RLBatch, mesh) -> RLBatch:
+    """Rows (axis 2 of [M, K, R, ...]) split as the rules table places logical ``batch``."""
+    return jax.tree.map(lambda x: logical_sharding(("mini_batch", "micro_batch", "batch") + (None,) * (x.ndim - 3),
+                                                   x.shape, mesh, name=f"batch field of shape {x.shape}"), batch)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def layout_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_size: int) -> RLBatch:
+    """Host arrays with B rows → an `RLBatch` of [M, K, R, ...] (M = mini_batches, R = micro_batch_size)."""
+    rows = len(fields["scores"])
+    _checks.require(rows % (mini_batches * micro_batch_size) == 0,
+                    f"{rows} rows do not split into {mini_batches} mini-batches of micro-batches of "
+                    f"{micro_batch_size} rows")
+    k = rows // (mini_batches * micro_batch_size)
+    shaped = {name: np.asarray(value).reshape((mini_batches, k, micro_batch_size) + np.shape(value)[1:])
+              for name, value in fields.items()}
+    return RLBatch(**shaped)

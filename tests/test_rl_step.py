@@ -1,4 +1,7 @@
-"""The jitted update: micro-batch accumulation is exact, a non-finite gradient is skipped."""
+"""The pure RL update: micro-batch accumulation is exact, a non-finite gradient is skipped, the
+function is pure, metrics have declared reductions, the warm-up schedule counts RL steps."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,8 @@ import fipo_jax as fj
 from fipo_jax import rl_step
 from fipo_jax.models import Qwen2Config, Qwen2ForCausalLM
 
+ROWS, PROMPT, RESPONSE, GROUP = 8, 3, 6, 2
+
 
 @pytest.fixture(scope="module")
 def setup():
@@ -18,44 +23,112 @@ def setup():
                              rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rng = np.random.default_rng(0)
-    rows, prompt, response = 8, 3, 6
-    lengths = rng.integers(1, response + 1, size=rows)
-    response_mask = np.arange(response)[None] < lengths[:, None]
-    ids = rng.integers(0, 11, size=(rows, prompt + response)).astype(np.int32)
-    batch = {"input_ids": ids,
-             "attention_mask": np.concatenate([np.ones((rows, prompt), bool), response_mask], 1),
-             "response_mask": response_mask,
-             "advantages": rng.normal(size=rows).astype(np.float32)}
-    lp = rl_step.response_log_probs(graphdef, params, rest, jnp.asarray(ids), jnp.asarray(batch["attention_mask"]),
-                                    response, 64)
-    batch["old_log_probs"] = np.asarray(lp) + rng.normal(size=lp.shape).astype(np.float32) * 0.05
-    tx = rl_step.make_optimizer(1e-2, 0.9, 0.999, 1e-8, 0.0, 1.0)
-    return graphdef, params, rest, tx, batch
+    lengths = rng.integers(1, RESPONSE + 1, size=ROWS)
+    response_mask = np.arange(RESPONSE)[None] < lengths[:, None]
+    ids = rng.integers(0, 11, size=(ROWS, PROMPT + RESPONSE)).astype(np.int32)
+    attention_mask = np.concatenate([np.ones((ROWS, PROMPT), bool), response_mask], 1)
+    lp, _ = rl_step.response_log_probs(graphdef, params, rest, jnp.asarray(ids), jnp.asarray(attention_mask),
+                                       RESPONSE, 64)
+    fields = {"input_ids": ids, "attention_mask": attention_mask, "response_mask": response_mask,
+              "scores": rng.normal(size=ROWS).astype(np.float32),
+              "sampler_log_probs": np.asarray(lp)}
+    return graphdef, params, rest, fields
 
 
-def run(setup, micro, weighting="exact", batch=None):
-    graphdef, params, rest, tx, base = setup
-    params = jax.tree.map(jnp.array, params)  # fresh buffers: the update donates them
-    update = rl_step.jit_update(tx, fj.PolicyLossConfig(), micro, weighting, 64)
-    return update(graphdef, params, rest, tx.init(params), batch or base, 1e-2)
+def optimizer(warmup_steps=0, updates_per_step=1):
+    schedule = rl_step.warmup_schedule(1e-2, warmup_steps, updates_per_step)
+    return rl_step.make_optimizer(schedule, 0.9, 0.999, 1e-8, 0.0, 1.0)
+
+
+def run(setup, mini=1, micro=ROWS, weighting="exact", fields=None, opt=None, loss=None, steps=1):
+    graphdef, params, rest, base = setup
+    opt = opt or optimizer()
+    state = rl_step.init_state(jax.tree.map(jnp.array, params), opt, jax.random.key(0))  # fresh: donated
+    config = rl_step.UpdateConfig(loss=loss or fj.PolicyLossConfig(), group_size=GROUP,
+                                  micro_batch_weighting=weighting, logprob_chunk_size=64)
+    update = rl_step.jit_rl_update(graphdef, rest, opt, config)
+    batch = rl_step.layout_batch(fields or base, mini, micro)
+    for _ in range(steps):
+        state, metrics = update(state, batch)
+    return state, metrics
 
 
 def test_micro_batches_reproduce_the_whole_mini_batch(setup):
-    whole, split = run(setup, 8), run(setup, 2)
-    np.testing.assert_allclose(whole.metrics["loss"], split.metrics["loss"], rtol=1e-5)
-    np.testing.assert_allclose(whole.metrics["grad_norm"], split.metrics["grad_norm"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(split.params)):
+    whole, split = run(setup, micro=8), run(setup, micro=2)
+    np.testing.assert_allclose(whole[1]["actor/loss"], split[1]["actor/loss"], rtol=1e-5)
+    np.testing.assert_allclose(whole[1]["actor/grad_norm"], split[1]["actor/grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(whole[0].params), jax.tree.leaves(split[0].params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    official = run(setup, 2, "official")  # per-micro-batch means weighted by sequences: differs
-    assert abs(float(official.metrics["loss"]) - float(whole.metrics["loss"])) > 1e-6
+    official = run(setup, micro=2, weighting="official")  # per-micro-batch means weighted by sequences: differs
+    assert abs(float(official[1]["actor/loss"]) - float(whole[1]["actor/loss"])) > 1e-6
 
 
 def test_non_finite_gradient_skips_the_update(setup):
-    graphdef, params, rest, tx, batch = setup
-    poisoned = dict(batch, advantages=batch["advantages"].copy())
-    poisoned["advantages"][0] = np.nan
-    result = run(setup, 4, batch=poisoned)
-    assert float(result.metrics["skipped_update"]) == 1.0
-    for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(params)):
+    graphdef, params, rest, fields = setup
+    poisoned = dict(fields, scores=fields["scores"].copy())
+    poisoned["scores"][0] = np.nan  # → NaN advantages for group 0 → NaN gradient
+    state, metrics = run(setup, fields=poisoned)
+    assert float(metrics["actor/skipped_updates"]) == 1.0
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
-    assert float(run(setup, 4).metrics["skipped_update"]) == 0.0
+    assert int(state.step) == 1  # the RL step still counts
+    assert float(run(setup)[1]["actor/skipped_updates"]) == 0.0
+
+
+def host(tree):
+    """Numpy copies of every leaf (PRNG keys as their key data)."""
+    as_numpy = lambda x: np.array(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)  # noqa: E731
+                                  else x)
+    return jax.tree.map(as_numpy, tree)
+
+
+def test_update_is_pure(setup):
+    """Same inputs → same outputs, and the inputs are left as they were (no donation here)."""
+    graphdef, params, rest, fields = setup
+    opt = optimizer()
+    config = rl_step.UpdateConfig(loss=fj.PolicyLossConfig(), group_size=GROUP, logprob_chunk_size=64)
+    update = jax.jit(functools.partial(rl_step.rl_update, graphdef=graphdef, rest=rest, optimizer=opt, config=config))
+    state = rl_step.init_state(params, opt, jax.random.key(0))
+    batch = jax.tree.map(jnp.asarray, rl_step.layout_batch(fields, 2, 2))
+    before = host((state, batch))
+    first, second = update(state, batch), update(state, batch)
+    jax.tree.map(np.testing.assert_array_equal, host(first), host(second))
+    jax.tree.map(np.testing.assert_array_equal, before, host((state, batch)))
+    assert int(first[0].step) == 1 and int(state.step) == 0
+
+
+def test_old_log_probs_are_recomputed_on_device(setup):
+    """The sampler log-probs here are the teacher-forced ones: the update's recomputation agrees."""
+    _, metrics = run(setup, mini=2, micro=2)
+    assert float(metrics["rollout/sampler_logprob_gap"]) < 1e-5
+    assert 0 < float(metrics["actor/entropy"]) < np.log(11) + 1e-5
+    for key in ("actor/pg_clipfrac", "actor/influence_weights_mean", "actor/neg_is_p75", "actor/pos_is_median",
+                "actor/response_tokens", "actor/lr", "batch/length_weighted_advantage"):
+        assert key in metrics, key
+    assert float(metrics["actor/response_tokens"]) == setup[3]["response_mask"].sum()
+
+
+def test_warmup_schedule_counts_rl_steps():
+    schedule = rl_step.warmup_schedule(1.0, warmup_steps=2, updates_per_step=3)
+    assert [float(schedule(jnp.int32(n))) for n in range(8)] == [0, 0, 0, 0.5, 0.5, 0.5, 1, 1]
+    assert float(rl_step.warmup_schedule(0.5, 0, 3)(jnp.int32(0))) == 0.5
+
+
+def test_learning_rate_follows_the_schedule_through_the_state(setup):
+    _, first = run(setup, mini=2, micro=4, opt=optimizer(warmup_steps=2, updates_per_step=2))
+    assert float(first["actor/lr"]) == 0.0  # every update of the first step has LR 0
+    _, third = run(setup, mini=2, micro=4, opt=optimizer(warmup_steps=2, updates_per_step=2), steps=3)
+    assert float(third["actor/lr"]) == pytest.approx(1e-2)
+
+
+def test_metrics_without_a_declared_reduction_are_refused():
+    with pytest.raises(KeyError, match="without a declared reduction: \\['mystery'\\]"):
+        rl_step.reduce_metrics({"mystery": jnp.ones(2)}, jnp.ones(2), {"loss": "mean"})
+    reduced = rl_step.reduce_metrics({"a": jnp.array([1.0, 3.0, 9.0]), "b": jnp.array([2.0, 5.0, 0.0])},
+                                     jnp.array([1.0, 3.0, 0.0]), {"a": "mean", "b": "min"})
+    assert float(reduced["a"]) == 2.5 and float(reduced["b"]) == 2.0  # the empty batch is ignored
+
+
+def test_layout_refuses_rows_that_do_not_split(setup):
+    with pytest.raises(ValueError, match="8 rows do not split into 3 mini-batches"):
+        rl_step.layout_batch(setup[3], 3, 1)

@@ -21,7 +21,7 @@ for shape in ("[1]", "[2,2,2]"):
                                                  "model.num_heads=4", "model.num_kv_heads=2"])
     trainer = Trainer(cfg, sys.argv[1] + "/run" + shape.replace(",", "x"), progress=False, log=lambda s: None)
     metrics = trainer.step()
-    specs = {str(v.sharding.spec) for v in jax.tree.leaves(trainer.model) if hasattr(v, "sharding")}
+    specs = {str(v.sharding.spec) for v in jax.tree.leaves(trainer.state.params) if hasattr(v, "sharding")}
     out[shape] = {"metrics": {k: v for k, v in metrics.items() if not k.startswith("time/")}, "specs": sorted(specs)}
 print(json.dumps(out))
 """

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -148,6 +149,53 @@ def test_dynamic_sampling_exhaustion(tmp_path, cache_dir):
                      progress=False, log=lambda s: None)
     metrics = padded.step()
     assert metrics["rollout/padded_rows"] == 8 and np.isfinite(metrics["actor/loss"])
+
+
+def test_exception_inside_an_update_leaves_the_trainer_usable(tmp_path, cache_dir, monkeypatch):
+    """A loss that raises mid-update: the state is untouched, the next step and a save work."""
+    from fipo_jax import rl_step
+
+    trainer = Trainer(tiny_config(cache_dir, "eval.every=0"), str(tmp_path / "run"), progress=False,
+                      log=lambda s: None)
+    before = jax.tree.map(np.asarray, trainer.state.params)
+
+    def failing_loss(*args, **kwargs):
+        raise RuntimeError("injected loss failure")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rl_step, "policy_loss_terms", failing_loss)
+        with pytest.raises(RuntimeError, match="injected loss failure"):
+            trainer.step()
+    assert trainer.step_index == 0
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, trainer.state.params))
+    metrics = trainer.step()
+    assert metrics["step"] == 1 and np.isfinite(metrics["actor/loss"]) and trainer.step_index == 1
+    trainer.save()
+    trainer.checkpointer.wait()
+    state, metadata = trainer.checkpointer.restore(rl_step.abstract_state(trainer.state, trainer.state_shardings))
+    assert metadata["step"] == 1 and int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params),
+                 jax.tree.map(np.asarray, trainer.state.params))
+
+
+def test_checkpointer_knows_nothing_of_the_trainer(tmp_path):
+    """save(step, state, metadata) / restore(abstract_state) on a plain pytree; other layouts are refused."""
+    from fipo_jax.checkpoint import CheckpointFormatError, Checkpointer, abstract_like
+
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "key": jax.random.key(3), "n": np.int32(7)}
+    state = jax.tree.map(jax.numpy.asarray, state)
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=1)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        checkpointer.restore(abstract_like(state))
+    checkpointer.save(5, state, {"note": "hello"})
+    checkpointer.save(6, state, {"note": "again"})
+    restored, metadata = checkpointer.restore(abstract_like(state))
+    assert metadata == {"note": "again"} and checkpointer.latest_step() == 6
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert jax.numpy.array_equal(jax.random.key_data(restored["key"]), jax.random.key_data(state["key"]))
+    os.makedirs(tmp_path / "old" / "3" / "params")  # the layout of an older fipo_jax
+    with pytest.raises(CheckpointFormatError, match="checkpoint 3 .* has format None"):
+        Checkpointer(str(tmp_path / "old")).metadata()
 
 
 def test_majority_vote():

@@ -12,6 +12,7 @@ import transformers
 from fipo_jax.config import apply_overrides, load_config, qwen25_32b_fipo
 from fipo_jax.metrics import MetricsLog
 from fipo_jax.models.tokenizer import qwen2_5_tokenizer
+from fipo_jax.rollouts import encode_prompt
 from fipo_jax.trainer import Trainer
 from tests.test_data import write_dapo_parquet
 
@@ -62,7 +63,7 @@ def test_file_task_with_hf_checkpoint(tmp_path, hf_folder):
     trainer = Trainer(config, str(tmp_path / "run"), progress=False, log=lambda s: None)
     assert trainer.tokenizer.eos_token_id == 151643 and trainer.model.config.vocab_size == 151665
     assert trainer.model.config.model_type == family
-    prompt_ids = trainer._encode_prompt(trainer.train_records[0])
+    prompt_ids = encode_prompt(trainer.train_records[0], trainer.tokenizer)
     assert trainer.tokenizer.decode(prompt_ids).startswith("<|im_start|>user\nSolve the following math problem")
     summary = trainer.train()
     rows = MetricsLog(os.path.join(tmp_path, "run", "metrics.jsonl")).read()
@@ -87,13 +88,13 @@ def test_word_problems_with_stop_strings(tmp_path):
     tokenizer = trainer.tokenizer
     assert trainer.sampling.stop_sequences == tuple(dict.fromkeys(
         tuple(tokenizer(v, add_special_tokens=False)["input_ids"]) for s in ("Question:", "\n\n") for v in (s, " " + s)))
-    prompt = trainer._encode_prompt(trainer.train_records[0])
+    prompt = encode_prompt(trainer.train_records[0], trainer.tokenizer)
     assert tokenizer.decode(prompt).startswith("Question: ") and tokenizer.decode(prompt).endswith("Solution:")
     # A sampled response that ends with a stop sequence is scored without it.
     stop = trainer.sampling.stop_sequences[0]
     answer = tokenizer(" 7\nAnswer: 7\n\n", add_special_tokens=False)["input_ids"]
     tokens = np.asarray([answer + list(stop)], np.int32)
-    assert trainer._decode(tokens[0], len(answer)).endswith("Answer: 7\n\n")
+    assert trainer.rollouts.decode(tokens[0], len(answer)).endswith("Answer: 7\n\n")
     rows = MetricsLog(os.path.join(trainer.train() and trainer.run_dir, "metrics.jsonl")).read()
     assert [r["step"] for r in rows] == [0, 1] and np.isfinite(rows[1]["actor/loss"])
     # The trained policy exports as a checkpoint folder transformers loads, with equal logits.

@@ -1,0 +1,120 @@
+"""What a run starts from: the policy and its tokenizer, the SFT warm start, the prompt splits.
+
+`build_policy` returns a model (on the mesh, sharded by the rules table) and its tokenizer for
+``config.model``; `build_prompts` the train and held-out prompt records for ``config.data``
+(and, for the scratch model on the chain task, warm-starts the model with SFT, cached on disk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+import numpy as np
+from flax import nnx
+
+from fipo_jax import distributed
+from fipo_jax.config import ConfigError, TrainConfig
+from fipo_jax.data import (ChainTask, CharTokenizer, PromptRecord, WordProblemTask, load_prompt_records,
+                           word_problem_splits)
+from fipo_jax.rollouts import encode_prompt
+
+Log = Callable[[str], None]
+ProgressBar = Callable[[int, str], object]  # (total, description) → a tqdm-like bar, or None
+
+
+def build_policy(config: TrainConfig, mesh, log: Log):
+    """(tokenizer, model) for ``config.model``: the scratch Qwen2 on the character vocabulary, or a
+    pretrained checkpoint (Hugging Face folder, ``.gguf``, or the packaged Gemma 3 270M)."""
+    spec = config.model
+    if spec.source == "scratch":
+        from fipo_jax.models import CausalLM, ModelConfig
+
+        tokenizer = CharTokenizer()
+        model_config = ModelConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_kv_heads, rope_theta=spec.rope_theta, max_position_embeddings=4096,
+            tie_word_embeddings=True, dtype=spec.dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
+            attention_chunk_size=spec.attention_chunk_size)
+        return tokenizer, CausalLM(model_config, rngs=nnx.Rngs(config.seed))
+    from fipo_jax.models import load_pretrained
+    from fipo_jax.models.tokenizer import load_tokenizer
+
+    if spec.source == "gemma3-270m":
+        from fipo_jax.models.assets import gemma3_270m_gguf
+
+        path = gemma3_270m_gguf()
+    else:
+        path = spec.path
+    log(f"[model] loading {path}")
+    model = load_pretrained(path, dtype=spec.dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
+                            attention_chunk_size=spec.attention_chunk_size, mesh=mesh)
+    return load_tokenizer(path), model
+
+
+def build_prompts(config: TrainConfig, tokenizer, model, log: Log, bar: ProgressBar
+                  ) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """(train, held-out) prompt records for ``config.data``; prompts longer than
+    ``data.max_prompt_tokens`` are dropped (as the official data loader does), with a note."""
+    data = config.data
+    fit = lambda records, split: _fit_prompts(records, tokenizer, data.max_prompt_tokens, split, log)  # noqa: E731
+    if data.task == "chain":
+        task = ChainTask(n_terms=data.n_terms, ops=data.ops)
+        make = lambda seed, n: [PromptRecord(r["prompt"], r["ground_truth"], "chain", str(i))  # noqa: E731
+                                for i, r in enumerate(task.problems(np.random.default_rng(seed), n))]
+        train = make([config.seed, 1], data.train_prompts)
+        held_out = {r.prompt for r in train}
+        evals = [r for r in make([config.seed, 2], data.eval_prompts * 4) if r.prompt not in held_out]
+        if config.model.source == "scratch" and config.sft.enabled:
+            warm_start(config, model, tokenizer, task, log, bar)
+        return train, evals[: data.eval_prompts]
+    if data.task == "word_problems":
+        if isinstance(tokenizer, CharTokenizer):
+            raise ConfigError("data.task='word_problems' is English text: it needs a pretrained model and its "
+                              "tokenizer (model.source 'hf' or 'gemma3-270m'), not model.source='scratch'")
+        task = WordProblemTask(max_steps=data.max_steps, few_shot=data.few_shot)
+        train, evals = word_problem_splits(task, config.seed, data.train_prompts, data.eval_prompts)
+        return fit(train, "train"), fit(evals, "eval")
+    train = fit(load_prompt_records(data.train_path), "train")
+    evals = fit(load_prompt_records(data.eval_path, limit=data.eval_prompts), "eval") if data.eval_path else []
+    return train, evals
+
+
+def _fit_prompts(records, tokenizer, max_tokens: int, split: str, log: Log) -> list[PromptRecord]:
+    kept = [r for r in records if len(encode_prompt(r, tokenizer)) <= max_tokens]
+    if len(kept) < len(records):
+        log(f"[data] {split}: dropped {len(records) - len(kept)} of {len(records)} prompts longer than "
+            f"{max_tokens} tokens")
+    if not kept:
+        raise ConfigError(f"no {split} prompt fits data.max_prompt_tokens={max_tokens}")
+    return kept
+
+
+def warm_start(config: TrainConfig, model, tokenizer, task: ChainTask, log: Log, bar: ProgressBar) -> None:
+    """SFT of the scratch model on the chain task's demonstrations, cached by a fingerprint of
+    everything that shapes it (model, task, SFT settings, seed)."""
+    from fipo_jax import sft
+
+    spec = config.sft
+    key = distributed.fingerprint([dataclasses.asdict(config.model), config.data.n_terms, config.data.ops,
+                                   dataclasses.asdict(spec), config.seed, "v2"])
+    path = os.path.join(spec.cache_dir, f"sft-{key}.npz")
+    if os.path.exists(path):
+        sft.load_params(model, path)
+        log(f"[sft] loaded cached warm start {path}")
+        return
+    length = task.prompt_tokens() + task.max_response_tokens()
+    log(f"[sft] training the warm start: {spec.steps} steps × {spec.batch_size} demonstrations "
+        f"({spec.step_fraction:.0%} step-by-step)")
+    progress = bar(spec.steps, "sft")
+    losses = sft.train_sft(model, lambda rng, n: task.demonstrations(rng, n, spec.step_fraction), tokenizer,
+                           steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, length=length, seed=config.seed,
+                           progress=(lambda i, n, loss: (progress.update(i - progress.n),
+                                                         progress.set_postfix(loss=f"{loss:.3f}")))
+                           if progress else None)
+    if progress:
+        progress.close()
+    sft.save_params(model, path)
+    log(f"[sft] final loss {losses[-1]:.4f}; cached at {path}")
