@@ -363,6 +363,14 @@ def state_shardings(params, optimizer: Optimizer, mesh) -> RLState:
     return RLState(params=params_sharding, opt_state=opt_sharding, step=replicated(mesh), key=replicated(mesh))
 
 
+def place_state(state: RLState, shardings: RLState) -> RLState:
+    """``jax.device_put(state, shardings)``, also across processes: a typed PRNG key cannot be put on
+    devices other processes own, so it travels as its (host) key data and is wrapped on the mesh."""
+    raw = state.replace(key=np.asarray(jax.random.key_data(state.key)))
+    placed = jax.device_put(raw, shardings)
+    return placed.replace(key=jax.random.wrap_key_data(placed.key, impl=jax.random.key_impl(state.key)))
+
+
 def abstract_state(state: RLState, shardings: RLState) -> RLState:
     """Shape, dtype and placement of every leaf (what a checkpoint restore fills in)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

@@ -88,8 +88,8 @@ class Trainer:
         # The state lives on the mesh from the start, placed by the one rules table; the update pins
         # these placements on its output, so every step compiles once and never reshards.
         self.state_shardings = rl_step.state_shardings(params, optimizer, self.mesh)
-        self.state = jax.device_put(rl_step.init_state(params, optimizer, jax.random.key(config.seed)),
-                                    self.state_shardings)
+        self.state = rl_step.place_state(rl_step.init_state(params, optimizer, jax.random.key(config.seed)),
+                                         self.state_shardings)
         update_config = rl_step.UpdateConfig(loss=algo.loss, group_size=config.rollout.n, advantage=algo.advantage,
                                              micro_batch_weighting=algo.micro_batch_weighting,
                                              logprob_chunk_size=config.model.logprob_chunk_size)
