@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--ref", default="cb99b93", help="git commit of the earlier trainer")
     parser.add_argument("--steps", type=int, default=8, help="RL steps per process (the first compiles)")
     parser.add_argument("--rounds", type=int, default=2, help="processes per version, alternating")
-    parser.add_argument("--cache-dir", default=os.path.join(ROOT, ".cache"), help="SFT warm-start cache")
+    parser.add_argument("--cache-dir", default=os.path.join(ROOT, "runs", ".sft_cache"), help="SFT warm-start cache")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
     if args.steps < 2:

@@ -12,12 +12,18 @@ from fipo_jax.advantages import (
 )
 from fipo_jax.future_kl import discount_factor, discounted_reverse_cumsum, future_kl
 from fipo_jax.losses import (
+    METRIC_REDUCTIONS,
     LossTerms,
     PolicyLossConfig,
     aggregate,
     clipped_surrogate,
+    drop_dual_clipped_sequences,
+    dual_clip_mask,
+    fipo_advantages,
+    importance_ratio,
     influence_weights,
     kl_penalty,
+    log_importance_ratio,
     policy_loss,
     policy_loss_terms,
     weight_micro_batch,
@@ -26,6 +32,7 @@ from fipo_jax.losses import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "METRIC_REDUCTIONS",
     "LossTerms",
     "PolicyLossConfig",
     "aggregate",
@@ -34,11 +41,16 @@ __all__ = [
     "discount_factor",
     "discounted_reverse_cumsum",
     "dr_grpo_advantages",
+    "drop_dual_clipped_sequences",
+    "dual_clip_mask",
     "dynamic_sampling_mask",
+    "fipo_advantages",
     "future_kl",
     "grpo_advantages",
+    "importance_ratio",
     "influence_weights",
     "kl_penalty",
+    "log_importance_ratio",
     "policy_loss",
     "policy_loss_terms",
     "rloo_advantages",

@@ -89,9 +89,8 @@ def chunked_token_log_probs(
     *,
     chunk_size: int | None = None,
     temperature: Any = 1.0,
-    return_entropy: bool = False,
     precision: lax.Precision | None = DEFAULT_PRECISION,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> jax.Array:
     """log softmax((h·W)/τ)[y] per token, computed C tokens of the time axis at a time.
 
     Args:
@@ -104,18 +103,35 @@ def chunked_token_log_probs(
         None: C = max(1, 512 // B), i.e. about 512 tokens per chunk. T need not be a multiple
         of C (the last chunk is zero-padded and the padding dropped).
       temperature: τ > 0 (Python number or traced scalar).
-      return_entropy: also return the entropy H_bt of softmax(z_bt) in nats.
       precision: matmul precision of the float32 h·W product.
 
     Returns:
-      log_probs_BxT float32, or (log_probs_BxT, entropy_BxT) when `return_entropy`.
-      Differentiable in `hidden_BxTxD` and `unembedding_DxV` (logits rematerialised per chunk).
+      log_probs_BxT float32, differentiable in `hidden_BxTxD` and `unembedding_DxV` (logits
+      rematerialised per chunk). `chunked_token_log_probs_with_entropy` also returns the entropy.
     """
+    return _chunked(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature, precision, False)[0]
+
+
+def chunked_token_log_probs_with_entropy(
+    hidden_BxTxD: jax.Array,
+    unembedding_DxV: jax.Array,
+    targets_BxT: jax.Array,
+    *,
+    chunk_size: int | None = None,
+    temperature: Any = 1.0,
+    precision: lax.Precision | None = DEFAULT_PRECISION,
+) -> tuple[jax.Array, jax.Array]:
+    """(`chunked_token_log_probs`, the entropy H_bt of softmax(z_bt) in nats), each [B, T] float32."""
+    return _chunked(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature, precision, True)
+
+
+def _chunked(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature, precision, return_entropy):
+    """(log-probs, entropy or None), the chunked computation of both public variants."""
     _check_head_inputs(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature)
     batch, seq_len, dim = hidden_BxTxD.shape
     if seq_len == 0:
         empty_BxT = jnp.zeros((batch, 0), jnp.float32)
-        return (empty_BxT, empty_BxT) if return_entropy else empty_BxT
+        return empty_BxT, (empty_BxT if return_entropy else None)
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_TOKENS_PER_CHUNK // max(batch, 1))
     chunk = min(chunk_size, seq_len)
@@ -143,9 +159,7 @@ def chunked_token_log_probs(
     def unchunk(x_NxBxC):
         return x_NxBxC.transpose(1, 0, 2).reshape(batch, num_chunks * chunk)[:, :seq_len]
 
-    if return_entropy:
-        return unchunk(log_probs_NxBxC), unchunk(entropy_NxBxC)
-    return unchunk(log_probs_NxBxC)
+    return unchunk(log_probs_NxBxC), (unchunk(entropy_NxBxC) if return_entropy else None)
 
 
 def full_logits_token_log_probs(
@@ -154,19 +168,28 @@ def full_logits_token_log_probs(
     targets_BxT: jax.Array,
     *,
     temperature: Any = 1.0,
-    return_entropy: bool = False,
     precision: lax.Precision | None = DEFAULT_PRECISION,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> jax.Array:
     """The same quantity through one [B, T, V] float32 logits tensor (reference / benchmarks).
 
     Numerically identical to `chunked_token_log_probs`; memory O(B·T·V). Do not use it at
     Qwen vocabulary size on long sequences.
     """
     _check_head_inputs(hidden_BxTxD, unembedding_DxV, targets_BxT, None, temperature)
-    log_probs_BxT, entropy_BxT = _chunk_log_probs(
-        hidden_BxTxD, unembedding_DxV, targets_BxT, temperature, precision, return_entropy
-    )
-    return (log_probs_BxT, entropy_BxT) if return_entropy else log_probs_BxT
+    return _chunk_log_probs(hidden_BxTxD, unembedding_DxV, targets_BxT, temperature, precision, False)[0]
+
+
+def full_logits_token_log_probs_with_entropy(
+    hidden_BxTxD: jax.Array,
+    unembedding_DxV: jax.Array,
+    targets_BxT: jax.Array,
+    *,
+    temperature: Any = 1.0,
+    precision: lax.Precision | None = DEFAULT_PRECISION,
+) -> tuple[jax.Array, jax.Array]:
+    """(`full_logits_token_log_probs`, entropy), each [B, T] float32."""
+    _check_head_inputs(hidden_BxTxD, unembedding_DxV, targets_BxT, None, temperature)
+    return _chunk_log_probs(hidden_BxTxD, unembedding_DxV, targets_BxT, temperature, precision, True)
 
 
 def sequence_log_probs(
@@ -178,9 +201,8 @@ def sequence_log_probs(
     positions_BxT: jax.Array | None = None,
     chunk_size: int | None = None,
     temperature: Any = 1.0,
-    return_entropy: bool = False,
     precision: lax.Precision | None = DEFAULT_PRECISION,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> jax.Array:
     """Teacher-forced next-token log-probs of `input_ids[:, s:]` under `model`, s = response_start.
 
         out[b, j] = log softmax(h_{b, s+j−1} · W / τ)[x_{b, s+j}]  =  log p(x_{s+j} | x_{<s+j})
@@ -201,12 +223,36 @@ def sequence_log_probs(
         and default RoPE positions count real tokens only (`positions_from_mask`).
       response_start: s, a static int in [1, T].
       positions_BxT: optional explicit RoPE positions, passed to the model.
-      chunk_size, temperature, return_entropy, precision: as in `chunked_token_log_probs`.
+      chunk_size, temperature, precision: as in `chunked_token_log_probs`.
 
     Returns:
-      log_probs [B, T − s] float32 (and entropy [B, T − s] when `return_entropy`), both zero at
-      unscored positions.
+      log_probs [B, T − s] float32, zero at unscored positions.
+      `sequence_log_probs_with_entropy` also returns the entropy.
     """
+    return _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, chunk_size,
+                     temperature, precision, False)[0]
+
+
+def sequence_log_probs_with_entropy(
+    model,
+    input_ids_BxT: jax.Array,
+    attention_mask_BxT: jax.Array | None = None,
+    *,
+    response_start: int = 1,
+    positions_BxT: jax.Array | None = None,
+    chunk_size: int | None = None,
+    temperature: Any = 1.0,
+    precision: lax.Precision | None = DEFAULT_PRECISION,
+) -> tuple[jax.Array, jax.Array]:
+    """(`sequence_log_probs`, the entropy of each scored position's distribution), each [B, T − s]
+    float32 and zero at unscored positions."""
+    return _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, chunk_size,
+                     temperature, precision, True)
+
+
+def _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, chunk_size, temperature,
+              precision, return_entropy):
+    """(log-probs, entropy or None) of both public variants."""
     if input_ids_BxT.ndim != 2 or not jnp.issubdtype(input_ids_BxT.dtype, jnp.integer):
         raise ValueError(
             "input_ids_BxT must be an integer [B, T] array, "
@@ -229,15 +275,7 @@ def sequence_log_probs(
     # A token is scored iff it is real and some real token precedes it.
     real_before_BxT = (jnp.cumsum(mask_BxT, axis=1, dtype=jnp.int32) - mask_BxT.astype(jnp.int32)) > 0
     scored_BxR = (mask_BxT & real_before_BxT)[:, response_start:]
-    outputs = chunked_token_log_probs(
-        predictor_hidden_BxRxD,
-        model.unembedding(),
-        targets_BxR,
-        chunk_size=chunk_size,
-        temperature=temperature,
-        return_entropy=return_entropy,
-        precision=precision,
-    )
-    if return_entropy:
-        return tuple(jnp.where(scored_BxR, x, 0.0) for x in outputs)
-    return jnp.where(scored_BxR, outputs, 0.0)
+    log_probs, entropy = _chunked(predictor_hidden_BxRxD, model.unembedding(), targets_BxR, chunk_size, temperature,
+                                  precision, return_entropy)
+    scored = lambda x: None if x is None else jnp.where(scored_BxR, x, 0.0)  # noqa: E731
+    return scored(log_probs), scored(entropy)

@@ -85,33 +85,41 @@ _POS_QUANTILES = (("pos_is_min", 0.0), ("pos_is_p25", 0.25), ("pos_is_median", 0
                   ("pos_is_max", 1.0))
 
 
-def ratio_statistics(
-    ratio: jax.Array, advantages: jax.Array, mask: jax.Array, clip_ratio_c: float, quantiles: bool = True
-) -> dict[str, jax.Array]:
-    """Importance-ratio monitoring of the official release (masked over response tokens).
+def ratio_fractions(ratio: jax.Array, advantages: jax.Array, mask: jax.Array, clip_ratio_c: float
+                    ) -> dict[str, jax.Array]:
+    """Importance-ratio bins of the official release (shares of response tokens).
 
-    * ``neg_ratio_2_3``, ``neg_ratio_3_4``, ``neg_ratio_4_10``: share of tokens with A < 0
-      and r in [2, 3), [3, 4), [4, c).
-    * ``pos_mini_frac``: share of tokens with A > 0 and r < 1e-3.
-    * with ``quantiles``: min / p75 / p99.5 / p99.9 / max of r over A < 0 tokens and
-      min / p25 / median / p75 / p99.5 / p99.9 / max over A > 0 tokens (costs two
-      integer sorts of B·T keys).
+    * ``neg_ratio_2_3``, ``neg_ratio_3_4``, ``neg_ratio_4_10``: A < 0 and r in [2, 3), [3, 4), [4, c).
+    * ``pos_mini_frac``: A > 0 and r < 1e-3.
     """
     negative = (advantages < 0) & mask
-    positive = (advantages > 0) & mask
-    stats = {
+    return {
         "neg_ratio_2_3": masked_fraction((ratio >= 2.0) & (ratio < 3.0) & negative, mask),
         "neg_ratio_3_4": masked_fraction((ratio >= 3.0) & (ratio < 4.0) & negative, mask),
         "neg_ratio_4_10": masked_fraction((ratio >= 4.0) & (ratio < clip_ratio_c) & negative, mask),
-        "pos_mini_frac": masked_fraction((ratio < 1e-3) & positive, mask),
+        "pos_mini_frac": masked_fraction((ratio < 1e-3) & (advantages > 0) & mask, mask),
     }
+
+
+def ratio_quantiles(ratio: jax.Array, advantages: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """min / p75 / p99.5 / p99.9 / max of r over A < 0 tokens and min / p25 / median / p75 /
+    p99.5 / p99.9 / max over A > 0 tokens (official names; two integer sorts of every token).
+
+    The trainer calls this once per step on the stop-gradient ratios of all its micro-batches,
+    outside the differentiated function."""
+    qs = tuple(q for _, q in _NEG_QUANTILES) + tuple(q for _, q in _POS_QUANTILES)
+    group = jnp.where((advantages < 0) & mask, 0, jnp.where((advantages > 0) & mask, 1, 2))
+    table = grouped_quantiles(ratio, group, 2, qs)
+    stats = {name: table[0, i] for i, (name, _) in enumerate(_NEG_QUANTILES)}
+    stats.update({name: table[1, len(_NEG_QUANTILES) + i] for i, (name, _) in enumerate(_POS_QUANTILES)})
+    return stats
+
+
+def ratio_statistics(
+    ratio: jax.Array, advantages: jax.Array, mask: jax.Array, clip_ratio_c: float, quantiles: bool = True
+) -> dict[str, jax.Array]:
+    """`ratio_fractions`, and with ``quantiles`` also `ratio_quantiles` (masked over response tokens)."""
+    stats = ratio_fractions(ratio, advantages, mask, clip_ratio_c)
     if quantiles:
-        qs = tuple(q for _, q in _NEG_QUANTILES) + tuple(q for _, q in _POS_QUANTILES)
-        group = jnp.where(negative, 0, jnp.where(positive, 1, 2))
-        table = grouped_quantiles(ratio, group, 2, qs)
-        n_neg = len(_NEG_QUANTILES)
-        for i, (name, _) in enumerate(_NEG_QUANTILES):
-            stats[name] = table[0, i]
-        for i, (name, _) in enumerate(_POS_QUANTILES):
-            stats[name] = table[1, n_neg + i]
+        stats.update(ratio_quantiles(ratio, advantages, mask))
     return stats

@@ -37,6 +37,24 @@ _UNCLIPPED_WEIGHT_CAP = 10.0
 _BOUND_TOLERANCE = 1e-7  # official clip-fraction metrics compare with ±1e-7
 
 
+# How each metric of `policy_loss_terms` combines over micro-batches (and mini-batches): "sum" for
+# counts, "min" / "max" for extremes, "mean" for everything else — a mean weighted by response
+# tokens, so that batches without tokens do not pull it toward 0. The trainer reduces by this
+# table and refuses a metric missing from it.
+METRIC_REDUCTIONS: dict[str, Literal["sum", "mean", "min", "max"]] = {
+    "ppo_kl": "mean", "pg_clipfrac": "mean", "pg_clipfrac_lower": "mean", "pg_loss": "mean",
+    "kl_loss": "mean", "entropy": "mean",
+    "dropped_sequences": "sum", "response_tokens": "sum", "loss_tokens": "sum",
+    "influence_weights_mean": "mean", "influence_weights_min": "min", "influence_weights_max": "max",
+    "clip_frac_upper": "mean", "clip_frac_lower": "mean", "total_clip_frac": "mean",
+    "influence_weights_mean_raw": "mean", "raw_influence_weights_min": "min", "raw_influence_weights_max": "max",
+    "neg_ratio_2_3": "mean", "neg_ratio_3_4": "mean", "neg_ratio_4_10": "mean", "pos_mini_frac": "mean",
+    "neg_is_min": "min", "neg_is_p75": "mean", "neg_is_p995": "mean", "neg_is_p999": "mean", "neg_is_max": "max",
+    "pos_is_min": "min", "pos_is_p25": "mean", "pos_is_median": "mean", "pos_is_p75": "mean",
+    "pos_is_p995": "mean", "pos_is_p999": "mean", "pos_is_max": "max",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
     """Settings of `policy_loss`; defaults are the official FIPO 32B recipe.
@@ -89,11 +107,8 @@ class PolicyLossConfig:
     ratio_quantiles: bool = True
 
     def __post_init__(self):
-        def fail(msg):
-            raise ValueError(f"PolicyLossConfig: {msg}")
-
-        if self.loss_mode not in LOSS_MODES:
-            fail(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
+        field = lambda name: f"PolicyLossConfig: {name}"  # noqa: E731
+        _checks.check_choice(field("loss_mode"), self.loss_mode, LOSS_MODES)
         is_grpo = self.loss_mode == "grpo"
         resolved = {
             "clip_ratio_high": self.clip_ratio_low if is_grpo else 0.28,
@@ -104,35 +119,26 @@ class PolicyLossConfig:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         for name in ("clip_ratio_low", "clip_ratio_high", "influence_clip", "kl_coef", "entropy_coeff"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-                fail(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.clip_ratio_low >= 1:
-            fail(f"clip_ratio_low must be < 1 so the lower ratio bound 1 - clip_ratio_low is > 0, got {self.clip_ratio_low}")
-        if not isinstance(self.clip_ratio_c, (int, float)) or not self.clip_ratio_c > 1:
-            fail(f"clip_ratio_c must be > 1 (dual-clip constant c), got {self.clip_ratio_c!r}")
-        if self.loss_mode != "grpo" and self.clip_ratio_c <= 1 + self.clip_ratio_high:
-            fail(f"clip_ratio_c ({self.clip_ratio_c}) must exceed 1 + clip_ratio_high ({1 + self.clip_ratio_high})")
+            _checks.check_number(field(name), getattr(self, name), minimum=0)
+        _checks.require(self.clip_ratio_low < 1, f"PolicyLossConfig: clip_ratio_low must be < 1 so the lower ratio "
+                                                 f"bound 1 - clip_ratio_low is > 0, got {self.clip_ratio_low}")
+        _checks.require(_checks.is_real(self.clip_ratio_c) and self.clip_ratio_c > 1,
+                        f"PolicyLossConfig: clip_ratio_c must be > 1 (dual-clip constant c), got {self.clip_ratio_c!r}")
+        _checks.require(is_grpo or self.clip_ratio_c > 1 + self.clip_ratio_high,
+                        f"PolicyLossConfig: clip_ratio_c ({self.clip_ratio_c}) must exceed 1 + clip_ratio_high "
+                        f"({1 + self.clip_ratio_high})")
         for name in ("decay_rate", "safety_threshold", "log_ratio_clamp"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                fail(f"{name} must be a finite number > 0, got {value!r}")
-        if not self.influence_clip_high_only and self.influence_clip >= 1:
-            fail(f"influence_clip must be < 1 with influence_clip_high_only=False (lower bound 1 - ε_f), got {self.influence_clip}")
-        if self.aggregation not in AGGREGATIONS:
-            fail(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.aggregation_horizon is not None and (not isinstance(self.aggregation_horizon, int) or self.aggregation_horizon < 1):
-            fail(f"aggregation_horizon must be a positive int or None, got {self.aggregation_horizon!r}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            fail(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        if self.future_kl_method not in ("auto",) + FUTURE_KL_METHODS:
-            fail(f"future_kl_method must be one of {('auto',) + FUTURE_KL_METHODS}, got {self.future_kl_method!r}")
-        if self.future_kl_block_size is not None and (
-                not isinstance(self.future_kl_block_size, int) or self.future_kl_block_size < 1):
-            fail(f"future_kl_block_size must be a positive int or None, got {self.future_kl_block_size!r}")
+            _checks.check_number(field(name), getattr(self, name), minimum=0, exclusive_minimum=True)
+        _checks.require(self.influence_clip_high_only or self.influence_clip < 1,
+                        f"PolicyLossConfig: influence_clip must be < 1 with influence_clip_high_only=False (lower "
+                        f"bound 1 - ε_f), got {self.influence_clip}")
+        _checks.check_choice(field("aggregation"), self.aggregation, AGGREGATIONS)
+        _checks.check_int(field("aggregation_horizon"), self.aggregation_horizon, minimum=1, allow_none=True)
+        _checks.check_choice(field("kl_estimator"), self.kl_estimator, KL_ESTIMATORS)
+        _checks.check_choice(field("future_kl_method"), self.future_kl_method, ("auto",) + FUTURE_KL_METHODS)
+        _checks.check_int(field("future_kl_block_size"), self.future_kl_block_size, minimum=1, allow_none=True)
         for name in ("influence_clip_high_only", "future_kl_filter", "drop_dual_clipped_sequences", "ratio_quantiles"):
-            if not isinstance(getattr(self, name), bool):
-                fail(f"{name} must be a bool, got {getattr(self, name)!r}")
+            _checks.check_bool(field(name), getattr(self, name))
 
     @property
     def influence_bounds(self) -> tuple[float, float]:
@@ -208,6 +214,19 @@ def weight_micro_batch(
     raise ValueError(f"weighting must be 'exact' or 'official', got {weighting!r}")
 
 
+def log_importance_ratio(log_probs: jax.Array, old_log_probs: jax.Array, log_ratio_clamp: float) -> jax.Array:
+    """d = clamp(log π_θ − log π_old, −κ, κ) per token (spec E1; official κ = 20); r = exp(d)."""
+    return jnp.clip(log_probs - old_log_probs, -log_ratio_clamp, log_ratio_clamp)
+
+
+def importance_ratio(log_probs: jax.Array, old_log_probs: jax.Array, mask: jax.Array,
+                     log_ratio_clamp: float) -> jax.Array:
+    """r = exp(d) of `log_importance_ratio` in float32, exactly 1 on padding (as inside the loss)."""
+    mask = jnp.asarray(mask) != 0
+    lp, old = (jnp.where(mask, x, 0.0).astype(jnp.float32) for x in (log_probs, old_log_probs))
+    return jnp.exp(log_importance_ratio(lp, old, log_ratio_clamp))
+
+
 def influence_weights(
     future_kl_values: jax.Array, advantages: jax.Array, ratio: jax.Array, config: PolicyLossConfig
 ) -> tuple[jax.Array, jax.Array]:
@@ -227,6 +246,31 @@ def influence_weights(
     return jax.lax.stop_gradient(weights), raw
 
 
+def fipo_advantages(
+    log_ratio: jax.Array, advantages: jax.Array, mask: jax.Array, config: PolicyLossConfig
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Ã = A · f with f the influence weights of the Future-KL of the (stop-gradient) log-ratio
+    (spec E2–E6); returns ``(Ã, influence-weight metrics)``."""
+    log_ratio = jax.lax.stop_gradient(log_ratio)
+    future = future_kl(
+        log_ratio,
+        mask,
+        config.decay_rate,
+        filter_threshold=config.clip_ratio_c if config.future_kl_filter else None,
+        method=config.future_kl_method,
+        block_size=config.future_kl_block_size,
+    )
+    weights, raw = influence_weights(future, advantages, jnp.exp(log_ratio), config)
+    return advantages * weights, _influence_metrics(weights, raw, mask, config)
+
+
+def dual_clip_mask(ratio: jax.Array, advantages: jax.Array, clip_ratio_c: float) -> jax.Array:
+    """A < 0 ∧ r > c: the tokens the dual clip bounds (E7) and the sequence-drop rule counts (E8).
+
+    For A < 0 and c > 1, min(max(−A r, −A clip(r)), −A c) = −A c exactly when r > c."""
+    return (advantages < 0) & (ratio > clip_ratio_c)
+
+
 def clipped_surrogate(
     ratio: jax.Array,
     advantages: jax.Array,
@@ -236,11 +280,11 @@ def clipped_surrogate(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-token PPO loss with clip-higher and optional dual clip (spec E7).
 
-        ℓ = max(−A r, −A clip(r, 1−ε_low, 1+ε_high));  ℓ ← min(ℓ, −A c) where A < 0
+        ℓ = max(−A r, −A clip(r, 1−ε_low, 1+ε_high));  ℓ ← −A c where A < 0 ∧ r > c
 
     Returns:
       ``(loss, clipped, dual_clipped)``: the per-token loss and the official indicators
-      −A clip(r) > −A r (``pg_clipfrac``) and A<0 ∧ ℓ_ppo > −A c (``pg_clipfrac_lower``).
+      −A clip(r) > −A r (``pg_clipfrac``) and `dual_clip_mask` (``pg_clipfrac_lower``).
     """
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
@@ -248,10 +292,15 @@ def clipped_surrogate(
     is_clipped = clipped > unclipped
     if clip_ratio_c is None:
         return ppo_loss, is_clipped, jnp.zeros_like(is_clipped)
-    dual_bound = -advantages * clip_ratio_c
-    is_dual_clipped = (advantages < 0) & (ppo_loss > dual_bound)
-    loss = jnp.where(advantages < 0, jnp.minimum(ppo_loss, dual_bound), ppo_loss)
-    return loss, is_clipped, is_dual_clipped
+    is_dual_clipped = dual_clip_mask(jax.lax.stop_gradient(ratio), advantages, clip_ratio_c)
+    return jnp.where(is_dual_clipped, -advantages * clip_ratio_c, ppo_loss), is_clipped, is_dual_clipped
+
+
+def drop_dual_clipped_sequences(ratio: jax.Array, advantages: jax.Array, mask: jax.Array,
+                                clip_ratio_c: float) -> jax.Array:
+    """E8: a response with two or more `dual_clip_mask` tokens leaves the loss; the new [B, T] mask."""
+    hits_B = jnp.sum(dual_clip_mask(ratio, advantages, clip_ratio_c) & mask, axis=-1)
+    return mask & (hits_B <= 1)[:, None]
 
 
 def kl_penalty(log_probs: jax.Array, ref_log_probs: jax.Array, estimator: str) -> jax.Array:
@@ -324,6 +373,41 @@ def _check_inputs(log_probs, old_log_probs, advantages, mask, ref_log_probs, ent
         _checks.check_same_shape("entropy", entropy, "log_probs [B, T]", log_probs)
 
 
+def _sanitised(log_probs, old_log_probs, advantages, mask):
+    """float32 inputs with padding zeroed (so ±inf / NaN there never reaches a gradient), A as [B, T]."""
+    f32 = jnp.promote_types(jnp.result_type(log_probs), jnp.float32)
+    mask = jnp.asarray(mask) != 0
+    zeroed = lambda x: jnp.where(mask, x, 0.0).astype(f32)  # noqa: E731
+    advantages = jnp.broadcast_to(advantages[:, None] if jnp.ndim(advantages) == 1 else advantages,
+                                  jnp.shape(log_probs))
+    return zeroed(log_probs), zeroed(old_log_probs), zeroed(advantages), mask
+
+
+def _regularised(per_token, terms, log_probs, mask, loss_mask, config, ref_log_probs, entropy):
+    """Adds β·KL(π_θ‖π_ref) and −α·entropy per token when given; their metrics (same aggregation)."""
+    agg = lambda x: aggregate(x, loss_mask, config.aggregation, config.aggregation_horizon)  # noqa: E731
+    metrics = {}
+    if ref_log_probs is not None:
+        kl = kl_penalty(log_probs, jnp.where(mask, ref_log_probs, 0.0).astype(log_probs.dtype), config.kl_estimator)
+        metrics["kl_loss"] = jax.lax.stop_gradient(agg(kl).value)
+        if config.kl_coef > 0:
+            per_token = per_token + config.kl_coef * kl
+    if entropy is not None:
+        entropy = jnp.where(mask, entropy, 0.0).astype(log_probs.dtype)
+        metrics["entropy"] = jax.lax.stop_gradient(agg(entropy).value)
+        if config.entropy_coeff > 0:
+            per_token = per_token - config.entropy_coeff * entropy
+    if ref_log_probs is not None or entropy is not None:
+        terms = agg(per_token)
+    return terms, metrics
+
+
+def _count_metrics(mask, loss_mask) -> dict[str, jax.Array]:
+    return {"dropped_sequences": jnp.sum(jnp.any(mask, -1) & ~jnp.any(loss_mask, -1)).astype(jnp.float32),
+            "response_tokens": jnp.sum(mask).astype(jnp.float32),
+            "loss_tokens": jnp.sum(loss_mask).astype(jnp.float32)}
+
+
 def policy_loss_terms(
     log_probs: jax.Array,
     old_log_probs: jax.Array,
@@ -339,69 +423,30 @@ def policy_loss_terms(
     Use this to accumulate gradients over micro-batches: sum ∇total and count over the
     micro-batches of a mini-batch, then divide once (exact mini-batch token-mean, paper
     Eq. 8). `LossTerms.value` is the micro-batch's own loss (the official per-micro-batch
-    quantity).
+    quantity). How each metric combines over micro-batches is declared in `METRIC_REDUCTIONS`.
     """
     _check_inputs(log_probs, old_log_probs, advantages, mask, ref_log_probs, entropy, config)
-    f32 = jnp.promote_types(jnp.result_type(log_probs), jnp.float32)
-    mask = jnp.asarray(mask) != 0
-    # Sanitise padding first so that garbage (±inf, NaN) there cannot reach a gradient.
-    log_probs = jnp.where(mask, log_probs, 0.0).astype(f32)
-    old_log_probs = jnp.where(mask, old_log_probs, 0.0).astype(f32)
-    advantages = jnp.broadcast_to(
-        advantages[:, None] if jnp.ndim(advantages) == 1 else advantages, log_probs.shape
-    )
-    advantages = jnp.where(mask, advantages, 0.0).astype(f32)
-
-    log_ratio = jnp.clip(log_probs - old_log_probs, -config.log_ratio_clamp, config.log_ratio_clamp)
+    log_probs, old_log_probs, advantages, mask = _sanitised(log_probs, old_log_probs, advantages, mask)
+    log_ratio = log_importance_ratio(log_probs, old_log_probs, config.log_ratio_clamp)
     ratio = jnp.exp(log_ratio)
     ratio_sg = jax.lax.stop_gradient(ratio)
     metrics = {"ppo_kl": lm.masked_mean(-jax.lax.stop_gradient(log_ratio), mask)}
-
-    weighted_advantages = advantages
+    weighted = advantages
     if config.loss_mode == "fipo":
-        future = future_kl(
-            jax.lax.stop_gradient(log_ratio),
-            mask,
-            config.decay_rate,
-            filter_threshold=config.clip_ratio_c if config.future_kl_filter else None,
-            method=config.future_kl_method,
-            block_size=config.future_kl_block_size,
-        )
-        weights, raw = influence_weights(future, advantages, ratio_sg, config)
-        weighted_advantages = advantages * weights
-        metrics.update(_influence_metrics(weights, raw, mask, config))
-
+        weighted, influence = fipo_advantages(log_ratio, advantages, mask, config)
+        metrics.update(influence)
     dual_clip = None if config.loss_mode == "grpo" else config.clip_ratio_c
     per_token, is_clipped, is_dual_clipped = clipped_surrogate(
-        ratio, weighted_advantages, config.clip_ratio_low, config.clip_ratio_high, dual_clip
-    )
+        ratio, weighted, config.clip_ratio_low, config.clip_ratio_high, dual_clip)
     metrics["pg_clipfrac"] = lm.masked_fraction(is_clipped, mask)
     metrics["pg_clipfrac_lower"] = lm.masked_fraction(is_dual_clipped, mask)
-
-    loss_mask = mask
-    if config.drop_dual_clipped_sequences:
-        # E8: A<0 ∧ r>c (= dual-clipped) on two or more tokens removes the whole row.
-        hits_B = jnp.sum((advantages < 0) & (ratio_sg > config.clip_ratio_c) & mask, axis=-1)
-        loss_mask = mask & (hits_B <= 1)[:, None]
-    metrics["dropped_sequences"] = jnp.sum(jnp.any(mask, -1) & ~jnp.any(loss_mask, -1)).astype(jnp.float32)
-    metrics["response_tokens"] = jnp.sum(mask).astype(jnp.float32)
-    metrics["loss_tokens"] = jnp.sum(loss_mask).astype(jnp.float32)
-
+    loss_mask = (drop_dual_clipped_sequences(ratio_sg, advantages, mask, config.clip_ratio_c)
+                 if config.drop_dual_clipped_sequences else mask)
+    metrics.update(_count_metrics(mask, loss_mask))
     terms = aggregate(per_token, loss_mask, config.aggregation, config.aggregation_horizon)
     metrics["pg_loss"] = jax.lax.stop_gradient(terms.value)
-    if ref_log_probs is not None:
-        kl = kl_penalty(log_probs, jnp.where(mask, ref_log_probs, 0.0).astype(f32), config.kl_estimator)
-        metrics["kl_loss"] = jax.lax.stop_gradient(aggregate(kl, loss_mask, config.aggregation, config.aggregation_horizon).value)
-        if config.kl_coef > 0:
-            per_token = per_token + config.kl_coef * kl
-    if entropy is not None:
-        entropy = jnp.where(mask, entropy, 0.0).astype(f32)
-        metrics["entropy"] = jax.lax.stop_gradient(aggregate(entropy, loss_mask, config.aggregation, config.aggregation_horizon).value)
-        if config.entropy_coeff > 0:
-            per_token = per_token - config.entropy_coeff * entropy
-    if ref_log_probs is not None or entropy is not None:
-        terms = aggregate(per_token, loss_mask, config.aggregation, config.aggregation_horizon)
-
+    terms, extra = _regularised(per_token, terms, log_probs, mask, loss_mask, config, ref_log_probs, entropy)
+    metrics.update(extra)
     metrics.update(lm.ratio_statistics(ratio_sg, advantages, mask, config.clip_ratio_c, config.ratio_quantiles))
     return terms, metrics
 

@@ -38,35 +38,9 @@ from fipo_jax import _checks
 from fipo_jax import advantages as adv_lib
 from fipo_jax import loss_metrics
 from fipo_jax.losses import LossTerms, PolicyLossConfig, policy_loss_terms, weight_micro_batch
+from fipo_jax.logprobs import sequence_log_probs_with_entropy
+from fipo_jax.losses import METRIC_REDUCTIONS, importance_ratio
 # TEMPORARY-COMPAT-START
-try:
-    from fipo_jax.logprobs import sequence_log_probs_with_entropy
-except ImportError:
-    from fipo_jax.logprobs import sequence_log_probs as _slp
-
-    def sequence_log_probs_with_entropy(*a, **k):
-        return _slp(*a, return_entropy=True, **k)
-try:
-    from fipo_jax.losses import METRIC_REDUCTIONS, importance_ratio
-except ImportError:
-    def importance_ratio(lp, old, mask, clamp):
-        mask = mask != 0
-        d = jnp.where(mask, lp, 0.0) - jnp.where(mask, old, 0.0)
-        return jnp.exp(jnp.clip(d, -clamp, clamp))
-
-    class _Red(dict):
-        def __missing__(self, k):
-            return "sum" if k in ("dropped_sequences", "loss_tokens", "response_tokens") else (
-                "min" if k.endswith("_min") else "max" if k.endswith("_max") else "mean")
-
-        def __contains__(self, k):
-            return True
-    METRIC_REDUCTIONS = _Red()
-if not hasattr(loss_metrics, "ratio_quantiles"):
-    def _rq(ratio, adv, mask):
-        st = loss_metrics.ratio_statistics(ratio, adv, mask, 10.0, True)
-        return {k: v for k, v in st.items() if "_is_" in k}
-    loss_metrics.ratio_quantiles = _rq
 try:
     from fipo_jax.sharding import logical_sharding, param_shardings, replicated
 except ImportError:
@@ -234,7 +208,7 @@ def reduce_metrics(stacked: dict[str, jax.Array], weights: jax.Array,
     tokens do not pull it toward 0; "min" / "max" take the extreme over batches with weight > 0
     (0 when there is none). A key without a declared reduction is an error.
     """
-    unknown = sorted(k for k in stacked if k not in reductions)
+    unknown = sorted(set(stacked) - set(reductions))
     if unknown:
         raise KeyError(f"metrics without a declared reduction: {unknown} (declare them in METRIC_REDUCTIONS)")
     has = weights > 0

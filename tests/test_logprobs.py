@@ -14,8 +14,11 @@ from flax import nnx  # noqa: E402
 
 from fipo_jax.logprobs import (  # noqa: E402
     chunked_token_log_probs,
+    chunked_token_log_probs_with_entropy,
     full_logits_token_log_probs,
+    full_logits_token_log_probs_with_entropy,
     sequence_log_probs,
+    sequence_log_probs_with_entropy,
 )
 from fipo_jax.models import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
@@ -43,7 +46,7 @@ def naive(hidden, weight, targets, temperature=1.0):
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, 13, 64], ids=lambda c: f"chunk{c}")
 def test_values_and_entropy_match_naive(chunk_size):
     hidden, weight, targets = make_inputs()
-    fn = jax.jit(lambda h, w, y: chunked_token_log_probs(h, w, y, chunk_size=chunk_size, return_entropy=True))
+    fn = jax.jit(lambda h, w, y: chunked_token_log_probs_with_entropy(h, w, y, chunk_size=chunk_size))
     log_probs, entropy = fn(hidden, weight, targets)
     ref_lp, ref_ent = naive(hidden, weight, targets)
     assert log_probs.shape == entropy.shape == (B, T) and log_probs.dtype == jnp.float32
@@ -56,8 +59,8 @@ def test_values_and_entropy_match_naive(chunk_size):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_temperature(temperature):
     hidden, weight, targets = make_inputs(seed=1)
-    log_probs, entropy = chunked_token_log_probs(
-        hidden, weight, targets, chunk_size=4, temperature=temperature, return_entropy=True
+    log_probs, entropy = chunked_token_log_probs_with_entropy(
+        hidden, weight, targets, chunk_size=4, temperature=temperature
     )
     ref_lp, ref_ent = naive(hidden, weight, targets, temperature)
     np.testing.assert_allclose(log_probs, ref_lp, atol=1e-5, rtol=0)
@@ -70,7 +73,7 @@ def test_temperature(temperature):
 def test_higher_temperature_raises_entropy():
     hidden, weight, targets = make_inputs(seed=2)
     entropies = [
-        float(jnp.mean(chunked_token_log_probs(hidden, weight, targets, temperature=t, return_entropy=True)[1]))
+        float(jnp.mean(chunked_token_log_probs_with_entropy(hidden, weight, targets, temperature=t)[1]))
         for t in (0.25, 1.0, 4.0)
     ]
     assert entropies[0] < entropies[1] < entropies[2] < np.log(V)
@@ -84,8 +87,8 @@ def test_default_chunk_size_is_about_512_tokens():
 
 def test_full_logits_reference_agrees():
     hidden, weight, targets = make_inputs(seed=3)
-    full = full_logits_token_log_probs(hidden, weight, targets, temperature=0.7, return_entropy=True)
-    chunked = chunked_token_log_probs(hidden, weight, targets, chunk_size=3, temperature=0.7, return_entropy=True)
+    full = full_logits_token_log_probs_with_entropy(hidden, weight, targets, temperature=0.7)
+    chunked = chunked_token_log_probs_with_entropy(hidden, weight, targets, chunk_size=3, temperature=0.7)
     for a, b in zip(full, chunked):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
 
@@ -102,11 +105,11 @@ def test_gradients_match_full_logits(with_entropy):
         return jnp.sum(cotangent * out)
 
     chunked = jax.jit(jax.grad(
-        lambda h, w: loss(lambda *a: chunked_token_log_probs(*a, chunk_size=5, return_entropy=with_entropy), h, w),
+        lambda h, w: loss(lambda *a: (chunked_token_log_probs_with_entropy if with_entropy else chunked_token_log_probs)(*a, chunk_size=5), h, w),
         argnums=(0, 1),
     ))  # fmt: skip
     full = jax.jit(jax.grad(
-        lambda h, w: loss(lambda *a: full_logits_token_log_probs(*a, return_entropy=with_entropy), h, w),
+        lambda h, w: loss(lambda *a: (full_logits_token_log_probs_with_entropy if with_entropy else full_logits_token_log_probs)(*a), h, w),
         argnums=(0, 1),
     ))  # fmt: skip
     for got, want in zip(chunked(hidden, weight), full(hidden, weight)):
@@ -143,7 +146,7 @@ def test_bfloat16_inputs_are_upcast():
 
 def test_empty_sequence():
     hidden, weight, targets = make_inputs(seq=0)
-    log_probs, entropy = chunked_token_log_probs(hidden, weight, targets, return_entropy=True)
+    log_probs, entropy = chunked_token_log_probs_with_entropy(hidden, weight, targets)
     assert log_probs.shape == entropy.shape == (B, 0)
 
 
@@ -221,9 +224,8 @@ def naive_sequence_log_probs(model, ids, mask):
 
 @nnx.jit(static_argnames=("response_start", "chunk_size", "return_entropy"))
 def jitted_sequence_log_probs(model, ids, mask, response_start, chunk_size=4, return_entropy=False):
-    return sequence_log_probs(
-        model, ids, mask, response_start=response_start, chunk_size=chunk_size, return_entropy=return_entropy
-    )
+    fn = sequence_log_probs_with_entropy if return_entropy else sequence_log_probs
+    return fn(model, ids, mask, response_start=response_start, chunk_size=chunk_size)
 
 
 def test_sequence_log_probs_alignment_and_masking(model):

@@ -402,3 +402,48 @@ def test_bad_inputs_raise_at_trace_time(change, error, match):
     config = args.pop("config")
     with pytest.raises(error, match=match):
         jax.jit(lambda **arrays: fj.policy_loss(**arrays, config=config))(**args)
+
+
+# ----------------------------------------------------------------------------- declared reductions
+
+@pytest.mark.parametrize("mode", fj.losses.LOSS_MODES)
+@pytest.mark.parametrize("extras", [False, True])
+@pytest.mark.parametrize("quantiles", [False, True])
+def test_every_metric_has_a_declared_reduction(mode, extras, quantiles):
+    """METRIC_REDUCTIONS is the declaration the trainer reduces by: it covers every key, exactly."""
+    shape = (2, 4)
+    kwargs = dict(ref_log_probs=jnp.zeros(shape), entropy=jnp.ones(shape)) if extras else {}
+    _, metrics = fj.policy_loss_terms(jnp.zeros(shape), jnp.zeros(shape), jnp.ones(2), jnp.ones(shape, bool),
+                                      fj.PolicyLossConfig(loss_mode=mode, ratio_quantiles=quantiles), **kwargs)
+    assert set(metrics) <= set(fj.METRIC_REDUCTIONS), set(metrics) - set(fj.METRIC_REDUCTIONS)
+    assert set(fj.METRIC_REDUCTIONS.values()) <= {"sum", "mean", "min", "max"}
+
+
+def test_declared_reductions_are_all_used():
+    seen = set()
+    for mode in fj.losses.LOSS_MODES:
+        _, metrics = fj.policy_loss_terms(jnp.zeros((2, 4)), jnp.zeros((2, 4)), jnp.ones(2), jnp.ones((2, 4), bool),
+                                          fj.PolicyLossConfig(loss_mode=mode), ref_log_probs=jnp.zeros((2, 4)),
+                                          entropy=jnp.ones((2, 4)))
+        seen |= set(metrics)
+    assert seen == set(fj.METRIC_REDUCTIONS)
+
+
+def test_one_dual_clip_predicate_for_the_surrogate_and_the_drop_rule():
+    ratio = jnp.array([[0.5, 10.5, 11.0, 1.0], [12.0, 1.0, 1.0, 1.0]])
+    advantages = jnp.array([[-1.0] * 4, [-1.0] * 4])
+    mask = jnp.ones((2, 4), bool)
+    dual = fj.dual_clip_mask(ratio, advantages, 10.0)
+    assert dual.tolist() == [[False, True, True, False], [True, False, False, False]]
+    loss, _, indicator = fj.clipped_surrogate(ratio, advantages, 0.2, 0.28, 10.0)
+    assert (indicator == dual).all() and float(loss[0, 1]) == 10.0 and float(loss[0, 0]) == pytest.approx(0.8)
+    kept = fj.drop_dual_clipped_sequences(ratio, advantages, mask, 10.0)
+    assert kept.tolist() == [[False] * 4, [True] * 4]  # two hits drop row 0, one hit keeps row 1
+    assert not fj.dual_clip_mask(ratio, -advantages, 10.0).any()  # positive advantages are never dual-clipped
+
+
+def test_importance_ratio_matches_the_loss_and_is_one_on_padding():
+    lp, old = jnp.array([[0.0, -1.0, 5.0]]), jnp.array([[-0.5, -1.0, -30.0]])
+    mask = jnp.array([[True, True, False]])
+    np.testing.assert_allclose(fj.importance_ratio(lp, old, mask, 20.0), [[np.exp(0.5), 1.0, 1.0]], rtol=1e-6)
+    np.testing.assert_allclose(fj.log_importance_ratio(lp, old, 20.0), [[0.5, 0.0, 20.0]])
