@@ -40,17 +40,7 @@ from fipo_jax import loss_metrics
 from fipo_jax.losses import LossTerms, PolicyLossConfig, policy_loss_terms, weight_micro_batch
 from fipo_jax.logprobs import sequence_log_probs_with_entropy
 from fipo_jax.losses import METRIC_REDUCTIONS, importance_ratio
-# TEMPORARY-COMPAT-START
-try:
-    from fipo_jax.sharding import logical_sharding, param_shardings, replicated
-except ImportError:
-    from fipo_jax.models.hf_io import param_shardings
-    from fipo_jax.sharding import replicated
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    def logical_sharding(axes, shape, mesh, name=""):
-        return NamedSharding(mesh, PartitionSpec(*["data" if a == "batch" else None for a in axes]))
-# TEMPORARY-COMPAT-END
+from fipo_jax.sharding import logical_sharding, param_shardings, replicated
 
 Reduction = Literal["sum", "mean", "min", "max"]
 

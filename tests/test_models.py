@@ -9,6 +9,7 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
+import types  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -481,14 +482,35 @@ def test_parameters_carry_logical_axes():
     assert flat[("embed_tokens", "embedding")].get_metadata()["out_sharding"] == ("vocab", "embed")
 
 
-def test_logical_to_mesh_spec_drops_absent_reused_and_indivisible_axes():
+def test_logical_to_mesh_spec_absent_axes_and_declared_fallbacks():
     devices = np.array(jax.devices()[:1]).reshape(1, 1)
     mesh = jax.sharding.Mesh(devices, ("fsdp", "tensor"))
     spec = logical_to_mesh_spec(("embed", "heads", "head_dim"), (32, 4, 8), mesh)
     assert tuple(spec) == ("fsdp", "tensor", None)
     rules = {"embed": "data", "heads": "tensor", "kv_heads": "tensor"}
-    assert tuple(logical_to_mesh_spec(("embed", "kv_heads"), (32, 2), mesh, rules)) == (None, "tensor")
-    assert tuple(logical_to_mesh_spec(("heads", "kv_heads"), (4, 2), mesh, rules)) == ("tensor", None)
+    assert tuple(logical_to_mesh_spec(("embed", "kv_heads"), (32, 2), mesh, rules)) == (None, "tensor")  # no data axis
+
+
+def test_a_rule_that_cannot_apply_raises_naming_tensor_shape_and_mesh():
+    from fipo_jax.sharding import ShardingRuleError, rule
+
+    devices = np.array(jax.devices()[:1]).reshape(1, 1)
+    mesh = jax.sharding.Mesh(devices, ("fsdp", "tensor"))
+    rules = {"heads": "tensor", "kv_heads": "tensor"}
+    with pytest.raises(ShardingRuleError, match=r"cannot shard layers\.0\.k of shape \(4, 2\) with logical axes "
+                                                r"\('heads', 'kv_heads'\) on mesh \{'fsdp': 1, 'tensor': 1\}: mesh axis "
+                                                r"'tensor' would split both 'heads' and 'kv_heads'"):
+        logical_to_mesh_spec(("heads", "kv_heads"), (4, 2), mesh, rules, name="layers.0.k")
+    with pytest.raises(ShardingRuleError, match="no rule for logical axis 'experts'"):
+        logical_to_mesh_spec(("experts",), (8,), mesh)
+    fake = types.SimpleNamespace(shape={"fsdp": 2, "tensor": 4})  # the rules only read the mesh's axis sizes
+    with pytest.raises(ShardingRuleError, match=r"of shape \(31, 8\).*dimension 'embed' of size 31 is not divisible "
+                                                r"by mesh axes \('fsdp',\) of total size 2"):
+        logical_to_mesh_spec(("embed", "mlp"), (31, 8), fake)
+    # kv heads declare their fallback: 2 kv heads on a 4-way tensor axis stay whole.
+    assert tuple(logical_to_mesh_spec(("embed", "kv_heads", "head_dim"), (32, 2, 8), fake)) == ("fsdp", None, None)
+    assert tuple(logical_to_mesh_spec(("mlp",), (6,), fake, {"mlp": rule("tensor", if_indivisible="replicate")})) \
+        == (None,)
 
 
 SHARDED_LOAD_SCRIPT = textwrap.dedent(

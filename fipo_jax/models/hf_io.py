@@ -23,29 +23,17 @@ import jax
 import ml_dtypes  # noqa: F401  (registers "bfloat16" with numpy so safetensors can return BF16)
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fipo_jax.models.config import MODEL_TYPES, ModelConfig, UnsupportedConfigError
 from fipo_jax.models.decoder import CausalLM
 from fipo_jax.models.families import WeightMapping, config_from_hf, hf_weight_table
+from fipo_jax.sharding import DEFAULT_RULES, logical_sharding, logical_to_mesh_spec, param_shardings  # noqa: F401
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-# Logical axis → mesh axis (or a tuple of mesh axes, or None = replicated). Mesh axes absent
-# from the mesh, already used by another dimension of the same tensor, or not dividing the
-# dimension are dropped (that dimension is replicated).
-DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
-    "embed": "fsdp",
-    "vocab": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    "head_dim": None,
-    "norm": None,
-}
 
 # Buffers some checkpoints carry that are recomputed from the config, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -58,60 +46,6 @@ _FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not match the model: lists every problem at once."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Sharding
-# ---------------------------------------------------------------------------------------------
-
-
-def logical_to_mesh_spec(
-    logical_axes: Sequence[str | None] | None,
-    shape: Sequence[int],
-    mesh: Mesh,
-    rules: Mapping[str, str | tuple[str, ...] | None] | None = None,
-) -> PartitionSpec:
-    """PartitionSpec for a tensor with the given logical axes under `rules`.
-
-    A logical axis maps to the mesh axes `rules[name]` that exist in `mesh`, are not already used
-    by an earlier dimension, and whose total size divides the dimension; otherwise the dimension
-    is replicated. Unknown logical names are replicated.
-    """
-    rules = DEFAULT_RULES if rules is None else rules
-    if not logical_axes:
-        return PartitionSpec()
-    used: set[str] = set()
-    entries: list[str | tuple[str, ...] | None] = []
-    for name, dim in zip(logical_axes, shape, strict=True):
-        target = rules.get(name) if name is not None else None
-        candidates = (target,) if isinstance(target, str) else tuple(target or ())
-        axes = tuple(a for a in candidates if a in mesh.shape and a not in used)
-        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        if not axes or dim % size != 0:
-            entries.append(None)
-            continue
-        used.update(axes)
-        entries.append(axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*entries)
-
-
-def param_shardings(
-    tree: nnx.Module | nnx.State,
-    mesh: Mesh,
-    rules: Mapping[str, str | tuple[str, ...] | None] | None = None,
-) -> nnx.State:
-    """State of `NamedSharding`s (one per parameter, from its logical axes), e.g. for jit.
-
-    `tree` is a model or its (possibly abstract) state.
-    """
-    state = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
-
-    def to_sharding(variable: nnx.Variable) -> nnx.Variable:
-        axes = variable.get_metadata().get("out_sharding")
-        spec = logical_to_mesh_spec(axes, variable.shape, mesh, rules)
-        return variable.replace(NamedSharding(mesh, spec))
-
-    return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,12 +171,12 @@ def _check_tensors(
             f"tied={config.tie_word_embeddings}):\n  " + "\n  ".join(problems))
 
 
-def _place(array: np.ndarray, variable: nnx.Variable, mesh: Mesh | None, rules: Mapping | None) -> jax.Array:
+def _place(array: np.ndarray, variable: nnx.Variable, mesh: Mesh | None, rules: Mapping | None,
+           name: str) -> jax.Array:
     """Host array → device array, sharded by the parameter's logical axes when a mesh is given."""
     if mesh is None:
         return jax.device_put(array)
-    spec = logical_to_mesh_spec(variable.get_metadata().get("out_sharding"), array.shape, mesh, rules)
-    sharding = NamedSharding(mesh, spec)
+    sharding = logical_sharding(variable.get_metadata().get("out_sharding"), array.shape, mesh, rules, name)
     # Each addressable device receives only its own slice (works on multi-host meshes too).
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
@@ -288,7 +222,7 @@ def load_weights(
         row = rows[key]
         variable = variables[row.path]
         ours = np.ascontiguousarray(row.layout.to_ours(hf_array, tuple(variable.shape)).astype(param_dtype))
-        variable.set_value(_place(ours, variable, mesh, rules))
+        variable.set_value(_place(ours, variable, mesh, rules, ".".join(map(str, row.path))))
         del hf_array, ours
     return nnx.merge(graphdef, state)
 

@@ -2,7 +2,7 @@
 grouped-query attention with RoPE. Each reads its family switches from `ModelConfig`.
 
 Parameters carry logical axis names in their `out_sharding` metadata (`LOGICAL_AXES`); one rules
-table (`fipo_jax.models.hf_io.DEFAULT_RULES`) maps them to mesh axes. Head axes stay separate in
+table (`fipo_jax.sharding.DEFAULT_RULES`) maps them to mesh axes. Head axes stay separate in
 the kernels (q kernel [embed, heads, head_dim]) so "heads → tensor" shards whole heads.
 """
 
