@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import types
 import typing
 from typing import Any, Literal
 
+from fipo_jax import _checks
 from fipo_jax.losses import PolicyLossConfig
 
 # PolicyLossConfig fields left None take the loss mode's official default.
@@ -24,9 +26,8 @@ class ConfigError(ValueError):
     """A configuration that cannot be used, with the offending field in the message."""
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+# Every config check goes through the one vocabulary (`fipo_jax._checks`), raising ConfigError.
+_require = functools.partial(_checks.require, error=ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)

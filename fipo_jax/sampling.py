@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -47,6 +46,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fipo_jax import _checks
 from fipo_jax.models.kv_cache import init_kv_cache
 
 # Prompt widths compiled for, 1.5–2× apart: prefill cost grows with the padded width, and each
@@ -54,12 +54,8 @@ from fipo_jax.models.kv_cache import init_kv_cache
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+_is_int = _checks.is_int
+_is_real = _checks.is_real
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from fipo_jax import _checks
+
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 MODEL_TYPES = ("qwen2", "qwen3", "llama", "gemma3_text")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -37,13 +39,8 @@ class UnsupportedConfigError(ValueError):
     """A model config asks for semantics this decoder does not compute (names the field)."""
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+_is_int = _checks.is_int
+_require = _checks.require
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import numbers
 
+from fipo_jax import _checks
 from fipo_jax.rewards.extract import DEFAULT_ANSWER_WINDOW_CHARS
 from fipo_jax.rewards.shaping import validate_overlong_args
 from fipo_jax.rewards.verify import DEFAULT_MAX_ANSWER_CHARS, DEFAULT_VERIFY_TIMEOUT_S
@@ -14,11 +15,7 @@ __all__ = ["RewardConfig"]
 
 
 def _positive_int(name: str, value, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        suffix = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be a positive int{suffix}, got {value!r}")
+    _checks.check_int(name, value, minimum=1, allow_none=allow_none)
 
 
 @dataclasses.dataclass(frozen=True)

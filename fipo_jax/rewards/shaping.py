@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fipo_jax import _checks
+
 __all__ = ["overlong_penalty", "shaped_scores", "validate_overlong_args"]
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+_is_int = _checks.is_int
 
 
 def validate_overlong_args(max_response_length: int, buffer_length: int, penalty_factor: float) -> None:
