@@ -37,9 +37,9 @@ from flax import nnx
 from fipo_jax import _checks
 from fipo_jax import advantages as adv_lib
 from fipo_jax import loss_metrics
-from fipo_jax.losses import LossTerms, PolicyLossConfig, policy_loss_terms, weight_micro_batch
 from fipo_jax.logprobs import sequence_log_probs_with_entropy
-from fipo_jax.losses import METRIC_REDUCTIONS, importance_ratio
+from fipo_jax.losses import (METRIC_REDUCTIONS, LossTerms, PolicyLossConfig, importance_ratio, policy_loss_terms,
+                             weight_micro_batch)
 from fipo_jax.sharding import logical_sharding, param_shardings, replicated
 
 Reduction = Literal["sum", "mean", "min", "max"]
@@ -225,7 +225,8 @@ def _token_mean(x, mask):
 # ----------------------------------------------------------------------------- the update
 
 
-def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, loss_config: PolicyLossConfig, carry, mini):
+def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, loss_config: PolicyLossConfig,
+                       carry, mini):
     """One optimizer update from one mini-batch [K, R, ...]; returns per-micro and per-update metrics."""
     params, opt_state = carry
     n_micro, rows = mini["response_mask"].shape[:2]
@@ -272,12 +273,11 @@ def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Opti
     metrics with official names, ``loss``, ``grad_norm``, ``lr``, ``skipped_updates``,
     ``entropy``), ``rollout/sampler_logprob_gap`` and ``batch/length_weighted_advantage``.
     """
-    n_mini, n_micro, rows = batch.response_mask.shape[:3]
     mask = batch.response_mask
     old_lp, entropy = _old_log_probs(graphdef, state.params, rest, batch, config.logprob_chunk_size)
     estimator = ADVANTAGE_ESTIMATORS[config.advantage]
     advantages = estimator(batch.scores.reshape(-1), config.group_size).reshape(batch.scores.shape)
-    advantages = advantages * jnp.any(mask, axis=-1)
+    advantages = advantages * jnp.any(mask, axis=-1)  # padding rows: no advantage
 
     minis = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": mask,
              "old_log_probs": old_lp, "advantages": advantages}
@@ -287,26 +287,25 @@ def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Opti
         functools.partial(_mini_batch_update, graphdef, rest, optimizer, config, loss_config),
         (state.params, state.opt_state), minis)
 
-    micro_tokens = jnp.sum(mask, axis=-1).sum(axis=-1).astype(jnp.float32)  # [M, K]
+    micro_tokens = jnp.sum(mask, axis=(-2, -1)).astype(jnp.float32)  # [M, K]
     metrics = reduce_metrics(micro_metrics, micro_tokens, METRIC_REDUCTIONS)
     metrics |= reduce_metrics(update_metrics, micro_tokens.sum(axis=-1), UPDATE_METRIC_REDUCTIONS)
     if config.loss.ratio_quantiles:
-        token_advantages = jnp.broadcast_to(advantages[..., None], mask.shape)
-        metrics |= loss_metrics.ratio_quantiles(ratio.reshape(-1, mask.shape[-1]),
-                                                token_advantages.reshape(-1, mask.shape[-1]),
-                                                mask.reshape(-1, mask.shape[-1]))
+        tokens = lambda x: jnp.broadcast_to(x, mask.shape).reshape(-1, mask.shape[-1])  # noqa: E731
+        metrics |= loss_metrics.ratio_quantiles(tokens(ratio), tokens(advantages[..., None]), tokens(mask))
     metrics = {f"actor/{k}": v for k, v in metrics.items()}
     metrics["actor/entropy"] = _token_mean(entropy, mask)
     metrics["rollout/sampler_logprob_gap"] = _token_mean(jnp.abs(batch.sampler_log_probs - old_lp), mask)
     metrics["batch/length_weighted_advantage"] = (
         jnp.sum(advantages * jnp.sum(mask, axis=-1)) / jnp.maximum(jnp.sum(mask), 1))
-    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-    return new_state, metrics
+    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
 
-def jit_rl_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, state_shardings=None, metric_sharding=None):
-    """`rl_update` jitted once, the state donated; ``state_shardings`` pins the new state's placement
-    (so every step compiles once and never reshards)."""
+def jit_rl_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, state_shardings: RLState | None = None,
+                  metric_sharding=None):
+    """`rl_update` jitted once, the state donated. ``state_shardings`` pins the new state's placement
+    (so every step compiles once and never reshards); ``metric_sharding`` the metrics' (replicated,
+    so every process reads them locally)."""
     fn = functools.partial(rl_update, graphdef=graphdef, rest=rest, optimizer=optimizer, config=config)
     kwargs = {}
     if state_shardings is not None:

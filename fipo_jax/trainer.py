@@ -35,8 +35,10 @@ from fipo_jax.build import build_policy, build_prompts
 from fipo_jax.checkpoint import Checkpointer, config_differences
 from fipo_jax.config import ConfigError, TrainConfig
 from fipo_jax.data import CharTokenizer, PromptIterator, PromptRecord
-from fipo_jax.rollouts import DynamicSamplingExhausted, RolloutCollector, Rollouts, majority_vote  # noqa: F401 (re-exported)
-from fipo_jax.sharding import make_mesh
+from fipo_jax.rollouts import DynamicSamplingExhausted, RolloutCollector, Rollouts, majority_vote
+from fipo_jax.sharding import make_mesh, replicated
+
+__all__ = ["Trainer", "DynamicSamplingExhausted", "Rollouts", "majority_vote"]
 
 # The update trims all-padding prompt columns to a multiple of this (bounds recompilation).
 PROMPT_WIDTH_MULTIPLE = 64
@@ -93,7 +95,8 @@ class Trainer:
         update_config = rl_step.UpdateConfig(loss=algo.loss, group_size=config.rollout.n, advantage=algo.advantage,
                                              micro_batch_weighting=algo.micro_batch_weighting,
                                              logprob_chunk_size=config.model.logprob_chunk_size)
-        self.update = rl_step.jit_rl_update(self.graphdef, self.rest, optimizer, update_config, self.state_shardings)
+        self.update = rl_step.jit_rl_update(self.graphdef, self.rest, optimizer, update_config, self.state_shardings,
+                                            replicated(self.mesh))
         self.run_log = metrics_lib.RunLog(run_dir, writable=self.primary, tensorboard=config.tensorboard)
         self.checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), config.keep_checkpoints)
 
