@@ -54,10 +54,6 @@ from fipo_jax.models.kv_cache import init_kv_cache
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
-_is_int = _checks.is_int
-_is_real = _checks.is_real
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How to sample (static: each distinct config compiles its own sampler).
@@ -89,20 +85,20 @@ class SamplingConfig:
     cache_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not _checks.is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(
                 f"SamplingConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}"
             )
-        if not _is_real(self.temperature) or not (math.isfinite(self.temperature) and self.temperature >= 0):
+        if not _checks.is_real(self.temperature) or not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(
                 "SamplingConfig.temperature must be a finite number >= 0 (0 = greedy), "
                 f"got {self.temperature!r}"
             )
         object.__setattr__(self, "temperature", float(self.temperature))
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+        if not _checks.is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
         object.__setattr__(self, "top_p", float(self.top_p))
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not _checks.is_int(self.top_k) or self.top_k < 0:
             raise ValueError(
                 f"SamplingConfig.top_k must be an int >= 0 (0 = disabled), got {self.top_k!r}"
             )
@@ -110,18 +106,18 @@ class SamplingConfig:
             raise ValueError(
                 f"SamplingConfig.eos_token_ids must be a tuple of token ids, got {self.eos_token_ids!r}"
             )
-        if not all(_is_int(t) and t >= 0 for t in self.eos_token_ids):
+        if not all(_checks.is_int(t) and t >= 0 for t in self.eos_token_ids):
             raise ValueError(
                 f"SamplingConfig.eos_token_ids must be non-negative ints, got {self.eos_token_ids!r}"
             )
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
         stops = self.stop_sequences
         if (isinstance(stops, (str, bytes)) or not isinstance(stops, (tuple, list))
-                or not all(isinstance(q, (tuple, list)) and q and all(_is_int(t) and t >= 0 for t in q) for q in stops)):
+                or not all(isinstance(q, (tuple, list)) and q and all(_checks.is_int(t) and t >= 0 for t in q) for q in stops)):
             raise ValueError("SamplingConfig.stop_sequences must be a tuple of non-empty token-id tuples "
                              f"(encode stop strings with the tokenizer first), got {stops!r}")
         object.__setattr__(self, "stop_sequences", tuple(tuple(int(t) for t in q) for q in stops))
-        if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
+        if not _checks.is_int(self.pad_token_id) or self.pad_token_id < 0:
             raise ValueError(
                 f"SamplingConfig.pad_token_id must be an int >= 0, got {self.pad_token_id!r}"
             )
@@ -130,7 +126,7 @@ class SamplingConfig:
             if (
                 not isinstance(buckets, (tuple, list))
                 or not buckets
-                or not all(_is_int(b) and b >= 1 for b in buckets)
+                or not all(_checks.is_int(b) and b >= 1 for b in buckets)
                 or any(a >= b for a, b in zip(buckets, buckets[1:]))
             ):
                 raise ValueError(

@@ -39,8 +39,6 @@ class UnsupportedConfigError(ValueError):
     """A model config asks for semantics this decoder does not compute (names the field)."""
 
 
-_is_int = _checks.is_int
-_require = _checks.require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +59,15 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self) -> None:
-        _require(self.rope_type in ROPE_SCALING_TYPES,
+        _checks.require(self.rope_type in ROPE_SCALING_TYPES,
                  f"RopeScaling.rope_type must be one of {ROPE_SCALING_TYPES}, got {self.rope_type!r}")
-        _require(isinstance(self.factor, (int, float)) and self.factor > 0,
+        _checks.require(isinstance(self.factor, (int, float)) and self.factor > 0,
                  f"RopeScaling.factor must be > 0, got {self.factor!r}")
         if self.rope_type == "llama3":
-            _require(0 < self.low_freq_factor < self.high_freq_factor,
+            _checks.require(0 < self.low_freq_factor < self.high_freq_factor,
                      "RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
                      f"{self.low_freq_factor!r}, {self.high_freq_factor!r}")
-            _require(_is_int(self.original_max_position_embeddings) and self.original_max_position_embeddings > 0,
+            _checks.require(_checks.is_int(self.original_max_position_embeddings) and self.original_max_position_embeddings > 0,
                      "RopeScaling.original_max_position_embeddings must be a positive int, got "
                      f"{self.original_max_position_embeddings!r}")
 
@@ -153,63 +151,63 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, name)
-            _require(_is_int(value) and value > 0, f"ModelConfig.{name} must be a positive int, got {value!r}")
-        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+            _checks.require(_checks.is_int(value) and value > 0, f"ModelConfig.{name} must be a positive int, got {value!r}")
+        _checks.require(self.num_attention_heads % self.num_key_value_heads == 0,
                  "ModelConfig.num_attention_heads must be divisible by num_key_value_heads "
                  f"(grouped-query attention), got {self.num_attention_heads} heads and "
                  f"{self.num_key_value_heads} kv heads")
         if self.head_dim is None:
-            _require(self.hidden_size % self.num_attention_heads == 0,
+            _checks.require(self.hidden_size % self.num_attention_heads == 0,
                      "ModelConfig.hidden_size must be divisible by num_attention_heads when head_dim is not "
                      f"given, got hidden_size={self.hidden_size}, num_attention_heads={self.num_attention_heads}")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        _require(_is_int(self.head_dim) and self.head_dim > 0,
+        _checks.require(_checks.is_int(self.head_dim) and self.head_dim > 0,
                  f"ModelConfig.head_dim must be a positive int, got {self.head_dim!r}")
-        _require(self.head_dim % 2 == 0, f"ModelConfig.head_dim must be even (RoPE rotates pairs of dims), "
+        _checks.require(self.head_dim % 2 == 0, f"ModelConfig.head_dim must be even (RoPE rotates pairs of dims), "
                                          f"got {self.head_dim}")
-        _require(self.model_type in MODEL_TYPES,
+        _checks.require(self.model_type in MODEL_TYPES,
                  f"ModelConfig.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
             value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            _checks.require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
                      and math.isfinite(value), f"ModelConfig.{name} must be a finite number > 0, got {value!r}")
-        _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
+        _checks.require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
                  f"ModelConfig.rope_scaling must be None or a RopeScaling, got {self.rope_scaling!r}")
         for name in ("tie_word_embeddings", "qkv_bias", "o_proj_bias", "mlp_bias", "qk_norm", "norm_unit_offset",
                      "sandwich_norms", "scale_embeddings", "remat"):
-            _require(isinstance(getattr(self, name), bool),
+            _checks.require(isinstance(getattr(self, name), bool),
                      f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        _require(self.hidden_activation in HIDDEN_ACTIVATIONS,
+        _checks.require(self.hidden_activation in HIDDEN_ACTIVATIONS,
                  f"ModelConfig.hidden_activation must be one of {HIDDEN_ACTIVATIONS}, got {self.hidden_activation!r}")
-        _require(self.query_pre_attn_scalar is None or (isinstance(self.query_pre_attn_scalar, (int, float))
+        _checks.require(self.query_pre_attn_scalar is None or (isinstance(self.query_pre_attn_scalar, (int, float))
                                                         and self.query_pre_attn_scalar > 0),
                  f"ModelConfig.query_pre_attn_scalar must be None or > 0, got {self.query_pre_attn_scalar!r}")
         self._validate_layer_types()
         for name in ("dtype", "compute_dtype"):
-            _require(getattr(self, name) in SUPPORTED_DTYPES,
+            _checks.require(getattr(self, name) in SUPPORTED_DTYPES,
                      f"ModelConfig.{name} must be one of {SUPPORTED_DTYPES}, got {getattr(self, name)!r}")
         for name in ("attention_chunk_size", "decode_block_size"):
             value = getattr(self, name)
-            _require(value is None or (_is_int(value) and value > 0),
+            _checks.require(value is None or (_checks.is_int(value) and value > 0),
                      f"ModelConfig.{name} must be None or a positive int, got {value!r}")
 
     def _validate_layer_types(self) -> None:
         layer_types = self.layer_types
         if layer_types is not None:
-            _require(isinstance(layer_types, (tuple, list)) and len(layer_types) == self.num_hidden_layers,
+            _checks.require(isinstance(layer_types, (tuple, list)) and len(layer_types) == self.num_hidden_layers,
                      f"ModelConfig.layer_types must list one type per layer ({self.num_hidden_layers}), "
                      f"got {layer_types!r}")
             unknown = sorted({t for t in layer_types if t not in LAYER_TYPES})
-            _require(not unknown, f"ModelConfig.layer_types must be among {LAYER_TYPES}, got {unknown}")
+            _checks.require(not unknown, f"ModelConfig.layer_types must be among {LAYER_TYPES}, got {unknown}")
             object.__setattr__(self, "layer_types", tuple(layer_types))
         sliding = layer_types is not None and "sliding_attention" in layer_types
         window = self.sliding_window
-        _require(window is None or (_is_int(window) and window > 0),
+        _checks.require(window is None or (_checks.is_int(window) and window > 0),
                  f"ModelConfig.sliding_window must be None or a positive int, got {window!r}")
-        _require(not sliding or window is not None,
+        _checks.require(not sliding or window is not None,
                  "ModelConfig.layer_types has sliding_attention layers but sliding_window is None")
         theta = self.sliding_rope_theta
-        _require(theta is None or (isinstance(theta, (int, float)) and theta > 0),
+        _checks.require(theta is None or (isinstance(theta, (int, float)) and theta > 0),
                  f"ModelConfig.sliding_rope_theta must be None or > 0, got {theta!r}")
 
     # -- derived quantities -------------------------------------------------------------------

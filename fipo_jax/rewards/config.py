@@ -14,10 +14,6 @@ from fipo_jax.rewards.verify import DEFAULT_MAX_ANSWER_CHARS, DEFAULT_VERIFY_TIM
 __all__ = ["RewardConfig"]
 
 
-def _positive_int(name: str, value, *, allow_none: bool = False) -> None:
-    _checks.check_int(name, value, minimum=1, allow_none=allow_none)
-
-
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
     """DAPO math reward settings (official 32B recipe values by default, plus two extensions).
@@ -45,15 +41,15 @@ class RewardConfig:
     overlong_factor: float = 1.0
 
     def __post_init__(self):
-        _positive_int("answer_window_chars", self.answer_window_chars, allow_none=True)
+        _checks.check_int("answer_window_chars", self.answer_window_chars, minimum=1, allow_none=True)
         for name in ("boxed_fallback", "use_math_verify"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         timeout = self.verify_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout) or timeout <= 0:
             raise ValueError(f"verify_timeout_s must be a finite number of seconds > 0, got {timeout!r}")
-        _positive_int("max_answer_chars", self.max_answer_chars)
-        _positive_int("max_response_length", self.max_response_length)
+        _checks.check_int("max_answer_chars", self.max_answer_chars, minimum=1)
+        _checks.check_int("max_response_length", self.max_response_length, minimum=1)
         if self.overlong_buffer is not None:
             try:
                 validate_overlong_args(self.max_response_length, self.overlong_buffer, self.overlong_factor)

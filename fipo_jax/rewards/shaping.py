@@ -23,14 +23,13 @@ from fipo_jax import _checks
 __all__ = ["overlong_penalty", "shaped_scores", "validate_overlong_args"]
 
 
-_is_int = _checks.is_int
 
 
 def validate_overlong_args(max_response_length: int, buffer_length: int, penalty_factor: float) -> None:
     """Raise ValueError naming the bad argument unless 0 < buffer_length ≤ max_response_length and factor ≥ 0."""
-    if not _is_int(max_response_length) or max_response_length < 1:
+    if not _checks.is_int(max_response_length) or max_response_length < 1:
         raise ValueError(f"max_response_length must be a positive int (tokens), got {max_response_length!r}")
-    if not _is_int(buffer_length) or buffer_length < 1:
+    if not _checks.is_int(buffer_length) or buffer_length < 1:
         raise ValueError(f"buffer_length must be a positive int (tokens), got {buffer_length!r}")
     if buffer_length > max_response_length:
         raise ValueError(
@@ -116,7 +115,7 @@ def shaped_scores(
         )
     base = xp.where(correct_arr.astype(bool), xp.float32(1.0), xp.float32(-1.0))
     if buffer_length is None:
-        if not _is_int(max_response_length) or max_response_length < 1:
+        if not _checks.is_int(max_response_length) or max_response_length < 1:
             raise ValueError(f"max_response_length must be a positive int (tokens), got {max_response_length!r}")
         return base.astype(xp.float32)
     return (base + overlong_penalty(lengths, max_response_length, buffer_length, penalty_factor)).astype(xp.float32)
