@@ -42,14 +42,17 @@ def require(ok: bool, message: str, error: type[Exception] = ValueError) -> None
         raise error(message)
 
 
-def check_int(name: str, value: Any, *, minimum: int | None = None, allow_none: bool = False,
-              error: type[Exception] = ValueError) -> None:
-    """``value`` is an int (>= ``minimum`` when given), or None when ``allow_none``."""
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
+              allow_none: bool = False, error: type[Exception] = ValueError) -> None:
+    """``value`` is an int in [``minimum``, ``maximum``] (either may be open), or None when ``allow_none``."""
     if value is None and allow_none:
         return
-    ok = is_int(value) and (minimum is None or value >= minimum)
+    ok = is_int(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
     if not ok:
-        what = "an int" if minimum is None else ("a positive int" if minimum == 1 else f"an int >= {minimum}")
+        if maximum is not None:
+            what = f"an int in [{minimum}, {maximum}]" if minimum is not None else f"an int <= {maximum}"
+        else:
+            what = "an int" if minimum is None else ("a positive int" if minimum == 1 else f"an int >= {minimum}")
         raise error(f"{name} must be {what}{' or None' if allow_none else ''}, got {value!r}")
 
 

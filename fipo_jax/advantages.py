@@ -13,8 +13,7 @@ from fipo_jax import _checks
 
 def _grouped(name: str, scores: jax.Array, group_size: int) -> jax.Array:
     """``[B]`` → ``[B/G, G]`` with checks that name the problem."""
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    _checks.check_int("group_size", group_size, minimum=1)
     _checks.check_rank(name, scores, rank=1, what=" ([B] one score per response)")
     batch = jnp.shape(scores)[0]
     if batch % group_size:
@@ -46,8 +45,7 @@ def grpo_advantages(
       >>> grpo_advantages(jnp.array([1.0, 0.0, 0.0, 1.0]), group_size=2).round(3).tolist()
       [0.707, -0.707, -0.707, 0.707]
     """
-    if not isinstance(epsilon, (int, float)) or not epsilon >= 0:
-        raise ValueError(f"epsilon must be a number >= 0, got {epsilon!r}")
+    _checks.require(_checks.is_real(epsilon) and epsilon >= 0, f"epsilon must be a number >= 0, got {epsilon!r}")
     s_GxN = _grouped("scores", jnp.asarray(scores, jnp.float32), group_size)
     if group_size == 1:
         mean, std = jnp.zeros_like(s_GxN), jnp.ones_like(s_GxN)

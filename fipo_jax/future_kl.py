@@ -85,12 +85,10 @@ def discounted_reverse_cumsum(
     """
     if method == "auto":
         method = default_method()
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {('auto',) + METHODS}, got {method!r}")
+    _checks.check_choice("method", method, ("auto",) + METHODS)
     if block_size is None:
         block_size = default_block_size(method)
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    _checks.check_int("block_size", block_size, minimum=1)
     if x.shape[-1] == 0:
         return x
     if isinstance(gamma, (int, np.floating)):

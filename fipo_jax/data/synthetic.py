@@ -24,6 +24,8 @@ import dataclasses
 
 import numpy as np
 
+from fipo_jax import _checks
+
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 _SYMBOLS = (PAD, BOS, EOS, "Q:", "Answer:", "+", "*", "=", " ", "\n") + tuple("0123456789")
 
@@ -75,12 +77,10 @@ class ChainTask:
     modulus: int = 10
 
     def __post_init__(self):
-        if not (isinstance(self.n_terms, int) and self.n_terms >= 2):
-            raise ValueError(f"n_terms must be an int >= 2, got {self.n_terms!r}")
-        if not self.ops or any(op not in _OPS for op in self.ops):
-            raise ValueError(f"ops must be a non-empty string over {sorted(_OPS)}, got {self.ops!r}")
-        if not (isinstance(self.modulus, int) and 2 <= self.modulus <= 10):
-            raise ValueError(f"modulus must be an int in [2, 10] (answers are single digits), got {self.modulus!r}")
+        _checks.check_int("n_terms", self.n_terms, minimum=2)
+        _checks.require(bool(self.ops) and all(op in _OPS for op in self.ops),
+                        f"ops must be a non-empty string over {sorted(_OPS)}, got {self.ops!r}")
+        _checks.check_int("modulus (answers are single digits)", self.modulus, minimum=2, maximum=10)
 
     def sample(self, rng: np.random.Generator, n: int) -> list[tuple[tuple[int, ...], str]]:
         """n problems as (digits, op string)."""

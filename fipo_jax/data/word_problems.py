@@ -49,6 +49,7 @@ import zlib
 
 import numpy as np
 
+from fipo_jax import _checks
 from fipo_jax.data.prompts import PromptRecord
 
 __all__ = ["WordProblem", "WordProblemTask", "word_problem_splits", "OPS", "FEW_SHOT_SEED", "FEW_SHOT_POOL_SIZE"]
@@ -336,10 +337,7 @@ def _capitalize(sentence: str) -> str:
 
 
 def _int_field(name: str, value, lo: int, hi: int | None = None) -> None:
-    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not is_int or value < lo or (hi is not None and value > hi):
-        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
+    _checks.check_int(name, value, minimum=lo, maximum=hi)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from fipo_jax import _checks
+
 __all__ = [
     "DEFAULT_ANSWER_WINDOW_CHARS",
     "extract_answer",
@@ -32,10 +34,7 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
 
 def _check_window(window_chars: int | None) -> None:
-    if window_chars is not None and (
-        not isinstance(window_chars, int) or isinstance(window_chars, bool) or window_chars < 1
-    ):
-        raise ValueError(f"window_chars must be a positive int or None (whole response), got {window_chars!r}")
+    _checks.check_int("window_chars (None: the whole response)", window_chars, minimum=1, allow_none=True)
 
 
 def tail_window(text: str, window_chars: int | None) -> str:

@@ -25,7 +25,6 @@ import atexit
 import collections
 import dataclasses
 import json
-import math
 import os
 import queue
 import re
@@ -34,6 +33,8 @@ import sys
 import threading
 from fractions import Fraction
 from typing import Literal
+
+from fipo_jax import _checks
 
 from fipo_jax.rewards.normalize import normalize_answer
 
@@ -91,8 +92,7 @@ def numeric_equal(gold: str, predicted: str) -> bool | None:
 
 
 def _check_timeout(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    _checks.check_number(f"{name} (seconds)", value, minimum=0, exclusive_minimum=True)
     return float(value)
 
 
@@ -125,8 +125,7 @@ class MathVerifyWorker:
         self.startup_timeout_s = _check_timeout("startup_timeout_s", startup_timeout_s)
         self.kill_grace_s = _check_timeout("kill_grace_s", kill_grace_s)
         for name, value in (("memory_limit_mb", memory_limit_mb), ("cache_size", cache_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            _checks.check_int(name, value, minimum=0)
         self.memory_limit_mb = memory_limit_mb
         self.cache_size = cache_size
         self.starts = 0
