@@ -171,15 +171,16 @@ class OptimSpec:
     grad_clip: float = 1.0
 
     def __post_init__(self):
-        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
-        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"optim.b1/b2 must be in [0, 1), got {self.b1}, {self.b2}")
-        _require(self.grad_clip > 0, f"optim.grad_clip must be > 0, got {self.grad_clip}")
-
-    def lr_at(self, step: int) -> float:
-        """lr · min(1, step / warmup_steps), step counted from 0 (so step 0 has LR 0)."""
-        return self.lr * (min(1.0, step / self.warmup_steps) if self.warmup_steps else 1.0)
+        # AdamW moves each weight by about lr per update: an lr near 1 or above destroys any model.
+        _checks.check_number("optim.lr", self.lr, minimum=0, maximum=1, exclusive_minimum=True,
+                             exclusive_maximum=True, error=ConfigError)
+        _checks.check_int("optim.warmup_steps", self.warmup_steps, minimum=0, error=ConfigError)
+        _checks.check_number("optim.weight_decay", self.weight_decay, minimum=0, error=ConfigError)
+        for name in ("b1", "b2"):
+            _checks.check_number(f"optim.{name}", getattr(self, name), minimum=0, maximum=1, exclusive_maximum=True,
+                                 error=ConfigError)
+        _checks.check_number("optim.eps", self.eps, minimum=0, exclusive_minimum=True, error=ConfigError)
+        _checks.check_number("optim.grad_clip", self.grad_clip, minimum=0, exclusive_minimum=True, error=ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)

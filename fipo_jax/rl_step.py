@@ -9,8 +9,8 @@ step"); the batch crosses to the device once and only scalar metrics come back:
    empty (padding rows) get 0;
 3. for each of the M mini-batches (a `lax.scan`): the policy-loss gradient accumulated over its
    K micro-batches as (Σ ∇total, Σ count), which is the exact mini-batch token-mean (paper Eq. 8),
-   then global-norm clip and AdamW under an optax warm-up schedule; an update whose gradient is
-   not finite is skipped (parameters and optimizer state kept) and counted;
+   then global-norm clip and AdamW under an optax warm-up schedule; an update whose gradient or
+   resulting parameters are not finite is skipped (parameters and optimizer state kept) and counted;
 4. metrics, each reduced once over every micro-batch of the step with its declared reduction
    (`losses.METRIC_REDUCTIONS`, `UPDATE_METRIC_REDUCTIONS`), never inferred from its name.
 
@@ -218,6 +218,12 @@ def reduce_metrics(stacked: dict[str, jax.Array], weights: jax.Array,
     return out
 
 
+def all_finite(tree) -> jax.Array:
+    """True iff every element of every floating-point leaf of ``tree`` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def _token_mean(x, mask):
     return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
@@ -254,11 +260,13 @@ def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfi
         accumulate, (zeros, jnp.float32(0), jnp.float32(0)), mini)
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1e-12), grads)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(grad_norm)
     lr = jnp.asarray(optimizer.schedule(_applied_updates(opt_state)), jnp.float32)
     updates, new_opt_state = optimizer.tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # Skip unless the gradient and the parameters it leads to are finite (a huge step can overflow).
+    finite = jnp.isfinite(grad_norm) & all_finite(new_params)
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    params = jax.tree.map(keep, optax.apply_updates(params, updates), params)
+    params = jax.tree.map(keep, new_params, params)
     opt_state = jax.tree.map(keep, new_opt_state, opt_state)
     update_metrics = {"loss": LossTerms(total, count).value, "grad_norm": grad_norm, "lr": lr,
                       "skipped_updates": (~finite).astype(jnp.float32)}

@@ -38,12 +38,19 @@ from fipo_jax.data import CharTokenizer, PromptIterator, PromptRecord
 from fipo_jax.rollouts import DynamicSamplingExhausted, RolloutCollector, Rollouts, majority_vote
 from fipo_jax.sharding import make_mesh, replicated
 
-__all__ = ["Trainer", "DynamicSamplingExhausted", "Rollouts", "majority_vote"]
+__all__ = ["Trainer", "NonFiniteStateError", "DynamicSamplingExhausted", "Rollouts", "majority_vote"]
 
 # The update trims all-padding prompt columns to a multiple of this (bounds recompilation).
 PROMPT_WIDTH_MULTIPLE = 64
 # Eval keys are folded from this offset so they never coincide with a training step's keys.
 _EVAL_KEY_OFFSET = 10**6
+
+
+class NonFiniteStateError(RuntimeError):
+    """The run's parameters hold NaN or ±inf."""
+
+
+_params_finite = jax.jit(rl_step.all_finite)
 
 
 class Trainer:
@@ -173,7 +180,12 @@ class Trainer:
     # ----------------------------------------------------------------------------- checkpoints
 
     def save(self) -> None:
-        """Checkpoint the state with the data position and the config fingerprint."""
+        """Checkpoint the state with the data position and the config fingerprint; a state whose
+        parameters are not finite is refused (`NonFiniteStateError`), never written."""
+        if not bool(distributed.to_host(_params_finite(self.state.params))):
+            raise NonFiniteStateError(
+                f"step {self.step_index}: the policy's parameters are not finite; not checkpointing them (the last "
+                f"good checkpoint stays in {self.checkpointer.directory})")
         metadata = {"step": self.step_index, "iterator": self.iterator.state(), "seed": self.config.seed,
                     "fingerprint": json.loads(json.dumps(self.config.fingerprint()))}
         self.checkpointer.save(self.step_index, self.state, metadata)

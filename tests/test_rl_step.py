@@ -82,6 +82,16 @@ def host(tree):
     return jax.tree.map(as_numpy, tree)
 
 
+def test_an_update_that_would_make_parameters_non_finite_is_skipped(setup):
+    """A step so large that the parameters overflow is skipped like a non-finite gradient."""
+    graphdef, params, rest, fields = setup
+    overflowing = rl_step.make_optimizer(lambda count: jnp.float32(np.inf), 0.9, 0.999, 1e-8, 0.0, 1.0)
+    state, metrics = run(setup, opt=overflowing)
+    assert np.isfinite(float(metrics["actor/grad_norm"])) and float(metrics["actor/skipped_updates"]) == 1.0
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_update_is_pure(setup):
     """Same inputs → same outputs, and the inputs are left as they were (no donation here)."""
     graphdef, params, rest, fields = setup

@@ -15,7 +15,7 @@ import pytest
 from fipo_jax.config import ConfigError, apply_overrides, cpu_default
 from fipo_jax.rewards.shaping import validate_overlong_args
 from fipo_jax.metrics import MetricsLog
-from fipo_jax.trainer import DynamicSamplingExhausted, Trainer, majority_vote
+from fipo_jax.trainer import DynamicSamplingExhausted, NonFiniteStateError, Trainer, majority_vote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,6 +176,22 @@ def test_exception_inside_an_update_leaves_the_trainer_usable(tmp_path, cache_di
     assert metadata["step"] == 1 and int(state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params),
                  jax.tree.map(np.asarray, trainer.state.params))
+    # Parameters that are not finite are never checkpointed.
+    trainer.state = trainer.state.replace(params=jax.tree.map(lambda x: x * np.nan, trainer.state.params))
+    with pytest.raises(NonFiniteStateError, match="parameters are not finite; not checkpointing"):
+        trainer.save()
+    assert trainer.checkpointer.latest_step() == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=inf", "optim.lr must be a finite number > 0 and < 1, got inf"),
+    ("optim.lr=1e30", "optim.lr must be a finite number > 0 and < 1"),
+    ("optim.eps=0", "optim.eps must be a finite number > 0"),
+    ("optim.grad_clip=nan", "optim.grad_clip must be a finite number > 0"),
+])
+def test_insane_optimizer_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(cpu_default(), [override])
 
 
 def test_checkpointer_knows_nothing_of_the_trainer(tmp_path):
