@@ -42,6 +42,8 @@ __all__ = ["Trainer", "NonFiniteStateError", "DynamicSamplingExhausted", "Rollou
 
 # The update trims all-padding prompt columns to a multiple of this (bounds recompilation).
 PROMPT_WIDTH_MULTIPLE = 64
+# Steps whose batch is more than this share of padding rows are reported.
+PADDING_WARN_SHARE = 0.25
 # Eval keys are folded from this offset so they never coincide with a training step's keys.
 _EVAL_KEY_OFFSET = 10**6
 
@@ -106,6 +108,7 @@ class Trainer:
                                             replicated(self.mesh))
         self.run_log = metrics_lib.RunLog(run_dir, writable=self.primary, tensorboard=config.tensorboard)
         self.checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), config.keep_checkpoints)
+        self._warned_padding = False
 
     # ----------------------------------------------------------------------------- views
 
@@ -227,6 +230,7 @@ class Trainer:
             bar.update(self.step_index)
         while (step := self.step_index) < total_steps:
             metrics = self.step()
+            self._warn_if_mostly_padding(metrics)
             step += 1
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps:
                 metrics.update(self.evaluate())
@@ -243,6 +247,18 @@ class Trainer:
             bar.close()
         self.checkpointer.wait()
         return self.write_summary()
+
+    def _warn_if_mostly_padding(self, metrics: dict[str, Any]) -> None:
+        """Once per run: a step whose batch is more than `PADDING_WARN_SHARE` padding rows trains on
+        far fewer responses than configured (dynamic sampling found too few mixed groups)."""
+        rows = self.config.rollout.prompts_per_step * self.config.rollout.n
+        share = metrics.get("rollout/padded_rows", 0) / rows
+        if share > PADDING_WARN_SHARE and not self._warned_padding:
+            self._warned_padding = True
+            self.log(f"[warning] step {metrics['step']}: {metrics['rollout/padded_rows']} of {rows} rows are padding "
+                     f"(only {metrics['rollout/kept_groups']} of {self.config.rollout.prompts_per_step} prompt groups "
+                     f"had mixed outcomes); the update trains on {rows - metrics['rollout/padded_rows']} responses. "
+                     f"Raise rollout.prompts_per_round or rollout.max_rounds (summary.json counts such steps)")
 
     def export(self, path: str) -> None:
         """The current policy as a Hugging Face checkpoint folder: safetensors + config.json of its
@@ -265,8 +281,12 @@ class Trainer:
         name, algo, steps = self.config.name, self.config.algo.loss.loss_mode, self.step_index
         if not self.primary:
             return {"name": name, "algo": algo, "steps": steps, "process_index": jax.process_index()}
-        summary = metrics_lib.summarize(self.run_log.read(), name, algo, steps, len(self.eval_records),
+        rows = self.run_log.read()
+        summary = metrics_lib.summarize(rows, name, algo, steps, len(self.eval_records),
                                         os.path.join(self.run_dir, "plots"))
+        batch_rows = self.config.rollout.prompts_per_step * self.config.rollout.n
+        summary["steps_mostly_padding"] = sum(r.get("rollout/padded_rows", 0) / batch_rows > PADDING_WARN_SHARE
+                                              for r in rows)
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(metrics_lib.to_python(summary), f, indent=2)
         return summary

@@ -144,11 +144,17 @@ def test_dynamic_sampling_exhaustion(tmp_path, cache_dir):
                       progress=False, log=lambda s: None)
     with pytest.raises(DynamicSamplingExhausted, match=r"only [01] of 4 prompt groups had mixed outcomes"):
         trainer.step()
+    lines = []
     padded = Trainer(tiny_config(cache_dir, "rollout.prompts_per_round=2", "rollout.max_rounds=1",
                                  "rollout.dynamic_sampling=false", "steps=1"), str(tmp_path / "b"),
-                     progress=False, log=lambda s: None)
+                     progress=False, log=lines.append)
     metrics = padded.step()
     assert metrics["rollout/padded_rows"] == 8 and np.isfinite(metrics["actor/loss"])
+    # Training on a mostly padded batch is said once, loudly, and counted in the summary.
+    summary = padded.train(total_steps=3)
+    warnings = [line for line in lines if line.startswith("[warning]")]
+    assert len(warnings) == 1 and "8 of 16 rows are padding" in warnings[0], lines
+    assert summary["steps_mostly_padding"] == 2  # steps 2 and 3 (step 1 ran outside train())
 
 
 def test_exception_inside_an_update_leaves_the_trainer_usable(tmp_path, cache_dir, monkeypatch):
