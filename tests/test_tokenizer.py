@@ -133,3 +133,11 @@ def test_save_and_load_round_trip(tokenizer, tmp_path):
 def test_load_tokenizer_requires_a_local_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="local tokenizer folder"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tokenizer, tmp_path):
+    """A model folder with only config files would otherwise "load" a tokenizer that encodes to []."""
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "Qwen2Tokenizer"}')
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer vocabulary \\(expected one of tokenizer.json"):
+        load_tokenizer(tmp_path)

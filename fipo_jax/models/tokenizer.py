@@ -122,6 +122,11 @@ def qwen2_5_tokenizer():
     )
 
 
+# Files that carry a vocabulary (one is needed; tokenizer_config.json alone describes none).
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "sentencepiece.bpe.model")
+
+
 def load_tokenizer(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
     """`transformers.AutoTokenizer` from a local tokenizer folder or a `.gguf` file (no network).
 
@@ -137,7 +142,13 @@ def load_tokenizer(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
         return _gguf_tokenizer(path, cache_dir)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_tokenizer expects a local tokenizer folder or a .gguf file, got {path!r}")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not any(os.path.isfile(os.path.join(path, name)) for name in VOCABULARY_FILES):
+        raise FileNotFoundError(f"{path} holds no tokenizer vocabulary (expected one of {', '.join(VOCABULARY_FILES)}); "
+                                "copy the model's tokenizer files into the folder")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if len(tokenizer) < 2:
+        raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} token(s): its files are incomplete")
+    return tokenizer
 
 
 def default_cache_dir() -> pathlib.Path:
