@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import json
 import os
 import types
@@ -26,8 +25,7 @@ class ConfigError(ValueError):
     """A configuration that cannot be used, with the offending field in the message."""
 
 
-# Every config check goes through the one vocabulary (`fipo_jax._checks`), raising ConfigError.
-_require = functools.partial(_checks.require, error=ConfigError)
+# Every config check goes through the one vocabulary (`fipo_jax._checks`), with error=ConfigError.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,17 +50,19 @@ class ModelSpec:
     attention_chunk_size: int | None = None  # query-chunked attention: O(chunk × T) score memory
 
     def __post_init__(self):
-        _require(self.source in ("scratch", "hf", "gemma3-270m"),
-                 f"model.source must be 'scratch', 'hf' or 'gemma3-270m', got {self.source!r}")
-        _require(self.source != "hf" or bool(self.path), "model.path is required when model.source='hf'")
+        _checks.check_choice("model.source", self.source, ("scratch", "hf", "gemma3-270m"), error=ConfigError)
+        _checks.require(self.source != "hf" or bool(self.path), "model.path is required when model.source='hf'",
+                        error=ConfigError)
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "logprob_chunk_size"):
-            _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.attention_chunk_size is None or self.attention_chunk_size >= 1,
-                 f"model.attention_chunk_size must be None or >= 1, got {self.attention_chunk_size}")
-        _require(self.num_heads % self.num_kv_heads == 0,
-                 f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
-        _require(self.hidden_size % self.num_heads == 0,
-                 f"model.hidden_size ({self.hidden_size}) must be a multiple of model.num_heads ({self.num_heads})")
+            _checks.check_int(f"model.{name}", getattr(self, name), minimum=1, error=ConfigError)
+        _checks.check_int("model.attention_chunk_size", self.attention_chunk_size, minimum=1, allow_none=True,
+                          error=ConfigError)
+        _checks.require(self.num_heads % self.num_kv_heads == 0,
+                        f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads "
+                        f"({self.num_kv_heads})", error=ConfigError)
+        _checks.require(self.hidden_size % self.num_heads == 0,
+                        f"model.hidden_size ({self.hidden_size}) must be a multiple of model.num_heads "
+                        f"({self.num_heads})", error=ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +84,13 @@ class DataSpec:
     few_shot: int = 2  # word_problems: worked examples in each prompt
 
     def __post_init__(self):
-        _require(self.task in ("chain", "word_problems", "file"),
-                 f"data.task must be 'chain', 'word_problems' or 'file', got {self.task!r}")
-        _require(1 <= self.max_steps <= 3, f"data.max_steps must be in [1, 3], got {self.max_steps}")
-        _require(self.few_shot >= 0, f"data.few_shot must be >= 0, got {self.few_shot}")
-        _require(self.task != "file" or bool(self.train_path), "data.train_path is required when data.task='file'")
-        _require(self.train_prompts >= 1 and self.eval_prompts >= 1, "data.train_prompts and data.eval_prompts must be >= 1")
-        _require(self.max_prompt_tokens >= 1, f"data.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        _checks.check_choice("data.task", self.task, ("chain", "word_problems", "file"), error=ConfigError)
+        _checks.check_int("data.max_steps", self.max_steps, minimum=1, maximum=3, error=ConfigError)
+        _checks.check_int("data.few_shot", self.few_shot, minimum=0, error=ConfigError)
+        _checks.require(self.task != "file" or bool(self.train_path),
+                        "data.train_path is required when data.task='file'", error=ConfigError)
+        for name in ("train_prompts", "eval_prompts", "max_prompt_tokens"):
+            _checks.check_int(f"data.{name}", getattr(self, name), minimum=1, error=ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,15 +110,18 @@ class RolloutSpec:
     stop: tuple[str, ...] = ()  # stop strings (e.g. "Question:" for few-shot prompts); kept in the response
 
     def __post_init__(self):
-        _require(all(isinstance(x, str) and x for x in self.stop),
-                 f"rollout.stop must be a list of non-empty strings, got {self.stop!r}")
+        _checks.require(all(isinstance(x, str) and x for x in self.stop),
+                        f"rollout.stop must be a list of non-empty strings, got {self.stop!r}", error=ConfigError)
         for name in ("n", "prompts_per_step", "prompts_per_round", "max_rounds", "max_response_tokens"):
-            _require(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.on_exhausted in ("error", "pad"),
-                 f"rollout.on_exhausted must be 'error' or 'pad', got {self.on_exhausted!r}")
-        _require(self.temperature > 0, f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
-        _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        _require(self.top_k >= 0, f"rollout.top_k must be >= 0, got {self.top_k}")
+            value = getattr(self, name)  # keeps the wording train.py's users see: "rollout.n must be >= 1"
+            _checks.require(_checks.is_int(value) and value >= 1,
+                            f"rollout.{name} must be >= 1 (an int), got {value!r}", error=ConfigError)
+        _checks.check_choice("rollout.on_exhausted", self.on_exhausted, ("error", "pad"), error=ConfigError)
+        _checks.check_number("rollout.temperature (RL sampling)", self.temperature, minimum=0, exclusive_minimum=True,
+                             error=ConfigError)
+        _checks.check_number("rollout.top_p", self.top_p, minimum=0, maximum=1, exclusive_minimum=True,
+                             error=ConfigError)
+        _checks.check_int("rollout.top_k (0 = disabled)", self.top_k, minimum=0, error=ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +135,10 @@ class RewardSpec:
     verify_timeout_s: float = 2.0
 
     def __post_init__(self):
-        _require(self.overlong_buffer >= 1, f"reward.overlong_buffer must be >= 1, got {self.overlong_buffer}")
-        _require(self.overlong_factor >= 0, f"reward.overlong_factor must be >= 0, got {self.overlong_factor}")
-        _require(self.verify_timeout_s > 0, f"reward.verify_timeout_s must be > 0, got {self.verify_timeout_s}")
+        _checks.check_int("reward.overlong_buffer", self.overlong_buffer, minimum=1, error=ConfigError)
+        _checks.check_number("reward.overlong_factor", self.overlong_factor, minimum=0, error=ConfigError)
+        _checks.check_number("reward.verify_timeout_s", self.verify_timeout_s, minimum=0, exclusive_minimum=True,
+                             error=ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,13 +152,13 @@ class AlgoSpec:
     micro_batch_weighting: Literal["exact", "official"] = "exact"
 
     def __post_init__(self):
-        _require(isinstance(self.loss, PolicyLossConfig), "algo.loss must be a PolicyLossConfig")
-        _require(self.advantage in ("grpo", "dr_grpo", "rloo"),
-                 f"algo.advantage must be 'grpo', 'dr_grpo' or 'rloo', got {self.advantage!r}")
-        _require(self.mini_batches >= 1, f"algo.mini_batches must be >= 1, got {self.mini_batches}")
-        _require(self.micro_batch_size >= 1, f"algo.micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        _require(self.micro_batch_weighting in ("exact", "official"),
-                 f"algo.micro_batch_weighting must be 'exact' or 'official', got {self.micro_batch_weighting!r}")
+        _checks.require(isinstance(self.loss, PolicyLossConfig),
+                        f"algo.loss must be a PolicyLossConfig, got {type(self.loss).__name__}", error=ConfigError)
+        _checks.check_choice("algo.advantage", self.advantage, ("grpo", "dr_grpo", "rloo"), error=ConfigError)
+        _checks.check_int("algo.mini_batches", self.mini_batches, minimum=1, error=ConfigError)
+        _checks.check_int("algo.micro_batch_size", self.micro_batch_size, minimum=1, error=ConfigError)
+        _checks.check_choice("algo.micro_batch_weighting", self.micro_batch_weighting, ("exact", "official"),
+                             error=ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,9 +197,10 @@ class EvalSpec:
     top_p: float = 0.7
 
     def __post_init__(self):
-        _require(self.every >= 0, f"eval.every must be >= 0 (0 = only before/after), got {self.every}")
-        _require(self.k >= 1, f"eval.k must be >= 1, got {self.k}")
-        _require(self.temperature >= 0 and 0 < self.top_p <= 1, "eval.temperature must be >= 0 and eval.top_p in (0, 1]")
+        _checks.check_int("eval.every (0 = only before/after)", self.every, minimum=0, error=ConfigError)
+        _checks.check_int("eval.k", self.k, minimum=1, error=ConfigError)
+        _checks.check_number("eval.temperature (0 = greedy)", self.temperature, minimum=0, error=ConfigError)
+        _checks.check_number("eval.top_p", self.top_p, minimum=0, maximum=1, exclusive_minimum=True, error=ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,9 +216,10 @@ class SFTSpec:
     cache_dir: str = "runs/.sft_cache"
 
     def __post_init__(self):
-        _require(self.steps >= 0 and self.batch_size >= 1, "sft.steps must be >= 0 and sft.batch_size >= 1")
-        _require(self.lr > 0, f"sft.lr must be > 0, got {self.lr}")
-        _require(0 <= self.step_fraction <= 1, f"sft.step_fraction must be in [0, 1], got {self.step_fraction}")
+        _checks.check_int("sft.steps", self.steps, minimum=0, error=ConfigError)
+        _checks.check_int("sft.batch_size", self.batch_size, minimum=1, error=ConfigError)
+        _checks.check_number("sft.lr", self.lr, minimum=0, exclusive_minimum=True, error=ConfigError)
+        _checks.check_number("sft.step_fraction", self.step_fraction, minimum=0, maximum=1, error=ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,22 +243,23 @@ class TrainConfig:
     tensorboard: bool = False  # also write metrics as TensorBoard scalars (run_dir/tensorboard)
 
     def __post_init__(self):
-        _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
-        _require(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        _require(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _checks.check_int("steps", self.steps, minimum=0, error=ConfigError)
+        _checks.check_int("checkpoint_every", self.checkpoint_every, minimum=1, error=ConfigError)
+        _checks.check_int("keep_checkpoints", self.keep_checkpoints, minimum=1, error=ConfigError)
         rows = self.rollout.prompts_per_step * self.rollout.n
-        _require(rows % self.algo.mini_batches == 0,
-                 f"rollout.prompts_per_step × rollout.n = {rows} sequences must split into algo.mini_batches="
-                 f"{self.algo.mini_batches} equal mini-batches")
+        _checks.require(rows % self.algo.mini_batches == 0,
+                        f"rollout.prompts_per_step × rollout.n = {rows} sequences must split into algo.mini_batches="
+                        f"{self.algo.mini_batches} equal mini-batches", error=ConfigError)
         mini = rows // self.algo.mini_batches
-        _require(mini % self.algo.micro_batch_size == 0 or self.algo.micro_batch_size >= mini,
-                 f"a mini-batch of {mini} sequences must split into micro-batches of algo.micro_batch_size="
-                 f"{self.algo.micro_batch_size}")
+        _checks.require(mini % self.algo.micro_batch_size == 0 or self.algo.micro_batch_size >= mini,
+                        f"a mini-batch of {mini} sequences must split into micro-batches of algo.micro_batch_size="
+                        f"{self.algo.micro_batch_size}", error=ConfigError)
         # Same bound as rewards.shaping (and verl's DAPO reward manager): L_buf ≤ L_max.
-        _require(self.rollout.max_response_tokens >= self.reward.overlong_buffer or not self.reward.overlong_shaping,
-                 f"reward.overlong_buffer ({self.reward.overlong_buffer}) must be <= rollout.max_response_tokens "
-                 f"({self.rollout.max_response_tokens}): the penalty starts at max_response_tokens - overlong_buffer")
-        _require(self.rollout.prompts_per_round >= 1, "rollout.prompts_per_round must be >= 1")
+        _checks.require(
+            self.rollout.max_response_tokens >= self.reward.overlong_buffer or not self.reward.overlong_shaping,
+            f"reward.overlong_buffer ({self.reward.overlong_buffer}) must be <= rollout.max_response_tokens "
+            f"({self.rollout.max_response_tokens}): the penalty starts at max_response_tokens - overlong_buffer",
+            error=ConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -279,15 +286,15 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
-        _require(isinstance(value, dict), f"{where} must be a mapping, got {value!r}")
+        _checks.require(isinstance(value, dict), f"{where} must be a mapping, got {value!r}", error=ConfigError)
         return from_dict(annotation, value, where)
     if origin is Literal:
-        _require(value in typing.get_args(annotation), f"{where} must be one of {typing.get_args(annotation)}, got {value!r}")
+        _checks.check_choice(where, value, typing.get_args(annotation), error=ConfigError)
         return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            _require(type(None) in typing.get_args(annotation), f"{where} cannot be None")
+            _checks.require(type(None) in typing.get_args(annotation), f"{where} cannot be None", error=ConfigError)
             return None
         errors = []
         for arg in args:
@@ -299,21 +306,23 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
-        _require(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}")
+        _checks.require(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}", error=ConfigError)
         inner = typing.get_args(annotation)[0]
         return tuple(_coerce(v, inner, where) for v in value)
     if annotation is bool:
         if isinstance(value, str):
-            _require(value.lower() in ("true", "false", "1", "0", "yes", "no"), f"{where} must be a bool, got {value!r}")
+            _checks.require(value.lower() in ("true", "false", "1", "0", "yes", "no"),
+                            f"{where} must be a bool, got {value!r}", error=ConfigError)
             return value.lower() in ("true", "1", "yes")
-        _require(isinstance(value, bool), f"{where} must be a bool, got {value!r}")
+        _checks.check_bool(where, value, error=ConfigError)
         return value
     if annotation is int:
         try:
             as_float = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be an int, got {value!r}") from None
-        _require(not isinstance(value, bool) and as_float == int(as_float), f"{where} must be an int, got {value!r}")
+        _checks.require(not isinstance(value, bool) and as_float == int(as_float),
+                        f"{where} must be an int, got {value!r}", error=ConfigError)
         return int(as_float)
     if annotation is float:
         try:
@@ -321,7 +330,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
     if annotation is str:
-        _require(isinstance(value, str), f"{where} must be a string, got {value!r}")
+        _checks.require(isinstance(value, str), f"{where} must be a string, got {value!r}", error=ConfigError)
         return value
     return value
 
@@ -356,7 +365,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
             if f"algo.loss.{name}" not in paths:
                 data["algo"]["loss"][name] = None
     for item in overrides:
-        _require("=" in item, f"override {item!r} must look like field.path=value")
+        _checks.require("=" in item, f"override {item!r} must look like field.path=value", error=ConfigError)
         path, raw = item.split("=", 1)
         try:
             value = json.loads(raw)
@@ -365,11 +374,12 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
         node = data
         keys = path.strip().split(".")
         for key in keys[:-1]:
-            _require(isinstance(node.get(key), dict), f"unknown config section {key!r} in override {item!r}")
+            _checks.require(isinstance(node.get(key), dict), f"unknown config section {key!r} in override {item!r}",
+                            error=ConfigError)
             node = node[key]
-        _require(keys[-1] in node, f"unknown config field {path!r} in override {item!r}"
-                 + (f" (did you mean {difflib.get_close_matches(keys[-1], list(node), n=1)[0]!r}?)"
-                    if difflib.get_close_matches(keys[-1], list(node), n=1) else ""))
+        _checks.require(keys[-1] in node, f"unknown config field {path!r} in override {item!r}"
+                        + (f" (did you mean {difflib.get_close_matches(keys[-1], list(node), n=1)[0]!r}?)"
+                           if difflib.get_close_matches(keys[-1], list(node), n=1) else ""), error=ConfigError)
         node[keys[-1]] = value
     return from_dict(TrainConfig, data)
 

@@ -28,6 +28,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from fipo_jax import _checks
+
 
 def initialize(
     coordinator_address: str | None = None,
@@ -42,12 +44,12 @@ def initialize(
     CPU, cross-process collectives use gloo.
     """
     explicit = (coordinator_address, num_processes, process_id)
-    if any(v is not None for v in explicit) and any(v is None for v in explicit):
-        raise ValueError("give all of coordinator_address, num_processes and process_id, or none of them "
-                         f"(auto-detection); got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
-    if num_processes is not None and not (num_processes >= 1 and 0 <= process_id < num_processes):
-        raise ValueError(f"need num_processes >= 1 and 0 <= process_id < num_processes, "
-                         f"got {num_processes} and {process_id}")
+    _checks.require(all(v is None for v in explicit) or all(v is not None for v in explicit),
+                    "give all of coordinator_address, num_processes and process_id, or none of them "
+                    f"(auto-detection); got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
+    _checks.require(num_processes is None or (num_processes >= 1 and 0 <= process_id < num_processes),
+                    "need num_processes >= 1 and 0 <= process_id < num_processes, "
+                    f"got {num_processes} and {process_id}")
     # Only selects the CPU backend's collectives; harmless on GPU/TPU hosts.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,

@@ -85,61 +85,40 @@ class SamplingConfig:
     cache_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if not _checks.is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(
-                f"SamplingConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}"
-            )
-        if not _checks.is_real(self.temperature) or not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(
-                "SamplingConfig.temperature must be a finite number >= 0 (0 = greedy), "
-                f"got {self.temperature!r}"
-            )
+        _checks.require(_checks.is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+                        f"SamplingConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        _checks.require(_checks.is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
+                        "SamplingConfig.temperature must be a finite number >= 0 (0 = greedy), "
+                        f"got {self.temperature!r}")
         object.__setattr__(self, "temperature", float(self.temperature))
-        if not _checks.is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
+        _checks.require(_checks.is_real(self.top_p) and 0 < self.top_p <= 1,
+                        f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
         object.__setattr__(self, "top_p", float(self.top_p))
-        if not _checks.is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(
-                f"SamplingConfig.top_k must be an int >= 0 (0 = disabled), got {self.top_k!r}"
-            )
-        if isinstance(self.eos_token_ids, (str, bytes)) or not isinstance(self.eos_token_ids, (tuple, list)):
-            raise ValueError(
-                f"SamplingConfig.eos_token_ids must be a tuple of token ids, got {self.eos_token_ids!r}"
-            )
-        if not all(_checks.is_int(t) and t >= 0 for t in self.eos_token_ids):
-            raise ValueError(
-                f"SamplingConfig.eos_token_ids must be non-negative ints, got {self.eos_token_ids!r}"
-            )
+        _checks.require(_checks.is_int(self.top_k) and self.top_k >= 0,
+                        f"SamplingConfig.top_k must be an int >= 0 (0 = disabled), got {self.top_k!r}")
+        _checks.require(isinstance(self.eos_token_ids, (tuple, list)),
+                        f"SamplingConfig.eos_token_ids must be a tuple of token ids, got {self.eos_token_ids!r}")
+        _checks.require(all(_checks.is_int(t) and t >= 0 for t in self.eos_token_ids),
+                        f"SamplingConfig.eos_token_ids must be non-negative ints, got {self.eos_token_ids!r}")
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
         stops = self.stop_sequences
-        if (isinstance(stops, (str, bytes)) or not isinstance(stops, (tuple, list))
-                or not all(isinstance(q, (tuple, list)) and q and all(_checks.is_int(t) and t >= 0 for t in q) for q in stops)):
-            raise ValueError("SamplingConfig.stop_sequences must be a tuple of non-empty token-id tuples "
-                             f"(encode stop strings with the tokenizer first), got {stops!r}")
+        well_formed = isinstance(stops, (tuple, list)) and all(
+            isinstance(q, (tuple, list)) and q and all(_checks.is_int(t) and t >= 0 for t in q) for q in stops)
+        _checks.require(well_formed, "SamplingConfig.stop_sequences must be a tuple of non-empty token-id tuples "
+                        f"(encode stop strings with the tokenizer first), got {stops!r}")
         object.__setattr__(self, "stop_sequences", tuple(tuple(int(t) for t in q) for q in stops))
-        if not _checks.is_int(self.pad_token_id) or self.pad_token_id < 0:
-            raise ValueError(
-                f"SamplingConfig.pad_token_id must be an int >= 0, got {self.pad_token_id!r}"
-            )
+        _checks.check_int("SamplingConfig.pad_token_id", self.pad_token_id, minimum=0)
         if self.prompt_length_buckets is not None:
             buckets = self.prompt_length_buckets
-            if (
-                not isinstance(buckets, (tuple, list))
-                or not buckets
-                or not all(_checks.is_int(b) and b >= 1 for b in buckets)
-                or any(a >= b for a, b in zip(buckets, buckets[1:]))
-            ):
-                raise ValueError(
-                    "SamplingConfig.prompt_length_buckets must be None or a non-empty, strictly "
-                    f"increasing tuple of positive ints, got {buckets!r}"
-                )
+            _checks.require(isinstance(buckets, (tuple, list)) and bool(buckets)
+                            and all(_checks.is_int(b) and b >= 1 for b in buckets)
+                            and all(a < b for a, b in zip(buckets, buckets[1:])),
+                            "SamplingConfig.prompt_length_buckets must be None or a non-empty, strictly "
+                            f"increasing tuple of positive ints, got {buckets!r}")
             object.__setattr__(self, "prompt_length_buckets", tuple(int(b) for b in buckets))
         for name in ("max_new_tokens", "top_k", "pad_token_id"):  # NumPy ints → int (hashing)
             object.__setattr__(self, name, int(getattr(self, name)))
-        if self.cache_dtype not in (None, "float32", "bfloat16"):
-            raise ValueError(
-                f"SamplingConfig.cache_dtype must be None, 'float32' or 'bfloat16', got {self.cache_dtype!r}"
-            )
+        _checks.check_choice("SamplingConfig.cache_dtype", self.cache_dtype, (None, "float32", "bfloat16"))
 
     @property
     def greedy(self) -> bool:
@@ -489,34 +468,26 @@ def generate(
       `SampleOutput` (see its docstring); prompt_ids / prompt_mask there have P columns, the
       bucket chosen for the longest prompt.
     """
-    if not isinstance(config, SamplingConfig):
-        raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
+    _checks.require(isinstance(config, SamplingConfig), f"config must be a SamplingConfig, got {type(config).__name__}",
+                    error=TypeError)
     ids_BxL = np.asarray(prompt_ids)
-    if ids_BxL.ndim != 2 or not np.issubdtype(ids_BxL.dtype, np.integer) or ids_BxL.shape[0] == 0:
-        raise ValueError(
-            f"prompt_ids must be an integer [B, L] array with B >= 1, got {ids_BxL.dtype}{list(ids_BxL.shape)}"
-        )
+    _checks.require(ids_BxL.ndim == 2 and np.issubdtype(ids_BxL.dtype, np.integer) and ids_BxL.shape[0] > 0,
+                    f"prompt_ids must be an integer [B, L] array with B >= 1, got {ids_BxL.dtype}{list(ids_BxL.shape)}")
     mask_BxL = np.ones(ids_BxL.shape, bool) if prompt_mask is None else np.asarray(prompt_mask)
-    if mask_BxL.shape != ids_BxL.shape:
-        raise ValueError(
-            f"prompt_mask must have the shape of prompt_ids {ids_BxL.shape}, got {mask_BxL.shape}"
-        )
+    _checks.require(mask_BxL.shape == ids_BxL.shape,
+                    f"prompt_mask must have the shape of prompt_ids {ids_BxL.shape}, got {mask_BxL.shape}")
     mask_BxL = mask_BxL.astype(bool)
     lengths_B = mask_BxL.sum(axis=1)
-    if np.any(lengths_B == 0):
-        empty_rows = np.flatnonzero(lengths_B == 0).tolist()
-        raise ValueError(f"every prompt needs at least one real token; empty rows: {empty_rows}")
+    _checks.require(lengths_B.min() > 0, "every prompt needs at least one real token; empty rows: "
+                                         f"{np.flatnonzero(lengths_B == 0).tolist()}")
     vocab = model.config.vocab_size
     real_ids = ids_BxL[mask_BxL]
-    if real_ids.min() < 0 or real_ids.max() >= vocab:
-        raise ValueError(
-            f"prompt_ids must be in [0, vocab_size={vocab}), got range [{real_ids.min()}, {real_ids.max()}]"
-        )
+    _checks.require(real_ids.min() >= 0 and real_ids.max() < vocab,
+                    f"prompt_ids must be in [0, vocab_size={vocab}), got range [{real_ids.min()}, {real_ids.max()}]")
     stop_ids = [t for sequence in config.stop_sequences for t in sequence]
     out_of_vocab = [t for t in (*config.eos_token_ids, config.pad_token_id, *stop_ids) if t >= vocab]
-    if out_of_vocab:
-        raise ValueError(f"eos_token_ids / pad_token_id / stop_sequences must be < vocab_size={vocab}, "
-                         f"got {out_of_vocab}")
+    _checks.require(not out_of_vocab, f"eos_token_ids / pad_token_id / stop_sequences must be < vocab_size={vocab}, "
+                                      f"got {out_of_vocab}")
     prompt_len = config.prompt_length(int(lengths_B.max()))
     ids_BxP, mask_BxP = left_align_prompts(ids_BxL, mask_BxL, prompt_len, config.pad_token_id)
     graphdef, state = nnx.split(model)

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from fipo_jax import _checks
+
 
 @dataclasses.dataclass(frozen=True)
 class PromptRecord:
@@ -44,24 +46,23 @@ _ANSWER_FIELDS = ("ground_truth", "answer", "solution")
 def record_from_row(row: dict[str, Any], where: str = "row") -> PromptRecord:
     """Build a `PromptRecord` from a parquet/JSONL row in the DAPO or a flat schema."""
     prompt = next((row[k] for k in _PROMPT_FIELDS if row.get(k) is not None), None)
-    if prompt is None:
-        raise ValueError(f"{where}: no prompt field (expected one of {_PROMPT_FIELDS}); fields: {sorted(row)}")
+    _checks.require(prompt is not None,
+                    f"{where}: no prompt field (expected one of {_PROMPT_FIELDS}); fields: {sorted(row)}")
     if isinstance(prompt, (list, tuple, np.ndarray)):
         try:
             prompt = tuple((str(m["role"]), str(m["content"])) for m in prompt)
         except (KeyError, TypeError) as err:
             raise ValueError(f"{where}: prompt messages must be {{'role', 'content'}} dicts, got {prompt!r:.200}") from err
-        if not prompt:
-            raise ValueError(f"{where}: prompt has no messages")
+        _checks.require(bool(prompt), f"{where}: prompt has no messages")
     elif not isinstance(prompt, str):
         raise ValueError(f"{where}: prompt must be a string or a list of messages, got {type(prompt).__name__}")
     reward_model = row.get("reward_model")
     answer = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
     if answer is None:
         answer = next((row[k] for k in _ANSWER_FIELDS if row.get(k) is not None), None)
-    if answer is None:
-        raise ValueError(f"{where}: no answer (expected reward_model.ground_truth or one of {_ANSWER_FIELDS}); "
-                         f"fields: {sorted(row)}")
+    _checks.require(answer is not None,
+                    f"{where}: no answer (expected reward_model.ground_truth or one of {_ANSWER_FIELDS}); "
+                    f"fields: {sorted(row)}")
     extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
     return PromptRecord(prompt=prompt, ground_truth=str(answer), data_source=str(row.get("data_source") or ""),
                         index=str(extra.get("index", row.get("index", ""))))
@@ -69,8 +70,7 @@ def record_from_row(row: dict[str, Any], where: str = "row") -> PromptRecord:
 
 def load_prompt_records(path: str, limit: int | None = None) -> list[PromptRecord]:
     """Read a ``.parquet`` (DAPO schema) or ``.jsonl``/``.json`` file of prompts."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"prompt file not found: {path}")
+    _checks.require(os.path.exists(path), f"prompt file not found: {path}", error=FileNotFoundError)
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -86,8 +86,7 @@ def load_prompt_records(path: str, limit: int | None = None) -> list[PromptRecor
         if limit is not None and i >= limit:
             break
         records.append(record_from_row(row, where=f"{os.path.basename(path)} row {i}"))
-    if not records:
-        raise ValueError(f"{path} holds no prompts")
+    _checks.require(bool(records), f"{path} holds no prompts")
     return records
 
 
@@ -115,16 +114,14 @@ class PromptIterator:
     offset: int = 0
 
     def __post_init__(self):
-        if not self.records:
-            raise ValueError("PromptIterator needs at least one prompt")
+        _checks.require(len(self.records) > 0, "PromptIterator needs at least one prompt")
 
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.records)
         return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
 
     def next_batch(self, size: int) -> list[PromptRecord]:
-        if size < 1:
-            raise ValueError(f"batch size must be >= 1, got {size}")
+        _checks.check_int("batch size", size, minimum=1)
         out = []
         while len(out) < size:
             order = self._order(self.epoch)
@@ -139,7 +136,7 @@ class PromptIterator:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "size": len(self.records)}
 
     def restore(self, state: dict[str, int]) -> None:
-        if int(state["size"]) != len(self.records) or int(state["seed"]) != self.seed:
-            raise ValueError(f"prompt iterator state is for {state['size']} prompts / seed {state['seed']}, "
-                             f"not {len(self.records)} / {self.seed}: the data or seed changed since the checkpoint")
+        _checks.require(int(state["size"]) == len(self.records) and int(state["seed"]) == self.seed,
+                        f"prompt iterator state is for {state['size']} prompts / seed {state['seed']}, not "
+                        f"{len(self.records)} / {self.seed}: the data or seed changed since the checkpoint")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])

@@ -125,8 +125,7 @@ class ChainTask:
 
     def demonstrations(self, rng: np.random.Generator, n: int, step_fraction: float) -> list[tuple[str, str]]:
         """(prompt, solution) pairs; a ``step_fraction`` share is worked step by step."""
-        if not 0.0 <= step_fraction <= 1.0:
-            raise ValueError(f"step_fraction must be in [0, 1], got {step_fraction}")
+        _checks.require(0.0 <= step_fraction <= 1.0, f"step_fraction must be in [0, 1], got {step_fraction}")
         steps = rng.random(n) < step_fraction
         return [(self.prompt(p), self.step_solution(p) if s else self.direct_solution(p))
                 for p, s in zip(self.sample(rng, n), steps)]

@@ -336,10 +336,6 @@ def _capitalize(sentence: str) -> str:
     return sentence[:1].upper() + sentence[1:]
 
 
-def _int_field(name: str, value, lo: int, hi: int | None = None) -> None:
-    _checks.check_int(name, value, minimum=lo, maximum=hi)
-
-
 @dataclasses.dataclass(frozen=True)
 class WordProblemTask:
     """Arithmetic word problems of ``min_steps``..``max_steps`` steps over the ops in ``ops``.
@@ -366,18 +362,17 @@ class WordProblemTask:
     ops: str = OPS
 
     def __post_init__(self):
-        _int_field("min_steps", self.min_steps, 1, 3)
-        _int_field("max_steps", self.max_steps, 1, 3)
-        if self.max_steps < self.min_steps:
-            raise ValueError(f"max_steps must be >= min_steps, got max_steps={self.max_steps} < "
-                             f"min_steps={self.min_steps}")
-        _int_field("max_operand", self.max_operand, 2)
-        _int_field("max_factor", self.max_factor, 2)
-        _int_field("max_value", self.max_value, 2 * max(self.max_operand, self.max_factor))
-        _int_field("few_shot", self.few_shot, 0, FEW_SHOT_POOL_SIZE // 2)
-        if (not isinstance(self.ops, str) or not self.ops or any(op not in OPS for op in self.ops)
-                or len(set(self.ops)) != len(self.ops)):
-            raise ValueError(f"ops must be a non-empty string of distinct ops from {OPS!r}, got {self.ops!r}")
+        _checks.check_int("min_steps", self.min_steps, minimum=1, maximum=3)
+        _checks.check_int("max_steps", self.max_steps, minimum=1, maximum=3)
+        _checks.require(self.max_steps >= self.min_steps, f"max_steps must be >= min_steps, got "
+                        f"max_steps={self.max_steps} < min_steps={self.min_steps}")
+        _checks.check_int("max_operand", self.max_operand, minimum=2)
+        _checks.check_int("max_factor", self.max_factor, minimum=2)
+        _checks.check_int("max_value", self.max_value, minimum=2 * max(self.max_operand, self.max_factor))
+        _checks.check_int("few_shot", self.few_shot, minimum=0, maximum=FEW_SHOT_POOL_SIZE // 2)
+        _checks.require(isinstance(self.ops, str) and bool(self.ops) and all(op in OPS for op in self.ops)
+                        and len(set(self.ops)) == len(self.ops),
+                        f"ops must be a non-empty string of distinct ops from {OPS!r}, got {self.ops!r}")
 
     # ---- sampling -------------------------------------------------------------------------
 
@@ -455,7 +450,7 @@ class WordProblemTask:
 
     def sample(self, rng: np.random.Generator, n: int) -> list[WordProblem]:
         """n problems (step counts uniform in [min_steps, max_steps]), none a few-shot pool question."""
-        _int_field("n", n, 0)
+        _checks.check_int("n", n, minimum=0)
         pool = {p.question for p in self.few_shot_pool()}
         out = []
         for _ in range(n):
@@ -534,14 +529,14 @@ def word_problem_splits(task: WordProblemTask, seed: int, n_train: int, n_eval: 
     train question nor an eval question already kept, until ``n_eval``; after ``max_tries``
     candidates (default ``50 · n_eval + 1000``) it raises ValueError. Deterministic in ``seed``.
     """
-    _int_field("seed", seed, 0)
-    _int_field("n_train", n_train, 0)
-    _int_field("n_eval", n_eval, 0)
+    _checks.check_int("seed", seed, minimum=0)
+    _checks.check_int("n_train", n_train, minimum=0)
+    _checks.check_int("n_eval", n_eval, minimum=0)
     train = task.sample(np.random.default_rng([seed, 0]), n_train)
     taken = {p.question for p in train}
     rng = np.random.default_rng([seed, 1])
     max_tries = 50 * n_eval + 1000 if max_tries is None else max_tries
-    _int_field("max_tries", max_tries, 1)
+    _checks.check_int("max_tries", max_tries, minimum=1)
     held_out: list[WordProblem] = []
     tries = 0
     while len(held_out) < n_eval:

@@ -21,7 +21,6 @@ config asks for that this decoder does not compute raises `UnsupportedConfigErro
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -37,8 +36,6 @@ ROPE_SCALING_TYPES = ("linear", "llama3")
 
 class UnsupportedConfigError(ValueError):
     """A model config asks for semantics this decoder does not compute (names the field)."""
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,17 +56,14 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self) -> None:
-        _checks.require(self.rope_type in ROPE_SCALING_TYPES,
-                 f"RopeScaling.rope_type must be one of {ROPE_SCALING_TYPES}, got {self.rope_type!r}")
-        _checks.require(isinstance(self.factor, (int, float)) and self.factor > 0,
-                 f"RopeScaling.factor must be > 0, got {self.factor!r}")
+        _checks.check_choice("RopeScaling.rope_type", self.rope_type, ROPE_SCALING_TYPES)
+        _checks.check_number("RopeScaling.factor", self.factor, minimum=0, exclusive_minimum=True)
         if self.rope_type == "llama3":
             _checks.require(0 < self.low_freq_factor < self.high_freq_factor,
-                     "RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
-                     f"{self.low_freq_factor!r}, {self.high_freq_factor!r}")
-            _checks.require(_checks.is_int(self.original_max_position_embeddings) and self.original_max_position_embeddings > 0,
-                     "RopeScaling.original_max_position_embeddings must be a positive int, got "
-                     f"{self.original_max_position_embeddings!r}")
+                            "RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
+                            f"{self.low_freq_factor!r}, {self.high_freq_factor!r}")
+            _checks.check_int("RopeScaling.original_max_position_embeddings", self.original_max_position_embeddings,
+                              minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,65 +144,56 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            _checks.require(_checks.is_int(value) and value > 0, f"ModelConfig.{name} must be a positive int, got {value!r}")
+            _checks.check_int(f"ModelConfig.{name}", getattr(self, name), minimum=1)
         _checks.require(self.num_attention_heads % self.num_key_value_heads == 0,
-                 "ModelConfig.num_attention_heads must be divisible by num_key_value_heads "
-                 f"(grouped-query attention), got {self.num_attention_heads} heads and "
-                 f"{self.num_key_value_heads} kv heads")
+                        "ModelConfig.num_attention_heads must be divisible by num_key_value_heads "
+                        f"(grouped-query attention), got {self.num_attention_heads} heads and "
+                        f"{self.num_key_value_heads} kv heads")
         if self.head_dim is None:
             _checks.require(self.hidden_size % self.num_attention_heads == 0,
-                     "ModelConfig.hidden_size must be divisible by num_attention_heads when head_dim is not "
-                     f"given, got hidden_size={self.hidden_size}, num_attention_heads={self.num_attention_heads}")
+                            "ModelConfig.hidden_size must be divisible by num_attention_heads when head_dim is not "
+                            f"given, got hidden_size={self.hidden_size}, "
+                            f"num_attention_heads={self.num_attention_heads}")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        _checks.require(_checks.is_int(self.head_dim) and self.head_dim > 0,
-                 f"ModelConfig.head_dim must be a positive int, got {self.head_dim!r}")
-        _checks.require(self.head_dim % 2 == 0, f"ModelConfig.head_dim must be even (RoPE rotates pairs of dims), "
-                                         f"got {self.head_dim}")
-        _checks.require(self.model_type in MODEL_TYPES,
-                 f"ModelConfig.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        _checks.check_int("ModelConfig.head_dim", self.head_dim, minimum=1)
+        _checks.require(self.head_dim % 2 == 0,
+                        f"ModelConfig.head_dim must be even (RoPE rotates pairs of dims), got {self.head_dim}")
+        _checks.check_choice("ModelConfig.model_type", self.model_type, MODEL_TYPES)
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
-            value = getattr(self, name)
-            _checks.require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-                     and math.isfinite(value), f"ModelConfig.{name} must be a finite number > 0, got {value!r}")
+            _checks.check_number(f"ModelConfig.{name}", getattr(self, name), minimum=0, exclusive_minimum=True)
         _checks.require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
-                 f"ModelConfig.rope_scaling must be None or a RopeScaling, got {self.rope_scaling!r}")
+                        f"ModelConfig.rope_scaling must be None or a RopeScaling, got {self.rope_scaling!r}")
         for name in ("tie_word_embeddings", "qkv_bias", "o_proj_bias", "mlp_bias", "qk_norm", "norm_unit_offset",
                      "sandwich_norms", "scale_embeddings", "remat"):
-            _checks.require(isinstance(getattr(self, name), bool),
-                     f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        _checks.require(self.hidden_activation in HIDDEN_ACTIVATIONS,
-                 f"ModelConfig.hidden_activation must be one of {HIDDEN_ACTIVATIONS}, got {self.hidden_activation!r}")
-        _checks.require(self.query_pre_attn_scalar is None or (isinstance(self.query_pre_attn_scalar, (int, float))
-                                                        and self.query_pre_attn_scalar > 0),
-                 f"ModelConfig.query_pre_attn_scalar must be None or > 0, got {self.query_pre_attn_scalar!r}")
+            _checks.check_bool(f"ModelConfig.{name}", getattr(self, name))
+        _checks.check_choice("ModelConfig.hidden_activation", self.hidden_activation, HIDDEN_ACTIVATIONS)
+        _checks.check_number("ModelConfig.query_pre_attn_scalar", self.query_pre_attn_scalar, minimum=0,
+                             exclusive_minimum=True, allow_none=True)
         self._validate_layer_types()
         for name in ("dtype", "compute_dtype"):
-            _checks.require(getattr(self, name) in SUPPORTED_DTYPES,
-                     f"ModelConfig.{name} must be one of {SUPPORTED_DTYPES}, got {getattr(self, name)!r}")
+            _checks.check_choice(f"ModelConfig.{name}", getattr(self, name), SUPPORTED_DTYPES)
         for name in ("attention_chunk_size", "decode_block_size"):
             value = getattr(self, name)
             _checks.require(value is None or (_checks.is_int(value) and value > 0),
-                     f"ModelConfig.{name} must be None or a positive int, got {value!r}")
+                            f"ModelConfig.{name} must be None or a positive int, got {value!r}")
 
     def _validate_layer_types(self) -> None:
         layer_types = self.layer_types
         if layer_types is not None:
             _checks.require(isinstance(layer_types, (tuple, list)) and len(layer_types) == self.num_hidden_layers,
-                     f"ModelConfig.layer_types must list one type per layer ({self.num_hidden_layers}), "
-                     f"got {layer_types!r}")
+                            f"ModelConfig.layer_types must list one type per layer ({self.num_hidden_layers}), "
+                            f"got {layer_types!r}")
             unknown = sorted({t for t in layer_types if t not in LAYER_TYPES})
             _checks.require(not unknown, f"ModelConfig.layer_types must be among {LAYER_TYPES}, got {unknown}")
             object.__setattr__(self, "layer_types", tuple(layer_types))
         sliding = layer_types is not None and "sliding_attention" in layer_types
         window = self.sliding_window
         _checks.require(window is None or (_checks.is_int(window) and window > 0),
-                 f"ModelConfig.sliding_window must be None or a positive int, got {window!r}")
+                        f"ModelConfig.sliding_window must be None or a positive int, got {window!r}")
         _checks.require(not sliding or window is not None,
-                 "ModelConfig.layer_types has sliding_attention layers but sliding_window is None")
-        theta = self.sliding_rope_theta
-        _checks.require(theta is None or (isinstance(theta, (int, float)) and theta > 0),
-                 f"ModelConfig.sliding_rope_theta must be None or > 0, got {theta!r}")
+                        "ModelConfig.layer_types has sliding_attention layers but sliding_window is None")
+        _checks.check_number("ModelConfig.sliding_rope_theta", self.sliding_rope_theta, minimum=0,
+                             exclusive_minimum=True, allow_none=True)
 
     # -- derived quantities -------------------------------------------------------------------
 

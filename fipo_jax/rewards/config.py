@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 
 from fipo_jax import _checks
 from fipo_jax.rewards.extract import DEFAULT_ANSWER_WINDOW_CHARS
@@ -43,11 +41,8 @@ class RewardConfig:
     def __post_init__(self):
         _checks.check_int("answer_window_chars", self.answer_window_chars, minimum=1, allow_none=True)
         for name in ("boxed_fallback", "use_math_verify"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        timeout = self.verify_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout) or timeout <= 0:
-            raise ValueError(f"verify_timeout_s must be a finite number of seconds > 0, got {timeout!r}")
+            _checks.check_bool(name, getattr(self, name))
+        _checks.check_number("verify_timeout_s (seconds)", self.verify_timeout_s, minimum=0, exclusive_minimum=True)
         _checks.check_int("max_answer_chars", self.max_answer_chars, minimum=1)
         _checks.check_int("max_response_length", self.max_response_length, minimum=1)
         if self.overlong_buffer is not None:

@@ -33,19 +33,14 @@ _ANSWER_LINE = re.compile(r"answer\s*(?:\*{1,2}\s*)?[:\uff1a](?:\s*\*{1,2}(?!\*)
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
 
-def _check_window(window_chars: int | None) -> None:
-    _checks.check_int("window_chars (None: the whole response)", window_chars, minimum=1, allow_none=True)
-
-
 def tail_window(text: str, window_chars: int | None) -> str:
     """The last ``window_chars`` characters of ``text`` (all of it when ``window_chars`` is None).
 
     >>> tail_window("abcdef", 2)
     'ef'
     """
-    _check_window(window_chars)
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    _checks.check_int("window_chars (None: the whole response)", window_chars, minimum=1, allow_none=True)
+    _checks.require(isinstance(text, str), f"text must be a str, got {type(text).__name__}", error=TypeError)
     return text if window_chars is None else text[-window_chars:]
 
 

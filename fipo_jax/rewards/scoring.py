@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from fipo_jax import _checks
 from fipo_jax.rewards.config import RewardConfig
 from fipo_jax.rewards.extract import extract_answer, extract_last_boxed
 from fipo_jax.rewards.normalize import normalize_answer
@@ -53,23 +54,13 @@ def gold_answer(gold: str | numbers.Real) -> str:
     >>> gold_answer(42), gold_answer(r"The answer is \\boxed{\\frac{1}{2}}.")
     ('42', '\\\\frac{1}{2}')
     """
-    if isinstance(gold, bool) or not isinstance(gold, (str, numbers.Real)):
-        raise TypeError(f"gold must be a str or a number, got {type(gold).__name__}")
+    _checks.require(isinstance(gold, str) or _checks.is_real(gold),
+                    f"gold must be a str or a number, got {type(gold).__name__}", error=TypeError)
     text = gold if isinstance(gold, str) else str(gold)
     if "\\boxed" in text or "\\fbox" in text:
-        boxed = extract_last_boxed(text, None)
-        if boxed is None:
-            raise ValueError(f"gold {gold!r} contains an unbalanced \\boxed")
-        text = boxed
+        text = extract_last_boxed(text, None)
+        _checks.require(text is not None, f"gold {gold!r} contains an unbalanced \\boxed")
     return text
-
-
-def _check_config(config: RewardConfig | None) -> RewardConfig:
-    if config is None:
-        return RewardConfig()
-    if not isinstance(config, RewardConfig):
-        raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
-    return config
 
 
 def dapo_math_score(
@@ -90,10 +81,12 @@ def dapo_math_score(
     >>> dapo_math_score("... so the total is 12.\\nAnswer: 12", "12")
     RewardResult(score=1.0, correct=True, extracted='12', error=None, timed_out=False)
     """
-    config = _check_config(config)
+    config = RewardConfig() if config is None else config
+    _checks.require(isinstance(config, RewardConfig), f"config must be a RewardConfig, got {type(config).__name__}",
+                    error=TypeError)
     try:
-        if not isinstance(response_text, str):
-            raise TypeError(f"response_text must be a str, got {type(response_text).__name__}")
+        _checks.require(isinstance(response_text, str),
+                        f"response_text must be a str, got {type(response_text).__name__}", error=TypeError)
         gold_text = gold_answer(gold)
         raw = extract_answer(response_text, config.answer_window_chars, config.boxed_fallback)
         if raw is None:
@@ -151,8 +144,7 @@ def _as_result(value) -> RewardResult:
         result = RewardResult(float(value), float(value) > 0, None)
     else:
         raise TypeError(f"score_fn must return a RewardResult, bool or float, got {type(value).__name__}")
-    if not math.isfinite(result.score):
-        raise ValueError(f"score_fn returned a non-finite score {result.score!r}")
+    _checks.require(math.isfinite(result.score), f"score_fn returned a non-finite score {result.score!r}")
     return result
 
 
@@ -181,18 +173,18 @@ def score_batch(
     >>> batch.scores.tolist(), batch.correct.tolist(), batch.num_errors
     ([1.0, -1.5], [True, False], 0)
     """
-    config = _check_config(config)
-    if isinstance(responses, str) or isinstance(golds, str):
-        raise TypeError("responses and golds must be sequences of items, not a single str")
+    config = RewardConfig() if config is None else config
+    _checks.require(isinstance(config, RewardConfig), f"config must be a RewardConfig, got {type(config).__name__}",
+                    error=TypeError)
+    _checks.require(not isinstance(responses, str) and not isinstance(golds, str),
+                    "responses and golds must be sequences of items, not a single str", error=TypeError)
     responses, golds = list(responses), list(golds)
-    if len(responses) != len(golds):
-        raise ValueError(f"responses has {len(responses)} items but golds has {len(golds)}; they must match")
+    _checks.require(len(responses) == len(golds),
+                    f"responses has {len(responses)} items but golds has {len(golds)}; they must match")
     if response_lengths is not None:
         lengths = np.asarray(response_lengths)
-        if lengths.shape != (len(responses),):
-            raise ValueError(
-                f"response_lengths must have shape ({len(responses)},) to match responses, got {lengths.shape}"
-            )
+        _checks.require(lengths.shape == (len(responses),), f"response_lengths must have shape ({len(responses)},) "
+                                                            f"to match responses, got {lengths.shape}")
     if score_fn is None:
 
         def score_fn(response, gold):

@@ -11,9 +11,6 @@ response TOKENS (the response mask sum), never characters.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,36 +20,26 @@ from fipo_jax import _checks
 __all__ = ["overlong_penalty", "shaped_scores", "validate_overlong_args"]
 
 
-
-
 def validate_overlong_args(max_response_length: int, buffer_length: int, penalty_factor: float) -> None:
     """Raise ValueError naming the bad argument unless 0 < buffer_length ≤ max_response_length and factor ≥ 0."""
-    if not _checks.is_int(max_response_length) or max_response_length < 1:
-        raise ValueError(f"max_response_length must be a positive int (tokens), got {max_response_length!r}")
-    if not _checks.is_int(buffer_length) or buffer_length < 1:
-        raise ValueError(f"buffer_length must be a positive int (tokens), got {buffer_length!r}")
-    if buffer_length > max_response_length:
-        raise ValueError(
-            f"buffer_length ({buffer_length}) must be <= max_response_length ({max_response_length}): "
-            "the penalty starts at max_response_length - buffer_length tokens"
-        )
-    if (
-        isinstance(penalty_factor, bool)
-        or not isinstance(penalty_factor, numbers.Real)
-        or not math.isfinite(penalty_factor)
-        or penalty_factor < 0
-    ):
-        raise ValueError(f"penalty_factor must be a finite number >= 0, got {penalty_factor!r}")
+    _checks.check_int("max_response_length (tokens)", max_response_length, minimum=1)
+    _checks.check_int("buffer_length (tokens)", buffer_length, minimum=1)
+    _checks.require(
+        buffer_length <= max_response_length,
+        f"buffer_length ({buffer_length}) must be <= max_response_length ({max_response_length}): "
+        "the penalty starts at max_response_length - buffer_length tokens",
+    )
+    _checks.check_number("penalty_factor", penalty_factor, minimum=0)
 
 
 def _as_numeric(name: str, values):
     """jax arrays stay jax (jit-safe); anything else becomes a numpy array. Checks the dtype."""
     array = values if isinstance(values, jax.Array) else np.asarray(values)
     dtype = array.dtype
-    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
-        raise TypeError(f"{name} must be an int or float array of token counts, got dtype {dtype}")
-    if isinstance(array, np.ndarray) and array.size and np.min(array) < 0:
-        raise ValueError(f"{name} must be >= 0 (token counts), got min {np.min(array)}")
+    _checks.require(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating),
+                    f"{name} must be an int or float array of token counts, got dtype {dtype}", error=TypeError)
+    if isinstance(array, np.ndarray) and array.size:
+        _checks.require(np.min(array) >= 0, f"{name} must be >= 0 (token counts), got min {np.min(array)}")
     return array
 
 
@@ -106,16 +93,12 @@ def shaped_scores(
     use_jax = isinstance(correct, jax.Array) or isinstance(response_lengths, jax.Array)
     xp = jnp if use_jax else np
     correct_arr = xp.asarray(correct)
-    if not (correct_arr.dtype == xp.bool_ or jnp.issubdtype(correct_arr.dtype, jnp.integer)):
-        raise TypeError(f"correct must be a bool (or 0/1 int) array, got dtype {correct_arr.dtype}")
+    _checks.require(correct_arr.dtype == xp.bool_ or jnp.issubdtype(correct_arr.dtype, jnp.integer),
+                    f"correct must be a bool (or 0/1 int) array, got dtype {correct_arr.dtype}", error=TypeError)
     lengths = _as_numeric("response_lengths", xp.asarray(response_lengths))
-    if np.shape(correct_arr) != np.shape(lengths):
-        raise ValueError(
-            f"correct has shape {np.shape(correct_arr)} but response_lengths has shape {np.shape(lengths)}; they must match"
-        )
+    _checks.check_same_shape("correct", correct_arr, "response_lengths", lengths)
     base = xp.where(correct_arr.astype(bool), xp.float32(1.0), xp.float32(-1.0))
     if buffer_length is None:
-        if not _checks.is_int(max_response_length) or max_response_length < 1:
-            raise ValueError(f"max_response_length must be a positive int (tokens), got {max_response_length!r}")
+        _checks.check_int("max_response_length (tokens)", max_response_length, minimum=1)
         return base.astype(xp.float32)
     return (base + overlong_penalty(lengths, max_response_length, buffer_length, penalty_factor)).astype(xp.float32)

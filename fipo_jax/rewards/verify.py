@@ -91,11 +91,6 @@ def numeric_equal(gold: str, predicted: str) -> bool | None:
     return Fraction(gold) == Fraction(predicted)
 
 
-def _check_timeout(name: str, value: float) -> float:
-    _checks.check_number(f"{name} (seconds)", value, minimum=0, exclusive_minimum=True)
-    return float(value)
-
-
 class MathVerifyWorker:
     """A persistent math-verify child process with a hard per-check deadline (see module docstring).
 
@@ -122,10 +117,12 @@ class MathVerifyWorker:
         memory_limit_mb: int = 4096,
         cache_size: int = 4096,
     ):
-        self.startup_timeout_s = _check_timeout("startup_timeout_s", startup_timeout_s)
-        self.kill_grace_s = _check_timeout("kill_grace_s", kill_grace_s)
+        for name, value in (("startup_timeout_s", startup_timeout_s), ("kill_grace_s", kill_grace_s)):
+            _checks.check_number(f"{name} (seconds)", value, minimum=0, exclusive_minimum=True)
         for name, value in (("memory_limit_mb", memory_limit_mb), ("cache_size", cache_size)):
             _checks.check_int(name, value, minimum=0)
+        self.startup_timeout_s = float(startup_timeout_s)
+        self.kill_grace_s = float(kill_grace_s)
         self.memory_limit_mb = memory_limit_mb
         self.cache_size = cache_size
         self.starts = 0
@@ -235,9 +232,11 @@ class MathVerifyWorker:
         Never raises for str input: a timeout gives ``Verdict(False, timed_out=True)``, a crashed
         or unstartable child gives ``Verdict(False, error=...)``.
         """
-        timeout_s = _check_timeout("timeout_s", timeout_s)
-        if not isinstance(gold, str) or not isinstance(predicted, str):
-            raise TypeError(f"gold and predicted must be str, got {type(gold).__name__}, {type(predicted).__name__}")
+        _checks.check_number("timeout_s (seconds)", timeout_s, minimum=0, exclusive_minimum=True)
+        _checks.require(isinstance(gold, str) and isinstance(predicted, str),
+                        f"gold and predicted must be str, got {type(gold).__name__}, {type(predicted).__name__}",
+                        error=TypeError)
+        timeout_s = float(timeout_s)
         key = (gold, predicted, timeout_s)
         with self._lock:
             if os.getpid() != self._owner_pid:  # forked: the child process belongs to the parent
@@ -328,11 +327,11 @@ def check_equivalence(
     >>> check_equivalence(r"\\frac{1}{2}", r"\\dfrac{1}{2}").method
     'exact'
     """
-    timeout_s = _check_timeout("timeout_s", timeout_s)
-    if isinstance(max_answer_chars, bool) or not isinstance(max_answer_chars, int) or max_answer_chars < 1:
-        raise ValueError(f"max_answer_chars must be a positive int, got {max_answer_chars!r}")
-    if not isinstance(gold, str) or not isinstance(predicted, str):
-        raise TypeError(f"gold and predicted must be str, got {type(gold).__name__}, {type(predicted).__name__}")
+    _checks.check_number("timeout_s (seconds)", timeout_s, minimum=0, exclusive_minimum=True)
+    _checks.check_int("max_answer_chars", max_answer_chars, minimum=1)
+    _checks.require(isinstance(gold, str) and isinstance(predicted, str),
+                    f"gold and predicted must be str, got {type(gold).__name__}, {type(predicted).__name__}",
+                    error=TypeError)
     if len(predicted) > max_answer_chars:
         return Verdict(False, "rejected")
     gold_norm, pred_norm = normalize_answer(gold), normalize_answer(predicted)
