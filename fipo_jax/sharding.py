@@ -5,25 +5,21 @@ default — so scaling out changes the mesh shape, not the code path. Mesh axes 
 ``data``, ``fsdp``, ``tensor`` (in that order for as many axes as the shape has).
 
 Every placed array names its dimensions with logical axes — parameters in their nnx
-``out_sharding`` metadata (`fipo_jax.models.layers`), batches, sampler rows and the KV cache by
-the code that builds them — and `DEFAULT_RULES` maps each logical axis to mesh axes, for the
-model's weights (`param_shardings`, weight loading), the update's batch and state
-(`fipo_jax.rl_step`), the sampler's rows and checkpoint restore alike. Applying a rule:
-
-    mesh axis absent from the mesh     → size 1 (the mesh shape decides what exists)
-    logical axis missing from the table → ShardingRuleError
-    mesh axis used by two dimensions    → ShardingRuleError
-    dimension not divisible             → ShardingRuleError, unless the rule declares
-                                           ``if_indivisible="replicate"``
-
-Errors name the tensor, its shape, its logical axes and the mesh. Multi-host start-up and host
-views of global arrays live in `fipo_jax.distributed`.
+``out_sharding`` metadata (`fipo_jax.models.layers.LOGICAL_AXES`), batches, sampler rows and the
+KV cache (`fipo_jax.models.kv_cache.KV_CACHE_AXES`) by the code that builds them — and
+`DEFAULT_RULES` maps each logical axis to mesh axes, for the model's weights (`param_shardings`,
+weight loading), the update's batch and state (`fipo_jax.rl_step`), the sampler's rows
+(`batch_sharding`) and checkpoint restore alike. `logical_to_mesh_spec` applies a rule: a rule that
+cannot apply raises `ShardingRuleError` (naming the tensor, its shape, its logical axes and the
+mesh) instead of silently replicating; only a rule that declares ``if_indivisible="replicate"``
+falls back. Multi-host start-up and host views of global arrays live in `fipo_jax.distributed`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from typing import Literal, Mapping, Sequence
 
 import jax
@@ -32,6 +28,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+IF_INDIVISIBLE = ("raise", "replicate")
 
 
 class ShardingRuleError(ValueError):
@@ -46,37 +44,70 @@ class AxisRule:
     mesh_axes: tuple[str, ...] = ()
     if_indivisible: Literal["raise", "replicate"] = "raise"
 
+    def __post_init__(self) -> None:
+        axes = self.mesh_axes
+        named = isinstance(axes, tuple) and all(isinstance(a, str) and a for a in axes)
+        if not named or len(set(axes)) != len(axes):
+            raise ShardingRuleError(f"AxisRule.mesh_axes must be a tuple of distinct mesh axis names, got {axes!r}")
+        if self.if_indivisible not in IF_INDIVISIBLE:
+            raise ShardingRuleError(f"AxisRule.if_indivisible must be one of {IF_INDIVISIBLE}, "
+                                    f"got {self.if_indivisible!r}")
+
 
 def rule(*mesh_axes: str, if_indivisible: Literal["raise", "replicate"] = "raise") -> AxisRule:
+    """``AxisRule(mesh_axes, if_indivisible)``: ``rule()`` replicated, ``rule("tensor")`` split."""
     return AxisRule(tuple(mesh_axes), if_indivisible)
 
 
-DEFAULT_RULES: Mapping[str, AxisRule] = {
-    # parameters
+# The one table. A mesh axis the mesh lacks counts as size 1, so one table serves every mesh shape.
+DEFAULT_RULES: Mapping[str, AxisRule] = types.MappingProxyType({
+    # parameters (fipo_jax.models.layers.LOGICAL_AXES)
+    "vocab": rule("tensor"),      # no fallback: real vocabularies are multiples of 128, CharTokenizer's 20
     "embed": rule("fsdp"),
-    "vocab": rule("tensor"),
     "heads": rule("tensor"),
-    "kv_heads": rule("tensor", if_indivisible="replicate"),  # GQA: fewer kv heads than tensor shards
-    "mlp": rule("tensor"),
+    "kv_heads": rule("tensor", if_indivisible="replicate"),  # GQA: 1 or 2 kv heads on a 4-way tensor axis
     "head_dim": rule(),
+    "mlp": rule("tensor"),
     "norm": rule(),
-    # batches, sampler rows, KV cache [batch, kv_heads, length, head_dim]
-    "batch": rule("data"),
-    "length": rule(),
-    "mini_batch": rule(),
+    # batches, sampler rows, KV cache [batch, kv_heads, length, head_dim] (models.kv_cache.KV_CACHE_AXES)
+    "batch": rule("data"),        # rows of a batch / of the sampler / of the KV cache
+    "length": rule(),             # sequence positions, cache slots
+    "mini_batch": rule(),         # the update's [mini_batch, micro_batch, batch, ...] layout (rl_step)
     "micro_batch": rule(),
-}
+})
 
 RuleLike = AxisRule | str | Sequence[str] | None
 
 
 def _as_rule(value: RuleLike) -> AxisRule:
-    """Plain table entries: a mesh axis, a tuple of them, or None (replicated)."""
+    """A table entry as an `AxisRule`; custom tables may also write a mesh axis, a tuple of them or
+    None (replicated), which raise when indivisible."""
     if isinstance(value, AxisRule):
         return value
     if value is None:
         return AxisRule()
-    return AxisRule((value,) if isinstance(value, str) else tuple(value))
+    if isinstance(value, str):
+        return AxisRule((value,))
+    if isinstance(value, (tuple, list)):
+        return AxisRule(tuple(value))
+    raise ShardingRuleError(f"a rules-table entry must be an AxisRule, a mesh axis name, a tuple of them or None, "
+                            f"got {value!r}")
+
+
+def _present(axis_rule: AxisRule, mesh) -> tuple[str, ...]:
+    """The rule's mesh axes that this mesh has (the others count as size 1)."""
+    return tuple(a for a in axis_rule.mesh_axes if a in mesh.shape)
+
+
+def _rule_for(logical: str, rules: Mapping[str, RuleLike] | None) -> AxisRule:
+    rules = DEFAULT_RULES if rules is None else rules
+    if logical not in rules:
+        raise ShardingRuleError(f"no rule for logical axis {logical!r} (the table has {sorted(rules)})")
+    return _as_rule(rules[logical])
+
+
+def _spec_entry(axes: tuple[str, ...]) -> str | tuple[str, ...] | None:
+    return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
 def logical_to_mesh_spec(
@@ -86,14 +117,37 @@ def logical_to_mesh_spec(
     rules: Mapping[str, RuleLike] | None = None,
     name: str = "a tensor",
 ) -> PartitionSpec:
-    """PartitionSpec of a tensor whose dimensions have ``logical_axes`` (None: replicated), by
-    ``rules`` (default `DEFAULT_RULES`; see the module docstring for how a rule applies)."""
+    """PartitionSpec of a tensor ``name`` of ``shape`` whose dimensions have ``logical_axes``.
+
+    Each logical axis is looked up in ``rules`` (default `DEFAULT_RULES`); a None logical axis, or
+    no logical axes at all (a variable without ``out_sharding``), is replicated. Applying a rule:
+
+        ==========================================  =========================================
+        case                                        result
+        ==========================================  =========================================
+        rule's mesh axes all present, product       dimension split over them
+        divides the dimension
+        a mesh axis absent from the mesh            counts as size 1 (the mesh shape decides
+                                                    which axes exist)
+        logical axis not in the table               ShardingRuleError
+        a mesh axis named by the rules of two       ShardingRuleError (whether or not the mesh
+        dimensions of the tensor (collision)        has that axis: a table bug shows on any mesh)
+        dimension not divisible by the product of   ShardingRuleError, unless the rule declares
+        its present mesh axes' sizes                ``if_indivisible="replicate"``: replicated
+        fewer or more logical axes than dimensions  ShardingRuleError
+        ==========================================  =========================================
+
+    The error reads ``cannot shard <name> of shape <shape> with logical axes <axes> on mesh
+    {axis: size}: <what failed>``. ``mesh`` may be a `Mesh` or an `AbstractMesh` (only its axis
+    sizes are read).
+    """
     rules = DEFAULT_RULES if rules is None else rules
-    if not logical_axes:
+    if logical_axes is None or (len(logical_axes) == 0 and len(shape) == 0):
         return PartitionSpec()
+    logical_axes = tuple(logical_axes)
 
     def fail(what: str):
-        raise ShardingRuleError(f"cannot shard {name} of shape {tuple(shape)} with logical axes {tuple(logical_axes)} "
+        raise ShardingRuleError(f"cannot shard {name} of shape {tuple(shape)} with logical axes {logical_axes} "
                                 f"on mesh {dict(mesh.shape)}: {what}")
 
     if len(logical_axes) != len(shape):
@@ -106,32 +160,38 @@ def logical_to_mesh_spec(
             continue
         if logical not in rules:
             fail(f"no rule for logical axis {logical!r} (the table has {sorted(rules)})")
-        axis_rule = _as_rule(rules[logical])
-        axes = tuple(a for a in axis_rule.mesh_axes if a in mesh.shape)
-        for a in axes:
+        try:
+            axis_rule = _as_rule(rules[logical])
+        except ShardingRuleError as error:
+            fail(f"the rule for {logical!r} is malformed: {error}")
+        for a in axis_rule.mesh_axes:
             if a in used:
                 fail(f"mesh axis {a!r} would split both {used[a]!r} and {logical!r}")
+            used[a] = logical
+        axes = _present(axis_rule, mesh)
         size = math.prod(mesh.shape[a] for a in axes)
         if dim % size:
             if axis_rule.if_indivisible == "replicate":
                 entries.append(None)
                 continue
-            fail(f"dimension {logical!r} of size {dim} is not divisible by mesh axes {axes} of total size {size}")
-        used.update({a: logical for a in axes})
-        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+            fail(f"dimension {logical!r} of size {dim} is not divisible by mesh axes {axes} of total size {size} "
+                 f"(use a mesh that divides it, or a rule declaring if_indivisible='replicate')")
+        entries.append(_spec_entry(axes))
     return PartitionSpec(*entries)
 
 
-def logical_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+def logical_sharding(logical_axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
                      rules: Mapping[str, RuleLike] | None = None, name: str = "a tensor") -> NamedSharding:
-    """`NamedSharding` of `logical_to_mesh_spec`."""
+    """`NamedSharding` of `logical_to_mesh_spec` (same arguments, same errors)."""
     return NamedSharding(mesh, logical_to_mesh_spec(logical_axes, shape, mesh, rules, name))
 
 
 def param_shardings(tree, mesh: Mesh, rules: Mapping[str, RuleLike] | None = None) -> nnx.State:
-    """State of `NamedSharding`s (one per parameter, from its logical axes), e.g. for jit.
+    """State of `NamedSharding`s (one per variable, from its ``out_sharding`` logical axes), e.g.
+    for jit or ``jax.device_put``.
 
-    `tree` is a model or its (possibly abstract) state; errors name the parameter's path."""
+    `tree` is a model or its (possibly abstract) state; an error names the parameter's path,
+    e.g. ``layers.0.self_attn.q_proj.kernel``."""
     state = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
 
     def to_sharding(path, variable: nnx.Variable) -> nnx.Variable:
@@ -165,21 +225,24 @@ def make_mesh(shape: tuple[int, ...] = (1,), devices=None) -> Mesh:
     return Mesh(np.asarray(devices[:need]).reshape(shape), MESH_AXES[: len(shape)])
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows as the table places logical ``batch`` (over ``data``), everything else replicated."""
-    axes = tuple(a for a in _as_rule(DEFAULT_RULES["batch"]).mesh_axes if a in mesh.shape)
-    return NamedSharding(mesh, PartitionSpec(axes[0] if len(axes) == 1 else (axes or None)))
+def batch_sharding(mesh: Mesh, rules: Mapping[str, RuleLike] | None = None) -> NamedSharding:
+    """Rows (dim 0) as the table places logical ``batch`` (over ``data``), the rest replicated.
+
+    For arrays of any shape (the sampler's rows, its KV cache rows); `shard_batch` and
+    `logical_sharding` also check that the rows divide."""
+    return NamedSharding(mesh, PartitionSpec(_spec_entry(_present(_rule_for("batch", rules), mesh))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Place host arrays on the mesh, rows split as logical ``batch`` (rows must divide evenly)."""
+def shard_batch(batch: dict, mesh: Mesh, rules: Mapping[str, RuleLike] | None = None) -> dict:
+    """Place host arrays on the mesh, rows split as logical ``batch`` (rows must divide evenly:
+    `ShardingRuleError` naming the field otherwise)."""
     out = {}
     for key, value in batch.items():
         value = np.asarray(value)
         axes = ("batch",) + (None,) * (value.ndim - 1)
-        out[key] = jax.device_put(value, logical_sharding(axes, value.shape, mesh, name=f"batch field {key!r}"))
+        out[key] = jax.device_put(value, logical_sharding(axes, value.shape, mesh, rules, name=f"batch field {key!r}"))
     return out

@@ -9,7 +9,6 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
-import types  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -483,34 +482,82 @@ def test_parameters_carry_logical_axes():
 
 
 def test_logical_to_mesh_spec_absent_axes_and_declared_fallbacks():
+    from fipo_jax.sharding import rule
+
     devices = np.array(jax.devices()[:1]).reshape(1, 1)
     mesh = jax.sharding.Mesh(devices, ("fsdp", "tensor"))
     spec = logical_to_mesh_spec(("embed", "heads", "head_dim"), (32, 4, 8), mesh)
     assert tuple(spec) == ("fsdp", "tensor", None)
+    # A mesh axis the mesh lacks counts as size 1: "data" is absent here, so embed stays whole.
     rules = {"embed": "data", "heads": "tensor", "kv_heads": "tensor"}
-    assert tuple(logical_to_mesh_spec(("embed", "kv_heads"), (32, 2), mesh, rules)) == (None, "tensor")  # no data axis
+    assert tuple(logical_to_mesh_spec(("embed", "kv_heads"), (32, 2), mesh, rules)) == (None, "tensor")
+    assert tuple(logical_to_mesh_spec(("embed", "mlp"), (31, 7), mesh)) == ("fsdp", "tensor")  # size 1 divides all
+    assert tuple(logical_to_mesh_spec(None, (3, 5), mesh)) == ()  # no logical axes: replicated
+    # Declared fallbacks: the default kv_heads rule, and a custom one, replicate what does not divide.
+    abstract = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))
+    assert tuple(logical_to_mesh_spec(("embed", "kv_heads", "head_dim"), (32, 2, 8), abstract)) == ("fsdp", None, None)
+    assert tuple(logical_to_mesh_spec(("embed", "kv_heads", "head_dim"), (32, 8, 8), abstract)) \
+        == ("fsdp", "tensor", None)
+    fallback = {"mlp": rule("tensor", if_indivisible="replicate")}
+    assert tuple(logical_to_mesh_spec(("mlp",), (6,), abstract, fallback)) == (None,)
+    assert tuple(logical_to_mesh_spec(("mlp",), (8,), abstract, fallback)) == ("tensor",)
+    assert tuple(logical_to_mesh_spec(("mlp",), (8,), abstract, {"mlp": ("fsdp", "tensor")})) == (("fsdp", "tensor"),)
 
 
 def test_a_rule_that_cannot_apply_raises_naming_tensor_shape_and_mesh():
-    from fipo_jax.sharding import ShardingRuleError, rule
+    from fipo_jax.sharding import AxisRule, ShardingRuleError, param_shardings, rule
 
     devices = np.array(jax.devices()[:1]).reshape(1, 1)
     mesh = jax.sharding.Mesh(devices, ("fsdp", "tensor"))
     rules = {"heads": "tensor", "kv_heads": "tensor"}
     with pytest.raises(ShardingRuleError, match=r"cannot shard layers\.0\.k of shape \(4, 2\) with logical axes "
-                                                r"\('heads', 'kv_heads'\) on mesh \{'fsdp': 1, 'tensor': 1\}: mesh axis "
-                                                r"'tensor' would split both 'heads' and 'kv_heads'"):
+                                                r"\('heads', 'kv_heads'\) on mesh \{'fsdp': 1, 'tensor': 1\}: "
+                                                r"mesh axis 'tensor' would split both 'heads' and 'kv_heads'"):
         logical_to_mesh_spec(("heads", "kv_heads"), (4, 2), mesh, rules, name="layers.0.k")
+    # A collision is a table bug on any mesh, also one that lacks the axis.
+    with pytest.raises(ShardingRuleError, match=r"on mesh \{'fsdp': 1, 'tensor': 1\}: mesh axis 'data' would split"):
+        logical_to_mesh_spec(("embed", "mlp"), (4, 2), mesh, {"embed": "data", "mlp": ("data", "tensor")})
     with pytest.raises(ShardingRuleError, match="no rule for logical axis 'experts'"):
         logical_to_mesh_spec(("experts",), (8,), mesh)
-    fake = types.SimpleNamespace(shape={"fsdp": 2, "tensor": 4})  # the rules only read the mesh's axis sizes
-    with pytest.raises(ShardingRuleError, match=r"of shape \(31, 8\).*dimension 'embed' of size 31 is not divisible "
-                                                r"by mesh axes \('fsdp',\) of total size 2"):
-        logical_to_mesh_spec(("embed", "mlp"), (31, 8), fake)
-    # kv heads declare their fallback: 2 kv heads on a 4-way tensor axis stay whole.
-    assert tuple(logical_to_mesh_spec(("embed", "kv_heads", "head_dim"), (32, 2, 8), fake)) == ("fsdp", None, None)
-    assert tuple(logical_to_mesh_spec(("mlp",), (6,), fake, {"mlp": rule("tensor", if_indivisible="replicate")})) \
-        == (None,)
+    with pytest.raises(ShardingRuleError, match=r"2 logical axes for 3 dimensions"):
+        logical_to_mesh_spec(("embed", "mlp"), (4, 2, 2), mesh)
+    with pytest.raises(ShardingRuleError, match="rule for 'mlp' is malformed"):
+        logical_to_mesh_spec(("mlp",), (8,), mesh, {"mlp": ("tensor", "tensor")})
+    with pytest.raises(ShardingRuleError, match="if_indivisible"):
+        AxisRule(("tensor",), "drop")
+    abstract = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))
+    with pytest.raises(ShardingRuleError, match=r"cannot shard w of shape \(31, 8\) with logical axes \('embed', "
+                                                r"'mlp'\) on mesh \{'fsdp': 2, 'tensor': 4\}: dimension 'embed' of "
+                                                r"size 31 is not divisible by mesh axes \('fsdp',\) of total size 2"):
+        logical_to_mesh_spec(("embed", "mlp"), (31, 8), abstract, name="w")
+    with pytest.raises(ShardingRuleError, match=r"dimension 'mlp' of size 6 is not divisible"):
+        logical_to_mesh_spec(("mlp",), (6,), abstract, {"mlp": rule("tensor")})  # no declared fallback
+    # param_shardings names each parameter by its path; heads (no fallback) do not split 8 ways.
+    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(tiny_config(), rngs=nnx.Rngs(0)))
+    eight = jax.sharding.AbstractMesh((1, 8), ("fsdp", "tensor"))
+    with pytest.raises(ShardingRuleError, match=r"cannot shard layers\.0\.self_attn\.\w_proj\.(kernel|bias) of shape "
+                                                r"\(.*\) with logical axes \(.*'heads'.*\) on mesh "
+                                                r"\{'fsdp': 1, 'tensor': 8\}: dimension 'heads' of size 4"):
+        param_shardings(nnx.state(model, nnx.Param), eight)
+
+
+def test_load_weights_checks_every_rule_before_reading(tmp_path):
+    from fipo_jax.models.hf_io import SafetensorsSource, load_weights
+    from fipo_jax.sharding import DEFAULT_RULES, ShardingRuleError, rule
+
+    save_pretrained(Qwen2ForCausalLM(tiny_config(), rngs=nnx.Rngs(0)), tmp_path)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tensor"))
+    reads = []
+
+    class Source(SafetensorsSource):
+        def read(self, names):
+            reads.append(names)
+            return super().read(names)
+
+    bad = {**DEFAULT_RULES, "embed": rule("tensor")}  # embedding [vocab, embed]: both on "tensor"
+    with pytest.raises(ShardingRuleError, match=r"cannot shard embed_tokens\.embedding of shape \(64, 32\)"):
+        load_weights(Source(tmp_path), tiny_config(), mesh=mesh, rules=bad)
+    assert reads == []
 
 
 SHARDED_LOAD_SCRIPT = textwrap.dedent(

@@ -101,3 +101,120 @@ def test_sampler_splits_rows_over_the_data_axis(tmp_path):
     for rows in ("8", "6"):
         assert out[rows]["same_tokens"], out
         assert out[rows]["log_prob_diff"] < 1e-5, out
+
+
+# ------------------------------------------------------------------ the rules table, in process
+# An AbstractMesh has axis sizes but no devices: shardings of any mesh shape can be derived (and
+# checked) with the one CPU device of the test process.
+
+
+def _abstract_mesh(shape):
+    from jax.sharding import AbstractMesh
+
+    from fipo_jax.sharding import MESH_AXES
+
+    return AbstractMesh(tuple(shape), MESH_AXES[: len(shape)])
+
+
+def _param_specs(config, mesh):
+    from flax import nnx
+
+    from fipo_jax.models import CausalLM
+    from fipo_jax.sharding import param_shardings
+
+    abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+    shardings = param_shardings(nnx.state(abstract, nnx.Param), mesh)
+    return {".".join(map(str, path)): tuple(v.get_value().spec) for path, v in nnx.to_flat_state(shardings)}
+
+
+def _gemma3_270m():
+    from fipo_jax.models import ModelConfig
+
+    return ModelConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=1, head_dim=256, model_type="gemma3_text",
+                       qkv_bias=False, qk_norm=True, norm_unit_offset=True, sandwich_norms=True,
+                       hidden_activation="gelu_pytorch_tanh", scale_embeddings=True, tie_word_embeddings=True)
+
+
+def test_rules_table_covers_every_logical_axis_and_names_only_mesh_axes():
+    import pytest
+
+    from fipo_jax.models import KV_CACHE_AXES, LOGICAL_AXES
+    from fipo_jax.sharding import DEFAULT_RULES, MESH_AXES, AxisRule
+
+    assert set(LOGICAL_AXES) | set(KV_CACHE_AXES) | {"batch", "length", "mini_batch", "micro_batch"} \
+        <= set(DEFAULT_RULES)
+    assert all(isinstance(r, AxisRule) and set(r.mesh_axes) <= set(MESH_AXES) for r in DEFAULT_RULES.values())
+    assert {k for k, r in DEFAULT_RULES.items() if r.if_indivisible == "replicate"} == {"kv_heads"}
+    assert DEFAULT_RULES["batch"].mesh_axes == ("data",) and DEFAULT_RULES["length"].mesh_axes == ()
+    with pytest.raises(TypeError):
+        DEFAULT_RULES["batch"] = AxisRule()  # the one table is read-only; pass rules= to deviate
+
+
+def test_models_shard_on_the_trainer_meshes_and_gemma3_270m():
+    import pytest
+
+    from fipo_jax.data import CharTokenizer
+    from fipo_jax.models import KV_CACHE_AXES, Qwen2Config
+    from fipo_jax.sharding import ShardingRuleError, logical_to_mesh_spec
+
+    vocab = CharTokenizer().vocab_size  # the trainer's tiny model: vocab 20 on a 2-way tensor axis
+    tiny = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2)
+    one = _param_specs(tiny, _abstract_mesh((1,)))
+    assert all(set(spec) <= {None} for spec in one.values()), one  # no fsdp / tensor axis: all whole
+    eight = _param_specs(tiny, _abstract_mesh((2, 2, 2)))
+    assert eight["embed_tokens.embedding"] == ("tensor", "fsdp")
+    assert eight["lm_head.kernel"] == ("fsdp", "tensor")
+    assert eight["layers.0.self_attn.q_proj.kernel"] == ("fsdp", "tensor", None)
+    assert eight["layers.0.self_attn.k_proj.kernel"] == ("fsdp", "tensor", None)  # 2 kv heads split 2 ways
+    assert eight["layers.0.self_attn.o_proj.kernel"] == ("tensor", None, "fsdp")
+    assert eight["layers.0.mlp.down_proj.kernel"] == ("tensor", "fsdp")
+    assert eight["layers.0.attn_norm.weight"] == (None,)
+    assert tuple(logical_to_mesh_spec(KV_CACHE_AXES, (8, 2, 19, 8), _abstract_mesh((2, 2, 2)))) \
+        == ("data", "tensor", None, None)
+    assert _param_specs(tiny, _abstract_mesh((1, 2, 4)))["layers.0.self_attn.k_proj.kernel"] \
+        == ("fsdp", None, None)  # 2 kv heads on 4-way tensor: the declared fallback
+    with pytest.raises(ShardingRuleError, match=r"cannot shard embed_tokens\.embedding of shape \(20, 32\) .* on mesh "
+                                                r"\{'data': 1, 'fsdp': 1, 'tensor': 8\}: dimension 'vocab' of size 20"):
+        _param_specs(Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=8, num_key_value_heads=8), _abstract_mesh((1, 1, 8)))
+
+    gemma = _gemma3_270m()
+    for shape in ((2, 2, 2), (1, 2, 4), (4, 4)):
+        specs = _param_specs(gemma, _abstract_mesh(shape))
+        tensor = "tensor" if len(shape) == 3 else None
+        assert specs["embed_tokens.embedding"] == (tensor, "fsdp"), shape
+        assert specs["layers.0.self_attn.q_proj.kernel"] == ("fsdp", tensor, None), shape
+        assert specs["layers.0.self_attn.k_proj.kernel"] == ("fsdp", None, None), shape  # 1 kv head: whole
+        assert specs["layers.0.self_attn.q_norm.weight"] == (None,), shape
+        assert specs["layers.0.mlp.gate_proj.kernel"] == ("fsdp", tensor), shape
+        assert tuple(logical_to_mesh_spec(KV_CACHE_AXES, (8, 1, 64, 256), _abstract_mesh(shape))) \
+            == ("data", None, None, None), shape
+    with pytest.raises(ShardingRuleError, match=r"cannot shard layers\.0\.self_attn\.\w_proj\.kernel of shape "
+                                                r"\(.*\) with logical axes \(.*'heads'.*\) on mesh "
+                                                r"\{'data': 1, 'fsdp': 1, 'tensor': 8\}: dimension 'heads' of size 4"):
+        _param_specs(gemma, _abstract_mesh((1, 1, 8)))  # 4 query heads do not split 8 ways
+
+
+def test_batch_sharding_and_shard_batch_follow_the_table():
+    import numpy as np
+    import pytest
+    from jax.sharding import AbstractMesh
+
+    from fipo_jax.sharding import ShardingRuleError, batch_sharding, make_mesh, rule, shard_batch
+
+    mesh = make_mesh((1,))
+    assert tuple(batch_sharding(mesh).spec) == ("data",)
+    placed = shard_batch({"ids": np.zeros((6, 5), np.int32), "scores": np.zeros(6)}, mesh)
+    assert tuple(placed["ids"].sharding.spec) == ("data", None) and tuple(placed["scores"].sharding.spec) == ("data",)
+    assert tuple(batch_sharding(_abstract_mesh((4, 2))).spec) == ("data",)
+    assert tuple(batch_sharding(AbstractMesh((2,), ("tensor",))).spec) == (None,)  # no data axis: whole
+    custom = {"batch": rule("data", "fsdp")}
+    assert tuple(batch_sharding(_abstract_mesh((2, 2, 2)), custom).spec) == (("data", "fsdp"),)
+    with pytest.raises(ShardingRuleError, match="no rule for logical axis 'batch'"):
+        batch_sharding(mesh, {"embed": rule("fsdp")})
+    with pytest.raises(ShardingRuleError, match=r"cannot shard batch field 'ids' of shape \(6, 5\) with logical axes "
+                                                r"\('batch', None\) on mesh \{'data': 4\}: dimension 'batch' of size 6 "
+                                                r"is not divisible by mesh axes \('data',\) of total size 4"):
+        shard_batch({"ids": np.zeros((6, 5), np.int32)}, AbstractMesh((4,), ("data",)))

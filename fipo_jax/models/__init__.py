@@ -3,8 +3,9 @@ family differences are config fields; HF safetensors and GGUF import, HF export,
 
 Modules: `config` (ModelConfig), `families` (HF configs and tensor names per family), `rope`,
 `attention` (full / chunked / sliding / decode), `kv_cache`, `layers`, `decoder` (the layer stack),
-`hf_io` (safetensors import/export, sharding rules), `gguf_io` (GGUF import), `tokenizer`, `assets`
-(checkpoints that ship in packages).
+`hf_io` (safetensors import/export), `gguf_io` (GGUF import), `tokenizer`, `assets` (checkpoints
+that ship in packages). The sharding rules table (`DEFAULT_RULES`, `logical_to_mesh_spec`,
+`param_shardings`, re-exported here) lives in `fipo_jax.sharding`.
 """
 
 from fipo_jax.models.attention import AttentionMask, decode_attention, grouped_query_attention

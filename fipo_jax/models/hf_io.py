@@ -27,10 +27,15 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from fipo_jax import sharding as _sharding
 from fipo_jax.models.config import MODEL_TYPES, ModelConfig, UnsupportedConfigError
 from fipo_jax.models.decoder import CausalLM
 from fipo_jax.models.families import WeightMapping, config_from_hf, hf_weight_table
-from fipo_jax.sharding import DEFAULT_RULES, logical_sharding, logical_to_mesh_spec, param_shardings  # noqa: F401
+from fipo_jax.sharding import RuleLike, param_shardings
+
+# The rules table lives in fipo_jax.sharding; these names stay importable from here (and fipo_jax.models).
+DEFAULT_RULES = _sharding.DEFAULT_RULES
+logical_to_mesh_spec = _sharding.logical_to_mesh_spec
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -171,12 +176,10 @@ def _check_tensors(
             f"tied={config.tie_word_embeddings}):\n  " + "\n  ".join(problems))
 
 
-def _place(array: np.ndarray, variable: nnx.Variable, mesh: Mesh | None, rules: Mapping | None,
-           name: str) -> jax.Array:
-    """Host array → device array, sharded by the parameter's logical axes when a mesh is given."""
-    if mesh is None:
+def _place(array: np.ndarray, sharding: jax.sharding.NamedSharding | None) -> jax.Array:
+    """Host array → device array, on the parameter's sharding when there is a mesh."""
+    if sharding is None:
         return jax.device_put(array)
-    sharding = logical_sharding(variable.get_metadata().get("out_sharding"), array.shape, mesh, rules, name)
     # Each addressable device receives only its own slice (works on multi-host meshes too).
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
@@ -194,13 +197,15 @@ def load_weights(
     config: ModelConfig,
     *,
     mesh: Mesh | None = None,
-    rules: Mapping[str, str | tuple[str, ...] | None] | None = None,
+    rules: Mapping[str, RuleLike] | None = None,
 ) -> CausalLM:
     """Builds the model abstractly (nnx.eval_shape) and fills it from `source`, tensor by tensor.
 
     `source` is a `TensorSource` or a safetensors checkpoint folder. Every tensor name/shape is
     checked against `hf_weight_table(config)` before any data is read. Tensors are cast to
-    `config.dtype`; with `mesh`, each lands directly on its NamedSharding.
+    `config.dtype`; with `mesh`, each lands directly on its NamedSharding (`param_shardings` by
+    `rules`, all computed before any data is read: a rule that cannot apply raises
+    `fipo_jax.sharding.ShardingRuleError` up front).
     """
     if not isinstance(source, TensorSource):
         source = SafetensorsSource(source)
@@ -214,6 +219,7 @@ def load_weights(
         raise AssertionError(f"mapping table and model disagree: {sorted(map(str, table_paths ^ set(variables)))}")
     found = source.infos()
     _check_tensors(table, {p: tuple(v.shape) for p, v in variables.items()}, found, config, source)
+    shardings = {} if mesh is None else dict(nnx.to_flat_state(param_shardings(state, mesh, rules)))
     if config.tie_word_embeddings and "lm_head.weight" in found:
         _check_tied_head(source)
     param_dtype = np.dtype(config.dtype)
@@ -222,7 +228,8 @@ def load_weights(
         row = rows[key]
         variable = variables[row.path]
         ours = np.ascontiguousarray(row.layout.to_ours(hf_array, tuple(variable.shape)).astype(param_dtype))
-        variable.set_value(_place(ours, variable, mesh, rules, ".".join(map(str, row.path))))
+        sharding = shardings.get(row.path)
+        variable.set_value(_place(ours, None if sharding is None else sharding.get_value()))
         del hf_array, ours
     return nnx.merge(graphdef, state)
 
@@ -235,7 +242,7 @@ def load_pretrained(
     remat: bool = False,
     attention_chunk_size: int | None = None,
     mesh: Mesh | None = None,
-    rules: Mapping[str, str | tuple[str, ...] | None] | None = None,
+    rules: Mapping[str, RuleLike] | None = None,
 ) -> CausalLM:
     """Loads a pretrained Qwen2/2.5, Qwen3, Llama 3 or Gemma 3 (text) model as an nnx `CausalLM`.
 
@@ -248,12 +255,13 @@ def load_pretrained(
       remat: rematerialise decoder layers in the backward pass.
       attention_chunk_size: query-chunked attention (`ModelConfig.attention_chunk_size`).
       mesh: if given, every parameter is placed on NamedSharding(mesh, spec from its logical axes).
-      rules: logical axis → mesh axis table; defaults to `DEFAULT_RULES`.
+      rules: logical axis → mesh axis table; defaults to `fipo_jax.sharding.DEFAULT_RULES`.
 
     Raises:
       FileNotFoundError: no such folder / file, or a folder without config.json or weights.
       UnsupportedConfigError: the config describes a model this implementation does not compute.
       CheckpointMismatchError: missing / unexpected / mis-shaped tensors (all listed at once).
+      fipo_jax.sharding.ShardingRuleError: with `mesh`, a rule that cannot apply to a parameter.
     """
     path = os.fspath(path)
     options = dict(dtype=dtype, compute_dtype=compute_dtype, remat=remat, attention_chunk_size=attention_chunk_size)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 
 from fipo_jax.models.config import ModelConfig
 
-# Logical axes of each per-layer cache array [B, N, S_max, K] (batch / length are activation axes:
-# the sampler decides how to shard them).
+# Logical axes of each per-layer cache array [B, N, S_max, K]: `fipo_jax.sharding.DEFAULT_RULES` places
+# rows over "data", kv heads over "tensor" (replicated when the tensor axis does not divide them)
+# and slots / head_dim replicated, e.g. `logical_sharding(KV_CACHE_AXES, keys.shape, mesh)`.
 KV_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
