@@ -16,7 +16,8 @@ summed and divided once, reproducing the exact mini-batch mean.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple
+import types
+from typing import Literal, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +41,8 @@ _BOUND_TOLERANCE = 1e-7  # official clip-fraction metrics compare with ±1e-7
 # How each metric of `policy_loss_terms` combines over micro-batches (and mini-batches): "sum" for
 # counts, "min" / "max" for extremes, "mean" for everything else — a mean weighted by response
 # tokens, so that batches without tokens do not pull it toward 0. The trainer reduces by this
-# table and refuses a metric missing from it.
-METRIC_REDUCTIONS: dict[str, Literal["sum", "mean", "min", "max"]] = {
+# table and refuses a metric missing from it. Read-only: the declaration, not inferred from names.
+METRIC_REDUCTIONS: Mapping[str, Literal["sum", "mean", "min", "max"]] = types.MappingProxyType({
     "ppo_kl": "mean", "pg_clipfrac": "mean", "pg_clipfrac_lower": "mean", "pg_loss": "mean",
     "kl_loss": "mean", "entropy": "mean",
     "dropped_sequences": "sum", "response_tokens": "sum", "loss_tokens": "sum",
@@ -52,7 +53,7 @@ METRIC_REDUCTIONS: dict[str, Literal["sum", "mean", "min", "max"]] = {
     "neg_is_min": "min", "neg_is_p75": "mean", "neg_is_p995": "mean", "neg_is_p999": "mean", "neg_is_max": "max",
     "pos_is_min": "min", "pos_is_p25": "mean", "pos_is_median": "mean", "pos_is_p75": "mean",
     "pos_is_p995": "mean", "pos_is_p999": "mean", "pos_is_max": "max",
-}
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,10 +222,13 @@ def log_importance_ratio(log_probs: jax.Array, old_log_probs: jax.Array, log_rat
 
 def importance_ratio(log_probs: jax.Array, old_log_probs: jax.Array, mask: jax.Array,
                      log_ratio_clamp: float) -> jax.Array:
-    """r = exp(d) of `log_importance_ratio` in float32, exactly 1 on padding (as inside the loss)."""
-    mask = jnp.asarray(mask) != 0
-    lp, old = (jnp.where(mask, x, 0.0).astype(jnp.float32) for x in (log_probs, old_log_probs))
-    return jnp.exp(log_importance_ratio(lp, old, log_ratio_clamp))
+    """sg(r), r = exp(d) of `log_importance_ratio`, per token [B, T]: the ratio `policy_loss_terms`
+    bins, dual-clips and drops by, bit for bit (float32 at least, exactly 1 on padding).
+
+    For callers that compute the IS-ratio metrics outside the loss, e.g.
+    ``loss_metrics.ratio_quantiles(importance_ratio(lp, old, mask, config.log_ratio_clamp), A, mask)``."""
+    _, log_probs, old_log_probs = _zero_padding(mask, log_probs, old_log_probs)
+    return jax.lax.stop_gradient(jnp.exp(log_importance_ratio(log_probs, old_log_probs, log_ratio_clamp)))
 
 
 def influence_weights(
@@ -373,14 +377,20 @@ def _check_inputs(log_probs, old_log_probs, advantages, mask, ref_log_probs, ent
         _checks.check_same_shape("entropy", entropy, "log_probs [B, T]", log_probs)
 
 
-def _sanitised(log_probs, old_log_probs, advantages, mask):
-    """float32 inputs with padding zeroed (so ±inf / NaN there never reaches a gradient), A as [B, T]."""
+def _zero_padding(mask, log_probs, *arrays):
+    """(bool mask, arrays in float32 or wider with padding zeroed), so ±inf / NaN there never
+    reaches a gradient; the dtype follows ``log_probs``."""
     f32 = jnp.promote_types(jnp.result_type(log_probs), jnp.float32)
     mask = jnp.asarray(mask) != 0
-    zeroed = lambda x: jnp.where(mask, x, 0.0).astype(f32)  # noqa: E731
+    return (mask, *(jnp.where(mask, x, 0.0).astype(f32) for x in (log_probs, *arrays)))
+
+
+def _sanitised(log_probs, old_log_probs, advantages, mask):
+    """`_zero_padding` of the loss inputs, A broadcast to [B, T]; returns (lp, old, A, mask)."""
     advantages = jnp.broadcast_to(advantages[:, None] if jnp.ndim(advantages) == 1 else advantages,
                                   jnp.shape(log_probs))
-    return zeroed(log_probs), zeroed(old_log_probs), zeroed(advantages), mask
+    mask, log_probs, old_log_probs, advantages = _zero_padding(mask, log_probs, old_log_probs, advantages)
+    return log_probs, old_log_probs, advantages, mask
 
 
 def _regularised(per_token, terms, log_probs, mask, loss_mask, config, ref_log_probs, entropy):
@@ -429,7 +439,7 @@ def policy_loss_terms(
     log_probs, old_log_probs, advantages, mask = _sanitised(log_probs, old_log_probs, advantages, mask)
     log_ratio = log_importance_ratio(log_probs, old_log_probs, config.log_ratio_clamp)
     ratio = jnp.exp(log_ratio)
-    ratio_sg = jax.lax.stop_gradient(ratio)
+    ratio_sg = importance_ratio(log_probs, old_log_probs, mask, config.log_ratio_clamp)  # sg(ratio), public
     metrics = {"ppo_kl": lm.masked_mean(-jax.lax.stop_gradient(log_ratio), mask)}
     weighted = advantages
     if config.loss_mode == "fipo":

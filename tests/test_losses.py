@@ -447,3 +447,34 @@ def test_importance_ratio_matches_the_loss_and_is_one_on_padding():
     mask = jnp.array([[True, True, False]])
     np.testing.assert_allclose(fj.importance_ratio(lp, old, mask, 20.0), [[np.exp(0.5), 1.0, 1.0]], rtol=1e-6)
     np.testing.assert_allclose(fj.log_importance_ratio(lp, old, 20.0), [[0.5, 0.0, 20.0]])
+
+
+def test_metric_reductions_table_is_read_only():
+    with pytest.raises(TypeError):
+        fj.METRIC_REDUCTIONS["pg_loss"] = "sum"
+
+
+@pytest.mark.parametrize("mode", fj.losses.LOSS_MODES)
+def test_ratio_metrics_outside_the_loss_equal_the_loss_metrics(mode):
+    """The trainer's path — `importance_ratio` on the loss inputs, then `ratio_quantiles` /
+    `ratio_fractions` outside the differentiated function — gives the loss's own metrics exactly."""
+    rng = np.random.default_rng(7)
+    shape = (4, 9)
+    old = jnp.asarray(rng.normal(-2.0, 0.5, shape), jnp.float32)
+    lp = old + jnp.asarray(rng.normal(0.0, 1.5, shape), jnp.float32)
+    adv = jnp.asarray([1.0, -1.0, 0.5, -2.0], jnp.float32)
+    mask = jnp.asarray(np.arange(9)[None, :] < np.array([9, 7, 0, 5])[:, None])
+    config = fj.PolicyLossConfig(loss_mode=mode)
+    _, metrics = jax.jit(lambda *a: fj.policy_loss_terms(*a, config))(lp, old, adv, mask)
+    _, without = jax.jit(lambda *a: fj.policy_loss_terms(*a, config.replace(ratio_quantiles=False)))(lp, old, adv, mask)
+    ratio = jax.jit(fj.importance_ratio, static_argnums=3)(lp, old, mask, config.log_ratio_clamp)
+    adv_BxT = jnp.broadcast_to(adv[:, None], shape)
+    outside = jax.jit(fj.loss_metrics.ratio_quantiles)(ratio, adv_BxT, mask)
+    assert set(outside) | set(without) == set(metrics) and not set(outside) & set(without)
+    for key, value in outside.items():  # order statistics exactly; interpolation up to XLA's fusion
+        np.testing.assert_allclose(value, metrics[key], rtol=0 if key.endswith(("_min", "_max")) else 1e-6,
+                                   err_msg=key)
+    for key, value in fj.loss_metrics.ratio_fractions(ratio, adv_BxT, mask, config.clip_ratio_c).items():
+        assert float(value) == float(metrics[key]), key
+    grad = jax.grad(lambda x: jnp.sum(fj.importance_ratio(x, old, mask, 20.0)))(lp)
+    assert not np.any(np.asarray(grad))  # stop-gradient
