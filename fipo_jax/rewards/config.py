@@ -23,7 +23,8 @@ class RewardConfig:
       use_math_verify: when normalised strings differ, ask math-verify (extension; official: off,
         string match only).
       verify_timeout_s: hard time bound of one math-verify check, seconds.
-      max_answer_chars: extracted answers longer than this are scored wrong without parsing.
+      max_answer_chars: extracted answers longer than this are scored wrong without parsing; a gold
+        answer longer than this is never normalised either (the sample is scored wrong, with an error).
       max_response_length: L_max, generation limit in tokens (official: 20480).
       overlong_buffer: L_buf in tokens (official: 4096); None disables overlong shaping.
       overlong_factor: penalty at L_max tokens is ``−overlong_factor`` (official: 1.0).

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 
-from fipo_jax.rewards.extract import read_brace_group
 
 __all__ = ["UNIT_WORDS", "normalize_answer", "unicode_to_latex"]
 
@@ -49,8 +48,8 @@ _SPACING_RE = re.compile(
     r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg|displaystyle|quad|qquad)(?![A-Za-z])"
     r"|\\[!,;:> ]|~"
 )
-_DEGREES_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![A-Za-z])|\\degree(?![A-Za-z])")
-_ASSIGNMENT_RE = re.compile(r"^\\?[A-Za-z]+(?:_\{?[A-Za-z0-9]+\}?)?(?:\([A-Za-z]\))?\s*=")
+_DEGREES_RE = re.compile(r"\^\s*(?:\{\s*)?\\circ\s*\}?|\\circ(?![A-Za-z])|\\degree(?![A-Za-z])")
+_ASSIGNMENT_RE = re.compile(r"\\?[A-Za-z]+(?:_\{?[A-Za-z0-9]+\}?)?(?:\([A-Za-z]\))?\s*=\s*")  # used with .match
 _THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _PLAIN_NUMBER_RE = re.compile(r"\+(\d+(?:\.\d*)?|\.\d+)")
 
@@ -96,38 +95,100 @@ def unicode_to_latex(text: str) -> str:
     return "".join(out)
 
 
+_MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))  # "$$" first: it wins ties
+
+
 def _first_math_span(text: str) -> str:
-    """Content of the first ``$...$`` / ``$$...$$`` / ``\\(...\\)`` / ``\\[...\\]`` span, if any."""
-    candidates = []
-    for pattern in (r"\$\$(.+?)\$\$", r"\$(.+?)\$", r"\\\((.+?)\\\)", r"\\\[(.+?)\\\]"):
-        match = re.search(pattern, text, re.DOTALL)
-        if match:
-            candidates.append((match.start(), match.group(1)))
-    return min(candidates, key=lambda c: c[0])[1] if candidates else text  # ties: "$$" before "$"
+    """Content of the first ``$...$`` / ``$$...$$`` / ``\\(...\\)`` / ``\\[...\\]`` span, if any.
+
+    For each delimiter, the first opening with a non-empty span after it is its first occurrence
+    (a later opening only searches a shorter tail), so two ``str.find`` calls per delimiter
+    suffice: linear time, whatever the input.
+    """
+    best: tuple[int, str] | None = None
+    for opening, closing in _MATH_DELIMITERS:
+        start = text.find(opening)
+        if start < 0:
+            continue
+        end = text.find(closing, start + len(opening) + 1)  # the content is at least one character
+        if end >= 0 and (best is None or start < best[0]):
+            best = (start, text[start + len(opening) : end])
+    return best[1] if best is not None else text
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """Index of each ``{`` that closes → index of its ``}`` (backslash escapes skipped), in one pass."""
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == "{":
+            stack.append(i)
+        elif char == "}" and stack:
+            pairs[stack.pop()] = i
+        i += 1
+    return pairs
 
 
 def _unwrap_commands(text: str) -> str:
-    """``\\text{abc}`` → ``abc`` (balanced braces) for the text-like and box commands."""
-    for _ in range(len(text)):  # every pass removes one command, so this terminates
-        match = _TEXT_COMMAND_RE.search(text)
-        if match is None:
-            break
-        group = read_brace_group(text, match.end())
-        if group is None:  # unbalanced: drop the command name, keep the rest
-            text = text[: match.start()] + text[match.end() :]
+    """``\\text{abc}`` → ``abc`` (balanced braces) for the text-like and box commands.
+
+    One left-to-right pass with a stack of open braces (linear time): every command name is
+    removed; its ``{``/``}`` pair is removed too when the group closes, and the ``{`` is kept when
+    it never closes (truncated text). Backslash escapes (``\\{``, ``\\\\``) are not braces or commands.
+    """
+    out: list[str] = []
+    stack: list[tuple[int, bool]] = []  # each open "{": (its index in out, opened by a command?)
+    i = 0
+    while i < len(text):
+        char = text[i]
+        command = _TEXT_COMMAND_RE.match(text, i) if char == "\\" else None
+        if command is not None:  # the name (and spaces) go; the "{" it ends at is read next
+            stack.append((len(out), True))
+            out.append("{")
+            i = command.end() + 1
             continue
-        content, end = group
-        text = text[: match.start()] + content + text[end:]
-    return text
+        if char == "\\":
+            out.append(text[i : i + 2])
+            i += 2
+            continue
+        if char == "{":
+            stack.append((len(out), False))
+        elif char == "}" and stack:
+            index, unwrap = stack.pop()
+            if unwrap:
+                out[index] = ""
+                i += 1
+                continue
+        out.append(char)
+        i += 1
+    return "".join(out)
 
 
 def _strip_outer_braces(text: str) -> str:
-    while text.startswith("{"):
-        group = read_brace_group(text, 0)
-        if group is None or group[1] != len(text):
-            break
-        text = group[0]
-    return text
+    """``{{x}}`` → ``x``: strip ``{...}`` pairs that enclose the whole text (linear time)."""
+    pairs = _matching_braces(text)
+    depth = 0
+    while depth < len(text) - 1 - depth and pairs.get(depth) == len(text) - 1 - depth:
+        depth += 1
+    return text[depth : len(text) - depth]
+
+
+def _strip_assignments(text: str) -> str:
+    """Remove leading ``x =``, ``f(x) =``, ... repeatedly, keeping a non-empty right-hand side.
+
+    ``text`` has no surrounding whitespace; the scan moves an index instead of slicing (linear time).
+    """
+    start = 0
+    while True:
+        match = _ASSIGNMENT_RE.match(text, start)
+        if match is None or match.end() == len(text):
+            return text[start:]
+        start = match.end()
 
 
 def normalize_answer(answer: str) -> str:
@@ -139,7 +200,7 @@ def normalize_answer(answer: str) -> str:
          ``\\[...\\]`` is present only its content is kept (the first one, as Minerva does);
          remaining ``$`` are dropped.
       3. ``\\boxed{x}``, ``\\fbox{x}``, ``\\text{x}``, ``\\textbf{x}``, ``\\mathrm{x}``, ``\\mbox{x}``, ...
-         → ``x`` (balanced braces).
+         → ``x`` (balanced braces; a group that never closes loses only the command name).
       4. Spacing/sizing commands (``\\!``, ``\\,``, ``\\;``, ``\\ ``, ``~``, ``\\left``, ``\\right``,
          ``\\displaystyle``, ``\\quad``) are removed; ``\\dfrac``/``\\tfrac`` → ``\\frac``.
       5. Degrees (``^\\circ``, ``^{\\circ}``, ``°``) and percent signs (``\\%``, ``%``) are removed.
@@ -148,13 +209,15 @@ def normalize_answer(answer: str) -> str:
       7. Leading assignments such as ``x =``, ``k=``, ``\\theta =``, ``a_1 =``, ``f(x) =`` are
          removed, repeatedly.
       8. All whitespace is removed; trailing ``.``, ``,``, ``;`` and markdown ``*`` are stripped
-         (``5.`` → ``5``); one outer ``{...}`` pair is stripped.
+         (``5.`` → ``5``); ``{...}`` pairs enclosing the whole answer are stripped.
       9. LaTeX thousands separators ``{,}`` are removed; ``1,000,000`` (correct 3-digit grouping
          only) → ``1000000``; a leading ``+`` on a plain number is dropped.
      10. Shorthand fractions and roots are braced: ``\\frac12`` → ``\\frac{1}{2}``,
          ``\\sqrt3`` → ``\\sqrt{3}``.
 
-    Case is kept (variables are case-sensitive). The function never raises on str input.
+    Case is kept (variables are case-sensitive). The function never raises on str input, and its
+    time is linear in the input length (each step is one pass or a bounded regular expression), so
+    even a pathological ground truth such as ``"\\text{" * 8000`` is quick.
 
     >>> normalize_answer("$5$.")
     '5'
@@ -181,11 +244,7 @@ def normalize_answer(answer: str) -> str:
     if stripped_units.strip():
         text = stripped_units
     text = text.strip()
-    while True:
-        match = _ASSIGNMENT_RE.match(text)
-        if match is None or not text[match.end() :].strip():
-            break
-        text = text[match.end() :].strip()
+    text = _strip_assignments(text)
     text = "".join(text.split())
     text = text.rstrip(".,;*").lstrip("*")
     text = _strip_outer_braces(text)

@@ -49,17 +49,21 @@ class RewardResult:
 
 
 def gold_answer(gold: str | numbers.Real) -> str:
-    """The reference answer as text: numbers are formatted, a ``\\boxed{}`` gold is unwrapped.
+    """The reference answer as text: finite numbers are formatted, a ``\\boxed{}`` gold is unwrapped.
+
+    Raises TypeError for anything but a str or a real number (bools included), ValueError for a
+    NaN/infinite number and for a gold whose last ``\\boxed``/``\\fbox`` is empty or unbalanced.
 
     >>> gold_answer(42), gold_answer(r"The answer is \\boxed{\\frac{1}{2}}.")
     ('42', '\\\\frac{1}{2}')
     """
     _checks.require(isinstance(gold, str) or _checks.is_real(gold),
                     f"gold must be a str or a number, got {type(gold).__name__}", error=TypeError)
+    _checks.require(isinstance(gold, str) or math.isfinite(gold), f"gold must be a finite number, got {gold!r}")
     text = gold if isinstance(gold, str) else str(gold)
     if "\\boxed" in text or "\\fbox" in text:
         text = extract_last_boxed(text, None)
-        _checks.require(text is not None, f"gold {gold!r} contains an unbalanced \\boxed")
+        _checks.require(text is not None, f"gold {gold!r:.80} has an empty or unbalanced \\boxed{{}}")
     return text
 
 

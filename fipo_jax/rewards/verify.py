@@ -1,7 +1,8 @@
 """Answer equivalence: normalised exact match, exact decimal match, then math-verify under a hard time bound.
 
 Order of checks in `check_equivalence` (cheapest first, each one final when it applies):
-  1. the prediction is longer than ``max_answer_chars`` → not equal (no parsing at all);
+  1. the prediction or the gold is longer than ``max_answer_chars`` → not equal, no parsing and no
+     normalisation at all (an over-long gold is also reported in ``Verdict.error``);
   2. ``normalize_answer(gold) == normalize_answer(pred)`` → equal (the official DAPO rule);
   3. both are plain decimals (``-12``, ``0.50``) → compared exactly as fractions;
   4. otherwise math-verify (``verify(parse(gold), parse(pred))``, gold first), in a worker process.
@@ -64,7 +65,7 @@ class Verdict:
     Attributes:
       equal: the prediction is judged equivalent to the gold answer.
       method: which rule decided: "exact" (normalised strings), "numeric" (plain decimals),
-        "math_verify", or "rejected" (empty or over-long prediction, never parsed).
+        "math_verify", or "rejected" (empty or over-long prediction or gold, never parsed).
       timed_out: math-verify ran past its time bound (then ``equal`` is False).
       error: what went wrong (worker crash, parser exception, bad gold), else None.
     """
@@ -317,7 +318,9 @@ def check_equivalence(
       predicted: extracted model answer (raw; normalised here).
       timeout_s: hard bound on the math-verify step (the parent kills the worker after
         ``timeout_s + worker.kill_grace_s``).
-      max_answer_chars: predictions longer than this (before normalisation) are rejected unparsed.
+      max_answer_chars: predictions longer than this (before normalisation) are rejected unparsed;
+        so is a longer gold, with ``error`` saying so (ground truths are normalised in this
+        process, so their size is bounded like that of predictions).
       use_math_verify: False keeps only the string and decimal rules (the official DAPO reward
         is the string rule alone).
       worker: the math-verify process to use; default `default_worker()`.
@@ -332,6 +335,9 @@ def check_equivalence(
     _checks.require(isinstance(gold, str) and isinstance(predicted, str),
                     f"gold and predicted must be str, got {type(gold).__name__}, {type(predicted).__name__}",
                     error=TypeError)
+    if len(gold) > max_answer_chars:
+        return Verdict(False, "rejected", error=f"gold answer is {len(gold)} characters, over max_answer_chars="
+                                                f"{max_answer_chars}: not compared")
     if len(predicted) > max_answer_chars:
         return Verdict(False, "rejected")
     gold_norm, pred_norm = normalize_answer(gold), normalize_answer(predicted)
