@@ -43,7 +43,7 @@ def test_jsonl_flat_schema_and_errors(tmp_path):
     assert [(r.prompt, r.ground_truth) for r in load_prompt_records(str(good))] == [("1+2?", "3"), ("x", "y")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q"}))
-    with pytest.raises(ValueError, match=r"bad.jsonl row 0: no answer .*fields: \['question'\]"):
+    with pytest.raises(ValueError, match=r"bad.jsonl line 1: no answer .*fields: \['question'\]"):
         load_prompt_records(str(bad))
     bad.write_text(json.dumps({"answer": "1"}))
     with pytest.raises(ValueError, match="no prompt field"):

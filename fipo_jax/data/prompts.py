@@ -8,20 +8,38 @@ The DAPO-Math-17k and AIME-2024 parquet files used by the official recipe share 
     reward_model: {"ground_truth": str, "style": str}
     extra_info:   {"index": str | int, ...}
 
-JSONL files may use the same nested fields or flat ones (``prompt``/``problem``/
-``question`` and ``ground_truth``/``answer``).
+JSONL files (one JSON object per line; blank lines are skipped) and ``.json`` files (one list of
+objects) may use the same nested fields or flat ones (``prompt``/``problem``/``question`` and
+``ground_truth``/``answer``/``solution``).
+
+Every row is checked as it is loaded, and a bad one stops the load with one line naming the file,
+the row and the field: parquet rows and ``.json`` items are counted from 0 (``row 0`` is the
+first), JSONL lines from 1 as in an editor (``line 1``). JSON files must be UTF-8 (a byte-order mark is allowed).
+
+Ground truths (``reward_model.ground_truth``, else the first flat answer field present) must be
+strings. The one conversion: a JSON/parquet integer such as ``42`` is accepted as ``"42"``.
+Booleans, floats (NaN included), lists, objects and bytes are rejected, as are ground truths that
+are empty, longer than ``max_ground_truth_chars`` (1024 by default, the reward's
+``max_answer_chars``), whose last ``\\boxed{}`` is empty or unbalanced, or that normalise to nothing.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from fipo_jax import _checks
+from fipo_jax.rewards.normalize import normalize_answer
+from fipo_jax.rewards.scoring import gold_answer
+from fipo_jax.rewards.verify import DEFAULT_MAX_ANSWER_CHARS
+
+DEFAULT_MAX_GROUND_TRUTH_CHARS = DEFAULT_MAX_ANSWER_CHARS
+"""Longest ground truth a loader accepts (the reward would not compare a longer one)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,50 +61,162 @@ _PROMPT_FIELDS = ("prompt", "problem", "question")
 _ANSWER_FIELDS = ("ground_truth", "answer", "solution")
 
 
-def record_from_row(row: dict[str, Any], where: str = "row") -> PromptRecord:
-    """Build a `PromptRecord` from a parquet/JSONL row in the DAPO or a flat schema."""
-    prompt = next((row[k] for k in _PROMPT_FIELDS if row.get(k) is not None), None)
-    _checks.require(prompt is not None,
+def _prompt_value(row: dict[str, Any], where: str) -> str | tuple[tuple[str, str], ...]:
+    """The row's prompt: a non-empty string or a non-empty list of ``{"role", "content"}`` string dicts."""
+    field = next((k for k in _PROMPT_FIELDS if row.get(k) is not None), None)
+    _checks.require(field is not None,
                     f"{where}: no prompt field (expected one of {_PROMPT_FIELDS}); fields: {sorted(row)}")
-    if isinstance(prompt, (list, tuple, np.ndarray)):
-        try:
-            prompt = tuple((str(m["role"]), str(m["content"])) for m in prompt)
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{where}: prompt messages must be {{'role', 'content'}} dicts, got {prompt!r:.200}") from err
-        _checks.require(bool(prompt), f"{where}: prompt has no messages")
-    elif not isinstance(prompt, str):
-        raise ValueError(f"{where}: prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    prompt = row[field]
+    if isinstance(prompt, str):
+        _checks.require(bool(prompt.strip()), f"{where}: {field} is empty")
+        return prompt
+    _checks.require(isinstance(prompt, (list, tuple, np.ndarray)),
+                    f"{where}: {field} must be a string or a list of messages, got {type(prompt).__name__}")
+    messages = []
+    for m in prompt:
+        _checks.require(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str),
+                        f"{where}: {field} messages must be {{'role': str, 'content': str}} dicts, got {m!r:.200}")
+        messages.append((m["role"], m["content"]))
+    _checks.require(bool(messages), f"{where}: {field} has no messages")
+    return tuple(messages)
+
+
+def _answer_value(row: dict[str, Any], where: str) -> tuple[str, Any]:
+    """(field name, raw value) of the row's ground truth: ``reward_model.ground_truth``, else a flat field."""
     reward_model = row.get("reward_model")
-    answer = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
-    if answer is None:
-        answer = next((row[k] for k in _ANSWER_FIELDS if row.get(k) is not None), None)
-    _checks.require(answer is not None,
+    _checks.require(reward_model is None or isinstance(reward_model, dict),
+                    f"{where}: reward_model must be an object with a ground_truth field, "
+                    f"got {type(reward_model).__name__}")
+    if reward_model is not None and reward_model.get("ground_truth") is not None:
+        return "reward_model.ground_truth", reward_model["ground_truth"]
+    field = next((k for k in _ANSWER_FIELDS if row.get(k) is not None), None)
+    _checks.require(field is not None,
                     f"{where}: no answer (expected reward_model.ground_truth or one of {_ANSWER_FIELDS}); "
                     f"fields: {sorted(row)}")
+    return field, row[field]
+
+
+def ground_truth_text(value: Any, where: str, field: str = "ground_truth",
+                      max_chars: int = DEFAULT_MAX_GROUND_TRUTH_CHARS) -> str:
+    """The ground truth as the reward will read it, or a ValueError naming ``where`` and ``field``.
+
+    Accepts a str, or an int (not a bool) written as its decimal digits; see the module docstring
+    for what is rejected.
+
+    >>> ground_truth_text(42, "f.jsonl line 3")
+    '42'
+    """
+    name = f"{where}: {field}"
+    if _checks.is_int(value):
+        value = str(value)
+    _checks.require(isinstance(value, str),
+                    f"{name} must be a string (or an integer), got {type(value).__name__} {value!r:.80}")
+    _checks.require(len(value) <= max_chars,
+                    f"{name} is {len(value)} characters long, over the {max_chars}-character limit "
+                    f"(max_ground_truth_chars)")
+    _checks.require(bool(value.strip()), f"{name} is empty")
+    try:
+        gold = gold_answer(value)
+    except ValueError as err:
+        raise ValueError(f"{name} {value!r:.80} has an empty or unbalanced \\boxed{{}}") from err
+    _checks.require(bool(normalize_answer(gold)), f"{name} {value!r:.80} is empty after normalisation")
+    return value
+
+
+def record_from_row(row: dict[str, Any], where: str = "row",
+                    max_ground_truth_chars: int = DEFAULT_MAX_GROUND_TRUTH_CHARS) -> PromptRecord:
+    """Build a `PromptRecord` from a parquet/JSONL row in the DAPO or a flat schema (checked; see module docstring)."""
+    _checks.require(isinstance(row, dict), f"{where}: expected a JSON object, got {type(row).__name__}")
+    prompt = _prompt_value(row, where)
+    field, answer = _answer_value(row, where)
     extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
-    return PromptRecord(prompt=prompt, ground_truth=str(answer), data_source=str(row.get("data_source") or ""),
+    return PromptRecord(prompt=prompt, ground_truth=ground_truth_text(answer, where, field, max_ground_truth_chars),
+                        data_source=str(row.get("data_source") or ""),
                         index=str(extra.get("index", row.get("index", ""))))
 
 
-def load_prompt_records(path: str, limit: int | None = None) -> list[PromptRecord]:
-    """Read a ``.parquet`` (DAPO schema) or ``.jsonl``/``.json`` file of prompts."""
-    _checks.require(os.path.exists(path), f"prompt file not found: {path}", error=FileNotFoundError)
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
+def _parquet_rows(path: str) -> Iterator[tuple[str, dict]]:
+    """(``"path row i"``, row) for each row of a parquet file; a file that is not parquet is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        rows: Iterable[dict] = pq.read_table(path).to_pylist()
-    elif path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        rows = json.loads(text) if path.endswith(".json") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from None
+    for i, row in enumerate(rows):
+        yield f"{path} row {i}", row
+
+
+def _decode_utf8(data: bytes, path: str, first_line: int = 1) -> str:
+    """``data`` (starting at line ``first_line`` of ``path``) as UTF-8 text, or a ValueError naming the line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + data.count(b"\n", 0, err.start)
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
+                         f"save the file as UTF-8") from None
+
+
+def _read_bytes(path: str) -> bytes:
+    """The file's bytes, without a leading UTF-8 byte-order mark."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+
+
+def _json_value(text: str, path: str, line: int):
+    """One JSON document, or a ValueError naming the file and the real line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} line {line + err.lineno - 1}: not valid JSON ({err.msg}, column {err.colno})") from None
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[str, dict]]:
+    """(``"path line n"``, object) for each non-blank line of a JSONL file (lines counted from 1)."""
+    for number, raw in enumerate(_read_bytes(path).split(b"\n"), start=1):  # only "\n" ends a line (not U+2028)
+        text = _decode_utf8(raw, path, number)
+        if not text.strip():
+            continue
+        row = _json_value(text, path, number)
+        _checks.require(isinstance(row, dict),
+                        f"{path} line {number}: expected a JSON object per line, got {type(row).__name__}")
+        yield f"{path} line {number}", row
+
+
+def _json_rows(path: str) -> Iterator[tuple[str, dict]]:
+    """(``"path row i"``, object) for each item of a ``.json`` file holding a list of objects."""
+    text = _decode_utf8(_read_bytes(path), path)
+    _checks.require(bool(text.strip()), f"{path} is empty: expected a JSON list of prompt objects")
+    rows = _json_value(text, path, 1)
+    _checks.require(isinstance(rows, list), f"{path}: expected a JSON list of prompt objects, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        yield f"{path} row {i}", row
+
+
+def load_prompt_records(path: str, limit: int | None = None, *,
+                        max_ground_truth_chars: int = DEFAULT_MAX_GROUND_TRUTH_CHARS) -> list[PromptRecord]:
+    """Read a ``.parquet`` (DAPO schema) or ``.jsonl``/``.json`` file of prompts, checking every row read."""
+    _checks.check_int("limit", limit, minimum=1, allow_none=True)
+    _checks.check_int("max_ground_truth_chars", max_ground_truth_chars, minimum=1)
+    _checks.require(os.path.exists(path), f"prompt file not found: {path}", error=FileNotFoundError)
+    _checks.require(os.path.isfile(path), f"prompt file {path} is not a file")
+    if path.endswith(".parquet"):
+        rows = _parquet_rows(path)
+    elif path.endswith(".jsonl"):
+        rows = _jsonl_rows(path)
+    elif path.endswith(".json"):
+        rows = _json_rows(path)
     else:
         raise ValueError(f"unsupported prompt file type: {path} (expected .parquet, .jsonl or .json)")
     records = []
-    for i, row in enumerate(rows):
-        if limit is not None and i >= limit:
+    for where, row in rows:
+        if limit is not None and len(records) >= limit:
             break
-        records.append(record_from_row(row, where=f"{os.path.basename(path)} row {i}"))
-    _checks.require(bool(records), f"{path} holds no prompts")
+        records.append(record_from_row(row, where, max_ground_truth_chars))
+    _checks.require(bool(records), f"{path} holds no prompts (no rows, or only blank lines)")
     return records
 
 
