@@ -3,11 +3,20 @@
 The CPU experiment starts RL from a small policy that can already solve the synthetic
 task both ways (direct answers and step-by-step chains), as the paper starts from a base
 model that can reason. Loss: mean next-token cross-entropy over response tokens (and EOS).
+
+The cache is a flat ``.npz`` written atomically (`save_params`). `load_params` checks it fully
+before touching the model (a readable archive, every parameter present with the model's shape,
+every value finite) and raises `SFTCacheError` naming the file otherwise; `load_cached_params`
+turns that into a warning, moves the bad file aside (``<path>.corrupt``, so nothing is lost) and
+returns False so the caller retrains and rewrites the cache.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -53,21 +62,85 @@ def save_params(model, path: str) -> None:
     os.replace(tmp, path)
 
 
+class SFTCacheError(ValueError):
+    """The SFT cache file cannot be used (unreadable, truncated, or not this model's parameters).
+
+    ``str(err)`` is one line: "SFT cache <path> <problem>; delete it to retrain the warm start".
+    """
+
+    def __init__(self, path: str, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"SFT cache {path} {problem}; delete it to retrain the warm start")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.problem)
+
+
+def _read_cache(path: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path`` (each read in full, so a damaged member fails here)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if not head:
+            raise SFTCacheError(path, "is empty")
+        if head == b"\x93NUMPY":
+            raise SFTCacheError(path, "is a bare .npy array, not an .npz archive")
+        if not zipfile.is_zipfile(path):
+            raise SFTCacheError(path, "is not a complete .npz archive (truncated or overwritten)")
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except SFTCacheError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise SFTCacheError(path, f"is unreadable ({type(err).__name__}: {err})") from None
+
+
 def load_params(model, path: str) -> None:
-    """Inverse of `save_params`: fill `model`'s parameters in place."""
+    """Inverse of `save_params`: fill `model`'s parameters in place, after checking the whole file.
+
+    Raises `SFTCacheError` naming ``path`` when the file is unreadable, lacks a parameter, has a
+    parameter of another shape, or holds a non-finite value; the model is then left unchanged.
+    """
     state = nnx.state(model, nnx.Param)
     pure = nnx.to_pure_dict(state)
+    data = _read_cache(path)
     values = []
-    with np.load(path) as data:
-        for key_path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
-            name = _path_name(key_path)
-            if name not in data:
-                raise ValueError(f"cached parameters at {path} lack {name!r}: the model changed; delete the cache")
-            if data[name].shape != leaf.shape:
-                raise ValueError(f"cached parameter {name!r} has shape {data[name].shape}, model expects {leaf.shape}")
-            values.append(jnp.asarray(data[name], leaf.dtype))
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
+        name = _path_name(key_path)
+        if name not in data:
+            raise SFTCacheError(path, f"lacks parameter {name!r} (the model changed)")
+        if data[name].shape != leaf.shape:
+            raise SFTCacheError(path, f"has parameter {name!r} of shape {data[name].shape}, the model expects "
+                                      f"{leaf.shape}")
+        if not np.all(np.isfinite(data[name])):
+            raise SFTCacheError(path, f"has non-finite values in parameter {name!r}")
+        values.append(jnp.asarray(data[name], leaf.dtype))
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(pure), values))
     nnx.update(model, state)
+
+
+def load_cached_params(model, path: str, warn: Callable[[str], None] | None = None) -> bool:
+    """`load_params` when ``path`` holds a usable cache: True if loaded, False if the caller must retrain.
+
+    A missing file gives False. An unusable one (see `load_params`) is reported through ``warn``
+    (default `warnings.warn`), naming the file and why, and moved to ``<path>.corrupt`` (replacing
+    an older one) so the retrained cache can take its place; the model is left unchanged.
+    """
+    if not os.path.exists(path):
+        return False
+    try:
+        load_params(model, path)
+        return True
+    except SFTCacheError as err:
+        aside = f"{path}.corrupt"
+        try:
+            os.replace(path, aside)
+            where = f"moved it to {aside}"
+        except FileNotFoundError:  # another process moved it first
+            where = "another process moved it aside"
+        message = f"SFT cache {path} {err.problem}: {where}; retraining the warm start"
+        (warn or (lambda text: warnings.warn(text, RuntimeWarning, stacklevel=3)))(message)
+        return False
 
 
 def train_sft(model, make_pairs, tokenizer, *, steps: int, batch_size: int, lr: float, length: int, seed: int,

@@ -1,9 +1,17 @@
 """Issue 10, data side: every bad input is named (file, row, field), nothing is silently converted,
 pathological ground truths stay cheap, and a damaged SFT cache is rebuilt rather than fatal."""
 
+import io
 import json
+import pickle
+import re
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
+
+from fipo_jax import sft
 
 from fipo_jax.data.prompts import ground_truth_text, load_prompt_records
 from fipo_jax.rewards import MathVerifyWorker, RewardConfig, check_equivalence, dapo_math_score, normalize_answer
@@ -240,3 +248,93 @@ def test_file_that_is_not_parquet_is_named(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(ValueError, match=r"data\.parquet: not a readable parquet file \("):
         load_prompt_records(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# item 10: a damaged SFT cache is named and rebuilt
+
+
+class TinyModel(nnx.Module):
+    """Two parameters: enough for the cache's checks, no model build."""
+
+    def __init__(self, value: float = 0.0):
+        self.w = nnx.Param(jnp.full((2, 3), value, jnp.float32))
+        self.b = nnx.Param(jnp.full((3,), value, jnp.float32))
+
+
+def _values(model):
+    return float(model.w[...].sum()), float(model.b[...].sum())
+
+
+def _damage(path, how):
+    data = path.read_bytes()
+    if how == "garbage":
+        path.write_bytes(b"this is not a zip archive" * 4)
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "bit_flip":  # inside a stored array: the zip CRC check catches it
+        middle = len(data) // 3
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    elif how == "npy":  # a bare array where an archive should be
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros(3))
+        path.write_bytes(buffer.getvalue())
+
+
+DAMAGE = {
+    "garbage": r"is not a complete \.npz archive \(truncated or overwritten\)",
+    "truncated": r"is not a complete \.npz archive \(truncated or overwritten\)",
+    "empty": "is empty",
+    "bit_flip": r"is unreadable \(BadZipFile: Bad CRC-32 for file '[wb]\.npy'\)",
+    "npy": r"is a bare \.npy array, not an \.npz archive",
+}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_sft_cache_raises_naming_the_file(tmp_path, how):
+    path = tmp_path / "sft-abc.npz"
+    sft.save_params(TinyModel(1.0), str(path))
+    _damage(path, how)
+    model = TinyModel(0.0)
+    with pytest.raises(sft.SFTCacheError, match=rf"^SFT cache {re.escape(str(path))} {DAMAGE[how]}; "
+                                                r"delete it to retrain the warm start$"):
+        sft.load_params(model, str(path))
+    assert _values(model) == (0.0, 0.0)  # untouched
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_sft_cache_is_moved_aside_and_rebuilt(tmp_path, how):
+    path = tmp_path / "sft-abc.npz"
+    sft.save_params(TinyModel(1.0), str(path))
+    _damage(path, how)
+    damaged = path.read_bytes()
+    model = TinyModel(0.0)
+    with pytest.warns(RuntimeWarning, match=rf"SFT cache {re.escape(str(path))} {DAMAGE[how]}: moved it to "
+                                            rf"{re.escape(str(path))}\.corrupt; retraining the warm start"):
+        assert sft.load_cached_params(model, str(path)) is False
+    assert not path.exists() and (tmp_path / "sft-abc.npz.corrupt").read_bytes() == damaged  # nothing lost
+    sft.save_params(TinyModel(2.0), str(path))  # what the caller does next: retrain, rewrite
+    assert sft.load_cached_params(model, str(path)) is True and _values(model) == (12.0, 6.0)
+
+
+def test_sft_cache_of_another_model_or_with_nans_is_refused(tmp_path):
+    path = str(tmp_path / "sft.npz")
+    np.savez(path, w=np.zeros((2, 3), np.float32))
+    with pytest.raises(sft.SFTCacheError, match=r"sft\.npz lacks parameter 'b' \(the model changed\)"):
+        sft.load_params(TinyModel(), path)
+    np.savez(path, w=np.zeros((3, 2), np.float32), b=np.zeros(3, np.float32))
+    with pytest.raises(sft.SFTCacheError, match=r"sft\.npz has parameter 'w' of shape \(3, 2\), the model expects "
+                                                r"\(2, 3\)"):
+        sft.load_params(TinyModel(), path)
+    np.savez(path, w=np.full((2, 3), np.nan, np.float32), b=np.zeros(3, np.float32))
+    with pytest.raises(sft.SFTCacheError, match=r"sft\.npz has non-finite values in parameter 'w'"):
+        sft.load_params(TinyModel(), path)
+    messages = []
+    assert sft.load_cached_params(TinyModel(), path, warn=messages.append) is False
+    assert messages == [f"SFT cache {path} has non-finite values in parameter 'w': moved it to {path}.corrupt; "
+                        "retraining the warm start"]
+    assert sft.load_cached_params(TinyModel(), path) is False  # no file: nothing to warn about
+    err = sft.SFTCacheError(path, "is odd")
+    assert pickle.loads(pickle.dumps(err)).args == err.args
