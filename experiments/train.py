@@ -98,6 +98,7 @@ def main(argv=None) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     run_dir = args.run_dir or os.path.join("runs", f"{config.name}-{config.algo.loss.loss_mode}")
+    from fipo_jax.run_dir import RunDirectoryLocked
     from fipo_jax.trainer import Trainer
 
     try:
@@ -105,6 +106,9 @@ def main(argv=None) -> int:
         summary = trainer.train()
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except RunDirectoryLocked as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     from fipo_jax.distributed import is_primary
 

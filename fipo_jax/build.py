@@ -77,9 +77,17 @@ def build_prompts(config: TrainConfig, tokenizer, model, log: Log, bar: Progress
         task = WordProblemTask(max_steps=data.max_steps, few_shot=data.few_shot)
         train, evals = word_problem_splits(task, config.seed, data.train_prompts, data.eval_prompts)
         return fit(train, "train"), fit(evals, "eval")
-    train = fit(load_prompt_records(data.train_path), "train")
-    evals = fit(load_prompt_records(data.eval_path, limit=data.eval_prompts), "eval") if data.eval_path else []
+    train = fit(_load_records("data.train_path", data.train_path), "train")
+    evals = fit(_load_records("data.eval_path", data.eval_path, data.eval_prompts), "eval") if data.eval_path else []
     return train, evals
+
+
+def _load_records(field: str, path: str, limit: int | None = None) -> list[PromptRecord]:
+    """`load_prompt_records`, its errors (which name the file, row and field) as `ConfigError`."""
+    try:
+        return load_prompt_records(path, limit=limit)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"{field}: {err}") from err
 
 
 def _fit_prompts(records, tokenizer, max_tokens: int, split: str, log: Log) -> list[PromptRecord]:
@@ -101,8 +109,7 @@ def warm_start(config: TrainConfig, model, tokenizer, task: ChainTask, log: Log,
     key = distributed.fingerprint([dataclasses.asdict(config.model), config.data.n_terms, config.data.ops,
                                    dataclasses.asdict(spec), config.seed, "v2"])
     path = os.path.join(spec.cache_dir, f"sft-{key}.npz")
-    if os.path.exists(path):
-        sft.load_params(model, path)
+    if sft.load_cached_params(model, path, warn=lambda message: log(f"[warning] {message}")):
         log(f"[sft] loaded cached warm start {path}")
         return
     length = task.prompt_tokens() + task.max_response_tokens()

@@ -9,14 +9,23 @@ at any moment (even mid-save) leaves only complete checkpoints behind; the manag
 sharding of each leaf: `jax.ShapeDtypeStruct`s, e.g. from `abstract_like`), so a sharded state
 is read straight into its shards. What the metadata means (config fingerprint, data position)
 is the caller's business; `config_differences` helps compare a saved config with the current one.
+
+A damaged directory (a truncated or garbage tensor file, unreadable metadata, an empty step
+folder, non-finite values) costs one checkpoint, never the run: `restore_newest` falls back to
+the newest checkpoint that restores and moves each damaged one aside, saying why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 # Bumped when the saved layout changes; a checkpoint of another format is refused with a clear message.
@@ -42,6 +51,32 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     saved = list(saved) if isinstance(saved, tuple) else saved
     current = list(current) if isinstance(current, tuple) else current
     return [] if saved == current else [f"{prefix}: checkpoint {saved!r} vs now {current!r}"]
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+    """Paths of the floating-point leaves of ``tree`` that hold a NaN or ±inf (one reduction per leaf)."""
+    leaves = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return []
+    finite = np.asarray(jax.device_get(_leaves_finite([x for _, x in leaves])))
+    return [jax.tree_util.keystr(path) for (path, _), ok in zip(leaves, finite) if not ok]
+
+
+@jax.jit
+def _leaves_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What `Checkpointer.restore_newest` found: the step restored (None if none could be) and
+    the damaged checkpoints it set aside, as (step, reason, where it was moved)."""
+
+    step: int | None
+    state: Any
+    metadata: dict
+    skipped: tuple[tuple[int, str, str], ...]
 
 
 class Checkpointer:
@@ -73,9 +108,12 @@ class Checkpointer:
     def metadata(self, step: int | None = None) -> dict:
         """The metadata saved with ``step`` (default: the newest), without reading the state."""
         step = self._resolve(step)
+        folder = os.path.join(self.directory, str(step))
         meta = {}
-        if os.path.isdir(os.path.join(self.directory, str(step), "metadata")):  # older layouts lack it
+        if os.path.isdir(os.path.join(folder, "metadata")):  # older layouts lack it
             meta = self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+        elif not any(os.path.isdir(os.path.join(folder, name)) for name in _listdir(folder)):
+            raise FileNotFoundError(f"checkpoint {step} in {self.directory} holds no items (an empty step folder)")
         if meta.get("format") != FORMAT:
             raise CheckpointFormatError(
                 f"checkpoint {step} in {self.directory} has format {meta.get('format')!r}, this fipo_jax reads "
@@ -90,6 +128,56 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state)))["state"]
         return state, metadata
 
+    def restore_newest(self, abstract_state: Any, check: Callable[[int, dict], None] = lambda step, meta: None
+                       ) -> Restored:
+        """The newest checkpoint that restores completely, laid out as ``abstract_state``.
+
+        Newer ones that cannot be read (unreadable or missing metadata or tensors, a tensor that
+        does not match ``abstract_state``, non-finite values) are skipped and moved into
+        ``<directory>.damaged/`` with a ``reason.txt``, so a later save of the same step works.
+        ``check(step, metadata)`` runs before a step's tensors are read; what it raises (e.g. "made
+        with a different config") propagates, as does `CheckpointFormatError`: those are not damage.
+        """
+        skipped = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                metadata = self.metadata(step)
+            except CheckpointFormatError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any failure to read is damage, reported below
+                skipped.append((step, f"metadata unreadable: {_reason(err)}"))
+                continue
+            check(step, metadata)
+            try:
+                state = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))["state"]
+            except Exception as err:  # noqa: BLE001
+                skipped.append((step, f"tensors unreadable: {_reason(err)}"))
+                continue
+            bad = nonfinite_leaves(state)
+            if bad:
+                skipped.append((step, f"non-finite values in {', '.join(bad[:5])}" + (" …" if len(bad) > 5 else "")))
+                continue
+            return Restored(step, state, metadata, self._set_aside(skipped))
+        return Restored(None, None, {}, self._set_aside(skipped))
+
+    def _set_aside(self, skipped: list[tuple[int, str]]) -> tuple[tuple[int, str, str], ...]:
+        """Move damaged step folders to ``<directory>.damaged/<step>-<time>`` (process 0 moves)."""
+        out = []
+        for step, reason in skipped:
+            target = os.path.join(self.directory + ".damaged", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if jax.process_index() == 0:
+                os.makedirs(target, exist_ok=True)
+                source = os.path.join(self.directory, str(step))
+                if os.path.isdir(source):
+                    shutil.move(source, os.path.join(target, str(step)))
+                with open(os.path.join(target, "reason.txt"), "w", encoding="utf-8") as f:
+                    f.write(reason + "\n")
+            out.append((step, reason, target))
+        if out:
+            self.manager.reload()
+        return tuple(out)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -98,3 +186,13 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         return step
+
+
+def _reason(err: BaseException) -> str:
+    """One line of an exception: its type and the first line of its message, shortened."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:300]}"
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -16,6 +17,8 @@ from typing import Any, Literal
 
 from fipo_jax import _checks
 from fipo_jax.losses import PolicyLossConfig
+from fipo_jax.sampling import MIN_TEMPERATURE
+from fipo_jax.sharding import MESH_AXES
 
 # PolicyLossConfig fields left None take the loss mode's official default.
 MODE_DEPENDENT_LOSS_FIELDS = ("clip_ratio_high", "aggregation", "drop_dual_clipped_sequences")
@@ -53,6 +56,9 @@ class ModelSpec:
         _checks.check_choice("model.source", self.source, ("scratch", "hf", "gemma3-270m"), error=ConfigError)
         _checks.require(self.source != "hf" or bool(self.path), "model.path is required when model.source='hf'",
                         error=ConfigError)
+        _checks.require(self.source == "hf" or not self.path,
+                        f"model.path is set ({self.path!r}) but model.source={self.source!r} does not read it: set "
+                        f"model.source='hf' to load it, or leave model.path empty", error=ConfigError)
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "logprob_chunk_size"):
             _checks.check_int(f"model.{name}", getattr(self, name), minimum=1, error=ConfigError)
         _checks.check_int("model.attention_chunk_size", self.attention_chunk_size, minimum=1, allow_none=True,
@@ -89,6 +95,18 @@ class DataSpec:
         _checks.check_int("data.few_shot", self.few_shot, minimum=0, error=ConfigError)
         _checks.require(self.task != "file" or bool(self.train_path),
                         "data.train_path is required when data.task='file'", error=ConfigError)
+        for name in ("train_path", "eval_path"):
+            _checks.require(self.task == "file" or not getattr(self, name),
+                            f"data.{name} is set ({getattr(self, name)!r}) but data.task={self.task!r} does not read "
+                            f"files: set data.task='file' to train on it, or leave data.{name} empty",
+                            error=ConfigError)
+        if self.task == "chain":
+            from fipo_jax.data.synthetic import ChainTask
+
+            try:  # the task validates its own parameters; here, before any model is built
+                ChainTask(n_terms=self.n_terms, ops=self.ops)
+            except ValueError as err:
+                raise ConfigError(f"data.{err}") from None
         for name in ("train_prompts", "eval_prompts", "max_prompt_tokens"):
             _checks.check_int(f"data.{name}", getattr(self, name), minimum=1, error=ConfigError)
 
@@ -117,7 +135,7 @@ class RolloutSpec:
             _checks.require(_checks.is_int(value) and value >= 1,
                             f"rollout.{name} must be >= 1 (an int), got {value!r}", error=ConfigError)
         _checks.check_choice("rollout.on_exhausted", self.on_exhausted, ("error", "pad"), error=ConfigError)
-        _checks.check_number("rollout.temperature (RL sampling)", self.temperature, minimum=0, exclusive_minimum=True,
+        _checks.check_number("rollout.temperature (RL sampling)", self.temperature, minimum=MIN_TEMPERATURE,
                              error=ConfigError)
         _checks.check_number("rollout.top_p", self.top_p, minimum=0, maximum=1, exclusive_minimum=True,
                              error=ConfigError)
@@ -200,6 +218,9 @@ class EvalSpec:
         _checks.check_int("eval.every (0 = only before/after)", self.every, minimum=0, error=ConfigError)
         _checks.check_int("eval.k", self.k, minimum=1, error=ConfigError)
         _checks.check_number("eval.temperature (0 = greedy)", self.temperature, minimum=0, error=ConfigError)
+        _checks.require(self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
+                        f"eval.temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature!r}",
+                        error=ConfigError)
         _checks.check_number("eval.top_p", self.top_p, minimum=0, maximum=1, exclusive_minimum=True, error=ConfigError)
 
 
@@ -244,6 +265,12 @@ class TrainConfig:
 
     def __post_init__(self):
         _checks.check_int("steps", self.steps, minimum=0, error=ConfigError)
+        _checks.check_int("seed", self.seed, minimum=0, maximum=2**32 - 1, error=ConfigError)
+        _checks.require(isinstance(self.mesh_shape, tuple) and 1 <= len(self.mesh_shape) <= len(MESH_AXES),
+                        f"mesh_shape must be a list of 1 to {len(MESH_AXES)} sizes (axes {MESH_AXES}), got "
+                        f"{self.mesh_shape!r}", error=ConfigError)
+        for axis, size in zip(MESH_AXES, self.mesh_shape):
+            _checks.check_int(f"mesh_shape ({axis} axis)", size, minimum=1, error=ConfigError)
         _checks.check_int("checkpoint_every", self.checkpoint_every, minimum=1, error=ConfigError)
         _checks.check_int("keep_checkpoints", self.keep_checkpoints, minimum=1, error=ConfigError)
         rows = self.rollout.prompts_per_step * self.rollout.n
@@ -321,7 +348,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             as_float = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be an int, got {value!r}") from None
-        _checks.require(not isinstance(value, bool) and as_float == int(as_float),
+        _checks.require(not isinstance(value, bool) and math.isfinite(as_float) and as_float == int(as_float),
                         f"{where} must be an int, got {value!r}", error=ConfigError)
         return int(as_float)
     if annotation is float:
@@ -381,17 +408,83 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
                         + (f" (did you mean {difflib.get_close_matches(keys[-1], list(node), n=1)[0]!r}?)"
                            if difflib.get_close_matches(keys[-1], list(node), n=1) else ""), error=ConfigError)
         node[keys[-1]] = value
-    return from_dict(TrainConfig, data)
+    config = from_dict(TrainConfig, data)
+    check_given_fields(config, [path.strip() for path in paths], "override")
+    return config
 
 
 def load_config(name_or_path: str) -> TrainConfig:
     """A named preset (see `PRESETS`) or a JSON file holding a (partial) `TrainConfig`."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]()
-    if not os.path.exists(name_or_path):
+    if not os.path.isfile(name_or_path):
         raise ConfigError(f"no config named {name_or_path!r}: not a preset {sorted(PRESETS)} nor an existing file")
-    with open(name_or_path, encoding="utf-8") as f:
-        return from_dict(TrainConfig, json.load(f))
+    try:
+        with open(name_or_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {name_or_path}: not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {name_or_path}: not valid JSON: {err.msg} at line {err.lineno} column "
+                          f"{err.colno}") from None
+    _checks.require(isinstance(data, dict), f"config file {name_or_path}: must hold a JSON object of TrainConfig "
+                    f"fields, got {type(data).__name__}", error=ConfigError)
+    try:
+        config = from_dict(TrainConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"config file {name_or_path}: {err}") from None
+    check_given_fields(config, _dotted_keys(data), f"config file {name_or_path}: field")
+    return config
+
+
+def _dotted_keys(data: dict, prefix: str = "") -> list[str]:
+    """Every leaf key of a nested dict as a dotted path."""
+    out = []
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        out += _dotted_keys(value, path) if isinstance(value, dict) else [path]
+    return out
+
+
+_SCRATCH_MODEL_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "rope_theta")
+_TASK_FIELDS = {"chain": ("n_terms", "ops", "train_prompts"), "word_problems": ("max_steps", "few_shot", "train_prompts"),
+                "file": ("train_path", "eval_path")}
+
+
+def ignored_fields(config: TrainConfig) -> dict[str, str]:
+    """The fields that ``config``'s model source and data task do not read, each with why.
+
+    Giving one of them a value (an override, a config file key) is an error: it would change
+    nothing, silently (``--set data.train_path=X`` on the chain task)."""
+    model, data = config.model, config.data
+    out = {}
+    if model.source != "hf":
+        out["model.path"] = f"model.source={model.source!r} does not read it (set model.source='hf')"
+    if model.source != "scratch":
+        for name in _SCRATCH_MODEL_FIELDS:
+            out[f"model.{name}"] = f"model.source={model.source!r} takes the architecture from the checkpoint"
+    used = _TASK_FIELDS[data.task]
+    for name in sorted({n for names in _TASK_FIELDS.values() for n in names} - set(used)):
+        out[f"data.{name}"] = f"data.task={data.task!r} does not use it"
+    if not (model.source == "scratch" and data.task == "chain"):
+        for field in dataclasses.fields(SFTSpec)[1:]:  # sft.enabled=False is what such presets say
+            out[f"sft.{field.name}"] = "the SFT warm start runs only for model.source='scratch' on data.task='chain'"
+    return out
+
+
+def check_given_fields(config: TrainConfig, paths: list[str], what: str = "field") -> None:
+    """Refuse non-default values given for fields that ``config`` ignores (see `ignored_fields`);
+    a default value changes nothing either way (a saved ``config.json`` holds every field)."""
+    ignored, default = ignored_fields(config), TrainConfig()
+    for path in paths:
+        _checks.require(path not in ignored or _get(config, path) == _get(default, path),
+                        f"{what} {path} is given but has no effect: {ignored.get(path)}", error=ConfigError)
+
+
+def _get(config: Any, path: str) -> Any:
+    for key in path.split("."):
+        config = getattr(config, key)
+    return config
 
 
 def with_algo(config: TrainConfig, algo: str) -> TrainConfig:

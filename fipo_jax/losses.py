@@ -355,6 +355,8 @@ def _check_inputs(log_probs, old_log_probs, advantages, mask, ref_log_probs, ent
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
     _checks.check_floating("log_probs", log_probs, rank=2)
+    _checks.require(min(log_probs.shape) > 0, f"log_probs [B, T] must hold at least one row and one token, got shape "
+                    f"{tuple(log_probs.shape)}")
     _checks.check_floating("old_log_probs", old_log_probs)
     _checks.check_same_shape("old_log_probs", old_log_probs, "log_probs [B, T]", log_probs)
     _checks.check_floating("advantages", advantages)

@@ -27,8 +27,10 @@ class MetricsLog:
     """Append-only ``metrics.jsonl``, one object per RL step with a ``step`` field.
 
     `truncate_after(step)` drops lines written after the checkpoint a run resumes from,
-    so a resumed run's log reads exactly like an uninterrupted one. With ``writable=False``
-    (every process but the first of a multi-host run) writes are no-ops.
+    so a resumed run's log reads exactly like an uninterrupted one. A line that is not a JSON
+    object with an int ``step`` (cut by a kill, garbled on disk) loses only itself: reading skips
+    it, and `truncate_after` moves it to ``metrics.jsonl.garbled`` and says so. With
+    ``writable=False`` (every process but the first of a multi-host run) writes are no-ops.
     """
 
     def __init__(self, path: str, writable: bool = True):
@@ -37,34 +39,73 @@ class MetricsLog:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
     def read(self) -> list[dict]:
-        if not os.path.exists(self.path):
-            return []
-        rows = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        break  # a line cut by a kill: everything after it is unreliable
-        return rows
+        """The rows that parse, in file order."""
+        return self.load()[0]
 
-    def truncate_after(self, step: int) -> None:
+    def load(self) -> tuple[list[dict], list[tuple[int, str]]]:
+        """(rows that parse, (line number, text) of the lines that do not)."""
+        if not os.path.exists(self.path):
+            return [], []
+        rows, garbled = [], []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if isinstance(row, dict) and isinstance(row.get("step"), int):
+                    rows.append(row)
+                else:
+                    garbled.append((number, line))
+        return rows, garbled
+
+    def truncate_after(self, step: int) -> list[str]:
+        """Keep the rows of steps <= ``step``; returns notes on anything that could not be kept."""
         if not self.writable:
-            return
-        rows = [r for r in self.read() if r.get("step", -1) <= step]
+            return []
+        rows, garbled = self.load()
+        notes = []
+        if garbled:
+            with open(self.path + ".garbled", "a", encoding="utf-8") as f:
+                f.writelines(text + "\n" for _, text in garbled)
+            numbers = ", ".join(str(n) for n, _ in garbled[:10]) + (" …" if len(garbled) > 10 else "")
+            notes.append(f"{self.path}: {len(garbled)} unreadable line(s) (line {numbers}) moved to "
+                         f"{self.path}.garbled; every other row is kept")
+        rows = [r for r in rows if r["step"] <= step]
+        missing = missing_steps(rows, step)
+        if missing:
+            notes.append(f"{self.path} has no row for {len(missing)} of the steps 0…{step} ({_spans(missing)}), "
+                         f"lost before this resume; the summary reports only the rows that remain")
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
         os.replace(tmp, self.path)
+        return notes
 
     def append(self, row: dict) -> None:
         if not self.writable:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(to_python(row)) + "\n")
+
+
+def missing_steps(rows: list[dict], last_step: int) -> list[int]:
+    """The steps 0…``last_step`` with no row (step 0 is the evaluation before training)."""
+    return sorted(set(range(last_step + 1)) - {r["step"] for r in rows})
+
+
+def _spans(steps: list[int]) -> str:
+    """[0, 1, 2, 5] → "0–2, 5"."""
+    spans, start = [], steps[0]
+    for prev, cur in zip(steps, steps[1:] + [None]):
+        if cur is None or cur != prev + 1:
+            spans.append(f"{start}–{prev}" if prev > start else f"{start}")
+            start = cur
+    return ", ".join(spans)
 
 
 class TensorBoardLog:
@@ -158,8 +199,8 @@ class RunLog:
         if self.tensorboard is not None:
             self.tensorboard.append(row)
 
-    def truncate_after(self, step: int) -> None:
-        self.jsonl.truncate_after(step)
+    def truncate_after(self, step: int) -> list[str]:
+        return self.jsonl.truncate_after(step)
 
     def read(self) -> list[dict]:
         return self.jsonl.read()
@@ -171,14 +212,19 @@ def summarize(rows: list[dict], name: str, algo: str, steps: int, eval_prompts: 
     evals = [r for r in rows if "eval/avg@k" in r]
     summary = {"name": name, "algo": algo, "steps": steps}
     if evals:
-        first, last = evals[0], evals[-1]
+        # "before" is the step-0 evaluation only: a log that lost it has no before figures.
+        first = evals[0] if evals[0].get("step") == 0 else {}
+        last = evals[-1]
         summary.update({
-            "accuracy_before": first["eval/avg@k"], "accuracy_after": last["eval/avg@k"],
+            "accuracy_before": first.get("eval/avg@k"), "accuracy_after": last["eval/avg@k"],
             "mean_length_before": first.get("eval/length_mean"), "mean_length_after": last.get("eval/length_mean"),
-            "pass_at_k_before": first["eval/pass@k"], "pass_at_k_after": last["eval/pass@k"],
-            "cons_at_k_before": first["eval/cons@k"], "cons_at_k_after": last["eval/cons@k"],
+            "pass_at_k_before": first.get("eval/pass@k"), "pass_at_k_after": last["eval/pass@k"],
+            "cons_at_k_before": first.get("eval/cons@k"), "cons_at_k_after": last["eval/cons@k"],
             "eval_k": last["eval/k"], "eval_prompts": eval_prompts,
         })
+    missing = missing_steps([r for r in rows if isinstance(r.get("step"), int)], steps)
+    if missing:
+        summary["metric_rows_missing"] = len(missing)
     times = [r["time/step_s"] for r in rows if "time/step_s" in r]
     if times:
         summary["seconds_per_step"] = float(np.mean(times))

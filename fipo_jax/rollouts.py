@@ -177,10 +177,7 @@ class RolloutCollector:
         need = ro.prompts_per_step * n
         if n_kept < ro.prompts_per_step:
             if ro.on_exhausted == "error" or n_kept == 0:
-                raise DynamicSamplingExhausted(
-                    f"step {step}: only {n_kept} of {ro.prompts_per_step} prompt groups had mixed outcomes after "
-                    f"{ro.max_rounds} rounds of {ro.prompts_per_round} prompts (raise rollout.max_rounds, or set "
-                    f"rollout.on_exhausted='pad')")
+                raise DynamicSamplingExhausted(_exhausted_message(step, n_kept, stats["rollout/accuracy"], ro))
             stats["rollout/padded_rows"] = need - len(batch.correct)
         batch = batch.take(np.arange(need) % len(batch.correct))  # truncate, or repeat rows to pad
         real = np.arange(need) < min(need, n_kept * n)
@@ -202,3 +199,14 @@ class RolloutCollector:
                "eval/cons@k": float(np.mean(cons)), "eval/k": k}
         out.update(rollout_stats(r.lengths, r.scores, self.config.rollout.max_response_tokens, "eval"))
         return out
+
+
+def _exhausted_message(step: int, n_kept: int, accuracy: float, ro) -> str:
+    """Why dynamic sampling could not fill a step, and what would help given ``on_exhausted``."""
+    head = (f"step {step}: only {n_kept} of {ro.prompts_per_step} prompt groups had mixed outcomes after "
+            f"{ro.max_rounds} rounds of {ro.prompts_per_round} prompts (rollout accuracy {accuracy:.3f})")
+    if n_kept == 0:  # padding repeats kept groups: with none, there is nothing to train on
+        return (head + ": every group was all correct or all wrong, so there is no learning signal; the task is "
+                "already solved or not yet solvable by this policy. Change the data or the model, or raise "
+                "rollout.prompts_per_round / rollout.max_rounds")
+    return head + "; raise rollout.max_rounds or rollout.prompts_per_round, or set rollout.on_exhausted='pad'"

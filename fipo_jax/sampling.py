@@ -54,13 +54,18 @@ from fipo_jax.models.kv_cache import init_kv_cache
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
+# Below this, logits / τ leave float32's useful range (τ = 1e-30 gave log-probs of −inf, 1e-38 NaN);
+# τ = 0 is greedy decoding.
+MIN_TEMPERATURE = 0.01
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How to sample (static: each distinct config compiles its own sampler).
 
     Attributes:
       max_new_tokens: N ≥ 1, the length of every returned response buffer.
-      temperature: τ ≥ 0; 0 means greedy decoding (top_p / top_k are then ignored).
+      temperature: τ = 0 (greedy decoding; top_p / top_k are then ignored) or τ ≥ `MIN_TEMPERATURE`.
       top_p: nucleus mass in (0, 1]; 1 disables nucleus filtering.
       top_k: keep the k most likely tokens; 0 disables (k ≥ V is the same as 0).
       eos_token_ids: tokens that end a response (the EOS itself is kept, mask 1); () never stops.
@@ -87,9 +92,10 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         _checks.require(_checks.is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
                         f"SamplingConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        _checks.require(_checks.is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
-                        "SamplingConfig.temperature must be a finite number >= 0 (0 = greedy), "
-                        f"got {self.temperature!r}")
+        _checks.require(_checks.is_real(self.temperature) and math.isfinite(self.temperature)
+                        and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE),
+                        f"SamplingConfig.temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE} "
+                        f"(smaller ones overflow float32 logits / τ), got {self.temperature!r}")
         object.__setattr__(self, "temperature", float(self.temperature))
         _checks.require(_checks.is_real(self.top_p) and 0 < self.top_p <= 1,
                         f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")

@@ -19,6 +19,7 @@ prompt iterator position is checkpointed, so a resumed run repeats an uninterrup
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -31,10 +32,12 @@ from flax import nnx
 from fipo_jax import distributed
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import rl_step
+from fipo_jax import run_dir as run_dir_lib
 from fipo_jax.build import build_policy, build_prompts
 from fipo_jax.checkpoint import Checkpointer, config_differences
 from fipo_jax.config import ConfigError, TrainConfig
 from fipo_jax.data import CharTokenizer, PromptIterator, PromptRecord
+from fipo_jax.preflight import preflight
 from fipo_jax.rollouts import DynamicSamplingExhausted, RolloutCollector, Rollouts, majority_vote
 from fipo_jax.sharding import make_mesh, replicated
 
@@ -81,12 +84,14 @@ class Trainer:
         self.progress = progress and self.primary
         self.log = log if self.primary else (lambda _: None)
         distributed.check_same_on_all_processes(config.to_dict(), "the run config")
+        preflight(config)  # paths, devices, memory: named before any model is built
         os.makedirs(run_dir, exist_ok=True)
         self.mesh = make_mesh(config.mesh_shape)
         self.tokenizer, model = build_policy(config, self.mesh, self.log)
         self.train_records, self.eval_records = build_prompts(config, self.tokenizer, model, self.log, self._bar)
-        distributed.check_same_on_all_processes(
-            [[r.prompt, r.ground_truth] for r in self.train_records + self.eval_records], "the prompt data")
+        prompt_data = [[r.prompt, r.ground_truth] for r in self.train_records + self.eval_records]
+        distributed.check_same_on_all_processes(prompt_data, "the prompt data")
+        self.data_digest = distributed.fingerprint(prompt_data)  # a resumed run must see the same prompts
         self.rollouts = RolloutCollector(config, self.tokenizer, self.mesh)
         self.iterator = PromptIterator(self.train_records, seed=config.seed)
 
@@ -190,37 +195,60 @@ class Trainer:
                 f"step {self.step_index}: the policy's parameters are not finite; not checkpointing them (the last "
                 f"good checkpoint stays in {self.checkpointer.directory})")
         metadata = {"step": self.step_index, "iterator": self.iterator.state(), "seed": self.config.seed,
-                    "fingerprint": json.loads(json.dumps(self.config.fingerprint()))}
+                    "fingerprint": json.loads(json.dumps(self.config.fingerprint())), "data_digest": self.data_digest}
         self.checkpointer.save(self.step_index, self.state, metadata)
 
     def resume(self) -> int | None:
-        """Load the newest complete checkpoint; its step, or None if there is none. A checkpoint made
-        with settings that matter differently is refused, listing every difference."""
-        step = self.checkpointer.latest_step()
-        if step is None:
+        """Load the newest checkpoint that restores; its step, or None if there is none.
+
+        A checkpoint made with settings that matter differently, or with different prompt data,
+        is refused, listing every difference. A damaged one (unreadable, non-finite) is moved
+        aside with a note, and the next older one is tried."""
+        abstract = rl_step.abstract_state(self.state, self.state_shardings)
+        restored = self.checkpointer.restore_newest(abstract, self._check_resumable)
+        for step, reason, moved in restored.skipped:
+            self.log(f"[resume] checkpoint {step} cannot be restored ({reason}); moved it to {moved} and fell back "
+                     f"to an older one")
+        if restored.step is None:
             return None
-        saved = self.checkpointer.metadata(step)
+        self.state = restored.state
+        self.iterator.restore(restored.metadata["iterator"])
+        return restored.step
+
+    def _check_resumable(self, step: int, saved: dict) -> None:
+        """Refuse a checkpoint whose config fingerprint or prompt data differ from this run's."""
         differences = config_differences(saved["fingerprint"], json.loads(json.dumps(self.config.fingerprint())))
         if differences:
             raise ConfigError(f"the run directory's checkpoint (step {step}) was made with different settings; use "
                               f"a new --run-dir or the original config. Differences:\n  " + "\n  ".join(differences))
-        abstract = rl_step.abstract_state(self.state, self.state_shardings)
-        self.state, saved = self.checkpointer.restore(abstract, step)
-        self.iterator.restore(saved["iterator"])
-        return step
+        if saved.get("data_digest", self.data_digest) != self.data_digest:
+            data = self.config.data
+            source = (f"the files data.train_path={data.train_path!r}, data.eval_path={data.eval_path!r}"
+                      if data.task == "file" else f"the data.task={data.task!r} generator")
+            raise ConfigError(f"the run directory's checkpoint (step {step}) was made with different prompt data "
+                              f"(digest {saved['data_digest']} vs now {self.data_digest}): {source} changed since. "
+                              f"Restore the original prompts, or use a new --run-dir")
 
     # ----------------------------------------------------------------------------- the run
 
     def train(self, total_steps: int | None = None) -> dict[str, Any]:
-        """Run (or resume) until `total_steps` RL steps are done; returns the summary."""
+        """Run (or resume) until `total_steps` RL steps are done; returns the summary.
+
+        Holds the run directory's lock throughout (a second trainer on it is refused)."""
+        with run_dir_lib.lock(self.run_dir) if self.primary else contextlib.nullcontext():
+            return self._train(self.config.steps if total_steps is None else total_steps)
+
+    def _train(self, total_steps: int) -> dict[str, Any]:
         cfg = self.config
-        total_steps = cfg.steps if total_steps is None else total_steps
         restored = self.resume()
         if restored is not None:
             self.log(f"[resume] restored step {restored} from {self.checkpointer.directory}")
-            self.run_log.truncate_after(restored)
+            for note in self.run_log.truncate_after(restored):
+                self.log(f"[resume] {note}")
         else:
-            self.run_log.truncate_after(-1)
+            if self.primary and (moved := run_dir_lib.set_aside(self.run_dir)):
+                self.log(f"[run] {self.run_dir} holds an earlier run's files but no checkpoint to resume: moved "
+                         f"them to {moved}; starting from step 0")
             if self.primary:
                 with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
                     json.dump(cfg.to_dict(), f, indent=2)

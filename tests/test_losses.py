@@ -3,6 +3,7 @@ transcription of the official algorithm, micro-batch accumulation, masks, errors
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -478,3 +479,11 @@ def test_ratio_metrics_outside_the_loss_equal_the_loss_metrics(mode):
         assert float(value) == float(metrics[key]), key
     grad = jax.grad(lambda x: jnp.sum(fj.importance_ratio(x, old, mask, 20.0)))(lp)
     assert not np.any(np.asarray(grad))  # stop-gradient
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0)])
+def test_empty_batches_are_named(shape):
+    z = jnp.zeros(shape)
+    message = f"log_probs [B, T] must hold at least one row and one token, got shape {shape}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fj.policy_loss(z, z, z, jnp.ones(shape), fj.PolicyLossConfig())

@@ -389,3 +389,11 @@ def test_uses_live_parameters_without_recompiling(models, prompts, greedy_output
     np.testing.assert_array_equal(np.asarray(changed.tokens)[:, 0], np.argmin(last_logits, axis=-1))
     assert np.mean(np.asarray(changed.tokens) != np.asarray(greedy_output.tokens)) > 0.5
     assert sampling._generate_jit._cache_size() == compiled_before
+
+
+def test_temperatures_that_overflow_float32_are_refused():
+    from fipo_jax.sampling import MIN_TEMPERATURE, SamplingConfig
+
+    with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or a finite number >= 0\.01 .* got 1e-30"):
+        SamplingConfig(temperature=1e-30)
+    assert SamplingConfig(temperature=0).temperature == 0 and SamplingConfig(temperature=MIN_TEMPERATURE)

@@ -253,3 +253,101 @@ def test_cli_help_and_config_errors(tmp_path):
     config_file.write_text(json.dumps({"rollout": {"n": 0}}))
     out = subprocess.run([sys.executable, train, "--config", str(config_file)], capture_output=True, text=True, env=env)
     assert out.returncode == 2 and "rollout.n must be >= 1" in out.stderr
+
+
+# ----------------------------------------------------------------------------- damaged run directories
+
+
+def _copy_run(reference_run, tmp_path, name):
+    import shutil
+
+    run_dir = str(tmp_path / name)
+    shutil.copytree(reference_run[0], run_dir)
+    return run_dir
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, cache_dir, reference_run):
+    """Checkpoint 4's tensors truncated: resume skips it (saying so), redoes step 4 from checkpoint 3,
+    and the metrics equal the uninterrupted run's."""
+    import glob
+
+    run_dir = _copy_run(reference_run, tmp_path, "damaged")
+    for path in glob.glob(os.path.join(run_dir, "checkpoints", "4", "state", "**", "d", "*"), recursive=True):
+        with open(path, "r+b") as f:
+            f.truncate(16)
+    lines = []
+    Trainer(tiny_config(cache_dir), run_dir, progress=False, log=lines.append).train()
+    assert any(line.startswith("[resume] checkpoint 4 cannot be restored (tensors unreadable") for line in lines)
+    assert "[resume] restored step 3" in "\n".join(lines)
+    assert os.listdir(os.path.join(run_dir, "checkpoints.damaged"))
+    ours = MetricsLog(os.path.join(run_dir, "metrics.jsonl")).read()
+    reference = MetricsLog(os.path.join(reference_run[0], "metrics.jsonl")).read()
+    assert comparable(ours) == comparable(reference)
+
+
+def test_metrics_without_a_checkpoint_are_set_aside_not_overwritten(tmp_path, cache_dir, reference_run):
+    import shutil
+
+    run_dir = _copy_run(reference_run, tmp_path, "no_checkpoints")
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"))
+    lines = []
+    Trainer(tiny_config(cache_dir), run_dir, progress=False, log=lines.append).train(total_steps=1)
+    [previous] = [d for d in os.listdir(run_dir) if d.startswith("previous-")]
+    assert any("holds an earlier run's files but no checkpoint to resume: moved them to" in line for line in lines)
+    old = MetricsLog(os.path.join(run_dir, previous, "metrics.jsonl")).read()
+    reference = MetricsLog(os.path.join(reference_run[0], "metrics.jsonl")).read()
+    assert old == reference and os.path.exists(os.path.join(run_dir, previous, "summary.json"))
+    new = MetricsLog(os.path.join(run_dir, "metrics.jsonl")).read()
+    assert [r["step"] for r in new] == [0, 1] and comparable(new)[0] == comparable(reference)[0]
+
+
+def test_garbled_or_deleted_metrics_keep_what_can_be_kept(tmp_path, cache_dir, reference_run):
+    run_dir = _copy_run(reference_run, tmp_path, "garbled")
+    path = os.path.join(run_dir, "metrics.jsonl")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    lines[2] = lines[2][: len(lines[2]) // 2] + "\x00garbled"
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    log = []
+    summary = Trainer(tiny_config(cache_dir), run_dir, progress=False, log=log.append).train()
+    assert [r["step"] for r in MetricsLog(path).read()] == [0, 1, 3, 4]
+    assert any("1 unreadable line(s) (line 3) moved to" in line for line in log)
+    assert any("no row for 1 of the steps 0…4 (2)" in line for line in log)
+    assert summary["accuracy_before"] == reference_run[1]["accuracy_before"] and summary["metric_rows_missing"] == 1
+    os.remove(path)  # deleted: no "before" figures rather than a later evaluation reported as "before"
+    summary = Trainer(tiny_config(cache_dir), run_dir, progress=False, log=log.append).train()
+    assert summary.get("accuracy_before") is None and summary["metric_rows_missing"] == 5
+
+
+def _file_task_config(tmp_path, cache_dir, prompts):
+    from fipo_jax.data import ChainTask
+
+    task = ChainTask(n_terms=3)
+    path = tmp_path / "prompts.jsonl"
+    problems = task.sample(np.random.default_rng(prompts), 16)
+    path.write_text("".join(json.dumps({"prompt": task.prompt(p), "ground_truth": task.answer(p)}) + "\n"
+                            for p in problems))
+    skip = ("data.", "sft.")
+    return apply_overrides(cpu_default(), [o for o in TINY if not o.startswith(skip)]
+                           + ["data.task=file", f"data.train_path={path}", "data.eval_prompts=4", "sft.enabled=false"])
+
+
+def test_a_changed_prompt_file_is_refused_on_resume(tmp_path, cache_dir):
+    run_dir = str(tmp_path / "run")
+    Trainer(_file_task_config(tmp_path, cache_dir, 1), run_dir, progress=False, log=lambda s: None).save()
+    config = _file_task_config(tmp_path, cache_dir, 2)  # same path, same row count, other prompts
+    with pytest.raises(ConfigError, match=r"checkpoint \(step 0\) was made with different prompt data \(digest \w+ vs "
+                                          r"now \w+\): the files data\.train_path='.*prompts\.jsonl'"):
+        Trainer(config, run_dir, progress=False, log=lambda s: None).train()
+
+
+def test_a_second_trainer_on_a_run_directory_is_refused(tmp_path, cache_dir):
+    from fipo_jax.run_dir import RunDirectoryLocked, lock
+
+    run_dir = str(tmp_path / "run")
+    trainer = Trainer(_file_task_config(tmp_path, cache_dir, 1), run_dir, progress=False, log=lambda s: None)
+    with lock(run_dir):  # as another trainer's train() holds it
+        with pytest.raises(RunDirectoryLocked, match="is in use by another trainer"):
+            trainer.train()
+    assert not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))  # refused before touching anything

@@ -1,0 +1,83 @@
+"""Checks a run's config against the machine before anything is built.
+
+A config is valid on its own (`fipo_jax.config` checks it on construction); whether it can run
+*here* is a separate question, answered in seconds rather than after a model has loaded:
+
+* every path it reads exists (``model.path``, ``data.train_path``, ``data.eval_path``);
+* the mesh fits the devices (`jax.device_count()`);
+* the rollout's response arrays fit in host memory: a lower bound, since it counts only the
+  fixed-width response arrays a round holds on the host (ids, masks, log-probs), not prompts,
+  the model or its KV cache.
+
+`preflight` raises `ConfigError` naming the field, the value and, for memory, the estimate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+
+from fipo_jax import _checks
+from fipo_jax.config import ConfigError, TrainConfig
+
+# Host bytes per response slot of a round: int32 token + float32 sampler log-prob + bool mask
+# (`fipo_jax.rollouts.Rollouts`), each ``max_response_tokens`` wide whatever the response's length.
+HOST_BYTES_PER_TOKEN = 9
+
+
+def preflight(config: TrainConfig, device_count: int | None = None, host_memory: int | None = None) -> None:
+    """Raise `ConfigError` if ``config`` cannot run on this machine (see the module docstring)."""
+    check_paths(config)
+    check_mesh(config.mesh_shape, jax.device_count() if device_count is None else device_count)
+    check_host_memory(config, physical_memory() if host_memory is None else host_memory)
+
+
+def check_paths(config: TrainConfig) -> None:
+    """Every file or folder the run reads exists."""
+    paths = [("data.train_path", config.data.train_path), ("data.eval_path", config.data.eval_path)]
+    if config.model.source == "hf":
+        paths.insert(0, ("model.path", config.model.path))
+    for field, path in paths:
+        _checks.require(not path or os.path.exists(path), f"{field}: {path} does not exist", error=ConfigError)
+
+
+def check_mesh(mesh_shape: tuple[int, ...], device_count: int) -> None:
+    """The mesh needs no more devices than there are."""
+    need = math.prod(mesh_shape)
+    _checks.require(need <= device_count,
+                    f"mesh_shape {list(mesh_shape)} needs {need} devices, this machine has {device_count} (for CPU "
+                    f"runs set XLA_FLAGS=--xla_force_host_platform_device_count={need})", error=ConfigError)
+
+
+def rollout_host_bytes(config: TrainConfig) -> int:
+    """A lower bound on the host bytes of the largest batch of responses a run holds at once
+    (a dynamic-sampling round, the update batch or an evaluation)."""
+    ro = config.rollout
+    rows = max(ro.prompts_per_round * ro.n, ro.prompts_per_step * ro.n, config.data.eval_prompts * config.eval.k)
+    return rows * ro.max_response_tokens * HOST_BYTES_PER_TOKEN
+
+
+def check_host_memory(config: TrainConfig, host_memory: int) -> None:
+    """The rollout arrays fit in ``host_memory`` bytes."""
+    need = rollout_host_bytes(config)
+    _checks.require(
+        need <= host_memory,
+        f"rollout sizes cannot fit in memory: rollout.prompts_per_round / prompts_per_step ({config.rollout.prompts_per_round} / "
+        f"{config.rollout.prompts_per_step}) × rollout.n ({config.rollout.n}) responses of "
+        f"rollout.max_response_tokens = {config.rollout.max_response_tokens} slots need at least {_bytes(need)} "
+        f"of host memory for their response arrays alone; this machine has {_bytes(host_memory)}",
+        error=ConfigError)
+
+
+def physical_memory() -> int:
+    """This host's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024

@@ -1,0 +1,94 @@
+"""Bad configs are named before anything is built: fields the run would ignore, values that cannot
+work, paths that do not exist, meshes and sizes the machine cannot hold (issue 10, items 2 and 13)."""
+
+import json
+
+import pytest
+
+from fipo_jax.config import ConfigError, apply_overrides, cpu_default, ignored_fields, load_config, qwen25_7b_fipo
+from fipo_jax.preflight import check_host_memory, check_mesh, preflight, rollout_host_bytes
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.train_path=/nope.parquet", r"data\.train_path is set \('/nope\.parquet'\) but data\.task='chain' does not "
+                                      r"read files"),
+    ("model.path=/nope", r"model\.path is set \('/nope'\) but model\.source='scratch' does not read it"),
+    ("data.max_steps=2", r"override data\.max_steps is given but has no effect: data\.task='chain' does not use it"),
+    ("steps=nan", r"steps must be an int, got 'nan'"),
+    ("seed=-1", r"seed must be an int in \[0, 4294967295\], got -1"),
+    ("rollout.temperature=inf", r"rollout\.temperature \(RL sampling\) must be a finite number >= 0\.01, got inf"),
+    ("rollout.temperature=1e-30", r"rollout\.temperature \(RL sampling\) must be a finite number >= 0\.01"),
+    ("eval.temperature=1e-30", r"eval\.temperature must be 0 \(greedy\) or >= 0\.01"),
+    ("reward.verify_timeout_s=inf", r"reward\.verify_timeout_s must be a finite number > 0, got inf"),
+    ("mesh_shape=[0]", r"mesh_shape \(data axis\) must be a positive int, got 0"),
+    ("mesh_shape=[1,1,1,1]", r"mesh_shape must be a list of 1 to 3 sizes"),
+    ("data.n_terms=0", r"data\.n_terms must be an int >= 2, got 0"),
+    ("data.ops=xyz", r"data\.ops must be a non-empty string over"),
+])
+def test_bad_overrides_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(cpu_default(), [override])
+
+
+def test_fields_the_source_or_task_ignores():
+    ignored = ignored_fields(cpu_default())
+    assert "model.path" in ignored and "data.train_path" in ignored and "sft.steps" not in ignored
+    assert "model.num_layers" not in ignored and "data.n_terms" not in ignored
+    pretrained = ignored_fields(qwen25_7b_fipo())
+    assert {"model.num_layers", "data.n_terms", "sft.steps"} <= set(pretrained) and "data.train_path" not in pretrained
+    with pytest.raises(ConfigError, match=r"sft\.steps is given but has no effect: the SFT warm start runs only"):
+        apply_overrides(qwen25_7b_fipo(), ["sft.steps=5"])
+    # Switching the task makes the file fields used (and the chain fields ignored).
+    config = apply_overrides(cpu_default(), ["data.task=file", "data.train_path=/x.jsonl"])
+    assert config.data.train_path == "/x.jsonl"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{\"steps\": 3,,}", r"config file .*c\.json: not valid JSON: .* at line 1 column"),
+    (b"[1, 2]", r"config file .*c\.json: must hold a JSON object of TrainConfig fields, got list"),
+    (b"{\"steps\": \"\xff\"}", r"config file .*c\.json: not UTF-8 text"),
+    (b"{\"rollout\": {\"nn\": 3}}", r"config file .*c\.json: unknown config field 'rollout\.nn' \(did you mean 'n'\?\)"),
+    (b"{\"data\": {\"max_steps\": 2}}", r"config file .*c\.json: field data\.max_steps is given but has no effect"),
+])
+def test_bad_config_files_are_named(tmp_path, content, message):
+    path = tmp_path / "c.json"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+
+
+def test_preflight_names_missing_paths_mesh_and_memory(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.path: /path/to/Qwen2\.5-Math-7B does not exist"):
+        preflight(qwen25_7b_fipo())
+    model = tmp_path / "model"
+    model.mkdir()
+    config = apply_overrides(qwen25_7b_fipo(), [f"model.path={model}"])
+    with pytest.raises(ConfigError, match=r"data\.train_path: /path/to/dapo-math-17k\.parquet does not exist"):
+        preflight(config)
+    with pytest.raises(ConfigError, match=r"mesh_shape \[2, 4\] needs 8 devices, this machine has 4"):
+        check_mesh((2, 4), 4)
+    huge = apply_overrides(cpu_default(), ["rollout.n=1e12"])
+    assert rollout_host_bytes(huge) == 48 * 10**12 * 48 * 9
+    with pytest.raises(ConfigError, match=r"rollout sizes cannot fit in memory: .*rollout\.n \(1000000000000\) .* need "
+                                          r"at least 18\.4 PiB of host memory .* this machine has 16\.0 GiB"):
+        check_host_memory(huge, 16 * 2**30)
+    check_host_memory(cpu_default(), 16 * 2**30)
+    preflight(cpu_default())
+
+
+@pytest.mark.parametrize("preset", [cpu_default, qwen25_7b_fipo])
+def test_a_saved_config_json_loads_again(tmp_path, preset):
+    """config.json holds every field, ignored ones at their defaults: not an error."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(preset().to_dict()))
+    assert load_config(str(path)) == preset()
+
+
+def test_dynamic_sampling_exhaustion_advice_fits_the_setting():
+    from fipo_jax.config import RolloutSpec
+    from fipo_jax.rollouts import _exhausted_message
+
+    padded = _exhausted_message(7, 0, 1.0, RolloutSpec(on_exhausted="pad"))
+    assert "only 0 of 32 prompt groups" in padded and "all correct or all wrong" in padded
+    assert "on_exhausted='pad'" not in padded  # it already is
+    assert "set rollout.on_exhausted='pad'" in _exhausted_message(7, 3, 0.5, RolloutSpec(on_exhausted="error"))
