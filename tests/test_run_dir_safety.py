@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -171,3 +172,32 @@ def test_an_earlier_runs_files_are_set_aside(tmp_path):
     assert not (directory / "metrics.jsonl").exists()
     (directory / "config.json").write_text("{}")
     assert run_dir.set_aside(str(directory)) != moved  # never onto an earlier set-aside
+
+
+def test_a_damaged_sft_cache_is_rebuilt_by_the_warm_start(tmp_path):
+    from flax import nnx
+
+    from fipo_jax.build import build_policy, warm_start
+    from fipo_jax.config import apply_overrides, cpu_default
+    from fipo_jax.data import ChainTask
+
+    config = apply_overrides(cpu_default(), [
+        "model.num_layers=1", "model.hidden_size=16", "model.intermediate_size=32", "model.num_heads=2",
+        "model.num_kv_heads=1", "data.n_terms=3", "sft.steps=2", "sft.batch_size=4", f"sft.cache_dir={tmp_path}"])
+    tokenizer, model = build_policy(config, None, lambda s: None)
+    task = ChainTask(n_terms=3)
+    warm_start(config, model, tokenizer, task, lambda s: None, lambda total, desc: None)
+    [cache] = [p for p in os.listdir(tmp_path) if p.endswith(".npz")]
+    with open(tmp_path / cache, "r+b") as f:
+        f.truncate(100)
+    log = []
+    warm_start(config, model, tokenizer, task, log.append, lambda total, desc: None)
+    assert log[0].startswith(f"[warning] SFT cache {tmp_path / cache}") and "retraining the warm start" in log[0]
+    assert os.path.exists(tmp_path / (cache + ".corrupt"))
+    retrained = [np.array(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    log.clear()
+    nnx.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    warm_start(config, model, tokenizer, task, log.append, lambda total, desc: None)  # the rebuilt cache loads
+    assert log == [f"[sft] loaded cached warm start {tmp_path / cache}"]
+    for loaded, saved in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), retrained):
+        np.testing.assert_array_equal(loaded, saved)
