@@ -3,6 +3,7 @@ tiny files of every accepted architecture and tensor type written with `gguf.GGU
 clear errors for files we cannot read."""
 
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,7 +17,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from fipo_jax.models import CheckpointMismatchError, UnsupportedConfigError, load_pretrained  # noqa: E402
+from fipo_jax.models import (CheckpointFileError, CheckpointMismatchError, UnsupportedConfigError,  # noqa: E402
+                             load_pretrained)
 from fipo_jax.models.assets import gemma3_270m_gguf  # noqa: E402
 from fipo_jax.models.gguf_io import GGUFError, gguf_hf_config, read_gguf  # noqa: E402
 from fipo_jax.models.tokenizer import load_tokenizer  # noqa: E402
@@ -151,7 +153,7 @@ def test_truncated_and_foreign_files(tmp_path):
     foreign.write_bytes(b"PK\x03\x04 not a gguf file")
     with pytest.raises(GGUFError, match=r"not a GGUF file \(starts with b'PK"):
         load_pretrained(str(foreign))
-    with pytest.raises(FileNotFoundError, match="no GGUF file at"):
+    with pytest.raises(FileNotFoundError, match=r"model path '.*missing.gguf' does not exist"):
         load_pretrained(str(tmp_path / "missing.gguf"))
 
 
@@ -164,6 +166,29 @@ def test_gguf_tensor_mismatch_lists_every_problem(tmp_path):
     path = write_gguf(original, tmp_path / "missing.gguf", "llama")
     with pytest.raises(CheckpointMismatchError, match=r"missing tensors \(1\): \['model.layers.1.mlp.up_proj.weight'\]"):
         load_pretrained(path)
+
+
+def test_gguf_nonfinite_weights_are_named(tmp_path):
+    """NaN / ±inf weights (here F32, stored as is) are refused naming the llama.cpp and HF tensor names."""
+    original = tiny("llama")
+    with torch.no_grad():
+        original.model.layers[1].mlp.up_proj.weight[2, 3] = float("nan")
+        original.model.norm.weight[0] = float("inf")
+    path = write_gguf(original, tmp_path / "nan.gguf", "llama")
+    with pytest.raises(CheckpointFileError, match=r"2 tensor\(s\) hold NaN or ±inf values .*: " + re.escape(
+            f"{path}: ['output_norm.weight (model.norm.weight)', "
+            "'blk.1.ffn_up.weight (model.layers.1.mlp.up_proj.weight)']") + "$"):
+        load_pretrained(path)
+
+
+def test_gguf_metadata_errors_and_tokenizer_failures_name_the_file(tmp_path):
+    path = write_gguf(tiny("llama"), tmp_path / "notok.gguf", "llama")
+    with pytest.raises(GGUFError, match=re.escape(path) + ": transformers cannot build a tokenizer from this GGUF "
+                                                          "file: ValueError: Cannot build a tokenizer"):
+        load_tokenizer(path, cache_dir=tmp_path / "cache")
+    phi = write_gguf(tiny("llama"), tmp_path / "phi.gguf", "phi3")
+    with pytest.raises(UnsupportedConfigError, match=re.escape(phi) + ": GGUF architecture 'phi3'"):
+        load_pretrained(phi)
 
 
 def test_gguf_llama3_rope_factors_are_refused(tmp_path):

@@ -21,6 +21,7 @@ from fipo_jax.models.decoder import CausalLM, Qwen2ForCausalLM, positions_from_m
 from fipo_jax.models.families import WeightMapping, config_from_hf, config_to_hf, hf_weight_table
 from fipo_jax.models.hf_io import (
     DEFAULT_RULES,
+    CheckpointFileError,
     CheckpointMismatchError,
     SafetensorsSource,
     TensorSource,
@@ -28,6 +29,7 @@ from fipo_jax.models.hf_io import (
     load_pretrained,
     load_weights,
     logical_to_mesh_spec,
+    nonfinite_tensors,
     param_shardings,
     save_pretrained,
     weight_mapping,
@@ -44,6 +46,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "AttentionMask",
     "CausalLM",
+    "CheckpointFileError",
     "CheckpointMismatchError",
     "KVCache",
     "ModelConfig",
@@ -65,6 +68,7 @@ __all__ = [
     "load_pretrained",
     "load_weights",
     "logical_to_mesh_spec",
+    "nonfinite_tensors",
     "param_shardings",
     "positions_from_mask",
     "rms_norm",

@@ -22,7 +22,7 @@ import numpy as np
 
 from fipo_jax.models.config import UnsupportedConfigError
 from fipo_jax.models.families import config_from_hf
-from fipo_jax.models.hf_io import TensorInfo, TensorSource, load_weights
+from fipo_jax.models.hf_io import CheckpointFileError, TensorInfo, TensorSource, load_weights
 
 # GGUF general.architecture → our model_type.
 ARCHITECTURES = {"gemma3": "gemma3_text", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -62,7 +62,7 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
                  "output.weight": "lm_head.weight"}
 
 
-class GGUFError(ValueError):
+class GGUFError(CheckpointFileError):
     """A file that is not a readable GGUF checkpoint (truncated, corrupt, or missing metadata)."""
 
 
@@ -203,6 +203,10 @@ class GGUFSource(TensorSource):
             array = array.reshape(tuple(int(n) for n in reversed(list(tensor.shape))))
             yield name, self._undo_conventions(name, array)
 
+    def locate(self, name: str) -> tuple[str, str]:
+        tensor = self.tensors.get(name)
+        return self.description, name if tensor is None else tensor.name
+
     def _undo_conventions(self, name: str, array: np.ndarray) -> np.ndarray:
         if self.arch == "gemma3" and name.endswith("norm.weight"):
             return array - np.float32(1.0)  # llama.cpp stores Gemma's (1 + w)
@@ -245,7 +249,10 @@ def load_gguf(
     """A `CausalLM` from a `.gguf` file (see the module docstring); options as `load_pretrained`."""
     path = os.fspath(path)
     reader = read_gguf(path)
-    hf_config = gguf_hf_config(reader)
+    try:
+        hf_config = gguf_hf_config(reader)
+    except (GGUFError, UnsupportedConfigError) as error:
+        raise type(error)(f"{path}: {error}") from error
     config = config_from_hf(hf_config, dtype=dtype, compute_dtype=compute_dtype, remat=remat,
                             attention_chunk_size=attention_chunk_size)
     return load_weights(GGUFSource(reader, hf_config, path), config, mesh=mesh, rules=rules)

@@ -5,6 +5,9 @@ from `model.safetensors`, a sharded checkpoint (`model.safetensors.index.json`) 
 (`gguf_io`), one tensor at a time, through the explicit table `hf_weight_table(config)` (HF key →
 nnx path + layout transform). With a mesh, each tensor is placed straight onto the
 `NamedSharding` its logical axes map to, so the host never holds more than one tensor of the model.
+Bad inputs fail in one line naming the path, file or tensor: a missing path, a malformed
+config.json / index (`read_json_object`), a truncated safetensors file (with the tensors it lost),
+NaN / ±inf weights (one on-device all-finite reduction per tensor after loading: `nonfinite_tensors`).
 
 Export: `save_pretrained` writes HF-layout safetensors (torch Linear weights are [out, in]) and the
 family's transformers-5 `config.json`, which `transformers.AutoModelForCausalLM` loads.
@@ -20,14 +23,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers "bfloat16" with numpy so safetensors can return BF16)
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from fipo_jax import sharding as _sharding
+from fipo_jax._checks import require
 from fipo_jax.models.config import MODEL_TYPES, ModelConfig, UnsupportedConfigError
 from fipo_jax.models.decoder import CausalLM
 from fipo_jax.models.families import WeightMapping, config_from_hf, hf_weight_table
@@ -51,6 +56,30 @@ _FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not match the model: lists every problem at once."""
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file that cannot be used as it is: malformed JSON (config.json, the sharded index,
+    tokenizer files), a truncated or corrupt safetensors file, non-finite (NaN / ±inf) weights. The
+    message names the file, and the tensor(s) when known."""
+
+
+_JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+                    bool: "a boolean", type(None): "null"}
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception] = CheckpointFileError) -> dict[str, Any]:
+    """The JSON object stored in ``path``; ``error`` naming the file if it is not valid JSON or holds
+    something other than an object (an array, a string, ...)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e})") from e
+    require(isinstance(value, dict),
+            f"{path} must hold a JSON object, got {_JSON_TYPE_NAMES.get(type(value), type(value).__name__)}", error)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +110,10 @@ class TensorSource(abc.ABC):
     def read(self, names: Sequence[str]):
         """Yields (name, float numpy array in the HF layout), one tensor at a time."""
 
+    def locate(self, name: str) -> tuple[str, str]:
+        """(file, tensor name inside that file) of the HF tensor ``name``, for error messages."""
+        return self.description, name
+
 
 class SafetensorsSource(TensorSource):
     """The tensors of `model.safetensors` or a sharded checkpoint (`model.safetensors.index.json`)."""
@@ -95,7 +128,7 @@ class SafetensorsSource(TensorSource):
     def infos(self) -> dict[str, TensorInfo]:
         found: dict[str, TensorInfo] = {}
         for file in self.files:
-            with safe_open(file, framework="numpy") as f:
+            with _open_safetensors(file) as f:
                 for key in f.keys():
                     if key in found:
                         raise CheckpointMismatchError(f"tensor {key!r} appears in both {self._file_of[key]} and {file}")
@@ -112,9 +145,58 @@ class SafetensorsSource(TensorSource):
         for name in names:
             by_file.setdefault(self._file_of[name], []).append(name)
         for file, keys in by_file.items():
-            with safe_open(file, framework="numpy") as f:
+            with _open_safetensors(file) as f:
                 for key in keys:
-                    yield key, f.get_tensor(key)
+                    try:
+                        tensor = f.get_tensor(key)
+                    except (SafetensorError, OSError, ValueError) as error:
+                        raise CheckpointFileError(f"{file}: tensor {key!r} cannot be read ({error})") from error
+                    yield key, tensor
+
+    def locate(self, name: str) -> tuple[str, str]:
+        if not self._file_of:
+            self.infos()
+        return self._file_of.get(name, self.description), name
+
+
+def _open_safetensors(file: str):
+    """`safe_open(file)`, or a CheckpointFileError naming the file (and the tensors a truncation cut off)."""
+    try:
+        return safe_open(file, framework="numpy")
+    except SafetensorError as error:
+        raise CheckpointFileError(_safetensors_damage(file, error)) from error
+
+
+def _safetensors_damage(file: str, error: Exception) -> str:
+    """One line saying what is wrong with a safetensors file that `safe_open` refused.
+
+    Layout: 8-byte little-endian header length n, n bytes of JSON header ({name: {dtype, shape,
+    data_offsets: [begin, end]}}), then the data; offsets count from the end of the header.
+    """
+    generic = f"{file} is not a readable safetensors file (truncated or corrupt?): {error}"
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            prefix = f.read(9)
+            if len(prefix) < 8:
+                return f"{file} is truncated: {size} bytes, too short for a safetensors header"
+            header_bytes = int.from_bytes(prefix[:8], "little")
+            if header_bytes > 100_000_000 or prefix[8:] not in (b"", b"{"):  # the JSON header must follow
+                return f"{file} is not a safetensors file (it starts with {prefix!r}): {error}"
+            f.seek(8)
+            if 8 + header_bytes > size:
+                return f"{file} is truncated: {size} bytes, but its header alone needs {8 + header_bytes}"
+            header = json.loads(f.read(header_bytes))
+        data_bytes = size - 8 - header_bytes
+        ends = {name: int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"}
+        cut = sorted((name for name, end in ends.items() if end > data_bytes), key=ends.get)
+        if cut:
+            shown = ", ".join(repr(name) for name in cut[:5]) + (f" and {len(cut) - 5} more" if len(cut) > 5 else "")
+            return (f"{file} is truncated: {size} bytes on disk, its header describes "
+                    f"{8 + header_bytes + max(ends.values())}; tensors cut off: {shown}")
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return generic
+    return generic
 
 
 def checkpoint_files(path: str | os.PathLike) -> list[str]:
@@ -122,9 +204,15 @@ def checkpoint_files(path: str | os.PathLike) -> list[str]:
     path = os.fspath(path)
     index_path = os.path.join(path, SAFETENSORS_INDEX)
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        weight_map = read_json_object(index_path).get("weight_map")
+        require(isinstance(weight_map, dict) and bool(weight_map)
+                and all(isinstance(name, str) for name in weight_map.values()),
+                f"{index_path} has no \"weight_map\" object (tensor name → shard file name)", CheckpointFileError)
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        absent = [os.path.basename(file) for file in files if not os.path.isfile(file)]
+        if absent:
+            raise FileNotFoundError(f"{index_path} lists shard files that do not exist in {path}: {absent}")
+        return files
     single = os.path.join(path, SAFETENSORS_SINGLE)
     if os.path.exists(single):
         return [single]
@@ -185,11 +273,43 @@ def _place(array: np.ndarray, sharding: jax.sharding.NamedSharding | None) -> ja
 
 
 def _check_tied_head(source: TensorSource) -> None:
-    """A tied checkpoint may still carry lm_head.weight; accept it only if it equals the embedding."""
+    """A tied checkpoint may still carry lm_head.weight; accept it only if it equals the embedding
+    (NaNs in the same places count as equal here: the finiteness check names them afterwards)."""
     tensors = dict(source.read(["lm_head.weight", "model.embed_tokens.weight"]))
-    if not np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
+    if not np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"], equal_nan=True):
         raise CheckpointMismatchError("config has tie_word_embeddings=True but the checkpoint's lm_head.weight "
                                       "differs from model.embed_tokens.weight")
+
+
+@jax.jit
+def _is_finite(array: jax.Array) -> jax.Array:
+    """One fused reduction: True iff every element is finite (compiled once per shape/dtype/sharding)."""
+    return jnp.isfinite(array).all()
+
+
+def nonfinite_tensors(arrays: Mapping[Any, jax.Array]) -> list[Any]:
+    """The keys of ``arrays`` whose array holds a NaN or ±inf, in the mapping's order.
+
+    One jitted all-finite reduction per array, all dispatched before a single device→host
+    transfer of the flags; nothing the size of an array is copied. Non-float arrays are skipped.
+    """
+    keys = [key for key, array in arrays.items() if jnp.issubdtype(array.dtype, jnp.inexact)]
+    flags = jax.device_get([_is_finite(arrays[key]) for key in keys])
+    return [key for key, ok in zip(keys, flags) if not ok]
+
+
+def _check_finite(source: TensorSource, loaded: Mapping[str, jax.Array]) -> None:
+    """Raises a CheckpointFileError naming every loaded tensor (and its file) that holds NaN or ±inf."""
+    bad = nonfinite_tensors(loaded)
+    if not bad:
+        return
+    by_file: dict[str, list[str]] = {}
+    for key in bad:
+        file, name = source.locate(key)
+        by_file.setdefault(file, []).append(name if name == key else f"{name} ({key})")
+    where = "; ".join(f"{file}: {names}" for file, names in by_file.items())
+    raise CheckpointFileError(f"{len(bad)} tensor(s) hold NaN or ±inf values (a corrupt or diverged checkpoint): "
+                              f"{where}")
 
 
 def load_weights(
@@ -205,7 +325,9 @@ def load_weights(
     checked against `hf_weight_table(config)` before any data is read. Tensors are cast to
     `config.dtype`; with `mesh`, each lands directly on its NamedSharding (`param_shardings` by
     `rules`, all computed before any data is read: a rule that cannot apply raises
-    `fipo_jax.sharding.ShardingRuleError` up front).
+    `fipo_jax.sharding.ShardingRuleError` up front). Once all are placed, one on-device all-finite
+    reduction per tensor (`nonfinite_tensors`) refuses NaN / ±inf weights with a
+    `CheckpointFileError` naming each such tensor and its file.
     """
     if not isinstance(source, TensorSource):
         source = SafetensorsSource(source)
@@ -224,13 +346,16 @@ def load_weights(
         _check_tied_head(source)
     param_dtype = np.dtype(config.dtype)
     rows = {row.hf_key: row for row in table}
+    loaded: dict[str, jax.Array] = {}
     for key, hf_array in source.read(list(rows)):
         row = rows[key]
         variable = variables[row.path]
         ours = np.ascontiguousarray(row.layout.to_ours(hf_array, tuple(variable.shape)).astype(param_dtype))
         sharding = shardings.get(row.path)
-        variable.set_value(_place(ours, None if sharding is None else sharding.get_value()))
+        loaded[key] = _place(ours, None if sharding is None else sharding.get_value())
+        variable.set_value(loaded[key])
         del hf_array, ours
+    _check_finite(source, loaded)
     return nnx.merge(graphdef, state)
 
 
@@ -259,25 +384,41 @@ def load_pretrained(
 
     Raises:
       FileNotFoundError: no such folder / file, or a folder without config.json or weights.
-      UnsupportedConfigError: the config describes a model this implementation does not compute.
+      NotADirectoryError: a file inside a checkpoint folder (config.json, a .safetensors file).
+      UnsupportedConfigError: the config describes a model this implementation does not compute
+        (the message starts with the config file's path).
+      CheckpointFileError: config.json / the sharded index is not a JSON object, a safetensors
+        file is truncated or corrupt, or a tensor holds NaN / ±inf (`gguf_io.GGUFError`, a
+        subclass, for a damaged GGUF file).
       CheckpointMismatchError: missing / unexpected / mis-shaped tensors (all listed at once).
       fipo_jax.sharding.ShardingRuleError: with `mesh`, a rule that cannot apply to a parameter.
     """
     path = os.fspath(path)
     options = dict(dtype=dtype, compute_dtype=compute_dtype, remat=remat, attention_chunk_size=attention_chunk_size)
+    _check_model_path(path)
     if path.endswith(".gguf") or os.path.isfile(path):
         from fipo_jax.models import gguf_io
 
         return gguf_io.load_gguf(path, mesh=mesh, rules=rules, **options)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint folder or .gguf file at {path!r}")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
-    with open(config_path, encoding="utf-8") as f:
-        hf_dict = json.load(f)
-    config = config_from_hf(_normalised_hf_config(hf_dict), **options)
+    hf_dict = read_json_object(config_path)
+    try:
+        config = config_from_hf(_normalised_hf_config(hf_dict), **options)
+    except UnsupportedConfigError as error:
+        raise UnsupportedConfigError(f"{config_path}: {error}") from error
     return load_weights(SafetensorsSource(path), config, mesh=mesh, rules=rules)
+
+
+def _check_model_path(path: str) -> None:
+    """A model path names an existing checkpoint folder or GGUF file, not a hub id or a file inside a folder."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist (expected a local Hugging Face checkpoint "
+                                "folder or a .gguf file; hub ids are not downloaded)")
+    if os.path.isfile(path) and path.endswith((".safetensors", ".json")):
+        raise NotADirectoryError(f"model path {path!r} is a file inside a checkpoint folder; pass the folder "
+                                f"{os.path.dirname(os.path.abspath(path))!r} instead")
 
 
 def _normalised_hf_config(hf_dict: dict[str, Any]) -> Any:
@@ -292,7 +433,7 @@ def _normalised_hf_config(hf_dict: dict[str, Any]) -> Any:
     try:
         return transformers.AutoConfig.for_model(model_type, **{k: v for k, v in hf_dict.items() if k != "model_type"})
     except (TypeError, ValueError) as error:
-        raise UnsupportedConfigError(f"config.json is not a valid {model_type} config for transformers: {error}") from error
+        raise UnsupportedConfigError(f"not a valid {model_type} config for transformers: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,21 +134,71 @@ def load_tokenizer(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
     262k-token vocabulary) and the result saved under `cache_dir` (default
     `$FIPO_CACHE_DIR/gguf_tokenizers`, else `~/.cache/fipo_jax/gguf_tokenizers`), keyed by the
     file's path, size and modification time, so later loads take well under a second.
+
+    Raises:
+      FileNotFoundError: no such path, or a folder without a vocabulary file.
+      NotADirectoryError: a file other than a .gguf.
+      CheckpointFileError (`fipo_jax.models.hf_io`): a tokenizer file that is not valid JSON / not a
+        JSON object / a tokenizer.json the `tokenizers` library refuses (named), or a folder
+        transformers cannot load for another reason; `GGUFError`, a subclass, for a GGUF file
+        whose tokenizer transformers cannot build.
+      ValueError: a tokenizer of fewer than 2 tokens.
     """
     from transformers import AutoTokenizer
 
     path = os.fspath(path)
     if os.path.isfile(path) and path.endswith(".gguf"):
         return _gguf_tokenizer(path, cache_dir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer path {path!r} does not exist (load_tokenizer expects a local tokenizer "
+                                "folder or a .gguf file)")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"load_tokenizer expects a local tokenizer folder or a .gguf file, got {path!r}")
+        raise NotADirectoryError(f"load_tokenizer expects a local tokenizer folder or a .gguf file, got the file "
+                                 f"{path!r}")
     if not any(os.path.isfile(os.path.join(path, name)) for name in VOCABULARY_FILES):
         raise FileNotFoundError(f"{path} holds no tokenizer vocabulary (expected one of {', '.join(VOCABULARY_FILES)}); "
                                 "copy the model's tokenizer files into the folder")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as error:  # transformers / tokenizers raise anything from JSONDecodeError to KeyError
+        raise _tokenizer_folder_error(path, error) from error
     if len(tokenizer) < 2:
         raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} token(s): its files are incomplete")
     return tokenizer
+
+
+# JSON files a tokenizer folder may hold, in the order a damaged one is looked for.
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "vocab.json", "config.json")
+
+
+def _one_line(error: BaseException) -> str:
+    """``error``'s message on one line (library messages sometimes span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _tokenizer_folder_error(path: str, error: Exception) -> Exception:
+    """The error to raise when transformers cannot load the tokenizer in ``path``: a
+    `CheckpointFileError` naming the first damaged file (not JSON, not a JSON object, or a
+    tokenizer.json the `tokenizers` library refuses), else one naming the folder."""
+    from fipo_jax.models.hf_io import CheckpointFileError, read_json_object
+
+    for name in TOKENIZER_JSON_FILES:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            read_json_object(file)
+        except CheckpointFileError as damaged:
+            return damaged
+        if name == "tokenizer.json":
+            from tokenizers import Tokenizer
+
+            try:
+                Tokenizer.from_file(file)
+            except Exception as refused:  # the Rust library raises a bare Exception
+                return CheckpointFileError(f"{file} is not a valid tokenizer.json ({_one_line(refused)})")
+    return CheckpointFileError(f"the tokenizer in {path} cannot be loaded: {type(error).__name__}: {_one_line(error)}")
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -166,8 +216,14 @@ def _gguf_tokenizer(path: str, cache_dir: str | os.PathLike | None):
     cached = pathlib.Path(cache_dir or default_cache_dir() / "gguf_tokenizers") / key
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(cached, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path),
-                                              local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                  gguf_file=os.path.basename(path), local_files_only=True)
+    except Exception as error:  # conversion errors come as ValueError, KeyError, struct errors, ...
+        from fipo_jax.models.gguf_io import GGUFError
+
+        raise GGUFError(f"{path}: transformers cannot build a tokenizer from this GGUF file: "
+                        f"{type(error).__name__}: {_one_line(error)}") from error
     try:
         tmp = cached.with_name(f"{key}.{os.getpid()}.tmp")
         tokenizer.save_pretrained(tmp)
