@@ -40,6 +40,8 @@ def build_policy(config: TrainConfig, mesh, log: Log):
             attention_chunk_size=spec.attention_chunk_size)
         return tokenizer, CausalLM(model_config, rngs=nnx.Rngs(config.seed))
     from fipo_jax.models import load_pretrained
+    from fipo_jax.models.config import UnsupportedConfigError
+    from fipo_jax.models.hf_io import CheckpointFileError, CheckpointMismatchError
     from fipo_jax.models.tokenizer import load_tokenizer
 
     if spec.source == "gemma3-270m":
@@ -49,9 +51,13 @@ def build_policy(config: TrainConfig, mesh, log: Log):
     else:
         path = spec.path
     log(f"[model] loading {path}")
-    model = load_pretrained(path, dtype=spec.dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
-                            attention_chunk_size=spec.attention_chunk_size, mesh=mesh)
-    return load_tokenizer(path), model
+    try:
+        model = load_pretrained(path, dtype=spec.dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
+                                attention_chunk_size=spec.attention_chunk_size, mesh=mesh)
+        return load_tokenizer(path), model
+    except (CheckpointFileError, CheckpointMismatchError, UnsupportedConfigError, FileNotFoundError,
+            NotADirectoryError) as err:  # each names the file or tensor at fault: one line for train.py
+        raise ConfigError(f"model.path: {err}") from err
 
 
 def build_prompts(config: TrainConfig, tokenizer, model, log: Log, bar: ProgressBar

@@ -92,3 +92,21 @@ def test_dynamic_sampling_exhaustion_advice_fits_the_setting():
     assert "only 0 of 32 prompt groups" in padded and "all correct or all wrong" in padded
     assert "on_exhausted='pad'" not in padded  # it already is
     assert "set rollout.on_exhausted='pad'" in _exhausted_message(7, 3, 0.5, RolloutSpec(on_exhausted="error"))
+
+
+def test_model_and_prompt_file_errors_reach_the_command_line_as_one_line(tmp_path):
+    """build_policy / build_prompts turn the loaders' named errors into ConfigError (train.py: exit 2)."""
+    from fipo_jax.build import build_policy, build_prompts
+    from fipo_jax.data import CharTokenizer
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{")
+    config = apply_overrides(cpu_default(), ["model.source=hf", f"model.path={model}"])
+    with pytest.raises(ConfigError, match=r"model\.path: .*config\.json is not valid JSON"):
+        build_policy(config, None, lambda s: None)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Q: 1+2=", "ground_truth": "3"}\n{"prompt": "Q: 2+2=", "ground_truth": true}\n')
+    config = apply_overrides(cpu_default(), ["data.task=file", f"data.train_path={prompts}"])
+    with pytest.raises(ConfigError, match=r"data\.train_path: .*p\.jsonl line 2: .*must be a string"):
+        build_prompts(config, CharTokenizer(), None, lambda s: None, lambda total, desc: None)
