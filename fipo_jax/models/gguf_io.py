@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from fipo_jax.models.checkpoint_files import CheckpointFileError
 from fipo_jax.models.config import UnsupportedConfigError
 from fipo_jax.models.families import config_from_hf
-from fipo_jax.models.hf_io import CheckpointFileError, TensorInfo, TensorSource, load_weights
+from fipo_jax.models.hf_io import TensorInfo, TensorSource, load_weights
 
 # GGUF general.architecture → our model_type.
 ARCHITECTURES = {"gemma3": "gemma3_text", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}

@@ -5,9 +5,8 @@ from `model.safetensors`, a sharded checkpoint (`model.safetensors.index.json`) 
 (`gguf_io`), one tensor at a time, through the explicit table `hf_weight_table(config)` (HF key →
 nnx path + layout transform). With a mesh, each tensor is placed straight onto the
 `NamedSharding` its logical axes map to, so the host never holds more than one tensor of the model.
-Bad inputs fail in one line naming the path, file or tensor: a missing path, a malformed
-config.json / index (`read_json_object`), a truncated safetensors file (with the tensors it lost),
-NaN / ±inf weights (one on-device all-finite reduction per tensor after loading: `nonfinite_tensors`).
+Bad inputs fail in one line naming the path, file or tensor; those checks (missing paths, malformed
+JSON, truncated safetensors files, NaN / ±inf weights) live in `checkpoint_files`, re-exported here.
 
 Export: `save_pretrained` writes HF-layout safetensors (torch Linear weights are [out, in]) and the
 family's transformers-5 `config.json`, which `transformers.AutoModelForCausalLM` loads.
@@ -23,16 +22,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers "bfloat16" with numpy so safetensors can return BF16)
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from fipo_jax import sharding as _sharding
-from fipo_jax._checks import require
+from fipo_jax.models.checkpoint_files import (
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    CheckpointFileError,
+    check_finite,
+    check_model_path,
+    checkpoint_files,
+    nonfinite_tensors,
+    open_safetensors,
+    read_json_object,
+)
 from fipo_jax.models.config import MODEL_TYPES, ModelConfig, UnsupportedConfigError
 from fipo_jax.models.decoder import CausalLM
 from fipo_jax.models.families import WeightMapping, config_from_hf, hf_weight_table
@@ -42,44 +50,24 @@ from fipo_jax.sharding import RuleLike, param_shardings
 DEFAULT_RULES = _sharding.DEFAULT_RULES
 logical_to_mesh_spec = _sharding.logical_to_mesh_spec
 
-SAFETENSORS_SINGLE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-
 # Buffers some checkpoints carry that are recomputed from the config, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 # Alias of `hf_weight_table` under its original name.
 weight_mapping = hf_weight_table
 
+__all__ = [
+    "DEFAULT_RULES", "SAFETENSORS_INDEX", "SAFETENSORS_SINGLE", "CheckpointFileError", "CheckpointMismatchError",
+    "SafetensorsSource", "TensorInfo", "TensorSource", "checkpoint_files", "load_pretrained", "load_weights",
+    "logical_to_mesh_spec", "nonfinite_tensors", "param_shardings", "read_json_object", "save_pretrained",
+    "weight_mapping",
+]
+
 _FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not match the model: lists every problem at once."""
-
-
-class CheckpointFileError(ValueError):
-    """A checkpoint file that cannot be used as it is: malformed JSON (config.json, the sharded index,
-    tokenizer files), a truncated or corrupt safetensors file, non-finite (NaN / ±inf) weights. The
-    message names the file, and the tensor(s) when known."""
-
-
-_JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
-                    bool: "a boolean", type(None): "null"}
-
-
-def read_json_object(path: str | os.PathLike, error: type[Exception] = CheckpointFileError) -> dict[str, Any]:
-    """The JSON object stored in ``path``; ``error`` naming the file if it is not valid JSON or holds
-    something other than an object (an array, a string, ...)."""
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path} is not valid JSON ({e})") from e
-    require(isinstance(value, dict),
-            f"{path} must hold a JSON object, got {_JSON_TYPE_NAMES.get(type(value), type(value).__name__)}", error)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +116,7 @@ class SafetensorsSource(TensorSource):
     def infos(self) -> dict[str, TensorInfo]:
         found: dict[str, TensorInfo] = {}
         for file in self.files:
-            with _open_safetensors(file) as f:
+            with open_safetensors(file) as f:
                 for key in f.keys():
                     if key in found:
                         raise CheckpointMismatchError(f"tensor {key!r} appears in both {self._file_of[key]} and {file}")
@@ -145,7 +133,7 @@ class SafetensorsSource(TensorSource):
         for name in names:
             by_file.setdefault(self._file_of[name], []).append(name)
         for file, keys in by_file.items():
-            with _open_safetensors(file) as f:
+            with open_safetensors(file) as f:
                 for key in keys:
                     try:
                         tensor = f.get_tensor(key)
@@ -157,66 +145,6 @@ class SafetensorsSource(TensorSource):
         if not self._file_of:
             self.infos()
         return self._file_of.get(name, self.description), name
-
-
-def _open_safetensors(file: str):
-    """`safe_open(file)`, or a CheckpointFileError naming the file (and the tensors a truncation cut off)."""
-    try:
-        return safe_open(file, framework="numpy")
-    except SafetensorError as error:
-        raise CheckpointFileError(_safetensors_damage(file, error)) from error
-
-
-def _safetensors_damage(file: str, error: Exception) -> str:
-    """One line saying what is wrong with a safetensors file that `safe_open` refused.
-
-    Layout: 8-byte little-endian header length n, n bytes of JSON header ({name: {dtype, shape,
-    data_offsets: [begin, end]}}), then the data; offsets count from the end of the header.
-    """
-    generic = f"{file} is not a readable safetensors file (truncated or corrupt?): {error}"
-    try:
-        size = os.path.getsize(file)
-        with open(file, "rb") as f:
-            prefix = f.read(9)
-            if len(prefix) < 8:
-                return f"{file} is truncated: {size} bytes, too short for a safetensors header"
-            header_bytes = int.from_bytes(prefix[:8], "little")
-            if header_bytes > 100_000_000 or prefix[8:] not in (b"", b"{"):  # the JSON header must follow
-                return f"{file} is not a safetensors file (it starts with {prefix!r}): {error}"
-            f.seek(8)
-            if 8 + header_bytes > size:
-                return f"{file} is truncated: {size} bytes, but its header alone needs {8 + header_bytes}"
-            header = json.loads(f.read(header_bytes))
-        data_bytes = size - 8 - header_bytes
-        ends = {name: int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"}
-        cut = sorted((name for name, end in ends.items() if end > data_bytes), key=ends.get)
-        if cut:
-            shown = ", ".join(repr(name) for name in cut[:5]) + (f" and {len(cut) - 5} more" if len(cut) > 5 else "")
-            return (f"{file} is truncated: {size} bytes on disk, its header describes "
-                    f"{8 + header_bytes + max(ends.values())}; tensors cut off: {shown}")
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return generic
-    return generic
-
-
-def checkpoint_files(path: str | os.PathLike) -> list[str]:
-    """The safetensors files of a checkpoint folder (sharded index first, then single file)."""
-    path = os.fspath(path)
-    index_path = os.path.join(path, SAFETENSORS_INDEX)
-    if os.path.exists(index_path):
-        weight_map = read_json_object(index_path).get("weight_map")
-        require(isinstance(weight_map, dict) and bool(weight_map)
-                and all(isinstance(name, str) for name in weight_map.values()),
-                f"{index_path} has no \"weight_map\" object (tensor name → shard file name)", CheckpointFileError)
-        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-        absent = [os.path.basename(file) for file in files if not os.path.isfile(file)]
-        if absent:
-            raise FileNotFoundError(f"{index_path} lists shard files that do not exist in {path}: {absent}")
-        return files
-    single = os.path.join(path, SAFETENSORS_SINGLE)
-    if os.path.exists(single):
-        return [single]
-    raise FileNotFoundError(f"no {SAFETENSORS_INDEX} or {SAFETENSORS_SINGLE} in {path}")
 
 
 def _check_tensors(
@@ -281,37 +209,6 @@ def _check_tied_head(source: TensorSource) -> None:
                                       "differs from model.embed_tokens.weight")
 
 
-@jax.jit
-def _is_finite(array: jax.Array) -> jax.Array:
-    """One fused reduction: True iff every element is finite (compiled once per shape/dtype/sharding)."""
-    return jnp.isfinite(array).all()
-
-
-def nonfinite_tensors(arrays: Mapping[Any, jax.Array]) -> list[Any]:
-    """The keys of ``arrays`` whose array holds a NaN or ±inf, in the mapping's order.
-
-    One jitted all-finite reduction per array, all dispatched before a single device→host
-    transfer of the flags; nothing the size of an array is copied. Non-float arrays are skipped.
-    """
-    keys = [key for key, array in arrays.items() if jnp.issubdtype(array.dtype, jnp.inexact)]
-    flags = jax.device_get([_is_finite(arrays[key]) for key in keys])
-    return [key for key, ok in zip(keys, flags) if not ok]
-
-
-def _check_finite(source: TensorSource, loaded: Mapping[str, jax.Array]) -> None:
-    """Raises a CheckpointFileError naming every loaded tensor (and its file) that holds NaN or ±inf."""
-    bad = nonfinite_tensors(loaded)
-    if not bad:
-        return
-    by_file: dict[str, list[str]] = {}
-    for key in bad:
-        file, name = source.locate(key)
-        by_file.setdefault(file, []).append(name if name == key else f"{name} ({key})")
-    where = "; ".join(f"{file}: {names}" for file, names in by_file.items())
-    raise CheckpointFileError(f"{len(bad)} tensor(s) hold NaN or ±inf values (a corrupt or diverged checkpoint): "
-                              f"{where}")
-
-
 def load_weights(
     source: TensorSource | str | os.PathLike,
     config: ModelConfig,
@@ -355,7 +252,7 @@ def load_weights(
         loaded[key] = _place(ours, None if sharding is None else sharding.get_value())
         variable.set_value(loaded[key])
         del hf_array, ours
-    _check_finite(source, loaded)
+    check_finite(loaded, source.locate)
     return nnx.merge(graphdef, state)
 
 
@@ -395,7 +292,7 @@ def load_pretrained(
     """
     path = os.fspath(path)
     options = dict(dtype=dtype, compute_dtype=compute_dtype, remat=remat, attention_chunk_size=attention_chunk_size)
-    _check_model_path(path)
+    check_model_path(path)
     if path.endswith(".gguf") or os.path.isfile(path):
         from fipo_jax.models import gguf_io
 
@@ -409,16 +306,6 @@ def load_pretrained(
     except UnsupportedConfigError as error:
         raise UnsupportedConfigError(f"{config_path}: {error}") from error
     return load_weights(SafetensorsSource(path), config, mesh=mesh, rules=rules)
-
-
-def _check_model_path(path: str) -> None:
-    """A model path names an existing checkpoint folder or GGUF file, not a hub id or a file inside a folder."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model path {path!r} does not exist (expected a local Hugging Face checkpoint "
-                                "folder or a .gguf file; hub ids are not downloaded)")
-    if os.path.isfile(path) and path.endswith((".safetensors", ".json")):
-        raise NotADirectoryError(f"model path {path!r} is a file inside a checkpoint folder; pass the folder "
-                                f"{os.path.dirname(os.path.abspath(path))!r} instead")
 
 
 def _normalised_hf_config(hf_dict: dict[str, Any]) -> Any:
