@@ -3,14 +3,14 @@ family differences are config fields; HF safetensors and GGUF import, HF export,
 
 Modules: `config` (ModelConfig), `families` (HF configs and tensor names per family), `rope`,
 `attention` (full / chunked / sliding / decode), `kv_cache`, `layers`, `decoder` (the layer stack),
-`hf_io` (safetensors import/export), `checkpoint_files` (is a checkpoint file / folder usable:
+`hf_io` (safetensors import/export), `file_checks` (is a checkpoint file / folder usable:
 paths, JSON, safetensors damage, non-finite weights), `gguf_io` (GGUF import), `tokenizer`, `assets`
 (checkpoints that ship in packages). The sharding rules table (`DEFAULT_RULES`, `logical_to_mesh_spec`,
 `param_shardings`, re-exported here) lives in `fipo_jax.sharding`.
 """
 
 from fipo_jax.models.attention import AttentionMask, decode_attention, grouped_query_attention
-from fipo_jax.models.checkpoint_files import CheckpointFileError, checkpoint_files, nonfinite_tensors
+from fipo_jax.models.file_checks import CheckpointFileError, checkpoint_files, nonfinite_tensors
 from fipo_jax.models.config import (
     MODEL_TYPES,
     SUPPORTED_DTYPES,

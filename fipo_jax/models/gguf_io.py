@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fipo_jax.models.checkpoint_files import CheckpointFileError
+from fipo_jax.models.file_checks import CheckpointFileError
 from fipo_jax.models.config import UnsupportedConfigError
 from fipo_jax.models.families import config_from_hf
 from fipo_jax.models.hf_io import TensorInfo, TensorSource, load_weights

@@ -6,7 +6,7 @@ from `model.safetensors`, a sharded checkpoint (`model.safetensors.index.json`) 
 nnx path + layout transform). With a mesh, each tensor is placed straight onto the
 `NamedSharding` its logical axes map to, so the host never holds more than one tensor of the model.
 Bad inputs fail in one line naming the path, file or tensor; those checks (missing paths, malformed
-JSON, truncated safetensors files, NaN / ±inf weights) live in `checkpoint_files`, re-exported here.
+JSON, truncated safetensors files, NaN / ±inf weights) live in `file_checks`, re-exported here.
 
 Export: `save_pretrained` writes HF-layout safetensors (torch Linear weights are [out, in]) and the
 family's transformers-5 `config.json`, which `transformers.AutoModelForCausalLM` loads.
@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from fipo_jax import sharding as _sharding
-from fipo_jax.models.checkpoint_files import (
+from fipo_jax.models.file_checks import (
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
     CheckpointFileError,

@@ -181,7 +181,7 @@ def _tokenizer_folder_error(path: str, error: Exception) -> Exception:
     """The error to raise when transformers cannot load the tokenizer in ``path``: a
     `CheckpointFileError` naming the first damaged file (not JSON, not a JSON object, or a
     tokenizer.json the `tokenizers` library refuses), else one naming the folder."""
-    from fipo_jax.models.checkpoint_files import CheckpointFileError, read_json_object
+    from fipo_jax.models.file_checks import CheckpointFileError, read_json_object
 
     for name in TOKENIZER_JSON_FILES:
         file = os.path.join(path, name)

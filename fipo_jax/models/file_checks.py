@@ -14,9 +14,7 @@ Every failure is one line naming the path, file or tensor:
 
 Bad files raise `CheckpointFileError` (`gguf_io.GGUFError` subclasses it); missing paths raise
 `FileNotFoundError` / `NotADirectoryError`. This module reads files and flags arrays; importing and
-exporting weights is `hf_io`, which re-exports these names. Note that `fipo_jax.models.checkpoint_files`
-(the package attribute) is the function of that name; import from this module with
-`from fipo_jax.models.checkpoint_files import ...`.
+exporting weights is `hf_io`, which re-exports these names.
 """
 
 from __future__ import annotations
