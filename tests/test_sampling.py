@@ -315,7 +315,7 @@ def test_all_rows_stop_at_first_step(models, prompts, greedy_output):
     "change, pattern",
     [
         (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
-        (dict(temperature=-0.1), "temperature must be a finite number >= 0"),
+        (dict(temperature=-0.1), r"temperature must be 0 \(greedy\) or a finite number >= 0\.01"),
         (dict(temperature=float("nan")), "temperature"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), "top_p"),
