@@ -146,11 +146,21 @@ def future_kl(
         _checks.check_positive("filter_threshold", filter_threshold)
     delta = jnp.asarray(delta_log_probs)
     delta = delta.astype(jnp.promote_types(delta.dtype, jnp.float32))
+    x = jnp.where(summed_tokens(delta, mask, filter_threshold), delta, 0.0)
+    return discounted_reverse_cumsum(x, discount_factor(decay_rate), method, block_size)
+
+
+def summed_tokens(delta_log_probs: jax.Array, mask: jax.Array, filter_threshold: float | None = None) -> jax.Array:
+    """The tokens `future_kl` sums: real (mask ≠ 0) and, with a filter, Δlog p ≤ log(threshold).
+
+        keep_t = mask_t ∧ (Δlog p_t ≤ log c)
+
+    Real tokens outside it are the ones FIPO's extreme-ratio filter drops (paper E2)."""
+    delta = jnp.asarray(delta_log_probs)
     keep = jnp.asarray(mask) != 0
     if filter_threshold is not None:
         keep = keep & (delta <= jnp.log(jnp.asarray(filter_threshold, delta.dtype)))
-    x = jnp.where(keep, delta, 0.0)
-    return discounted_reverse_cumsum(x, discount_factor(decay_rate), method, block_size)
+    return keep
 
 
 def _reverse_scan(x: jax.Array, gamma: jax.Array) -> jax.Array:
@@ -243,4 +253,5 @@ __all__ = [
     "discount_factor",
     "discounted_reverse_cumsum",
     "future_kl",
+    "summed_tokens",
 ]

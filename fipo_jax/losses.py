@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from fipo_jax import _checks
-from fipo_jax.future_kl import METHODS as FUTURE_KL_METHODS, FutureKLMethod, future_kl
+from fipo_jax.future_kl import METHODS as FUTURE_KL_METHODS, FutureKLMethod, future_kl, summed_tokens
 from fipo_jax import loss_metrics as lm
 
 LossMode = Literal["fipo", "dapo", "grpo"]
@@ -36,6 +36,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 _SAFETY_CLAMP = (0.8, 1.0)
 _UNCLIPPED_WEIGHT_CAP = 10.0
 _BOUND_TOLERANCE = 1e-7  # official clip-fraction metrics compare with ±1e-7
+# A token's influence weight "acts" when |f − 1| exceeds this (the activity metrics).
+ACTIVE_WEIGHT_TOLERANCE = 0.01
 
 
 # How each metric of `policy_loss_terms` combines over micro-batches (and mini-batches): "sum" for
@@ -46,6 +48,7 @@ METRIC_REDUCTIONS: Mapping[str, Literal["sum", "mean", "min", "max"]] = types.Ma
     "ppo_kl": "mean", "pg_clipfrac": "mean", "pg_clipfrac_lower": "mean", "pg_loss": "mean",
     "kl_loss": "mean", "entropy": "mean",
     "dropped_sequences": "sum", "response_tokens": "sum", "loss_tokens": "sum",
+    "influence_active_tokens": "sum", "filtered_tokens": "sum", "safety_clamped_tokens": "sum",
     "influence_weights_mean": "mean", "influence_weights_min": "min", "influence_weights_max": "max",
     "clip_frac_upper": "mean", "clip_frac_lower": "mean", "total_clip_frac": "mean",
     "influence_weights_mean_raw": "mean", "raw_influence_weights_min": "min", "raw_influence_weights_max": "max",
@@ -245,9 +248,39 @@ def influence_weights(
     raw = jnp.exp(jax.lax.stop_gradient(future_kl_values))
     lo, hi = config.influence_bounds
     weights = jnp.clip(raw, lo, hi)
-    risky_negative = (advantages < 0) & (jax.lax.stop_gradient(ratio) > config.safety_threshold)
+    risky_negative = safety_clamp_mask(advantages, ratio, config.safety_threshold)
     weights = jnp.where(risky_negative, jnp.clip(weights, *_SAFETY_CLAMP), weights)
     return jax.lax.stop_gradient(weights), raw
+
+
+def safety_clamp_mask(advantages: jax.Array, ratio: jax.Array, safety_threshold: float) -> jax.Array:
+    """A < 0 ∧ r > safety threshold: the tokens whose influence weight E5 clamps into [0.8, 1]."""
+    return (advantages < 0) & (jax.lax.stop_gradient(ratio) > safety_threshold)
+
+
+class Influence(NamedTuple):
+    """FIPO's per-token pieces (spec E2–E5), each [B, T], stop-gradient."""
+
+    summed: jax.Array  # bool: tokens the Future-KL sums (real, and r ≤ c when the filter is on)
+    future_kl: jax.Array  # FutureKL_t (E3)
+    raw_weights: jax.Array  # exp(FutureKL_t), before any clip
+    weights: jax.Array  # f_t: clipped to the influence bounds (E4), safety-clamped (E5)
+    safety_clamped: jax.Array  # bool: `safety_clamp_mask`
+
+
+def influence(log_ratio: jax.Array, advantages: jax.Array, mask: jax.Array, config: PolicyLossConfig) -> Influence:
+    """The Future-KL of the (stop-gradient) log-ratio and the influence weights it gives (E2–E5).
+
+        FutureKL_t = Σ_{k≥t} γ^{k−t} Δlog p_k · keep_k,   f_t = clip(exp(FutureKL_t), lo, hi), safety-clamped
+    """
+    log_ratio = jax.lax.stop_gradient(log_ratio)
+    threshold = config.clip_ratio_c if config.future_kl_filter else None
+    future = future_kl(log_ratio, mask, config.decay_rate, filter_threshold=threshold,
+                       method=config.future_kl_method, block_size=config.future_kl_block_size)
+    ratio = jnp.exp(log_ratio)
+    weights, raw = influence_weights(future, advantages, ratio, config)
+    return Influence(summed_tokens(log_ratio, mask, threshold), future, raw, weights,
+                     safety_clamp_mask(advantages, ratio, config.safety_threshold) & (jnp.asarray(mask) != 0))
 
 
 def fipo_advantages(
@@ -255,17 +288,8 @@ def fipo_advantages(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Ã = A · f with f the influence weights of the Future-KL of the (stop-gradient) log-ratio
     (spec E2–E6); returns ``(Ã, influence-weight metrics)``."""
-    log_ratio = jax.lax.stop_gradient(log_ratio)
-    future = future_kl(
-        log_ratio,
-        mask,
-        config.decay_rate,
-        filter_threshold=config.clip_ratio_c if config.future_kl_filter else None,
-        method=config.future_kl_method,
-        block_size=config.future_kl_block_size,
-    )
-    weights, raw = influence_weights(future, advantages, jnp.exp(log_ratio), config)
-    return advantages * weights, _influence_metrics(weights, raw, mask, config)
+    pieces = influence(log_ratio, advantages, mask, config)
+    return advantages * pieces.weights, _influence_metrics(pieces.weights, pieces.raw_weights, mask, config)
 
 
 def dual_clip_mask(ratio: jax.Array, advantages: jax.Array, clip_ratio_c: float) -> jax.Array:
@@ -351,7 +375,8 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, horizon: int | N
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
 
 
-def _check_inputs(log_probs, old_log_probs, advantages, mask, ref_log_probs, entropy, config):
+def check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_log_probs=None, entropy=None):
+    """Shapes, dtypes and settings of `policy_loss`'s arguments (static: free under jit); raises naming them."""
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
     _checks.check_floating("log_probs", log_probs, rank=2)
@@ -387,8 +412,9 @@ def _zero_padding(mask, log_probs, *arrays):
     return (mask, *(jnp.where(mask, x, 0.0).astype(f32) for x in (log_probs, *arrays)))
 
 
-def _sanitised(log_probs, old_log_probs, advantages, mask):
-    """`_zero_padding` of the loss inputs, A broadcast to [B, T]; returns (lp, old, A, mask)."""
+def prepared_inputs(log_probs, old_log_probs, advantages, mask):
+    """The loss inputs as `policy_loss_terms` uses them: A broadcast to [B, T], a bool mask, padding
+    zeroed in float32 or wider (`_zero_padding`); returns (log_probs, old_log_probs, A, mask)."""
     advantages = jnp.broadcast_to(advantages[:, None] if jnp.ndim(advantages) == 1 else advantages,
                                   jnp.shape(log_probs))
     mask, log_probs, old_log_probs, advantages = _zero_padding(mask, log_probs, old_log_probs, advantages)
@@ -437,16 +463,17 @@ def policy_loss_terms(
     Eq. 8). `LossTerms.value` is the micro-batch's own loss (the official per-micro-batch
     quantity). How each metric combines over micro-batches is declared in `METRIC_REDUCTIONS`.
     """
-    _check_inputs(log_probs, old_log_probs, advantages, mask, ref_log_probs, entropy, config)
-    log_probs, old_log_probs, advantages, mask = _sanitised(log_probs, old_log_probs, advantages, mask)
+    check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_log_probs, entropy)
+    log_probs, old_log_probs, advantages, mask = prepared_inputs(log_probs, old_log_probs, advantages, mask)
     log_ratio = log_importance_ratio(log_probs, old_log_probs, config.log_ratio_clamp)
     ratio = jnp.exp(log_ratio)
     ratio_sg = importance_ratio(log_probs, old_log_probs, mask, config.log_ratio_clamp)  # sg(ratio), public
     metrics = {"ppo_kl": lm.masked_mean(-jax.lax.stop_gradient(log_ratio), mask)}
     weighted = advantages
     if config.loss_mode == "fipo":
-        weighted, influence = fipo_advantages(log_ratio, advantages, mask, config)
-        metrics.update(influence)
+        pieces = influence(log_ratio, advantages, mask, config)
+        weighted = advantages * pieces.weights
+        metrics.update(_influence_metrics(pieces.weights, pieces.raw_weights, mask, config))
     dual_clip = None if config.loss_mode == "grpo" else config.clip_ratio_c
     per_token, is_clipped, is_dual_clipped = clipped_surrogate(
         ratio, weighted, config.clip_ratio_low, config.clip_ratio_high, dual_clip)
@@ -455,6 +482,8 @@ def policy_loss_terms(
     loss_mask = (drop_dual_clipped_sequences(ratio_sg, advantages, mask, config.clip_ratio_c)
                  if config.drop_dual_clipped_sequences else mask)
     metrics.update(_count_metrics(mask, loss_mask))
+    if config.loss_mode == "fipo":
+        metrics.update(_activity_metrics(pieces, mask, loss_mask))
     terms = aggregate(per_token, loss_mask, config.aggregation, config.aggregation_horizon)
     metrics["pg_loss"] = jax.lax.stop_gradient(terms.value)
     terms, extra = _regularised(per_token, terms, log_probs, mask, loss_mask, config, ref_log_probs, entropy)
@@ -501,6 +530,14 @@ def policy_loss(
         log_probs, old_log_probs, advantages, mask, config, ref_log_probs=ref_log_probs, entropy=entropy
     )
     return terms.value, metrics
+
+
+def _activity_metrics(pieces: Influence, mask, loss_mask) -> dict[str, jax.Array]:
+    """How much FIPO acts: loss tokens whose weight moved off 1, filtered and safety-clamped tokens."""
+    active = jnp.abs(pieces.weights - 1.0) > ACTIVE_WEIGHT_TOLERANCE
+    return {"influence_active_tokens": jnp.sum(active & loss_mask).astype(jnp.float32),
+            "filtered_tokens": jnp.sum(mask & ~pieces.summed).astype(jnp.float32),
+            "safety_clamped_tokens": jnp.sum(pieces.safety_clamped).astype(jnp.float32)}
 
 
 def _influence_metrics(weights, raw, mask, config) -> dict[str, jax.Array]:

@@ -160,6 +160,9 @@ def plot_run(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
         ("influence_weights.png", "influence weight", [("actor/influence_weights_mean", "mean"),
                                                        ("actor/influence_weights_max", "max"),
                                                        ("actor/influence_weights_min", "min")]),
+        ("influence_activity.png", "fraction of tokens", [("influence/active_frac", "|f − 1| > 0.01 (loss tokens)"),
+                                                         ("influence/filtered_frac", "ratio-filtered"),
+                                                         ("influence/safety_clamp_frac", "safety-clamped")]),
     ]
     written = []
     for filename, ylabel, series in panels:
@@ -228,5 +231,10 @@ def summarize(rows: list[dict], name: str, algo: str, steps: int, eval_prompts: 
     times = [r["time/step_s"] for r in rows if "time/step_s" in r]
     if times:
         summary["seconds_per_step"] = float(np.mean(times))
+    later = [(r["influence/active_tokens_after_first"], r["influence/loss_tokens_after_first"]) for r in rows
+             if "influence/loss_tokens_after_first" in r]
+    if later:  # FIPO: over the whole run, loss tokens of mini-batches 2…M whose weight moved off 1 by > 0.01
+        active, total = (sum(x) for x in zip(*later))
+        summary["influence_active_fraction"] = active / total if total else 0.0
     summary["plots"] = plot_run(rows, plot_dir, f"{name} ({algo})")
     return summary

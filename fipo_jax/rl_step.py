@@ -12,7 +12,10 @@ step"); the batch crosses to the device once and only scalar metrics come back:
    then global-norm clip and AdamW under an optax warm-up schedule; an update whose gradient or
    resulting parameters are not finite is skipped (parameters and optimizer state kept) and counted;
 4. metrics, each reduced once over every micro-batch of the step with its declared reduction
-   (`losses.METRIC_REDUCTIONS`, `UPDATE_METRIC_REDUCTIONS`), never inferred from its name.
+   (`losses.METRIC_REDUCTIONS`, `UPDATE_METRIC_REDUCTIONS`), never inferred from its name; for
+   FIPO also per mini-batch (`influence_activity`): how many loss tokens' influence weights moved
+   off 1 and the weights' quantiles — the first mini-batch of a step updates from the rollout
+   policy itself (Δlog p = 0, every weight 1), later ones from a policy that has moved.
 
 Batch layout (`RLBatch`): every field has leading axes [M, K, R], M mini-batches of K
 micro-batches of R rows (the host lays rows out so; R is the axis split over the mesh's data
@@ -37,6 +40,7 @@ from flax import nnx
 from fipo_jax import _checks
 from fipo_jax import advantages as adv_lib
 from fipo_jax import loss_metrics
+from fipo_jax.diagnostics import token_diagnostics
 from fipo_jax.logprobs import sequence_log_probs_with_entropy
 from fipo_jax.losses import (METRIC_REDUCTIONS, LossTerms, PolicyLossConfig, importance_ratio, policy_loss_terms,
                              weight_micro_batch)
@@ -245,18 +249,20 @@ def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfi
                                            loss_config)
         terms = weight_micro_batch(terms, config.micro_batch_weighting, rows, n_micro * rows)
         ratio = importance_ratio(lp, mb["old_log_probs"], mb["response_mask"], loss_config.log_ratio_clamp)
-        return terms.total, (terms, metrics, jax.lax.stop_gradient(ratio))
+        # The loss's own influence weights (same ops on the same inputs: XLA computes them once).
+        weights = token_diagnostics(lp, mb["old_log_probs"], mb["advantages"], mb["response_mask"], loss_config).weights
+        return terms.total, (terms, metrics, jax.lax.stop_gradient(ratio), weights)
 
     grad_fn = jax.grad(objective, has_aux=True)
 
     def accumulate(acc, mb):
         grads_acc, count_acc, total_acc = acc
-        grads, (terms, metrics, ratio) = grad_fn(params, mb)
+        grads, (terms, metrics, ratio, weights) = grad_fn(params, mb)
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-        return (grads_acc, count_acc + terms.count, total_acc + terms.total), (metrics, ratio)
+        return (grads_acc, count_acc + terms.count, total_acc + terms.total), (metrics, (ratio, weights))
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, count, total), (micro_metrics, ratio) = jax.lax.scan(
+    (grads, count, total), (micro_metrics, tokens) = jax.lax.scan(
         accumulate, (zeros, jnp.float32(0), jnp.float32(0)), mini)
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1e-12), grads)
     grad_norm = optax.tree.norm(grads)
@@ -270,7 +276,7 @@ def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfi
     opt_state = jax.tree.map(keep, new_opt_state, opt_state)
     update_metrics = {"loss": LossTerms(total, count).value, "grad_norm": grad_norm, "lr": lr,
                       "skipped_updates": (~finite).astype(jnp.float32)}
-    return (params, opt_state), (micro_metrics, update_metrics, ratio)
+    return (params, opt_state), (micro_metrics, update_metrics, tokens)
 
 
 def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Optimizer, config: UpdateConfig
@@ -291,7 +297,7 @@ def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Opti
              "old_log_probs": old_lp, "advantages": advantages}
     # The IS-ratio quantiles (two sorts of every token) are taken once below, outside the gradient.
     loss_config = config.loss.replace(ratio_quantiles=False)
-    (params, opt_state), (micro_metrics, update_metrics, ratio) = jax.lax.scan(
+    (params, opt_state), (micro_metrics, update_metrics, (ratio, weights)) = jax.lax.scan(
         functools.partial(_mini_batch_update, graphdef, rest, optimizer, config, loss_config),
         (state.params, state.opt_state), minis)
 
@@ -302,11 +308,45 @@ def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Opti
         tokens = lambda x: jnp.broadcast_to(x, mask.shape).reshape(-1, mask.shape[-1])  # noqa: E731
         metrics |= loss_metrics.ratio_quantiles(tokens(ratio), tokens(advantages[..., None]), tokens(mask))
     metrics = {f"actor/{k}": v for k, v in metrics.items()}
+    if config.loss.loss_mode == "fipo":
+        metrics |= influence_activity(micro_metrics, weights, mask, config.loss.ratio_quantiles)
     metrics["actor/entropy"] = _token_mean(entropy, mask)
     metrics["rollout/sampler_logprob_gap"] = _token_mean(jnp.abs(batch.sampler_log_probs - old_lp), mask)
     metrics["batch/length_weighted_advantage"] = (
         jnp.sum(advantages * jnp.sum(mask, axis=-1)) / jnp.maximum(jnp.sum(mask), 1))
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+
+INFLUENCE_QUANTILES = (0.05, 0.5, 0.95)
+
+
+def influence_activity(micro_metrics: dict[str, jax.Array], weights: jax.Array, mask: jax.Array,
+                       quantiles: bool = True) -> dict[str, jax.Array]:
+    """What FIPO's influence weights did this step, per mini-batch i = 1 … M and over the step.
+
+        influence/mb{i}_active_frac = #{loss tokens of mini-batch i with |f − 1| > 0.01} / #loss tokens
+        influence/mb{i}_weight_p{5,50,95}: quantiles of f over mini-batch i's response tokens
+
+    and step totals: ``active_frac``, ``filtered_frac`` (tokens the ratio filter keeps out of the
+    Future-KL), ``safety_clamp_frac``, and the counts over mini-batches 2 … M
+    (``active_tokens_after_first`` / ``loss_tokens_after_first``) a run's summary adds up.
+    ``weights`` and ``mask`` are [M, K, R, T]."""
+    per_mini = lambda name: micro_metrics[name].sum(axis=1)  # noqa: E731  [M]
+    active, loss_tokens, response = (per_mini(k) for k in ("influence_active_tokens", "loss_tokens",
+                                                           "response_tokens"))
+    frac = lambda a, b: a / jnp.maximum(b, 1.0)  # noqa: E731
+    out = {"influence/active_frac": frac(active.sum(), loss_tokens.sum()),
+           "influence/filtered_frac": frac(per_mini("filtered_tokens").sum(), response.sum()),
+           "influence/safety_clamp_frac": frac(per_mini("safety_clamped_tokens").sum(), response.sum()),
+           "influence/active_tokens_after_first": active[1:].sum(),
+           "influence/loss_tokens_after_first": loss_tokens[1:].sum()}
+    for i in range(active.shape[0]):
+        out[f"influence/mb{i + 1}_active_frac"] = frac(active[i], loss_tokens[i])
+        if quantiles:
+            values = jnp.where(mask[i] != 0, weights[i], jnp.nan).reshape(-1)
+            for q in INFLUENCE_QUANTILES:
+                out[f"influence/mb{i + 1}_weight_p{round(q * 100)}"] = jnp.nan_to_num(jnp.nanquantile(values, q), nan=1.0)
+    return out
 
 
 def jit_rl_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, state_shardings: RLState | None = None,

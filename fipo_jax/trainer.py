@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from fipo_jax import distributed
+from fipo_jax import distributed, render
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import rl_step
 from fipo_jax import run_dir as run_dir_lib
@@ -37,7 +37,9 @@ from fipo_jax.build import build_policy, build_prompts
 from fipo_jax.checkpoint import Checkpointer, config_differences
 from fipo_jax.config import ConfigError, TrainConfig
 from fipo_jax.data import CharTokenizer, PromptIterator, PromptRecord
+from fipo_jax.diagnostics import token_diagnostics
 from fipo_jax.preflight import preflight
+from fipo_jax.render import TokenView
 from fipo_jax.rollouts import DynamicSamplingExhausted, RolloutCollector, Rollouts, majority_vote
 from fipo_jax.sharding import make_mesh, replicated
 
@@ -47,6 +49,8 @@ __all__ = ["Trainer", "NonFiniteStateError", "DynamicSamplingExhausted", "Rollou
 PROMPT_WIDTH_MULTIPLE = 64
 # Steps whose batch is more than this share of padding rows are reported.
 PADDING_WARN_SHARE = 0.25
+# Responses drawn as influence views (HTML + PNG under <run-dir>/views/) at each evaluation.
+VIEWS_PER_EVAL = 3
 # Eval keys are folded from this offset so they never coincide with a training step's keys.
 _EVAL_KEY_OFFSET = 10**6
 
@@ -56,6 +60,7 @@ class NonFiniteStateError(RuntimeError):
 
 
 _params_finite = jax.jit(rl_step.all_finite)
+_response_log_probs = jax.jit(rl_step.response_log_probs, static_argnums=(0, 5, 6))
 
 
 class Trainer:
@@ -70,6 +75,7 @@ class Trainer:
 
     Attributes:
       state: the `RLState`; ``policy`` is the model it describes.
+      last_rollouts: the batch the last step trained on (host arrays), or None.
 
     Multi-host: run one Trainer per process after `fipo_jax.distributed.initialize` (see that
     module for the design); the mesh must then cover every device, the run directory must be on a
@@ -114,6 +120,7 @@ class Trainer:
         self.run_log = metrics_lib.RunLog(run_dir, writable=self.primary, tensorboard=config.tensorboard)
         self.checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), config.keep_checkpoints)
         self._warned_padding = False
+        self.last_rollouts: Rollouts | None = None  # the last step's kept batch (for `influence_views`)
 
     # ----------------------------------------------------------------------------- views
 
@@ -149,6 +156,7 @@ class Trainer:
         rollouts, metrics = self.rollouts.collect(self.policy, self.iterator, jax.random.fold_in(self.state.key, step),
                                                   step)
         t_rollout = time.perf_counter() - t0
+        self.last_rollouts = rollouts
         self.state, update_metrics = self.update(self.state, self.device_batch(rollouts))
         metrics.update({k: float(v) for k, v in distributed.to_host(update_metrics).items()})
         t_total = time.perf_counter() - t0
@@ -262,6 +270,8 @@ class Trainer:
             step += 1
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps:
                 metrics.update(self.evaluate())
+                if self.primary and cfg.algo.loss.loss_mode == "fipo":
+                    self.write_views(os.path.join(self.run_dir, "views", f"step{step:04d}"))
             self.run_log.append(metrics)
             if step % cfg.checkpoint_every == 0 or step == total_steps:
                 self.save()
@@ -287,6 +297,37 @@ class Trainer:
                      f"(only {metrics['rollout/kept_groups']} of {self.config.rollout.prompts_per_step} prompt groups "
                      f"had mixed outcomes); the update trains on {rows - metrics['rollout/padded_rows']} responses. "
                      f"Raise rollout.prompts_per_round or rollout.max_rounds (summary.json counts such steps)")
+
+    def influence_views(self, rollouts: Rollouts | None = None, count: int = VIEWS_PER_EVAL) -> list[TokenView]:
+        """Token views (`fipo_jax.render`) of ``count`` responses of ``rollouts`` (default: the last
+        step's): the highest- and lowest-advantage ones first, with the loss's per-token diagnostics
+        between the current policy and the rollout policy (the sampler's log-probs) — what a next
+        mini-batch would weight."""
+        rollouts = self.last_rollouts if rollouts is None else rollouts
+        cfg = self.config
+        advantages = np.asarray(rl_step.ADVANTAGE_ESTIMATORS[cfg.algo.advantage](
+            rollouts.scores.astype(np.float32), cfg.rollout.n))
+        real = np.flatnonzero(rollouts.response_mask.any(axis=1))
+        by_advantage = real[np.argsort(-advantages[real], kind="stable")]
+        rows = list(dict.fromkeys([*by_advantage[: (count + 1) // 2], *by_advantage[::-1][: count // 2]]))[:count]
+        ids = np.concatenate([rollouts.prompt_ids[rows], rollouts.tokens[rows]], axis=1).astype(np.int32)
+        attention = np.concatenate([rollouts.prompt_mask[rows], rollouts.response_mask[rows]], axis=1)
+        log_probs, _ = _response_log_probs(self.graphdef, self.state.params, self.rest, ids, attention,
+                                           rollouts.tokens.shape[1], cfg.model.logprob_chunk_size)
+        diag = token_diagnostics(log_probs, rollouts.sampler_log_probs[rows].astype(np.float32),
+                                 advantages[rows], rollouts.response_mask[rows], cfg.algo.loss)
+        return [TokenView.from_diagnostics(
+            diag, i, [self.tokenizer.decode([int(t)]) for t in rollouts.tokens[row][: rollouts.lengths[row]]],
+            title=f"step {self.step_index}, response {row} (correct: {bool(rollouts.correct[row])})")
+            for i, row in enumerate(rows)]
+
+    def write_views(self, prefix: str) -> list[str]:
+        """`influence_views` of the last step as ``<prefix>.html`` and one PNG per response."""
+        views = self.influence_views()
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        with open(prefix + ".html", "w", encoding="utf-8") as f:
+            f.write(render.influence_html(views, f"{self.config.name}: influence weights after step {self.step_index}"))
+        return [prefix + ".html"] + [render.influence_png(v, f"{prefix}_{i}.png") for i, v in enumerate(views)]
 
     def export(self, path: str) -> None:
         """The current policy as a Hugging Face checkpoint folder: safetensors + config.json of its

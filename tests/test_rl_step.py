@@ -142,3 +142,21 @@ def test_metrics_without_a_declared_reduction_are_refused():
 def test_layout_refuses_rows_that_do_not_split(setup):
     with pytest.raises(ValueError, match="8 rows do not split into 3 mini-batches"):
         rl_step.layout_batch(setup[3], 3, 1)
+
+
+def test_influence_activity_per_mini_batch(setup):
+    """Mini-batch 1 updates from the rollout policy itself (every weight exactly 1, nothing active);
+    later mini-batches see a moved policy. The counts add up to the step's fractions."""
+    _, metrics = run(setup, mini=4, micro=2, loss=fj.PolicyLossConfig(decay_rate=4.0, influence_clip=0.5))
+    m = {k: float(v) for k, v in metrics.items()}
+    assert m["influence/mb1_active_frac"] == 0.0
+    assert m["influence/mb1_weight_p5"] == m["influence/mb1_weight_p95"] == 1.0
+    later = [m[f"influence/mb{i}_active_frac"] for i in (2, 3, 4)]
+    assert max(later) > 0 and all(0 <= x <= 1 for x in later)
+    assert m["influence/loss_tokens_after_first"] > 0
+    assert 0 < m["influence/active_tokens_after_first"] <= m["influence/loss_tokens_after_first"]
+    total = m["influence/active_tokens_after_first"] / (m["actor/loss_tokens"] or 1)
+    assert m["influence/active_frac"] == pytest.approx(total, rel=1e-6)
+    assert m["influence/mb2_weight_p5"] <= m["influence/mb2_weight_p50"] <= m["influence/mb2_weight_p95"] <= 1.5
+    dapo = run(setup, mini=4, micro=2, loss=fj.PolicyLossConfig.dapo())[1]
+    assert not any(k.startswith("influence/") for k in dapo)

@@ -84,7 +84,19 @@ def test_end_to_end_run_writes_everything(reference_run):
     assert "eval/avg@k" in rows[0] and "eval/cons@k" in rows[2] and "eval/pass@k" in rows[4]
     # Old log-probs are recomputed by the trainer; they agree with the sampler's to float error.
     assert step["rollout/sampler_logprob_gap"] < 1e-3
-    assert {os.path.basename(p) for p in summary["plots"]} >= {"accuracy.png", "length.png", "influence_weights.png"}
+    assert {os.path.basename(p) for p in summary["plots"]} >= {"accuracy.png", "length.png", "influence_weights.png",
+                                                               "influence_activity.png"}
+    # FIPO's activity: mini-batch 1 updates from the rollout policy (nothing active); the run's
+    # fraction over mini-batches 2…M is the ratio of the logged counts.
+    assert all(r["influence/mb1_active_frac"] == 0.0 for r in rows[1:])
+    active, total = (sum(r[f"influence/{k}_tokens_after_first"] for r in rows[1:]) for k in ("active", "loss"))
+    assert summary["influence_active_fraction"] == pytest.approx(active / total if total else 0.0)
+    assert 0 <= active <= total
+    # Influence views at each evaluation after a step: one page, one PNG per response.
+    views = sorted(os.listdir(os.path.join(run_dir, "views")))
+    assert views == [f"step000{s}{suffix}" for s in (2, 4) for suffix in (".html", "_0.png", "_1.png", "_2.png")]
+    page = open(os.path.join(run_dir, "views", "step0004.html"), encoding="utf-8").read()
+    assert page.count("Δlog p = ") >= 3 and "influence weights after step 4" in page
     assert json.load(open(os.path.join(run_dir, "summary.json")))["steps"] == 4
     kept = sorted(d for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
     assert kept == ["3", "4"]  # keep-last-N
