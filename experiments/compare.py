@@ -1,10 +1,14 @@
-"""Run DAPO and FIPO (and optionally GRPO) with the same seed and budget; plot side by side.
+"""FIPO vs DAPO (and optionally GRPO) over several seeds with the same budget: mean ± spread.
 
-    python experiments/compare.py                         # CPU default experiment, DAPO vs FIPO
-    python experiments/compare.py --algos dapo fipo grpo --seeds 0 1 --out runs/compare
+    python experiments/compare.py --seeds 0 1 2 3 4              # CPU default experiment, DAPO vs FIPO
+    python experiments/compare.py --algos dapo fipo grpo --seeds 0 1 --out runs/compare --set steps=20
 
-Every run shares the supervised warm start (cached), the seed, the prompts and the step
-budget; only the loss differs. Writes <out>/comparison.json and <out>/comparison.png.
+Every run of a seed shares the supervised warm start (cached), the prompts and the step budget;
+only the loss differs. Runs are resumable: re-running the command skips finished runs and
+resumes interrupted ones. Writes <out>/comparison.json (each run's summary and, per algorithm,
+mean / std / min / max over seeds of the final figures), <out>/comparison.png (mean ± one std
+over seeds per step: held-out avg@k, response length, entropy, FIPO's influence activity) and
+prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -14,9 +18,77 @@ import json
 import os
 import sys
 
+import numpy as np
 
-from fipo_jax.config import apply_overrides, load_config, with_algo  # noqa: E402
-from fipo_jax.metrics import MetricsLog  # noqa: E402
+from fipo_jax.config import apply_overrides, load_config, with_algo
+from fipo_jax.metrics import MetricsLog
+
+# Final figures compared across seeds (summary.json keys).
+SUMMARY_KEYS = ("accuracy_before", "accuracy_after", "cons_at_k_after", "pass_at_k_after", "mean_length_after",
+                "influence_active_fraction", "seconds_per_step")
+# Per-step curves: (metrics.jsonl key, panel title).
+PANELS = (("eval/avg@k", "held-out avg@k"), ("rollout/length_mean", "mean response length (tokens)"),
+          ("actor/entropy", "entropy (nats / token)"), ("influence/active_frac", "FIPO: loss tokens with |f − 1| > 0.01"))
+
+
+def run_dir(out: str, algo: str, seed: int) -> str:
+    return os.path.join(out, f"{algo}-seed{seed}")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """mean, std (population), min, max and n of the finite values."""
+    x = np.asarray([v for v in values if isinstance(v, (int, float)) and np.isfinite(v)], np.float64)
+    if x.size == 0:
+        return {"n": 0}
+    return {"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max()),
+            "n": int(x.size)}
+
+
+def curves(out: str, algo: str, seeds, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, std) over seeds of ``key``, at the steps every seed logged it."""
+    per_seed = []
+    for seed in seeds:
+        rows = MetricsLog(os.path.join(run_dir(out, algo, seed), "metrics.jsonl")).read()
+        per_seed.append({r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float))})
+    steps = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+    values = np.asarray([[s[step] for step in steps] for s in per_seed], np.float64).reshape(len(per_seed), -1)
+    return np.asarray(steps), values.mean(axis=0), values.std(axis=0)
+
+
+def plot(out: str, algos, seeds) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
+    for ax, (key, title) in zip(axes, PANELS):
+        for algo in algos:
+            steps, mean, std = curves(out, algo, seeds, key)
+            if len(steps):
+                line, = ax.plot(steps, mean, marker="o" if len(steps) < 15 else None, ms=3, label=algo)
+                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"mean ± 1 std over {len(seeds)} seed(s)", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out, "comparison.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def table(aggregate: dict[str, dict[str, dict]]) -> str:
+    """Markdown: one row per algorithm, mean ± std (n) of the final figures."""
+    def cell(s):
+        return "–" if not s.get("n") else f"{s['mean']:.3f} ± {s['std']:.3f}"
+    head = "| | " + " | ".join(SUMMARY_KEYS) + " |\n|---|" + "---|" * len(SUMMARY_KEYS)
+    rows = [f"| {algo} (n={max(s.get('n', 0) for s in stats.values())}) | "
+            + " | ".join(cell(stats[k]) for k in SUMMARY_KEYS) + " |" for algo, stats in aggregate.items()]
+    return "\n".join([head, *rows])
 
 
 def main(argv=None) -> int:
@@ -31,49 +103,23 @@ def main(argv=None) -> int:
 
     from fipo_jax.trainer import Trainer
 
-    results = {}
+    runs = {}
     for seed in args.seeds:
         for algo in args.algos:
             config = apply_overrides(with_algo(load_config(args.config), algo), args.overrides + [f"seed={seed}"])
-            run_dir = os.path.join(args.out, f"{algo}-seed{seed}")
-            summary = Trainer(config, run_dir, progress=not args.no_progress).train()
-            results[f"{algo}/seed{seed}"] = {k: v for k, v in summary.items() if k != "plots"}
-            print(f"{algo} seed {seed}: accuracy {summary.get('accuracy_before'):.3f} → "
-                  f"{summary.get('accuracy_after'):.3f}, length {summary.get('mean_length_before'):.1f} → "
-                  f"{summary.get('mean_length_after'):.1f}", flush=True)
+            summary = Trainer(config, run_dir(args.out, algo, seed), progress=not args.no_progress).train()
+            runs[f"{algo}/seed{seed}"] = {k: v for k, v in summary.items() if k != "plots"}
+            print(f"{algo} seed {seed}: accuracy {summary.get('accuracy_before')} → {summary.get('accuracy_after')}, "
+                  f"length → {summary.get('mean_length_after')}", flush=True)
+    aggregate = {algo: {key: spread([runs[f"{algo}/seed{s}"].get(key) for s in args.seeds]) for key in SUMMARY_KEYS}
+                 for algo in args.algos}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "comparison.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump({"config": args.config, "overrides": args.overrides, "seeds": args.seeds, "runs": runs,
+                   "aggregate": aggregate}, f, indent=2)
     plot(args.out, args.algos, args.seeds)
-    print(json.dumps(results, indent=2))
+    print(table(aggregate))
     return 0
-
-
-def plot(out: str, algos, seeds) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    panels = [("eval/avg@k", "held-out avg@k"), ("rollout/length_mean", "mean response length"),
-              ("actor/influence_weights_mean", "mean influence weight")]
-    for ax, (key, title) in zip(axes, panels):
-        for algo in algos:
-            for seed in seeds:
-                rows = MetricsLog(os.path.join(out, f"{algo}-seed{seed}", "metrics.jsonl")).read()
-                pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o" if len(pts) < 15 else None, ms=3, label=f"{algo} s{seed}")
-        ax.set_title(title)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out, "comparison.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

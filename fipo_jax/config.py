@@ -503,14 +503,17 @@ def with_algo(config: TrainConfig, algo: str) -> TrainConfig:
 # ------------------------------------------------------------------------------- presets
 
 def cpu_default() -> TrainConfig:
-    """The CPU experiment: a tiny Qwen2 on digit sums, SFT warm start, then FIPO (≤ 10 min, 2 cores)."""
+    """The CPU experiment (≤ 10 min, 2 cores): a tiny Qwen2, SFT-warm-started on 18-term chains
+    (step-by-step solutions of 106 tokens), then FIPO with the paper's 8 mini-batch updates per
+    step and τ = 16 scaled to the response length, so that later mini-batches see a moved policy
+    and the influence weights act (`influence_active_fraction` in summary.json)."""
     return TrainConfig(
         name="cpu_default",
-        steps=50,
-        data=DataSpec(eval_prompts=128),
-        rollout=RolloutSpec(n=8, prompts_per_step=32, prompts_per_round=48, max_rounds=3, max_response_tokens=48),
-        reward=RewardSpec(overlong_buffer=8),
-        algo=AlgoSpec(loss=PolicyLossConfig(decay_rate=8.0), mini_batches=4, micro_batch_size=64),
+        steps=30,
+        data=DataSpec(n_terms=18, eval_prompts=128),
+        rollout=RolloutSpec(n=8, prompts_per_step=32, prompts_per_round=48, max_rounds=3, max_response_tokens=128),
+        reward=RewardSpec(overlong_buffer=16),
+        algo=AlgoSpec(loss=PolicyLossConfig(decay_rate=16.0), mini_batches=8, micro_batch_size=32),
         optim=OptimSpec(lr=1e-4, warmup_steps=2, weight_decay=0.0),
         eval=EvalSpec(every=10, k=4, top_p=1.0),
         sft=SFTSpec(steps=800),

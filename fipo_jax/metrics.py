@@ -147,10 +147,7 @@ def length_stats(lengths: Iterable[int], max_length: int) -> dict[str, float]:
 
 def plot_run(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
     """PNG plots of accuracy, response length and influence weights over steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     os.makedirs(out_dir, exist_ok=True)
     panels = [
@@ -166,7 +163,8 @@ def plot_run(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
     ]
     written = []
     for filename, ylabel, series in panels:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.subplots()
         drew = False
         for key, label in series:
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
@@ -183,7 +181,6 @@ def plot_run(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
             path = os.path.join(out_dir, filename)
             fig.savefig(path, dpi=110)
             written.append(path)
-        plt.close(fig)
     return written
 
 

@@ -117,10 +117,7 @@ def influence_html(views: Sequence[TokenView], heading: str = "FIPO influence we
 def influence_png(view: TokenView, path: str, width_chars: int = 96) -> str:
     """The view as a PNG: the coloured text (wrapped at ``width_chars``), and beneath it Δlog p and
     FutureKL per token with the weight on a second axis. Returns ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     lines, line, col = [], [], 0
     for i, token in enumerate(view.tokens):
@@ -136,8 +133,8 @@ def influence_png(view: TokenView, path: str, width_chars: int = 96) -> str:
     if line:
         lines.append(line)
     text_height = 0.32 * max(len(lines), 1)
-    fig, (ax_text, ax_plot) = plt.subplots(2, 1, figsize=(10, text_height + 2.6),
-                                           gridspec_kw={"height_ratios": [text_height, 2.2]})
+    fig = Figure(figsize=(10, text_height + 2.6))
+    ax_text, ax_plot = fig.subplots(2, 1, gridspec_kw={"height_ratios": [text_height, 2.2]})
     ax_text.set_xlim(0, width_chars * 1.1)  # ≈ one 9-pt monospace character per unit on a 10-inch figure
     ax_text.set_ylim(len(lines), 0)
     ax_text.axis("off")
@@ -162,5 +159,4 @@ def influence_png(view: TokenView, path: str, width_chars: int = 96) -> str:
                       fontsize=9, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -298,24 +298,32 @@ class Trainer:
                      f"had mixed outcomes); the update trains on {rows - metrics['rollout/padded_rows']} responses. "
                      f"Raise rollout.prompts_per_round or rollout.max_rounds (summary.json counts such steps)")
 
-    def influence_views(self, rollouts: Rollouts | None = None, count: int = VIEWS_PER_EVAL) -> list[TokenView]:
-        """Token views (`fipo_jax.render`) of ``count`` responses of ``rollouts`` (default: the last
-        step's): the highest- and lowest-advantage ones first, with the loss's per-token diagnostics
-        between the current policy and the rollout policy (the sampler's log-probs) — what a next
-        mini-batch would weight."""
-        rollouts = self.last_rollouts if rollouts is None else rollouts
+    def token_diagnostics(self, rollouts: Rollouts, rows, loss_config=None):
+        """`fipo_jax.diagnostics.token_diagnostics` of ``rows`` of ``rollouts``: the current policy's
+        log-probs against the rollout policy's (the sampler's), advantages as the update computes them
+        from the batch's groups; ``loss_config`` defaults to the run's (pass another τ to compare)."""
         cfg = self.config
         advantages = np.asarray(rl_step.ADVANTAGE_ESTIMATORS[cfg.algo.advantage](
             rollouts.scores.astype(np.float32), cfg.rollout.n))
-        real = np.flatnonzero(rollouts.response_mask.any(axis=1))
-        by_advantage = real[np.argsort(-advantages[real], kind="stable")]
-        rows = list(dict.fromkeys([*by_advantage[: (count + 1) // 2], *by_advantage[::-1][: count // 2]]))[:count]
+        rows = np.asarray(rows)
         ids = np.concatenate([rollouts.prompt_ids[rows], rollouts.tokens[rows]], axis=1).astype(np.int32)
         attention = np.concatenate([rollouts.prompt_mask[rows], rollouts.response_mask[rows]], axis=1)
         log_probs, _ = _response_log_probs(self.graphdef, self.state.params, self.rest, ids, attention,
                                            rollouts.tokens.shape[1], cfg.model.logprob_chunk_size)
-        diag = token_diagnostics(log_probs, rollouts.sampler_log_probs[rows].astype(np.float32),
-                                 advantages[rows], rollouts.response_mask[rows], cfg.algo.loss)
+        return token_diagnostics(log_probs, rollouts.sampler_log_probs[rows].astype(np.float32), advantages[rows],
+                                 rollouts.response_mask[rows], loss_config or cfg.algo.loss)
+
+    def influence_views(self, rollouts: Rollouts | None = None, count: int = VIEWS_PER_EVAL) -> list[TokenView]:
+        """Token views (`fipo_jax.render`) of ``count`` responses of ``rollouts`` (default: the last
+        step's), the highest- and lowest-advantage ones, with `token_diagnostics` — the weights a
+        next mini-batch would apply."""
+        rollouts = self.last_rollouts if rollouts is None else rollouts
+        advantages = np.asarray(rl_step.ADVANTAGE_ESTIMATORS[self.config.algo.advantage](
+            rollouts.scores.astype(np.float32), self.config.rollout.n))
+        real = np.flatnonzero(rollouts.response_mask.any(axis=1))
+        by_advantage = real[np.argsort(-advantages[real], kind="stable")]
+        rows = list(dict.fromkeys([*by_advantage[: (count + 1) // 2], *by_advantage[::-1][: count // 2]]))[:count]
+        diag = self.token_diagnostics(rollouts, rows)
         return [TokenView.from_diagnostics(
             diag, i, [self.tokenizer.decode([int(t)]) for t in rollouts.tokens[row][: rollouts.lengths[row]]],
             title=f"step {self.step_index}, response {row} (correct: {bool(rollouts.correct[row])})")

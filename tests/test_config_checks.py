@@ -68,9 +68,9 @@ def test_preflight_names_missing_paths_mesh_and_memory(tmp_path):
     with pytest.raises(ConfigError, match=r"mesh_shape \[2, 4\] needs 8 devices, this machine has 4"):
         check_mesh((2, 4), 4)
     huge = apply_overrides(cpu_default(), ["rollout.n=1e12"])
-    assert rollout_host_bytes(huge) == 48 * 10**12 * 48 * 9
+    assert rollout_host_bytes(huge) == 48 * 10**12 * 128 * 9  # prompts_per_round × n × max_response_tokens × 9 B
     with pytest.raises(ConfigError, match=r"rollout sizes cannot fit in memory: .*rollout\.n \(1000000000000\) .* need "
-                                          r"at least 18\.4 PiB of host memory .* this machine has 16\.0 GiB"):
+                                          r"at least 49\.1 PiB of host memory .* this machine has 16\.0 GiB"):
         check_host_memory(huge, 16 * 2**30)
     check_host_memory(cpu_default(), 16 * 2**30)
     preflight(cpu_default())

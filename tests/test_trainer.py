@@ -144,8 +144,8 @@ def test_changed_config_is_refused_on_resume(tmp_path, cache_dir, reference_run)
 
     run_dir = str(tmp_path / "changed")
     shutil.copytree(reference_run[0], run_dir)
-    with pytest.raises(ConfigError, match=r"algo\.loss\.decay_rate: checkpoint 8\.0 vs now 16\.0"):
-        Trainer(tiny_config(cache_dir, "algo.loss.decay_rate=16"), run_dir, progress=False,
+    with pytest.raises(ConfigError, match=r"algo\.loss\.decay_rate: checkpoint 16\.0 vs now 32\.0"):
+        Trainer(tiny_config(cache_dir, "algo.loss.decay_rate=32"), run_dir, progress=False,
                 log=lambda s: None).train()
 
 
@@ -363,3 +363,23 @@ def test_a_second_trainer_on_a_run_directory_is_refused(tmp_path, cache_dir):
         with pytest.raises(RunDirectoryLocked, match="is in use by another trainer"):
             trainer.train()
     assert not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))  # refused before touching anything
+
+
+def test_compare_runs_seeds_and_reports_mean_and_spread(tmp_path, cache_dir):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "experiments", "compare.py"))
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    out = str(tmp_path / "cmp")
+    sets = [a for o in TINY + [f"sft.cache_dir={cache_dir}", "steps=1", "eval.every=0", "data.eval_prompts=4"]
+            for a in ("--set", o)]
+    assert compare.main(["--seeds", "0", "1", "--out", out, "--no-progress", *sets]) == 0
+    result = json.load(open(os.path.join(out, "comparison.json")))
+    assert sorted(result["runs"]) == ["dapo/seed0", "dapo/seed1", "fipo/seed0", "fipo/seed1"]
+    fipo = result["aggregate"]["fipo"]
+    assert fipo["accuracy_after"]["n"] == 2 and fipo["accuracy_after"]["min"] <= fipo["accuracy_after"]["mean"]
+    assert result["aggregate"]["dapo"]["influence_active_fraction"] == {"n": 0}  # FIPO only
+    assert os.path.exists(os.path.join(out, "comparison.png"))
+    steps, mean, std = compare.curves(out, "fipo", [0, 1], "eval/avg@k")
+    assert list(steps) == [0, 1] and (std >= 0).all()
