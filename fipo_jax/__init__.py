@@ -13,6 +13,7 @@ from fipo_jax.advantages import (
 from fipo_jax.future_kl import discount_factor, discounted_reverse_cumsum, future_kl
 from fipo_jax.losses import (
     METRIC_REDUCTIONS,
+    Influence,
     LossTerms,
     PolicyLossConfig,
     aggregate,
@@ -21,6 +22,7 @@ from fipo_jax.losses import (
     dual_clip_mask,
     fipo_advantages,
     importance_ratio,
+    influence,
     influence_weights,
     kl_penalty,
     log_importance_ratio,
@@ -33,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METRIC_REDUCTIONS",
+    "Influence",
     "LossTerms",
     "PolicyLossConfig",
     "aggregate",
@@ -48,6 +51,7 @@ __all__ = [
     "future_kl",
     "grpo_advantages",
     "importance_ratio",
+    "influence",
     "influence_weights",
     "kl_penalty",
     "log_importance_ratio",

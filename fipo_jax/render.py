@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -157,6 +158,8 @@ def influence_png(view: TokenView, path: str, width_chars: int = 96) -> str:
     ax_plot.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper right")
     ax_plot.set_title(f"A = {view.advantage:+.3f}" + ("  (dropped from the loss)" if view.dropped else ""),
                       fontsize=9, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with warnings.catch_warnings():  # tokens in scripts the monospace font lacks are drawn as boxes
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
     return path
