@@ -303,8 +303,7 @@ class Trainer:
         log-probs against the rollout policy's (the sampler's), advantages as the update computes them
         from the batch's groups; ``loss_config`` defaults to the run's (pass another τ to compare)."""
         cfg = self.config
-        advantages = np.asarray(rl_step.ADVANTAGE_ESTIMATORS[cfg.algo.advantage](
-            rollouts.scores.astype(np.float32), cfg.rollout.n))
+        advantages = self._advantages(rollouts)
         rows = np.asarray(rows)
         ids = np.concatenate([rollouts.prompt_ids[rows], rollouts.tokens[rows]], axis=1).astype(np.int32)
         attention = np.concatenate([rollouts.prompt_mask[rows], rollouts.response_mask[rows]], axis=1)
@@ -318,8 +317,7 @@ class Trainer:
         step's), the highest- and lowest-advantage ones, with `token_diagnostics` — the weights a
         next mini-batch would apply."""
         rollouts = self.last_rollouts if rollouts is None else rollouts
-        advantages = np.asarray(rl_step.ADVANTAGE_ESTIMATORS[self.config.algo.advantage](
-            rollouts.scores.astype(np.float32), self.config.rollout.n))
+        advantages = self._advantages(rollouts)
         real = np.flatnonzero(rollouts.response_mask.any(axis=1))
         by_advantage = real[np.argsort(-advantages[real], kind="stable")]
         rows = list(dict.fromkeys([*by_advantage[: (count + 1) // 2], *by_advantage[::-1][: count // 2]]))[:count]
@@ -328,6 +326,11 @@ class Trainer:
             diag, i, [self.tokenizer.decode([int(t)]) for t in rollouts.tokens[row][: rollouts.lengths[row]]],
             title=f"step {self.step_index}, response {row} (correct: {bool(rollouts.correct[row])})")
             for i, row in enumerate(rows)]
+
+    def _advantages(self, rollouts: Rollouts) -> np.ndarray:
+        """Group advantages of a batch, as the update computes them from its scores."""
+        return np.asarray(rl_step.ADVANTAGE_ESTIMATORS[self.config.algo.advantage](
+            rollouts.scores.astype(np.float32), self.config.rollout.n))
 
     def write_views(self, prefix: str) -> list[str]:
         """`influence_views` of the last step as ``<prefix>.html`` and one PNG per response."""
