@@ -5,10 +5,11 @@
 
 Every run of a seed shares the supervised warm start (cached), the prompts and the step budget;
 only the loss differs. Runs are resumable: re-running the command skips finished runs and
-resumes interrupted ones. Writes <out>/comparison.json (each run's summary and, per algorithm,
-mean / std / min / max over seeds of the final figures), <out>/comparison.png (mean ± one std
-over seeds per step: held-out avg@k, response length, entropy, FIPO's influence activity) and
-prints a Markdown table.
+resumes interrupted ones. Writes <out>/comparison.json (each run's summary; per algorithm,
+mean / std / min / max over seeds of the final figures; and each algorithm's per-seed difference
+from the first one, paired by seed), <out>/comparison.png (mean ± one std
+over seeds per step, and each seed's curve: held-out avg@k, response length, entropy, FIPO's
+influence activity) and prints Markdown tables (aggregate, and seed by seed).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from fipo_jax.metrics import MetricsLog
 SUMMARY_KEYS = ("accuracy_before", "accuracy_after", "cons_at_k_after", "pass_at_k_after", "mean_length_after",
                 "influence_active_fraction", "seconds_per_step")
 # Per-step curves: (metrics.jsonl key, panel title).
+# Final figures also compared seed by seed: every algorithm of a seed starts from the same warm start
+# and prompts, so the per-seed difference removes the seed's own luck.
+PAIRED_KEYS = ("accuracy_after", "mean_length_after")
 PANELS = (("eval/avg@k", "held-out avg@k"), ("rollout/length_mean", "mean response length (tokens)"),
           ("actor/entropy", "entropy (nats / token)"), ("influence/active_frac", "FIPO: loss tokens with |f − 1| > 0.01"))
 
@@ -44,15 +48,21 @@ def spread(values: list[float]) -> dict[str, float]:
             "n": int(x.size)}
 
 
-def curves(out: str, algo: str, seeds, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(steps, mean, std) over seeds of ``key``, at the steps every seed logged it."""
+def seed_curves(out: str, algo: str, seeds, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values [seed, step]) of ``key``, at the steps every seed logged it."""
     per_seed = []
     for seed in seeds:
         rows = MetricsLog(os.path.join(run_dir(out, algo, seed), "metrics.jsonl")).read()
         per_seed.append({r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float))})
     steps = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
     values = np.asarray([[s[step] for step in steps] for s in per_seed], np.float64).reshape(len(per_seed), -1)
-    return np.asarray(steps), values.mean(axis=0), values.std(axis=0)
+    return np.asarray(steps), values
+
+
+def curves(out: str, algo: str, seeds, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, std) over seeds of ``key``, at the steps every seed logged it."""
+    steps, values = seed_curves(out, algo, seeds, key)
+    return steps, values.mean(axis=0), values.std(axis=0)
 
 
 def plot(out: str, algos, seeds) -> str:
@@ -64,21 +74,41 @@ def plot(out: str, algos, seeds) -> str:
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
     for ax, (key, title) in zip(axes, PANELS):
         for algo in algos:
-            steps, mean, std = curves(out, algo, seeds, key)
+            steps, values = seed_curves(out, algo, seeds, key)
             if len(steps):
+                mean, std = values.mean(axis=0), values.std(axis=0)
                 line, = ax.plot(steps, mean, marker="o" if len(steps) < 15 else None, ms=3, label=algo)
                 ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+                for seed_values in values:  # each seed, thin: a mean can hide runs that went different ways
+                    ax.plot(steps, seed_values, color=line.get_color(), lw=0.6, alpha=0.5)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"mean ± 1 std over {len(seeds)} seed(s)", fontsize=10)
+    fig.suptitle(f"mean ± 1 std over {len(seeds)} seed(s); thin lines: each seed", fontsize=10)
     fig.tight_layout()
     path = os.path.join(out, "comparison.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def paired(runs: dict, baseline: str, algo: str, seeds, key: str) -> dict[str, float]:
+    """`spread` over seeds of ``algo``'s final ``key`` minus ``baseline``'s at the same seed."""
+    diffs = [runs[f"{algo}/seed{s}"].get(key) - runs[f"{baseline}/seed{s}"].get(key) for s in seeds
+             if all(isinstance(runs[f"{a}/seed{s}"].get(key), (int, float)) for a in (algo, baseline))]
+    return spread(diffs)
+
+
+def seed_table(runs: dict, algos, seeds) -> str:
+    """Markdown: one row per seed, each algorithm's final figures side by side."""
+    head = "| seed | " + " | ".join(f"{a} {k}" for k in PAIRED_KEYS for a in algos) + " |"
+    rule = "|---|" + "---|" * (len(PAIRED_KEYS) * len(algos))
+    fmt = lambda v: "–" if not isinstance(v, (int, float)) else f"{v:.3f}"  # noqa: E731
+    rows = [f"| {s} | " + " | ".join(fmt(runs[f"{a}/seed{s}"].get(k)) for k in PAIRED_KEYS for a in algos) + " |"
+            for s in seeds]
+    return "\n".join([head, rule, *rows])
 
 
 def table(aggregate: dict[str, dict[str, dict]]) -> str:
@@ -113,12 +143,21 @@ def main(argv=None) -> int:
                   f"length → {summary.get('mean_length_after')}", flush=True)
     aggregate = {algo: {key: spread([runs[f"{algo}/seed{s}"].get(key) for s in args.seeds]) for key in SUMMARY_KEYS}
                  for algo in args.algos}
+    baseline = args.algos[0]
+    differences = {f"{algo} - {baseline}": {key: paired(runs, baseline, algo, args.seeds, key) for key in PAIRED_KEYS}
+                   for algo in args.algos[1:]}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "comparison.json"), "w") as f:
         json.dump({"config": args.config, "overrides": args.overrides, "seeds": args.seeds, "runs": runs,
-                   "aggregate": aggregate}, f, indent=2)
+                   "aggregate": aggregate, "paired_differences": differences}, f, indent=2)
     plot(args.out, args.algos, args.seeds)
     print(table(aggregate))
+    print()
+    print(seed_table(runs, args.algos, args.seeds))
+    for name, stats in differences.items():
+        print(f"{name}, paired by seed: " + ", ".join(
+            f"{key} {s['mean']:+.3f} ± {s['std']:.3f} (min {s['min']:+.3f}, max {s['max']:+.3f})"
+            for key, s in stats.items() if s.get("n")))
     return 0
 
 

@@ -380,6 +380,9 @@ def test_compare_runs_seeds_and_reports_mean_and_spread(tmp_path, cache_dir):
     fipo = result["aggregate"]["fipo"]
     assert fipo["accuracy_after"]["n"] == 2 and fipo["accuracy_after"]["min"] <= fipo["accuracy_after"]["mean"]
     assert result["aggregate"]["dapo"]["influence_active_fraction"] == {"n": 0}  # FIPO only
+    runs, difference = result["runs"], result["paired_differences"]["fipo - dapo"]["accuracy_after"]
+    diffs = [runs[f"fipo/seed{s}"]["accuracy_after"] - runs[f"dapo/seed{s}"]["accuracy_after"] for s in (0, 1)]
+    assert difference["n"] == 2 and difference["mean"] == pytest.approx(np.mean(diffs))
     assert os.path.exists(os.path.join(out, "comparison.png"))
     steps, mean, std = compare.curves(out, "fipo", [0, 1], "eval/avg@k")
     assert list(steps) == [0, 1] and (std >= 0).all()
