@@ -72,12 +72,13 @@ def plot(out: str, algos, seeds) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
+    colors = {algo: f"C{i}" for i, algo in enumerate(algos)}  # the same colour in every panel
     for ax, (key, title) in zip(axes, PANELS):
         for algo in algos:
             steps, values = seed_curves(out, algo, seeds, key)
             if len(steps):
                 mean, std = values.mean(axis=0), values.std(axis=0)
-                line, = ax.plot(steps, mean, marker="o" if len(steps) < 15 else None, ms=3, label=algo)
+                line, = ax.plot(steps, mean, marker="o" if len(steps) < 15 else None, ms=3, label=algo, color=colors[algo])
                 ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
                 for seed_values in values:  # each seed, thin: a mean can hide runs that went different ways
                     ax.plot(steps, seed_values, color=line.get_color(), lw=0.6, alpha=0.5)
