@@ -27,10 +27,10 @@ from fipo_jax.metrics import MetricsLog
 # Final figures compared across seeds (summary.json keys).
 SUMMARY_KEYS = ("accuracy_before", "accuracy_after", "cons_at_k_after", "pass_at_k_after", "mean_length_after",
                 "influence_active_fraction", "seconds_per_step")
-# Per-step curves: (metrics.jsonl key, panel title).
 # Final figures also compared seed by seed: every algorithm of a seed starts from the same warm start
 # and prompts, so the per-seed difference removes the seed's own luck.
 PAIRED_KEYS = ("accuracy_after", "mean_length_after")
+# Per-step curves: (metrics.jsonl key, panel title).
 PANELS = (("eval/avg@k", "held-out avg@k"), ("rollout/length_mean", "mean response length (tokens)"),
           ("actor/entropy", "entropy (nats / token)"), ("influence/active_frac", "FIPO: loss tokens with |f − 1| > 0.01"))
 
@@ -77,11 +77,11 @@ def plot(out: str, algos, seeds) -> str:
         for algo in algos:
             steps, values = seed_curves(out, algo, seeds, key)
             if len(steps):
-                mean, std = values.mean(axis=0), values.std(axis=0)
-                line, = ax.plot(steps, mean, marker="o" if len(steps) < 15 else None, ms=3, label=algo, color=colors[algo])
-                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+                mean, std, color = values.mean(axis=0), values.std(axis=0), colors[algo]
+                ax.plot(steps, mean, marker="o" if len(steps) < 15 else None, ms=3, label=algo, color=color)
+                ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
                 for seed_values in values:  # each seed, thin: a mean can hide runs that went different ways
-                    ax.plot(steps, seed_values, color=line.get_color(), lw=0.6, alpha=0.5)
+                    ax.plot(steps, seed_values, color=color, lw=0.6, alpha=0.5)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
