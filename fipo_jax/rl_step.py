@@ -242,6 +242,10 @@ def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfi
     n_micro, rows = mini["response_mask"].shape[:2]
     response_len = mini["response_mask"].shape[-1]
 
+    # FIPO's per-token weights, only for the per-mini-batch quantiles of `influence_activity`: the
+    # loss's own ops on the same inputs, which XLA merges with the loss's (one Future-KL scan).
+    keep_weights = loss_config.loss_mode == "fipo" and config.loss.ratio_quantiles
+
     def objective(p, mb):
         lp, _ = response_log_probs(graphdef, p, rest, mb["input_ids"], mb["attention_mask"], response_len,
                                    config.logprob_chunk_size)
@@ -249,8 +253,8 @@ def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfi
                                            loss_config)
         terms = weight_micro_batch(terms, config.micro_batch_weighting, rows, n_micro * rows)
         ratio = importance_ratio(lp, mb["old_log_probs"], mb["response_mask"], loss_config.log_ratio_clamp)
-        # The loss's own influence weights (same ops on the same inputs: XLA computes them once).
-        weights = token_diagnostics(lp, mb["old_log_probs"], mb["advantages"], mb["response_mask"], loss_config).weights
+        weights = (token_diagnostics(lp, mb["old_log_probs"], mb["advantages"], mb["response_mask"], loss_config).weights
+                   if keep_weights else None)
         return terms.total, (terms, metrics, jax.lax.stop_gradient(ratio), weights)
 
     grad_fn = jax.grad(objective, has_aux=True)
@@ -309,7 +313,7 @@ def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Opti
         metrics |= loss_metrics.ratio_quantiles(tokens(ratio), tokens(advantages[..., None]), tokens(mask))
     metrics = {f"actor/{k}": v for k, v in metrics.items()}
     if config.loss.loss_mode == "fipo":
-        metrics |= influence_activity(micro_metrics, weights, mask, config.loss.ratio_quantiles)
+        metrics |= influence_activity(micro_metrics, weights, mask)
     metrics["actor/entropy"] = _token_mean(entropy, mask)
     metrics["rollout/sampler_logprob_gap"] = _token_mean(jnp.abs(batch.sampler_log_probs - old_lp), mask)
     metrics["batch/length_weighted_advantage"] = (
@@ -320,8 +324,8 @@ def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Opti
 INFLUENCE_QUANTILES = (0.05, 0.5, 0.95)
 
 
-def influence_activity(micro_metrics: dict[str, jax.Array], weights: jax.Array, mask: jax.Array,
-                       quantiles: bool = True) -> dict[str, jax.Array]:
+def influence_activity(micro_metrics: dict[str, jax.Array], weights: jax.Array | None,
+                       mask: jax.Array) -> dict[str, jax.Array]:
     """What FIPO's influence weights did this step, per mini-batch i = 1 … M and over the step.
 
         influence/mb{i}_active_frac = #{loss tokens of mini-batch i with |f − 1| > 0.01} / #loss tokens
@@ -330,7 +334,7 @@ def influence_activity(micro_metrics: dict[str, jax.Array], weights: jax.Array, 
     and step totals: ``active_frac``, ``filtered_frac`` (tokens the ratio filter keeps out of the
     Future-KL), ``safety_clamp_frac``, and the counts over mini-batches 2 … M
     (``active_tokens_after_first`` / ``loss_tokens_after_first``) a run's summary adds up.
-    ``weights`` and ``mask`` are [M, K, R, T]."""
+    ``weights`` and ``mask`` are [M, K, R, T]; without weights (None) the quantiles are left out."""
     per_mini = lambda name: micro_metrics[name].sum(axis=1)  # noqa: E731  [M]
     active, loss_tokens, response = (per_mini(k) for k in ("influence_active_tokens", "loss_tokens",
                                                            "response_tokens"))
@@ -342,7 +346,7 @@ def influence_activity(micro_metrics: dict[str, jax.Array], weights: jax.Array, 
            "influence/loss_tokens_after_first": loss_tokens[1:].sum()}
     for i in range(active.shape[0]):
         out[f"influence/mb{i + 1}_active_frac"] = frac(active[i], loss_tokens[i])
-        if quantiles:
+        if weights is not None:
             values = jnp.where(mask[i] != 0, weights[i], jnp.nan).reshape(-1)
             for q in INFLUENCE_QUANTILES:
                 out[f"influence/mb{i + 1}_weight_p{round(q * 100)}"] = jnp.nan_to_num(jnp.nanquantile(values, q), nan=1.0)
