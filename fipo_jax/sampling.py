@@ -40,6 +40,7 @@ import math
 from typing import NamedTuple
 
 import jax
+import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -203,23 +204,59 @@ def top_k_top_p_filter(scaled_logits_BxV: jax.Array, top_k: int = 0, top_p: floa
     return filtered_BxV
 
 
+def request_uniforms(key: jax.Array, steps_S: jax.Array, requests_S: jax.Array) -> jax.Array:
+    """The two uniforms of request r's t-th token: u[s] = uniform(fold_in(key, t_s), (R, 2))[r_s].
+
+    Under JAX's partitionable threefry (`jax_threefry_partitionable`, on in our pin) element
+    (r, j) of a (R, 2) draw is threefry(key, counter 2r + j), so row r is the same for every
+    R > r: this computes that one row directly, at the cost of one hash per request instead of
+    R. It is how the static sampler (row r of a batch) and the continuous-batching engine (request
+    r in any slot, scheduled at any time) draw exactly the same tokens. Threefry keys only.
+    Returns float32 [S, 2] in [0, 1).
+    """
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        _checks.require(str(jax.random.key_impl(key)) == "threefry2x32",
+                        f"request_uniforms needs a threefry key, got {jax.random.key_impl(key)}", error=TypeError)
+
+    def one(step, request):
+        step_key = jax.random.fold_in(key, step)
+        k1, k2 = jax.random.key_data(step_key) if jnp.issubdtype(step_key.dtype, jax.dtypes.prng_key) else step_key
+        low = (2 * request.astype(jnp.uint32)) + jnp.arange(2, dtype=jnp.uint32)
+        counts = jnp.concatenate([jnp.zeros(2, jnp.uint32), low])  # (high words, low words) of 2r + j
+        hashed = jax.extend.random.threefry_2x32((k1, k2), counts)
+        bits = hashed[:2] ^ hashed[2:]
+        # jax.random.uniform's float construction: 23 random mantissa bits under exponent 0, minus 1.
+        floats = lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32) - 1.0
+        return jnp.maximum(floats, 0.0)
+
+    return jax.vmap(one)(steps_S.astype(jnp.int32), requests_S.astype(jnp.int32))
+
+
 def categorical(key: jax.Array, logits_BxV: jax.Array, block: int = 512) -> jax.Array:
+    """y ~ softmax(logits) per row, from `uniform(key, (B, 2))`: see `categorical_from_uniforms`.
+
+    [B, 2], not [2, B]: row r's uniforms are then the same for any batch size (`request_uniforms`),
+    so rows padded for a device split leave the real rows' draws unchanged.
+    """
+    return categorical_from_uniforms(jax.random.uniform(key, (logits_BxV.shape[0], 2)), logits_BxV, block)
+
+
+def categorical_from_uniforms(uniforms_Bx2: jax.Array, logits_BxV: jax.Array, block: int = 512) -> jax.Array:
     """y ~ softmax(logits) per row, from two uniforms per row instead of V Gumbel draws.
 
     Inverse-CDF sampling in two levels: with p ∝ exp(z − max z) cut into blocks of `block`
     tokens, pick block b with probability mass_b / Σ mass (first block whose running mass
-    reaches u₁ · Σ mass), then token j in b with probability p_j / mass_b (same rule with u₂).
-    The product is exactly p_y / Σ p; entries with p = 0 (−inf logits) are never chosen
-    because u ∈ (0, 1]. `jax.random.categorical` draws V Gumbel variates per row, which at a
-    262,144-token vocabulary costs more than the model's LM head on a CPU.
+    reaches u₁ · Σ mass), then token j in b with probability p_j / mass_b (same rule with u₂),
+    where u = 1 − uniforms ∈ (0, 1]. The product is exactly p_y / Σ p; entries with p = 0
+    (−inf logits) are never chosen because u > 0. `jax.random.categorical` draws V Gumbel
+    variates per row, which at a 262,144-token vocabulary costs more than the model's LM head
+    on a CPU.
     """
     batch, vocab = logits_BxV.shape
     blocks = -(-vocab // block)
     padded_BxV = jnp.pad(logits_BxV, ((0, 0), (0, blocks * block - vocab)), constant_values=-jnp.inf)
     probs_BxNxK = jnp.exp(padded_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True)).reshape(batch, blocks, block)
-    # [B, 2], not [2, B]: row r's uniforms are then the same for any batch size, so rows padded
-    # for a device split leave the real rows' draws unchanged.
-    u_Bx2 = 1.0 - jax.random.uniform(key, (batch, 2))  # in (0, 1]
+    u_Bx2 = 1.0 - uniforms_Bx2  # in (0, 1]
 
     def first_reaching(mass_BxM, u_B):
         cumulative_BxM = jnp.cumsum(mass_BxM, axis=-1)
@@ -232,12 +269,14 @@ def categorical(key: jax.Array, logits_BxV: jax.Array, block: int = 512) -> jax.
 
 
 def sample_tokens(
-    logits_BxV: jax.Array, key: jax.Array, temperature: float, top_p: float = 1.0, top_k: int = 0
+    logits_BxV: jax.Array, key: jax.Array, temperature: float, top_p: float = 1.0, top_k: int = 0,
+    uniforms_Bx2: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One token per row and its log-prob under the full temperature-scaled distribution.
 
     Returns (tokens_B int32, log_probs_B float32) with log_probs = log softmax(z/τ)[token]
-    (τ = 1 when `temperature == 0`, which is greedy argmax).
+    (τ = 1 when `temperature == 0`, which is greedy argmax). The draw uses `uniforms_Bx2` when
+    given (`request_uniforms`; `key` is then unused), else `uniform(key, (B, 2))`.
     """
     logits_BxV = logits_BxV.astype(jnp.float32)
     if temperature == 0:
@@ -246,7 +285,9 @@ def sample_tokens(
     else:
         scaled_BxV = logits_BxV / temperature
         filtered_BxV = top_k_top_p_filter(scaled_BxV, top_k, top_p)
-        tokens_B = categorical(key, filtered_BxV)
+        if uniforms_Bx2 is None:
+            uniforms_Bx2 = jax.random.uniform(key, (logits_BxV.shape[0], 2))
+        tokens_B = categorical_from_uniforms(uniforms_Bx2, filtered_BxV)
     tokens_B = tokens_B.astype(jnp.int32)
     log_probs_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BxV, axis=-1), tokens_B[:, None], axis=-1)[:, 0]
     return tokens_B, log_probs_B
@@ -445,6 +486,32 @@ def left_align_prompts(
     return np.where(mask_BxP, ids_BxP, pad_token_id).astype(np.int32), mask_BxP
 
 
+def check_generate_inputs(model, prompt_ids, prompt_mask, config: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Host copies of (prompt_ids int [B, L], prompt_mask bool [B, L]) after checking them and the
+    config's token ids against the model's vocabulary (clear errors naming the problem)."""
+    _checks.require(isinstance(config, SamplingConfig), f"config must be a SamplingConfig, got {type(config).__name__}",
+                    error=TypeError)
+    ids_BxL = np.asarray(prompt_ids)
+    _checks.require(ids_BxL.ndim == 2 and np.issubdtype(ids_BxL.dtype, np.integer) and ids_BxL.shape[0] > 0,
+                    f"prompt_ids must be an integer [B, L] array with B >= 1, got {ids_BxL.dtype}{list(ids_BxL.shape)}")
+    mask_BxL = np.ones(ids_BxL.shape, bool) if prompt_mask is None else np.asarray(prompt_mask)
+    _checks.require(mask_BxL.shape == ids_BxL.shape,
+                    f"prompt_mask must have the shape of prompt_ids {ids_BxL.shape}, got {mask_BxL.shape}")
+    mask_BxL = mask_BxL.astype(bool)
+    lengths_B = mask_BxL.sum(axis=1)
+    _checks.require(lengths_B.min() > 0, "every prompt needs at least one real token; empty rows: "
+                                         f"{np.flatnonzero(lengths_B == 0).tolist()}")
+    vocab = model.config.vocab_size
+    real_ids = ids_BxL[mask_BxL]
+    _checks.require(real_ids.min() >= 0 and real_ids.max() < vocab,
+                    f"prompt_ids must be in [0, vocab_size={vocab}), got range [{real_ids.min()}, {real_ids.max()}]")
+    stop_ids = [t for sequence in config.stop_sequences for t in sequence]
+    out_of_vocab = [t for t in (*config.eos_token_ids, config.pad_token_id, *stop_ids) if t >= vocab]
+    _checks.require(not out_of_vocab, f"eos_token_ids / pad_token_id / stop_sequences must be < vocab_size={vocab}, "
+                                      f"got {out_of_vocab}")
+    return ids_BxL, mask_BxL
+
+
 def generate(
     model,
     prompt_ids,
@@ -474,26 +541,8 @@ def generate(
       `SampleOutput` (see its docstring); prompt_ids / prompt_mask there have P columns, the
       bucket chosen for the longest prompt.
     """
-    _checks.require(isinstance(config, SamplingConfig), f"config must be a SamplingConfig, got {type(config).__name__}",
-                    error=TypeError)
-    ids_BxL = np.asarray(prompt_ids)
-    _checks.require(ids_BxL.ndim == 2 and np.issubdtype(ids_BxL.dtype, np.integer) and ids_BxL.shape[0] > 0,
-                    f"prompt_ids must be an integer [B, L] array with B >= 1, got {ids_BxL.dtype}{list(ids_BxL.shape)}")
-    mask_BxL = np.ones(ids_BxL.shape, bool) if prompt_mask is None else np.asarray(prompt_mask)
-    _checks.require(mask_BxL.shape == ids_BxL.shape,
-                    f"prompt_mask must have the shape of prompt_ids {ids_BxL.shape}, got {mask_BxL.shape}")
-    mask_BxL = mask_BxL.astype(bool)
+    ids_BxL, mask_BxL = check_generate_inputs(model, prompt_ids, prompt_mask, config)
     lengths_B = mask_BxL.sum(axis=1)
-    _checks.require(lengths_B.min() > 0, "every prompt needs at least one real token; empty rows: "
-                                         f"{np.flatnonzero(lengths_B == 0).tolist()}")
-    vocab = model.config.vocab_size
-    real_ids = ids_BxL[mask_BxL]
-    _checks.require(real_ids.min() >= 0 and real_ids.max() < vocab,
-                    f"prompt_ids must be in [0, vocab_size={vocab}), got range [{real_ids.min()}, {real_ids.max()}]")
-    stop_ids = [t for sequence in config.stop_sequences for t in sequence]
-    out_of_vocab = [t for t in (*config.eos_token_ids, config.pad_token_id, *stop_ids) if t >= vocab]
-    _checks.require(not out_of_vocab, f"eos_token_ids / pad_token_id / stop_sequences must be < vocab_size={vocab}, "
-                                      f"got {out_of_vocab}")
     prompt_len = config.prompt_length(int(lengths_B.max()))
     ids_BxP, mask_BxP = left_align_prompts(ids_BxL, mask_BxL, prompt_len, config.pad_token_id)
     graphdef, state = nnx.split(model)

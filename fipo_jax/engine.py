@@ -1,0 +1,535 @@
+"""Continuous batching: a fixed set of decode slots refilled from a queue, each prompt prefilled once.
+
+    requests (prompt, budget, stop sequences) ─► queue, in request order
+    until every request has ended:
+      host    free slots ← the next requests; prompts not in the prefix store are prefilled
+              (≤ C distinct prompts per call, each once however many samples it has)
+      device  one jitted call: insert (copy the prompt's KV into each refilled slot, sample token 0
+              from the prompt's last logits) ─► ≤ K decode steps of every busy slot
+      host    append the tokens each slot emitted to its request; a slot whose request ended
+              (EOS, stop sequence, its own budget) is free for the next call
+
+A slot is one row of the static sampler with its own cache write index: the KV cache is a batch-1
+`KVCache` per slot stacked on a leading slot axis, and a decode step is the batch-1 model call
+`jax.vmap`-ed over slots (parameters are shared, so every projection is still one GEMM over the
+slots). The host syncs once per call, never per token, and every call has the same shapes, so
+inserting requests never recompiles.
+
+Per-request randomness: token t of request r is drawn with `request_uniforms(key, t, r)`, exactly
+the uniforms of row r at step t in `sampling.generate`. A request's tokens depend only on
+(key, r, t), never on its slot or on when it was scheduled, and the engine returns what the static
+sampler returns for the same prompts, up to float rounding of the logits (the two compute the same
+rows in batches of different sizes): equal tokens and lengths, log-probs within ~1e-6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import OrderedDict
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fipo_jax import _checks, distributed
+from fipo_jax.models.kv_cache import KVCache, init_kv_cache
+from fipo_jax.sampling import (
+    SampleOutput,
+    SamplingConfig,
+    check_generate_inputs,
+    constrain_rows,
+    left_align_prompts,
+    matched_stop_length,
+    request_uniforms,
+    sample_tokens,
+    stop_table,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine schedules (static: each distinct config compiles its own functions).
+
+    Attributes:
+      num_slots: S, requests decoded at once; each slot holds a cache of P + N − 1 positions.
+        On a mesh, a multiple of the devices that split rows.
+      steps_per_sync: K ≥ 1, decode steps per device call; the host looks at the slots (and
+        refills the free ones) once per call. A slot that ends mid-call idles until the call ends.
+      refill_threshold: a call ends early once this many slots are free while requests wait
+        (≥ 1; default max(1, S // 8)), so long calls do not leave freed slots idle.
+      prefill_batch: C, distinct prompts prefilled per call and held in the prefix store until all
+        their samples are inserted.
+      share_prompt_prefill: prefill each distinct prompt once and copy its KV into every slot that
+        samples from it; False prefills every request's prompt separately (for comparison).
+    """
+
+    num_slots: int = 64
+    steps_per_sync: int = 16
+    refill_threshold: int | None = None
+    prefill_batch: int = 8
+    share_prompt_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        _checks.check_int("EngineConfig.num_slots", self.num_slots, minimum=1)
+        _checks.check_int("EngineConfig.steps_per_sync", self.steps_per_sync, minimum=1)
+        _checks.check_int("EngineConfig.prefill_batch", self.prefill_batch, minimum=1)
+        if self.refill_threshold is None:
+            object.__setattr__(self, "refill_threshold", max(1, self.num_slots // 8))
+        _checks.check_int("EngineConfig.refill_threshold", self.refill_threshold, minimum=1)
+        _checks.require(isinstance(self.share_prompt_prefill, bool),
+                        f"EngineConfig.share_prompt_prefill must be a bool, got {self.share_prompt_prefill!r}")
+        for name in ("num_slots", "steps_per_sync", "refill_threshold", "prefill_batch"):  # NumPy ints → int
+            object.__setattr__(self, name, int(getattr(self, name)))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """What one `generate` call did.
+
+    Attributes:
+      slot_utilisation: busy slot-steps / (S × decode steps): the share of decode compute that
+        produced a token of some request.
+      decode_steps: batched decode steps run (each decodes all S slots).
+      device_calls: jitted insert + decode calls, i.e. host syncs.
+      prefill_calls / prefilled_prompts: prefill calls, and the prompts they prefilled (without
+        the padding rows of a partly filled call).
+      generated_tokens: tokens returned (Σ lengths).
+      seconds: wall time of the call.
+    """
+
+    slot_utilisation: float
+    decode_steps: int
+    device_calls: int
+    prefill_calls: int
+    prefilled_prompts: int
+    generated_tokens: int
+    seconds: float
+
+
+class Slots(NamedTuple):
+    """The decode slots on the device (leading axis S everywhere).
+
+    `cache` leaves are the per-slot batch-1 caches stacked: keys [S, 1, N, L, K], index [S].
+    A free slot has active False; its request id is that of the last request it held.
+    """
+
+    cache: KVCache
+    request_S: jax.Array  # int32
+    position_S: jax.Array  # int32, tokens the request has generated (the next token's position)
+    budget_S: jax.Array  # int32, the request's max_new_tokens
+    last_token_S: jax.Array  # int32, fed to the next decode step
+    active_S: jax.Array  # bool, holds a request that has not ended
+    recent_SxL: jax.Array  # int32, last L generated tokens (stop matching), −1 before the first
+    stop_tokens_SxQxL: jax.Array  # the request's stop sequences, right-aligned (`stop_table`)
+    stop_valid_SxQxL: jax.Array
+    stop_length_S: jax.Array  # int32, length of the matched stop sequence (0: none)
+
+
+class Prefixes(NamedTuple):
+    """Prefilled prompts: C rows of a batch-C cache of P positions and the logits after each prompt."""
+
+    cache: KVCache
+    last_logits_CxV: jax.Array
+
+
+class Emitted(NamedTuple):
+    """Tokens each slot emitted during one device call, in order: columns [0, count_S)."""
+
+    tokens_SxW: jax.Array
+    log_probs_SxW: jax.Array
+    count_S: jax.Array
+
+
+class Refill(NamedTuple):
+    """Which slots a call refills and with what (−1 in `source_S`: keep the slot as it is)."""
+
+    source_S: jax.Array  # int32, prefix-store row of the request's prompt
+    request_S: jax.Array  # int32
+    budget_S: jax.Array  # int32
+    stop_tokens_SxQxL: jax.Array
+    stop_valid_SxQxL: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Device functions (pure, traceable)
+# ---------------------------------------------------------------------------------------------
+
+
+def init_slots(model_config, num_slots: int, max_len: int, stop_shape: tuple[int, int], dtype=None) -> Slots:
+    """S free slots with empty batch-1 caches of `max_len` positions."""
+    cache = init_kv_cache(model_config, 1, max_len, dtype)
+    stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_slots, *x.shape)), cache)
+    zeros = jnp.zeros((num_slots,), jnp.int32)
+    return Slots(cache=stacked, request_S=zeros - 1, position_S=zeros, budget_S=zeros, last_token_S=zeros,
+                 active_S=jnp.zeros((num_slots,), jnp.bool_),
+                 recent_SxL=jnp.full((num_slots, stop_shape[1]), -1, jnp.int32),
+                 stop_tokens_SxQxL=jnp.full((num_slots, *stop_shape), -1, jnp.int32),
+                 stop_valid_SxQxL=jnp.zeros((num_slots, *stop_shape), jnp.bool_), stop_length_S=zeros)
+
+
+def prefill(model, prompt_ids_CxP: jax.Array, prompt_mask_CxP: jax.Array, cache_dtype=None) -> Prefixes:
+    """One forward over C left-padded prompts into a cache of exactly P positions."""
+    count, width = prompt_ids_CxP.shape
+    cache = init_kv_cache(model.config, count, width, cache_dtype)
+    logits_Cx1xV, cache = model(prompt_ids_CxP, attention_mask=prompt_mask_CxP, kv_cache=cache, last_token_only=True)
+    return Prefixes(cache, logits_Cx1xV[:, 0].astype(jnp.float32))
+
+
+def insert(slots: Slots, prefixes: Prefixes, refill: Refill) -> Slots:
+    """Slots with `refill.source_S ≥ 0` take a prefilled prompt: its KV in positions [0, P), the rest
+    of the slot invalid, write index P, and a fresh request state (no token generated yet)."""
+    refilled_S = refill.source_S >= 0
+    source_S = jnp.maximum(refill.source_S, 0)
+    width = prefixes.cache.valid_BxS.shape[1]
+
+    def head(slot_x, prefix_x):  # slot_x [S, 1, ..., L, ...] with the cache axis at prefix_x's axis + 1
+        taken = jnp.take(prefix_x, source_S, axis=0)[:, None]
+        axis = prefix_x.ndim - 1 if prefix_x.ndim == 2 else 2  # [C, P] masks / [C, N, P, K] keys
+        old = lax.slice_in_dim(slot_x, 0, width, axis=axis + 1)
+        new = jnp.where(refilled_S.reshape((-1,) + (1,) * (old.ndim - 1)), taken, old)
+        return lax.dynamic_update_slice_in_dim(slot_x, new, 0, axis=axis + 1)
+
+    cache, prompt = slots.cache, prefixes.cache
+    valid = head(cache.valid_BxS, prompt.valid_BxS)
+    after_prompt_SxL = jnp.arange(valid.shape[-1]) >= width
+    valid = jnp.where(refilled_S[:, None, None] & after_prompt_SxL[None, None], False, valid)
+    keep = lambda new, old: jnp.where(refilled_S.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
+    cache = KVCache(
+        keys=tuple(head(s, p) for s, p in zip(cache.keys, prompt.keys)),
+        values=tuple(head(s, p) for s, p in zip(cache.values, prompt.values)),
+        valid_BxS=valid,
+        positions_BxS=head(cache.positions_BxS, prompt.positions_BxS),
+        next_position_B=keep(jnp.take(prompt.next_position_B, source_S)[:, None], cache.next_position_B),
+        index=keep(jnp.full_like(cache.index, width), cache.index),
+    )
+    return Slots(
+        cache=cache,
+        request_S=keep(refill.request_S, slots.request_S),
+        position_S=keep(0, slots.position_S),
+        budget_S=keep(refill.budget_S, slots.budget_S),
+        last_token_S=slots.last_token_S,
+        active_S=slots.active_S | refilled_S,
+        recent_SxL=keep(-1, slots.recent_SxL),
+        stop_tokens_SxQxL=keep(refill.stop_tokens_SxQxL, slots.stop_tokens_SxQxL),
+        stop_valid_SxQxL=keep(refill.stop_valid_SxQxL, slots.stop_valid_SxQxL),
+        stop_length_S=keep(0, slots.stop_length_S),
+    )
+
+
+def record(slots: Slots, emitted: Emitted, logits_SxV: jax.Array, emitting_S: jax.Array, key: jax.Array,
+           config: SamplingConfig) -> tuple[Slots, Emitted]:
+    """Samples the next token of every emitting slot from its logits, appends it to `emitted` and
+    ends requests on EOS, on a stop sequence or at their budget."""
+    uniforms_Sx2 = None if config.greedy else request_uniforms(key, slots.position_S, slots.request_S)
+    tokens_S, log_probs_S = sample_tokens(logits_SxV, key, config.temperature, config.top_p, config.top_k,
+                                          uniforms_Sx2)
+    tokens_S = jnp.where(emitting_S, tokens_S, config.pad_token_id)
+    log_probs_S = jnp.where(emitting_S, log_probs_S, 0.0)
+    rows_S = jnp.arange(tokens_S.shape[0])
+    column_S = jnp.where(emitting_S, emitted.count_S, emitted.tokens_SxW.shape[1])  # out of range: dropped
+    emitted = Emitted(emitted.tokens_SxW.at[rows_S, column_S].set(tokens_S, mode="drop"),
+                      emitted.log_probs_SxW.at[rows_S, column_S].set(log_probs_S, mode="drop"),
+                      emitted.count_S + emitting_S)
+    recent_SxL = jnp.where(emitting_S[:, None],
+                           jnp.concatenate([slots.recent_SxL[:, 1:], tokens_S[:, None]], axis=1), slots.recent_SxL)
+    matched_S = jax.vmap(matched_stop_length)(recent_SxL[:, None], slots.stop_tokens_SxQxL,
+                                              slots.stop_valid_SxQxL)[:, 0]
+    eos_E = jnp.asarray(config.eos_token_ids, jnp.int32)
+    is_eos_S = jnp.any(tokens_S[:, None] == eos_E[None], axis=-1) if config.eos_token_ids else False
+    position_S = slots.position_S + emitting_S
+    ended_S = emitting_S & (is_eos_S | (matched_S > 0) | (position_S >= slots.budget_S))
+    return slots._replace(
+        position_S=position_S,
+        last_token_S=jnp.where(emitting_S, tokens_S, slots.last_token_S),
+        active_S=slots.active_S & ~ended_S,
+        recent_SxL=recent_SxL,
+        stop_length_S=jnp.where(emitting_S & (matched_S > 0), matched_S, slots.stop_length_S),
+    ), emitted
+
+
+def decode_logits(model, slots: Slots) -> tuple[jax.Array, KVCache]:
+    """Next-token logits [S, V] of every slot: the batch-1 cached forward, vmapped over slots.
+
+    An inactive slot feeds a masked token and keeps its write index, so nothing it holds changes.
+    """
+
+    def one(token, active, cache):
+        logits_1x1xV, cache = model(token[None, None], attention_mask=active[None, None], kv_cache=cache)
+        return logits_1x1xV[0, 0], cache
+
+    logits_SxV, cache = jax.vmap(one)(slots.last_token_S, slots.active_S, slots.cache)
+    return logits_SxV, cache._replace(index=jnp.where(slots.active_S, cache.index, slots.cache.index))
+
+
+def advance(model, slots: Slots, prefixes: Prefixes, refill: Refill, key: jax.Array, free_to_stop: jax.Array,
+            config: SamplingConfig, steps: int, row_sharding: NamedSharding | None = None
+            ) -> tuple[Slots, Emitted, jax.Array]:
+    """Insert, then ≤ `steps` decode steps; stops early when no slot is busy or once
+    `free_to_stop` > 0 slots are free (requests are waiting for them). Returns the slots, what
+    they emitted (≤ steps + 1 tokens each) and the number of decode steps run."""
+    num_slots = refill.source_S.shape[0]
+    slots = constrain_rows(insert(constrain_rows(slots, row_sharding), prefixes, refill), row_sharding)
+    emitted = constrain_rows(Emitted(jnp.full((num_slots, steps + 1), config.pad_token_id, jnp.int32),
+                                     jnp.zeros((num_slots, steps + 1), jnp.float32),
+                                     jnp.zeros((num_slots,), jnp.int32)), row_sharding)
+    refilled_S = refill.source_S >= 0
+    first_logits_SxV = jnp.take(prefixes.last_logits_CxV, jnp.maximum(refill.source_S, 0), axis=0)
+    slots, emitted = record(slots, emitted, first_logits_SxV, refilled_S, key, config)
+
+    def keep_going(carry):
+        step, slots, _ = carry
+        free = jnp.sum(~slots.active_S)
+        waiting_and_free = (free_to_stop > 0) & (free >= free_to_stop)
+        return (step < steps) & jnp.any(slots.active_S) & ~waiting_and_free
+
+    def decode_one(carry):
+        step, slots, emitted = carry
+        logits_SxV, cache = decode_logits(model, slots)
+        slots, emitted = record(slots._replace(cache=cache), emitted, logits_SxV, slots.active_S, key, config)
+        return step + 1, constrain_rows(slots, row_sharding), emitted
+
+    steps_run, slots, emitted = lax.while_loop(keep_going, decode_one, (jnp.zeros((), jnp.int32), slots, emitted))
+    return slots, emitted, steps_run
+
+
+def _advance_from_state(graphdef, state, slots, prefixes, refill, key, free_to_stop, config, steps, row_sharding):
+    return advance(nnx.merge(graphdef, state), slots, prefixes, refill, key, free_to_stop, config, steps,
+                   row_sharding)
+
+
+def _prefill_from_state(graphdef, state, prompt_ids_CxP, prompt_mask_CxP, cache_dtype):
+    return prefill(nnx.merge(graphdef, state), prompt_ids_CxP, prompt_mask_CxP, cache_dtype)
+
+
+_advance_jit = jax.jit(_advance_from_state, static_argnums=(0, 7, 8, 9), donate_argnums=(2,))
+_prefill_jit = jax.jit(_prefill_from_state, static_argnums=(0, 4))
+_init_slots_jit = jax.jit(init_slots, static_argnums=(0, 1, 2, 3, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host scheduler
+# ---------------------------------------------------------------------------------------------
+
+
+class _PrefixStore:
+    """Which prompt each prefix-store row holds and how many of its requests still wait (host side)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.rows: OrderedDict[bytes, int] = OrderedDict()  # prompt → row, least recently used first
+        self.waiting: dict[bytes, int] = {}
+
+    def free_rows(self) -> list[int]:
+        used = set(self.rows.values())
+        return [r for r in range(self.capacity) if r not in used]
+
+    def take(self, prompt: bytes) -> int:
+        """The row of `prompt` for one more request; the row is released after its last request."""
+        row = self.rows[prompt]
+        self.rows.move_to_end(prompt)
+        self.waiting[prompt] -= 1
+        if self.waiting[prompt] == 0:
+            del self.rows[prompt]
+        return row
+
+
+def _stop_tables(stop_sequences: Sequence[tuple[tuple[int, ...], ...]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-request stop tables padded to a common [R, Q, L] (Q, L ≥ 1)."""
+    width = max([len(q) for stops in stop_sequences for q in stops], default=1)
+    count = max([len(stops) for stops in stop_sequences], default=1) or 1
+    tokens = np.full((len(stop_sequences), count, width), -1, np.int32)
+    valid = np.zeros((len(stop_sequences), count, width), bool)
+    for r, stops in enumerate(stop_sequences):
+        if stops:
+            t, v = stop_table(stops)
+            tokens[r, : len(stops), width - t.shape[1]:] = t
+            valid[r, : len(stops), width - t.shape[1]:] = v
+    return tokens, valid
+
+
+def _check_requests(count: int, max_new_tokens, stop_sequences, config: SamplingConfig, vocab: int):
+    """Per-request budgets [R] and stop sequences (tuple of tuples per request), validated."""
+    if max_new_tokens is None:
+        budgets = np.full(count, config.max_new_tokens, np.int64)
+    else:
+        budgets = np.asarray(max_new_tokens)
+        _checks.require(budgets.shape == (count,) and np.issubdtype(budgets.dtype, np.integer),
+                        f"max_new_tokens must be an integer array of one budget per request ({count}), "
+                        f"got {budgets.dtype}{list(budgets.shape)}")
+        bad = np.flatnonzero((budgets < 1) | (budgets > config.max_new_tokens))
+        _checks.require(bad.size == 0, f"max_new_tokens must be in [1, SamplingConfig.max_new_tokens="
+                                       f"{config.max_new_tokens}]; requests {bad[:8].tolist()} have "
+                                       f"{budgets[bad[:8]].tolist()}")
+    if stop_sequences is None:
+        stops = [config.stop_sequences] * count
+    else:
+        _checks.require(isinstance(stop_sequences, (list, tuple)) and len(stop_sequences) == count,
+                        f"stop_sequences must hold one tuple of token sequences per request ({count})")
+        stops = [SamplingConfig(stop_sequences=s).stop_sequences for s in stop_sequences]
+    out_of_vocab = sorted({t for request in stops for q in request for t in q if t >= vocab})
+    _checks.require(not out_of_vocab, f"stop_sequences must be < vocab_size={vocab}, got {out_of_vocab[:8]}")
+    return budgets.astype(np.int32), stops
+
+
+def generate(
+    model,
+    prompt_ids,
+    prompt_mask,
+    key: jax.Array,
+    config: SamplingConfig,
+    engine: EngineConfig = EngineConfig(),
+    *,
+    max_new_tokens=None,
+    stop_sequences: Sequence[tuple[tuple[int, ...], ...]] | None = None,
+    row_sharding: NamedSharding | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[SampleOutput, EngineStats]:
+    """Samples a response to every prompt with continuous batching; same contract as `sampling.generate`.
+
+    Args:
+      model: a `CausalLM` (its live parameters; nothing is copied).
+      prompt_ids, prompt_mask: integer [R, L] requests and their mask (None = all real); any padding.
+        Identical prompts (e.g. the G samples of a group) are prefilled once.
+      key: PRNG key (threefry); token t of request r depends only on (key, r, t), as in
+        `sampling.generate`.
+      config: the `SamplingConfig` (temperature, top-p / top-k, EOS, stop sequences, pad, prompt
+        buckets, cache dtype); `config.max_new_tokens` is the largest budget (the output width).
+      engine: the `EngineConfig`.
+      max_new_tokens: optional int [R], each request's own budget (≤ config.max_new_tokens).
+      stop_sequences: optional, per request, a tuple of token sequences replacing
+        `config.stop_sequences` for that request.
+      row_sharding: optional `NamedSharding` whose first spec entry names the mesh axes to split
+        slots over (each device group decodes its own slots); `engine.num_slots` must divide.
+      progress: optional callback given the number of requests that ended since the last call.
+
+    Returns:
+      (`SampleOutput` in request order, host numpy arrays; `num_steps` = the longest response),
+      `EngineStats`.
+    """
+    started = time.perf_counter()
+    _checks.require(isinstance(engine, EngineConfig), f"engine must be an EngineConfig, got {type(engine).__name__}",
+                    error=TypeError)
+    ids_RxL, mask_RxL = check_generate_inputs(model, prompt_ids, prompt_mask, config)
+    count = ids_RxL.shape[0]
+    budgets_R, stops_R = _check_requests(count, max_new_tokens, stop_sequences, config, model.config.vocab_size)
+    width = config.prompt_length(int(mask_RxL.sum(axis=1).max()))
+    ids_RxP, mask_RxP = left_align_prompts(ids_RxL, mask_RxL, width, config.pad_token_id)
+    stop_tokens_RxQxL, stop_valid_RxQxL = _stop_tables(stops_R)
+    num_slots = engine.num_slots
+    replicated = None
+    if row_sharding is not None:
+        rows = row_sharding.spec[0] if len(row_sharding.spec) else None
+        shards = math.prod(row_sharding.mesh.shape[a] for a in jax.tree.leaves(rows))
+        _checks.require(num_slots % shards == 0, f"EngineConfig.num_slots={num_slots} must be a multiple of the "
+                                                 f"{shards} devices that split rows")
+        row_sharding = NamedSharding(row_sharding.mesh, PartitionSpec(rows))
+        replicated = NamedSharding(row_sharding.mesh, PartitionSpec())
+    place = (lambda x: jnp.asarray(x)) if replicated is None else (lambda x: jax.device_put(x, replicated))  # noqa: E731
+
+    graphdef, state = nnx.split(model)
+    cache_len = width + config.max_new_tokens - 1
+    slots = _init_slots_jit(model.config, num_slots, cache_len, stop_tokens_RxQxL.shape[1:], config.cache_dtype)
+    if row_sharding is not None:
+        slots = jax.device_put(slots, row_sharding)
+    capacity = engine.prefill_batch
+    prefixes = None
+    store = _PrefixStore(capacity)
+    prompt_of = [ids_RxP[r].tobytes() + (b"" if engine.share_prompt_prefill else r.to_bytes(8, "little"))
+                 for r in range(count)]
+    for p in prompt_of:
+        store.waiting[p] = store.waiting.get(p, 0) + 1
+    prefill_ids = np.full((capacity, width), config.pad_token_id, np.int32)
+    prefill_mask = np.zeros((capacity, width), bool)
+
+    tokens = np.full((count, config.max_new_tokens), config.pad_token_id, np.int32)
+    log_probs = np.zeros((count, config.max_new_tokens), np.float32)
+    lengths = np.zeros(count, np.int32)
+    stop_lengths = np.zeros(count, np.int32)
+    slot_request = np.full(num_slots, -1)  # host view: request held, −1 when free
+    next_request, done = 0, 0
+    decode_steps = busy_slot_steps = calls = prefill_calls = prefilled = 0
+
+    def prefill_upcoming():
+        """Fill the store's free rows with the next prompts of the queue not already stored."""
+        nonlocal prefixes, prefill_calls, prefilled
+        free = store.free_rows()
+        if not free:  # every row holds a prompt with waiting requests: evict the least recently used
+            prompt, row = store.rows.popitem(last=False)
+            free = [row]
+        write = np.zeros(capacity, bool)
+        seen = set(store.rows)
+        for r in range(next_request, count):
+            p = prompt_of[r]
+            if p in seen or not free:
+                continue
+            seen.add(p)
+            row = free.pop(0)
+            store.rows[p] = row
+            prefill_ids[row], prefill_mask[row], write[row] = ids_RxP[r], mask_RxP[r], True
+            if not free:
+                break
+        fresh = _prefill_jit(graphdef, state, place(prefill_ids), place(prefill_mask), config.cache_dtype)
+        prefixes = fresh if prefixes is None else jax.tree.map(
+            lambda new, old: jnp.where(place(write).reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+            if new.ndim else new, fresh, prefixes)
+        prefill_calls += 1
+        prefilled += int(write.sum())
+
+    while done < count:
+        source = np.full(num_slots, -1, np.int32)
+        request = np.zeros(num_slots, np.int32)
+        for s in np.flatnonzero(slot_request < 0):
+            if next_request == count:
+                break
+            p = prompt_of[next_request]
+            if p not in store.rows:
+                prefill_upcoming()
+            source[s], request[s] = store.take(p), next_request
+            slot_request[s] = next_request
+            next_request += 1
+        refill = Refill(*(place(x) for x in (source, request, budgets_R[request], stop_tokens_RxQxL[request],
+                                               stop_valid_RxQxL[request])))
+        waiting = count - next_request
+        free_to_stop = min(waiting, engine.refill_threshold)
+        slots, emitted, steps_run = _advance_jit(
+            graphdef, state, slots, prefixes, refill, key, place(np.int32(free_to_stop)), config,
+            engine.steps_per_sync, row_sharding)
+        emitted, steps_run, active, stop_len = distributed.to_host(
+            (emitted, steps_run, slots.active_S, slots.stop_length_S))
+        calls += 1
+        decode_steps += int(steps_run)
+        busy_slot_steps += int(emitted.count_S.sum()) - int((source >= 0).sum())  # token 0 comes from prefill
+        ended_now = 0
+        for s in np.flatnonzero(slot_request >= 0):
+            r, n = slot_request[s], int(emitted.count_S[s])
+            tokens[r, lengths[r]: lengths[r] + n] = emitted.tokens_SxW[s, :n]
+            log_probs[r, lengths[r]: lengths[r] + n] = emitted.log_probs_SxW[s, :n]
+            lengths[r] += n
+            if not active[s]:
+                stop_lengths[r] = stop_len[s]
+                slot_request[s] = -1
+                done += 1
+                ended_now += 1
+        if progress is not None and ended_now:
+            progress(ended_now)
+
+    mask = np.arange(config.max_new_tokens)[None] < lengths[:, None]
+    output = SampleOutput(tokens=tokens, mask=mask, log_probs=log_probs, lengths=lengths, prompt_ids=ids_RxP,
+                          prompt_mask=mask_RxP, num_steps=np.int32(lengths.max()), stop_lengths=stop_lengths)
+    stats = EngineStats(slot_utilisation=busy_slot_steps / max(1, decode_steps * num_slots),
+                        decode_steps=decode_steps, device_calls=calls, prefill_calls=prefill_calls,
+                        prefilled_prompts=prefilled, generated_tokens=int(lengths.sum()),
+                        seconds=time.perf_counter() - started)
+    return output, stats
+
+
+def kv_cache_bytes(model_config, rows: int, max_len: int, dtype=None) -> int:
+    """Bytes of a `KVCache` with `rows` rows of `max_len` positions (keys, values, masks, positions)."""
+    cache = jax.eval_shape(lambda: init_kv_cache(model_config, rows, max_len, dtype))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
