@@ -63,8 +63,8 @@ class EngineConfig:
         refills the free ones) once per call. A slot that ends mid-call idles until the call ends.
       refill_threshold: a call ends early once this many slots are free while requests wait
         (≥ 1; default max(1, S // 8)), so long calls do not leave freed slots idle.
-      prefill_batch: C, distinct prompts prefilled per call and held in the prefix store until all
-        their samples are inserted.
+      prefill_batch: C, rows of the prefix store: prompts prefilled and held until all their
+        samples are inserted; a prefill call computes 1, 2, 4, … or C rows (one compilation each).
       share_prompt_prefill: prefill each distinct prompt once and copy its KV into every slot that
         samples from it; False prefills every request's prompt separately (for comparison).
     """
@@ -99,6 +99,7 @@ class EngineStats:
       device_calls: jitted insert + decode calls, i.e. host syncs.
       prefill_calls / prefilled_prompts: prefill calls, and the prompts they prefilled (without
         the padding rows of a partly filled call).
+      prefill_seconds: wall time of the prefill calls (each waited for).
       generated_tokens: tokens returned (Σ lengths).
       seconds: wall time of the call.
     """
@@ -108,6 +109,7 @@ class EngineStats:
     device_calls: int
     prefill_calls: int
     prefilled_prompts: int
+    prefill_seconds: float
     generated_tokens: int
     seconds: float
 
@@ -173,12 +175,23 @@ def init_slots(model_config, num_slots: int, max_len: int, stop_shape: tuple[int
                  stop_valid_SxQxL=jnp.zeros((num_slots, *stop_shape), jnp.bool_), stop_length_S=zeros)
 
 
-def prefill(model, prompt_ids_CxP: jax.Array, prompt_mask_CxP: jax.Array, cache_dtype=None) -> Prefixes:
-    """One forward over C left-padded prompts into a cache of exactly P positions."""
-    count, width = prompt_ids_CxP.shape
+def init_prefixes(model_config, capacity: int, width: int, dtype=None) -> Prefixes:
+    """An empty prefix store of `capacity` rows of `width` positions."""
+    return Prefixes(init_kv_cache(model_config, capacity, width, dtype),
+                    jnp.zeros((capacity, model_config.vocab_size), jnp.float32))
+
+
+def prefill(model, prefixes: Prefixes, prompt_ids_kxP: jax.Array, prompt_mask_kxP: jax.Array, rows_k: jax.Array,
+            cache_dtype=None) -> Prefixes:
+    """One forward over k left-padded prompts; writes each into prefix-store row `rows_k` (an
+    out-of-range row drops it: the padding of a partly filled call)."""
+    count, width = prompt_ids_kxP.shape
     cache = init_kv_cache(model.config, count, width, cache_dtype)
-    logits_Cx1xV, cache = model(prompt_ids_CxP, attention_mask=prompt_mask_CxP, kv_cache=cache, last_token_only=True)
-    return Prefixes(cache, logits_Cx1xV[:, 0].astype(jnp.float32))
+    logits_kx1xV, cache = model(prompt_ids_kxP, attention_mask=prompt_mask_kxP, kv_cache=cache, last_token_only=True)
+    store = jax.tree.map(lambda old, new: old.at[rows_k].set(new, mode="drop") if old.ndim else old,
+                         prefixes.cache, cache)
+    return Prefixes(store, prefixes.last_logits_CxV.at[rows_k].set(logits_kx1xV[:, 0].astype(jnp.float32),
+                                                                    mode="drop"))
 
 
 def insert(slots: Slots, prefixes: Prefixes, refill: Refill) -> Slots:
@@ -303,12 +316,13 @@ def _advance_from_state(graphdef, state, slots, prefixes, refill, key, free_to_s
                    row_sharding)
 
 
-def _prefill_from_state(graphdef, state, prompt_ids_CxP, prompt_mask_CxP, cache_dtype):
-    return prefill(nnx.merge(graphdef, state), prompt_ids_CxP, prompt_mask_CxP, cache_dtype)
+def _prefill_from_state(graphdef, state, prefixes, prompt_ids_kxP, prompt_mask_kxP, rows_k, cache_dtype):
+    return prefill(nnx.merge(graphdef, state), prefixes, prompt_ids_kxP, prompt_mask_kxP, rows_k, cache_dtype)
 
 
 _advance_jit = jax.jit(_advance_from_state, static_argnums=(0, 7, 8, 9), donate_argnums=(2,))
-_prefill_jit = jax.jit(_prefill_from_state, static_argnums=(0, 4))
+_prefill_jit = jax.jit(_prefill_from_state, static_argnums=(0, 6), donate_argnums=(2,))
+_init_prefixes_jit = jax.jit(init_prefixes, static_argnums=(0, 1, 2, 3))
 _init_slots_jit = jax.jit(init_slots, static_argnums=(0, 1, 2, 3, 4))
 
 
@@ -438,14 +452,14 @@ def generate(
     if row_sharding is not None:
         slots = jax.device_put(slots, row_sharding)
     capacity = engine.prefill_batch
-    prefixes = None
+    prefixes = _init_prefixes_jit(model.config, capacity, width, config.cache_dtype)
+    if replicated is not None:
+        prefixes = jax.device_put(prefixes, replicated)
     store = _PrefixStore(capacity)
     prompt_of = [ids_RxP[r].tobytes() + (b"" if engine.share_prompt_prefill else r.to_bytes(8, "little"))
                  for r in range(count)]
     for p in prompt_of:
         store.waiting[p] = store.waiting.get(p, 0) + 1
-    prefill_ids = np.full((capacity, width), config.pad_token_id, np.int32)
-    prefill_mask = np.zeros((capacity, width), bool)
 
     tokens = np.full((count, config.max_new_tokens), config.pad_token_id, np.int32)
     log_probs = np.zeros((count, config.max_new_tokens), np.float32)
@@ -454,32 +468,34 @@ def generate(
     slot_request = np.full(num_slots, -1)  # host view: request held, −1 when free
     next_request, done = 0, 0
     decode_steps = busy_slot_steps = calls = prefill_calls = prefilled = 0
+    prefill_seconds = 0.0
 
     def prefill_upcoming():
-        """Fill the store's free rows with the next prompts of the queue not already stored."""
-        nonlocal prefixes, prefill_calls, prefilled
+        """Prefill the next prompts of the queue that are not stored, into the store's free rows
+        (k rows per call, k a power of two ≤ C: one compilation per k)."""
+        nonlocal prefixes, prefill_calls, prefilled, prefill_seconds
         free = store.free_rows()
         if not free:  # every row holds a prompt with waiting requests: evict the least recently used
-            prompt, row = store.rows.popitem(last=False)
-            free = [row]
-        write = np.zeros(capacity, bool)
-        seen = set(store.rows)
+            free = [store.rows.popitem(last=False)[1]]
+        new_rows, new_requests, seen = [], [], set(store.rows)
         for r in range(next_request, count):
-            p = prompt_of[r]
-            if p in seen or not free:
-                continue
-            seen.add(p)
-            row = free.pop(0)
-            store.rows[p] = row
-            prefill_ids[row], prefill_mask[row], write[row] = ids_RxP[r], mask_RxP[r], True
-            if not free:
+            if len(new_rows) == len(free):
                 break
-        fresh = _prefill_jit(graphdef, state, place(prefill_ids), place(prefill_mask), config.cache_dtype)
-        prefixes = fresh if prefixes is None else jax.tree.map(
-            lambda new, old: jnp.where(place(write).reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-            if new.ndim else new, fresh, prefixes)
+            if prompt_of[r] not in seen:
+                seen.add(prompt_of[r])
+                store.rows[prompt_of[r]] = free[len(new_rows)]
+                new_rows.append(free[len(new_rows)])
+                new_requests.append(r)
+        k = min(capacity, 1 << (len(new_rows) - 1).bit_length())
+        rows_k = np.full(k, capacity, np.int32)  # row C: dropped
+        rows_k[: len(new_rows)] = new_rows
+        picked = np.resize(np.asarray(new_requests), k)  # padding rows repeat real prompts
+        t0 = time.perf_counter()
+        prefixes = jax.block_until_ready(_prefill_jit(graphdef, state, prefixes, place(ids_RxP[picked]),
+                                                      place(mask_RxP[picked]), place(rows_k), config.cache_dtype))
+        prefill_seconds += time.perf_counter() - t0
         prefill_calls += 1
-        prefilled += int(write.sum())
+        prefilled += len(new_rows)
 
     while done < count:
         source = np.full(num_slots, -1, np.int32)
@@ -524,7 +540,7 @@ def generate(
                           prompt_mask=mask_RxP, num_steps=np.int32(lengths.max()), stop_lengths=stop_lengths)
     stats = EngineStats(slot_utilisation=busy_slot_steps / max(1, decode_steps * num_slots),
                         decode_steps=decode_steps, device_calls=calls, prefill_calls=prefill_calls,
-                        prefilled_prompts=prefilled, generated_tokens=int(lengths.sum()),
+                        prefilled_prompts=prefilled, prefill_seconds=prefill_seconds, generated_tokens=int(lengths.sum()),
                         seconds=time.perf_counter() - started)
     return output, stats
 
