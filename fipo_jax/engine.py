@@ -339,9 +339,18 @@ class _PrefixStore:
         self.rows: OrderedDict[bytes, int] = OrderedDict()  # prompt → row, least recently used first
         self.waiting: dict[bytes, int] = {}
 
-    def free_rows(self) -> list[int]:
+    def writable_rows(self, busy: set[int]) -> list[int]:
+        """Rows a prefill may overwrite now: those holding no prompt, else the least recently used
+        row that is not `busy` (read by slots refilled in the coming device call). May be empty."""
         used = set(self.rows.values())
-        return [r for r in range(self.capacity) if r not in used]
+        free = [r for r in range(self.capacity) if r not in used and r not in busy]
+        if free:
+            return free
+        for prompt, row in self.rows.items():  # least recently used first
+            if row not in busy:
+                del self.rows[prompt]  # its waiting requests will prefill it again
+                return [row]
+        return []
 
     def take(self, prompt: bytes) -> int:
         """The row of `prompt` for one more request; the row is released after its last request."""
@@ -470,13 +479,14 @@ def generate(
     decode_steps = busy_slot_steps = calls = prefill_calls = prefilled = 0
     prefill_seconds = 0.0
 
-    def prefill_upcoming():
-        """Prefill the next prompts of the queue that are not stored, into the store's free rows
-        (k rows per call, k a power of two ≤ C: one compilation per k)."""
+    def prefill_upcoming(busy: set[int]) -> bool:
+        """Prefill the next prompts of the queue that are not stored, into rows no refilled slot of
+        the coming call reads (k rows per call, k a power of two ≤ C: one compilation per k).
+        False when every row is busy."""
         nonlocal prefixes, prefill_calls, prefilled, prefill_seconds
-        free = store.free_rows()
-        if not free:  # every row holds a prompt with waiting requests: evict the least recently used
-            free = [store.rows.popitem(last=False)[1]]
+        free = store.writable_rows(busy)
+        if not free:
+            return False
         new_rows, new_requests, seen = [], [], set(store.rows)
         for r in range(next_request, count):
             if len(new_rows) == len(free):
@@ -496,6 +506,7 @@ def generate(
         prefill_seconds += time.perf_counter() - t0
         prefill_calls += 1
         prefilled += len(new_rows)
+        return True
 
     while done < count:
         source = np.full(num_slots, -1, np.int32)
@@ -504,8 +515,8 @@ def generate(
             if next_request == count:
                 break
             p = prompt_of[next_request]
-            if p not in store.rows:
-                prefill_upcoming()
+            if p not in store.rows and not prefill_upcoming(set(source[source >= 0].tolist())):
+                break  # every store row feeds this call; the rest waits for the next one
             source[s], request[s] = store.take(p), next_request
             slot_request[s] = next_request
             next_request += 1
