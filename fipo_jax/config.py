@@ -126,8 +126,17 @@ class RolloutSpec:
     top_p: float = 1.0
     top_k: int = 0
     stop: tuple[str, ...] = ()  # stop strings (e.g. "Question:" for few-shot prompts); kept in the response
+    # "engine": continuous batching (`fipo_jax.engine`, slots refilled as responses end, each prompt
+    # prefilled once); "static": `sampling.generate` (every row decodes until the longest ends).
+    # Same tokens either way (randomness is per request); the engine is faster when lengths vary.
+    sampler: Literal["engine", "static"] = "engine"
+    engine_slots: int = 128  # decode slots (at most the rows of a round are used)
+    engine_steps_per_sync: int = 16  # decode steps between host syncs
 
     def __post_init__(self):
+        _checks.check_choice("rollout.sampler", self.sampler, ("engine", "static"), error=ConfigError)
+        _checks.check_int("rollout.engine_slots", self.engine_slots, minimum=1, error=ConfigError)
+        _checks.check_int("rollout.engine_steps_per_sync", self.engine_steps_per_sync, minimum=1, error=ConfigError)
         _checks.require(all(isinstance(x, str) and x for x in self.stop),
                         f"rollout.stop must be a list of non-empty strings, got {self.stop!r}", error=ConfigError)
         for name in ("n", "prompts_per_step", "prompts_per_round", "max_rounds", "max_response_tokens"):

@@ -18,6 +18,7 @@ import numpy as np
 
 from fipo_jax import advantages as adv_lib
 from fipo_jax import distributed
+from fipo_jax import engine as engine_lib
 from fipo_jax import metrics as metrics_lib
 from fipo_jax.config import TrainConfig
 from fipo_jax.data import CharTokenizer, PromptIterator, PromptRecord, render_prompt
@@ -103,6 +104,7 @@ class RolloutCollector:
         rollout = config.rollout
         self.sampling = self._sampling_config(rollout.temperature, rollout.top_p, rollout.top_k)
         self.eval_sampling = self._sampling_config(config.eval.temperature, config.eval.top_p, 0)
+        self.engine_stats: list[engine_lib.EngineStats] = []  # of the calls since the last `collect`
 
     def _stop_sequences(self) -> tuple[tuple[int, ...], ...]:
         """Token sequences of the rollout's stop strings: each as written and after a space (BPE
@@ -125,6 +127,19 @@ class RolloutCollector:
                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                               prompt_length_buckets=buckets)
 
+    def generate(self, policy, ids: np.ndarray, mask: np.ndarray, key, sampling: SamplingConfig):
+        """Responses to the rows of ``ids`` with the configured sampler (the same tokens either way)."""
+        rows = batch_sharding(self.mesh)
+        ro = self.config.rollout
+        if ro.sampler == "static":
+            return generate(policy, ids, mask, key, sampling, row_sharding=rows)
+        split = int(np.prod([self.mesh.shape[a] for a in jax.tree.leaves(rows.spec[0])])) if len(rows.spec) else 1
+        slots = -(-min(ro.engine_slots, len(ids)) // split) * split  # no more slots than rows, a multiple of the split
+        engine = engine_lib.EngineConfig(num_slots=slots, steps_per_sync=ro.engine_steps_per_sync)
+        out, stats = engine_lib.generate(policy, ids, mask, key, sampling, engine, row_sharding=rows)
+        self.engine_stats.append(stats)
+        return out
+
     def decode(self, tokens: np.ndarray, length: int) -> str:
         return self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
 
@@ -137,7 +152,7 @@ class RolloutCollector:
         for i, e in enumerate(encoded):
             ids[i * n : (i + 1) * n, width - len(e) :] = e
             mask[i * n : (i + 1) * n, width - len(e) :] = True
-        out = distributed.to_host(generate(policy, ids, mask, key, sampling, row_sharding=batch_sharding(self.mesh)))
+        out = distributed.to_host(self.generate(policy, ids, mask, key, sampling))
         lengths = np.asarray(out.lengths)
         text_lengths = lengths - np.asarray(out.stop_lengths)  # the stop string is not part of the answer
         texts = [self.decode(np.asarray(out.tokens[i]), int(text_lengths[i])) for i in range(len(ids))]
@@ -156,6 +171,7 @@ class RolloutCollector:
         """
         ro, n = self.config.rollout, self.config.rollout.n
         kept, all_rounds, n_kept = [], [], 0
+        self.engine_stats = []
         for round_index in range(ro.max_rounds):
             rollouts = self.sample(policy, iterator.next_batch(ro.prompts_per_round), n,
                                    jax.random.fold_in(key, round_index), self.sampling)
@@ -173,6 +189,11 @@ class RolloutCollector:
         stats = {"rollout/rounds": round_index + 1, "rollout/kept_groups": n_kept,
                  "rollout/accuracy": float(np.concatenate([r.correct for r in all_rounds]).mean()),
                  "rollout/reward_errors": sum(r.reward_errors for r in all_rounds)}
+        if self.engine_stats:  # busy slot-steps over all slot-steps of the step's rounds
+            steps = [s.decode_steps for s in self.engine_stats]
+            busy = sum(s.slot_utilisation * d for s, d in zip(self.engine_stats, steps))
+            stats["rollout/slot_utilisation"] = busy / max(1, sum(steps))
+            stats["rollout/prefill_s"] = sum(s.prefill_seconds for s in self.engine_stats)
         batch = Rollouts.concat(kept, self.sampling.pad_token_id)
         need = ro.prompts_per_step * n
         if n_kept < ro.prompts_per_step:

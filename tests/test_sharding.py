@@ -103,6 +103,59 @@ def test_sampler_splits_rows_over_the_data_axis(tmp_path):
         assert out[rows]["log_prob_diff"] < 1e-5, out
 
 
+ENGINE_SCRIPT = r"""
+import json
+import jax, numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from fipo_jax import engine as engine_lib
+from fipo_jax.models import Qwen2Config, Qwen2ForCausalLM
+from fipo_jax.sampling import SamplingConfig, generate
+from fipo_jax.sharding import make_mesh
+mesh = make_mesh((4, 2))
+model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                     decode_block_size=4), rngs=nnx.Rngs(0))
+config = SamplingConfig(max_new_tokens=12, temperature=1.0, eos_token_ids=(3,), prompt_length_buckets=(8,))
+rng = np.random.default_rng(0)
+ids = np.repeat(rng.integers(4, 64, size=(5, 6)).astype(np.int32), 2, axis=0)
+mask = np.ones_like(ids, bool)
+mask[:4, :3] = False
+budgets = rng.integers(1, 13, size=len(ids))
+rows = NamedSharding(mesh, PartitionSpec("data"))
+static = jax.device_get(generate(model, ids, mask, jax.random.key(1), config))
+split, stats = engine_lib.generate(model, ids, mask, jax.random.key(1), config, engine_lib.EngineConfig(num_slots=4),
+                                   max_new_tokens=budgets, row_sharding=rows)
+same = all(np.array_equal(split.tokens[r, :n], static.tokens[r, :n]) for r, n in enumerate(split.lengths))
+lengths = np.minimum(static.lengths, budgets)
+try:
+    engine_lib.generate(model, ids, mask, jax.random.key(1), config, engine_lib.EngineConfig(num_slots=6),
+                        row_sharding=rows)
+    indivisible = "no error"
+except ValueError as error:
+    indivisible = str(error)
+# Per-device KV cache inside the compiled engine call: [4/4 slots, 1, 2 kv heads, 8 + 12 - 1, 8].
+graphdef, state = nnx.split(model)
+hlo = engine_lib._advance_jit.lower(
+    graphdef, state, engine_lib._init_slots_jit(model.config, 4, 19, (1, 1), None),
+    engine_lib._init_prefixes_jit(model.config, 8, 8, None),
+    engine_lib.Refill(*(np.zeros(s, np.int32) for s in (4, 4, 4, (4, 1, 1))), np.zeros((4, 1, 1), bool)),
+    jax.random.key(0), np.int32(0), config, 16, rows).compile().as_text()
+print(json.dumps({"same_tokens": same, "same_lengths": bool(np.array_equal(split.lengths, lengths)),
+                  "indivisible": indivisible, "cache_split": "f32[1,1,2,19,8]" in hlo and "f32[4,1,2,19,8]" not in hlo}))
+"""
+
+
+def test_engine_splits_slots_over_the_data_axis():
+    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["same_tokens"] and out["same_lengths"], out
+    assert "num_slots=6 must be a multiple of the 4 devices" in out["indivisible"], out
+    assert out["cache_split"], out  # each device holds only its slots' KV cache
+
+
 # ------------------------------------------------------------------ the rules table, in process
 # An AbstractMesh has axis sizes but no devices: shardings of any mesh shape can be derived (and
 # checked) with the one CPU device of the test process.
