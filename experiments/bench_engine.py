@@ -12,6 +12,7 @@
 (b) shared prefill: P prompts × G samples, 256-token prompts: the engine with shared prefill vs the
     engine prefilling every request (`share_prompt_prefill=False`) — prefill rows, and the time of
     the prefill alone (the model's forward over the prompt rows, measured as a separate call).
+    The engine's tail compaction (`EngineConfig.compact_tail`) is also measured off, in the same run.
 (c) gain vs max / mean: (a) on the 4L d256 model for several log-normal spreads; plot.
 
 Each timing is the median of `--repeats` runs after one warm-up (compiling) run; static and engine
@@ -21,6 +22,7 @@ alternate within each round. Greedy decoding, so both sides do identical work pe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -68,7 +70,7 @@ def timed(fn, repeats: int):
     return statistics.median(times), result
 
 
-def long_tail(model, budgets, ids, mask, args, label: str) -> dict:
+def long_tail(model, budgets, ids, mask, args, label: str, uncompacted: bool = False) -> dict:
     cap = int(budgets.max())
     config = sampling.SamplingConfig(max_new_tokens=cap, temperature=0.0, prompt_length_buckets=None)
     engine_config = engine_lib.EngineConfig(num_slots=args.slots, steps_per_sync=args.sync)
@@ -83,6 +85,13 @@ def long_tail(model, budgets, ids, mask, args, label: str) -> dict:
 
     static_s, static_out = timed(static, args.repeats)
     engine_s, (engine_out, stats) = timed(continuous, args.repeats)
+    extra = {}
+    if uncompacted:  # the same engine without moving the last busy slots into fewer slots
+        plain = dataclasses.replace(engine_config, compact_tail=False)
+        plain_s, (_, plain_stats) = timed(lambda: engine_lib.generate(model, ids, mask, key, config, plain,
+                                                                      max_new_tokens=budgets), args.repeats)
+        extra = {"engine_uncompacted_s": plain_s, "gain_uncompacted": static_s / plain_s,
+                 "slot_utilisation_uncompacted": plain_stats.slot_utilisation}
     useful = int(budgets.sum())
     same = all(np.array_equal(engine_out.tokens[r, :b], np.asarray(static_out.tokens)[r, :b])
                for r, b in enumerate(budgets))
@@ -96,10 +105,12 @@ def long_tail(model, budgets, ids, mask, args, label: str) -> dict:
            "gain": static_s / engine_s, "slot_utilisation": stats.slot_utilisation,
            "static_row_utilisation": useful / (len(budgets) * cap), "engine_device_calls": stats.device_calls,
            "tokens_equal_static": same, "static_kv_bytes": static_bytes, "engine_kv_bytes": engine_bytes,
-           "kv_bytes_per_row": static_bytes // len(budgets)}
+           "kv_bytes_per_row": static_bytes // len(budgets), **extra}
     print(f"[{label}] max/mean {row['max_over_mean']:.1f}: static {static_s:.2f} s, engine {engine_s:.2f} s, "
           f"gain {row['gain']:.2f}x, slot utilisation {stats.slot_utilisation:.3f} "
-          f"(static rows {row['static_row_utilisation']:.3f}), tokens equal: {same}", flush=True)
+          f"(static rows {row['static_row_utilisation']:.3f}), tokens equal: {same}"
+          + (f"; without tail compaction {extra['gain_uncompacted']:.2f}x, utilisation "
+             f"{extra['slot_utilisation_uncompacted']:.3f}" if extra else ""), flush=True)
     return row
 
 
@@ -172,8 +183,8 @@ def main() -> None:
     policy = model_of(2, 128, 384, 20)  # the CPU experiment's policy (`ModelSection` defaults, char vocabulary)
     ids, mask = prompts(args.requests, args.group, args.prompt_len, 512, 0)
     budgets = long_tail_budgets(args.requests, args.mean, args.sigma, 20 * int(args.mean), seed=0)
-    results = {"long_tail": [long_tail(small, budgets, ids, mask, args, "4L d256"),
-                             long_tail(policy, budgets, ids % 20, mask, args, "CPU policy")]}
+    results = {"long_tail": [long_tail(small, budgets, ids, mask, args, "4L d256", uncompacted=True),
+                             long_tail(policy, budgets, ids % 20, mask, args, "CPU policy", uncompacted=True)]}
     results["prefill"] = shared_prefill(small, args)
     results["sweep"] = [long_tail(small, long_tail_budgets(args.requests, args.mean, s, 20 * int(args.mean), seed=0),
                                   ids, mask, args, f"4L d256 sigma {s}") for s in args.sweep]

@@ -67,6 +67,9 @@ class EngineConfig:
         samples are inserted; a prefill call computes 1, 2, 4, … or C rows (one compilation each).
       share_prompt_prefill: prefill each distinct prompt once and copy its KV into every slot that
         samples from it; False prefills every request's prompt separately (for comparison).
+      compact_tail: once the queue is empty, move the busy slots into S/2, S/4, … slots as they
+        fit, so the last long responses do not pay for S slots per step (one compilation per
+        size, log₂ S at most).
     """
 
     num_slots: int = 64
@@ -74,6 +77,7 @@ class EngineConfig:
     refill_threshold: int | None = None
     prefill_batch: int = 8
     share_prompt_prefill: bool = True
+    compact_tail: bool = True
 
     def __post_init__(self) -> None:
         _checks.check_int("EngineConfig.num_slots", self.num_slots, minimum=1)
@@ -82,8 +86,9 @@ class EngineConfig:
         if self.refill_threshold is None:
             object.__setattr__(self, "refill_threshold", max(1, self.num_slots // 8))
         _checks.check_int("EngineConfig.refill_threshold", self.refill_threshold, minimum=1)
-        _checks.require(isinstance(self.share_prompt_prefill, bool),
-                        f"EngineConfig.share_prompt_prefill must be a bool, got {self.share_prompt_prefill!r}")
+        for name in ("share_prompt_prefill", "compact_tail"):
+            _checks.require(isinstance(getattr(self, name), bool),
+                            f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("num_slots", "steps_per_sync", "refill_threshold", "prefill_batch"):  # NumPy ints → int
             object.__setattr__(self, name, int(getattr(self, name)))
 
@@ -93,8 +98,8 @@ class EngineStats:
     """What one `generate` call did.
 
     Attributes:
-      slot_utilisation: busy slot-steps / (S × decode steps): the share of decode compute that
-        produced a token of some request.
+      slot_utilisation: busy slot-steps / computed slot-steps (Σ decode steps × slots at the
+        time): the share of decode compute that produced a token of some request.
       decode_steps: batched decode steps run (each decodes all S slots).
       device_calls: jitted insert + decode calls, i.e. host syncs.
       prefill_calls / prefilled_prompts: prefill calls, and the prompts they prefilled (without
@@ -324,6 +329,8 @@ _advance_jit = jax.jit(_advance_from_state, static_argnums=(0, 7, 8, 9), donate_
 _prefill_jit = jax.jit(_prefill_from_state, static_argnums=(0, 6), donate_argnums=(2,))
 _init_prefixes_jit = jax.jit(init_prefixes, static_argnums=(0, 1, 2, 3))
 _init_slots_jit = jax.jit(init_slots, static_argnums=(0, 1, 2, 3, 4))
+_take_slots_jit = jax.jit(lambda slots, keep, rows: constrain_rows(jax.tree.map(lambda x: x[keep], slots), rows),
+                          static_argnums=(2,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +452,7 @@ def generate(
     ids_RxP, mask_RxP = left_align_prompts(ids_RxL, mask_RxL, width, config.pad_token_id)
     stop_tokens_RxQxL, stop_valid_RxQxL = _stop_tables(stops_R)
     num_slots = engine.num_slots
-    replicated = None
+    replicated, shards = None, 1
     if row_sharding is not None:
         rows = row_sharding.spec[0] if len(row_sharding.spec) else None
         shards = math.prod(row_sharding.mesh.shape[a] for a in jax.tree.leaves(rows))
@@ -476,7 +483,7 @@ def generate(
     stop_lengths = np.zeros(count, np.int32)
     slot_request = np.full(num_slots, -1)  # host view: request held, −1 when free
     next_request, done = 0, 0
-    decode_steps = busy_slot_steps = calls = prefill_calls = prefilled = 0
+    decode_steps = busy_slot_steps = computed_slot_steps = calls = prefill_calls = prefilled = 0
     prefill_seconds = 0.0
 
     def prefill_upcoming(busy: set[int]) -> bool:
@@ -531,6 +538,7 @@ def generate(
             (emitted, steps_run, slots.active_S, slots.stop_length_S))
         calls += 1
         decode_steps += int(steps_run)
+        computed_slot_steps += int(steps_run) * num_slots
         busy_slot_steps += int(emitted.count_S.sum()) - int((source >= 0).sum())  # token 0 comes from prefill
         ended_now = 0
         for s in np.flatnonzero(slot_request >= 0):
@@ -545,11 +553,20 @@ def generate(
                 ended_now += 1
         if progress is not None and ended_now:
             progress(ended_now)
+        if engine.compact_tail and next_request == count and done < count:
+            busy = np.flatnonzero(slot_request >= 0)
+            size = num_slots
+            while size % 2 == 0 and size // 2 >= len(busy) and (size // 2) % shards == 0:
+                size //= 2
+            if size < num_slots:  # idle slots fill the rest (their active flag is False on the device)
+                keep = np.concatenate([busy, np.flatnonzero(slot_request < 0)[: size - len(busy)]])
+                slots = _take_slots_jit(slots, place(keep), row_sharding)
+                slot_request, num_slots = slot_request[keep], size
 
     mask = np.arange(config.max_new_tokens)[None] < lengths[:, None]
     output = SampleOutput(tokens=tokens, mask=mask, log_probs=log_probs, lengths=lengths, prompt_ids=ids_RxP,
                           prompt_mask=mask_RxP, num_steps=np.int32(lengths.max()), stop_lengths=stop_lengths)
-    stats = EngineStats(slot_utilisation=busy_slot_steps / max(1, decode_steps * num_slots),
+    stats = EngineStats(slot_utilisation=busy_slot_steps / max(1, computed_slot_steps),
                         decode_steps=decode_steps, device_calls=calls, prefill_calls=prefill_calls,
                         prefilled_prompts=prefilled, prefill_seconds=prefill_seconds, generated_tokens=int(lengths.sum()),
                         seconds=time.perf_counter() - started)

@@ -104,7 +104,8 @@ def test_results_do_not_depend_on_slots_sync_or_sharing(model, requests):
     runs = [engine_lib.generate(model, ids, mask, jax.random.key(2), config(1.0), engine, max_new_tokens=budgets)[0]
             for engine in (EngineConfig(num_slots=1, steps_per_sync=1),
                            EngineConfig(num_slots=7, steps_per_sync=5, refill_threshold=2, prefill_batch=2),
-                           EngineConfig(num_slots=32, steps_per_sync=64, share_prompt_prefill=False))]
+                           EngineConfig(num_slots=32, steps_per_sync=64, share_prompt_prefill=False),
+                           EngineConfig(num_slots=8, steps_per_sync=2, compact_tail=False))]
     for other in runs[1:]:
         assert np.array_equal(runs[0].tokens, other.tokens) and np.array_equal(runs[0].lengths, other.lengths)
         np.testing.assert_allclose(runs[0].log_probs, other.log_probs, atol=2e-6)
@@ -129,7 +130,7 @@ def test_each_prompt_is_prefilled_once(model, requests):
 
 def test_inserting_requests_never_recompiles(model, requests):
     ids, mask, budgets = requests
-    engine = EngineConfig(num_slots=4, steps_per_sync=2, prefill_batch=4)
+    engine = EngineConfig(num_slots=4, steps_per_sync=2, prefill_batch=4, compact_tail=False)
     engine_lib.generate(model, ids, mask, jax.random.key(0), config(1.0), engine, max_new_tokens=budgets)
     advance, prefill = engine_lib._advance_jit._cache_size(), engine_lib._prefill_jit._cache_size()
     rng = np.random.RandomState(1)
@@ -140,6 +141,19 @@ def test_inserting_requests_never_recompiles(model, requests):
         assert stats.device_calls >= 1
     assert engine_lib._advance_jit._cache_size() == advance
     assert engine_lib._prefill_jit._cache_size() <= prefill + 2  # prefill widths 1, 2, 4: one compile each
+
+
+def test_tail_compaction_halves_the_slots_it_decodes(model, requests):
+    ids, mask, budgets = requests
+    before = engine_lib._advance_jit._cache_size()
+    tail = np.full(len(ids), 2)
+    tail[4] = NEW  # one long request: the other slots end early and the queue empties
+    runs = {compact: engine_lib.generate(model, ids, mask, jax.random.key(0), config(1.0, eos_token_ids=()),
+                                         EngineConfig(num_slots=8, steps_per_sync=2, compact_tail=compact),
+                                         max_new_tokens=tail) for compact in (True, False)}
+    assert np.array_equal(runs[True][0].tokens, runs[False][0].tokens)
+    assert runs[True][1].slot_utilisation > 2 * runs[False][1].slot_utilisation
+    assert engine_lib._advance_jit._cache_size() - before <= 4  # 8, 4, 2, 1 slots at most
 
 
 def test_per_request_stop_sequences(model, requests):
