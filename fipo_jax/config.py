@@ -461,7 +461,7 @@ _TASK_FIELDS = {"chain": ("n_terms", "ops", "train_prompts"), "word_problems": (
 
 
 def ignored_fields(config: TrainConfig) -> dict[str, str]:
-    """The fields that ``config``'s model source and data task do not read, each with why.
+    """The fields that ``config``'s model source, data task and sampler do not read, each with why.
 
     Giving one of them a value (an override, a config file key) is an error: it would change
     nothing, silently (``--set data.train_path=X`` on the chain task)."""
@@ -475,6 +475,9 @@ def ignored_fields(config: TrainConfig) -> dict[str, str]:
     used = _TASK_FIELDS[data.task]
     for name in sorted({n for names in _TASK_FIELDS.values() for n in names} - set(used)):
         out[f"data.{name}"] = f"data.task={data.task!r} does not use it"
+    if config.rollout.sampler == "static":
+        for name in ("engine_slots", "engine_steps_per_sync"):
+            out[f"rollout.{name}"] = "rollout.sampler='static' does not use the engine (set rollout.sampler='engine')"
     if not (model.source == "scratch" and data.task == "chain"):
         for field in dataclasses.fields(SFTSpec)[1:]:  # sft.enabled=False is what such presets say
             out[f"sft.{field.name}"] = "the SFT warm start runs only for model.source='scratch' on data.task='chain'"

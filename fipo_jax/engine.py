@@ -446,131 +446,184 @@ def generate(
     _checks.require(isinstance(engine, EngineConfig), f"engine must be an EngineConfig, got {type(engine).__name__}",
                     error=TypeError)
     ids_RxL, mask_RxL = check_generate_inputs(model, prompt_ids, prompt_mask, config)
-    count = ids_RxL.shape[0]
-    budgets_R, stops_R = _check_requests(count, max_new_tokens, stop_sequences, config, model.config.vocab_size)
+    budgets_R, stops_R = _check_requests(len(ids_RxL), max_new_tokens, stop_sequences, config,
+                                         model.config.vocab_size)
     width = config.prompt_length(int(mask_RxL.sum(axis=1).max()))
     ids_RxP, mask_RxP = left_align_prompts(ids_RxL, mask_RxL, width, config.pad_token_id)
-    stop_tokens_RxQxL, stop_valid_RxQxL = _stop_tables(stops_R)
-    num_slots = engine.num_slots
-    replicated, shards = None, 1
-    if row_sharding is not None:
-        rows = row_sharding.spec[0] if len(row_sharding.spec) else None
-        shards = math.prod(row_sharding.mesh.shape[a] for a in jax.tree.leaves(rows))
-        _checks.require(num_slots % shards == 0, f"EngineConfig.num_slots={num_slots} must be a multiple of the "
-                                                 f"{shards} devices that split rows")
-        row_sharding = NamedSharding(row_sharding.mesh, PartitionSpec(rows))
-        replicated = NamedSharding(row_sharding.mesh, PartitionSpec())
-    place = (lambda x: jnp.asarray(x)) if replicated is None else (lambda x: jax.device_put(x, replicated))  # noqa: E731
-
-    graphdef, state = nnx.split(model)
-    cache_len = width + config.max_new_tokens - 1
-    slots = _init_slots_jit(model.config, num_slots, cache_len, stop_tokens_RxQxL.shape[1:], config.cache_dtype)
-    if row_sharding is not None:
-        slots = jax.device_put(slots, row_sharding)
-    capacity = engine.prefill_batch
-    prefixes = _init_prefixes_jit(model.config, capacity, width, config.cache_dtype)
-    if replicated is not None:
-        prefixes = jax.device_put(prefixes, replicated)
-    store = _PrefixStore(capacity)
-    prompt_of = [ids_RxP[r].tobytes() + (b"" if engine.share_prompt_prefill else r.to_bytes(8, "little"))
-                 for r in range(count)]
-    for p in prompt_of:
-        store.waiting[p] = store.waiting.get(p, 0) + 1
-
-    tokens = np.full((count, config.max_new_tokens), config.pad_token_id, np.int32)
-    log_probs = np.zeros((count, config.max_new_tokens), np.float32)
-    lengths = np.zeros(count, np.int32)
-    stop_lengths = np.zeros(count, np.int32)
-    slot_request = np.full(num_slots, -1)  # host view: request held, −1 when free
-    next_request, done = 0, 0
-    decode_steps = busy_slot_steps = computed_slot_steps = calls = prefill_calls = prefilled = 0
-    prefill_seconds = 0.0
-
-    def prefill_upcoming(busy: set[int]) -> bool:
-        """Prefill the next prompts of the queue that are not stored, into rows no refilled slot of
-        the coming call reads (k rows per call, k a power of two ≤ C: one compilation per k).
-        False when every row is busy."""
-        nonlocal prefixes, prefill_calls, prefilled, prefill_seconds
-        free = store.writable_rows(busy)
-        if not free:
-            return False
-        new_rows, new_requests, seen = [], [], set(store.rows)
-        for r in range(next_request, count):
-            if len(new_rows) == len(free):
-                break
-            if prompt_of[r] not in seen:
-                seen.add(prompt_of[r])
-                store.rows[prompt_of[r]] = free[len(new_rows)]
-                new_rows.append(free[len(new_rows)])
-                new_requests.append(r)
-        k = min(capacity, 1 << (len(new_rows) - 1).bit_length())
-        rows_k = np.full(k, capacity, np.int32)  # row C: dropped
-        rows_k[: len(new_rows)] = new_rows
-        picked = np.resize(np.asarray(new_requests), k)  # padding rows repeat real prompts
-        t0 = time.perf_counter()
-        prefixes = jax.block_until_ready(_prefill_jit(graphdef, state, prefixes, place(ids_RxP[picked]),
-                                                      place(mask_RxP[picked]), place(rows_k), config.cache_dtype))
-        prefill_seconds += time.perf_counter() - t0
-        prefill_calls += 1
-        prefilled += len(new_rows)
-        return True
-
-    while done < count:
-        source = np.full(num_slots, -1, np.int32)
-        request = np.zeros(num_slots, np.int32)
-        for s in np.flatnonzero(slot_request < 0):
-            if next_request == count:
-                break
-            p = prompt_of[next_request]
-            if p not in store.rows and not prefill_upcoming(set(source[source >= 0].tolist())):
-                break  # every store row feeds this call; the rest waits for the next one
-            source[s], request[s] = store.take(p), next_request
-            slot_request[s] = next_request
-            next_request += 1
-        refill = Refill(*(place(x) for x in (source, request, budgets_R[request], stop_tokens_RxQxL[request],
-                                               stop_valid_RxQxL[request])))
-        waiting = count - next_request
-        free_to_stop = min(waiting, engine.refill_threshold)
-        slots, emitted, steps_run = _advance_jit(
-            graphdef, state, slots, prefixes, refill, key, place(np.int32(free_to_stop)), config,
-            engine.steps_per_sync, row_sharding)
-        emitted, steps_run, active, stop_len = distributed.to_host(
-            (emitted, steps_run, slots.active_S, slots.stop_length_S))
-        calls += 1
-        decode_steps += int(steps_run)
-        computed_slot_steps += int(steps_run) * num_slots
-        busy_slot_steps += int(emitted.count_S.sum()) - int((source >= 0).sum())  # token 0 comes from prefill
-        ended_now = 0
-        for s in np.flatnonzero(slot_request >= 0):
-            r, n = slot_request[s], int(emitted.count_S[s])
-            tokens[r, lengths[r]: lengths[r] + n] = emitted.tokens_SxW[s, :n]
-            log_probs[r, lengths[r]: lengths[r] + n] = emitted.log_probs_SxW[s, :n]
-            lengths[r] += n
-            if not active[s]:
-                stop_lengths[r] = stop_len[s]
-                slot_request[s] = -1
-                done += 1
-                ended_now += 1
-        if progress is not None and ended_now:
-            progress(ended_now)
-        if engine.compact_tail and next_request == count and done < count:
-            busy = np.flatnonzero(slot_request >= 0)
-            size = num_slots
-            while size % 2 == 0 and size // 2 >= len(busy) and (size // 2) % shards == 0:
-                size //= 2
-            if size < num_slots:  # idle slots fill the rest (their active flag is False on the device)
-                keep = np.concatenate([busy, np.flatnonzero(slot_request < 0)[: size - len(busy)]])
-                slots = _take_slots_jit(slots, place(keep), row_sharding)
-                slot_request, num_slots = slot_request[keep], size
-
-    mask = np.arange(config.max_new_tokens)[None] < lengths[:, None]
-    output = SampleOutput(tokens=tokens, mask=mask, log_probs=log_probs, lengths=lengths, prompt_ids=ids_RxP,
-                          prompt_mask=mask_RxP, num_steps=np.int32(lengths.max()), stop_lengths=stop_lengths)
-    stats = EngineStats(slot_utilisation=busy_slot_steps / max(1, computed_slot_steps),
-                        decode_steps=decode_steps, device_calls=calls, prefill_calls=prefill_calls,
-                        prefilled_prompts=prefilled, prefill_seconds=prefill_seconds, generated_tokens=int(lengths.sum()),
+    run = _Run(model, _Requests(ids_RxP, mask_RxP, budgets_R, *_stop_tables(stops_R)), key, config, engine,
+               row_sharding)
+    while run.done < run.count:
+        ended = run.advance(run.fill_free_slots())
+        if progress is not None and ended:
+            progress(ended)
+        if engine.compact_tail and run.next_request == run.count and run.done < run.count:
+            run.compact()
+    responses, tally = run.responses, run.tally
+    mask = np.arange(config.max_new_tokens)[None] < responses.lengths[:, None]
+    output = SampleOutput(tokens=responses.tokens, mask=mask, log_probs=responses.log_probs,
+                          lengths=responses.lengths, prompt_ids=ids_RxP, prompt_mask=mask_RxP,
+                          num_steps=np.int32(responses.lengths.max()), stop_lengths=responses.stop_lengths)
+    stats = EngineStats(slot_utilisation=tally["busy_slot_steps"] / max(1, tally["computed_slot_steps"]),
+                        decode_steps=tally["decode_steps"], device_calls=tally["calls"],
+                        prefill_calls=tally["prefill_calls"], prefilled_prompts=tally["prefilled"],
+                        prefill_seconds=tally["prefill_seconds"], generated_tokens=int(responses.lengths.sum()),
                         seconds=time.perf_counter() - started)
     return output, stats
+
+
+class _Requests(NamedTuple):
+    """The requests on the host: left-aligned prompts [R, P], budgets [R], stop tables [R, Q, L]."""
+
+    ids_RxP: np.ndarray
+    mask_RxP: np.ndarray
+    budgets_R: np.ndarray
+    stop_tokens_RxQxL: np.ndarray
+    stop_valid_RxQxL: np.ndarray
+
+
+@dataclasses.dataclass
+class _Responses:
+    """Every request's response on the host, appended to after each device call."""
+
+    tokens: np.ndarray  # [R, N]
+    log_probs: np.ndarray  # [R, N]
+    lengths: np.ndarray  # [R]
+    stop_lengths: np.ndarray  # [R]
+
+    @classmethod
+    def empty(cls, count: int, width: int, pad_token_id: int) -> _Responses:
+        return cls(np.full((count, width), pad_token_id, np.int32), np.zeros((count, width), np.float32),
+                   np.zeros(count, np.int32), np.zeros(count, np.int32))
+
+    def append(self, request: int, tokens: np.ndarray, log_probs: np.ndarray) -> None:
+        start, end = self.lengths[request], self.lengths[request] + len(tokens)
+        self.tokens[request, start:end], self.log_probs[request, start:end] = tokens, log_probs
+        self.lengths[request] = end
+
+
+class _Run:
+    """The host side of one `generate` call: the queue, which request each slot holds, the prefix
+    store, the device state (slots, prefixes) and the responses so far."""
+
+    def __init__(self, model, requests: _Requests, key, config: SamplingConfig, engine: EngineConfig,
+                 row_sharding: NamedSharding | None):
+        self.requests, self.key, self.config, self.engine = requests, key, config, engine
+        self.count = len(requests.budgets_R)
+        self.num_slots, self.shards, self.row_sharding, replicated = engine.num_slots, 1, None, None
+        if row_sharding is not None:
+            rows = row_sharding.spec[0] if len(row_sharding.spec) else None
+            self.shards = math.prod(row_sharding.mesh.shape[a] for a in jax.tree.leaves(rows))
+            _checks.require(self.num_slots % self.shards == 0,
+                            f"EngineConfig.num_slots={self.num_slots} must be a multiple of the {self.shards} "
+                            "devices that split rows")
+            self.row_sharding = NamedSharding(row_sharding.mesh, PartitionSpec(rows))
+            replicated = NamedSharding(row_sharding.mesh, PartitionSpec())
+        self.place = jnp.asarray if replicated is None else (lambda x: jax.device_put(x, replicated))
+        self.graphdef, self.state = nnx.split(model)
+        width = requests.ids_RxP.shape[1]
+        self.slots = _init_slots_jit(model.config, self.num_slots, width + config.max_new_tokens - 1,
+                                     requests.stop_tokens_RxQxL.shape[1:], config.cache_dtype)
+        self.prefixes = _init_prefixes_jit(model.config, engine.prefill_batch, width, config.cache_dtype)
+        if row_sharding is not None:
+            self.slots = jax.device_put(self.slots, self.row_sharding)
+            self.prefixes = jax.device_put(self.prefixes, replicated)
+        self.store = _PrefixStore(engine.prefill_batch)
+        self.prompt_of = [requests.ids_RxP[r].tobytes()
+                          + (b"" if engine.share_prompt_prefill else r.to_bytes(8, "little")) for r in range(self.count)]
+        for prompt in self.prompt_of:
+            self.store.waiting[prompt] = self.store.waiting.get(prompt, 0) + 1
+        self.responses = _Responses.empty(self.count, config.max_new_tokens, config.pad_token_id)
+        self.slot_request = np.full(self.num_slots, -1)  # request held by each slot, −1 when free
+        self.next_request = self.done = 0
+        self.tally = dict.fromkeys(("decode_steps", "busy_slot_steps", "computed_slot_steps", "calls",
+                                    "prefill_calls", "prefilled", "prefill_seconds"), 0)
+
+    def fill_free_slots(self) -> np.ndarray:
+        """Assigns the next requests to free slots (prefilling prompts as needed); returns each
+        slot's prefix-store row for the coming call (−1: the slot keeps what it has)."""
+        source_S = np.full(self.num_slots, -1, np.int32)
+        for slot in np.flatnonzero(self.slot_request < 0):
+            if self.next_request == self.count:
+                break
+            prompt = self.prompt_of[self.next_request]
+            if prompt not in self.store.rows and not self.prefill_upcoming(set(source_S[source_S >= 0].tolist())):
+                break  # every store row feeds this call; the rest waits for the next one
+            source_S[slot] = self.store.take(prompt)
+            self.slot_request[slot] = self.next_request
+            self.next_request += 1
+        return source_S
+
+    def prefill_upcoming(self, busy: set[int]) -> bool:
+        """Prefills the next prompts of the queue that are not stored, into rows that no refilled
+        slot of the coming call reads (k rows per call, k a power of two ≤ C: one compilation per
+        k). False when every row is busy."""
+        free = self.store.writable_rows(busy)
+        if not free:
+            return False
+        new_rows, new_requests, seen = [], [], set(self.store.rows)
+        for r in range(self.next_request, self.count):
+            if len(new_rows) == len(free):
+                break
+            if self.prompt_of[r] not in seen:
+                seen.add(self.prompt_of[r])
+                self.store.rows[self.prompt_of[r]] = free[len(new_rows)]
+                new_rows.append(free[len(new_rows)])
+                new_requests.append(r)
+        capacity = self.store.capacity
+        k = min(capacity, 1 << (len(new_rows) - 1).bit_length())
+        rows_k = np.full(k, capacity, np.int32)  # row C is out of range: dropped
+        rows_k[: len(new_rows)] = new_rows
+        picked = np.resize(np.asarray(new_requests), k)  # padding rows repeat real prompts
+        started = time.perf_counter()
+        self.prefixes = jax.block_until_ready(_prefill_jit(
+            self.graphdef, self.state, self.prefixes, self.place(self.requests.ids_RxP[picked]),
+            self.place(self.requests.mask_RxP[picked]), self.place(rows_k), self.config.cache_dtype))
+        self.tally["prefill_seconds"] += time.perf_counter() - started
+        self.tally["prefill_calls"] += 1
+        self.tally["prefilled"] += len(new_rows)
+        return True
+
+    def advance(self, source_S: np.ndarray) -> int:
+        """One device call (insert + ≤ K decode steps); appends what every slot emitted to its
+        request and frees the slots whose request ended. Returns the number that ended."""
+        request_S = np.maximum(self.slot_request, 0).astype(np.int32)
+        req = self.requests
+        refill = Refill(*(self.place(x) for x in (source_S, request_S, req.budgets_R[request_S],
+                                                    req.stop_tokens_RxQxL[request_S],
+                                                    req.stop_valid_RxQxL[request_S])))
+        free_to_stop = min(self.count - self.next_request, self.engine.refill_threshold)
+        self.slots, emitted, steps_run = _advance_jit(
+            self.graphdef, self.state, self.slots, self.prefixes, refill, self.key,
+            self.place(np.int32(free_to_stop)), self.config, self.engine.steps_per_sync, self.row_sharding)
+        emitted, steps_run, active_S, stop_length_S = distributed.to_host(
+            (emitted, steps_run, self.slots.active_S, self.slots.stop_length_S))
+        self.tally["calls"] += 1
+        self.tally["decode_steps"] += int(steps_run)
+        self.tally["computed_slot_steps"] += int(steps_run) * self.num_slots
+        # Token 0 of a refilled request comes from the prefill's logits, not a decode step.
+        self.tally["busy_slot_steps"] += int(emitted.count_S.sum()) - int((source_S >= 0).sum())
+        ended = 0
+        for slot in np.flatnonzero(self.slot_request >= 0):
+            request, n = self.slot_request[slot], int(emitted.count_S[slot])
+            self.responses.append(request, emitted.tokens_SxW[slot, :n], emitted.log_probs_SxW[slot, :n])
+            if not active_S[slot]:
+                self.responses.stop_lengths[request] = stop_length_S[slot]
+                self.slot_request[slot] = -1
+                ended += 1
+        self.done += ended
+        return ended
+
+    def compact(self) -> None:
+        """With the queue empty, moves the busy slots into the fewest of S/2, S/4, … slots that
+        hold them (a multiple of the devices); idle slots fill the rest."""
+        busy = np.flatnonzero(self.slot_request >= 0)
+        size = self.num_slots
+        while size % 2 == 0 and size // 2 >= len(busy) and (size // 2) % self.shards == 0:
+            size //= 2
+        if size < self.num_slots:  # idle slots' active flags are False on the device
+            keep = np.concatenate([busy, np.flatnonzero(self.slot_request < 0)[: size - len(busy)]])
+            self.slots = _take_slots_jit(self.slots, self.place(keep), self.row_sharding)
+            self.slot_request, self.num_slots = self.slot_request[keep], size
 
 
 def kv_cache_bytes(model_config, rows: int, max_len: int, dtype=None) -> int:

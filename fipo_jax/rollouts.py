@@ -193,7 +193,7 @@ class RolloutCollector:
             steps = [s.decode_steps for s in self.engine_stats]
             busy = sum(s.slot_utilisation * d for s, d in zip(self.engine_stats, steps))
             stats["rollout/slot_utilisation"] = busy / max(1, sum(steps))
-            stats["rollout/prefill_s"] = sum(s.prefill_seconds for s in self.engine_stats)
+            stats["time/rollout_prefill_s"] = sum(s.prefill_seconds for s in self.engine_stats)
         batch = Rollouts.concat(kept, self.sampling.pad_token_id)
         need = ro.prompts_per_step * n
         if n_kept < ro.prompts_per_step:

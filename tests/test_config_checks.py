@@ -24,6 +24,8 @@ from fipo_jax.preflight import check_host_memory, check_mesh, preflight, rollout
     ("mesh_shape=[1,1,1,1]", r"mesh_shape must be a list of 1 to 3 sizes"),
     ("data.n_terms=0", r"data\.n_terms must be an int >= 2, got 0"),
     ("data.ops=xyz", r"data\.ops must be a non-empty string over"),
+    ("rollout.sampler=vllm", r"rollout\.sampler must be one of \('engine', 'static'\), got 'vllm'"),
+    ("rollout.engine_slots=0", r"rollout\.engine_slots must be a positive int, got 0"),
 ])
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -38,6 +40,9 @@ def test_fields_the_source_or_task_ignores():
     assert {"model.num_layers", "data.n_terms", "sft.steps"} <= set(pretrained) and "data.train_path" not in pretrained
     with pytest.raises(ConfigError, match=r"sft\.steps is given but has no effect: the SFT warm start runs only"):
         apply_overrides(qwen25_7b_fipo(), ["sft.steps=5"])
+    assert "rollout.engine_slots" not in ignored
+    with pytest.raises(ConfigError, match=r"rollout\.engine_slots is given but has no effect: rollout\.sampler='static'"):
+        apply_overrides(cpu_default(), ["rollout.sampler=static", "rollout.engine_slots=64"])
     # Switching the task makes the file fields used (and the chain fields ignored).
     config = apply_overrides(cpu_default(), ["data.task=file", "data.train_path=/x.jsonl"])
     assert config.data.train_path == "/x.jsonl"
