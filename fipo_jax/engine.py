@@ -19,7 +19,7 @@ Per-request randomness: token t of request r is drawn with `request_uniforms(key
 the uniforms of row r at step t in `sampling.generate`. A request's tokens depend only on
 (key, r, t), never on its slot or on when it was scheduled, and the engine returns what the static
 sampler returns for the same prompts, up to float rounding of the logits (the two compute the same
-rows in batches of different sizes): equal tokens and lengths, log-probs within ~1e-6.
+rows in batches of different sizes): equal tokens and lengths, log-probs within float32 rounding (~1e-6 relative).
 """
 
 from __future__ import annotations
@@ -206,23 +206,23 @@ def insert(slots: Slots, prefixes: Prefixes, refill: Refill) -> Slots:
     source_S = jnp.maximum(refill.source_S, 0)
     width = prefixes.cache.valid_BxS.shape[1]
 
-    def head(slot_x, prefix_x):  # slot_x [S, 1, ..., L, ...] with the cache axis at prefix_x's axis + 1
+    def keep(new, old):  # new where the slot is refilled
+        return jnp.where(refilled_S.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+
+    def prompt_into(slot_x, prefix_x, axis: int):
+        """Positions [0, P) along `axis` of the stacked slot caches ([S, 1, …]) take the prefix rows."""
         taken = jnp.take(prefix_x, source_S, axis=0)[:, None]
-        axis = prefix_x.ndim - 1 if prefix_x.ndim == 2 else 2  # [C, P] masks / [C, N, P, K] keys
-        old = lax.slice_in_dim(slot_x, 0, width, axis=axis + 1)
-        new = jnp.where(refilled_S.reshape((-1,) + (1,) * (old.ndim - 1)), taken, old)
-        return lax.dynamic_update_slice_in_dim(slot_x, new, 0, axis=axis + 1)
+        old = lax.slice_in_dim(slot_x, 0, width, axis=axis)
+        return lax.dynamic_update_slice_in_dim(slot_x, keep(taken, old), 0, axis=axis)
 
     cache, prompt = slots.cache, prefixes.cache
-    valid = head(cache.valid_BxS, prompt.valid_BxS)
-    after_prompt_SxL = jnp.arange(valid.shape[-1]) >= width
-    valid = jnp.where(refilled_S[:, None, None] & after_prompt_SxL[None, None], False, valid)
-    keep = lambda new, old: jnp.where(refilled_S.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
+    after_prompt_L = jnp.arange(cache.valid_BxS.shape[-1]) >= width  # invalid in a refilled slot: stale tokens
     cache = KVCache(
-        keys=tuple(head(s, p) for s, p in zip(cache.keys, prompt.keys)),
-        values=tuple(head(s, p) for s, p in zip(cache.values, prompt.values)),
-        valid_BxS=valid,
-        positions_BxS=head(cache.positions_BxS, prompt.positions_BxS),
+        keys=tuple(prompt_into(s, p, axis=3) for s, p in zip(cache.keys, prompt.keys)),  # [S, 1, N, L, K]
+        values=tuple(prompt_into(s, p, axis=3) for s, p in zip(cache.values, prompt.values)),
+        valid_BxS=prompt_into(cache.valid_BxS, prompt.valid_BxS, axis=2) & ~(
+            refilled_S[:, None, None] & after_prompt_L[None, None]),  # [S, 1, L]
+        positions_BxS=prompt_into(cache.positions_BxS, prompt.positions_BxS, axis=2),
         next_position_B=keep(jnp.take(prompt.next_position_B, source_S)[:, None], cache.next_position_B),
         index=keep(jnp.full_like(cache.index, width), cache.index),
     )

@@ -56,7 +56,7 @@ def assert_matches_static(out, static, budgets):
         assert out.lengths[r] == n, (r, out.lengths[r], static.lengths[r], budget)
         assert np.array_equal(out.tokens[r, :n], static.tokens[r, :n]), r
         assert np.all(out.tokens[r, n:] == 0) and not out.mask[r, n:].any() and out.mask[r, :n].all()
-        np.testing.assert_allclose(out.log_probs[r, :n], static.log_probs[r, :n], atol=2e-6)
+        np.testing.assert_allclose(out.log_probs[r, :n], static.log_probs[r, :n], rtol=2e-6, atol=2e-6)
         assert np.all(out.log_probs[r, n:] == 0)
         stopped_within = static.stop_lengths[r] > 0 and static.lengths[r] <= budget
         assert out.stop_lengths[r] == (static.stop_lengths[r] if stopped_within else 0), r
@@ -210,6 +210,21 @@ def test_request_validation(model, requests):
         run(engine={"num_slots": 4})
     with pytest.raises(ValueError, match="at least one real token"):
         engine_lib.generate(model, ids, np.zeros_like(mask), jax.random.key(0), config(0.0))
+
+
+def test_sliding_window_and_bfloat16_cache_match_the_static_sampler(requests):
+    """Gemma-style sliding layers (the decode attention's window path, vmapped over slots) and a
+    bfloat16 cache: still the static sampler's results."""
+    config_sw = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3, decode_block_size=4,
+                            layer_types=("sliding_attention", "full_attention"), sliding_window=5)
+    sliding = CausalLM(config_sw, rngs=nnx.Rngs(1))
+    ids, mask, budgets = requests
+    for sampling in (config(1.0), config(0.0, cache_dtype="bfloat16")):
+        static = generate(sliding, ids, mask, jax.random.key(3), sampling)
+        out, _ = engine_lib.generate(sliding, ids, mask, jax.random.key(3), sampling, EngineConfig(num_slots=4),
+                                     max_new_tokens=budgets)
+        assert_matches_static(out, static, budgets)
 
 
 def test_kv_cache_bytes(model):
