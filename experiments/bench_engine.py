@@ -14,6 +14,8 @@
     the prefill alone (the model's forward over the prompt rows, measured as a separate call).
     The engine's tail compaction (`EngineConfig.compact_tail`) is also measured off, in the same run.
 (c) gain vs max / mean: (a) on the 4L d256 model for several log-normal spreads; plot.
+(d) host syncs: the engine of (a) on the 4L d256 model with K = 1 (a sync per token) … 64 decode
+    steps per device call, and with fewer / more slots.
 
 Each timing is the median of `--repeats` runs after one warm-up (compiling) run; static and engine
 alternate within each round. Greedy decoding, so both sides do identical work per token.
@@ -137,6 +139,22 @@ def shared_prefill(model, args) -> dict:
     return out
 
 
+def schedule(model, budgets, ids, mask, args) -> list[dict]:
+    """(d) The engine alone with other steps per sync K and slot counts S."""
+    config = sampling.SamplingConfig(max_new_tokens=int(budgets.max()), temperature=0.0, prompt_length_buckets=None)
+    rows = []
+    for slots, sync in [(args.slots, k) for k in args.sync_sweep] + [(s, args.sync) for s in args.slot_sweep]:
+        engine_config = engine_lib.EngineConfig(num_slots=slots, steps_per_sync=sync)
+        seconds, (_, stats) = timed(lambda: engine_lib.generate(model, ids, mask, jax.random.PRNGKey(0), config,
+                                                                engine_config, max_new_tokens=budgets), args.repeats)
+        rows.append({"slots": slots, "steps_per_sync": sync, "seconds": seconds,
+                     "tokens_per_s": float(budgets.sum()) / seconds, "device_calls": stats.device_calls,
+                     "slot_utilisation": stats.slot_utilisation})
+        print(f"[schedule] S={slots}, K={sync}: {rows[-1]['tokens_per_s']:.0f} useful tokens/s, "
+              f"{stats.device_calls} device calls, utilisation {stats.slot_utilisation:.3f}", flush=True)
+    return rows
+
+
 def plot(sweep: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -167,13 +185,15 @@ def main() -> None:
     parser.add_argument("--sweep", type=float, nargs="*", default=[0.25, 0.5, 0.75, 1.0, 1.25])
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--sync", type=int, default=16)
+    parser.add_argument("--sync-sweep", type=int, nargs="*", default=[1, 4, 64])
+    parser.add_argument("--slot-sweep", type=int, nargs="*", default=[32, 128])
     parser.add_argument("--prefill-prompts", type=int, default=16)
     parser.add_argument("--prefill-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.quick:
         args.requests, args.mean, args.sweep, args.repeats, args.prefill_prompts = 64, 32.0, [0.5, 1.0], 1, 2
-        args.slots = 16
+        args.slots, args.sync_sweep, args.slot_sweep = 16, [1], [8]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores, "
@@ -188,6 +208,7 @@ def main() -> None:
     results["sweep"] = [long_tail(small, long_tail_budgets(args.requests, args.mean, s, 20 * int(args.mean), seed=0),
                                   ids, mask, args, f"4L d256 sigma {s}") for s in args.sweep]
     plot(results["sweep"], out / "engine_gain.png")
+    results["schedule"] = schedule(small, budgets, ids, mask, args)
     results["load_after"] = os.getloadavg()[0]
     (out / "bench_engine.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out / 'bench_engine.json'} and engine_gain.png; load {results['load_after']:.2f}")
