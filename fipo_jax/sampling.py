@@ -210,13 +210,17 @@ def request_uniforms(key: jax.Array, steps_S: jax.Array, requests_S: jax.Array) 
     Under JAX's partitionable threefry (`jax_threefry_partitionable`, on in our pin) element
     (r, j) of a (R, 2) draw is threefry(key, counter 2r + j), so row r is the same for every
     R > r: this computes that one row directly, at the cost of one hash per request instead of
-    R. It is how the static sampler (row r of a batch) and the continuous-batching engine (request
-    r in any slot, scheduled at any time) draw exactly the same tokens. Threefry keys only.
+    R. Both samplers draw with it — the static one for row r of its batch, the continuous-batching
+    engine for request r in whatever slot, whenever scheduled — so they draw the same tokens (and,
+    with the flag on, the same as `uniform(fold_in(key, t), (B, 2))` drew before; tested).
+    Threefry keys only.
     Returns float32 [S, 2] in [0, 1).
     """
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        _checks.require(str(jax.random.key_impl(key)) == "threefry2x32",
-                        f"request_uniforms needs a threefry key, got {jax.random.key_impl(key)}", error=TypeError)
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    impl = str(jax.random.key_impl(key)) if typed else f"a raw key of shape {key.shape}"
+    _checks.require(impl == "threefry2x32" if typed else key.shape == (2,),
+                    f"sampling draws per-request uniforms from threefry keys, got {impl}: use jax.random.key(seed) "
+                    "or jax.random.PRNGKey(seed) with the default (threefry) implementation", error=TypeError)
 
     def one(step, request):
         step_key = jax.random.fold_in(key, step)
@@ -374,9 +378,10 @@ def generate_left_padded(
     recent_width = stop_tokens_SxL.shape[1] if config.stop_sequences else 1
 
     def choose(logits_BxV, step, finished_B):
-        tokens_B, log_probs_B = sample_tokens(
-            logits_BxV, jax.random.fold_in(key, step), config.temperature, config.top_p, config.top_k
-        )
+        # Row r's t-th token uses request r's uniforms: the engine (fipo_jax.engine) draws the same.
+        uniforms_Bx2 = None if config.greedy else request_uniforms(key, jnp.full((batch,), step), jnp.arange(batch))
+        tokens_B, log_probs_B = sample_tokens(logits_BxV, key, config.temperature, config.top_p, config.top_k,
+                                              uniforms_Bx2)
         emitted_B = ~finished_B
         tokens_B = jnp.where(emitted_B, tokens_B, config.pad_token_id)
         log_probs_B = jnp.where(emitted_B, log_probs_B, 0.0)
@@ -529,7 +534,8 @@ def generate(
       prompt_ids: integer [B, L] token ids (host or device array).
       prompt_mask: bool/int [B, L], True at real tokens; None = all real. Left, right or mixed
         padding is accepted (prompts are re-aligned to the left); every row needs ≥ 1 real token.
-      key: a JAX PRNG key; step t samples with `fold_in(key, t)`. Unused when greedy.
+      key: a JAX PRNG key (threefry); row r's t-th token is drawn with `request_uniforms(key, t, r)`
+        (= row r of `uniform(fold_in(key, t), (B, 2))`). Unused when greedy.
       config: the `SamplingConfig`.
       row_sharding: optional `NamedSharding` whose first spec entry names the mesh axes to split
         rows over (e.g. ``NamedSharding(mesh, PartitionSpec("data"))``): prompts, KV cache and

@@ -69,7 +69,7 @@ def test_request_uniforms_are_the_static_rows():
             picked = np.array([0, 1, 2, 150, 299])
             got = request_uniforms(key, jnp.full(5, step), jnp.asarray(picked))
             assert np.array_equal(np.asarray(got), rows[picked])
-    with pytest.raises(TypeError, match="threefry"):
+    with pytest.raises(TypeError, match="from threefry keys, got rbg"):
         request_uniforms(jax.random.key(0, impl="rbg"), jnp.zeros(1), jnp.zeros(1))
 
 
