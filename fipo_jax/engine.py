@@ -25,7 +25,6 @@ rows in batches of different sizes): equal tokens and lengths, log-probs within 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections import OrderedDict
 from typing import Callable, NamedTuple, Sequence
@@ -47,6 +46,7 @@ from fipo_jax.sampling import (
     left_align_prompts,
     matched_stop_length,
     request_uniforms,
+    row_split,
     sample_tokens,
     stop_table,
 )
@@ -509,15 +509,11 @@ class _Run:
                  row_sharding: NamedSharding | None):
         self.requests, self.key, self.config, self.engine = requests, key, config, engine
         self.count = len(requests.budgets_R)
-        self.num_slots, self.shards, self.row_sharding, replicated = engine.num_slots, 1, None, None
-        if row_sharding is not None:
-            rows = row_sharding.spec[0] if len(row_sharding.spec) else None
-            self.shards = math.prod(row_sharding.mesh.shape[a] for a in jax.tree.leaves(rows))
-            _checks.require(self.num_slots % self.shards == 0,
-                            f"EngineConfig.num_slots={self.num_slots} must be a multiple of the {self.shards} "
-                            "devices that split rows")
-            self.row_sharding = NamedSharding(row_sharding.mesh, PartitionSpec(rows))
-            replicated = NamedSharding(row_sharding.mesh, PartitionSpec())
+        self.num_slots = engine.num_slots
+        self.row_sharding, self.shards = row_split(row_sharding)
+        _checks.require(self.num_slots % self.shards == 0, f"EngineConfig.num_slots={self.num_slots} must be a "
+                                                           f"multiple of the {self.shards} devices that split rows")
+        replicated = None if row_sharding is None else NamedSharding(row_sharding.mesh, PartitionSpec())
         self.place = jnp.asarray if replicated is None else (lambda x: jax.device_put(x, replicated))
         self.graphdef, self.state = nnx.split(model)
         width = requests.ids_RxP.shape[1]

@@ -23,7 +23,7 @@ from fipo_jax import metrics as metrics_lib
 from fipo_jax.config import TrainConfig
 from fipo_jax.data import CharTokenizer, PromptIterator, PromptRecord, render_prompt
 from fipo_jax.rewards import RewardConfig, score_batch
-from fipo_jax.sampling import DEFAULT_PROMPT_BUCKETS, SamplingConfig, generate, left_align_prompts
+from fipo_jax.sampling import DEFAULT_PROMPT_BUCKETS, SamplingConfig, generate, left_align_prompts, row_split
 from fipo_jax.sharding import batch_sharding
 
 
@@ -133,7 +133,7 @@ class RolloutCollector:
         ro = self.config.rollout
         if ro.sampler == "static":
             return generate(policy, ids, mask, key, sampling, row_sharding=rows)
-        split = int(np.prod([self.mesh.shape[a] for a in jax.tree.leaves(rows.spec[0])])) if len(rows.spec) else 1
+        split = row_split(rows)[1]
         slots = -(-min(ro.engine_slots, len(ids)) // split) * split  # no more slots than rows, a multiple of the split
         engine = engine_lib.EngineConfig(num_slots=slots, steps_per_sync=ro.engine_steps_per_sync)
         out, stats = engine_lib.generate(policy, ids, mask, key, sampling, engine, row_sharding=rows)

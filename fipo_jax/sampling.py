@@ -554,8 +554,7 @@ def generate(
     graphdef, state = nnx.split(model)
     if row_sharding is None:
         return _generate_jit(graphdef, state, jnp.asarray(ids_BxP), jnp.asarray(mask_BxP), key, config, None)
-    rows = NamedSharding(row_sharding.mesh, PartitionSpec(_row_axes(row_sharding)))
-    shards = math.prod(rows.mesh.shape[a] for a in jax.tree.leaves(rows.spec[0]))
+    rows, shards = row_split(row_sharding)
     batch = ids_BxP.shape[0]
     padded = -(-batch // shards) * shards
     extra = np.arange(padded - batch) % batch  # padding rows repeat real prompts; they are dropped below
@@ -570,3 +569,13 @@ def generate(
 def _row_axes(sharding: NamedSharding):
     """The mesh axis (or axes, or None) that `sharding` splits dim 0 over."""
     return sharding.spec[0] if len(sharding.spec) else None
+
+
+def row_split(sharding: NamedSharding | None) -> tuple[NamedSharding | None, int]:
+    """(`sharding` reduced to its row split — dim 0 split, the rest replicated — and the number of
+    device groups rows are split over); (None, 1) for None."""
+    if sharding is None:
+        return None, 1
+    rows = _row_axes(sharding)
+    return (NamedSharding(sharding.mesh, PartitionSpec(rows)),
+            math.prod(sharding.mesh.shape[a] for a in jax.tree.leaves(rows)))
