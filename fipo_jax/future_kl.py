@@ -70,8 +70,15 @@ def discounted_reverse_cumsum(
     gamma,
     method: FutureKLMethod = "auto",
     block_size: int | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """F_t = Σ_{k≥t} γ^{k−t} x_k along the last axis, i.e. F_t = x_t + γ F_{t+1}.
+
+    With ``segment_ids`` the sum stops at each segment boundary (packed sequences):
+
+        F_t = x_t + γ · [seg_{t+1} = seg_t] · F_{t+1}
+
+    i.e. F_t sums only the tokens k ≥ t of t's own run of equal ids.
 
     Args:
       x: ``[..., T]`` floating array.
@@ -79,6 +86,7 @@ def discounted_reverse_cumsum(
       method: ``"auto"``, ``"scan"``, ``"associative"``, ``"blocked"`` or ``"quadratic"``.
       block_size: block length K of the ``"blocked"`` and ``"quadratic"`` methods;
         ``None`` takes the measured default for the backend.
+      segment_ids: optional integer ``[..., T]``; a new segment starts wherever the id changes.
 
     Returns:
       ``[..., T]`` array of the same dtype as ``x``.
@@ -95,13 +103,36 @@ def discounted_reverse_cumsum(
         gamma = float(gamma)
     if not isinstance(gamma, float):
         gamma = jnp.asarray(gamma, x.dtype)
+    runs = None
+    if segment_ids is not None:
+        _checks.require(jnp.shape(segment_ids) == x.shape and jnp.issubdtype(jnp.asarray(segment_ids).dtype, jnp.integer),
+                        f"segment_ids must be an integer array of shape {x.shape}, got "
+                        f"{jnp.asarray(segment_ids).dtype}{list(jnp.shape(segment_ids))}")
+        runs = segment_runs(segment_ids)
     if method == "scan":
-        return _reverse_scan(x, gamma)
+        return _reverse_scan(x, gamma, _continues(runs))
     if method == "associative":
-        return _associative(x, gamma)
+        return _associative(x, gamma, _continues(runs))
     if method == "blocked":
-        return _blocked(x, gamma, block_size)
-    return _quadratic(x, gamma, block_size)
+        return _blocked(x, gamma, block_size, runs)
+    return _quadratic(x, gamma, block_size, runs)
+
+
+def segment_runs(segment_ids: jax.Array) -> jax.Array:
+    """r_t = the number of id changes up to t (int32, r_0 = 0): equal r ⇔ same run of equal ids,
+    even when an id is reused later in the row."""
+    ids = jnp.asarray(segment_ids)
+    changes = jnp.concatenate([jnp.zeros_like(ids[..., :1], jnp.int32),
+                               (ids[..., 1:] != ids[..., :-1]).astype(jnp.int32)], axis=-1)
+    return jnp.cumsum(changes, axis=-1, dtype=jnp.int32)
+
+
+def _continues(runs: jax.Array | None) -> jax.Array | None:
+    """c_t = [token t + 1 is in t's run] (0 at the last token), or None without segments."""
+    if runs is None:
+        return None
+    same = runs[..., 1:] == runs[..., :-1]
+    return jnp.concatenate([same, jnp.zeros(runs.shape[:-1] + (1,), bool)], axis=-1)
 
 
 def future_kl(
@@ -111,6 +142,7 @@ def future_kl(
     filter_threshold: float | None = None,
     method: FutureKLMethod = "auto",
     block_size: int | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Discounted Future-KL of FIPO (paper Eq. 5–6; official `compute_policy_loss_future_kl`).
 
@@ -129,6 +161,8 @@ def future_kl(
       method: algorithm (see module docstring); ``"auto"`` picks the measured fastest
         for the current backend. All are exact to float32 rounding.
       block_size: K for ``"blocked"`` / ``"quadratic"`` (``None``: backend default).
+      segment_ids: optional integer ``[..., T]`` for packed rows: the sum never crosses a change
+        of id, so each packed sequence gets exactly its own Future-KL.
 
     Returns:
       ``[..., T]`` float32 (or float64 under x64) Future-KL, zero where masked.
@@ -147,7 +181,7 @@ def future_kl(
     delta = jnp.asarray(delta_log_probs)
     delta = delta.astype(jnp.promote_types(delta.dtype, jnp.float32))
     x = jnp.where(summed_tokens(delta, mask, filter_threshold), delta, 0.0)
-    return discounted_reverse_cumsum(x, discount_factor(decay_rate), method, block_size)
+    return discounted_reverse_cumsum(x, discount_factor(decay_rate), method, block_size, segment_ids)
 
 
 def summed_tokens(delta_log_probs: jax.Array, mask: jax.Array, filter_threshold: float | None = None) -> jax.Array:
@@ -163,24 +197,32 @@ def summed_tokens(delta_log_probs: jax.Array, mask: jax.Array, filter_threshold:
     return keep
 
 
-def _reverse_scan(x: jax.Array, gamma: jax.Array) -> jax.Array:
-    """F_t = x_t + γ F_{t+1} as a reverse `lax.scan` over time (carry: leading dims)."""
+def _reverse_scan(x: jax.Array, gamma: jax.Array, continues: jax.Array | None = None) -> jax.Array:
+    """F_t = x_t + γ·c_t·F_{t+1} as a reverse `lax.scan` over time (carry: leading dims);
+    c_t = `continues` (1 when None)."""
     x_TxN = jnp.moveaxis(x, -1, 0)
     gamma = jnp.asarray(gamma, x.dtype)
+    if continues is None:
+        def step(carry_N, x_N):
+            f_N = x_N + gamma * carry_N
+            return f_N, f_N
 
-    def step(carry_N, x_N):
-        f_N = x_N + gamma * carry_N
-        return f_N, f_N
+        _, f_TxN = lax.scan(step, jnp.zeros_like(x_TxN[0]), x_TxN, reverse=True)
+    else:
+        def step(carry_N, inputs):
+            x_N, continues_N = inputs
+            f_N = x_N + jnp.where(continues_N, gamma * carry_N, 0.0)
+            return f_N, f_N
 
-    _, f_TxN = lax.scan(step, jnp.zeros_like(x_TxN[0]), x_TxN, reverse=True)
+        _, f_TxN = lax.scan(step, jnp.zeros_like(x_TxN[0]), (x_TxN, jnp.moveaxis(continues, -1, 0)), reverse=True)
     return jnp.moveaxis(f_TxN, 0, -1)
 
 
-def _associative(x: jax.Array, gamma: jax.Array) -> jax.Array:
+def _associative(x: jax.Array, gamma: jax.Array, continues: jax.Array | None = None) -> jax.Array:
     """Parallel form of the recurrence: compose affine maps h ↦ a·h + b from the end.
 
     combine((a₁, b₁), (a₂, b₂)) = (a₁a₂, b₁a₂ + b₂), where element 1 comes first in
-    scan order (i.e. later in time, since the scan runs in reverse).
+    scan order (i.e. later in time, since the scan runs in reverse). With segments a_t = γ·c_t.
     """
 
     def combine(first, second):
@@ -189,6 +231,8 @@ def _associative(x: jax.Array, gamma: jax.Array) -> jax.Array:
         return a1 * a2, b1 * a2 + b2
 
     gammas = jnp.broadcast_to(jnp.asarray(gamma, x.dtype), x.shape)
+    if continues is not None:  # a_t = γ·c_t: the map at a boundary forgets h
+        gammas = jnp.where(continues, gammas, 0.0)
     _, f = lax.associative_scan(combine, (gammas, x), reverse=True, axis=x.ndim - 1)
     return f
 
@@ -208,32 +252,49 @@ def _toeplitz_upper(gamma, size: int, dtype) -> jax.Array:
     return jnp.where(jnp.asarray(distance >= 0), decay, 0.0).astype(dtype)
 
 
-def _blocked(x: jax.Array, gamma, block_size: int) -> jax.Array:
+def _blocked(x: jax.Array, gamma, block_size: int, runs: jax.Array | None = None) -> jax.Array:
     """Blocked Future-KL: a Toeplitz matmul inside blocks plus a carried term.
 
     With blocks of K tokens, local_{b,i} = Σ_{j≥i} γ^{j−i} x_{b,j} is one [K, K] matmul
     for all blocks at once. The value at each block start obeys the short recurrence
     S_b = local_{b,0} + γ^K S_{b+1} (T/K sequential steps), and
     F_{b,i} = local_{b,i} + γ^{K−i} S_{b+1}.
+
+    With segment runs r, the in-block matrix is masked by [r_i = r_j] per row (a batched
+    product instead of one shared matrix) and every carried term by [r_{b,i} = r_{b+1,0}].
     """
     t = x.shape[-1]
     k = min(block_size, t)
     n_blocks = -(-t // k)
     pad = n_blocks * k - t
-    # Zeros appended after the end do not change any earlier F_t.
-    x_NxK = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(*x.shape[:-1], n_blocks, k)
-    local = jnp.einsum("...bj,ij->...bi", x_NxK, _toeplitz_upper(gamma, k, x.dtype), precision=_HIGHEST)
-    starts = _reverse_scan(local[..., 0], _decay_powers(gamma, np.asarray(k), x.dtype))
-    next_start = jnp.concatenate([starts[..., 1:], jnp.zeros_like(starts[..., :1])], axis=-1)
+    widths = [(0, 0)] * (x.ndim - 1) + [(0, pad)]
+    # Zeros appended after the end do not change any earlier F_t (in their own run with segments).
+    x_NxK = jnp.pad(x, widths).reshape(*x.shape[:-1], n_blocks, k)
+    toeplitz_KxK = _toeplitz_upper(gamma, k, x.dtype)
+    starts_decay = _decay_powers(gamma, np.asarray(k), x.dtype)
     tail_decay = _decay_powers(gamma, k - np.arange(k), x.dtype).reshape((1,) * x.ndim + (k,))
-    f = local + next_start[..., None] * tail_decay
+    if runs is None:
+        local = jnp.einsum("...bj,ij->...bi", x_NxK, toeplitz_KxK, precision=_HIGHEST)
+        starts = _reverse_scan(local[..., 0], starts_decay)
+        carried_in = 1.0
+    else:
+        runs_NxK = jnp.pad(runs, widths, constant_values=-1).reshape(*x.shape[:-1], n_blocks, k)
+        same_NxKxK = runs_NxK[..., :, None] == runs_NxK[..., None, :]
+        local = jnp.einsum("...bj,...bij->...bi", x_NxK, jnp.where(same_NxKxK, toeplitz_KxK, 0.0),
+                           precision=_HIGHEST)
+        next_first = jnp.concatenate([runs_NxK[..., 1:, 0], jnp.full_like(runs_NxK[..., :1, 0], -2)], axis=-1)
+        carried_in = runs_NxK == next_first[..., None]  # token (b, i) continues into block b + 1
+        starts = _reverse_scan(local[..., 0], starts_decay, carried_in[..., 0])
+    next_start = jnp.concatenate([starts[..., 1:], jnp.zeros_like(starts[..., :1])], axis=-1)
+    f = local + jnp.where(carried_in, next_start[..., None] * tail_decay, 0.0)
     return f.reshape(*x.shape[:-1], n_blocks * k)[..., :t]
 
 
-def _quadratic(x: jax.Array, gamma, chunk: int) -> jax.Array:
+def _quadratic(x: jax.Array, gamma, chunk: int, runs: jax.Array | None = None) -> jax.Array:
     """The official release's algorithm: Σ over column chunks of x[:, J] @ D[:, J]ᵀ,
     D[i, j] = γ^{j−i}·1[j ≥ i]. O(T²) flops and O(T·chunk) memory per chunk. Reference only.
     The [T, chunk] decay blocks are built on device (as constants they would be O(T²) bytes).
+    With segment runs the decay is masked by [r_t = r_k] per row.
     """
     t = x.shape[-1]
     gamma = jnp.asarray(gamma, x.dtype)
@@ -242,7 +303,12 @@ def _quadratic(x: jax.Array, gamma, chunk: int) -> jax.Array:
     for start in range(0, t, chunk):
         distance = jnp.arange(start, min(t, start + chunk))[None, :] - pos_i
         decay_TxK = jnp.where(distance >= 0, jnp.power(gamma, jnp.maximum(distance, 0).astype(x.dtype)), 0.0)
-        out = out + jnp.einsum("...k,tk->...t", x[..., start : start + chunk], decay_TxK, precision=_HIGHEST)
+        if runs is None:
+            out = out + jnp.einsum("...k,tk->...t", x[..., start : start + chunk], decay_TxK, precision=_HIGHEST)
+        else:
+            same = runs[..., :, None] == runs[..., None, start : start + chunk]
+            out = out + jnp.einsum("...k,...tk->...t", x[..., start : start + chunk],
+                                   jnp.where(same, decay_TxK, 0.0), precision=_HIGHEST)
     return out
 
 
@@ -253,5 +319,6 @@ __all__ = [
     "discount_factor",
     "discounted_reverse_cumsum",
     "future_kl",
+    "segment_runs",
     "summed_tokens",
 ]

@@ -181,3 +181,57 @@ def test_errors_name_the_problem(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         fj.future_kl(**args)
+
+
+# ------------------------------------------------------------------ packed rows: segment ids
+
+
+def per_segment_reference(delta, mask, decay_rate, threshold, segment_ids):
+    """Each run of equal ids on its own through the float64 reference, put back in place."""
+    out = np.zeros(delta.shape, np.float64)
+    for row in range(delta.shape[0]):
+        starts = np.flatnonzero(np.r_[True, segment_ids[row, 1:] != segment_ids[row, :-1]])
+        for start, end in zip(starts, np.r_[starts[1:], delta.shape[1]]):
+            out[row, start:end] = naive_future_kl(delta[row:row + 1, start:end], mask[row:row + 1, start:end],
+                                                  decay_rate, threshold)[0]
+    return out
+
+
+@given(
+    length=st.sampled_from([1, 7, 128, 300]),
+    decay_rate=st.floats(0.3, 600.0),
+    threshold=st.one_of(st.none(), st.floats(1.05, 50.0)),
+    seed=st.integers(0, 2**31 - 1),
+    block_size=st.sampled_from([7, 128]),
+)
+def test_segments_restart_the_sum_in_every_method(length, decay_rate, threshold, seed, block_size):
+    rng = np.random.default_rng(seed)
+    delta = (rng.normal(size=(3, length)) * 0.5).astype(np.float32)
+    mask = rng.random((3, length)) < 0.8
+    # Runs of random lengths; ids may repeat later in a row (a new run all the same).
+    segment_ids = np.cumsum(rng.random((3, length)) < rng.uniform(0.01, 0.3), axis=1) % 3
+    expected = per_segment_reference(delta, mask, decay_rate, threshold, segment_ids)
+    scale = discounted_abs(delta, mask, decay_rate)
+    for method in METHODS:
+        got = fj.future_kl(delta, mask, decay_rate, threshold, method=method, block_size=block_size,
+                           segment_ids=jnp.asarray(segment_ids))
+        assert_exact(got, expected, scale)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_huge_drift_does_not_reach_the_previous_sequence(method):
+    delta = np.full((1, 40), 0.01, np.float32)
+    delta[0, 20] = 1e4  # first token of the second packed sequence
+    segment_ids = np.repeat(np.array([[0, 1]]), 20, axis=1)
+    alone = fj.future_kl(delta[:, :20], np.ones((1, 20)), 32.0, method=method, block_size=8)
+    packed = fj.future_kl(delta, np.ones((1, 40)), 32.0, method=method, block_size=8, segment_ids=segment_ids)
+    # A leak would add 1e4·γ^k ≥ 6e3 to every earlier token; equal up to float32 rounding.
+    np.testing.assert_allclose(np.asarray(packed[:, :20]), np.asarray(alone), rtol=1e-6)
+    assert float(packed[0, 20]) > 1e3
+
+
+def test_segment_ids_are_checked():
+    with pytest.raises(ValueError, match=r"segment_ids must be an integer array of shape \(2, 5\)"):
+        fj.future_kl(jnp.zeros((2, 5)), jnp.ones((2, 5)), 32.0, segment_ids=jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match="segment_ids must be an integer array"):
+        fj.future_kl(jnp.zeros((2, 5)), jnp.ones((2, 5)), 32.0, segment_ids=jnp.zeros((2, 5)))
