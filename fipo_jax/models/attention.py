@@ -3,6 +3,7 @@
 All forms compute, for query t of row b and key slot s,
 
     allowed[b, t, s] = s ≤ slot(t)  ∧  valid[b, s]  ∧  (W is None  ∨  pos[b, s] > pos[b, t] − W)
+                       ∧  (no segments  ∨  seg[b, s] = seg[b, t])
     out[b, t] = Σ_s softmax_s(scale · q_bt · k_bs  over allowed s) · v_bs
 
 with query head h reading kv head h // G (G = H / N, HF's `repeat_kv` grouping). Causality is
@@ -34,26 +35,33 @@ class AttentionMask(NamedTuple):
       key_valid_BxS: bool [B, S], the slot holds a real token of the row.
       query_positions_BxT: int32 [B, T], RoPE positions of the queries.
       key_positions_BxS: int32 [B, S], RoPE positions of the keys.
+      query_segments_BxT / key_segments_BxS: optional int [B, T] / [B, S] ids of packed
+        sequences: a query sees only keys of its own segment (None: one sequence per row).
     """
 
     query_slots_T: jax.Array
     key_valid_BxS: jax.Array
     query_positions_BxT: jax.Array
     key_positions_BxS: jax.Array
+    query_segments_BxT: jax.Array | None = None
+    key_segments_BxS: jax.Array | None = None
 
     def allowed(self, window: int | None = None) -> jax.Array:
         """bool [B, T, S]."""
         key_slots_S = jnp.arange(self.key_valid_BxS.shape[1], dtype=jnp.int32)
         causal_TxS = key_slots_S[None, :] <= self.query_slots_T[:, None]
         allowed_BxTxS = causal_TxS[None] & self.key_valid_BxS[:, None, :]
+        if self.key_segments_BxS is not None:
+            allowed_BxTxS = allowed_BxTxS & (self.key_segments_BxS[:, None, :] == self.query_segments_BxT[:, :, None])
         if window is None:
             return allowed_BxTxS
         in_window_BxTxS = self.key_positions_BxS[:, None, :] > self.query_positions_BxT[:, :, None] - window
         return allowed_BxTxS & in_window_BxTxS
 
-    def query_chunk(self, slots_c: jax.Array, positions_Bxc: jax.Array) -> AttentionMask:
+    def query_chunk(self, slots_c: jax.Array, positions_Bxc: jax.Array,
+                    segments_Bxc: jax.Array | None = None) -> AttentionMask:
         """The same keys seen from another set of queries."""
-        return self._replace(query_slots_T=slots_c, query_positions_BxT=positions_Bxc)
+        return self._replace(query_slots_T=slots_c, query_positions_BxT=positions_Bxc, query_segments_BxT=segments_Bxc)
 
 
 def grouped_query_attention(
@@ -87,14 +95,15 @@ def grouped_query_attention(
     q_CxBxcxHxK = chunked(q_BxTxHxK, 0)
     positions_CxBxc = chunked(mask.query_positions_BxT, 0)
     slots_Cxc = jnp.pad(mask.query_slots_T, (0, pad), constant_values=-1).reshape(num_chunks, query_chunk_size)
+    segments_CxBxc = None if mask.query_segments_BxT is None else chunked(mask.query_segments_BxT, -1)
 
     def attend_chunk(chunk):
-        q_BxcxHxK, slots_c, positions_Bxc = chunk
-        allowed_BxcxS = mask.query_chunk(slots_c, positions_Bxc).allowed(window)
+        q_BxcxHxK, slots_c, positions_Bxc, segments_Bxc = chunk
+        allowed_BxcxS = mask.query_chunk(slots_c, positions_Bxc, segments_Bxc).allowed(window)
         return _attention(q_BxcxHxK, k_BxNxSxK, v_BxNxSxK, allowed_BxcxS, scale)
 
     out_CxBxcxHxK = lax.map(jax.checkpoint(attend_chunk, prevent_cse=False),
-                            (q_CxBxcxHxK, slots_Cxc, positions_CxBxc))
+                            (q_CxBxcxHxK, slots_Cxc, positions_CxBxc, segments_CxBxc))
     out_BxTpxHxK = jnp.moveaxis(out_CxBxcxHxK, 0, 1).reshape(batch, -1, num_heads, head_dim)
     return out_BxTpxHxK[:, :q_len]
 

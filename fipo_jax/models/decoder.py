@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from flax import nnx
 
 from fipo_jax.models.attention import AttentionMask
@@ -27,14 +28,21 @@ from fipo_jax.models.layers import AXIS_EMBED, AXIS_VOCAB, MLP, Attention, Dense
 from fipo_jax.models.rope import rope_cos_sin
 
 
-def positions_from_mask(mask_BxT: jax.Array, start_B: jax.Array | None = None) -> jax.Array:
+def positions_from_mask(mask_BxT: jax.Array, start_B: jax.Array | None = None,
+                        segment_ids_BxT: jax.Array | None = None) -> jax.Array:
     """RoPE positions p_bt = start_b + (#real tokens in row b up to and including t) − 1.
 
     Real tokens get consecutive positions starting at `start_b` (0 by default) whatever the
     padding; pad tokens get the position of the preceding real token (clipped at 0), which is
-    harmless because pad keys are masked out.
+    harmless because pad keys are masked out. With `segment_ids_BxT` (packed sequences) the
+    count restarts at 0 wherever the id changes.
     """
     counts_BxT = jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1)
+    if segment_ids_BxT is not None:  # subtract the count before each segment's first token
+        starts_BxT = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], jnp.bool_),
+                                      segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+        before_BxT = jnp.where(starts_BxT, counts_BxT - mask_BxT.astype(jnp.int32), 0)
+        counts_BxT = counts_BxT - lax.cummax(before_BxT, axis=1)
     if start_B is not None:
         counts_BxT = counts_BxT + start_B.astype(jnp.int32)[:, None]
     return jnp.maximum(counts_BxT - 1, 0)
@@ -148,8 +156,13 @@ class CausalLM(nnx.Module):
         input_ids: jax.Array,
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Final-normed hidden states [B, T, D] (compute dtype) of a full forward pass.
+
+        `segment_ids` (int [B, T], optional) packs several sequences in a row: a token attends
+        only to its own segment, and default positions restart at 0 in each segment, so every
+        packed sequence computes what it computes alone.
 
         With `config.remat`, the layers run as one `lax.scan` over their stacked parameters,
         each step rematerialised in the backward pass, so only the L layer inputs are kept. On
@@ -158,11 +171,16 @@ class CausalLM(nnx.Module):
         1.4 GiB scanned.
         """
         mask_BxT = self._check_inputs(input_ids, positions, attention_mask)
+        if segment_ids is not None and (segment_ids.shape != input_ids.shape
+                                        or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+            raise ValueError(f"segment_ids must be an integer array of shape {input_ids.shape}, "
+                             f"got {segment_ids.dtype}{list(segment_ids.shape)}")
         if positions is None:
-            positions = positions_from_mask(mask_BxT)
+            positions = positions_from_mask(mask_BxT, segment_ids_BxT=segment_ids)
         positions = positions.astype(jnp.int32)
         tables = self._rope_tables(positions)
-        mask = AttentionMask(jnp.arange(input_ids.shape[1], dtype=jnp.int32), mask_BxT, positions, positions)
+        mask = AttentionMask(jnp.arange(input_ids.shape[1], dtype=jnp.int32), mask_BxT, positions, positions,
+                             segment_ids, segment_ids)
         x_BxTxD = self.embed_tokens(input_ids, self.config.activation_dtype)
         if self.config.remat:
             return self.norm(self._scanned_layers(x_BxTxD, tables, mask))
@@ -252,12 +270,16 @@ class CausalLM(nnx.Module):
         kv_cache: KVCache | None = None,
         *,
         last_token_only: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits [B, T, V] float32, or (logits, new_cache) when `kv_cache` is given."""
+        """Logits [B, T, V] float32, or (logits, new_cache) when `kv_cache` is given.
+        `segment_ids`: packed sequences (full forward only; see `hidden_states`)."""
         if kv_cache is None:
-            hidden_BxTxD = self.hidden_states(input_ids, positions, attention_mask)
+            hidden_BxTxD = self.hidden_states(input_ids, positions, attention_mask, segment_ids)
             new_cache = None
         else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed sequences) are for the full forward, not a KV-cache call")
             hidden_BxTxD, new_cache = self.hidden_states_with_cache(input_ids, kv_cache, positions, attention_mask)
         if last_token_only:
             hidden_BxTxD = hidden_BxTxD[:, -1:]

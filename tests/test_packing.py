@@ -1,0 +1,51 @@
+"""Packed sequences in the model: segment ids keep attention inside each sequence and restart
+positions, so a packed row computes what each of its sequences computes alone."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fipo_jax.models import CausalLM, ModelConfig, positions_from_mask
+
+BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, initializer_range=0.3)
+
+
+def test_positions_restart_in_every_segment():
+    mask = jnp.array([[1, 1, 1, 0, 1, 1, 1, 1, 0, 0]], bool)
+    segments = jnp.array([[0, 0, 0, 0, 1, 1, 2, 2, 2, 2]])
+    # A pad inside a segment keeps the previous real token's position (its key is masked anyway).
+    assert positions_from_mask(mask, segment_ids_BxT=segments).tolist() == [[0, 1, 2, 2, 0, 1, 0, 1, 1, 1]]
+    assert positions_from_mask(mask).tolist() == [[0, 1, 2, 2, 3, 4, 5, 6, 6, 6]]
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"attention_chunk_size": 4},  # query-chunked attention
+    {"layer_types": ("sliding_attention", "full_attention"), "sliding_window": 3},
+    {"remat": True},  # the scanned layer stack
+], ids=["full", "chunked", "sliding", "remat"])
+def test_a_packed_row_equals_each_sequence_alone(extra):
+    model = CausalLM(ModelConfig(**BASE, **extra), rngs=nnx.Rngs(0))
+    rng = np.random.RandomState(0)
+    first, second, third = (rng.randint(1, 64, n) for n in (7, 5, 3))
+    # Two packed rows with trailing padding; the padding gets a segment of its own.
+    ids = np.zeros((2, 14), np.int32)
+    ids[0, :12] = np.r_[first, second]
+    ids[1, :8] = np.r_[third, second]
+    segments = np.array([[0] * 7 + [1] * 5 + [2] * 2, [5] * 3 + [6] * 5 + [7] * 6])
+    mask = ids != 0
+    packed = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), segment_ids=jnp.asarray(segments))
+    for row, start, tokens in [(0, 0, first), (0, 7, second), (1, 0, third), (1, 3, second)]:
+        alone = model(jnp.asarray(tokens[None]))
+        np.testing.assert_allclose(packed[row, start:start + len(tokens)], alone[0], atol=1e-5)
+
+
+def test_segment_ids_are_checked():
+    model = CausalLM(ModelConfig(**BASE), rngs=nnx.Rngs(0))
+    ids = jnp.ones((1, 6), jnp.int32)
+    with pytest.raises(ValueError, match=r"segment_ids must be an integer array of shape \(1, 6\)"):
+        model(ids, segment_ids=jnp.zeros((1, 5), jnp.int32))
+    with pytest.raises(ValueError, match="segment_ids .* are for the full forward"):
+        model(ids, kv_cache=model.init_kv_cache(1, 8), segment_ids=jnp.zeros((1, 6), jnp.int32))
