@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 
 from fipo_jax import _checks
+from fipo_jax.segments import segment_runs
 
 FutureKLMethod = Literal["auto", "scan", "associative", "blocked", "quadratic"]
 METHODS = ("scan", "associative", "blocked", "quadratic")
@@ -116,15 +117,6 @@ def discounted_reverse_cumsum(
     if method == "blocked":
         return _blocked(x, gamma, block_size, runs)
     return _quadratic(x, gamma, block_size, runs)
-
-
-def segment_runs(segment_ids: jax.Array) -> jax.Array:
-    """r_t = the number of id changes up to t (int32, r_0 = 0): equal r ⇔ same run of equal ids,
-    even when an id is reused later in the row."""
-    ids = jnp.asarray(segment_ids)
-    changes = jnp.concatenate([jnp.zeros_like(ids[..., :1], jnp.int32),
-                               (ids[..., 1:] != ids[..., :-1]).astype(jnp.int32)], axis=-1)
-    return jnp.cumsum(changes, axis=-1, dtype=jnp.int32)
 
 
 def _continues(runs: jax.Array | None) -> jax.Array | None:
@@ -319,6 +311,5 @@ __all__ = [
     "discount_factor",
     "discounted_reverse_cumsum",
     "future_kl",
-    "segment_runs",
     "summed_tokens",
 ]

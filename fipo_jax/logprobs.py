@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fipo_jax import _checks
+from fipo_jax.segments import segment_cumsum
 
 # Tokens (batch rows × time steps) per chunk when chunk_size is None: at V = 151,936 one float32
 # chunk of logits is 512 · V · 4 B ≈ 0.31 GB, and forward+backward keeps ~4 such arrays live.
@@ -199,6 +200,7 @@ def sequence_log_probs(
     *,
     response_start: int = 1,
     positions_BxT: jax.Array | None = None,
+    segment_ids_BxT: jax.Array | None = None,
     chunk_size: int | None = None,
     temperature: Any = 1.0,
     precision: lax.Precision | None = DEFAULT_PRECISION,
@@ -223,14 +225,16 @@ def sequence_log_probs(
         and default RoPE positions count real tokens only (`positions_from_mask`).
       response_start: s, a static int in [1, T].
       positions_BxT: optional explicit RoPE positions, passed to the model.
+      segment_ids_BxT: optional int ids of packed sequences (passed to the model's
+        `hidden_states`): a token is scored only when a real token of its own segment precedes it.
       chunk_size, temperature, precision: as in `chunked_token_log_probs`.
 
     Returns:
       log_probs [B, T − s] float32, zero at unscored positions.
       `sequence_log_probs_with_entropy` also returns the entropy.
     """
-    return _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, chunk_size,
-                     temperature, precision, False)[0]
+    return _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, segment_ids_BxT,
+                     chunk_size, temperature, precision, False)[0]
 
 
 def sequence_log_probs_with_entropy(
@@ -240,18 +244,19 @@ def sequence_log_probs_with_entropy(
     *,
     response_start: int = 1,
     positions_BxT: jax.Array | None = None,
+    segment_ids_BxT: jax.Array | None = None,
     chunk_size: int | None = None,
     temperature: Any = 1.0,
     precision: lax.Precision | None = DEFAULT_PRECISION,
 ) -> tuple[jax.Array, jax.Array]:
     """(`sequence_log_probs`, the entropy of each scored position's distribution), each [B, T − s]
     float32 and zero at unscored positions."""
-    return _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, chunk_size,
-                     temperature, precision, True)
+    return _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, segment_ids_BxT,
+                     chunk_size, temperature, precision, True)
 
 
-def _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, chunk_size, temperature,
-              precision, return_entropy):
+def _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, segment_ids_BxT, chunk_size,
+              temperature, precision, return_entropy):
     """(log-probs, entropy or None) of both public variants."""
     if input_ids_BxT.ndim != 2 or not jnp.issubdtype(input_ids_BxT.dtype, jnp.integer):
         raise ValueError(
@@ -269,11 +274,14 @@ def _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, position
         mask_BxT = attention_mask_BxT.astype(jnp.bool_)
     else:
         mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.bool_)
-    hidden_BxTxD = model.hidden_states(input_ids_BxT, positions_BxT, mask_BxT)
+    if segment_ids_BxT is None:
+        hidden_BxTxD = model.hidden_states(input_ids_BxT, positions_BxT, mask_BxT)
+    else:
+        hidden_BxTxD = model.hidden_states(input_ids_BxT, positions_BxT, mask_BxT, segment_ids_BxT)
     predictor_hidden_BxRxD = hidden_BxTxD[:, response_start - 1 : seq_len - 1]
     targets_BxR = input_ids_BxT[:, response_start:]
-    # A token is scored iff it is real and some real token precedes it.
-    real_before_BxT = (jnp.cumsum(mask_BxT, axis=1, dtype=jnp.int32) - mask_BxT.astype(jnp.int32)) > 0
+    # A token is scored iff it is real and some real token of its segment precedes it.
+    real_before_BxT = (segment_cumsum(mask_BxT, segment_ids_BxT) - mask_BxT.astype(jnp.int32)) > 0
     scored_BxR = (mask_BxT & real_before_BxT)[:, response_start:]
     log_probs, entropy = _chunked(predictor_hidden_BxRxD, model.unembedding(), targets_BxR, chunk_size, temperature,
                                   precision, return_entropy)

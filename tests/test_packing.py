@@ -49,3 +49,29 @@ def test_segment_ids_are_checked():
         model(ids, segment_ids=jnp.zeros((1, 5), jnp.int32))
     with pytest.raises(ValueError, match="segment_ids .* are for the full forward"):
         model(ids, kv_cache=model.init_kv_cache(1, 8), segment_ids=jnp.zeros((1, 6), jnp.int32))
+
+
+def test_segment_helpers():
+    from fipo_jax.segments import segment_cumsum, segment_runs, segment_starts
+
+    ids = jnp.array([[4, 4, 7, 7, 7, 4, 9]])
+    assert segment_starts(ids).tolist() == [[True, False, True, False, False, True, True]]
+    assert segment_runs(ids).tolist() == [[0, 0, 1, 1, 1, 2, 3]]  # the reused id 4 is a new segment
+    assert segment_cumsum(jnp.array([[1, 1, 1, 0, 1, 1, 1]]), ids).tolist() == [[1, 2, 1, 1, 2, 1, 1]]
+
+
+def test_packed_log_probs_equal_each_sequence_alone():
+    from fipo_jax.logprobs import sequence_log_probs
+
+    model = CausalLM(ModelConfig(**BASE, attention_chunk_size=4), rngs=nnx.Rngs(1))
+    rng = np.random.RandomState(1)
+    first, second = rng.randint(1, 64, 6), rng.randint(1, 64, 9)
+    ids = np.zeros((1, 18), np.int32)
+    ids[0, :15] = np.r_[first, second]
+    segments = np.array([[0] * 6 + [1] * 9 + [2] * 3])
+    packed = sequence_log_probs(model, jnp.asarray(ids), jnp.asarray(ids != 0), segment_ids_BxT=jnp.asarray(segments))
+    # Column j scores token j + 1; a segment's first token has nothing before it: unscored (0).
+    for start, tokens in [(0, first), (6, second)]:
+        alone = sequence_log_probs(model, jnp.asarray(tokens[None]))
+        np.testing.assert_allclose(packed[0, start:start + len(tokens) - 1], alone[0], atol=1e-5)
+    assert float(packed[0, 5]) == 0.0 and np.all(np.asarray(packed[0, 14:]) == 0.0)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from flax import nnx
 
 from fipo_jax.models.attention import AttentionMask
 from fipo_jax.models.config import ModelConfig
 from fipo_jax.models.kv_cache import KVCache, init_kv_cache
+from fipo_jax.segments import segment_cumsum
 from fipo_jax.models.layers import AXIS_EMBED, AXIS_VOCAB, MLP, Attention, DenseGeneral, Embed, RMSNorm
 from fipo_jax.models.rope import rope_cos_sin
 
@@ -37,12 +37,7 @@ def positions_from_mask(mask_BxT: jax.Array, start_B: jax.Array | None = None,
     harmless because pad keys are masked out. With `segment_ids_BxT` (packed sequences) the
     count restarts at 0 wherever the id changes.
     """
-    counts_BxT = jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1)
-    if segment_ids_BxT is not None:  # subtract the count before each segment's first token
-        starts_BxT = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], jnp.bool_),
-                                      segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
-        before_BxT = jnp.where(starts_BxT, counts_BxT - mask_BxT.astype(jnp.int32), 0)
-        counts_BxT = counts_BxT - lax.cummax(before_BxT, axis=1)
+    counts_BxT = segment_cumsum(mask_BxT, segment_ids_BxT)
     if start_B is not None:
         counts_BxT = counts_BxT + start_B.astype(jnp.int32)[:, None]
     return jnp.maximum(counts_BxT - 1, 0)
