@@ -75,3 +75,44 @@ def test_packed_log_probs_equal_each_sequence_alone():
         alone = sequence_log_probs(model, jnp.asarray(tokens[None]))
         np.testing.assert_allclose(packed[0, start:start + len(tokens) - 1], alone[0], atol=1e-5)
     assert float(packed[0, 5]) == 0.0 and np.all(np.asarray(packed[0, 14:]) == 0.0)
+
+
+# ------------------------------------------------------------------ first-fit decreasing packing
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fipo_jax import packing as packing_lib  # noqa: E402
+
+
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=60), budget=st.integers(40, 128))
+def test_first_fit_decreasing_places_every_token_once_within_budget(lengths, budget):
+    lengths = np.asarray(lengths)
+    packed = packing_lib.first_fit_decreasing(lengths, budget)
+    values = np.arange(1, len(lengths) * 40 + 1).reshape(len(lengths), 40)
+    rows = packing_lib.pack(values, packed)
+    assert rows.shape == (packed.num_rows, budget)
+    # Every token once: the packed non-zero values are exactly the sequences' tokens.
+    expected = np.concatenate([values[i, :n] for i, n in enumerate(lengths)] + [np.zeros(0, int)])
+    assert sorted(rows[rows != 0].tolist()) == sorted(expected.tolist())
+    unpacked = packing_lib.unpack(rows, packed, 40)
+    assert all(np.array_equal(unpacked[i, :n], values[i, :n]) for i, n in enumerate(lengths))
+    segments = packing_lib.segment_ids(packed)
+    assert ((segments == packing_lib.PADDING_SEGMENT) == (rows == 0)).all()
+    # First fit: the first sequence of a later row did not fit any earlier row, so at most one
+    # row is at most half full (hence rows ≤ 2·Σ / budget + 1).
+    fill = np.bincount(packed.rows[lengths > 0], lengths[lengths > 0], minlength=packed.num_rows)
+    assert (fill <= budget / 2).sum() <= 1
+    again = packing_lib.first_fit_decreasing(lengths, budget)
+    assert np.array_equal(again.rows, packed.rows) and np.array_equal(again.starts, packed.starts)
+
+
+def test_packing_hand_case_and_errors():
+    packed = packing_lib.first_fit_decreasing([3, 8, 5, 2], 10)
+    # Decreasing: 8 → row 0; 5 → row 1; 3 → row 1 (5 + 3); 2 → row 0 (8 + 2).
+    assert packed.rows.tolist() == [1, 0, 1, 0] and packed.starts.tolist() == [5, 0, 0, 8]
+    assert packed.num_rows == 2 and packed.padding_fraction == pytest.approx(0.1)
+    with pytest.raises(ValueError, match=r"sequences \[1\] have \[12\] tokens, more than the row budget of 10"):
+        packing_lib.first_fit_decreasing([3, 12], 10)
+    with pytest.raises(ValueError, match="non-negative ints"):
+        packing_lib.first_fit_decreasing([3.0, 1.0], 10)
