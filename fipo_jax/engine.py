@@ -98,8 +98,9 @@ class EngineStats:
     """What one `generate` call did.
 
     Attributes:
-      slot_utilisation: busy slot-steps / computed slot-steps (Σ decode steps × slots at the
-        time): the share of decode compute that produced a token of some request.
+      busy_slot_steps / computed_slot_steps: decode slot-steps that produced a token of some
+        request, and all decode slot-steps computed (Σ decode steps × slots at the time);
+        `slot_utilisation` is their ratio (sum both over calls to pool several).
       decode_steps: batched decode steps run (each decodes all S slots).
       device_calls: jitted insert + decode calls, i.e. host syncs.
       prefill_calls / prefilled_prompts: prefill calls, and the prompts they prefilled (without
@@ -109,7 +110,8 @@ class EngineStats:
       seconds: wall time of the call.
     """
 
-    slot_utilisation: float
+    busy_slot_steps: int
+    computed_slot_steps: int
     decode_steps: int
     device_calls: int
     prefill_calls: int
@@ -117,6 +119,11 @@ class EngineStats:
     prefill_seconds: float
     generated_tokens: int
     seconds: float
+
+    @property
+    def slot_utilisation(self) -> float:
+        """The share of decode compute that produced a token of some request."""
+        return self.busy_slot_steps / max(1, self.computed_slot_steps)
 
 
 class Slots(NamedTuple):
@@ -463,7 +470,7 @@ def generate(
     output = SampleOutput(tokens=responses.tokens, mask=mask, log_probs=responses.log_probs,
                           lengths=responses.lengths, prompt_ids=ids_RxP, prompt_mask=mask_RxP,
                           num_steps=np.int32(responses.lengths.max()), stop_lengths=responses.stop_lengths)
-    stats = EngineStats(slot_utilisation=tally["busy_slot_steps"] / max(1, tally["computed_slot_steps"]),
+    stats = EngineStats(busy_slot_steps=tally["busy_slot_steps"], computed_slot_steps=tally["computed_slot_steps"],
                         decode_steps=tally["decode_steps"], device_calls=tally["calls"],
                         prefill_calls=tally["prefill_calls"], prefilled_prompts=tally["prefilled"],
                         prefill_seconds=tally["prefill_seconds"], generated_tokens=int(responses.lengths.sum()),

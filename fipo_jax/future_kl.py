@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 
 from fipo_jax import _checks
-from fipo_jax.segments import segment_runs
+from fipo_jax.segments import check_segment_ids, segment_continues, segment_runs
 
 FutureKLMethod = Literal["auto", "scan", "associative", "blocked", "quadratic"]
 METHODS = ("scan", "associative", "blocked", "quadratic")
@@ -104,27 +104,15 @@ def discounted_reverse_cumsum(
         gamma = float(gamma)
     if not isinstance(gamma, float):
         gamma = jnp.asarray(gamma, x.dtype)
-    runs = None
     if segment_ids is not None:
-        _checks.require(jnp.shape(segment_ids) == x.shape and jnp.issubdtype(jnp.asarray(segment_ids).dtype, jnp.integer),
-                        f"segment_ids must be an integer array of shape {x.shape}, got "
-                        f"{jnp.asarray(segment_ids).dtype}{list(jnp.shape(segment_ids))}")
-        runs = segment_runs(segment_ids)
-    if method == "scan":
-        return _reverse_scan(x, gamma, _continues(runs))
-    if method == "associative":
-        return _associative(x, gamma, _continues(runs))
+        check_segment_ids(segment_ids, x.shape)
+    if method in ("scan", "associative"):
+        continues = None if segment_ids is None else segment_continues(segment_ids)
+        return (_reverse_scan if method == "scan" else _associative)(x, gamma, continues)
+    runs = None if segment_ids is None else segment_runs(segment_ids)
     if method == "blocked":
         return _blocked(x, gamma, block_size, runs)
     return _quadratic(x, gamma, block_size, runs)
-
-
-def _continues(runs: jax.Array | None) -> jax.Array | None:
-    """c_t = [token t + 1 is in t's run] (0 at the last token), or None without segments."""
-    if runs is None:
-        return None
-    same = runs[..., 1:] == runs[..., :-1]
-    return jnp.concatenate([same, jnp.zeros(runs.shape[:-1] + (1,), bool)], axis=-1)
 
 
 def future_kl(

@@ -189,10 +189,9 @@ class RolloutCollector:
         stats = {"rollout/rounds": round_index + 1, "rollout/kept_groups": n_kept,
                  "rollout/accuracy": float(np.concatenate([r.correct for r in all_rounds]).mean()),
                  "rollout/reward_errors": sum(r.reward_errors for r in all_rounds)}
-        if self.engine_stats:  # busy slot-steps over all slot-steps of the step's rounds
-            steps = [s.decode_steps for s in self.engine_stats]
-            busy = sum(s.slot_utilisation * d for s, d in zip(self.engine_stats, steps))
-            stats["rollout/slot_utilisation"] = busy / max(1, sum(steps))
+        if self.engine_stats:  # busy slot-steps over all computed slot-steps of the step's rounds
+            computed = sum(s.computed_slot_steps for s in self.engine_stats)
+            stats["rollout/slot_utilisation"] = sum(s.busy_slot_steps for s in self.engine_stats) / max(1, computed)
             stats["time/rollout_prefill_s"] = sum(s.prefill_seconds for s in self.engine_stats)
         batch = Rollouts.concat(kept, self.sampling.pad_token_id)
         need = ro.prompts_per_step * n

@@ -19,6 +19,19 @@ def segment_starts(segment_ids: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.ones_like(ids[..., :1], jnp.bool_), ids[..., 1:] != ids[..., :-1]], axis=-1)
 
 
+def check_segment_ids(segment_ids, shape: tuple[int, ...]) -> None:
+    """Segment ids are an integer array of `shape` (ValueError naming both otherwise)."""
+    ids_shape, dtype = tuple(jnp.shape(segment_ids)), jnp.asarray(segment_ids).dtype
+    if ids_shape != tuple(shape) or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be an integer array of shape {tuple(shape)}, got {dtype}{list(ids_shape)}")
+
+
+def segment_continues(segment_ids: jax.Array) -> jax.Array:
+    """bool [..., T]: token t + 1 is in t's segment (False at the last token)."""
+    starts = segment_starts(segment_ids)
+    return jnp.concatenate([~starts[..., 1:], jnp.zeros(starts.shape[:-1] + (1,), bool)], axis=-1)
+
+
 def segment_runs(segment_ids: jax.Array) -> jax.Array:
     """r_t = the number of segment starts after position 0 up to t (int32, r_0 = 0): equal r ⇔
     same segment, even when an id is reused later in the row."""

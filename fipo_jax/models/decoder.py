@@ -23,7 +23,7 @@ from flax import nnx
 from fipo_jax.models.attention import AttentionMask
 from fipo_jax.models.config import ModelConfig
 from fipo_jax.models.kv_cache import KVCache, init_kv_cache
-from fipo_jax.segments import segment_cumsum
+from fipo_jax.segments import check_segment_ids, segment_cumsum
 from fipo_jax.models.layers import AXIS_EMBED, AXIS_VOCAB, MLP, Attention, DenseGeneral, Embed, RMSNorm
 from fipo_jax.models.rope import rope_cos_sin
 
@@ -166,10 +166,8 @@ class CausalLM(nnx.Module):
         1.4 GiB scanned.
         """
         mask_BxT = self._check_inputs(input_ids, positions, attention_mask)
-        if segment_ids is not None and (segment_ids.shape != input_ids.shape
-                                        or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
-            raise ValueError(f"segment_ids must be an integer array of shape {input_ids.shape}, "
-                             f"got {segment_ids.dtype}{list(segment_ids.shape)}")
+        if segment_ids is not None:
+            check_segment_ids(segment_ids, input_ids.shape)
         if positions is None:
             positions = positions_from_mask(mask_BxT, segment_ids_BxT=segment_ids)
         positions = positions.astype(jnp.int32)
