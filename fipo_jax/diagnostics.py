@@ -56,21 +56,23 @@ def token_diagnostics(
     advantages: jax.Array,
     mask: jax.Array,
     config: PolicyLossConfig,
+    segment_ids: jax.Array | None = None,
 ) -> TokenDiagnostics:
     """The per-token quantities `policy_loss` computes for this batch (see `TokenDiagnostics`).
 
-    Takes the arguments of `policy_loss` (advantages ``[B]`` or ``[B, T]``) and checks them the
-    same way."""
-    losses.check_loss_inputs(log_probs, old_log_probs, advantages, mask, config)
+    Takes the arguments of `policy_loss` (advantages ``[B]`` or ``[B, T]``; ``segment_ids`` for packed
+    rows, where ``dropped_rows`` marks rows every response of which was dropped and the per-token
+    ``mask & ~loss_mask`` shows each dropped sequence) and checks them the same way."""
+    losses.check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, segment_ids=segment_ids)
     log_probs, old_log_probs, advantages, mask = losses.prepared_inputs(log_probs, old_log_probs, advantages, mask)
     log_ratio = jax.lax.stop_gradient(losses.log_importance_ratio(log_probs, old_log_probs, config.log_ratio_clamp))
     ratio = losses.importance_ratio(log_probs, old_log_probs, mask, config.log_ratio_clamp)
-    pieces = losses.influence(log_ratio, advantages, mask, config)
+    pieces = losses.influence(log_ratio, advantages, mask, config, segment_ids)
     fipo = config.loss_mode == "fipo"
     weights = pieces.weights if fipo else jnp.ones_like(ratio)
     dual_clipped = (losses.dual_clip_mask(ratio, advantages, config.clip_ratio_c) & mask
                     if config.loss_mode != "grpo" else jnp.zeros_like(mask))
-    loss_mask = (losses.drop_dual_clipped_sequences(ratio, advantages, mask, config.clip_ratio_c)
+    loss_mask = (losses.drop_dual_clipped_sequences(ratio, advantages, mask, config.clip_ratio_c, segment_ids)
                  if config.drop_dual_clipped_sequences else mask)
     return TokenDiagnostics(
         log_ratio=log_ratio, ratio=ratio, advantages=advantages,

@@ -11,6 +11,10 @@ FIPO also drops a whole response holding two or more dual-clipped A<0 tokens (E8
 Optional extras for any mode: + β·KL(π_θ‖π_ref) per token (k1/k2/k3) − α·entropy.
 Aggregation (E9) returns `LossTerms(total, count)` so that micro-batch gradients can be
 summed and divided once, reproducing the exact mini-batch mean.
+
+Packed rows (several sequences per row, `segment_ids`): every per-sequence piece — the
+Future-KL sum, the E8 drop rule, the sequence means of the aggregations, the dropped count —
+works per segment, so a packed batch gives the loss of the same sequences padded one per row.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 from fipo_jax import _checks
 from fipo_jax.future_kl import METHODS as FUTURE_KL_METHODS, FutureKLMethod, future_kl, summed_tokens
 from fipo_jax import loss_metrics as lm
+from fipo_jax.segments import check_segment_ids, segment_sums
 
 LossMode = Literal["fipo", "dapo", "grpo"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -41,12 +46,14 @@ ACTIVE_WEIGHT_TOLERANCE = 0.01
 
 
 # How each metric of `policy_loss_terms` combines over micro-batches (and mini-batches): "sum" for
-# counts, "min" / "max" for extremes, "mean" for everything else — a mean weighted by response
-# tokens, so that batches without tokens do not pull it toward 0. The trainer reduces by this
-# table and refuses a metric missing from it. Read-only: the declaration, not inferred from names.
-METRIC_REDUCTIONS: Mapping[str, Literal["sum", "mean", "min", "max"]] = types.MappingProxyType({
-    "ppo_kl": "mean", "pg_clipfrac": "mean", "pg_clipfrac_lower": "mean", "pg_loss": "mean",
-    "kl_loss": "mean", "entropy": "mean",
+# counts, "min" / "max" for extremes, "loss_mean" for the aggregated losses — weighted by their
+# aggregation's count ``loss_count``, so Σ total / Σ count however sequences are grouped into
+# micro-batches — and "mean" for everything else: a mean weighted by response tokens, so that
+# batches without tokens do not pull it toward 0. The trainer reduces by this table and refuses a
+# metric missing from it. Read-only: the declaration, not inferred from names.
+METRIC_REDUCTIONS: Mapping[str, Literal["sum", "mean", "loss_mean", "min", "max"]] = types.MappingProxyType({
+    "ppo_kl": "mean", "pg_clipfrac": "mean", "pg_clipfrac_lower": "mean", "pg_loss": "loss_mean",
+    "kl_loss": "loss_mean", "entropy": "loss_mean", "loss_count": "sum",
     "dropped_sequences": "sum", "response_tokens": "sum", "loss_tokens": "sum",
     "influence_active_tokens": "sum", "filtered_tokens": "sum", "safety_clamped_tokens": "sum",
     "influence_weights_mean": "mean", "influence_weights_min": "min", "influence_weights_max": "max",
@@ -198,7 +205,7 @@ MicroBatchWeighting = Literal["exact", "official"]
 
 
 def weight_micro_batch(
-    terms: LossTerms, weighting: MicroBatchWeighting, n_sequences: int, total_sequences: int
+    terms: LossTerms, weighting: MicroBatchWeighting, n_sequences, total_sequences: int
 ) -> LossTerms:
     """Terms of one micro-batch, ready to be summed over a mini-batch and divided once.
 
@@ -207,11 +214,12 @@ def weight_micro_batch(
     * "official" (verl `dp_actor`): each micro-batch's own mean, weighted by its share of
       the mini-batch's sequences, L = Σ_m value_m · n_m / N, written as
       (value_m · n_m / N, n_m / N) so that the same "sum, then divide" rule applies.
+      ``n_sequences`` may be traced (packed micro-batches hold a varying number of sequences).
     """
     if weighting == "exact":
         return terms
     if weighting == "official":
-        if not 0 < n_sequences <= total_sequences:
+        if _checks.is_real(n_sequences) and not 0 < n_sequences <= total_sequences:
             raise ValueError(f"need 0 < n_sequences ({n_sequences}) <= total_sequences ({total_sequences})")
         share = n_sequences / total_sequences
         return LossTerms(terms.value * share, jnp.asarray(share, jnp.float32))
@@ -268,7 +276,8 @@ class Influence(NamedTuple):
     safety_clamped: jax.Array  # bool: `safety_clamp_mask`
 
 
-def influence(log_ratio: jax.Array, advantages: jax.Array, mask: jax.Array, config: PolicyLossConfig) -> Influence:
+def influence(log_ratio: jax.Array, advantages: jax.Array, mask: jax.Array, config: PolicyLossConfig,
+              segment_ids: jax.Array | None = None) -> Influence:
     """The Future-KL of the (stop-gradient) log-ratio and the influence weights it gives (E2–E5).
 
         FutureKL_t = Σ_{k≥t} γ^{k−t} Δlog p_k · keep_k,   f_t = clip(exp(FutureKL_t), lo, hi), safety-clamped
@@ -276,7 +285,8 @@ def influence(log_ratio: jax.Array, advantages: jax.Array, mask: jax.Array, conf
     log_ratio = jax.lax.stop_gradient(log_ratio)
     threshold = config.clip_ratio_c if config.future_kl_filter else None
     future = future_kl(log_ratio, mask, config.decay_rate, filter_threshold=threshold,
-                       method=config.future_kl_method, block_size=config.future_kl_block_size)
+                       method=config.future_kl_method, block_size=config.future_kl_block_size,
+                       segment_ids=segment_ids)
     ratio = jnp.exp(log_ratio)
     weights, raw = influence_weights(future, advantages, ratio, config)
     return Influence(summed_tokens(log_ratio, mask, threshold), future, raw, weights,
@@ -325,10 +335,15 @@ def clipped_surrogate(
 
 
 def drop_dual_clipped_sequences(ratio: jax.Array, advantages: jax.Array, mask: jax.Array,
-                                clip_ratio_c: float) -> jax.Array:
-    """E8: a response with two or more `dual_clip_mask` tokens leaves the loss; the new [B, T] mask."""
-    hits_B = jnp.sum(dual_clip_mask(ratio, advantages, clip_ratio_c) & mask, axis=-1)
-    return mask & (hits_B <= 1)[:, None]
+                                clip_ratio_c: float, segment_ids: jax.Array | None = None) -> jax.Array:
+    """E8: a response with two or more `dual_clip_mask` tokens leaves the loss; the new [B, T] mask.
+
+    A response is a row, or with ``segment_ids`` a segment of a packed row."""
+    hits = (dual_clip_mask(ratio, advantages, clip_ratio_c) & mask).astype(jnp.int32)
+    if segment_ids is None:
+        return mask & (jnp.sum(hits, axis=-1) <= 1)[:, None]
+    sums, index = segment_sums(hits, segment_ids)
+    return mask & (sums[index] <= 1)
 
 
 def kl_penalty(log_probs: jax.Array, ref_log_probs: jax.Array, estimator: str) -> jax.Array:
@@ -348,34 +363,54 @@ def kl_penalty(log_probs: jax.Array, ref_log_probs: jax.Array, estimator: str) -
     raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, horizon: int | None = None) -> LossTerms:
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, horizon: int | None = None,
+              segment_ids: jax.Array | None = None, num_sequences=None) -> LossTerms:
     """Aggregate a ``[B, T]`` per-token loss over a bool mask (spec E9; verl `agg_loss`).
 
+    With S sequences (rows, or the segments of packed rows):
+
     * "token-mean":               Σ_bt ℓ·m / Σ_bt m
-    * "seq-mean-token-mean":      mean over non-empty rows of (Σ_t ℓ·m / Σ_t m)
-    * "seq-mean-token-sum":       Σ_bt ℓ·m / B
-    * "seq-mean-token-sum-norm":  Σ_bt ℓ·m / (B · L), L = horizon or T (Dr. GRPO)
+    * "seq-mean-token-mean":      mean over sequences with tokens of (Σ_t∈s ℓ·m / Σ_t∈s m)
+    * "seq-mean-token-sum":       Σ_bt ℓ·m / S
+    * "seq-mean-token-sum-norm":  Σ_bt ℓ·m / (S · L), L = horizon or T (Dr. GRPO)
 
     verl's "seq-mean-token-mean" averages over all rows (NaN for an empty row) and its
-    "-norm" divides by L only; here empty rows are skipped and B is divided out, so that
+    "-norm" divides by L only; here empty rows are skipped and S is divided out, so that
     every mode is a (total, count) pair that adds up across micro-batches.
+
+    Without ``segment_ids`` S = B (empty rows count, as padding rows of a padded batch do).
+    With them, a sequence is a segment holding a masked token, and S is their number unless
+    ``num_sequences`` (may be traced) says otherwise — e.g. to count responses with no tokens,
+    which a packed row does not hold; "-norm" then needs ``horizon`` (T is a packed width).
     """
     batch, length = per_token.shape
     masked = jnp.where(mask, per_token, 0.0)
     if mode == "token-mean":
         return LossTerms(jnp.sum(masked), jnp.sum(mask).astype(jnp.float32))
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+    if segment_ids is None:
+        sums_S, tokens_S = jnp.sum(masked, axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
+        sequences = batch
+    else:
+        sums_S, _ = segment_sums(masked, segment_ids)
+        tokens_S, _ = segment_sums(mask.astype(jnp.float32), segment_ids)
+        sequences = jnp.sum(tokens_S > 0)
+    if num_sequences is not None:
+        sequences = num_sequences
+    sequences = jnp.asarray(sequences, jnp.float32)
     if mode == "seq-mean-token-mean":
-        tokens_B = jnp.sum(mask, axis=-1).astype(jnp.float32)
-        row_means = jnp.sum(masked, axis=-1) / jnp.maximum(tokens_B, 1.0)
-        return LossTerms(jnp.sum(row_means), jnp.sum(tokens_B > 0).astype(jnp.float32))
+        return LossTerms(jnp.sum(sums_S / jnp.maximum(tokens_S, 1.0)), jnp.sum(tokens_S > 0).astype(jnp.float32))
     if mode == "seq-mean-token-sum":
-        return LossTerms(jnp.sum(masked), jnp.asarray(batch, jnp.float32))
-    if mode == "seq-mean-token-sum-norm":
-        return LossTerms(jnp.sum(masked), jnp.asarray(batch * (horizon or length), jnp.float32))
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+        return LossTerms(jnp.sum(masked), sequences)
+    if segment_ids is not None and horizon is None:
+        raise ValueError("aggregation 'seq-mean-token-sum-norm' on packed rows (segment_ids) needs the horizon L "
+                         "(aggregation_horizon): the packed width T is not a response length")
+    return LossTerms(jnp.sum(masked), sequences * (horizon or length))
 
 
-def check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_log_probs=None, entropy=None):
+def check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_log_probs=None, entropy=None,
+                      segment_ids=None, num_sequences=None):
     """Shapes, dtypes and settings of `policy_loss`'s arguments (static: free under jit); raises naming them."""
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
@@ -386,6 +421,9 @@ def check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_lo
     _checks.check_same_shape("old_log_probs", old_log_probs, "log_probs [B, T]", log_probs)
     _checks.check_floating("advantages", advantages)
     if jnp.ndim(advantages) == 1:
+        if segment_ids is not None:
+            raise ValueError(f"advantages of shape {jnp.shape(advantages)} are one per row; packed rows (segment_ids) "
+                             f"need them per token, [B, T] = {jnp.shape(log_probs)} (each sequence's A on its tokens)")
         if jnp.shape(advantages)[0] != jnp.shape(log_probs)[0]:
             raise ValueError(f"advantages of shape {jnp.shape(advantages)} must be [B] or [B, T] for log_probs of shape {jnp.shape(log_probs)}")
     else:
@@ -397,6 +435,13 @@ def check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_lo
     if ref_log_probs is not None:
         _checks.check_floating("ref_log_probs", ref_log_probs)
         _checks.check_same_shape("ref_log_probs", ref_log_probs, "log_probs [B, T]", log_probs)
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, jnp.shape(log_probs))
+        if config.aggregation == "seq-mean-token-sum-norm" and config.aggregation_horizon is None:
+            raise ValueError("aggregation 'seq-mean-token-sum-norm' on packed rows (segment_ids) needs "
+                             "config.aggregation_horizon: the packed width T is not a response length")
+    if num_sequences is not None and jnp.ndim(num_sequences) != 0:
+        raise ValueError(f"num_sequences must be a scalar, got shape {jnp.shape(num_sequences)}")
     if config.entropy_coeff > 0 and entropy is None:
         raise ValueError("config.entropy_coeff > 0 needs entropy ([B, T] per-token policy entropy)")
     if entropy is not None:
@@ -421,9 +466,8 @@ def prepared_inputs(log_probs, old_log_probs, advantages, mask):
     return log_probs, old_log_probs, advantages, mask
 
 
-def _regularised(per_token, terms, log_probs, mask, loss_mask, config, ref_log_probs, entropy):
-    """Adds β·KL(π_θ‖π_ref) and −α·entropy per token when given; their metrics (same aggregation)."""
-    agg = lambda x: aggregate(x, loss_mask, config.aggregation, config.aggregation_horizon)  # noqa: E731
+def _regularised(per_token, terms, log_probs, mask, agg, config, ref_log_probs, entropy):
+    """Adds β·KL(π_θ‖π_ref) and −α·entropy per token when given; their metrics (same aggregation ``agg``)."""
     metrics = {}
     if ref_log_probs is not None:
         kl = kl_penalty(log_probs, jnp.where(mask, ref_log_probs, 0.0).astype(log_probs.dtype), config.kl_estimator)
@@ -440,8 +484,12 @@ def _regularised(per_token, terms, log_probs, mask, loss_mask, config, ref_log_p
     return terms, metrics
 
 
-def _count_metrics(mask, loss_mask) -> dict[str, jax.Array]:
-    return {"dropped_sequences": jnp.sum(jnp.any(mask, -1) & ~jnp.any(loss_mask, -1)).astype(jnp.float32),
+def _count_metrics(mask, loss_mask, segment_ids=None) -> dict[str, jax.Array]:
+    if segment_ids is None:
+        has_tokens, has_loss = jnp.any(mask, -1), jnp.any(loss_mask, -1)
+    else:
+        has_tokens, has_loss = (segment_sums(m.astype(jnp.int32), segment_ids)[0] > 0 for m in (mask, loss_mask))
+    return {"dropped_sequences": jnp.sum(has_tokens & ~has_loss).astype(jnp.float32),
             "response_tokens": jnp.sum(mask).astype(jnp.float32),
             "loss_tokens": jnp.sum(loss_mask).astype(jnp.float32)}
 
@@ -455,6 +503,8 @@ def policy_loss_terms(
     *,
     ref_log_probs: jax.Array | None = None,
     entropy: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    num_sequences=None,
 ) -> tuple[LossTerms, dict[str, jax.Array]]:
     """Like `policy_loss`, but returns the loss as additive `LossTerms(total, count)`.
 
@@ -463,7 +513,8 @@ def policy_loss_terms(
     Eq. 8). `LossTerms.value` is the micro-batch's own loss (the official per-micro-batch
     quantity). How each metric combines over micro-batches is declared in `METRIC_REDUCTIONS`.
     """
-    check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_log_probs, entropy)
+    check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_log_probs, entropy, segment_ids,
+                      num_sequences)
     log_probs, old_log_probs, advantages, mask = prepared_inputs(log_probs, old_log_probs, advantages, mask)
     log_ratio = log_importance_ratio(log_probs, old_log_probs, config.log_ratio_clamp)
     ratio = jnp.exp(log_ratio)
@@ -471,7 +522,7 @@ def policy_loss_terms(
     metrics = {"ppo_kl": lm.masked_mean(-jax.lax.stop_gradient(log_ratio), mask)}
     weighted = advantages
     if config.loss_mode == "fipo":
-        pieces = influence(log_ratio, advantages, mask, config)
+        pieces = influence(log_ratio, advantages, mask, config, segment_ids)
         weighted = advantages * pieces.weights
         metrics.update(_influence_metrics(pieces.weights, pieces.raw_weights, mask, config))
     dual_clip = None if config.loss_mode == "grpo" else config.clip_ratio_c
@@ -479,14 +530,17 @@ def policy_loss_terms(
         ratio, weighted, config.clip_ratio_low, config.clip_ratio_high, dual_clip)
     metrics["pg_clipfrac"] = lm.masked_fraction(is_clipped, mask)
     metrics["pg_clipfrac_lower"] = lm.masked_fraction(is_dual_clipped, mask)
-    loss_mask = (drop_dual_clipped_sequences(ratio_sg, advantages, mask, config.clip_ratio_c)
+    loss_mask = (drop_dual_clipped_sequences(ratio_sg, advantages, mask, config.clip_ratio_c, segment_ids)
                  if config.drop_dual_clipped_sequences else mask)
-    metrics.update(_count_metrics(mask, loss_mask))
+    metrics.update(_count_metrics(mask, loss_mask, segment_ids))
     if config.loss_mode == "fipo":
         metrics.update(_activity_metrics(pieces, mask, loss_mask))
-    terms = aggregate(per_token, loss_mask, config.aggregation, config.aggregation_horizon)
+    agg = lambda x: aggregate(x, loss_mask, config.aggregation, config.aggregation_horizon,  # noqa: E731
+                              segment_ids, num_sequences)
+    terms = agg(per_token)
     metrics["pg_loss"] = jax.lax.stop_gradient(terms.value)
-    terms, extra = _regularised(per_token, terms, log_probs, mask, loss_mask, config, ref_log_probs, entropy)
+    metrics["loss_count"] = jax.lax.stop_gradient(terms.count)
+    terms, extra = _regularised(per_token, terms, log_probs, mask, agg, config, ref_log_probs, entropy)
     metrics.update(extra)
     metrics.update(lm.ratio_statistics(ratio_sg, advantages, mask, config.clip_ratio_c, config.ratio_quantiles))
     return terms, metrics
@@ -501,6 +555,8 @@ def policy_loss(
     *,
     ref_log_probs: jax.Array | None = None,
     entropy: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    num_sequences=None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """FIPO / DAPO / GRPO policy loss of one batch (see the module docstring).
 
@@ -512,6 +568,11 @@ def policy_loss(
       config: `PolicyLossConfig`.
       ref_log_probs: ``[B, T]`` log π_ref, for a KL penalty (``config.kl_coef``).
       entropy: ``[B, T]`` per-token entropy, for an entropy bonus (``config.entropy_coeff``).
+      segment_ids: ``[B, T]`` ints for packed rows (several sequences per row; a new sequence
+        starts wherever the id changes; see `fipo_jax.packing`): Future-KL, the drop rule and the
+        sequence aggregations work per segment. Advantages must then be ``[B, T]``.
+      num_sequences: scalar, the sequences the "seq-mean-token-sum*" aggregations divide by
+        (default: rows, or with ``segment_ids`` the segments holding response tokens).
 
     Returns:
       ``(loss, metrics)``: a float32 scalar and a dict of scalar metrics with the official
@@ -526,9 +587,8 @@ def policy_loss(
       >>> float(loss)
       -1.0
     """
-    terms, metrics = policy_loss_terms(
-        log_probs, old_log_probs, advantages, mask, config, ref_log_probs=ref_log_probs, entropy=entropy
-    )
+    terms, metrics = policy_loss_terms(log_probs, old_log_probs, advantages, mask, config, ref_log_probs=ref_log_probs,
+                                       entropy=entropy, segment_ids=segment_ids, num_sequences=num_sequences)
     return terms.value, metrics
 
 

@@ -17,17 +17,26 @@ step"); the batch crosses to the device once and only scalar metrics come back:
    off 1 and the weights' quantiles — the first mini-batch of a step updates from the rollout
    policy itself (Δlog p = 0, every weight 1), later ones from a policy that has moved.
 
-Batch layout (`RLBatch`): every field has leading axes [M, K, R], M mini-batches of K
-micro-batches of R rows (the host lays rows out so; R is the axis split over the mesh's data
-axis, so every micro-batch is spread over all data-parallel devices). Row order is the rollout's:
-groups of ``group_size`` responses to one prompt are contiguous. ``input_ids`` is the left-padded
-prompt followed by the response, [M, K, R, P + N].
+Batch layouts — both with leading axes [M, K, R], M mini-batches of K micro-batches of R rows
+(R is the axis split over the mesh's data axis, so every micro-batch is spread over all
+data-parallel devices); a mini-batch holds the same sequences in either:
+
+* padded (`RLBatch`, `layout_batch`): one sequence per row, ``input_ids`` the left-padded prompt
+  followed by the response, [M, K, R, P + N]. Row order is the rollout's: groups of
+  ``group_size`` responses to one prompt are contiguous.
+* packed (`PackedRLBatch`, `pack_batch`): each mini-batch's sequences (real prompt tokens, then
+  the response) packed into rows of P + N tokens by first-fit decreasing, told apart by segment
+  ids (the sequence's index in the step); K and R shrink to what the packed rows need, so the
+  forward and backward skip the padding of short responses. Attention, positions, log-probs,
+  Future-KL, the drop rule and sequence aggregations work per segment (`losses`), so the update
+  equals the padded one to float32 rounding.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Literal, NamedTuple
 
 import flax.struct
@@ -41,12 +50,13 @@ from fipo_jax import _checks
 from fipo_jax import advantages as adv_lib
 from fipo_jax import loss_metrics
 from fipo_jax.diagnostics import token_diagnostics
+from fipo_jax import packing as packing_lib
 from fipo_jax.logprobs import sequence_log_probs_with_entropy
 from fipo_jax.losses import (METRIC_REDUCTIONS, LossTerms, PolicyLossConfig, importance_ratio, policy_loss_terms,
                              weight_micro_batch)
 from fipo_jax.sharding import logical_sharding, param_shardings, replicated
 
-Reduction = Literal["sum", "mean", "min", "max"]
+Reduction = Literal["sum", "mean", "loss_mean", "min", "max"]
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable[[jax.Array, int], jax.Array]] = {
     "grpo": adv_lib.grpo_advantages,
@@ -89,6 +99,22 @@ class RLBatch:
     response_mask: Any  # [M, K, R, N] bool, False on padding rows
     scores: Any  # [M, K, R] float32 shaped scores
     sampler_log_probs: Any  # [M, K, R, N] float32, log-probs the sampler drew the tokens with
+
+
+@flax.struct.dataclass
+class PackedRLBatch:
+    """One step's kept rollouts packed into rows, [M, K, R, L] per token (see the module docstring).
+
+    Sequence s (rollout order) holds its real prompt tokens then its response tokens in one
+    segment of one row; responses without tokens are not packed but still counted."""
+
+    input_ids: Any  # [M, K, R, L] int32
+    segment_ids: Any  # [M, K, R, L] int32: s on sequence s's tokens, -1 on padding
+    response_mask: Any  # [M, K, R, L] bool: response tokens
+    sampler_log_probs: Any  # [M, K, R, L] float32 on response tokens, 0 elsewhere
+    scores: Any  # [S] float32 shaped scores, rollout order (groups of group_size contiguous)
+    sequences: Any  # [M, K] float32: sequences each micro-batch holds, responses without tokens included
+    response_width: int = flax.struct.field(pytree_node=False)  # N of the padded layout (the "-norm" horizon)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,15 +205,30 @@ def response_log_probs(graphdef, params, rest, input_ids, attention_mask, respon
                                            response_start=input_ids.shape[1] - response_len, chunk_size=chunk_size)
 
 
-def _old_log_probs(graphdef, params, rest, batch: RLBatch, chunk_size: int):
-    """π_old log-probs and entropy of every row, [M, K, R, N], one micro-batch at a time."""
+def packed_log_probs(graphdef, params, rest, input_ids, segment_ids, chunk_size: int):
+    """(log π(token | its segment's prefix), entropy) of every token of packed rows, each [R, L];
+    0 at each segment's first token (nothing precedes it) and on padding (segment id < 0)."""
+    model = nnx.merge(graphdef, params, rest)
+    lp, ent = sequence_log_probs_with_entropy(model, input_ids, segment_ids >= 0, response_start=1,
+                                              chunk_size=chunk_size, segment_ids_BxT=segment_ids)
+    first = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731  column 0 starts a segment: never scored
+    return first(lp), first(ent)
+
+
+def _micro_log_probs(graphdef, params, rest, micro: dict, response_len: int, chunk_size: int):
+    """(log-probs, entropy) of one micro-batch on its loss layout: [R, N] padded, [R, L] packed."""
+    if "segment_ids" in micro:
+        return packed_log_probs(graphdef, params, rest, micro["input_ids"], micro["segment_ids"], chunk_size)
+    return response_log_probs(graphdef, params, rest, micro["input_ids"], micro["attention_mask"], response_len,
+                              chunk_size)
+
+
+def _old_log_probs(graphdef, params, rest, model_inputs: dict, response_len: int, chunk_size: int):
+    """π_old log-probs and entropy on the loss layout, [M, K, R, ·], one micro-batch at a time."""
     params = jax.lax.stop_gradient(params)
-    lead = batch.input_ids.shape[:2]
-    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731  [M·K, R, ...]
-    response_len = batch.response_mask.shape[-1]
-    lp, ent = jax.lax.map(
-        lambda xs: response_log_probs(graphdef, params, rest, xs[0], xs[1], response_len, chunk_size),
-        (flat(batch.input_ids), flat(batch.attention_mask)))
+    lead = model_inputs["input_ids"].shape[:2]
+    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in model_inputs.items()}  # [M·K, R, ...]
+    lp, ent = jax.lax.map(lambda mb: _micro_log_probs(graphdef, params, rest, mb, response_len, chunk_size), flat)
     return lp.reshape(lead + lp.shape[1:]), ent.reshape(lead + ent.shape[1:])
 
 
@@ -199,8 +240,10 @@ def reduce_metrics(stacked: dict[str, jax.Array], weights: jax.Array,
     """One value per key from values stacked over micro- (or mini-) batches.
 
     "sum" adds; "mean" is the mean weighted by ``weights`` (response tokens), so batches without
-    tokens do not pull it toward 0; "min" / "max" take the extreme over batches with weight > 0
-    (0 when there is none). A key without a declared reduction is an error.
+    tokens do not pull it toward 0; "loss_mean" the mean weighted by the ``loss_count`` metric (an
+    aggregated loss's own denominator: Σ total / Σ count, the same however the sequences were split
+    into batches); "min" / "max" take the extreme over batches with weight > 0 (0 when there is
+    none). A key without a declared reduction is an error.
     """
     unknown = sorted(set(stacked) - set(reductions))
     if unknown:
@@ -213,6 +256,10 @@ def reduce_metrics(stacked: dict[str, jax.Array], weights: jax.Array,
             out[key] = jnp.sum(values)
         elif how == "mean":
             out[key] = jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        elif how == "loss_mean":
+            counts = stacked["loss_count"]
+            total = jnp.sum(counts)
+            out[key] = jnp.where(total > 0, jnp.sum(values * counts) / jnp.where(total > 0, total, 1.0), 0.0)
         elif how == "min":
             out[key] = jnp.where(jnp.any(has), jnp.min(jnp.where(has, values, jnp.inf)), 0.0)
         elif how == "max":
@@ -236,25 +283,26 @@ def _token_mean(x, mask):
 
 
 def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, loss_config: PolicyLossConfig,
-                       carry, mini):
+                       response_len: int, sequences_per_mini: int, carry, mini):
     """One optimizer update from one mini-batch [K, R, ...]; returns per-micro and per-update metrics."""
     params, opt_state = carry
-    n_micro, rows = mini["response_mask"].shape[:2]
-    response_len = mini["response_mask"].shape[-1]
+    packed = "segment_ids" in mini
+    rows = mini["response_mask"].shape[1]
 
     # FIPO's per-token weights, only for the per-mini-batch quantiles of `influence_activity`: the
     # loss's own ops on the same inputs, which XLA merges with the loss's (one Future-KL scan).
     keep_weights = loss_config.loss_mode == "fipo" and config.loss.ratio_quantiles
 
     def objective(p, mb):
-        lp, _ = response_log_probs(graphdef, p, rest, mb["input_ids"], mb["attention_mask"], response_len,
-                                   config.logprob_chunk_size)
-        terms, metrics = policy_loss_terms(lp, mb["old_log_probs"], mb["advantages"], mb["response_mask"],
-                                           loss_config)
-        terms = weight_micro_batch(terms, config.micro_batch_weighting, rows, n_micro * rows)
+        lp, _ = _micro_log_probs(graphdef, p, rest, mb, response_len, config.logprob_chunk_size)
+        segments = mb.get("segment_ids")
+        loss_inputs = (lp, mb["old_log_probs"], mb["advantages"], mb["response_mask"])
+        terms, metrics = policy_loss_terms(*loss_inputs, loss_config, segment_ids=segments,
+                                           num_sequences=mb["sequences"] if packed else None)
+        terms = weight_micro_batch(terms, config.micro_batch_weighting, mb["sequences"] if packed else rows,
+                                   sequences_per_mini)
         ratio = importance_ratio(lp, mb["old_log_probs"], mb["response_mask"], loss_config.log_ratio_clamp)
-        weights = (token_diagnostics(lp, mb["old_log_probs"], mb["advantages"], mb["response_mask"], loss_config).weights
-                   if keep_weights else None)
+        weights = token_diagnostics(*loss_inputs, loss_config, segments).weights if keep_weights else None
         return terms.total, (terms, metrics, jax.lax.stop_gradient(ratio), weights)
 
     grad_fn = jax.grad(objective, has_aux=True)
@@ -283,41 +331,75 @@ def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfi
     return (params, opt_state), (micro_metrics, update_metrics, tokens)
 
 
-def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Optimizer, config: UpdateConfig
-              ) -> tuple[RLState, dict[str, jax.Array]]:
+def _model_inputs(batch: RLBatch | PackedRLBatch) -> dict[str, jax.Array]:
+    """What the model reads of each micro-batch: ids and attention mask, or ids and segment ids."""
+    if isinstance(batch, PackedRLBatch):
+        return {"input_ids": batch.input_ids, "segment_ids": batch.segment_ids}
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+
+
+def _token_advantages(batch: RLBatch | PackedRLBatch, config: UpdateConfig) -> jax.Array:
+    """Group advantages (``config.advantage``) of the step's sequences, on the loss layout's tokens;
+    a sequence without response tokens (a padding row) gets 0."""
+    estimator = ADVANTAGE_ESTIMATORS[config.advantage]
+    mask = batch.response_mask
+    if isinstance(batch, RLBatch):
+        advantages = estimator(batch.scores.reshape(-1), config.group_size).reshape(batch.scores.shape)
+        return jnp.broadcast_to((advantages * jnp.any(mask, axis=-1))[..., None], mask.shape)
+    advantages_S = estimator(batch.scores, config.group_size)
+    sequences = batch.scores.shape[0]
+    owner = jnp.where(batch.segment_ids >= 0, batch.segment_ids, sequences)  # padding → a spare bin
+    has_response = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.int32), owner.reshape(-1),
+                                       num_segments=sequences + 1)[:sequences] > 0
+    advantages_S = jnp.append(advantages_S * has_response, 0.0)
+    return advantages_S[owner]
+
+
+def rl_update(state: RLState, batch: RLBatch | PackedRLBatch, *, graphdef, rest, optimizer: Optimizer,
+              config: UpdateConfig) -> tuple[RLState, dict[str, jax.Array]]:
     """One RL update (see the module docstring): pure, jit it with `jit_rl_update`.
 
-    Returns the new state (``step`` + 1) and scalar metrics named as logged: ``actor/*`` (loss
-    metrics with official names, ``loss``, ``grad_norm``, ``lr``, ``skipped_updates``,
+    Takes a padded `RLBatch` or a `PackedRLBatch` of the same sequences (same result to float32
+    rounding). Returns the new state (``step`` + 1) and scalar metrics named as logged: ``actor/*``
+    (loss metrics with official names, ``loss``, ``grad_norm``, ``lr``, ``skipped_updates``,
     ``entropy``), ``rollout/sampler_logprob_gap`` and ``batch/length_weighted_advantage``.
     """
+    packed = isinstance(batch, PackedRLBatch)
     mask = batch.response_mask
-    old_lp, entropy = _old_log_probs(graphdef, state.params, rest, batch, config.logprob_chunk_size)
-    estimator = ADVANTAGE_ESTIMATORS[config.advantage]
-    advantages = estimator(batch.scores.reshape(-1), config.group_size).reshape(batch.scores.shape)
-    advantages = advantages * jnp.any(mask, axis=-1)  # padding rows: no advantage
+    n_mini = mask.shape[0]
+    response_len = batch.response_width if packed else mask.shape[-1]
+    model_inputs = _model_inputs(batch)
+    old_lp, entropy = _old_log_probs(graphdef, state.params, rest, model_inputs, response_len,
+                                     config.logprob_chunk_size)
+    advantages = _token_advantages(batch, config)
 
-    minis = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": mask,
-             "old_log_probs": old_lp, "advantages": advantages}
+    minis = {**model_inputs, "response_mask": mask, "old_log_probs": old_lp, "advantages": advantages}
+    if packed:
+        minis["sequences"] = batch.sequences
+        sequences_per_mini = batch.scores.shape[0] // n_mini
+    else:
+        sequences_per_mini = mask.shape[1] * mask.shape[2]
     # The IS-ratio quantiles (two sorts of every token) are taken once below, outside the gradient.
     loss_config = config.loss.replace(ratio_quantiles=False)
+    if packed and loss_config.aggregation_horizon is None:
+        loss_config = loss_config.replace(aggregation_horizon=response_len)  # "-norm": the padded T
     (params, opt_state), (micro_metrics, update_metrics, (ratio, weights)) = jax.lax.scan(
-        functools.partial(_mini_batch_update, graphdef, rest, optimizer, config, loss_config),
+        functools.partial(_mini_batch_update, graphdef, rest, optimizer, config, loss_config, response_len,
+                          sequences_per_mini),
         (state.params, state.opt_state), minis)
 
     micro_tokens = jnp.sum(mask, axis=(-2, -1)).astype(jnp.float32)  # [M, K]
     metrics = reduce_metrics(micro_metrics, micro_tokens, METRIC_REDUCTIONS)
     metrics |= reduce_metrics(update_metrics, micro_tokens.sum(axis=-1), UPDATE_METRIC_REDUCTIONS)
     if config.loss.ratio_quantiles:
-        tokens = lambda x: jnp.broadcast_to(x, mask.shape).reshape(-1, mask.shape[-1])  # noqa: E731
-        metrics |= loss_metrics.ratio_quantiles(tokens(ratio), tokens(advantages[..., None]), tokens(mask))
+        tokens = lambda x: x.reshape(-1, mask.shape[-1])  # noqa: E731
+        metrics |= loss_metrics.ratio_quantiles(tokens(ratio), tokens(advantages), tokens(mask))
     metrics = {f"actor/{k}": v for k, v in metrics.items()}
     if config.loss.loss_mode == "fipo":
         metrics |= influence_activity(micro_metrics, weights, mask)
     metrics["actor/entropy"] = _token_mean(entropy, mask)
     metrics["rollout/sampler_logprob_gap"] = _token_mean(jnp.abs(batch.sampler_log_probs - old_lp), mask)
-    metrics["batch/length_weighted_advantage"] = (
-        jnp.sum(advantages * jnp.sum(mask, axis=-1)) / jnp.maximum(jnp.sum(mask), 1))
+    metrics["batch/length_weighted_advantage"] = _token_mean(advantages, mask)
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
 
@@ -391,10 +473,14 @@ def abstract_state(state: RLState, shardings: RLState) -> RLState:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def batch_shardings(batch: RLBatch, mesh) -> RLBatch:
-    """Rows (axis 2 of [M, K, R, ...]) split as the rules table places logical ``batch``."""
-    return jax.tree.map(lambda x: logical_sharding(("mini_batch", "micro_batch", "batch") + (None,) * (x.ndim - 3),
-                                                   x.shape, mesh, name=f"batch field of shape {x.shape}"), batch)
+def batch_shardings(batch: RLBatch | PackedRLBatch, mesh) -> RLBatch | PackedRLBatch:
+    """Rows (axis 2 of [M, K, R, ...]) split as the rules table places logical ``batch``; a packed
+    batch's per-sequence scores [S] and per-micro-batch counts [M, K] are replicated."""
+    def place(x):
+        axes = ("mini_batch", "micro_batch", "batch")[:x.ndim] + (None,) * (x.ndim - 3)
+        return logical_sharding(axes if x.ndim >= 3 else (None,) * x.ndim, x.shape, mesh,
+                                name=f"batch field of shape {x.shape}")
+    return jax.tree.map(place, batch)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -410,3 +496,84 @@ def layout_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_s
     shaped = {name: np.asarray(value).reshape((mini_batches, k, micro_batch_size) + np.shape(value)[1:])
               for name, value in fields.items()}
     return RLBatch(**shaped)
+
+
+# Packed micro-batches take row counts from 1, 2, 3, 4, 6, 8, 12, … (powers of two and 1.5× them):
+# few distinct shapes (one compile each), less than a third of the rows wasted.
+def bucket_size(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, … that is ≥ n (n ≥ 1)."""
+    _checks.check_int("n", n, minimum=1)
+    power = 1 << max(0, (n - 1).bit_length() - 1)  # largest power of two < n (1 for n ≤ 2)
+    return n if n <= 2 else (3 * power // 2 if n <= 3 * power // 2 else 2 * power)
+
+
+def _sequence_tokens(fields: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Per sequence: its ids (real prompt tokens, then response tokens), its sampler log-probs on
+    the same columns (0 on the prompt), and its response length."""
+    ids, sampler = [], []
+    prompt_ids, prompt_mask = fields["prompt_ids"], np.asarray(fields["prompt_mask"], bool)
+    tokens, response_mask = fields["tokens"], np.asarray(fields["response_mask"], bool)
+    for i in range(len(tokens)):
+        prompt = prompt_ids[i][prompt_mask[i]]
+        ids.append(np.concatenate([prompt, tokens[i][response_mask[i]]]))
+        sampler.append(np.concatenate([np.zeros(len(prompt), np.float32),
+                                       fields["sampler_log_probs"][i][response_mask[i]]]))
+    return ids, sampler, response_mask.sum(axis=1)
+
+
+def pack_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_size: int, row_multiple: int = 1
+               ) -> tuple[PackedRLBatch, dict[str, float]]:
+    """Host arrays of B sequences → a `PackedRLBatch` (the same mini-batches as `layout_batch`).
+
+    ``fields``: ``prompt_ids`` / ``prompt_mask`` [B, P] (any padding), ``tokens`` /
+    ``response_mask`` / ``sampler_log_probs`` [B, N], ``scores`` [B]. Mini-batch m holds sequences
+    [m·B/M, (m+1)·B/M) as in the padded layout; each packs its sequences with responses (real prompt
+    tokens + response) into rows of L = P + N tokens by first-fit decreasing. Every micro-batch is
+    [R, L] with R ≤ ``micro_batch_size`` (its token budget R·L never exceeds a padded micro-batch's):
+    R and K come from `bucket_size` of the rows the fullest mini-batch needs, R a multiple of
+    ``row_multiple`` (the data-parallel split).
+
+    Returns the batch and ``{"padding_frac_padded", "padding_frac_packed", "packed_rows",
+    "padded_rows"}``: the share of padding tokens of the two layouts and their row counts.
+    """
+    rows = len(fields["scores"])
+    _checks.require(rows % mini_batches == 0, f"{rows} sequences do not split into {mini_batches} mini-batches")
+    _checks.check_int("micro_batch_size", micro_batch_size, minimum=1)
+    _checks.check_int("row_multiple", row_multiple, minimum=1)
+    _checks.require(micro_batch_size % row_multiple == 0, f"micro_batch_size ({micro_batch_size}) must be a multiple "
+                                                          f"of row_multiple ({row_multiple})")
+    width = fields["prompt_ids"].shape[1] + fields["tokens"].shape[1]
+    ids, sampler, response_len = _sequence_tokens(fields)
+    lengths = np.array([len(x) for x in ids]) * (response_len > 0)  # responses without tokens take no room
+    per_mini = rows // mini_batches
+    packings = [packing_lib.first_fit_decreasing(lengths[m * per_mini:(m + 1) * per_mini], width)
+                for m in range(mini_batches)]
+    needed = max(p.num_rows for p in packings)
+    units = -(-needed // row_multiple)  # rows in units of the data split
+    max_units = micro_batch_size // row_multiple
+    if units <= max_units:
+        n_micro, micro_rows = 1, min(bucket_size(units), max_units) * row_multiple
+    else:
+        n_micro, micro_rows = bucket_size(-(-units // max_units)), micro_batch_size
+    shape = (mini_batches, n_micro * micro_rows, width)
+    out = {"input_ids": np.zeros(shape, np.int32), "segment_ids": np.full(shape, packing_lib.PADDING_SEGMENT, np.int32),
+           "response_mask": np.zeros(shape, bool), "sampler_log_probs": np.zeros(shape, np.float32)}
+    sequences = np.zeros((mini_batches, n_micro), np.float32)
+    for m, packing in enumerate(packings):
+        for j, (row, start, length) in enumerate(zip(packing.rows, packing.starts, packing.lengths)):
+            s = m * per_mini + j
+            sequences[m, row // micro_rows] += 1
+            if length == 0:
+                continue
+            cols = slice(start, start + length)
+            out["input_ids"][m, row, cols] = ids[s]
+            out["segment_ids"][m, row, cols] = s
+            out["response_mask"][m, row, start + length - response_len[s]:start + length] = True
+            out["sampler_log_probs"][m, row, cols] = sampler[s]
+    split = lambda x: x.reshape((mini_batches, n_micro, micro_rows) + x.shape[2:])  # noqa: E731
+    batch = PackedRLBatch(**{k: split(v) for k, v in out.items()}, scores=np.asarray(fields["scores"], np.float32),
+                          sequences=sequences, response_width=int(fields["tokens"].shape[1]))
+    real = float(lengths.sum())
+    stats = {"padding_frac_padded": 1.0 - real / (rows * width), "padding_frac_packed": 1.0 - real / out[
+        "input_ids"].size, "packed_rows": float(mini_batches * n_micro * micro_rows), "padded_rows": float(rows)}
+    return batch, stats

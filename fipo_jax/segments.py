@@ -47,3 +47,15 @@ def segment_cumsum(values: jax.Array, segment_ids: jax.Array | None = None) -> j
     # The sum before each segment's first token, carried forward (sums never decrease).
     before = jnp.where(segment_starts(segment_ids), sums - values.astype(jnp.int32), 0)
     return sums - lax.cummax(before, axis=values.ndim - 1)
+
+
+def segment_sums(values: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sums of ``values`` [B, T] over each segment, and where each token's sum lives.
+
+    Returns ``(sums, index)``: ``sums`` is [B·T] with one entry per (row, segment run) and 0
+    for unused entries, ``index`` [B, T] the entry of each token, so ``sums[index]`` broadcasts a
+    segment's sum back to its tokens. Works for any dtype and sign (one scatter-add)."""
+    batch, length = values.shape
+    index = jnp.arange(batch, dtype=jnp.int32)[:, None] * length + segment_runs(segment_ids)
+    sums = jax.ops.segment_sum(values.reshape(-1), index.reshape(-1), num_segments=batch * length)
+    return sums, index
