@@ -170,13 +170,19 @@ class RewardSpec:
 
 @dataclasses.dataclass(frozen=True)
 class AlgoSpec:
-    """Advantages, loss and update schedule (official: 8 mini-batches per step, 1 epoch)."""
+    """Advantages, loss and update schedule (official: 8 mini-batches per step, 1 epoch).
+
+    ``packing`` (default on): each mini-batch's sequences are packed into rows (`rl_step.pack_batch`)
+    and micro-batches hold up to ``micro_batch_size`` such rows, so the update skips the padding of
+    short responses; the result equals the padded update to float32 rounding. Off: one sequence
+    per row, ``micro_batch_size`` rows per micro-batch."""
 
     loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
     advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     mini_batches: int = 8
     micro_batch_size: int = 32
     micro_batch_weighting: Literal["exact", "official"] = "exact"
+    packing: bool = True
 
     def __post_init__(self):
         _checks.require(isinstance(self.loss, PolicyLossConfig),
@@ -186,6 +192,7 @@ class AlgoSpec:
         _checks.check_int("algo.micro_batch_size", self.micro_batch_size, minimum=1, error=ConfigError)
         _checks.check_choice("algo.micro_batch_weighting", self.micro_batch_weighting, ("exact", "official"),
                              error=ConfigError)
+        _checks.check_bool("algo.packing", self.packing, error=ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)

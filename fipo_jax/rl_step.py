@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, Literal, NamedTuple
 
 import flax.struct
@@ -573,7 +572,8 @@ def pack_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_siz
     split = lambda x: x.reshape((mini_batches, n_micro, micro_rows) + x.shape[2:])  # noqa: E731
     batch = PackedRLBatch(**{k: split(v) for k, v in out.items()}, scores=np.asarray(fields["scores"], np.float32),
                           sequences=sequences, response_width=int(fields["tokens"].shape[1]))
-    real = float(lengths.sum())
-    stats = {"padding_frac_padded": 1.0 - real / (rows * width), "padding_frac_packed": 1.0 - real / out[
-        "input_ids"].size, "packed_rows": float(mini_batches * n_micro * micro_rows), "padded_rows": float(rows)}
+    every_token = float(sum(len(x) for x in ids))  # the padded layout also holds empty responses' prompts
+    stats = {"padding_frac_padded": 1.0 - every_token / (rows * width),
+             "padding_frac_packed": 1.0 - float(lengths.sum()) / out["input_ids"].size,
+             "packed_rows": float(mini_batches * n_micro * micro_rows), "padded_rows": float(rows)}
     return batch, stats

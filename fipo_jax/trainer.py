@@ -41,7 +41,8 @@ from fipo_jax.diagnostics import token_diagnostics
 from fipo_jax.preflight import preflight
 from fipo_jax.render import TokenView
 from fipo_jax.rollouts import DynamicSamplingExhausted, RolloutCollector, Rollouts, majority_vote
-from fipo_jax.sharding import make_mesh, replicated
+from fipo_jax.sampling import row_split
+from fipo_jax.sharding import logical_sharding, make_mesh, replicated
 
 __all__ = ["Trainer", "NonFiniteStateError", "DynamicSamplingExhausted", "Rollouts", "majority_vote"]
 
@@ -104,6 +105,8 @@ class Trainer:
         algo, optim = config.algo, config.optim
         rows_per_mini = config.rollout.prompts_per_step * config.rollout.n // algo.mini_batches
         self.micro_batch_size = min(algo.micro_batch_size, rows_per_mini)
+        # Device groups the update's rows split over (a packed micro-batch's rows are a multiple).
+        self.rows_split = row_split(logical_sharding(("batch", None), (self.micro_batch_size, 1), self.mesh))[1]
         schedule = rl_step.warmup_schedule(optim.lr, optim.warmup_steps, algo.mini_batches)
         optimizer = rl_step.make_optimizer(schedule, optim.b1, optim.b2, optim.eps, optim.weight_decay, optim.grad_clip)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
@@ -157,20 +160,33 @@ class Trainer:
                                                   step)
         t_rollout = time.perf_counter() - t0
         self.last_rollouts = rollouts
-        self.state, update_metrics = self.update(self.state, self.device_batch(rollouts))
+        batch, layout = self.device_batch(rollouts)
+        self.state, update_metrics = self.update(self.state, batch)
+        metrics.update(layout)
         metrics.update({k: float(v) for k, v in distributed.to_host(update_metrics).items()})
         t_total = time.perf_counter() - t0
         metrics.update({"time/rollout_s": t_rollout, "time/update_s": t_total - t_rollout, "time/step_s": t_total,
                         "time/tokens_per_s": float(rollouts.response_mask.sum()) / t_total, "step": step + 1})
         return metrics
 
-    def host_batch(self, rollouts: Rollouts) -> rl_step.RLBatch:
-        """The update's batch on the host, [M, K, R, ...] (see `rl_step`).
+    def host_batch(self, rollouts: Rollouts) -> tuple[rl_step.RLBatch | rl_step.PackedRLBatch, dict[str, float]]:
+        """The update's batch on the host, [M, K, R, ...] (see `rl_step`), packed unless
+        ``algo.packing`` is off, and ``batch/padding_frac`` (the share of its tokens that are
+        padding; ``batch/padding_frac_unpacked``: the same for one sequence per row).
 
         Prompts are left-padded to the sampler's bucket; columns that are padding in every row
         change nothing (positions count real tokens) and are dropped, to a multiple of 64."""
         used = int(rollouts.prompt_mask.sum(axis=1).max())
         width = min(rollouts.prompt_ids.shape[1], -(-used // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE)
+        if self.config.algo.packing:
+            batch, stats = rl_step.pack_batch(
+                {"prompt_ids": rollouts.prompt_ids[:, -width:], "prompt_mask": rollouts.prompt_mask[:, -width:],
+                 "tokens": rollouts.tokens, "response_mask": rollouts.response_mask,
+                 "scores": rollouts.scores.astype(np.float32),
+                 "sampler_log_probs": rollouts.sampler_log_probs.astype(np.float32)},
+                self.config.algo.mini_batches, self.micro_batch_size, row_multiple=self.rows_split)
+            return batch, {"batch/padding_frac": stats["padding_frac_packed"],
+                           "batch/padding_frac_unpacked": stats["padding_frac_padded"]}
         fields = {
             "input_ids": np.concatenate([rollouts.prompt_ids[:, -width:], rollouts.tokens], axis=1).astype(np.int32),
             "attention_mask": np.concatenate([rollouts.prompt_mask[:, -width:], rollouts.response_mask], axis=1),
@@ -178,12 +194,15 @@ class Trainer:
             "scores": rollouts.scores.astype(np.float32),
             "sampler_log_probs": rollouts.sampler_log_probs.astype(np.float32),
         }
-        return rl_step.layout_batch(fields, self.config.algo.mini_batches, self.micro_batch_size)
+        real = rollouts.prompt_mask[:, -width:].sum() + rollouts.response_mask.sum()
+        padding = 1.0 - float(real) / fields["attention_mask"].size
+        return (rl_step.layout_batch(fields, self.config.algo.mini_batches, self.micro_batch_size),
+                {"batch/padding_frac": padding, "batch/padding_frac_unpacked": padding})
 
-    def device_batch(self, rollouts: Rollouts) -> rl_step.RLBatch:
+    def device_batch(self, rollouts: Rollouts) -> tuple[rl_step.RLBatch | rl_step.PackedRLBatch, dict[str, float]]:
         """`host_batch` placed on the mesh in one transfer, rows split over the data axis."""
-        batch = self.host_batch(rollouts)
-        return jax.device_put(batch, rl_step.batch_shardings(batch, self.mesh))
+        batch, layout = self.host_batch(rollouts)
+        return jax.device_put(batch, rl_step.batch_shardings(batch, self.mesh)), layout
 
     # ----------------------------------------------------------------------------- evaluation
 

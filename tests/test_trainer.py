@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from fipo_jax import rl_step
 from fipo_jax.config import ConfigError, apply_overrides, cpu_default
 from fipo_jax.rewards.shaping import validate_overlong_args
 from fipo_jax.metrics import MetricsLog
@@ -171,7 +172,6 @@ def test_dynamic_sampling_exhaustion(tmp_path, cache_dir):
 
 def test_exception_inside_an_update_leaves_the_trainer_usable(tmp_path, cache_dir, monkeypatch):
     """A loss that raises mid-update: the state is untouched, the next step and a save work."""
-    from fipo_jax import rl_step
 
     trainer = Trainer(tiny_config(cache_dir, "eval.every=0"), str(tmp_path / "run"), progress=False,
                       log=lambda s: None)
@@ -386,3 +386,23 @@ def test_compare_runs_seeds_and_reports_mean_and_spread(tmp_path, cache_dir):
     assert os.path.exists(os.path.join(out, "comparison.png"))
     steps, mean, std = compare.curves(out, "fipo", [0, 1], "eval/avg@k")
     assert list(steps) == [0, 1] and (std >= 0).all()
+
+
+def test_packed_and_padded_updates_agree_in_the_trainer(tmp_path, cache_dir):
+    """`algo.packing` (default on) changes the update's layout, not its result: one step each way
+    from the same state and rollouts gives the same metrics (float32 rounding) and less padding."""
+    steps = {}
+    for packing in ("true", "false"):
+        trainer = Trainer(tiny_config(cache_dir, "eval.every=0", f"algo.packing={packing}"),
+                          str(tmp_path / packing), progress=False, log=lambda s: None)
+        steps[packing] = trainer.step()
+        if packing == "true":
+            params = jax.tree.map(np.asarray, trainer.state.params)
+            assert isinstance(trainer.host_batch(trainer.last_rollouts)[0], rl_step.PackedRLBatch)
+    packed, padded = steps["true"], steps["false"]
+    assert packed["batch/padding_frac"] < padded["batch/padding_frac"] == packed["batch/padding_frac_unpacked"]
+    for key in padded:
+        if not key.startswith(("time/", "batch/padding_frac")):
+            np.testing.assert_allclose(packed[key], padded[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params,
+                 jax.tree.map(np.asarray, trainer.state.params))
