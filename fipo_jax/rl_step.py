@@ -497,13 +497,15 @@ def layout_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_s
     return RLBatch(**shaped)
 
 
-# Packed micro-batches take row counts from 1, 2, 3, 4, 6, 8, 12, … (powers of two and 1.5× them):
-# few distinct shapes (one compile each), less than a third of the rows wasted.
+# Packed micro-batches take row counts 1 … 4, then 2^k · {1, 1.25, 1.5, 1.75} (5, 6, 7, 8, 10, 12,
+# 14, 16, 20, …): four shapes per doubling (one compile each), less than a quarter of the rows wasted.
 def bucket_size(n: int) -> int:
-    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, … that is ≥ n (n ≥ 1)."""
+    """The smallest of 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, … that is ≥ n (n ≥ 1)."""
     _checks.check_int("n", n, minimum=1)
-    power = 1 << max(0, (n - 1).bit_length() - 1)  # largest power of two < n (1 for n ≤ 2)
-    return n if n <= 2 else (3 * power // 2 if n <= 3 * power // 2 else 2 * power)
+    if n <= 4:
+        return n
+    step = (1 << ((n - 1).bit_length() - 1)) // 4  # a quarter of the largest power of two below n
+    return -(-n // step) * step
 
 
 def _sequence_tokens(fields: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
@@ -529,8 +531,9 @@ def pack_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_siz
     [m·B/M, (m+1)·B/M) as in the padded layout; each packs its sequences with responses (real prompt
     tokens + response) into rows of L = P + N tokens by first-fit decreasing. Every micro-batch is
     [R, L] with R ≤ ``micro_batch_size`` (its token budget R·L never exceeds a padded micro-batch's):
-    R and K come from `bucket_size` of the rows the fullest mini-batch needs, R a multiple of
-    ``row_multiple`` (the data-parallel split).
+    K = the fewest micro-batches that hold the rows the fullest mini-batch needs, R = `bucket_size`
+    of their share (few distinct shapes, so few compiles), a multiple of ``row_multiple`` (the
+    data-parallel split).
 
     Returns the batch and ``{"padding_frac_padded", "padding_frac_packed", "packed_rows",
     "padded_rows"}``: the share of padding tokens of the two layouts and their row counts.
@@ -550,10 +553,8 @@ def pack_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_siz
     needed = max(p.num_rows for p in packings)
     units = -(-needed // row_multiple)  # rows in units of the data split
     max_units = micro_batch_size // row_multiple
-    if units <= max_units:
-        n_micro, micro_rows = 1, min(bucket_size(units), max_units) * row_multiple
-    else:
-        n_micro, micro_rows = bucket_size(-(-units // max_units)), micro_batch_size
+    n_micro = -(-units // max_units)  # as few micro-batches as the budget allows …
+    micro_rows = min(bucket_size(-(-units // n_micro)), max_units) * row_multiple  # … each as full as can be
     shape = (mini_batches, n_micro * micro_rows, width)
     out = {"input_ids": np.zeros(shape, np.int32), "segment_ids": np.full(shape, packing_lib.PADDING_SEGMENT, np.int32),
            "response_mask": np.zeros(shape, bool), "sampler_log_probs": np.zeros(shape, np.float32)}

@@ -246,6 +246,10 @@ def test_pack_batch_respects_budgets_and_places_every_sequence_once(setup):
 
 
 def test_bucket_sizes():
-    assert [rl_step.bucket_size(n) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    assert [rl_step.bucket_size(n) for n in range(1, 22)] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 10, 12, 12, 14, 14, 16, 16,
+                                                              20, 20, 20, 20, 24]
+    for n in range(1, 3000):
+        size = rl_step.bucket_size(n)
+        assert n <= size < 1.25 * n + 1
     with pytest.raises(ValueError):
         rl_step.bucket_size(0)
