@@ -1,5 +1,5 @@
 """Training on a (data, fsdp, tensor) = (2, 2, 2) mesh of 8 fake CPU devices gives the same
-step as one device. Runs in a subprocess: the device count is fixed when JAX starts."""
+step as one device, padded or packed. Runs in a subprocess: the device count is fixed when JAX starts."""
 
 import json
 import os
@@ -16,13 +16,14 @@ from fipo_jax.trainer import Trainer
 from tests.test_trainer import TINY
 assert jax.device_count() == 8, jax.devices()
 out = {}
-for shape in ("[1]", "[2,2,2]"):
+for shape, packing in (("[1]", "false"), ("[2,2,2]", "false"), ("[2,2,2]", "true")):
     cfg = apply_overrides(cpu_default(), TINY + ["sft.cache_dir=" + sys.argv[1], "mesh_shape=" + shape,
-                                                 "model.num_heads=4", "model.num_kv_heads=2"])
-    trainer = Trainer(cfg, sys.argv[1] + "/run" + shape.replace(",", "x"), progress=False, log=lambda s: None)
+                                                 "model.num_heads=4", "model.num_kv_heads=2", "algo.packing=" + packing])
+    trainer = Trainer(cfg, sys.argv[1] + "/run" + shape.replace(",", "x") + packing, progress=False, log=lambda s: None)
     metrics = trainer.step()
     specs = {str(v.sharding.spec) for v in jax.tree.leaves(trainer.state.params) if hasattr(v, "sharding")}
-    out[shape] = {"metrics": {k: v for k, v in metrics.items() if not k.startswith("time/")}, "specs": sorted(specs)}
+    out[shape + packing] = {"metrics": {k: v for k, v in metrics.items() if not k.startswith(("time/", "batch/padding"))},
+                            "specs": sorted(specs)}
 print(json.dumps(out))
 """
 
@@ -33,19 +34,20 @@ def test_eight_device_mesh_matches_one_device(tmp_path):
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    one, eight = out["[1]"], out["[2,2,2]"]
-    assert any("fsdp" in s or "tensor" in s for s in eight["specs"]), eight["specs"]  # really sharded
+    one = out["[1]false"]
     assert not any("fsdp" in s or "tensor" in s for s in one["specs"])
-    mismatched = {}
-    for key, value in one["metrics"].items():
-        other = eight["metrics"][key]
-        close = abs(value - other) <= 1e-4 * max(1.0, abs(value)) if isinstance(value, float) else value == other
-        if not close:
-            mismatched[key] = (value, other)
-    # Counts of weights sitting exactly at a clip bound flip with 1e-7 rounding differences
-    # (FutureKL is exactly 0 on the first mini-batch on one device, ±1e-7 when sharded);
-    # everything else, the loss, gradient norm and rewards included, must agree.
-    assert set(mismatched) <= {"actor/clip_frac_lower", "actor/total_clip_frac"}, mismatched
+    for eight in (out["[2,2,2]false"], out["[2,2,2]true"]):  # padded, and packed (rows a multiple of data = 2)
+        assert any("fsdp" in s or "tensor" in s for s in eight["specs"]), eight["specs"]  # really sharded
+        mismatched = {}
+        for key, value in one["metrics"].items():
+            other = eight["metrics"][key]
+            close = abs(value - other) <= 1e-4 * max(1.0, abs(value)) if isinstance(value, float) else value == other
+            if not close:
+                mismatched[key] = (value, other)
+        # Counts of weights sitting exactly at a clip bound flip with 1e-7 rounding differences
+        # (FutureKL is exactly 0 on the first mini-batch on one device, ±1e-7 when sharded);
+        # everything else, the loss, gradient norm and rewards included, must agree.
+        assert set(mismatched) <= {"actor/clip_frac_lower", "actor/total_clip_frac"}, mismatched
 
 
 SAMPLER_SCRIPT = r"""
