@@ -539,6 +539,14 @@ def pack_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_siz
     "padded_rows"}``: the share of padding tokens of the two layouts and their row counts.
     """
     rows = len(fields["scores"])
+    expected = ("prompt_ids", "prompt_mask", "tokens", "response_mask", "scores", "sampler_log_probs")
+    _checks.require(set(fields) == set(expected), f"fields must be {expected}, got {tuple(fields)}")
+    for name in expected:
+        shape = np.shape(fields[name])
+        paired = "prompt_ids" if name.startswith("prompt") else "tokens"
+        _checks.require(shape[0] == rows and (name == "scores" or shape == np.shape(fields[paired])),
+                        f"fields[{name!r}] has shape {shape}: every field needs {rows} rows (one per score), "
+                        f"prompt fields [B, P] and response fields [B, N] alike")
     _checks.require(rows % mini_batches == 0, f"{rows} sequences do not split into {mini_batches} mini-batches")
     _checks.check_int("micro_batch_size", micro_batch_size, minimum=1)
     _checks.check_int("row_multiple", row_multiple, minimum=1)

@@ -243,6 +243,10 @@ def test_pack_batch_respects_budgets_and_places_every_sequence_once(setup):
         assert stats["padding_frac_packed"] < stats["padding_frac_padded"]
     with pytest.raises(ValueError, match="multiple of row_multiple"):
         rl_step.pack_batch(fields, 2, 3, row_multiple=2)
+    with pytest.raises(ValueError, match=r"fields\['tokens'\] has shape \(16, 23\)"):
+        rl_step.pack_batch(dict(fields, tokens=fields["tokens"][:, :-1]), 2, 2)
+    with pytest.raises(ValueError, match="do not split into 3 mini-batches"):
+        rl_step.pack_batch(fields, 3, 2)
 
 
 def test_bucket_sizes():
