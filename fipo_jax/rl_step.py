@@ -543,7 +543,7 @@ def pack_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_siz
     _checks.require(set(fields) == set(expected), f"fields must be {expected}, got {tuple(fields)}")
     for name in expected:
         shape = np.shape(fields[name])
-        paired = "prompt_ids" if name.startswith("prompt") else "tokens"
+        paired = "prompt_mask" if name.startswith("prompt") else "response_mask"
         _checks.require(shape[0] == rows and (name == "scores" or shape == np.shape(fields[paired])),
                         f"fields[{name!r}] has shape {shape}: every field needs {rows} rows (one per score), "
                         f"prompt fields [B, P] and response fields [B, N] alike")
