@@ -29,25 +29,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import fipo_jax as fj
+from bench_engine import long_tail_budgets as long_tail_lengths, model_of  # the same models and lengths
 from fipo_jax import rl_step
-from fipo_jax.models import CausalLM, ModelConfig
-
-
-def model_of(layers: int, hidden: int, intermediate: int, vocab: int, seed: int = 0) -> CausalLM:
-    config = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.05)
-    return CausalLM(config, rngs=nnx.Rngs(seed))
-
-
-def long_tail_lengths(count: int, mean: float, sigma: float, cap: int, seed: int) -> np.ndarray:
-    """Log-normal lengths (mean ≈ ``mean``), clipped to [1, cap] — the engine benchmark's budgets."""
-    rng = np.random.RandomState(seed)
-    return np.clip(np.round(rng.lognormal(np.log(mean) - sigma ** 2 / 2, sigma, count)), 1, cap).astype(np.int32)
 
 
 def rollout_fields(lengths: np.ndarray, prompt_len: int, group: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
