@@ -36,9 +36,10 @@ def test_a_packed_row_equals_each_sequence_alone(extra):
     ids[1, :8] = np.r_[third, second]
     segments = np.array([[0] * 7 + [1] * 5 + [2] * 2, [5] * 3 + [6] * 5 + [7] * 6])
     mask = ids != 0
-    packed = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), segment_ids=jnp.asarray(segments))
+    forward = nnx.jit(lambda m, *args, **kwargs: m(*args, **kwargs))  # eager, the layer paths take ~10 s
+    packed = forward(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), segment_ids=jnp.asarray(segments))
     for row, start, tokens in [(0, 0, first), (0, 7, second), (1, 0, third), (1, 3, second)]:
-        alone = model(jnp.asarray(tokens[None]))
+        alone = forward(model, jnp.asarray(tokens[None]))
         np.testing.assert_allclose(packed[row, start:start + len(tokens)], alone[0], atol=1e-5)
 
 
@@ -69,10 +70,11 @@ def test_packed_log_probs_equal_each_sequence_alone():
     ids = np.zeros((1, 18), np.int32)
     ids[0, :15] = np.r_[first, second]
     segments = np.array([[0] * 6 + [1] * 9 + [2] * 3])
-    packed = sequence_log_probs(model, jnp.asarray(ids), jnp.asarray(ids != 0), segment_ids_BxT=jnp.asarray(segments))
+    packed = nnx.jit(lambda m, i, a, s: sequence_log_probs(m, i, a, segment_ids_BxT=s))(
+        model, jnp.asarray(ids), jnp.asarray(ids != 0), jnp.asarray(segments))
     # Column j scores token j + 1; a segment's first token has nothing before it: unscored (0).
     for start, tokens in [(0, first), (6, second)]:
-        alone = sequence_log_probs(model, jnp.asarray(tokens[None]))
+        alone = nnx.jit(lambda m, i: sequence_log_probs(m, i))(model, jnp.asarray(tokens[None]))
         np.testing.assert_allclose(packed[0, start:start + len(tokens) - 1], alone[0], atol=1e-5)
     assert float(packed[0, 5]) == 0.0 and np.all(np.asarray(packed[0, 14:]) == 0.0)
 
