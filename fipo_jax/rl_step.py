@@ -339,19 +339,15 @@ def _model_inputs(batch: RLBatch | PackedRLBatch) -> dict[str, jax.Array]:
 
 def _token_advantages(batch: RLBatch | PackedRLBatch, config: UpdateConfig) -> jax.Array:
     """Group advantages (``config.advantage``) of the step's sequences, on the loss layout's tokens;
-    a sequence without response tokens (a padding row) gets 0."""
+    a padding row gets 0. Only response tokens are ever read (a packed batch holds no sequence
+    without them); packing padding gets 0."""
     estimator = ADVANTAGE_ESTIMATORS[config.advantage]
     mask = batch.response_mask
     if isinstance(batch, RLBatch):
         advantages = estimator(batch.scores.reshape(-1), config.group_size).reshape(batch.scores.shape)
         return jnp.broadcast_to((advantages * jnp.any(mask, axis=-1))[..., None], mask.shape)
-    advantages_S = estimator(batch.scores, config.group_size)
-    sequences = batch.scores.shape[0]
-    owner = jnp.where(batch.segment_ids >= 0, batch.segment_ids, sequences)  # padding → a spare bin
-    has_response = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.int32), owner.reshape(-1),
-                                       num_segments=sequences + 1)[:sequences] > 0
-    advantages_S = jnp.append(advantages_S * has_response, 0.0)
-    return advantages_S[owner]
+    advantages_S = jnp.append(estimator(batch.scores, config.group_size), 0.0)  # index S: padding
+    return advantages_S[jnp.where(batch.segment_ids >= 0, batch.segment_ids, batch.scores.shape[0])]
 
 
 def rl_update(state: RLState, batch: RLBatch | PackedRLBatch, *, graphdef, rest, optimizer: Optimizer,
@@ -476,9 +472,8 @@ def batch_shardings(batch: RLBatch | PackedRLBatch, mesh) -> RLBatch | PackedRLB
     """Rows (axis 2 of [M, K, R, ...]) split as the rules table places logical ``batch``; a packed
     batch's per-sequence scores [S] and per-micro-batch counts [M, K] are replicated."""
     def place(x):
-        axes = ("mini_batch", "micro_batch", "batch")[:x.ndim] + (None,) * (x.ndim - 3)
-        return logical_sharding(axes if x.ndim >= 3 else (None,) * x.ndim, x.shape, mesh,
-                                name=f"batch field of shape {x.shape}")
+        axes = ("mini_batch", "micro_batch", "batch") + (None,) * (x.ndim - 3) if x.ndim >= 3 else (None,) * x.ndim
+        return logical_sharding(axes, x.shape, mesh, name=f"batch field of shape {x.shape}")
     return jax.tree.map(place, batch)
 
 

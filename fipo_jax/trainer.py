@@ -178,25 +178,22 @@ class Trainer:
         change nothing (positions count real tokens) and are dropped, to a multiple of 64."""
         used = int(rollouts.prompt_mask.sum(axis=1).max())
         width = min(rollouts.prompt_ids.shape[1], -(-used // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE)
-        if self.config.algo.packing:
-            batch, stats = rl_step.pack_batch(
-                {"prompt_ids": rollouts.prompt_ids[:, -width:], "prompt_mask": rollouts.prompt_mask[:, -width:],
-                 "tokens": rollouts.tokens, "response_mask": rollouts.response_mask,
-                 "scores": rollouts.scores.astype(np.float32),
-                 "sampler_log_probs": rollouts.sampler_log_probs.astype(np.float32)},
-                self.config.algo.mini_batches, self.micro_batch_size, row_multiple=self.rows_split)
+        sequences = {"prompt_ids": rollouts.prompt_ids[:, -width:], "prompt_mask": rollouts.prompt_mask[:, -width:],
+                     "tokens": rollouts.tokens, "response_mask": rollouts.response_mask,
+                     "scores": rollouts.scores.astype(np.float32),
+                     "sampler_log_probs": rollouts.sampler_log_probs.astype(np.float32)}
+        algo = self.config.algo
+        if algo.packing:
+            batch, stats = rl_step.pack_batch(sequences, algo.mini_batches, self.micro_batch_size,
+                                              row_multiple=self.rows_split)
             return batch, {"batch/padding_frac": stats["padding_frac_packed"],
                            "batch/padding_frac_unpacked": stats["padding_frac_padded"]}
-        fields = {
-            "input_ids": np.concatenate([rollouts.prompt_ids[:, -width:], rollouts.tokens], axis=1).astype(np.int32),
-            "attention_mask": np.concatenate([rollouts.prompt_mask[:, -width:], rollouts.response_mask], axis=1),
-            "response_mask": rollouts.response_mask,
-            "scores": rollouts.scores.astype(np.float32),
-            "sampler_log_probs": rollouts.sampler_log_probs.astype(np.float32),
-        }
-        real = rollouts.prompt_mask[:, -width:].sum() + rollouts.response_mask.sum()
-        padding = 1.0 - float(real) / fields["attention_mask"].size
-        return (rl_step.layout_batch(fields, self.config.algo.mini_batches, self.micro_batch_size),
+        attention_mask = np.concatenate([sequences["prompt_mask"], sequences["response_mask"]], axis=1)
+        fields = {"input_ids": np.concatenate([sequences["prompt_ids"], sequences["tokens"]], axis=1).astype(np.int32),
+                  "attention_mask": attention_mask,
+                  **{k: sequences[k] for k in ("response_mask", "scores", "sampler_log_probs")}}
+        padding = 1.0 - float(attention_mask.sum()) / attention_mask.size
+        return (rl_step.layout_batch(fields, algo.mini_batches, self.micro_batch_size),
                 {"batch/padding_frac": padding, "batch/padding_frac_unpacked": padding})
 
     def device_batch(self, rollouts: Rollouts) -> tuple[rl_step.RLBatch | rl_step.PackedRLBatch, dict[str, float]]:
