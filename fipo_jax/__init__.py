@@ -10,7 +10,7 @@ from fipo_jax.advantages import (
     grpo_advantages,
     rloo_advantages,
 )
-from fipo_jax.future_kl import discount_factor, discounted_reverse_cumsum, future_kl
+from fipo_jax.future_kl import context_parallel_future_kl, discount_factor, discounted_reverse_cumsum, future_kl
 from fipo_jax.losses import (
     METRIC_REDUCTIONS,
     Influence,
@@ -41,6 +41,7 @@ __all__ = [
     "aggregate",
     "broadcast_to_tokens",
     "clipped_surrogate",
+    "context_parallel_future_kl",
     "discount_factor",
     "discounted_reverse_cumsum",
     "dr_grpo_advantages",

@@ -15,6 +15,13 @@ Three exact algorithms share one signature (time axis last, any leading axes):
                     triangular matmul over the block-start values carries the tail in.
                     O(T·(K + T/K)) flops, no sequential loop.
 
+Context parallelism (the time axis split over devices): inside `jax.shard_map`, pass the mesh
+axis as ``axis_name``; each shard runs the chosen method on its own slice and the discounted tail
+of the later shards is carried in — shard s starts from C_{s+1}, the true F at the first token of
+shard s+1, found from one all-gather of two numbers per row and shard (C_s = F^local_s,0 +
+γ^len · C_{s+1} while the first token's sequence runs through shard s). `context_parallel_future_kl`
+does the `shard_map` for a jitted program whose arrays are split over a mesh axis.
+
 None of them uses the "cumsum of γ^(−t)·x" shortcut: γ^(−t) overflows float32 for
 t ≳ 4,096 at τ = 32 and loses precision long before. ``"quadratic"`` is the official
 release's O(T²) chunked distance-matrix formulation, kept as a slow reference.
@@ -28,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jax.sharding import PartitionSpec
 
 from fipo_jax import _checks
 from fipo_jax.segments import check_segment_ids, segment_continues, segment_runs
@@ -72,6 +81,7 @@ def discounted_reverse_cumsum(
     method: FutureKLMethod = "auto",
     block_size: int | None = None,
     segment_ids: jax.Array | None = None,
+    axis_name: str | None = None,
 ) -> jax.Array:
     """F_t = Σ_{k≥t} γ^{k−t} x_k along the last axis, i.e. F_t = x_t + γ F_{t+1}.
 
@@ -88,6 +98,8 @@ def discounted_reverse_cumsum(
       block_size: block length K of the ``"blocked"`` and ``"quadratic"`` methods;
         ``None`` takes the measured default for the backend.
       segment_ids: optional integer ``[..., T]``; a new segment starts wherever the id changes.
+      axis_name: inside `jax.shard_map`, the mesh axis the time axis is split over (``x`` is this
+        shard's contiguous slice, shards in axis-index order); the result is the unsplit one's slice.
 
     Returns:
       ``[..., T]`` array of the same dtype as ``x``.
@@ -108,11 +120,46 @@ def discounted_reverse_cumsum(
         check_segment_ids(segment_ids, x.shape)
     if method in ("scan", "associative"):
         continues = None if segment_ids is None else segment_continues(segment_ids)
-        return (_reverse_scan if method == "scan" else _associative)(x, gamma, continues)
-    runs = None if segment_ids is None else segment_runs(segment_ids)
-    if method == "blocked":
-        return _blocked(x, gamma, block_size, runs)
-    return _quadratic(x, gamma, block_size, runs)
+        local = (_reverse_scan if method == "scan" else _associative)(x, gamma, continues)
+    else:
+        runs = None if segment_ids is None else segment_runs(segment_ids)
+        local = (_blocked if method == "blocked" else _quadratic)(x, gamma, block_size, runs)
+    if axis_name is None:
+        return local
+    return _carry_in_later_shards(local, gamma, segment_ids, axis_name)
+
+
+def _carry_in_later_shards(local: jax.Array, gamma, segment_ids: jax.Array | None, axis_name: str) -> jax.Array:
+    """Add the discounted tail of the later shards of ``axis_name`` to this shard's local sums.
+
+    With L tokens per shard, b_s = local F at shard s's first token, a_s = γ^L if that token's run
+    reaches the shard's end (else 0) and c_s = [shard s's last token continues into shard s+1]:
+
+        C_s = b_s + a_s · c_s · C_{s+1}              (true F at shard s's first token)
+        F_t = local_t + γ^{L−t} · c_s · C_{s+1}      (t in the shard's last run; others unchanged)
+
+    One all-gather of (b, a·…, first id, last id) per row; the shard-level recurrence is tiny.
+    """
+    length = local.shape[-1]
+    if segment_ids is None:
+        in_last_run = jnp.ones(local.shape, bool)
+        first_id = last_id = jnp.zeros(local.shape[:-1], jnp.int32)
+    else:
+        runs = segment_runs(segment_ids)
+        in_last_run = runs == runs[..., -1:]
+        first_id, last_id = segment_ids[..., 0], segment_ids[..., -1]
+    spans = jnp.where(in_last_run[..., 0], _decay_powers(gamma, np.asarray(length), local.dtype), 0.0)
+    gathered = lax.all_gather((local[..., 0], spans, first_id, last_id), axis_name, axis=local.ndim - 1)
+    heads, spans, first_ids, last_ids = gathered  # [..., shards]
+    # c_s: shard s's last token and shard s+1's first token are one sequence (never after the last shard).
+    continues = jnp.concatenate([last_ids[..., :-1] == first_ids[..., 1:],
+                                 jnp.zeros_like(first_ids[..., :1], bool)], axis=-1)
+    starts = _associative(heads, jnp.where(continues, spans, 0.0))  # C_s for every shard
+    incoming = jnp.concatenate([starts[..., 1:], jnp.zeros_like(starts[..., :1])], axis=-1)
+    incoming = jnp.where(continues, incoming, 0.0)
+    incoming = jnp.take(incoming, lax.axis_index(axis_name), axis=-1)[..., None]
+    decay_to_next = _decay_powers(gamma, length - np.arange(length), local.dtype)
+    return local + jnp.where(in_last_run, decay_to_next * incoming, 0.0)
 
 
 def future_kl(
@@ -123,6 +170,7 @@ def future_kl(
     method: FutureKLMethod = "auto",
     block_size: int | None = None,
     segment_ids: jax.Array | None = None,
+    axis_name: str | None = None,
 ) -> jax.Array:
     """Discounted Future-KL of FIPO (paper Eq. 5–6; official `compute_policy_loss_future_kl`).
 
@@ -161,7 +209,46 @@ def future_kl(
     delta = jnp.asarray(delta_log_probs)
     delta = delta.astype(jnp.promote_types(delta.dtype, jnp.float32))
     x = jnp.where(summed_tokens(delta, mask, filter_threshold), delta, 0.0)
-    return discounted_reverse_cumsum(x, discount_factor(decay_rate), method, block_size, segment_ids)
+    return discounted_reverse_cumsum(x, discount_factor(decay_rate), method, block_size, segment_ids, axis_name)
+
+
+def context_parallel_future_kl(
+    delta_log_probs: jax.Array,
+    mask: jax.Array,
+    decay_rate: float,
+    mesh_axis: str,
+    filter_threshold: float | None = None,
+    method: FutureKLMethod = "auto",
+    block_size: int | None = None,
+    segment_ids: jax.Array | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+) -> jax.Array:
+    """`future_kl` with the time axis (last) split over ``mesh_axis``: each device runs ``method``
+    on its slice and the tail of later slices is carried in, so nothing of length T is gathered.
+
+    For jitted code whose arrays are split over a context / sequence mesh axis: only
+    ``mesh_axis`` is manual (`jax.shard_map` with ``axis_names={mesh_axis}``); leading axes keep
+    whatever sharding the compiler gives them. ``mesh`` defaults to the one set by `jax.set_mesh`.
+    Equal to `future_kl` of the whole row to float32 rounding. T must divide by the axis size.
+    """
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if mesh_axis not in mesh.axis_names:
+        raise ValueError(f"context_parallel_future_kl: mesh axis {mesh_axis!r} is not in the mesh's axes "
+                         f"{tuple(mesh.axis_names)} (pass mesh= or call under jax.set_mesh(mesh))")
+    shards, length = mesh.shape[mesh_axis], jnp.shape(delta_log_probs)[-1]
+    if length % shards:
+        raise ValueError(f"context_parallel_future_kl: the time axis ({length}) must divide by the size of mesh "
+                         f"axis {mesh_axis!r} ({shards})")
+    spec = PartitionSpec(*([None] * (jnp.ndim(delta_log_probs) - 1)), mesh_axis)
+    _checks.check_mask("mask", mask, "delta_log_probs", delta_log_probs)
+    operands = (delta_log_probs, jnp.asarray(mask)) + (() if segment_ids is None else (segment_ids,))
+
+    def per_shard(delta, shard_mask, *ids):
+        return future_kl(delta, shard_mask, decay_rate, filter_threshold, method, block_size,
+                         ids[0] if ids else None, axis_name=mesh_axis)
+
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=spec, out_specs=spec,
+                         axis_names=frozenset({mesh_axis}))(*operands)
 
 
 def summed_tokens(delta_log_probs: jax.Array, mask: jax.Array, filter_threshold: float | None = None) -> jax.Array:
@@ -199,7 +286,8 @@ def _reverse_scan(x: jax.Array, gamma: jax.Array, continues: jax.Array | None = 
 
 
 def _associative(x: jax.Array, gamma: jax.Array, continues: jax.Array | None = None) -> jax.Array:
-    """Parallel form of the recurrence: compose affine maps h ↦ a·h + b from the end.
+    """Parallel form of the recurrence: compose affine maps h ↦ a·h + b from the end
+    (``gamma``: a scalar or one factor per position).
 
     combine((a₁, b₁), (a₂, b₂)) = (a₁a₂, b₁a₂ + b₂), where element 1 comes first in
     scan order (i.e. later in time, since the scan runs in reverse). With segments a_t = γ·c_t.
@@ -295,6 +383,7 @@ def _quadratic(x: jax.Array, gamma, chunk: int, runs: jax.Array | None = None) -
 __all__ = [
     "DEFAULT_METHOD_BY_BACKEND",
     "METHODS",
+    "context_parallel_future_kl",
     "default_method",
     "discount_factor",
     "discounted_reverse_cumsum",

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from fipo_jax import _checks
-from fipo_jax.future_kl import METHODS as FUTURE_KL_METHODS, FutureKLMethod, future_kl, summed_tokens
+from fipo_jax.future_kl import (METHODS as FUTURE_KL_METHODS, FutureKLMethod, context_parallel_future_kl, future_kl,
+                                summed_tokens)
 from fipo_jax import loss_metrics as lm
 from fipo_jax.segments import check_segment_ids, segment_sums
 
@@ -94,6 +95,9 @@ class PolicyLossConfig:
       entropy_coeff: α of an entropy bonus (needs ``entropy``).
       future_kl_method, future_kl_block_size: algorithm of `future_kl` ("auto"/None =
         the measured fastest for the backend).
+      future_kl_context_axis: mesh axis the time axis is split over (context parallelism): the
+        Future-KL runs per slice with the later slices' tail carried in
+        (`context_parallel_future_kl`; needs `jax.set_mesh`); None: the whole row on each device.
       ratio_quantiles: compute the IS-ratio quantile metrics (one sort of B·T values).
     """
 
@@ -115,6 +119,7 @@ class PolicyLossConfig:
     entropy_coeff: float = 0.0
     future_kl_method: FutureKLMethod = "auto"
     future_kl_block_size: int | None = None
+    future_kl_context_axis: str | None = None
     ratio_quantiles: bool = True
 
     def __post_init__(self):
@@ -148,6 +153,10 @@ class PolicyLossConfig:
         _checks.check_choice(field("kl_estimator"), self.kl_estimator, KL_ESTIMATORS)
         _checks.check_choice(field("future_kl_method"), self.future_kl_method, ("auto",) + FUTURE_KL_METHODS)
         _checks.check_int(field("future_kl_block_size"), self.future_kl_block_size, minimum=1, allow_none=True)
+        _checks.require(self.future_kl_context_axis is None or (isinstance(self.future_kl_context_axis, str)
+                                                                and self.future_kl_context_axis),
+                        f"PolicyLossConfig: future_kl_context_axis must be a mesh axis name or None, "
+                        f"got {self.future_kl_context_axis!r}")
         for name in ("influence_clip_high_only", "future_kl_filter", "drop_dual_clipped_sequences", "ratio_quantiles"):
             _checks.check_bool(field(name), getattr(self, name))
 
@@ -284,9 +293,14 @@ def influence(log_ratio: jax.Array, advantages: jax.Array, mask: jax.Array, conf
     """
     log_ratio = jax.lax.stop_gradient(log_ratio)
     threshold = config.clip_ratio_c if config.future_kl_filter else None
-    future = future_kl(log_ratio, mask, config.decay_rate, filter_threshold=threshold,
-                       method=config.future_kl_method, block_size=config.future_kl_block_size,
-                       segment_ids=segment_ids)
+    if config.future_kl_context_axis is None:
+        future = future_kl(log_ratio, mask, config.decay_rate, filter_threshold=threshold,
+                           method=config.future_kl_method, block_size=config.future_kl_block_size,
+                           segment_ids=segment_ids)
+    else:
+        future = context_parallel_future_kl(log_ratio, mask, config.decay_rate, config.future_kl_context_axis,
+                                            threshold, config.future_kl_method, config.future_kl_block_size,
+                                            segment_ids)
     ratio = jnp.exp(log_ratio)
     weights, raw = influence_weights(future, advantages, ratio, config)
     return Influence(summed_tokens(log_ratio, mask, threshold), future, raw, weights,
