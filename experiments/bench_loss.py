@@ -101,6 +101,28 @@ def torch_variants(batch_np):
     return run("fipo"), run("dapo")
 
 
+def without_future_kl_sum(config: fj.PolicyLossConfig):
+    """The FIPO loss with the Future-KL sum skipped (F_t = x_t, no scan): NOT a valid loss, the cost
+    floor of everything around the sum (filter, weights, drop rule) for the loss-only comparison."""
+    import unittest.mock
+
+    from fipo_jax import losses
+    from fipo_jax.future_kl import summed_tokens
+
+    def fn(lp, old, adv, mask):
+        skip = lambda delta, m, decay_rate, filter_threshold=None, **_: jnp.where(  # noqa: E731
+            summed_tokens(delta, m, filter_threshold), delta, 0.0)
+        with unittest.mock.patch.object(losses, "future_kl", skip):
+            return jax.value_and_grad(lambda x: fj.policy_loss(x, old, adv, mask, config)[0])(lp)
+
+    return jax.jit(fn)
+
+
+def future_kl_alone(method: str):
+    """Only the discounted sum of a given [B, T] array (no filter, no loss around it)."""
+    return jax.jit(lambda x: fj.discounted_reverse_cumsum(x, fj.discount_factor(32.0), method))
+
+
 def temp_bytes(fn, *args) -> int:
     analysis = fn.lower(*args).compile().memory_analysis()
     return int(getattr(analysis, "temp_size_in_bytes", -1)) if analysis is not None else -1
@@ -116,11 +138,14 @@ def bench_size(batch: int, length: int, repeats: int, with_torch: bool, with_qua
         cfg = fj.PolicyLossConfig(future_kl_method=method)
         fns[f"fipo[{method}]"] = jax_loss_grad(cfg, with_metrics=False)
         fns[f"fipo[{method}]+metrics"] = jax_loss_grad(cfg, with_metrics=True)
+    fns["fipo, Future-KL sum skipped (floor)"] = without_future_kl_sum(fj.PolicyLossConfig())
+    for method in METHODS:
+        fns[f"Future-KL sum alone [{method}]"] = future_kl_alone(method)
     if with_quadratic:
         fns["fipo[quadratic O(T²)]"] = jax_loss_grad(fj.PolicyLossConfig(future_kl_method="quadratic"), False)
     for name in fns:
-        args[name] = data
-    memory = {name: temp_bytes(fn, *data) for name, fn in fns.items()}
+        args[name] = data[:1] if name.startswith("Future-KL sum alone") else data
+    memory = {name: temp_bytes(fn, *args[name]) for name, fn in fns.items()}
     if with_torch:
         fns["torch fipo (official O(T²))"], fns["torch dapo (official)"] = torch_variants(data_np)
         args["torch fipo (official O(T²))"] = args["torch dapo (official)"] = ()

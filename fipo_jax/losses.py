@@ -532,7 +532,7 @@ def policy_loss_terms(
     log_probs, old_log_probs, advantages, mask = prepared_inputs(log_probs, old_log_probs, advantages, mask)
     log_ratio = log_importance_ratio(log_probs, old_log_probs, config.log_ratio_clamp)
     ratio = jnp.exp(log_ratio)
-    ratio_sg = importance_ratio(log_probs, old_log_probs, mask, config.log_ratio_clamp)  # sg(ratio), public
+    ratio_sg = jax.lax.stop_gradient(ratio)  # = importance_ratio(...): the inputs' padding is zeroed already
     metrics = {"ppo_kl": lm.masked_mean(-jax.lax.stop_gradient(log_ratio), mask)}
     weighted = advantages
     if config.loss_mode == "fipo":
