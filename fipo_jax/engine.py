@@ -46,6 +46,7 @@ from fipo_jax.sampling import (
     left_align_prompts,
     matched_stop_length,
     request_uniforms,
+    row_shardings,
     row_split,
     sample_tokens,
     stop_table,
@@ -528,7 +529,7 @@ class _Run:
                                      requests.stop_tokens_RxQxL.shape[1:], config.cache_dtype)
         self.prefixes = _init_prefixes_jit(model.config, engine.prefill_batch, width, config.cache_dtype)
         if row_sharding is not None:
-            self.slots = jax.device_put(self.slots, self.row_sharding)
+            self.slots = jax.device_put(self.slots, row_shardings(self.slots, self.row_sharding))
             self.prefixes = jax.device_put(self.prefixes, replicated)
         self.store = _PrefixStore(engine.prefill_batch)
         self.prompt_of = [requests.ids_RxP[r].tobytes()

@@ -31,6 +31,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from fipo_jax.config import ConfigError, TrainConfig, load_config
+from fipo_jax.engine import EngineConfig
+from fipo_jax.rollouts import PROMPT_BUCKET_SLACK
 from fipo_jax.models import CausalLM, ModelConfig
 from fipo_jax.sharding import DEFAULT_RULES, MESH_AXES, logical_to_mesh_spec
 
@@ -72,7 +74,8 @@ class MemoryPlan:
       activations_other_remat: the same with remat switched (for the suggestion).
       logprob_chunks: the log-prob head's live [rows, chunk, vocabulary] float32 buffers.
       kv_cache: the rollout KV cache (static sampler rows or engine slots) on this device.
-      sampler_logits: one decode step's float32 logits over the vocabulary.
+      prefix_store: the engine's prefilled prompts (replicated) and their last logits.
+      sampler_temporaries: one decode step's copy of a layer's cache and its logits.
       update_peak, sampling_peak, peak: the two phases and the larger.
       device_memory: bytes per device the plan is checked against (None: no verdict).
     """
@@ -92,7 +95,8 @@ class MemoryPlan:
     logprob_chunks: int
     kv_cache: int
     kv_cache_rows: int
-    sampler_logits: int
+    prefix_store: int
+    sampler_temporaries: int
     device_memory: int | None = None
 
     @property
@@ -102,7 +106,12 @@ class MemoryPlan:
 
     @property
     def sampling_peak(self) -> int:
-        return self.parameters + self.optimizer + self.kv_cache + self.sampler_logits
+        return self.parameters + self.optimizer + self.sampler_program
+
+    @property
+    def sampler_program(self) -> int:
+        """What the sampler's compiled call holds: parameters, cache, prefixes, temporaries."""
+        return self.parameters + self.kv_cache + self.prefix_store + self.sampler_temporaries
 
     @property
     def peak(self) -> int:
@@ -119,7 +128,8 @@ class MemoryPlan:
                 (f"  the same {'without' if self.remat else 'with'} remat", self.activations_other_remat),
                 ("log-prob vocabulary chunks", self.logprob_chunks),
                 (f"rollout KV cache ({self.kv_cache_rows} rows on this device)", self.kv_cache),
-                ("sampler logits", self.sampler_logits),
+                ("engine prefix store", self.prefix_store),
+                ("sampler temporaries (a layer's cache, logits)", self.sampler_temporaries),
                 ("update peak", self.update_peak), ("sampling peak", self.sampling_peak), ("peak", self.peak)]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {_gib(value):>10}" for name, value in rows)
@@ -237,6 +247,23 @@ def activation_bytes(model: ModelConfig, mesh, rows: int, row_tokens: int, remat
     return kept + transient
 
 
+def sampler_bytes(model: ModelConfig, mesh, local_rows: int, prompt_width: int, new_tokens: int,
+                  prefill_rows: int = 0) -> tuple[int, int, int]:
+    """(KV cache, engine prefix store, per-step temporaries) of the sampler on one device.
+
+    Each of ``local_rows`` rows (or engine slots) caches prompt width + new tokens − 1 positions,
+    kv heads split over ``tensor`` (`sampling.row_shardings`); the engine's ``prefill_rows``
+    prefilled prompts are replicated, with their float32 logits; a decode step copies one layer's
+    keys and values and holds [rows, vocabulary] float32 logits."""
+    width = np.dtype(model.compute_dtype).itemsize
+    per_position = 2 * model.num_hidden_layers * model.head_dim * width  # keys + values, all layers
+    cache = local_rows * (prompt_width + new_tokens - 1) * _split(model.num_key_value_heads, mesh, "kv_heads") \
+        * per_position
+    prefixes = prefill_rows * (prompt_width * model.num_key_value_heads * per_position + 4 * model.vocab_size)
+    temporaries = cache // model.num_hidden_layers + 4 * local_rows * _split(model.vocab_size, mesh, "vocab")
+    return cache, prefixes, temporaries
+
+
 def _ways(mesh, logical: str) -> int:
     """How many ways the rules table splits a ``logical`` axis on ``mesh`` (absent axes count 1)."""
     return math.prod(mesh.shape.get(axis, 1) for axis in DEFAULT_RULES[logical].mesh_axes)
@@ -265,12 +292,13 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
     local_rows = rows // data
     vocab = _split(model.vocab_size, mesh, "vocab")
     logits = _LOGIT_BUFFERS * 4 * local_rows * min(config.model.logprob_chunk_size, row_tokens) * vocab
-    sampler_rows = (min(rollout.engine_slots, rollout.prompts_per_round * rollout.n) if rollout.sampler == "engine"
-                    else rollout.prompts_per_round * rollout.n)
+    round_rows = rollout.prompts_per_round * rollout.n
+    engine = rollout.sampler == "engine"
+    sampler_rows = -(-min(rollout.engine_slots, round_rows) // data) * data if engine else round_rows
     sampler_local = -(-sampler_rows // data)
-    kv_width = np.dtype(model.compute_dtype).itemsize
-    kv_cache = (2 * model.num_hidden_layers * sampler_local * _split(model.num_key_value_heads, mesh, "kv_heads")
-                * row_tokens * model.head_dim * kv_width)
+    kv_cache, prefix_store, sampler_temporaries = sampler_bytes(
+        model, mesh, sampler_local, config.data.max_prompt_tokens + PROMPT_BUCKET_SLACK, rollout.max_response_tokens,
+        prefill_rows=EngineConfig().prefill_batch if engine else 0)
     memory = None if device_memory is None else (parse_bytes(device_memory) if isinstance(device_memory, str)
                                                  else int(device_memory))
     return MemoryPlan(
@@ -279,8 +307,8 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
         gradients=2 * parameters, batch=batch,
         activations=activation_bytes(model, mesh, rows, row_tokens, model.remat),
         activations_other_remat=activation_bytes(model, mesh, rows, row_tokens, not model.remat),
-        logprob_chunks=logits, kv_cache=kv_cache, kv_cache_rows=sampler_local, sampler_logits=3 * 4 * sampler_local * vocab,
-        device_memory=memory)
+        logprob_chunks=logits, kv_cache=kv_cache, kv_cache_rows=sampler_local, prefix_store=prefix_store,
+        sampler_temporaries=sampler_temporaries, device_memory=memory)
 
 
 def _with(config: TrainConfig, section: str, **changes) -> TrainConfig:

@@ -26,6 +26,9 @@ from fipo_jax.rewards import RewardConfig, score_batch
 from fipo_jax.sampling import DEFAULT_PROMPT_BUCKETS, SamplingConfig, generate, left_align_prompts, row_split
 from fipo_jax.sharding import batch_sharding
 
+# The rollouts' widest prompt bucket is data.max_prompt_tokens plus this (the memory planner reads it).
+PROMPT_BUCKET_SLACK = 16
+
 
 class DynamicSamplingExhausted(RuntimeError):
     """Too few prompt groups with mixed outcomes after the allowed generation rounds."""
@@ -119,7 +122,7 @@ class RolloutCollector:
 
     def _sampling_config(self, temperature, top_p, top_k) -> SamplingConfig:
         tok = self.tokenizer
-        widest = self.config.data.max_prompt_tokens + 16
+        widest = self.config.data.max_prompt_tokens + PROMPT_BUCKET_SLACK
         buckets = tuple(b for b in DEFAULT_PROMPT_BUCKETS if b < widest) + (widest,)
         return SamplingConfig(max_new_tokens=self.config.rollout.max_response_tokens, temperature=temperature,
                               top_p=top_p, top_k=top_k, eos_token_ids=(tok.eos_token_id,),

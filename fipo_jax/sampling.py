@@ -48,7 +48,8 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fipo_jax import _checks
-from fipo_jax.models.kv_cache import init_kv_cache
+from fipo_jax.models.kv_cache import KVCache, init_kv_cache
+from fipo_jax.sharding import logical_to_mesh_spec
 
 # Prompt widths compiled for, 1.5–2× apart: prefill cost grows with the padded width, and each
 # width is one compilation.
@@ -337,23 +338,46 @@ class _LoopState(NamedTuple):
     stop_length_B: jax.Array
 
 
-def constrain_rows(tree, row_sharding: NamedSharding | None):
-    """Pins dim 0 of every array in `tree` to `row_sharding`'s row split (other dims replicated).
+def row_shardings(tree, row_sharding: NamedSharding):
+    """Where `constrain_rows` pins each array of ``tree``: dim 0 split like ``row_sharding``, the
+    rest replicated — except the keys and values of a `KVCache`, whose kv-head axis (third from
+    last: [B, N, S, K], or the engine's stacked [S, 1, N, L, K]) is also split as the rules table
+    places logical ``kv_heads`` (over ``tensor``), so tensor parallelism divides the cache too."""
+    mesh, rows = row_sharding.mesh, _row_axes(row_sharding)
 
-    Inside jit this keeps the sampler data-parallel: the KV cache and the decode buffers stay
-    split over rows instead of being left to sharding propagation. No-op when None.
-    """
+    def split_rows(x):
+        ndim = np.ndim(x)
+        return NamedSharding(mesh, PartitionSpec(*([rows] + [None] * (ndim - 1))[:ndim]))
+
+    def split_heads(x):
+        spec = [rows] + [None] * (x.ndim - 1)
+        spec[x.ndim - 3] = logical_to_mesh_spec(("kv_heads",), (x.shape[x.ndim - 3],), mesh,
+                                                name=f"KV-cache array of shape {x.shape}")[0]
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    def place(node):
+        if isinstance(node, KVCache):
+            return node._replace(keys=tuple(map(split_heads, node.keys)), values=tuple(map(split_heads, node.values)),
+                                 **{f: jax.tree.map(split_rows, getattr(node, f))
+                                    for f in ("valid_BxS", "positions_BxS", "next_position_B", "index")})
+        return split_rows(node)
+
+    return jax.tree.map(place, tree, is_leaf=lambda node: isinstance(node, KVCache))
+
+
+def constrain_rows(tree, row_sharding: NamedSharding | None):
+    """Pins every array of `tree` to its `row_shardings` placement (rows split; a KV cache's kv
+    heads too). Inside jit this keeps the sampler data-parallel: the KV cache and the decode buffers
+    stay split instead of being left to sharding propagation. No-op when None."""
     if row_sharding is None:
         return tree
-    rows = _row_axes(row_sharding)
 
-    def one(x):
+    def one(x, sharding):
         if not isinstance(x, jax.Array) or x.ndim == 0:
             return x
-        spec = PartitionSpec(rows, *([None] * (x.ndim - 1)))
-        return lax.with_sharding_constraint(x, NamedSharding(row_sharding.mesh, spec))
+        return lax.with_sharding_constraint(x, sharding)
 
-    return jax.tree.map(one, tree)
+    return jax.tree.map(one, tree, row_shardings(tree, row_sharding))
 
 
 def generate_left_padded(

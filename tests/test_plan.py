@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [((2, 2, 2), False), ((2, 2, 2), True), ((8,), False), ((8,), True)]
 OVERRIDES = ["data.max_prompt_tokens=32", "rollout.max_response_tokens=224", "rollout.n=4",
              "rollout.prompts_per_step=8", "algo.mini_batches=2", "algo.micro_batch_size=8",
-             "model.logprob_chunk_size=64"]
+             "model.logprob_chunk_size=64", "rollout.engine_slots=32"]
 MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2)
 
@@ -25,10 +25,12 @@ SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp
 from flax import nnx
-from fipo_jax import rl_step
+from fipo_jax import engine, rl_step
 from fipo_jax.config import apply_overrides, cpu_default
 from fipo_jax.models import CausalLM, ModelConfig
-from fipo_jax.sharding import make_mesh, replicated
+from fipo_jax.rollouts import PROMPT_BUCKET_SLACK
+from fipo_jax.sampling import SamplingConfig, row_shardings, row_split
+from fipo_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from tests.test_plan import CASES, MODEL, OVERRIDES
 
 assert jax.device_count() == 8
@@ -54,8 +56,29 @@ for shape, remat in CASES:
                                          logprob_chunk_size=config.model.logprob_chunk_size)
     update = rl_step.jit_rl_update(graphdef, rest, optimizer, update_config, shardings, replicated(mesh))
     memory = update.lower(rl_step.abstract_state(state, shardings), batch).compile().memory_analysis()
-    out.append({k: int(getattr(memory, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                     "alias_size_in_bytes", "temp_size_in_bytes")})
+    sizes = lambda m: {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",  # noqa: E731
+                                                       "alias_size_in_bytes", "temp_size_in_bytes")}
+    # The engine's decode call as the trainer makes it: slots split over data (kv heads over tensor).
+    rows = batch_sharding(mesh)
+    row_sharding, split = row_split(rows)
+    slots = -(-min(config.rollout.engine_slots, config.rollout.prompts_per_round * config.rollout.n) // split) * split
+    width = P + PROMPT_BUCKET_SLACK
+    whole = replicated(mesh)
+    graphdef, params_and_rest = nnx.split(model)
+    params_and_rest = jax.tree.map(lambda x, s: S(x.shape, x.dtype, sharding=s), params_and_rest,
+                                   param_shardings(params_and_rest, mesh))
+    slot_state = jax.eval_shape(lambda: engine.init_slots(model.config, slots, width + N - 1, (1, 1)))
+    slot_state = jax.tree.map(lambda x, s: S(x.shape, x.dtype, sharding=s), slot_state,
+                              row_shardings(slot_state, row_sharding))
+    prefixes = jax.eval_shape(lambda: engine.init_prefixes(model.config, engine.EngineConfig().prefill_batch, width))
+    prefixes = jax.tree.map(lambda x: S(x.shape, x.dtype, sharding=whole), prefixes)
+    ints = lambda shape, dtype=jnp.int32: S(shape, dtype, sharding=whole)  # noqa: E731
+    refill = engine.Refill(ints((slots,)), ints((slots,)), ints((slots,)), ints((slots, 1, 1)), ints((slots, 1, 1), bool))
+    sampling = SamplingConfig(max_new_tokens=N, eos_token_ids=(1,), pad_token_id=0)
+    decode = engine._advance_jit.lower(graphdef, params_and_rest, slot_state, prefixes, refill,
+                                       jax.eval_shape(lambda: jax.random.key(0)), ints(()), sampling,
+                                       config.rollout.engine_steps_per_sync, row_sharding).compile()
+    out.append({"update": sizes(memory), "sampler": sizes(decode.memory_analysis())})
 print(json.dumps(out))
 """
 
@@ -68,10 +91,28 @@ def compiled():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def peak(sizes: dict) -> int:
+    """XLA's per-device peak of a compiled call: arguments + temporaries + outputs not aliased to
+    (donated) arguments."""
+    return (sizes["argument_size_in_bytes"] + sizes["temp_size_in_bytes"] + sizes["output_size_in_bytes"]
+            - sizes["alias_size_in_bytes"])
+
+
+@pytest.mark.parametrize("case", [0, 2])  # remat does not change the sampler
+def test_sampler_memory_within_15_percent_of_xla(compiled, case):
+    shape, remat = CASES[case]
+    result = plan_lib.plan(apply_overrides(cpu_default(), OVERRIDES), shape, model=plan_lib.ModelConfig(**MODEL))
+    xla = compiled[case]["sampler"]
+    assert xla["alias_size_in_bytes"] >= result.kv_cache  # the slots' cache is donated, not copied
+    assert abs(result.sampler_program / peak(xla) - 1) <= 0.15, (result.sampler_program, peak(xla), result.table())
+    if shape == (2, 2, 2):  # the cache model is really exercised (data-only: parameters dominate)
+        assert result.kv_cache > 0.25 * result.sampler_program, result.table()
+
+
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_update_memory_within_15_percent_of_xla(compiled, case):
     shape, remat = CASES[case]
-    xla = compiled[case]
+    xla = compiled[case]["update"]
     model = plan_lib.ModelConfig(**MODEL, remat=remat)
     result = plan_lib.plan(apply_overrides(cpu_default(), OVERRIDES), shape, model=model)
     # Parameters and AdamW moments are exact: they are the update's arguments, with the batch
@@ -80,9 +121,7 @@ def test_update_memory_within_15_percent_of_xla(compiled, case):
     batch_inputs = rows * (32 + 224) * 5 + rows * 224 * 5 + rows * 4
     state = xla["argument_size_in_bytes"] - batch_inputs
     assert abs(state - (result.parameters + result.optimizer)) <= 64, (state, result)  # + step, key, counts
-    peak = xla["argument_size_in_bytes"] + xla["temp_size_in_bytes"] + xla["output_size_in_bytes"] \
-        - xla["alias_size_in_bytes"]
-    assert abs(result.update_peak / peak - 1) <= 0.15, (result.update_peak, peak, result.table())
+    assert abs(result.update_peak / peak(xla) - 1) <= 0.15, (result.update_peak, peak(xla), result.table())
     if shape == (2, 2, 2):  # the activation model is really exercised (data-only: parameters dominate)
         assert result.activations > 0.3 * result.update_peak, result.table()
 
