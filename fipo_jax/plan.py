@@ -230,19 +230,20 @@ def activation_bytes(model: ModelConfig, mesh, rows: int, row_tokens: int, remat
     width = np.dtype(model.compute_dtype).itemsize
     heads = _split(model.num_attention_heads, mesh, "heads")
     kv_heads = _split(model.num_key_value_heads, mesh, "kv_heads")
-    attended = model.attention_chunk_size or row_tokens  # chunked attention rematerialises its scores
+    chunked = bool(model.attention_chunk_size) and model.attention_chunk_size < row_tokens
+    attended = 0 if chunked else row_tokens  # chunked attention rematerialises its scores (transient below)
     per_token_layer = (width * (_SAVED_PER_TOKEN["hidden"] * model.hidden_size
                                 + _SAVED_PER_TOKEN["query"] * heads * model.head_dim
                                 + _SAVED_PER_TOKEN["key_value"] * kv_heads * model.head_dim
                                 + _SAVED_PER_TOKEN["mlp"] * _split(model.intermediate_size, mesh, "mlp"))
-                       + 4 * _SAVED_PER_TOKEN["scores"] * heads * min(attended, row_tokens))
+                       + 4 * _SAVED_PER_TOKEN["scores"] * heads * attended)
     layers = model.num_hidden_layers
     if remat:  # layer inputs kept; one layer recomputed at a time
         kept = tokens * (layers * width * model.hidden_size + per_token_layer)
     else:
         kept = tokens * layers * per_token_layer
     transient = 0
-    if model.attention_chunk_size and model.attention_chunk_size < row_tokens:
+    if chunked:  # one query chunk's scores and probabilities while it is recomputed
         transient = 4 * _SAVED_PER_TOKEN["scores"] * local_rows * heads * model.attention_chunk_size * row_tokens
     return kept + transient
 
