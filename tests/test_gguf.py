@@ -222,9 +222,25 @@ REAL_PROMPTS = [
 
 @pytest.fixture(scope="module")
 def gemma():
-    """(path, our model, transformers' model, tokenizer) for the real Gemma 3 270M."""
+    """(path, our model, transformers' model, tokenizer) for the real Gemma 3 270M.
+
+    `gguf.GGUFReader` parses the file's metadata (a 262k-token vocabulary) in Python: seconds per
+    parse, and our loader, transformers' config, weight and tokenizer loading each construct one. While
+    the real-model tests run, the readers of this one read-only file are one parsed reader (both
+    loaders still read everything from the file; only the repeated parse is saved)."""
     path = gemma3_270m_gguf()
-    return path, load_pretrained(path), hf_gguf(path), load_tokenizer(path)
+    parse, parsed = gguf.GGUFReader, {}
+
+    def shared_reader(file, mode="r"):
+        if mode != "r" or os.path.realpath(file) != os.path.realpath(path):
+            return parse(file, mode)
+        if "reader" not in parsed:
+            parsed["reader"] = parse(file, mode)
+        return parsed["reader"]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", shared_reader)
+        yield path, load_pretrained(path), hf_gguf(path), load_tokenizer(path)
 
 
 def test_real_gemma3_270m_logits_match_transformers(gemma):
