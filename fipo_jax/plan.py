@@ -224,7 +224,8 @@ def parameter_bytes(model: ModelConfig, mesh) -> int:
 
 def activation_bytes(model: ModelConfig, mesh, rows: int, row_tokens: int, remat: bool) -> int:
     """Bytes one micro-batch of ``rows`` rows × ``row_tokens`` tokens keeps for its backward pass
-    on one device (rows split over ``data``, heads / MLP / vocabulary over ``tensor``)."""
+    on one device: rows split over ``data``, heads / MLP / vocabulary over ``tensor``, and the
+    residual stream's width over ``fsdp`` (the compiler follows the weights' ``embed`` split)."""
     local_rows = rows // _ways(mesh, "batch")
     tokens = local_rows * row_tokens
     width = np.dtype(model.compute_dtype).itemsize
@@ -232,14 +233,15 @@ def activation_bytes(model: ModelConfig, mesh, rows: int, row_tokens: int, remat
     kv_heads = _split(model.num_key_value_heads, mesh, "kv_heads")
     chunked = bool(model.attention_chunk_size) and model.attention_chunk_size < row_tokens
     attended = 0 if chunked else row_tokens  # chunked attention rematerialises its scores (transient below)
-    per_token_layer = (width * (_SAVED_PER_TOKEN["hidden"] * model.hidden_size
+    hidden = _split(model.hidden_size, mesh, "embed")  # XLA splits the residual stream like the weights' embed
+    per_token_layer = (width * (_SAVED_PER_TOKEN["hidden"] * hidden
                                 + _SAVED_PER_TOKEN["query"] * heads * model.head_dim
                                 + _SAVED_PER_TOKEN["key_value"] * kv_heads * model.head_dim
                                 + _SAVED_PER_TOKEN["mlp"] * _split(model.intermediate_size, mesh, "mlp"))
                        + 4 * _SAVED_PER_TOKEN["scores"] * heads * attended)
     layers = model.num_hidden_layers
     if remat:  # layer inputs kept; one layer recomputed at a time
-        kept = tokens * (layers * width * model.hidden_size + per_token_layer)
+        kept = tokens * (layers * width * hidden + per_token_layer)
     else:
         kept = tokens * layers * per_token_layer
     transient = 0

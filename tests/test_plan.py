@@ -13,9 +13,9 @@ from fipo_jax.config import ConfigError, apply_overrides, cpu_default, load_conf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (mesh, remat, attention chunk): data-parallel only, and data × fsdp × tensor.
+# (mesh, remat, attention chunk): data-parallel only, data × fsdp × tensor, and fsdp without data.
 CASES = [((2, 2, 2), False, None), ((2, 2, 2), True, None), ((8,), False, None), ((8,), True, None),
-         ((2, 2, 2), True, 64)]
+         ((2, 2, 2), True, 64), ((1, 4, 2), True, None)]
 OVERRIDES = ["data.max_prompt_tokens=32", "rollout.max_response_tokens=224", "rollout.n=4",
              "rollout.prompts_per_step=8", "algo.mini_batches=2", "algo.micro_batch_size=8",
              "model.logprob_chunk_size=64", "rollout.engine_slots=32"]
