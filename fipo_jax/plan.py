@@ -67,8 +67,9 @@ class MemoryPlan:
     """Per-device bytes of one run on one mesh (see the module docstring), and the verdict.
 
     Attributes:
-      parameters, optimizer, gradients: the model state and AdamW moments (exact), and the
-        gradients of the update (the micro-batch's and the accumulated one).
+      parameters, optimizer, gradients: the model state and AdamW moments (exact, in the
+        parameters' dtype), and the gradients of the update (the micro-batch's, in the parameters'
+        dtype, and the float32 accumulator).
       batch: the step's per-token arrays on this device (ids, masks, old log-probs, advantages …).
       activations: what one micro-batch's forward keeps for its backward pass (``remat`` as set).
       activations_other_remat: the same with remat switched (for the suggestion).
@@ -289,7 +290,7 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
     if rows % data:
         raise ConfigError(f"algo.micro_batch_size ({rows} rows) must divide by the mesh's data axis ({data})")
     parameters = parameter_bytes(model, mesh)
-    optimizer = 2 * parameters  # AdamW μ and ν, placed like their parameters
+    optimizer = 2 * parameters  # AdamW μ and ν, placed like their parameters, in their dtype
     step_tokens = -(-sequences // data) * row_tokens
     batch = _STEP_TOKEN_ARRAYS * 4 * step_tokens
     local_rows = rows // data
@@ -307,7 +308,7 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
     return MemoryPlan(
         config_name=config.name, mesh_shape=dict(zip(mesh.axis_names, shape)), model=model, remat=model.remat,
         micro_batch_rows=rows, row_tokens=row_tokens, parameters=parameters, optimizer=optimizer,
-        gradients=2 * parameters, batch=batch,
+        gradients=parameters + parameters * 4 // np.dtype(model.dtype).itemsize, batch=batch,
         activations=activation_bytes(model, mesh, rows, row_tokens, model.remat),
         activations_other_remat=activation_bytes(model, mesh, rows, row_tokens, not model.remat),
         logprob_chunks=logits, kv_cache=kv_cache, kv_cache_rows=sampler_local, prefix_store=prefix_store,

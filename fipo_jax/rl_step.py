@@ -309,13 +309,15 @@ def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfi
     def accumulate(acc, mb):
         grads_acc, count_acc, total_acc = acc
         grads, (terms, metrics, ratio, weights) = grad_fn(params, mb)
-        grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+        grads_acc = jax.tree.map(lambda acc_g, g: acc_g + g.astype(acc_g.dtype), grads_acc, grads)
         return (grads_acc, count_acc + terms.count, total_acc + terms.total), (metrics, (ratio, weights))
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    # Gradients add up in float32 whatever the parameters' dtype (bfloat16 sums of many micro-batches
+    # lose digits), then return to that dtype, so the optimizer state keeps its dtypes across updates.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
     (grads, count, total), (micro_metrics, tokens) = jax.lax.scan(
         accumulate, (zeros, jnp.float32(0), jnp.float32(0)), mini)
-    grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1e-12), grads)
+    grads = jax.tree.map(lambda g, p: (g / jnp.maximum(count, 1e-12)).astype(p.dtype), grads, params)
     grad_norm = optax.tree.norm(grads)
     lr = jnp.asarray(optimizer.schedule(_applied_updates(opt_state)), jnp.float32)
     updates, new_opt_state = optimizer.tx.update(grads, opt_state, params)

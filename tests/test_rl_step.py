@@ -160,3 +160,23 @@ def test_influence_activity_per_mini_batch(setup):
     assert m["influence/mb2_weight_p5"] <= m["influence/mb2_weight_p50"] <= m["influence/mb2_weight_p95"] <= 1.5
     dapo = run(setup, mini=4, micro=2, loss=fj.PolicyLossConfig.dapo())[1]
     assert not any(k.startswith("influence/") for k in dapo)
+
+
+def test_bfloat16_parameters_update_and_keep_their_dtypes(setup):
+    """The recipes store parameters in bfloat16: gradients accumulate in float32 and return to the
+    parameters' dtype, so the optimizer state keeps its dtypes across micro-batches and updates."""
+    graphdef, params, rest, fields = setup
+    bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    opt = optimizer()
+    state = rl_step.init_state(bf16, opt, jax.random.key(0))
+    dtypes = jax.tree.map(lambda x: x.dtype, (state.params, state.opt_state))
+    update = rl_step.jit_rl_update(graphdef, rest, opt, rl_step.UpdateConfig(
+        loss=fj.PolicyLossConfig(), group_size=GROUP, logprob_chunk_size=64))
+    batch = rl_step.layout_batch(fields, 2, ROWS // 4)  # 2 updates of 2 micro-batches each
+    before = jax.tree.map(lambda p: np.asarray(p, np.float32), state.params)
+    for _ in range(2):
+        state, metrics = update(state, batch)
+    assert jax.tree.map(lambda x: x.dtype, (state.params, state.opt_state)) == dtypes
+    assert np.isfinite(float(metrics["actor/loss"])) and float(metrics["actor/skipped_updates"]) == 0
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a, np.float32) - b))), state.params, before)
+    assert max(jax.tree.leaves(moved)) > 0
