@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
 from jax.sharding import PartitionSpec
 
 from fipo_jax import _checks
@@ -138,7 +137,7 @@ def _carry_in_later_shards(local: jax.Array, gamma, segment_ids: jax.Array | Non
         C_s = b_s + a_s · c_s · C_{s+1}              (true F at shard s's first token)
         F_t = local_t + γ^{L−t} · c_s · C_{s+1}      (t in the shard's last run; others unchanged)
 
-    One all-gather of (b, a·…, first id, last id) per row; the shard-level recurrence is tiny.
+    One all-gather of (b, a, first id, last id) per row and shard; the shard-level recurrence is tiny.
     """
     length = local.shape[-1]
     if segment_ids is None:

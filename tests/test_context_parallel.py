@@ -159,3 +159,11 @@ def test_fipo_loss_split_over_time_equals_the_unsplit_loss(results, aggregation,
 def test_bad_axis_and_indivisible_length_are_named(results):
     assert "mesh axis 'sequence' is not in the mesh's axes ('data', 'context')" in results["errors"]["axis"]
     assert "time axis (90) must divide by the size of mesh axis 'context' (4)" in results["errors"]["divisible"]
+
+
+@pytest.mark.parametrize("axis", ["", 3])
+def test_loss_config_refuses_a_bad_context_axis(axis):
+    import fipo_jax as fj
+
+    with pytest.raises(ValueError, match="future_kl_context_axis must be a mesh axis name or None"):
+        fj.PolicyLossConfig(future_kl_context_axis=axis)
