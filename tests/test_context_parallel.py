@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import fipo_jax as fj
 from fipo_jax.future_kl import METHODS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,7 +164,5 @@ def test_bad_axis_and_indivisible_length_are_named(results):
 
 @pytest.mark.parametrize("axis", ["", 3])
 def test_loss_config_refuses_a_bad_context_axis(axis):
-    import fipo_jax as fj
-
     with pytest.raises(ValueError, match="future_kl_context_axis must be a mesh axis name or None"):
         fj.PolicyLossConfig(future_kl_context_axis=axis)
