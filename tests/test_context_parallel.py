@@ -2,17 +2,11 @@
 fake CPU devices equal the unsplit computation, and no device gathers a whole row.
 Runs in a subprocess: the device count is fixed when JAX starts."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 import fipo_jax as fj
 from fipo_jax.future_kl import METHODS
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.multi_device import run_json
 
 SCRIPT = r"""
 import json, re
@@ -117,10 +111,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def results():
-    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json(SCRIPT)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -2,16 +2,12 @@
 15 % of XLA's ``memory_analysis`` of the compiled sharded update on 8 fake CPU devices."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from fipo_jax import plan as plan_lib
 from fipo_jax.config import ConfigError, apply_overrides, cpu_default, load_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.multi_device import run_json
 
 # (mesh, remat, attention chunk): data-parallel only, data × fsdp × tensor, and fsdp without data.
 CASES = [((2, 2, 2), False, None), ((2, 2, 2), True, None), ((8,), False, None), ((8,), True, None),
@@ -90,10 +86,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json(SCRIPT)
 
 
 def peak(sizes: dict) -> int:

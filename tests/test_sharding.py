@@ -1,12 +1,7 @@
 """Training on a (data, fsdp, tensor) = (2, 2, 2) mesh of 8 fake CPU devices gives the same
 step as one device, padded or packed. Runs in a subprocess: the device count is fixed when JAX starts."""
 
-import json
-import os
-import subprocess
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.multi_device import run_json
 
 SCRIPT = r"""
 import json, sys
@@ -29,11 +24,7 @@ print(json.dumps(out))
 
 
 def test_eight_device_mesh_matches_one_device(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, env=env,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_json(SCRIPT, str(tmp_path))
     one = out["[1]false"]
     assert not any("fsdp" in s or "tensor" in s for s in one["specs"])
     for eight in (out["[2,2,2]false"], out["[2,2,2]true"]):  # padded, and packed (rows a multiple of data = 2)
@@ -93,10 +84,7 @@ print(json.dumps(out))
 
 
 def test_sampler_splits_rows_over_the_data_axis(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run([sys.executable, "-c", SAMPLER_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_json(SAMPLER_SCRIPT)
     assert out["8"]["spec"] == "data"
     assert out["cache_split"]  # each device holds only its rows' KV cache
     assert out["6"]["shape"] == [6, 12]
@@ -149,10 +137,7 @@ print(json.dumps({"same_tokens": same, "same_lengths": bool(np.array_equal(split
 
 
 def test_engine_splits_slots_over_the_data_axis():
-    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_json(ENGINE_SCRIPT)
     assert out["same_tokens"] and out["same_lengths"], out
     assert "num_slots=6 must be a multiple of the 4 devices" in out["indivisible"], out
     assert out["cache_split"], out  # each device holds only its slots' KV cache
