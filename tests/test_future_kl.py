@@ -197,7 +197,11 @@ def per_segment_reference(delta, mask, decay_rate, threshold, segment_ids):
     return out
 
 
-@settings(max_examples=15)  # four methods per example, eager: the CI profile's 40 cost 30 s
+# τ and the threshold traced: one compilation per (length, block, method, filter on/off), shared by examples.
+_future_kl_jit = jax.jit(fj.future_kl, static_argnames=("method", "block_size"))
+
+
+@settings(max_examples=15)  # four methods per example: the CI profile's 40 cost 30 s
 @given(
     length=st.sampled_from([1, 7, 128, 300]),
     decay_rate=st.floats(0.3, 600.0),
@@ -214,8 +218,8 @@ def test_segments_restart_the_sum_in_every_method(length, decay_rate, threshold,
     expected = per_segment_reference(delta, mask, decay_rate, threshold, segment_ids)
     scale = discounted_abs(delta, mask, decay_rate)
     for method in METHODS:
-        got = fj.future_kl(delta, mask, decay_rate, threshold, method=method, block_size=block_size,
-                           segment_ids=jnp.asarray(segment_ids))
+        got = _future_kl_jit(delta, mask, decay_rate, threshold, method=method, block_size=block_size,
+                             segment_ids=jnp.asarray(segment_ids))
         assert_exact(got, expected, scale)
 
 
