@@ -3,16 +3,17 @@
     python -m fipo_jax.plan --config qwen2.5-32b-fipo --mesh 2,16,4 --device-memory 80GiB
 
 Exact by construction (shapes from the model's abstract parameters, placement from the one rules
-table `fipo_jax.sharding.DEFAULT_RULES`): parameters and AdamW moments. Modelled (checked against
-XLA's ``memory_analysis`` of the compiled sharded update on 8 fake CPU devices, within 15 %,
-``tests/test_plan.py``): gradients (the micro-batch's and the accumulator), the step's per-token
-arrays, the activations one micro-batch keeps for its backward pass (with or without remat), the
-log-prob vocabulary chunks, and the rollout KV cache (static sampler rows or engine slots).
+table `fipo_jax.sharding.DEFAULT_RULES`): parameters and AdamW moments. Modelled, and checked
+against XLA's ``memory_analysis`` of the compiled sharded update and engine decode call on 8 fake
+CPU devices within 15 % (``tests/test_plan.py``): gradients (the micro-batch's and the float32
+accumulator), the step's per-token arrays, the activations one micro-batch keeps for its backward
+pass (with or without remat), the log-prob vocabulary chunks, the rollout KV cache (static sampler
+rows or engine slots), the engine's prefix store and a decode step's temporaries.
 
-Two phases never overlap: sampling (parameters, optimizer state, KV cache, per-step logits) and the
-update (parameters, optimizer state, gradients, batch, activations, log-prob chunks); the peak is
-the larger. The activation model counts what XLA:CPU keeps per token and layer; GPU/TPU compilers
-fuse more, so it errs on the high side there.
+Two phases never overlap: sampling (parameters, optimizer state, KV cache, prefix store, decode
+temporaries) and the update (parameters, optimizer state, gradients, batch, activations, log-prob
+chunks); the peak is the larger. The activation model counts what XLA:CPU keeps per token and
+layer; GPU/TPU compilers fuse more, so it errs on the high side there.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from jax.sharding import AbstractMesh
 
 from fipo_jax.config import ConfigError, TrainConfig, load_config
 from fipo_jax.engine import EngineConfig
-from fipo_jax.rollouts import PROMPT_BUCKET_SLACK
 from fipo_jax.models import CausalLM, ModelConfig
+from fipo_jax.rollouts import PROMPT_BUCKET_SLACK
 from fipo_jax.sharding import DEFAULT_RULES, MESH_AXES, logical_to_mesh_spec
 
 GiB = 2**30
