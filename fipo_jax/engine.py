@@ -329,12 +329,15 @@ def _advance_from_state(graphdef, state, slots, prefixes, refill, key, free_to_s
                    row_sharding)
 
 
-def _prefill_from_state(graphdef, state, prefixes, prompt_ids_kxP, prompt_mask_kxP, rows_k, cache_dtype):
-    return prefill(nnx.merge(graphdef, state), prefixes, prompt_ids_kxP, prompt_mask_kxP, rows_k, cache_dtype)
+def _prefill_from_state(graphdef, state, prefixes, prompt_ids_kxP, prompt_mask_kxP, rows_k, cache_dtype,
+                        placement):
+    # `placement` (rows replicated): the store stays on every row group, kv heads split like the slots'.
+    return constrain_rows(prefill(nnx.merge(graphdef, state), prefixes, prompt_ids_kxP, prompt_mask_kxP, rows_k,
+                                  cache_dtype), placement)
 
 
 _advance_jit = jax.jit(_advance_from_state, static_argnums=(0, 7, 8, 9), donate_argnums=(2,))
-_prefill_jit = jax.jit(_prefill_from_state, static_argnums=(0, 6), donate_argnums=(2,))
+_prefill_jit = jax.jit(_prefill_from_state, static_argnums=(0, 6, 7), donate_argnums=(2,))
 _init_prefixes_jit = jax.jit(init_prefixes, static_argnums=(0, 1, 2, 3))
 _init_slots_jit = jax.jit(init_slots, static_argnums=(0, 1, 2, 3, 4))
 _take_slots_jit = jax.jit(lambda slots, keep, rows: constrain_rows(jax.tree.map(lambda x: x[keep], slots), rows),
@@ -522,6 +525,7 @@ class _Run:
         _checks.require(self.num_slots % self.shards == 0, f"EngineConfig.num_slots={self.num_slots} must be a "
                                                            f"multiple of the {self.shards} devices that split rows")
         replicated = None if row_sharding is None else NamedSharding(row_sharding.mesh, PartitionSpec())
+        self.store_placement = replicated  # the prefix store: on every row group, kv heads split
         self.place = jnp.asarray if replicated is None else (lambda x: jax.device_put(x, replicated))
         self.graphdef, self.state = nnx.split(model)
         width = requests.ids_RxP.shape[1]
@@ -530,7 +534,7 @@ class _Run:
         self.prefixes = _init_prefixes_jit(model.config, engine.prefill_batch, width, config.cache_dtype)
         if row_sharding is not None:
             self.slots = jax.device_put(self.slots, row_shardings(self.slots, self.row_sharding))
-            self.prefixes = jax.device_put(self.prefixes, replicated)
+            self.prefixes = jax.device_put(self.prefixes, row_shardings(self.prefixes, replicated))
         self.store = _PrefixStore(engine.prefill_batch)
         self.prompt_of = [requests.ids_RxP[r].tobytes()
                           + (b"" if engine.share_prompt_prefill else r.to_bytes(8, "little")) for r in range(self.count)]
@@ -581,7 +585,8 @@ class _Run:
         started = time.perf_counter()
         self.prefixes = jax.block_until_ready(_prefill_jit(
             self.graphdef, self.state, self.prefixes, self.place(self.requests.ids_RxP[picked]),
-            self.place(self.requests.mask_RxP[picked]), self.place(rows_k), self.config.cache_dtype))
+            self.place(self.requests.mask_RxP[picked]), self.place(rows_k), self.config.cache_dtype,
+            self.store_placement))
         self.tally["prefill_seconds"] += time.perf_counter() - started
         self.tally["prefill_calls"] += 1
         self.tally["prefilled"] += len(new_rows)

@@ -258,13 +258,14 @@ def sampler_bytes(model: ModelConfig, mesh, local_rows: int, prompt_width: int, 
 
     Each of ``local_rows`` rows (or engine slots) caches prompt width + new tokens − 1 positions,
     kv heads split over ``tensor`` (`sampling.row_shardings`); the engine's ``prefill_rows``
-    prefilled prompts are replicated, with their float32 logits; a decode step copies one layer's
-    keys and values and holds [rows, vocabulary] float32 logits."""
+    prefilled prompts are on every row group (kv heads split too), with their float32 logits; a
+    decode step copies one layer's keys and values and holds [rows, vocabulary] float32 logits."""
     width = np.dtype(model.compute_dtype).itemsize
     per_position = 2 * model.num_hidden_layers * model.head_dim * width  # keys + values, all layers
     cache = local_rows * (prompt_width + new_tokens - 1) * _split(model.num_key_value_heads, mesh, "kv_heads") \
         * per_position
-    prefixes = prefill_rows * (prompt_width * model.num_key_value_heads * per_position + 4 * model.vocab_size)
+    prefixes = prefill_rows * (prompt_width * _split(model.num_key_value_heads, mesh, "kv_heads") * per_position
+                               + 4 * model.vocab_size)
     temporaries = cache // model.num_hidden_layers + 4 * local_rows * _split(model.vocab_size, mesh, "vocab")
     return cache, prefixes, temporaries
 

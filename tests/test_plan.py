@@ -72,7 +72,7 @@ for shape, remat, chunk in CASES:
     slot_state = jax.tree.map(lambda x, s: S(x.shape, x.dtype, sharding=s), slot_state,
                               row_shardings(slot_state, row_sharding))
     prefixes = jax.eval_shape(lambda: engine.init_prefixes(model.config, engine.EngineConfig().prefill_batch, width))
-    prefixes = jax.tree.map(lambda x: S(x.shape, x.dtype, sharding=whole), prefixes)
+    prefixes = jax.tree.map(lambda x, s: S(x.shape, x.dtype, sharding=s), prefixes, row_shardings(prefixes, whole))
     ints = lambda shape, dtype=jnp.int32: S(shape, dtype, sharding=whole)  # noqa: E731
     refill = engine.Refill(ints((slots,)), ints((slots,)), ints((slots,)), ints((slots, 1, 1)), ints((slots, 1, 1), bool))
     sampling = SamplingConfig(max_new_tokens=N, eos_token_ids=(1,), pad_token_id=0)

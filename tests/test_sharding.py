@@ -131,8 +131,22 @@ hlo = engine_lib._advance_jit.lower(
     engine_lib._init_prefixes_jit(model.config, 8, 8, None),
     engine_lib.Refill(*(np.zeros(s, np.int32) for s in (4, 4, 4, (4, 1, 1))), np.zeros((4, 1, 1), bool)),
     jax.random.key(0), np.int32(0), config, 16, rows).compile().as_text()
+# With a tensor axis the slots' and the prefix store's kv heads are split too: [4/2 slots, 1, 2/2 kv heads, 19, 8].
+tensor_rows = NamedSharding(make_mesh((2, 2, 2)), PartitionSpec("data"))
+tensor_split, _ = engine_lib.generate(model, ids, mask, jax.random.key(1), config,
+                                      engine_lib.EngineConfig(num_slots=4), max_new_tokens=budgets,
+                                      row_sharding=tensor_rows)
+same_tensor = all(np.array_equal(tensor_split.tokens[r, :n], static.tokens[r, :n])
+                  for r, n in enumerate(tensor_split.lengths))
+tensor_hlo = engine_lib._advance_jit.lower(
+    graphdef, state, engine_lib._init_slots_jit(model.config, 4, 19, (1, 1), None),
+    engine_lib._init_prefixes_jit(model.config, 8, 8, None),
+    engine_lib.Refill(*(np.zeros(s, np.int32) for s in (4, 4, 4, (4, 1, 1))), np.zeros((4, 1, 1), bool)),
+    jax.random.key(0), np.int32(0), config, 16, tensor_rows).compile().as_text()
 print(json.dumps({"same_tokens": same, "same_lengths": bool(np.array_equal(split.lengths, lengths)),
-                  "indivisible": indivisible, "cache_split": "f32[1,1,2,19,8]" in hlo and "f32[4,1,2,19,8]" not in hlo}))
+                  "indivisible": indivisible, "cache_split": "f32[1,1,2,19,8]" in hlo and "f32[4,1,2,19,8]" not in hlo,
+                  "same_tokens_tensor": same_tensor,
+                  "cache_split_tensor": "f32[2,1,1,19,8]" in tensor_hlo and "f32[2,1,2,19,8]" not in tensor_hlo}))
 """
 
 
@@ -141,6 +155,8 @@ def test_engine_splits_slots_over_the_data_axis():
     assert out["same_tokens"] and out["same_lengths"], out
     assert "num_slots=6 must be a multiple of the 4 devices" in out["indivisible"], out
     assert out["cache_split"], out  # each device holds only its slots' KV cache
+    assert out["same_tokens_tensor"], out  # a (2, 2, 2) mesh: the same tokens
+    assert out["cache_split_tensor"], out  # ... and each device holds only its kv heads of its slots
 
 
 # ------------------------------------------------------------------ the rules table, in process
