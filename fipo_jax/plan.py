@@ -35,7 +35,7 @@ from fipo_jax.config import ConfigError, TrainConfig, load_config
 from fipo_jax.engine import EngineConfig
 from fipo_jax.models import CausalLM, ModelConfig
 from fipo_jax.rollouts import PROMPT_BUCKET_SLACK
-from fipo_jax.sharding import DEFAULT_RULES, MESH_AXES, logical_to_mesh_spec
+from fipo_jax.sharding import DEFAULT_RULES, MESH_AXES, logical_sharding
 
 GiB = 2**30
 
@@ -194,17 +194,14 @@ def model_config(config: TrainConfig) -> ModelConfig:
 
 
 def _shard_bytes(shape, dtype, logical_axes, mesh, name: str) -> int:
-    spec = logical_to_mesh_spec(logical_axes, shape, mesh, name=name)
-    local = list(shape)
-    for i, entry in enumerate(spec):
-        for axis in (entry,) if isinstance(entry, str) else (entry or ()):
-            local[i] //= mesh.shape[axis]
-    return math.prod(local) * np.dtype(dtype).itemsize
+    """Bytes of one device's shard of a tensor placed by the rules table."""
+    return math.prod(logical_sharding(logical_axes, shape, mesh, name=name).shard_shape(tuple(shape))) \
+        * np.dtype(dtype).itemsize
 
 
-def _split(dim: int, mesh, logical: str) -> int:
+def _local(dim: int, mesh, logical: str) -> int:
     """Size of a ``logical`` dimension on one device (the rules table's placement)."""
-    return _shard_bytes((dim,), np.int8, (logical,), mesh, logical)
+    return logical_sharding((logical,), (dim,), mesh, name=logical).shard_shape((dim,))[0]
 
 
 @functools.lru_cache(maxsize=16)
@@ -231,15 +228,15 @@ def activation_bytes(model: ModelConfig, mesh, rows: int, row_tokens: int, remat
     local_rows = rows // _ways(mesh, "batch")
     tokens = local_rows * row_tokens
     width = np.dtype(model.compute_dtype).itemsize
-    heads = _split(model.num_attention_heads, mesh, "heads")
-    kv_heads = _split(model.num_key_value_heads, mesh, "kv_heads")
+    heads = _local(model.num_attention_heads, mesh, "heads")
+    kv_heads = _local(model.num_key_value_heads, mesh, "kv_heads")
     chunked = bool(model.attention_chunk_size) and model.attention_chunk_size < row_tokens
     attended = 0 if chunked else row_tokens  # chunked attention rematerialises its scores (transient below)
-    hidden = _split(model.hidden_size, mesh, "embed")  # XLA splits the residual stream like the weights' embed
+    hidden = _local(model.hidden_size, mesh, "embed")  # XLA splits the residual stream like the weights' embed
     per_token_layer = (width * (_SAVED_PER_TOKEN["hidden"] * hidden
                                 + _SAVED_PER_TOKEN["query"] * heads * model.head_dim
                                 + _SAVED_PER_TOKEN["key_value"] * kv_heads * model.head_dim
-                                + _SAVED_PER_TOKEN["mlp"] * _split(model.intermediate_size, mesh, "mlp"))
+                                + _SAVED_PER_TOKEN["mlp"] * _local(model.intermediate_size, mesh, "mlp"))
                        + 4 * _SAVED_PER_TOKEN["scores"] * heads * attended)
     layers = model.num_hidden_layers
     if remat:  # layer inputs kept; one layer recomputed at a time
@@ -262,11 +259,11 @@ def sampler_bytes(model: ModelConfig, mesh, local_rows: int, prompt_width: int, 
     decode step copies one layer's keys and values and holds [rows, vocabulary] float32 logits."""
     width = np.dtype(model.compute_dtype).itemsize
     per_position = 2 * model.num_hidden_layers * model.head_dim * width  # keys + values, all layers
-    cache = local_rows * (prompt_width + new_tokens - 1) * _split(model.num_key_value_heads, mesh, "kv_heads") \
+    cache = local_rows * (prompt_width + new_tokens - 1) * _local(model.num_key_value_heads, mesh, "kv_heads") \
         * per_position
-    prefixes = prefill_rows * (prompt_width * _split(model.num_key_value_heads, mesh, "kv_heads") * per_position
+    prefixes = prefill_rows * (prompt_width * _local(model.num_key_value_heads, mesh, "kv_heads") * per_position
                                + 4 * model.vocab_size)
-    temporaries = cache // model.num_hidden_layers + 4 * local_rows * _split(model.vocab_size, mesh, "vocab")
+    temporaries = cache // model.num_hidden_layers + 4 * local_rows * _local(model.vocab_size, mesh, "vocab")
     return cache, prefixes, temporaries
 
 
@@ -296,7 +293,7 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
     step_tokens = -(-sequences // data) * row_tokens
     batch = _STEP_TOKEN_ARRAYS * 4 * step_tokens
     local_rows = rows // data
-    vocab = _split(model.vocab_size, mesh, "vocab")
+    vocab = _local(model.vocab_size, mesh, "vocab")
     logits = _LOGIT_BUFFERS * 4 * local_rows * min(config.model.logprob_chunk_size, row_tokens) * vocab
     round_rows = rollout.prompts_per_round * rollout.n
     engine = rollout.sampler == "engine"

@@ -357,9 +357,8 @@ def row_shardings(tree, row_sharding: NamedSharding):
 
     def place(node):
         if isinstance(node, KVCache):
-            return node._replace(keys=tuple(map(split_heads, node.keys)), values=tuple(map(split_heads, node.values)),
-                                 **{f: jax.tree.map(split_rows, getattr(node, f))
-                                    for f in ("valid_BxS", "positions_BxS", "next_position_B", "index")})
+            return jax.tree.map(split_rows, node)._replace(keys=tuple(map(split_heads, node.keys)),
+                                                           values=tuple(map(split_heads, node.values)))
         return split_rows(node)
 
     return jax.tree.map(place, tree, is_leaf=lambda node: isinstance(node, KVCache))
