@@ -43,11 +43,13 @@ from fipo_jax.segments import check_segment_ids, segment_continues, segment_runs
 FutureKLMethod = Literal["auto", "scan", "associative", "blocked", "quadratic"]
 METHODS = ("scan", "associative", "blocked", "quadratic")
 
-# Fastest method per backend, from `experiments/bench_loss.py`. CPU: measured on the
-# project's 2-core machine (README "Performance"): XLA compiles the sequential scan into a
-# tight loop (~5 ns/step). GPU/TPU: not yet measured; "blocked" (matmuls, no T-step loop)
-# is the provisional choice there. Run the benchmark on your backend to check.
-DEFAULT_METHOD_BY_BACKEND = {"cpu": "scan", "gpu": "blocked", "tpu": "blocked"}
+# Fastest method per backend, from `experiments/bench_loss.py` / `bench_accelerator.py` (FIPO loss +
+# gradient). CPU (the project's 2-core machine): XLA compiles the sequential scan into a tight loop
+# (~5 ns/step). GPU (one H200, jax 0.11.2): "associative" 0.071 ms at 2 × 20,480 vs "blocked"/128
+# 2.97 ms (42×) and "scan" 401 ms; the loss with it is 1.06–1.18× DAPO's. TPU: not measured; the
+# same choice by the same evidence — an elementwise log-depth form, where "blocked" needs float32
+# matmuls at HIGHEST precision (6 bf16 MXU passes on a TPU) and "scan" a T-step device loop.
+DEFAULT_METHOD_BY_BACKEND = {"cpu": "scan", "gpu": "associative", "tpu": "associative"}
 # Block length K of "blocked" (the official chunk, 128, for "quadratic"). Small blocks win
 # on CPU (fewer wasted flops in the triangular matmul); 128 fills a TPU/GPU matrix unit.
 DEFAULT_BLOCK_SIZE_BY_BACKEND = {"cpu": 32, "gpu": 128, "tpu": 128}
@@ -64,7 +66,7 @@ def discount_factor(decay_rate) -> jax.Array | float:
 
 def default_method(backend: str | None = None) -> str:
     """The Future-KL method used when ``method="auto"`` on ``backend`` (default: JAX's)."""
-    return DEFAULT_METHOD_BY_BACKEND.get(backend or jax.default_backend(), "blocked")
+    return DEFAULT_METHOD_BY_BACKEND.get(backend or jax.default_backend(), "associative")
 
 
 def default_block_size(method: str, backend: str | None = None) -> int:

@@ -2,19 +2,54 @@
 # Create (or reuse) the project's virtualenv and install a pinned requirements file into it.
 #   usage: source scripts/setup_env.sh requirements.txt|requirements-test.txt
 # Re-installs only when the requirements files change (hash stamp inside the venv).
+# jax >= 0.11 needs Python >= 3.12: the interpreter is $PYTHON if set, else the first Python >= 3.12
+# found among python3.12, python3, python3.13 and pyenv's installed versions.
 set -euo pipefail
 req="${1:-requirements.txt}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FIPO_VENV:-$root/.venv}"
-python="${PYTHON:-python3}"
+min_python="3.12"
+
+python_ok() {  # the interpreter runs and is >= 3.12
+  "$1" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 12))' >/dev/null 2>&1
+}
+
+find_python() {
+  local candidates=() seen=""
+  if [ -n "${PYTHON:-}" ]; then
+    python_ok "$PYTHON" && { echo "$PYTHON"; return 0; }
+    echo "[setup] error: PYTHON=$PYTHON is not a Python >= $min_python" >&2
+    return 1
+  fi
+  candidates+=(python3.12 python3 python3.13)
+  if command -v pyenv >/dev/null 2>&1; then
+    candidates+=("$(pyenv root)"/versions/3.1[2-9]*/bin/python3)
+  fi
+  candidates+=("$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3 /usr/local/bin/python3.12 /usr/bin/python3.12)
+  for candidate in "${candidates[@]}"; do
+    [ -e "$candidate" ] || command -v "$candidate" >/dev/null 2>&1 || continue
+    python_ok "$candidate" && { echo "$candidate"; return 0; }
+    seen="$seen $("$candidate" -c 'import sys; print(sys.executable + "=" + sys.version.split()[0])' 2>/dev/null)"
+  done
+  echo "[setup] error: fipo_jax needs Python >= $min_python (jax >= 0.11); found only:${seen:- none}." \
+       "Install one (e.g. 'pyenv install 3.12') or set PYTHON=/path/to/python3.12" >&2
+  return 1
+}
+
+if [ -x "$venv/bin/python" ] && ! python_ok "$venv/bin/python"; then
+  echo "[setup] $venv is Python $("$venv/bin/python" -c 'import sys; print(sys.version.split()[0])'):" \
+       "recreating it with Python >= $min_python" >&2
+  rm -rf "$venv"
+fi
 if [ ! -x "$venv/bin/python" ]; then
-  echo "[setup] creating virtualenv $venv" >&2
+  python="$(find_python)" || exit 1
+  echo "[setup] creating virtualenv $venv with $python ($("$python" -c 'import sys; print(sys.version.split()[0])'))" >&2
   "$python" -m venv "$venv"
 fi
 stamp="$venv/.fipo-$(basename "$req").sha"
 want="$(cat "$root/requirements.txt" "$root/$req" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-  echo "[setup] installing $req into $venv (about a minute on first run)" >&2
+  echo "[setup] installing $req into $venv (about two minutes on first run)" >&2
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$root/$req"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$root"
   echo "$want" > "$stamp"
