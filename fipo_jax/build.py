@@ -113,7 +113,7 @@ def warm_start(config: TrainConfig, model, tokenizer, task: ChainTask, log: Log,
 
     spec = config.sft
     key = distributed.fingerprint([dataclasses.asdict(config.model), config.data.n_terms, config.data.ops,
-                                   dataclasses.asdict(spec), config.seed, "v2"])
+                                   dataclasses.asdict(spec), config.seed, "v3"])
     path = os.path.join(spec.cache_dir, f"sft-{key}.npz")
     if sft.load_cached_params(model, path, warn=lambda message: log(f"[warning] {message}")):
         log(f"[sft] loaded cached warm start {path}")

@@ -29,7 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 # Bumped when the saved layout changes; a checkpoint of another format is refused with a clear message.
-FORMAT = "fipo_jax.rl_state.v2"
+# v3: decoder layers stacked on a leading axis (one parameter per kind, not one per layer).
+FORMAT = "fipo_jax.rl_state.v3"
 
 
 class CheckpointFormatError(ValueError):

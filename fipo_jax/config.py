@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from fipo_jax import _checks
 from fipo_jax.losses import PolicyLossConfig
+from fipo_jax.models.config import REMAT_POLICIES
 from fipo_jax.sampling import MIN_TEMPERATURE
 from fipo_jax.sharding import MESH_AXES
 
@@ -42,7 +43,7 @@ class ModelSpec:
     path: str = ""
     dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: bool = False
+    remat: bool | str = "none"  # ModelConfig.remat: one of REMAT_POLICIES; true / false read as "full" / "none"
     num_layers: int = 2
     hidden_size: int = 128
     intermediate_size: int = 384
@@ -54,6 +55,9 @@ class ModelSpec:
 
     def __post_init__(self):
         _checks.check_choice("model.source", self.source, ("scratch", "hf", "gemma3-270m"), error=ConfigError)
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        _checks.check_choice("model.remat", self.remat, REMAT_POLICIES, error=ConfigError)
         _checks.require(self.source != "hf" or bool(self.path), "model.path is required when model.source='hf'",
                         error=ConfigError)
         _checks.require(self.source == "hf" or not self.path,
@@ -336,8 +340,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            _checks.require(type(None) in typing.get_args(annotation), f"{where} cannot be None", error=ConfigError)
+        optional = type(None) in typing.get_args(annotation)
+        # "none" / "null" mean None only where None is allowed (remat's "none" is a policy name).
+        if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+            _checks.require(optional, f"{where} cannot be None", error=ConfigError)
             return None
         errors = []
         for arg in args:
@@ -547,7 +553,7 @@ def qwen25_32b_fipo() -> TrainConfig:
         name="qwen2.5-32b-fipo",
         steps=575,
         model=ModelSpec(source="hf", path="/path/to/Qwen2.5-32B", dtype="bfloat16", compute_dtype="bfloat16",
-                        remat=True, logprob_chunk_size=1024, attention_chunk_size=512),
+                        remat="full", logprob_chunk_size=1024, attention_chunk_size=512),
         data=DataSpec(task="file", train_path="/path/to/dapo-math-17k.parquet", eval_path="/path/to/aime-2024.parquet",
                       max_prompt_tokens=2048),
         rollout=RolloutSpec(n=16, prompts_per_step=512, prompts_per_round=2048, max_rounds=10, on_exhausted="error",
@@ -584,7 +590,7 @@ def gemma3_270m_fipo() -> TrainConfig:
     return TrainConfig(
         name="gemma3-270m-fipo",
         steps=12,
-        model=ModelSpec(source="gemma3-270m", dtype="float32", compute_dtype="float32", remat=True,
+        model=ModelSpec(source="gemma3-270m", dtype="float32", compute_dtype="float32", remat="full",
                         logprob_chunk_size=32),
         data=DataSpec(task="word_problems", train_prompts=4096, eval_prompts=32, max_prompt_tokens=384,
                       max_steps=1, few_shot=2),

@@ -130,7 +130,7 @@ class EngineStats:
 class Slots(NamedTuple):
     """The decode slots on the device (leading axis S everywhere).
 
-    `cache` leaves are the per-slot batch-1 caches stacked: keys [S, 1, N, L, K], index [S].
+    `cache` leaves are the per-slot batch-1 caches stacked: keys [S, 1, layers, N, L, K], index [S].
     A free slot has active False; its request id is that of the last request it held.
     """
 
@@ -226,8 +226,8 @@ def insert(slots: Slots, prefixes: Prefixes, refill: Refill) -> Slots:
     cache, prompt = slots.cache, prefixes.cache
     after_prompt_L = jnp.arange(cache.valid_BxS.shape[-1]) >= width  # invalid in a refilled slot: stale tokens
     cache = KVCache(
-        keys=tuple(prompt_into(s, p, axis=3) for s, p in zip(cache.keys, prompt.keys)),  # [S, 1, N, L, K]
-        values=tuple(prompt_into(s, p, axis=3) for s, p in zip(cache.values, prompt.values)),
+        keys=prompt_into(cache.keys, prompt.keys, axis=4),  # [S, 1, layers, N, L, K]
+        values=prompt_into(cache.values, prompt.values, axis=4),
         valid_BxS=prompt_into(cache.valid_BxS, prompt.valid_BxS, axis=2) & ~(
             refilled_S[:, None, None] & after_prompt_L[None, None]),  # [S, 1, L]
         positions_BxS=prompt_into(cache.positions_BxS, prompt.positions_BxS, axis=2),

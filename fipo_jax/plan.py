@@ -85,7 +85,7 @@ class MemoryPlan:
     config_name: str
     mesh_shape: dict[str, int]
     model: ModelConfig
-    remat: bool
+    remat: str
     micro_batch_rows: int
     row_tokens: int
     parameters: int
@@ -126,8 +126,8 @@ class MemoryPlan:
     def table(self) -> str:
         rows = [("parameters", self.parameters), ("optimizer moments (AdamW)", self.optimizer),
                 ("gradients (micro-batch + accumulated)", self.gradients), ("step batch (per-token arrays)", self.batch),
-                (f"activations, one micro-batch ({'remat' if self.remat else 'no remat'})", self.activations),
-                (f"  the same {'without' if self.remat else 'with'} remat", self.activations_other_remat),
+                (f"activations, one micro-batch (remat {self.remat})", self.activations),
+                (f"  the same with remat {_other_remat(self.remat)}", self.activations_other_remat),
                 ("log-prob vocabulary chunks", self.logprob_chunks),
                 (f"rollout KV cache ({self.kv_cache_rows} rows on this device)", self.kv_cache),
                 ("engine prefix store", self.prefix_store),
@@ -221,7 +221,12 @@ def parameter_bytes(model: ModelConfig, mesh) -> int:
     return sum(_shard_bytes(shape, dtype, axes, mesh, name) for name, shape, dtype, axes in _parameter_shapes(model))
 
 
-def activation_bytes(model: ModelConfig, mesh, rows: int, row_tokens: int, remat: bool) -> int:
+def _other_remat(policy: str) -> str:
+    """The remat policy the plan also prices, for comparison: "full" without remat, else "none"."""
+    return "full" if policy == "none" else "none"
+
+
+def activation_bytes(model: ModelConfig, mesh, rows: int, row_tokens: int, remat: str) -> int:
     """Bytes one micro-batch of ``rows`` rows × ``row_tokens`` tokens keeps for its backward pass
     on one device: rows split over ``data``, heads / MLP / vocabulary over ``tensor``, and the
     residual stream's width over ``fsdp`` (the compiler follows the weights' ``embed`` split)."""
@@ -239,7 +244,7 @@ def activation_bytes(model: ModelConfig, mesh, rows: int, row_tokens: int, remat
                                 + _SAVED_PER_TOKEN["mlp"] * _local(model.intermediate_size, mesh, "mlp"))
                        + 4 * _SAVED_PER_TOKEN["scores"] * heads * attended)
     layers = model.num_hidden_layers
-    if remat:  # layer inputs kept; one layer recomputed at a time
+    if remat != "none":  # layer inputs kept; one layer recomputed at a time
         kept = tokens * (layers * width * hidden + per_token_layer)
     else:
         kept = tokens * layers * per_token_layer
@@ -309,7 +314,7 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
         micro_batch_rows=rows, row_tokens=row_tokens, parameters=parameters, optimizer=optimizer,
         gradients=parameters + parameters * 4 // np.dtype(model.dtype).itemsize, batch=batch,
         activations=activation_bytes(model, mesh, rows, row_tokens, model.remat),
-        activations_other_remat=activation_bytes(model, mesh, rows, row_tokens, not model.remat),
+        activations_other_remat=activation_bytes(model, mesh, rows, row_tokens, _other_remat(model.remat)),
         logprob_chunks=logits, kv_cache=kv_cache, kv_cache_rows=sampler_local, prefix_store=prefix_store,
         sampler_temporaries=sampler_temporaries, device_memory=memory)
 
@@ -344,9 +349,9 @@ def suggestions(config: TrainConfig | str, mesh_shape: Sequence[int], device_mem
             found.append(f"{label}: peak {_gib(result.peak)} per device")
         return bool(result.fits)
 
-    if not model.remat:
-        attempt("model.remat=true", _with(config, "model", remat=True),
-                candidate_model=dataclasses.replace(model, remat=True))
+    if model.remat == "none":
+        attempt("model.remat=full", _with(config, "model", remat="full"),
+                candidate_model=dataclasses.replace(model, remat="full"))
     if not model.attention_chunk_size and base.row_tokens > 2048:
         attempt("model.attention_chunk_size=512", _with(config, "model", attention_chunk_size=512),
                 candidate_model=dataclasses.replace(model, attention_chunk_size=512))

@@ -341,7 +341,7 @@ class _LoopState(NamedTuple):
 def row_shardings(tree, row_sharding: NamedSharding):
     """Where `constrain_rows` pins each array of ``tree``: dim 0 split like ``row_sharding``, the
     rest replicated — except the keys and values of a `KVCache`, whose kv-head axis (third from
-    last: [B, N, S, K], or the engine's stacked [S, 1, N, L, K]) is also split as the rules table
+    last: [B, layers, N, S, K], or the engine's stacked [S, 1, layers, N, L, K]) is also split as the rules table
     places logical ``kv_heads`` (over ``tensor``), so tensor parallelism divides the cache too."""
     mesh, rows = row_sharding.mesh, _row_axes(row_sharding)
 
@@ -357,8 +357,8 @@ def row_shardings(tree, row_sharding: NamedSharding):
 
     def place(node):
         if isinstance(node, KVCache):
-            return jax.tree.map(split_rows, node)._replace(keys=tuple(map(split_heads, node.keys)),
-                                                           values=tuple(map(split_heads, node.values)))
+            return jax.tree.map(split_rows, node)._replace(keys=split_heads(node.keys),
+                                                           values=split_heads(node.values))
         return split_rows(node)
 
     return jax.tree.map(place, tree, is_leaf=lambda node: isinstance(node, KVCache))

@@ -62,6 +62,7 @@ def rule(*mesh_axes: str, if_indivisible: Literal["raise", "replicate"] = "raise
 # The one table. A mesh axis the mesh lacks counts as size 1, so one table serves every mesh shape.
 DEFAULT_RULES: Mapping[str, AxisRule] = types.MappingProxyType({
     # parameters (fipo_jax.models.layers.LOGICAL_AXES)
+    "layers": rule(),             # never split: the layer scan reads one whole layer per step
     "vocab": rule("tensor"),      # no fallback: real vocabularies are multiples of 128, CharTokenizer's 20
     "embed": rule("fsdp"),
     "heads": rule("tensor"),
@@ -69,12 +70,15 @@ DEFAULT_RULES: Mapping[str, AxisRule] = types.MappingProxyType({
     "head_dim": rule(),
     "mlp": rule("tensor"),
     "norm": rule(),
-    # batches, sampler rows, KV cache [batch, kv_heads, length, head_dim] (models.kv_cache.KV_CACHE_AXES)
+    # batches, sampler rows, KV cache [batch, layers, kv_heads, length, head_dim] (models.kv_cache.KV_CACHE_AXES)
     "batch": rule("data"),        # rows of a batch / of the sampler / of the KV cache
     "length": rule(),             # sequence positions, cache slots
     "mini_batch": rule(),         # the update's [mini_batch, micro_batch, batch, ...] layout (rl_step)
     "micro_batch": rule(),
 })
+
+# Logical axes no rules table may split (a custom table that tries raises ShardingRuleError).
+NEVER_SPLIT = frozenset({"layers"})
 
 RuleLike = AxisRule | str | Sequence[str] | None
 
@@ -135,6 +139,7 @@ def logical_to_mesh_spec(
         dimension not divisible by the product of   ShardingRuleError, unless the rule declares
         its present mesh axes' sizes                ``if_indivisible="replicate"``: replicated
         fewer or more logical axes than dimensions  ShardingRuleError
+        a rule splitting an axis in `NEVER_SPLIT`   ShardingRuleError
         ==========================================  =========================================
 
     The error reads ``cannot shard <name> of shape <shape> with logical axes <axes> on mesh
@@ -164,6 +169,9 @@ def logical_to_mesh_spec(
             axis_rule = _as_rule(rules[logical])
         except ShardingRuleError as error:
             fail(f"the rule for {logical!r} is malformed: {error}")
+        if logical in NEVER_SPLIT and axis_rule.mesh_axes:
+            fail(f"logical axis {logical!r} is never split (the layer scan reads one whole layer per step), "
+                 f"but the rules table maps it to {axis_rule.mesh_axes}")
         for a in axis_rule.mesh_axes:
             if a in used:
                 fail(f"mesh axis {a!r} would split both {used[a]!r} and {logical!r}")
@@ -191,7 +199,7 @@ def param_shardings(tree, mesh: Mesh, rules: Mapping[str, RuleLike] | None = Non
     for jit or ``jax.device_put``.
 
     `tree` is a model or its (possibly abstract) state; an error names the parameter's path,
-    e.g. ``layers.0.self_attn.q_proj.kernel``."""
+    e.g. ``layers.self_attn.q_proj.kernel``."""
     state = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
 
     def to_sharding(path, variable: nnx.Variable) -> nnx.Variable:

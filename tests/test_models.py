@@ -436,10 +436,12 @@ def test_input_validation(hf_pair):
 # ------------------------------------------------------------------------------------------
 
 
-def test_remat_gives_same_loss_and_grads():
+@pytest.mark.parametrize("policy", ["full", "dots", True])
+def test_remat_gives_same_loss_and_grads(policy):
     config = tiny_config()
     plain = Qwen2ForCausalLM(config, rngs=nnx.Rngs(1))
-    remat = Qwen2ForCausalLM(config.replace(remat=True), rngs=nnx.Rngs(1))
+    remat = Qwen2ForCausalLM(config.replace(remat=policy), rngs=nnx.Rngs(1))
+    assert remat.config.remat == ("full" if policy is True else policy)
     ids = jnp.asarray(random_ids((2, 6)))
 
     def loss(model):
@@ -451,10 +453,38 @@ def test_remat_gives_same_loss_and_grads():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
 
 
-def test_remat_scans_the_layers_and_saves_activation_memory():
-    """remat runs the layers as one scan over stacked parameters: XLA keeps one layer's inputs
-    per layer instead of every activation (on XLA:CPU a remat over the unrolled loop saved
-    almost nothing). Compile-only memory analysis of forward + backward."""
+def test_remat_policy_is_checked():
+    with pytest.raises(ValueError, match=r"ModelConfig.remat must be one of \('none', 'full', 'dots'\), got 'some'"):
+        tiny_config(remat="some")
+
+
+def test_layers_are_one_scan_whatever_the_depth():
+    """The forward's program does not grow with depth (one scan over stacked parameters), and the
+    stacked layers hold exactly what L separately initialised layers would."""
+    from fipo_jax.models.decoder import DecoderLayer
+    from fipo_jax.models.layers import Embed
+
+    def equations(layers, **kwargs):
+        model = nnx.eval_shape(lambda: Qwen2ForCausalLM(tiny_config(num_hidden_layers=layers, **kwargs),
+                                                        rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(model)
+        ids = jax.ShapeDtypeStruct((2, 6), jnp.int32)
+        return len(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, ids).jaxpr.eqns)
+
+    assert equations(2) == equations(12)
+    assert equations(2, remat="full") == equations(12, remat="full")
+    model = Qwen2ForCausalLM(tiny_config(num_hidden_layers=3), rngs=nnx.Rngs(5))
+    rngs = nnx.Rngs(5)
+    Embed(model.config, rngs=rngs)
+    for i in range(3):
+        layer = DecoderLayer(model.config, rngs=rngs)
+        np.testing.assert_array_equal(model.layers.self_attn.q_proj.kernel[...][i], layer.self_attn.q_proj.kernel[...])
+        np.testing.assert_array_equal(model.layers.mlp.down_proj.kernel[...][i], layer.mlp.down_proj.kernel[...])
+
+
+def test_remat_saves_activation_memory():
+    """With remat "full" the layer scan keeps one input per layer instead of every activation.
+    Compile-only memory analysis of forward + backward."""
     config = tiny_config(num_hidden_layers=8, hidden_size=64, intermediate_size=256)
 
     def temp_bytes(remat):
@@ -464,8 +494,9 @@ def test_remat_scans_the_layers_and_saves_activation_memory():
         ids = jax.ShapeDtypeStruct((4, 256), jnp.int32)
         return jax.jit(jax.grad(loss)).lower(state, ids).compile().memory_analysis().temp_size_in_bytes
 
-    plain, remat = temp_bytes(False), temp_bytes(True)
+    plain, remat, dots = temp_bytes("none"), temp_bytes("full"), temp_bytes("dots")
     assert remat * 2 < plain, (remat, plain)
+    assert remat < dots < plain, (remat, dots, plain)
 
 
 def test_parameters_carry_logical_axes():
@@ -475,9 +506,9 @@ def test_parameters_carry_logical_axes():
     for path, variable in flat.items():
         axes = variable.get_metadata()["out_sharding"]
         assert len(axes) == len(variable.shape) and set(axes) <= set(LOGICAL_AXES), path
-    q_kernel = flat[("layers", 0, "self_attn", "q_proj", "kernel")]
-    assert q_kernel.shape == (32, 4, 8)
-    assert q_kernel.get_metadata()["out_sharding"] == ("embed", "heads", "head_dim")
+    q_kernel = flat[("layers", "self_attn", "q_proj", "kernel")]  # the layers stacked on a leading axis
+    assert q_kernel.shape == (model.config.num_hidden_layers, 32, 4, 8)
+    assert q_kernel.get_metadata()["out_sharding"] == ("layers", "embed", "heads", "head_dim")
     assert flat[("embed_tokens", "embedding")].get_metadata()["out_sharding"] == ("vocab", "embed")
 
 
@@ -535,7 +566,7 @@ def test_a_rule_that_cannot_apply_raises_naming_tensor_shape_and_mesh():
     # param_shardings names each parameter by its path; heads (no fallback) do not split 8 ways.
     model = nnx.eval_shape(lambda: Qwen2ForCausalLM(tiny_config(), rngs=nnx.Rngs(0)))
     eight = jax.sharding.AbstractMesh((1, 8), ("fsdp", "tensor"))
-    with pytest.raises(ShardingRuleError, match=r"cannot shard layers\.0\.self_attn\.\w_proj\.(kernel|bias) of shape "
+    with pytest.raises(ShardingRuleError, match=r"cannot shard layers\.self_attn\.\w_proj\.(kernel|bias) of shape "
                                                 r"\(.*\) with logical axes \(.*'heads'.*\) on mesh "
                                                 r"\{'fsdp': 1, 'tensor': 8\}: dimension 'heads' of size 4"):
         param_shardings(nnx.state(model, nnx.Param), eight)
@@ -578,7 +609,7 @@ SHARDED_LOAD_SCRIPT = textwrap.dedent(
     mesh = jax.sharding.Mesh(devices, ("fsdp", "tensor"),
                              axis_types=(jax.sharding.AxisType.Auto,) * 2)
     model = load_pretrained(path, mesh=mesh)
-    layer = model.layers[0]
+    layer = model.layers  # stacked: a leading "layers" axis, never split
     specs = {
         "embed": model.embed_tokens.embedding[...].sharding.spec,
         "q": layer.self_attn.q_proj.kernel[...].sharding.spec,
@@ -587,13 +618,13 @@ SHARDED_LOAD_SCRIPT = textwrap.dedent(
         "norm": layer.attn_norm.weight[...].sharding.spec,
     }
     assert tuple(specs["embed"]) == ("tensor", "fsdp"), specs
-    assert tuple(specs["q"]) == ("fsdp", "tensor", None), specs
-    assert tuple(specs["k"]) == ("fsdp", None, None), specs  # 2 kv heads do not split 4 ways
-    assert tuple(specs["down"]) == ("tensor", "fsdp"), specs
-    assert tuple(specs["norm"]) in ((), (None,)), specs
+    assert tuple(specs["q"]) == (None, "fsdp", "tensor", None), specs
+    assert tuple(specs["k"]) == (None, "fsdp", None, None), specs  # 2 kv heads do not split 4 ways
+    assert tuple(specs["down"]) == (None, "tensor", "fsdp"), specs
+    assert tuple(specs["norm"]) in ((), (None,), (None, None)), specs
     expected = param_shardings(model, mesh)
     actual = jax.tree.map(lambda v: v.sharding, nnx.state(model, nnx.Param))
-    assert len(jax.tree.leaves(expected)) == 3 + 2 * 12
+    assert len(jax.tree.leaves(expected)) == 3 + 12
     assert jax.tree.leaves(expected) == jax.tree.leaves(actual)
     shard_shape = model.embed_tokens.embedding[...].addressable_shards[0].data.shape
     assert shard_shape == (16, 16), shard_shape

@@ -71,14 +71,14 @@ for rows in (8, 6):  # 6 rows: padded to 8 for the 4-way split, trimmed back
                  "shape": list(split.tokens.shape),
                  "same_tokens": bool(np.array_equal(plain.tokens, np.asarray(split.tokens))),
                  "log_prob_diff": float(np.abs(plain.log_probs - np.asarray(split.log_probs)).max())}
-# Per-device KV cache inside the compiled sampler: [8/4 rows, 2 kv heads, 8 + 12 - 1 slots, 8].
+# Per-device KV cache inside the compiled sampler: [8/4 rows, 2 layers, 2 kv heads, 8 + 12 - 1 slots, 8].
 from fipo_jax.sampling import _generate_jit
 graphdef, state = nnx.split(model)
 rows = NamedSharding(mesh, PartitionSpec("data"))
 ids = jax.device_put(np.ones((8, 8), np.int32), rows)
 hlo = _generate_jit.lower(graphdef, state, ids, jax.device_put(np.ones((8, 8), bool), rows), jax.random.key(0),
                           config, rows).compile().as_text()
-out["cache_split"] = "f32[2,2,19,8]" in hlo and "f32[8,2,19,8]" not in hlo
+out["cache_split"] = "f32[2,2,2,19,8]" in hlo and "f32[8,2,2,19,8]" not in hlo
 print(json.dumps(out))
 """
 
@@ -124,14 +124,14 @@ try:
     indivisible = "no error"
 except ValueError as error:
     indivisible = str(error)
-# Per-device KV cache inside the compiled engine call: [4/4 slots, 1, 2 kv heads, 8 + 12 - 1, 8].
+# Per-device KV cache inside the compiled engine call: [4/4 slots, 1, 2 layers, 2 kv heads, 8 + 12 - 1, 8].
 graphdef, state = nnx.split(model)
 hlo = engine_lib._advance_jit.lower(
     graphdef, state, engine_lib._init_slots_jit(model.config, 4, 19, (1, 1), None),
     engine_lib._init_prefixes_jit(model.config, 8, 8, None),
     engine_lib.Refill(*(np.zeros(s, np.int32) for s in (4, 4, 4, (4, 1, 1))), np.zeros((4, 1, 1), bool)),
     jax.random.key(0), np.int32(0), config, 16, rows).compile().as_text()
-# With a tensor axis the slots' and the prefix store's kv heads are split too: [4/2 slots, 1, 2/2 kv heads, 19, 8].
+# With a tensor axis the slots' and the prefix store's kv heads are split too: [4/2 slots, 1, 2, 2/2 kv heads, 19, 8].
 tensor_rows = NamedSharding(make_mesh((2, 2, 2)), PartitionSpec("data"))
 tensor_split, _ = engine_lib.generate(model, ids, mask, jax.random.key(1), config,
                                       engine_lib.EngineConfig(num_slots=4), max_new_tokens=budgets,
@@ -144,9 +144,9 @@ tensor_hlo = engine_lib._advance_jit.lower(
     engine_lib.Refill(*(np.zeros(s, np.int32) for s in (4, 4, 4, (4, 1, 1))), np.zeros((4, 1, 1), bool)),
     jax.random.key(0), np.int32(0), config, 16, tensor_rows).compile().as_text()
 print(json.dumps({"same_tokens": same, "same_lengths": bool(np.array_equal(split.lengths, lengths)),
-                  "indivisible": indivisible, "cache_split": "f32[1,1,2,19,8]" in hlo and "f32[4,1,2,19,8]" not in hlo,
+                  "indivisible": indivisible, "cache_split": "f32[1,1,2,2,19,8]" in hlo and "f32[4,1,2,2,19,8]" not in hlo,
                   "same_tokens_tensor": same_tensor,
-                  "cache_split_tensor": "f32[2,1,1,19,8]" in tensor_hlo and "f32[2,1,2,19,8]" not in tensor_hlo}))
+                  "cache_split_tensor": "f32[2,1,2,1,19,8]" in tensor_hlo and "f32[2,1,2,2,19,8]" not in tensor_hlo}))
 """
 
 
@@ -172,14 +172,14 @@ def _abstract_mesh(shape):
     return AbstractMesh(tuple(shape), MESH_AXES[: len(shape)])
 
 
-def _param_specs(config, mesh):
+def _param_specs(config, mesh, rules=None):
     from flax import nnx
 
     from fipo_jax.models import CausalLM
     from fipo_jax.sharding import param_shardings
 
     abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
-    shardings = param_shardings(nnx.state(abstract, nnx.Param), mesh)
+    shardings = param_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
     return {".".join(map(str, path)): tuple(v.get_value().spec) for path, v in nnx.to_flat_state(shardings)}
 
 
@@ -212,7 +212,7 @@ def test_models_shard_on_the_trainer_meshes_and_gemma3_270m():
 
     from fipo_jax.data import CharTokenizer
     from fipo_jax.models import KV_CACHE_AXES, Qwen2Config
-    from fipo_jax.sharding import ShardingRuleError, logical_to_mesh_spec
+    from fipo_jax.sharding import DEFAULT_RULES, ShardingRuleError, logical_to_mesh_spec, rule
 
     vocab = CharTokenizer().vocab_size  # the trainer's tiny model: vocab 20 on a 2-way tensor axis
     tiny = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -222,15 +222,18 @@ def test_models_shard_on_the_trainer_meshes_and_gemma3_270m():
     eight = _param_specs(tiny, _abstract_mesh((2, 2, 2)))
     assert eight["embed_tokens.embedding"] == ("tensor", "fsdp")
     assert eight["lm_head.kernel"] == ("fsdp", "tensor")
-    assert eight["layers.0.self_attn.q_proj.kernel"] == ("fsdp", "tensor", None)
-    assert eight["layers.0.self_attn.k_proj.kernel"] == ("fsdp", "tensor", None)  # 2 kv heads split 2 ways
-    assert eight["layers.0.self_attn.o_proj.kernel"] == ("tensor", None, "fsdp")
-    assert eight["layers.0.mlp.down_proj.kernel"] == ("tensor", "fsdp")
-    assert eight["layers.0.attn_norm.weight"] == (None,)
-    assert tuple(logical_to_mesh_spec(KV_CACHE_AXES, (8, 2, 19, 8), _abstract_mesh((2, 2, 2)))) \
-        == ("data", "tensor", None, None)
-    assert _param_specs(tiny, _abstract_mesh((1, 2, 4)))["layers.0.self_attn.k_proj.kernel"] \
-        == ("fsdp", None, None)  # 2 kv heads on 4-way tensor: the declared fallback
+    # Decoder layers are stacked on a leading "layers" axis, which is never split.
+    assert eight["layers.self_attn.q_proj.kernel"] == (None, "fsdp", "tensor", None)
+    assert eight["layers.self_attn.k_proj.kernel"] == (None, "fsdp", "tensor", None)  # 2 kv heads split 2 ways
+    assert eight["layers.self_attn.o_proj.kernel"] == (None, "tensor", None, "fsdp")
+    assert eight["layers.mlp.down_proj.kernel"] == (None, "tensor", "fsdp")
+    assert eight["layers.attn_norm.weight"] == (None, None)
+    assert tuple(logical_to_mesh_spec(KV_CACHE_AXES, (8, 1, 2, 19, 8), _abstract_mesh((2, 2, 2)))) \
+        == ("data", None, "tensor", None, None)
+    assert _param_specs(tiny, _abstract_mesh((1, 2, 4)))["layers.self_attn.k_proj.kernel"] \
+        == (None, "fsdp", None, None)  # 2 kv heads on 4-way tensor: the declared fallback
+    with pytest.raises(ShardingRuleError, match=r"logical axis 'layers' is never split"):
+        _param_specs(tiny, _abstract_mesh((2, 2, 2)), {**DEFAULT_RULES, "layers": rule("fsdp")})
     with pytest.raises(ShardingRuleError, match=r"cannot shard embed_tokens\.embedding of shape \(20, 32\) .* on mesh "
                                                 r"\{'data': 1, 'fsdp': 1, 'tensor': 8\}: dimension 'vocab' of size 20"):
         _param_specs(Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -241,13 +244,13 @@ def test_models_shard_on_the_trainer_meshes_and_gemma3_270m():
         specs = _param_specs(gemma, _abstract_mesh(shape))
         tensor = "tensor" if len(shape) == 3 else None
         assert specs["embed_tokens.embedding"] == (tensor, "fsdp"), shape
-        assert specs["layers.0.self_attn.q_proj.kernel"] == ("fsdp", tensor, None), shape
-        assert specs["layers.0.self_attn.k_proj.kernel"] == ("fsdp", None, None), shape  # 1 kv head: whole
-        assert specs["layers.0.self_attn.q_norm.weight"] == (None,), shape
-        assert specs["layers.0.mlp.gate_proj.kernel"] == ("fsdp", tensor), shape
-        assert tuple(logical_to_mesh_spec(KV_CACHE_AXES, (8, 1, 64, 256), _abstract_mesh(shape))) \
-            == ("data", None, None, None), shape
-    with pytest.raises(ShardingRuleError, match=r"cannot shard layers\.0\.self_attn\.\w_proj\.kernel of shape "
+        assert specs["layers.self_attn.q_proj.kernel"] == (None, "fsdp", tensor, None), shape
+        assert specs["layers.self_attn.k_proj.kernel"] == (None, "fsdp", None, None), shape  # 1 kv head: whole
+        assert specs["layers.self_attn.q_norm.weight"] == (None, None), shape
+        assert specs["layers.mlp.gate_proj.kernel"] == (None, "fsdp", tensor), shape
+        assert tuple(logical_to_mesh_spec(KV_CACHE_AXES, (8, 18, 1, 64, 256), _abstract_mesh(shape))) \
+            == ("data", None, None, None, None), shape
+    with pytest.raises(ShardingRuleError, match=r"cannot shard layers\.self_attn\.\w_proj\.kernel of shape "
                                                 r"\(.*\) with logical axes \(.*'heads'.*\) on mesh "
                                                 r"\{'data': 1, 'fsdp': 1, 'tensor': 8\}: dimension 'heads' of size 4"):
         _param_specs(gemma, _abstract_mesh((1, 1, 8)))  # 4 query heads do not split 8 ways

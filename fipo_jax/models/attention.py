@@ -116,8 +116,13 @@ def decode_attention(
     scale: float,
     block_size: int,
     window: int | None = None,
+    layer: jax.Array | None = None,
 ) -> jax.Array:
     """One query per row against the cache, reading only the blocks of slots that hold visible keys.
+
+    The caches are one layer's [B, N, S, K], or every layer's [B, L, N, S, K] with ``layer`` naming
+    the one to read (the layer scan's stacked cache: each block is sliced out of it, no copy of
+    the layer).
 
     A decode step's query sits at slot i = mask.query_slots_T[0] and sees only slots ≤ i (and,
     in a sliding layer, only keys inside the window), so blocks b = b₀ … ⌈(i + 1) / block⌉ − 1
@@ -133,8 +138,14 @@ def decode_attention(
     from S − block and its slots that an earlier block already covered are masked out.
     """
     batch, num_heads, head_dim = q_BxHxK.shape
-    num_kv_heads, max_len = k_cache_BxNxSxK.shape[1], k_cache_BxNxSxK.shape[2]
+    num_kv_heads, max_len = k_cache_BxNxSxK.shape[-3], k_cache_BxNxSxK.shape[-2]
     block = min(block_size, max_len)
+
+    def read_block(cache, start):  # [B, N, block, K] at slots [start, start + block) of the layer
+        if layer is None:
+            return lax.dynamic_slice_in_dim(cache, start, block, axis=2)
+        return lax.dynamic_slice(cache, (0, layer, 0, start, 0), (batch, 1, num_kv_heads, block, head_dim))[:, 0]
+
     groups = num_heads // num_kv_heads
     q_BxNxGxK = q_BxHxK.reshape(batch, num_kv_heads, groups, head_dim)
     query_slot = mask.query_slots_T[0]
@@ -154,8 +165,8 @@ def decode_attention(
         start = jnp.minimum(b * block, max_len - block)
         slots_L = start + jnp.arange(block, dtype=jnp.int32)
         # As in `_attention`: inputs in the query's dtype, scores and accumulation in float32.
-        k_BxNxLxK = lax.dynamic_slice_in_dim(k_cache_BxNxSxK, start, block, axis=2).astype(q_BxHxK.dtype)
-        v_BxNxLxK = lax.dynamic_slice_in_dim(v_cache_BxNxSxK, start, block, axis=2).astype(q_BxHxK.dtype)
+        k_BxNxLxK = read_block(k_cache_BxNxSxK, start).astype(q_BxHxK.dtype)
+        v_BxNxLxK = read_block(v_cache_BxNxSxK, start).astype(q_BxHxK.dtype)
         allowed_BxL = lax.dynamic_slice_in_dim(mask.key_valid_BxS, start, block, axis=1)
         allowed_BxL = allowed_BxL & ((slots_L >= b * block) & (slots_L <= query_slot))[None]
         if window is not None:

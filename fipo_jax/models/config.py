@@ -32,6 +32,10 @@ MODEL_TYPES = ("qwen2", "qwen3", "llama", "gemma3_text")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 HIDDEN_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 ROPE_SCALING_TYPES = ("linear", "llama3")
+# What each step of the layer scan keeps for the backward pass (`decoder.CHECKPOINT_POLICIES`):
+# "none" every activation, "full" only the layer's input (all else recomputed), "dots" the outputs
+# of the weight matmuls (attention scores and elementwise work recomputed).
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 class UnsupportedConfigError(ValueError):
@@ -102,7 +106,10 @@ class ModelConfig:
       dtype: parameter storage dtype, "float32" or "bfloat16".
       compute_dtype: activation/matmul dtype; norm statistics, RoPE, attention softmax and the
         output logits are always float32.
-      remat: rematerialise each decoder layer in the backward pass (nnx.remat).
+      remat: what each step of the layer scan keeps for the backward pass, one of
+        `REMAT_POLICIES`: "none" (every activation), "full" (the layer's input only; the layer is
+        recomputed), "dots" (the weight matmuls' outputs; attention and elementwise work
+        recomputed). True / False are read as "full" / "none".
       attention_chunk_size: full-sequence attention over query chunks of this many tokens, each
         rematerialised: O(chunk × T) score memory instead of O(T²), same result.
       decode_block_size: a decode step reads the KV cache in blocks of this many slots, only the
@@ -137,7 +144,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"
     attention_chunk_size: int | None = None
     decode_block_size: int | None = 256
 
@@ -164,9 +171,12 @@ class ModelConfig:
         _checks.require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
                         f"ModelConfig.rope_scaling must be None or a RopeScaling, got {self.rope_scaling!r}")
         for name in ("tie_word_embeddings", "qkv_bias", "o_proj_bias", "mlp_bias", "qk_norm", "norm_unit_offset",
-                     "sandwich_norms", "scale_embeddings", "remat"):
+                     "sandwich_norms", "scale_embeddings"):
             _checks.check_bool(f"ModelConfig.{name}", getattr(self, name))
         _checks.check_choice("ModelConfig.hidden_activation", self.hidden_activation, HIDDEN_ACTIVATIONS)
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        _checks.check_choice("ModelConfig.remat", self.remat, REMAT_POLICIES)
         _checks.check_number("ModelConfig.query_pre_attn_scalar", self.query_pre_attn_scalar, minimum=0,
                              exclusive_minimum=True, allow_none=True)
         self._validate_layer_types()

@@ -22,10 +22,11 @@ from flax import nnx
 
 from fipo_jax.models.attention import AttentionMask
 from fipo_jax.models.config import ModelConfig
-from fipo_jax.models.kv_cache import KVCache, init_kv_cache
-from fipo_jax.segments import check_segment_ids, segment_cumsum
-from fipo_jax.models.layers import AXIS_EMBED, AXIS_VOCAB, MLP, Attention, DenseGeneral, Embed, RMSNorm
+from fipo_jax.models.kv_cache import KVCache, LayerCache, init_kv_cache
+from fipo_jax.models.layers import (AXIS_EMBED, AXIS_LAYERS, AXIS_VOCAB, MLP, Attention, DenseGeneral, Embed,
+                                    RMSNorm)
 from fipo_jax.models.rope import rope_cos_sin
+from fipo_jax.segments import check_segment_ids, segment_cumsum
 
 
 def positions_from_mask(mask_BxT: jax.Array, start_B: jax.Array | None = None,
@@ -47,8 +48,8 @@ class DecoderLayer(nnx.Module):
     """Pre-norm residual block, with post-norms too when `sandwich_norms` (see module doc)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        # Nothing layer-type specific is stored: every layer has the same graph, so a remat
-        # forward can scan over the stacked layers (the window and RoPE come in as arguments).
+        # Nothing layer-type specific is stored: every layer has the same graph, so the layers are
+        # one scan over stacked parameters (the window and RoPE come in as arguments).
         self.attn_norm = RMSNorm(config)
         self.self_attn = Attention(config, rngs=rngs)
         self.mlp_norm = RMSNorm(config)
@@ -66,11 +67,11 @@ class DecoderLayer(nnx.Module):
         sin_BxTxK: jax.Array,
         mask: AttentionMask,
         window: int | jax.Array | None = None,
-        layer_cache: tuple[jax.Array, jax.Array] | None = None,
+        cache: LayerCache | None = None,
         write_index: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    ) -> tuple[jax.Array, LayerCache | None]:
         attn_BxTxD, new_cache = self.self_attn(self.attn_norm(x_BxTxD), cos_BxTxK, sin_BxTxK, mask, window,
-                                               layer_cache, write_index)
+                                               cache, write_index)
         if self.attn_output_norm is not None:
             attn_BxTxD = self.attn_output_norm(attn_BxTxD)
         x_BxTxD = x_BxTxD + attn_BxTxD
@@ -82,6 +83,27 @@ class DecoderLayer(nnx.Module):
 
 # A window no position difference reaches: "full attention" for a layer scanned with sliding ones.
 _NO_WINDOW = 2**30
+
+# `ModelConfig.remat` → what a layer step saves for the backward pass (None: everything, no remat).
+CHECKPOINT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
+    """One `DecoderLayer` whose every variable holds the L layers' values stacked on a leading
+    ``layers`` axis (logical axis "layers" prepended to its sharding metadata): what the layer
+    scan reads, one layer per step, and what checkpoints, the optimizer and the rules table see."""
+    def stack(*variables: nnx.Variable) -> nnx.Variable:
+        axes = variables[0].get_metadata().get("out_sharding")
+        return variables[0].replace(jnp.stack([v.get_value() for v in variables]),
+                                    out_sharding=None if axes is None else (AXIS_LAYERS, *axes))
+
+    states = [nnx.state(layer) for layer in layers]
+    stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(nnx.graphdef(layers[0]), stacked)
 
 
 class CausalLM(nnx.Module):
@@ -104,14 +126,17 @@ class CausalLM(nnx.Module):
       `last_token_only=True` returns logits for the final position only ([B, 1, V]), which is
       what prefill needs; with left padding the final position is real for every row.
 
-    Logits are float32. For log-probs without a [B, T, V] tensor use `hidden_states` +
-    `unembedding` / `unembed` on chunks.
+    The L decoder layers are one `DecoderLayer` module whose parameters are stacked on a leading
+    ``layers`` axis (`stack_layers`), run as one `lax.scan` in every call form: compile time
+    does not grow with depth, and no call restacks the weights. Logits are float32. For log-probs
+    without a [B, T, V] tensor use `hidden_states` + `unembedding` / `unembed` on chunks.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed_tokens = Embed(config, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        # Initialised layer by layer (the same values as L separate layers), then stacked.
+        self.layers = stack_layers([DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config)
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -140,11 +165,23 @@ class CausalLM(nnx.Module):
 
     # -- trunk ------------------------------------------------------------------------------
 
-    def _rope_tables(self, positions_BxT: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
-        """cos/sin per layer type present in the model (computed once per forward)."""
+    def _layer_inputs(self, positions_BxT: jax.Array):
+        """Per-layer scanned data and the RoPE lookup: (window_L or None, type_index_L, rope),
+        where ``rope(type_index)`` gives the layer's (cos, sin). RoPE tables are computed once per
+        forward for each layer type present; windows are per-layer data only when some layer
+        slides (full layers then get a window no position difference reaches)."""
         config = self.config
-        types = sorted(set(config.every_layer_type))
-        return {t: rope_cos_sin(positions_BxT, config.head_dim, *config.rope(t)) for t in types}
+        layer_types = config.every_layer_type
+        types = sorted(set(layer_types))
+        tables = [rope_cos_sin(positions_BxT, config.head_dim, *config.rope(t)) for t in types]
+        type_index_L = jnp.asarray([types.index(t) for t in layer_types], jnp.int32)
+        window_L = (jnp.asarray([config.window(t) or _NO_WINDOW for t in layer_types], jnp.int32)
+                    if config.sliding_window is not None and "sliding_attention" in layer_types else None)
+        if len(tables) == 1:
+            return window_L, type_index_L, lambda _: tables[0]
+        cos_YxBxTxK = jnp.stack([cos for cos, _ in tables])
+        sin_YxBxTxK = jnp.stack([sin for _, sin in tables])
+        return window_L, type_index_L, lambda index: (cos_YxBxTxK[index], sin_YxBxTxK[index])
 
     def hidden_states(
         self,
@@ -159,11 +196,10 @@ class CausalLM(nnx.Module):
         only to its own segment, and default positions restart at 0 in each segment, so every
         packed sequence computes what it computes alone.
 
-        With `config.remat`, the layers run as one `lax.scan` over their stacked parameters,
-        each step rematerialised in the backward pass, so only the L layer inputs are kept. On
-        XLA:CPU a remat over an unrolled Python loop saves almost nothing: Gemma 3 270M,
-        8 × 512 tokens, forward + backward temporaries 9.6 GiB unrolled (remat or not) vs
-        1.4 GiB scanned.
+        The layers run as one `lax.scan` over their stacked parameters; `config.remat` chooses
+        what each step keeps for the backward pass (`CHECKPOINT_POLICIES`): with "full" only the
+        L layer inputs are kept (Gemma 3 270M, 8 × 512 tokens on XLA:CPU: forward + backward
+        temporaries 1.4 GiB, against 9.6 GiB for the unrolled loop an earlier version ran).
         """
         mask_BxT = self._check_inputs(input_ids, positions, attention_mask)
         if segment_ids is not None:
@@ -171,38 +207,22 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = positions_from_mask(mask_BxT, segment_ids_BxT=segment_ids)
         positions = positions.astype(jnp.int32)
-        tables = self._rope_tables(positions)
+        window_L, type_index_L, rope = self._layer_inputs(positions)
         mask = AttentionMask(jnp.arange(input_ids.shape[1], dtype=jnp.int32), mask_BxT, positions, positions,
                              segment_ids, segment_ids)
-        x_BxTxD = self.embed_tokens(input_ids, self.config.activation_dtype)
-        if self.config.remat:
-            return self.norm(self._scanned_layers(x_BxTxD, tables, mask))
-        for layer, layer_type in zip(self.layers, self.config.every_layer_type):
-            x_BxTxD = layer(x_BxTxD, *tables[layer_type], mask, self.config.window(layer_type))[0]
-        return self.norm(x_BxTxD)
+        graphdef, stacked = nnx.split(self.layers)
 
-    def _scanned_layers(self, x_BxTxD: jax.Array, tables: dict, mask: AttentionMask) -> jax.Array:
-        """All layers as one rematerialised `lax.scan` over their stacked parameters; each step
-        picks its layer type's RoPE table and window from per-layer arrays."""
-        config = self.config
-        types = sorted(tables)
-        layer_types = config.every_layer_type
-        type_index_L = jnp.asarray([types.index(t) for t in layer_types], jnp.int32)
-        # Per-layer windows only when some layer slides; otherwise no window mask at all.
-        window_L = (jnp.asarray([config.window(t) or _NO_WINDOW for t in layer_types], jnp.int32)
-                    if config.sliding_window is not None else None)
-        cos_YxBxTxK = jnp.stack([tables[t][0] for t in types])
-        sin_YxBxTxK = jnp.stack([tables[t][1] for t in types])
-        layer_graph = nnx.graphdef(self.layers[0])
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in self.layers])
-
-        def step(x, per_layer):
+        def step(x_BxTxD, per_layer):
             state, type_index, window = per_layer  # window: None when no layer slides
-            layer = nnx.merge(layer_graph, state)
-            return layer(x, cos_YxBxTxK[type_index], sin_YxBxTxK[type_index], mask, window)[0], None
+            layer = nnx.merge(graphdef, state)
+            return layer(x_BxTxD, *rope(type_index), mask, window)[0], None
 
-        x_BxTxD, _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), x_BxTxD, (stacked, type_index_L, window_L))
-        return x_BxTxD
+        policy = self.config.remat
+        if policy != "none":
+            step = jax.checkpoint(step, prevent_cse=False, policy=CHECKPOINT_POLICIES[policy])
+        x_BxTxD = self.embed_tokens(input_ids, self.config.activation_dtype)
+        x_BxTxD, _ = jax.lax.scan(step, x_BxTxD, (stacked, type_index_L, window_L))
+        return self.norm(x_BxTxD)
 
     def hidden_states_with_cache(
         self,
@@ -211,11 +231,16 @@ class CausalLM(nnx.Module):
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """Cached forward (see class docstring): final-normed hidden [B, T, D] and new cache."""
+        """Cached forward (see class docstring): final-normed hidden [B, T, D] and new cache.
+
+        The layer scan carries the stacked cache: step ℓ writes the new keys / values into layer
+        ℓ in place and reads only that layer."""
         mask_BxT = self._check_inputs(input_ids, positions, attention_mask)
         batch, seq_len = input_ids.shape
-        if len(kv_cache.keys) != self.config.num_hidden_layers:
-            raise ValueError(f"kv_cache has {len(kv_cache.keys)} layers, model has {self.config.num_hidden_layers}")
+        layers = self.config.num_hidden_layers
+        if kv_cache.keys.ndim != 5 or kv_cache.keys.shape[1] != layers:
+            raise ValueError(f"kv_cache keys must be [B, {layers} layers, N, S, K], got {list(kv_cache.keys.shape)} "
+                             "(make it with init_kv_cache)")
         if kv_cache.valid_BxS.shape[0] != batch:
             raise ValueError(f"kv_cache batch {kv_cache.valid_BxS.shape[0]} != input batch {batch}")
         if seq_len > kv_cache.max_len:
@@ -227,25 +252,31 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = positions_from_mask(mask_BxT, kv_cache.next_position_B)
         positions = positions.astype(jnp.int32)
-        tables = self._rope_tables(positions)
+        window_L, type_index_L, rope = self._layer_inputs(positions)
         index = kv_cache.index
         valid_BxS = jax.lax.dynamic_update_slice(kv_cache.valid_BxS, mask_BxT, (0, index))
         positions_BxS = jax.lax.dynamic_update_slice(kv_cache.positions_BxS, positions, (0, index))
         mask = AttentionMask(index + jnp.arange(seq_len, dtype=jnp.int32), valid_BxS, positions, positions_BxS)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def step(carry, per_layer):
+            x_BxTxD, keys, values = carry
+            state, type_index, window, layer_index = per_layer
+            layer = nnx.merge(graphdef, state)
+            x_BxTxD, cache = layer(x_BxTxD, *rope(type_index), mask, window, LayerCache(keys, values, layer_index),
+                                   index)
+            return (x_BxTxD, cache.keys, cache.values), None
+
         x_BxTxD = self.embed_tokens(input_ids, self.config.activation_dtype)
-        new_keys, new_values = [], []
-        for layer, layer_type, k_cache, v_cache in zip(self.layers, self.config.every_layer_type, kv_cache.keys,
-                                                       kv_cache.values):
-            x_BxTxD, (k_new, v_new) = layer(x_BxTxD, *tables[layer_type], mask, self.config.window(layer_type),
-                                            (k_cache, v_cache), index)
-            new_keys.append(k_new)
-            new_values.append(v_new)
+        (x_BxTxD, keys, values), _ = jax.lax.scan(
+            step, (x_BxTxD, kv_cache.keys, kv_cache.values),
+            (stacked, type_index_L, window_L, jnp.arange(layers, dtype=jnp.int32)))
         # Next position = last real position + 1; rows with no real token keep their counter.
         last_real_B = jnp.max(jnp.where(mask_BxT, positions, -1), axis=1)
         next_position_B = jnp.where(jnp.any(mask_BxT, axis=1), last_real_B + 1, kv_cache.next_position_B)
         new_cache = KVCache(
-            keys=tuple(new_keys),
-            values=tuple(new_values),
+            keys=keys,
+            values=values,
             valid_BxS=valid_BxS,
             positions_BxS=positions_BxS,
             next_position_B=next_position_B.astype(jnp.int32),

@@ -48,7 +48,7 @@ def config_from_hf(
     *,
     dtype: str = "float32",
     compute_dtype: str | None = None,
-    remat: bool = False,
+    remat: str | bool = "none",
     attention_chunk_size: int | None = None,
 ) -> ModelConfig:
     """A `ModelConfig` from a transformers config object or a `config.json` dict.
@@ -57,7 +57,7 @@ def config_from_hf(
       hf_config: transformers config object (anything with `to_dict()`) or a mapping.
       dtype: parameter dtype of the model to build.
       compute_dtype: activation dtype; defaults to `dtype`.
-      remat: rematerialise decoder layers.
+      remat: the layer scan's remat policy (`ModelConfig.remat`).
       attention_chunk_size: query-chunked attention (see `ModelConfig`).
 
     Raises:
@@ -380,11 +380,15 @@ HEADS_IN = Layout(
 
 @dataclasses.dataclass(frozen=True)
 class WeightMapping:
-    """One row of the mapping table: HF key ↔ nnx path, with the layout transform."""
+    """One row of the mapping table: HF key ↔ nnx path, with the layout transform.
+
+    A decoder layer's tensor is slice ``layer`` of the stacked parameter at ``path`` (leading
+    ``layers`` axis, `decoder.stack_layers`); ``layer`` is None for the other parameters."""
 
     hf_key: str
-    path: tuple[str | int, ...]
+    path: tuple[str, ...]
     layout: Layout
+    layer: int | None = None
 
 
 def _layer_rows(config: ModelConfig) -> list[tuple[str, tuple[str, ...], Layout]]:
@@ -421,6 +425,6 @@ def hf_weight_table(config: ModelConfig) -> tuple[WeightMapping, ...]:
         rows.append(WeightMapping("lm_head.weight", ("lm_head", "kernel"), LINEAR))
     layer_rows = _layer_rows(config)
     for i in range(config.num_hidden_layers):
-        rows += [WeightMapping(f"model.layers.{i}.{suffix}", ("layers", i, *path), layout)
+        rows += [WeightMapping(f"model.layers.{i}.{suffix}", ("layers", *path), layout, layer=i)
                  for suffix, path, layout in layer_rows]
     return tuple(rows)

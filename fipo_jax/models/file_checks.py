@@ -134,21 +134,31 @@ def _is_finite(array: jax.Array) -> jax.Array:
     return jnp.isfinite(array).all()
 
 
+def finite_flags(arrays: Mapping[Any, jax.Array]) -> dict[Any, jax.Array]:
+    """Key → on-device bool "every element finite", for the floating-point arrays of ``arrays``:
+    one jitted reduction each, dispatched and not fetched (so the arrays may be dropped at once)."""
+    return {key: _is_finite(array) for key, array in arrays.items() if jnp.issubdtype(array.dtype, jnp.inexact)}
+
+
 def nonfinite_tensors(arrays: Mapping[Any, jax.Array]) -> list[Any]:
     """The keys of ``arrays`` whose array holds a NaN or ±inf, in the mapping's order.
 
     One jitted all-finite reduction per array, all dispatched before a single device→host
     transfer of the flags; nothing the size of an array is copied. Non-float arrays are skipped.
     """
-    keys = [key for key, array in arrays.items() if jnp.issubdtype(array.dtype, jnp.inexact)]
-    flags = jax.device_get([_is_finite(arrays[key]) for key in keys])
-    return [key for key, ok in zip(keys, flags) if not ok]
+    flags = finite_flags(arrays)
+    return [key for key, ok in zip(flags, jax.device_get(list(flags.values()))) if not ok]
 
 
 def check_finite(loaded: Mapping[str, jax.Array], locate: Callable[[str], tuple[str, str]]) -> None:
     """Raises a CheckpointFileError naming every loaded tensor (and its file) that holds NaN or ±inf;
     ``locate(name)`` gives the (file, tensor name inside that file) of an HF tensor name."""
-    bad = nonfinite_tensors(loaded)
+    raise_if_nonfinite(finite_flags(loaded), locate)
+
+
+def raise_if_nonfinite(flags: Mapping[str, jax.Array], locate: Callable[[str], tuple[str, str]]) -> None:
+    """`check_finite` from `finite_flags` taken earlier (one device→host transfer of all flags)."""
+    bad = [key for key, ok in zip(flags, jax.device_get(list(flags.values()))) if not ok]
     if not bad:
         return
     by_file: dict[str, list[str]] = {}

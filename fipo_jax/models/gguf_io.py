@@ -242,7 +242,7 @@ def load_gguf(
     *,
     dtype: str = "float32",
     compute_dtype: str | None = None,
-    remat: bool = False,
+    remat: str | bool = "none",
     attention_chunk_size: int | None = None,
     mesh=None,
     rules=None,

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers "bfloat16" with numpy so safetensors can return BF16)
 import numpy as np
 from flax import nnx
@@ -34,11 +36,12 @@ from fipo_jax.models.file_checks import (
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
     CheckpointFileError,
-    check_finite,
     check_model_path,
     checkpoint_files,
+    finite_flags,
     nonfinite_tensors,
     open_safetensors,
+    raise_if_nonfinite,
     read_json_object,
 )
 from fipo_jax.models.config import MODEL_TYPES, ModelConfig, UnsupportedConfigError
@@ -149,7 +152,7 @@ class SafetensorsSource(TensorSource):
 
 def _check_tensors(
     table: Sequence[WeightMapping],
-    param_shapes: Mapping[tuple, tuple[int, ...]],
+    target_shapes: Mapping[str, tuple[int, ...]],
     found: Mapping[str, TensorInfo],
     config: ModelConfig,
     source: TensorSource,
@@ -164,7 +167,7 @@ def _check_tensors(
     for key, row in expected.items():
         if key not in found:
             continue
-        want = tuple(row.layout.hf_shape(param_shapes[row.path]))
+        want = tuple(row.layout.hf_shape(target_shapes[key]))
         if found[key].shape != want:
             misshaped.append(f"{key}: checkpoint {list(found[key].shape)}, expected {list(want)}")
         if not found[key].readable:
@@ -200,6 +203,25 @@ def _place(array: np.ndarray, sharding: jax.sharding.NamedSharding | None) -> ja
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def _layer_sharding(sharding: jax.sharding.NamedSharding | None) -> jax.sharding.NamedSharding | None:
+    """The sharding of one layer of a stacked parameter (its leading ``layers`` axis is never split)."""
+    if sharding is None:
+        return None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, layer_array: jax.Array, layer: jax.Array) -> jax.Array:
+    """``stacked[layer] = layer_array`` in place (the stacked buffer is donated; one compile per
+    parameter shape, the layer index is traced)."""
+    return stacked.at[layer].set(layer_array.astype(stacked.dtype))
+
+
+def _zeros(shape: tuple[int, ...], dtype, sharding: jax.sharding.NamedSharding | None) -> jax.Array:
+    """A zero device array of ``shape`` made on its sharding (no host copy)."""
+    return jnp.zeros(shape, dtype) if sharding is None else jnp.zeros(shape, dtype, device=sharding)
+
+
 def _check_tied_head(source: TensorSource) -> None:
     """A tied checkpoint may still carry lm_head.weight; accept it only if it equals the embedding
     (NaNs in the same places count as equal here: the finiteness check names them afterwards)."""
@@ -220,10 +242,11 @@ def load_weights(
 
     `source` is a `TensorSource` or a safetensors checkpoint folder. Every tensor name/shape is
     checked against `hf_weight_table(config)` before any data is read. Tensors are cast to
-    `config.dtype`; with `mesh`, each lands directly on its NamedSharding (`param_shardings` by
+    `config.dtype`; a decoder layer's tensor is written into its slice of the stacked parameter
+    on the device (the host holds one tensor at a time); with `mesh`, each lands directly on its NamedSharding (`param_shardings` by
     `rules`, all computed before any data is read: a rule that cannot apply raises
     `fipo_jax.sharding.ShardingRuleError` up front). Once all are placed, one on-device all-finite
-    reduction per tensor (`nonfinite_tensors`) refuses NaN / ±inf weights with a
+    reduction per tensor (`finite_flags`) refuses NaN / ±inf weights with a
     `CheckpointFileError` naming each such tensor and its file.
     """
     if not isinstance(source, TensorSource):
@@ -236,23 +259,35 @@ def load_weights(
     if table_paths != set(variables):
         # Internal consistency between the model and the mapping table, not a checkpoint issue.
         raise AssertionError(f"mapping table and model disagree: {sorted(map(str, table_paths ^ set(variables)))}")
+    # Our shape of each HF tensor: a layer's slice of a stacked parameter, or the whole parameter.
+    target_shapes = {row.hf_key: tuple(variables[row.path].shape)[0 if row.layer is None else 1:] for row in table}
     found = source.infos()
-    _check_tensors(table, {p: tuple(v.shape) for p, v in variables.items()}, found, config, source)
-    shardings = {} if mesh is None else dict(nnx.to_flat_state(param_shardings(state, mesh, rules)))
+    _check_tensors(table, target_shapes, found, config, source)
+    shardings = {} if mesh is None else {path: s.get_value() for path, s in
+                                         nnx.to_flat_state(param_shardings(state, mesh, rules))}
     if config.tie_word_embeddings and "lm_head.weight" in found:
         _check_tied_head(source)
     param_dtype = np.dtype(config.dtype)
     rows = {row.hf_key: row for row in table}
-    loaded: dict[str, jax.Array] = {}
+    stacked: dict[tuple, jax.Array] = {}  # stacked parameters, filled layer by layer on the device
+    flags: dict[str, jax.Array] = {}
     for key, hf_array in source.read(list(rows)):
         row = rows[key]
-        variable = variables[row.path]
-        ours = np.ascontiguousarray(row.layout.to_ours(hf_array, tuple(variable.shape)).astype(param_dtype))
+        ours = np.ascontiguousarray(row.layout.to_ours(hf_array, target_shapes[key]).astype(param_dtype))
         sharding = shardings.get(row.path)
-        loaded[key] = _place(ours, None if sharding is None else sharding.get_value())
-        variable.set_value(loaded[key])
-        del hf_array, ours
-    check_finite(loaded, source.locate)
+        if row.layer is None:
+            placed = _place(ours, sharding)
+            variables[row.path].set_value(placed)
+        else:
+            placed = _place(ours, _layer_sharding(sharding))
+            if row.path not in stacked:
+                stacked[row.path] = _zeros(tuple(variables[row.path].shape), param_dtype, sharding)
+            stacked[row.path] = _set_layer(stacked[row.path], placed, np.int32(row.layer))
+        flags |= finite_flags({key: placed})
+        del hf_array, ours, placed
+    for path, value in stacked.items():
+        variables[path].set_value(value)
+    raise_if_nonfinite(flags, source.locate)
     return nnx.merge(graphdef, state)
 
 
@@ -261,7 +296,7 @@ def load_pretrained(
     *,
     dtype: str = "float32",
     compute_dtype: str | None = None,
-    remat: bool = False,
+    remat: str | bool = "none",
     attention_chunk_size: int | None = None,
     mesh: Mesh | None = None,
     rules: Mapping[str, RuleLike] | None = None,
@@ -274,7 +309,8 @@ def load_pretrained(
         float or quantised tensors, dequantised on load: see `fipo_jax.models.gguf_io`).
       dtype: parameter dtype ("float32" or "bfloat16"); checkpoint tensors are cast to it.
       compute_dtype: activation dtype; defaults to `dtype`.
-      remat: rematerialise decoder layers in the backward pass.
+      remat: what the layer scan keeps for the backward pass (`ModelConfig.remat`: "none", "full",
+        "dots"; True / False mean "full" / "none").
       attention_chunk_size: query-chunked attention (`ModelConfig.attention_chunk_size`).
       mesh: if given, every parameter is placed on NamedSharding(mesh, spec from its logical axes).
       rules: logical axis → mesh axis table; defaults to `fipo_jax.sharding.DEFAULT_RULES`.
@@ -365,7 +401,8 @@ def save_pretrained(
     variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     table = hf_weight_table(config)
     hf_dict = config.to_hf_dict()  # raises before writing anything if the family cannot express it
-    sizes = [int(np.prod(variables[row.path].shape)) * out_dtype.itemsize for row in table]
+    sizes = [int(np.prod(variables[row.path].shape[0 if row.layer is None else 1:])) * out_dtype.itemsize
+             for row in table]
     groups = _plan_shards(sizes, max_shard_bytes)
     names = (
         [SAFETENSORS_SINGLE]
@@ -380,7 +417,8 @@ def save_pretrained(
         tensors = {}
         for i in group:
             row = table[i]
-            host = _to_host(variables[row.path].get_value())
+            value = variables[row.path].get_value()
+            host = _to_host(value if row.layer is None else value[row.layer])
             tensors[row.hf_key] = np.ascontiguousarray(row.layout.to_hf(host).astype(out_dtype))
             weight_map[row.hf_key] = name
         if writer:

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 
 from fipo_jax.models.config import ModelConfig
 
-# Logical axes of each per-layer cache array [B, N, S_max, K]: `fipo_jax.sharding.DEFAULT_RULES` places
+# Logical axes of the cache's keys / values [B, L, N, S_max, K]: `fipo_jax.sharding.DEFAULT_RULES` places
 # rows over "data", kv heads over "tensor" (replicated when the tensor axis does not divide them)
-# and slots / head_dim replicated, e.g. `logical_sharding(KV_CACHE_AXES, keys.shape, mesh)`.
-KV_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
+# and layers / slots / head_dim replicated, e.g. `logical_sharding(KV_CACHE_AXES, keys.shape, mesh)`.
+KV_CACHE_AXES = ("batch", "layers", "kv_heads", "length", "head_dim")
 
 
 class KVCache(NamedTuple):
@@ -24,16 +24,17 @@ class KVCache(NamedTuple):
     too and mask by position (`attention.decode_attention` reads only the window's blocks).
 
     Attributes:
-      keys: per layer, [B, N, S_max, K] rotated keys (head-major: attention is a batched GEMM).
-      values: per layer, [B, N, S_max, K] values.
+      keys: [B, L, N, S_max, K] rotated keys of every layer (head-major: attention is a batched
+        GEMM); the layer scan writes and reads layer ℓ in place.
+      values: [B, L, N, S_max, K] values.
       valid_BxS: bool [B, S_max], slot holds a real token of that row.
       positions_BxS: int32 [B, S_max], RoPE position of the token in each slot.
       next_position_B: int32 [B], RoPE position the row's next real token receives.
       index: int32 scalar, next slot to write (same for all rows).
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     valid_BxS: jax.Array
     positions_BxS: jax.Array
     next_position_B: jax.Array
@@ -43,6 +44,15 @@ class KVCache(NamedTuple):
     def max_len(self) -> int:
         """S_max, the number of slots."""
         return self.valid_BxS.shape[1]
+
+
+class LayerCache(NamedTuple):
+    """Layer ℓ's view of the cache inside the layer scan: the stacked arrays and ℓ (read and
+    written in place, so no step copies another layer's keys)."""
+
+    keys: jax.Array  # [B, L, N, S_max, K]
+    values: jax.Array
+    layer: jax.Array  # int32 scalar
 
 
 def init_kv_cache(
@@ -59,11 +69,10 @@ def init_kv_cache(
     if batch_size <= 0 or max_len <= 0:
         raise ValueError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
     cache_dtype = jnp.dtype(dtype) if dtype is not None else config.activation_dtype
-    shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-    layers = range(config.num_hidden_layers)
+    shape = (batch_size, config.num_hidden_layers, config.num_key_value_heads, max_len, config.head_dim)
     return KVCache(
-        keys=tuple(jnp.zeros(shape, cache_dtype) for _ in layers),
-        values=tuple(jnp.zeros(shape, cache_dtype) for _ in layers),
+        keys=jnp.zeros(shape, cache_dtype),
+        values=jnp.zeros(shape, cache_dtype),
         valid_BxS=jnp.zeros((batch_size, max_len), jnp.bool_),
         positions_BxS=jnp.zeros((batch_size, max_len), jnp.int32),
         next_position_B=jnp.zeros((batch_size,), jnp.int32),

@@ -16,8 +16,10 @@ from flax import nnx
 
 from fipo_jax.models.attention import AttentionMask, decode_attention, grouped_query_attention
 from fipo_jax.models.config import ModelConfig
+from fipo_jax.models.kv_cache import LayerCache
 from fipo_jax.models.rope import apply_rope
 
+AXIS_LAYERS = "layers"  # the leading axis of the decoder layers' stacked parameters (never split)
 AXIS_VOCAB = "vocab"
 AXIS_EMBED = "embed"
 AXIS_HEADS = "heads"
@@ -25,7 +27,7 @@ AXIS_KV_HEADS = "kv_heads"
 AXIS_HEAD_DIM = "head_dim"
 AXIS_MLP = "mlp"
 AXIS_NORM = "norm"
-LOGICAL_AXES = (AXIS_VOCAB, AXIS_EMBED, AXIS_HEADS, AXIS_KV_HEADS, AXIS_HEAD_DIM, AXIS_MLP, AXIS_NORM)
+LOGICAL_AXES = (AXIS_LAYERS, AXIS_VOCAB, AXIS_EMBED, AXIS_HEADS, AXIS_KV_HEADS, AXIS_HEAD_DIM, AXIS_MLP, AXIS_NORM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,34 +189,34 @@ class Attention(nnx.Module):
         sin_BxTxK: jax.Array,
         mask: AttentionMask,
         window: int | jax.Array | None = None,
-        layer_cache: tuple[jax.Array, jax.Array] | None = None,
+        cache: LayerCache | None = None,
         write_index: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Without a cache S = T; with one, the T new keys/values are written at slots
-        [write_index, write_index + T) and the queries attend over all S_max slots (a single
-        decode query over the visible blocks only: `decode_attention`). `window`: the sliding
-        window of this layer (None: full attention; a traced int when layers are scanned)."""
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """Without a cache S = T; with one, the T new keys/values are written into layer
+        ``cache.layer`` of the stacked cache at slots [write_index, write_index + T) and the queries
+        attend over all S_max slots of that layer (a single decode query over the visible blocks
+        only: `decode_attention`). `window`: the sliding window of this layer (None: full
+        attention; a traced int when some layers slide)."""
         q_BxTxHxK, k_BxTxNxK = self.q_proj(x_BxTxD), self.k_proj(x_BxTxD)
         if self.q_norm is not None:
             q_BxTxHxK, k_BxTxNxK = self.q_norm(q_BxTxHxK), self.k_norm(k_BxTxNxK)
         q_BxTxHxK = apply_rope(q_BxTxHxK, cos_BxTxK, sin_BxTxK)
         k_BxNxTxK = apply_rope(k_BxTxNxK, cos_BxTxK, sin_BxTxK).transpose(0, 2, 1, 3)
         v_BxNxTxK = self.v_proj(x_BxTxD).transpose(0, 2, 1, 3)
-        new_cache = None
-        if layer_cache is not None:
-            k_cache, v_cache = layer_cache
-            start = (0, 0, write_index, 0)
-            k_BxNxSxK = jax.lax.dynamic_update_slice(k_cache, k_BxNxTxK.astype(k_cache.dtype), start)
-            v_BxNxSxK = jax.lax.dynamic_update_slice(v_cache, v_BxNxTxK.astype(v_cache.dtype), start)
-            new_cache = (k_BxNxSxK, v_BxNxSxK)
-            block = self.decode_block_size
-            if q_BxTxHxK.shape[1] == 1 and block is not None and k_BxNxSxK.shape[2] > block:
-                out_BxHxK = decode_attention(q_BxTxHxK[:, 0], k_BxNxSxK, v_BxNxSxK, mask, self.scale, block, window)
-                return self.o_proj(out_BxHxK[:, None]), new_cache
-            k_BxNxSxK = k_BxNxSxK.astype(x_BxTxD.dtype)
-            v_BxNxSxK = v_BxNxSxK.astype(x_BxTxD.dtype)
-        else:
-            k_BxNxSxK, v_BxNxSxK = k_BxNxTxK, v_BxNxTxK
+        if cache is None:
+            out_BxTxHxK = grouped_query_attention(q_BxTxHxK, k_BxNxTxK, v_BxNxTxK, mask, self.scale, window,
+                                                  self.attention_chunk_size)
+            return self.o_proj(out_BxTxHxK), None
+        start = (0, cache.layer, 0, write_index, 0)
+        keys = jax.lax.dynamic_update_slice(cache.keys, k_BxNxTxK[:, None].astype(cache.keys.dtype), start)
+        values = jax.lax.dynamic_update_slice(cache.values, v_BxNxTxK[:, None].astype(cache.values.dtype), start)
+        cache = cache._replace(keys=keys, values=values)
+        block = self.decode_block_size
+        if q_BxTxHxK.shape[1] == 1 and block is not None and keys.shape[3] > block:
+            out_BxHxK = decode_attention(q_BxTxHxK[:, 0], keys, values, mask, self.scale, block, window, cache.layer)
+            return self.o_proj(out_BxHxK[:, None]), cache
+        k_BxNxSxK = jax.lax.dynamic_index_in_dim(keys, cache.layer, axis=1, keepdims=False).astype(x_BxTxD.dtype)
+        v_BxNxSxK = jax.lax.dynamic_index_in_dim(values, cache.layer, axis=1, keepdims=False).astype(x_BxTxD.dtype)
         out_BxTxHxK = grouped_query_attention(q_BxTxHxK, k_BxNxSxK, v_BxNxSxK, mask, self.scale, window,
                                               self.attention_chunk_size)
-        return self.o_proj(out_BxTxHxK), new_cache
+        return self.o_proj(out_BxTxHxK), cache
