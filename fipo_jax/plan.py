@@ -3,17 +3,17 @@
     python -m fipo_jax.plan --config qwen2.5-32b-fipo --mesh 2,16,4 --device-memory 80GiB
 
 Exact by construction (shapes from the model's abstract parameters, placement from the one rules
-table `fipo_jax.sharding.DEFAULT_RULES`): parameters and AdamW moments. Modelled, and checked
-against XLA's ``memory_analysis`` of the compiled sharded update and engine decode call on 8 fake
-CPU devices within 15 % (``tests/test_plan.py``): gradients (the micro-batch's and the float32
-accumulator), the step's per-token arrays, the activations one micro-batch keeps for its backward
-pass (with or without remat), the log-prob vocabulary chunks, the rollout KV cache (static sampler
-rows or engine slots), the engine's prefix store and a decode step's temporaries.
+table `fipo_jax.sharding.DEFAULT_RULES`): parameters, AdamW moments, gradients (the micro-batch's
+and the float32 accumulator), the step's batch, the KV cache and the engine's prefix store.
+Modelled (`fipo_jax.memory_model`, calibrated against XLA's ``memory_analysis`` of the compiled
+sharded update and engine decode call on 8 fake CPU devices, over a generated family of layouts,
+``tests/test_plan.py``): what the layer scan keeps for the backward pass (by remat policy), one
+layer's backward working set, the log-prob vocabulary chunks, the optimizer step's working set and
+a decode call's temporaries.
 
 Two phases never overlap: sampling (parameters, optimizer state, KV cache, prefix store, decode
-temporaries) and the update (parameters, optimizer state, gradients, batch, activations, log-prob
-chunks); the peak is the larger. The activation model counts what XLA:CPU keeps per token and
-layer; GPU/TPU compilers fuse more, so it errs on the high side there.
+temporaries) and the update (parameters, optimizer state, gradients, batch, and the larger of the
+activations with their working set and the optimizer step's working set); the peak is the larger.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh
 
+from fipo_jax import memory_model
 from fipo_jax.config import ConfigError, TrainConfig, load_config
 from fipo_jax.engine import EngineConfig
 from fipo_jax.models import CausalLM, ModelConfig
 from fipo_jax.rollouts import PROMPT_BUCKET_SLACK
-from fipo_jax.sharding import DEFAULT_RULES, MESH_AXES, logical_sharding
+from fipo_jax.sharding import MESH_AXES, logical_sharding
 
 GiB = 2**30
 
@@ -55,11 +56,7 @@ KNOWN_MODELS = {
                         sandwich_norms=True, hidden_activation="gelu_pytorch_tanh", scale_embeddings=True),
 }
 
-# Calibration of the modelled pieces against XLA:CPU (tests/test_plan.py): floats a decoder layer
-# keeps per token for its backward pass, in units of the widths below; live [rows, chunk, V]
-# float32 buffers of the log-prob head; float32 [M, K, R, T] arrays the update holds per token.
-_SAVED_PER_TOKEN = {"hidden": 7, "query": 3, "key_value": 4, "mlp": 4, "scores": 2}
-_LOGIT_BUFFERS = 3
+# int32 / float32 [M, K, R, T] arrays of the step's batch, per token (ids, masks, log-probs, scores …).
 _STEP_TOKEN_ARRAYS = 6
 
 
@@ -72,12 +69,15 @@ class MemoryPlan:
         parameters' dtype), and the gradients of the update (the micro-batch's, in the parameters'
         dtype, and the float32 accumulator).
       batch: the step's per-token arrays on this device (ids, masks, old log-probs, advantages …).
-      activations: what one micro-batch's forward keeps for its backward pass (``remat`` as set).
-      activations_other_remat: the same with remat switched (for the suggestion).
-      logprob_chunks: the log-prob head's live [rows, chunk, vocabulary] float32 buffers.
+      activations: what the layer scan keeps of one micro-batch for its backward pass (``remat``).
+      activations_other_remat: the same under the other remat choice (for comparison).
+      backward_working_set: one layer's backward (with remat, its recomputed forward too).
+      logprob_chunks: the loss's working set: its live [rows, chunk, vocabulary] float32 buffers.
+      embedding_gradient: with tied embeddings, the [V, D] float32 gradient of the shared table.
+      optimizer_update: new parameters and moments held beside the old until all are known finite.
       kv_cache: the rollout KV cache (static sampler rows or engine slots) on this device.
-      prefix_store: the engine's prefilled prompts (replicated) and their last logits.
-      sampler_temporaries: one decode step's copy of a layer's cache and its logits.
+      prefix_store: the engine's prefilled prompts (rows on every device group) and their logits.
+      sampler_temporaries: a decode call's temporaries (a layer's weights, cache blocks, refills).
       update_peak, sampling_peak, peak: the two phases and the larger.
       device_memory: bytes per device the plan is checked against (None: no verdict).
     """
@@ -94,7 +94,10 @@ class MemoryPlan:
     batch: int
     activations: int
     activations_other_remat: int
+    backward_working_set: int
     logprob_chunks: int
+    embedding_gradient: int
+    optimizer_update: int
     kv_cache: int
     kv_cache_rows: int
     prefix_store: int
@@ -103,12 +106,14 @@ class MemoryPlan:
 
     @property
     def update_peak(self) -> int:
-        return (self.parameters + self.optimizer + self.gradients + self.batch + self.activations
-                + self.logprob_chunks)
+        working = max(self.activations + max(self.backward_working_set, self.logprob_chunks) + self.embedding_gradient,
+                      self.optimizer_update)
+        return self.parameters + self.optimizer + self.gradients + self.batch + working
 
     @property
     def sampling_peak(self) -> int:
-        return self.parameters + self.optimizer + self.sampler_program
+        """The sampler's program with the optimizer moments resident (its parameters counted once)."""
+        return self.optimizer + self.sampler_program
 
     @property
     def sampler_program(self) -> int:
@@ -126,12 +131,15 @@ class MemoryPlan:
     def table(self) -> str:
         rows = [("parameters", self.parameters), ("optimizer moments (AdamW)", self.optimizer),
                 ("gradients (micro-batch + accumulated)", self.gradients), ("step batch (per-token arrays)", self.batch),
-                (f"activations, one micro-batch (remat {self.remat})", self.activations),
+                (f"activations kept, one micro-batch (remat {self.remat})", self.activations),
                 (f"  the same with remat {_other_remat(self.remat)}", self.activations_other_remat),
+                ("one layer's backward working set", self.backward_working_set),
                 ("log-prob vocabulary chunks", self.logprob_chunks),
+                ("tied embedding's gradient", self.embedding_gradient),
+                ("optimizer step working set", self.optimizer_update),
                 (f"rollout KV cache ({self.kv_cache_rows} rows on this device)", self.kv_cache),
                 ("engine prefix store", self.prefix_store),
-                ("sampler temporaries (a layer's cache, logits)", self.sampler_temporaries),
+                ("decode temporaries (a layer's weights, cache blocks)", self.sampler_temporaries),
                 ("update peak", self.update_peak), ("sampling peak", self.sampling_peak), ("peak", self.peak)]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {_gib(value):>10}" for name, value in rows)
@@ -199,11 +207,6 @@ def _shard_bytes(shape, dtype, logical_axes, mesh, name: str) -> int:
         * np.dtype(dtype).itemsize
 
 
-def _local(dim: int, mesh, logical: str) -> int:
-    """Size of a ``logical`` dimension on one device (the rules table's placement)."""
-    return logical_sharding((logical,), (dim,), mesh, name=logical).shard_shape((dim,))[0]
-
-
 @functools.lru_cache(maxsize=16)
 def _parameter_shapes(model: ModelConfig) -> tuple[tuple[str, tuple[int, ...], np.dtype, tuple | None], ...]:
     """(name, shape, dtype, logical axes) of every parameter, from the abstract model (no memory)."""
@@ -226,55 +229,48 @@ def _other_remat(policy: str) -> str:
     return "full" if policy == "none" else "none"
 
 
+def layer_parameter_bytes(model: ModelConfig, mesh) -> int:
+    """Per-device bytes of one decoder layer's parameters (a slice of the stacked ones)."""
+    stacked = sum(_shard_bytes(shape, dtype, axes, mesh, name) for name, shape, dtype, axes in _parameter_shapes(model)
+                  if name.startswith("layers."))
+    return stacked // model.num_hidden_layers
+
+
+def largest_tensor_bytes(model: ModelConfig, mesh) -> int:
+    """Float32 bytes on one device of the largest single parameter tensor (of a stacked layer
+    parameter, one layer's slice)."""
+    def one(name, shape, dtype, axes):
+        per_layer = model.num_hidden_layers if name.startswith("layers.") else 1
+        return _shard_bytes(shape, dtype, axes, mesh, name) * 4 // np.dtype(dtype).itemsize // per_layer
+
+    return max(one(*entry) for entry in _parameter_shapes(model))
+
+
 def activation_bytes(model: ModelConfig, mesh, rows: int, row_tokens: int, remat: str) -> int:
-    """Bytes one micro-batch of ``rows`` rows × ``row_tokens`` tokens keeps for its backward pass
-    on one device: rows split over ``data``, heads / MLP / vocabulary over ``tensor``, and the
-    residual stream's width over ``fsdp`` (the compiler follows the weights' ``embed`` split)."""
-    local_rows = rows // _ways(mesh, "batch")
-    tokens = local_rows * row_tokens
-    width = np.dtype(model.compute_dtype).itemsize
-    heads = _local(model.num_attention_heads, mesh, "heads")
-    kv_heads = _local(model.num_key_value_heads, mesh, "kv_heads")
-    chunked = bool(model.attention_chunk_size) and model.attention_chunk_size < row_tokens
-    attended = 0 if chunked else row_tokens  # chunked attention rematerialises its scores (transient below)
-    hidden = _local(model.hidden_size, mesh, "embed")  # XLA splits the residual stream like the weights' embed
-    per_token_layer = (width * (_SAVED_PER_TOKEN["hidden"] * hidden
-                                + _SAVED_PER_TOKEN["query"] * heads * model.head_dim
-                                + _SAVED_PER_TOKEN["key_value"] * kv_heads * model.head_dim
-                                + _SAVED_PER_TOKEN["mlp"] * _local(model.intermediate_size, mesh, "mlp"))
-                       + 4 * _SAVED_PER_TOKEN["scores"] * heads * attended)
-    layers = model.num_hidden_layers
-    if remat != "none":  # layer inputs kept; one layer recomputed at a time
-        kept = tokens * (layers * width * hidden + per_token_layer)
-    else:
-        kept = tokens * layers * per_token_layer
-    transient = 0
-    if chunked:  # one query chunk's scores and probabilities while it is recomputed
-        transient = 4 * _SAVED_PER_TOKEN["scores"] * local_rows * heads * model.attention_chunk_size * row_tokens
-    return kept + transient
+    """Bytes the layer scan keeps of one micro-batch of ``rows`` × ``row_tokens`` tokens for its
+    backward pass on one device, under remat policy ``remat`` (`memory_model.kept_per_token`)."""
+    dims = memory_model.local_dims(model, mesh, rows, row_tokens)
+    kept = dims.tokens * model.num_hidden_layers * memory_model.kept_per_token(model, dims, remat)
+    return int(memory_model.MARGIN * kept)
 
 
 def sampler_bytes(model: ModelConfig, mesh, local_rows: int, prompt_width: int, new_tokens: int,
                   prefill_rows: int = 0) -> tuple[int, int, int]:
-    """(KV cache, engine prefix store, per-step temporaries) of the sampler on one device.
+    """(KV cache, engine prefix store, decode temporaries) of the sampler on one device.
 
-    Each of ``local_rows`` rows (or engine slots) caches prompt width + new tokens − 1 positions,
-    kv heads split over ``tensor`` (`sampling.row_shardings`); the engine's ``prefill_rows``
-    prefilled prompts are on every row group (kv heads split too), with their float32 logits; a
-    decode step copies one layer's keys and values and holds [rows, vocabulary] float32 logits."""
+    Each of ``local_rows`` rows (or engine slots) caches prompt width + new tokens − 1 positions of
+    every layer, kv heads split over ``tensor`` (`sampling.row_shardings`); the engine's
+    ``prefill_rows`` prefilled prompts are on every row group (kv heads split too), with their
+    float32 logits; the temporaries are `memory_model.decode_temporaries`."""
     width = np.dtype(model.compute_dtype).itemsize
-    per_position = 2 * model.num_hidden_layers * model.head_dim * width  # keys + values, all layers
-    cache = local_rows * (prompt_width + new_tokens - 1) * _local(model.num_key_value_heads, mesh, "kv_heads") \
-        * per_position
-    prefixes = prefill_rows * (prompt_width * _local(model.num_key_value_heads, mesh, "kv_heads") * per_position
-                               + 4 * model.vocab_size)
-    temporaries = cache // model.num_hidden_layers + 4 * local_rows * _local(model.vocab_size, mesh, "vocab")
-    return cache, prefixes, temporaries
-
-
-def _ways(mesh, logical: str) -> int:
-    """How many ways the rules table splits a ``logical`` axis on ``mesh`` (absent axes count 1)."""
-    return math.prod(mesh.shape.get(axis, 1) for axis in DEFAULT_RULES[logical].mesh_axes)
+    kv_heads = memory_model.local(model.num_key_value_heads, mesh, "kv_heads")
+    per_position = 2 * model.num_hidden_layers * model.head_dim * width * kv_heads  # keys + values, all layers
+    length = prompt_width + new_tokens - 1
+    cache = local_rows * length * per_position
+    prefixes = prefill_rows * (prompt_width * per_position + 4 * model.vocab_size)
+    temporaries = memory_model.decode_temporaries(model, mesh, local_rows, layer_parameter_bytes(model, mesh),
+                                                  prompt_width, length, cache)
+    return cache, prefixes, int(temporaries)
 
 
 def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: int | str | None = None,
@@ -290,16 +286,14 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
     row_tokens = config.data.max_prompt_tokens + rollout.max_response_tokens
     sequences = rollout.prompts_per_step * rollout.n
     rows = min(algo.micro_batch_size, sequences // algo.mini_batches)
-    data = _ways(mesh, "batch")
+    data = memory_model.ways(mesh, "batch")
     if rows % data:
         raise ConfigError(f"algo.micro_batch_size ({rows} rows) must divide by the mesh's data axis ({data})")
     parameters = parameter_bytes(model, mesh)
     optimizer = 2 * parameters  # AdamW μ and ν, placed like their parameters, in their dtype
     step_tokens = -(-sequences // data) * row_tokens
     batch = _STEP_TOKEN_ARRAYS * 4 * step_tokens
-    local_rows = rows // data
-    vocab = _local(model.vocab_size, mesh, "vocab")
-    logits = _LOGIT_BUFFERS * 4 * local_rows * min(config.model.logprob_chunk_size, row_tokens) * vocab
+    dims = memory_model.local_dims(model, mesh, rows, row_tokens)
     round_rows = rollout.prompts_per_round * rollout.n
     engine = rollout.sampler == "engine"
     sampler_rows = -(-min(rollout.engine_slots, round_rows) // data) * data if engine else round_rows
@@ -315,7 +309,12 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
         gradients=parameters + parameters * 4 // np.dtype(model.dtype).itemsize, batch=batch,
         activations=activation_bytes(model, mesh, rows, row_tokens, model.remat),
         activations_other_remat=activation_bytes(model, mesh, rows, row_tokens, _other_remat(model.remat)),
-        logprob_chunks=logits, kv_cache=kv_cache, kv_cache_rows=sampler_local, prefix_store=prefix_store,
+        backward_working_set=int(memory_model.backward_working_set(model, dims, model.remat)),
+        logprob_chunks=int(memory_model.loss_working_set(dims, config.model.logprob_chunk_size)),
+        embedding_gradient=int(memory_model.embedding_gradient(model, dims)),
+        optimizer_update=int(memory_model.optimizer_working_set(parameters, largest_tensor_bytes(model, mesh))),
+        kv_cache=kv_cache,
+        kv_cache_rows=sampler_local, prefix_store=prefix_store,
         sampler_temporaries=sampler_temporaries, device_memory=memory)
 
 
