@@ -1,31 +1,34 @@
 """What the compiled update and decode programs hold per device beyond their inputs: the planner's model.
 
-Exact pieces (parameters, moments, the batch, the KV cache) are counted in `fipo_jax.plan`; this
-module models the temporaries XLA allocates, per device, from the layout the rules table gives:
+Exact pieces (parameters, moments, gradients, the batch, the KV cache) are counted in `fipo_jax.plan`;
+this module models the temporaries XLA allocates on one device, from the layout the rules table gives:
 
-    update temporaries = gradients + max(kept activations + max(backward, loss) working set
-                                         + tied embedding gradient, optimizer update working set)
-    decode temporaries = one layer's weights (sliced from the stack) + cache blocks read
-                         + the prompts copied into slots + logits + a cache reshard (see below)
+    update  = gradients + max(kept activations + max(backward, loss) + tied embedding's gradient,
+                              optimizer step)                                 (each term × margin)
+    decode  = one layer's weights (sliced from the stack) + cache blocks read + prompts copied
+              into refilled slots + a cache reshard (see `decode_temporaries`)    (× decode margin)
 
-* **Kept activations** — what each step of the layer scan saves for the backward pass, per token
-  and layer, by remat policy (`KEPT`): "none" every residual, "dots" the weight matmuls' outputs
-  (exactly 2·D + H·K + 2·N·K + 2·F, +D with sandwich norms), "full" the layer's input (D). Measured
-  as the per-layer slope of the update's temporaries (each case compiled at L and L + 2 layers).
-* **Working sets** — one layer's backward (with remat, its recomputed forward), the log-prob
-  chunks of the loss, and the optimizer step (the non-finite skip keeps the new parameters and
-  moments beside the old ones until every one is known finite): fitted constants.
+* **Kept activations** (`kept_per_token`) — what each step of the layer scan saves for the
+  backward pass, per token and layer, by remat policy: "none" every residual, "dots" the weight
+  matmuls' outputs (2·D + H·K + 2·N·K + 2·F, + D with sandwich norms), "full" the layer's input
+  (D). Measured as the per-layer slope of the compiled update's temporaries (cases compiled at L
+  and L + 2 layers; the family features from an ablation of a Llama layer): "dots" and "full"
+  match to the byte, "none" within 6 % for Qwen / Llama layers.
+* **Working sets** (`Fitted`) — one layer's backward (with remat, its recomputed forward), the
+  loss's log-prob chunks, the tied embedding's gradient, the optimizer step (the non-finite skip
+  keeps new parameters and moments beside the old until all are known finite) and the decode
+  call's buffers: constants fitted by least squares (``python experiments/fit_plan_model.py``).
 
 Widths are one device's share: rows over ``data``; the residual stream over ``fsdp`` (XLA splits
-it after the weights' ``embed`` axis), some of it over ``fsdp × tensor``; heads, kv heads (when
-they divide), MLP and vocabulary over ``tensor``. The working-set constants count float32 bytes
-(XLA:CPU computes bfloat16 matmuls and all-reduces in float32).
+it after the weights' ``embed`` axis), part of it over ``fsdp × tensor``; heads, kv heads (when they
+divide), MLP and vocabulary over ``tensor``. Working sets count float32 bytes (XLA:CPU computes
+bfloat16 matmuls and all-reduces in float32).
 
-Calibration: XLA:CPU's ``memory_analysis`` on 8 fake devices, a generated family of 36 layouts
-(model shape × mesh × remat × dtype, `tests/plan_family.py`, seed 7) each at two depths
-(``python experiments/calibrate_plan.py --seed 7 --cases 36 --depth-pairs``) and a Gemma-feature
-ablation; tested on the seed-2026 family (`tests/test_plan.py`). GPU / TPU compilers fuse more, so
-there the model errs high; one H200 run put the earlier model at 0.93–1.23 of the real peak.
+Calibration: XLA:CPU's ``memory_analysis`` on 8 fake devices over 76 generated layouts (model shape ×
+mesh × remat × dtype, `tests/plan_family.py`; ``experiments/plan_calibration/``). Fitted alone, the
+working sets put the compiled peak at 0.88–1.15 (update) and 0.84–1.08 (decode); the margins lift
+the lower ends above 0.95. GPU / TPU compilers fuse more, so there the model should err high; no
+accelerator has checked this version (one H200 put the previous model at 0.93–1.23 of the real peak).
 """
 
 from __future__ import annotations
@@ -39,11 +42,37 @@ from fipo_jax.models import ModelConfig
 from fipo_jax.sharding import DEFAULT_RULES, logical_sharding
 
 F32 = 4
-# Every modelled term is scaled by these: fitted to the whole measured family, the model alone puts
-# XLA's peak at 0.88–1.15 (update) and 0.84–1.08 (decode); the planner must not under-count.
-MARGIN = 1.15
-DECODE_MARGIN = 1.4
-FIXED = 0.5e6  # bytes every update program holds whatever the shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+    """The working-set constants: multiples of the widths named (float32 bytes per token unless
+    said otherwise), fitted to XLA:CPU by ``experiments/fit_plan_model.py``, and the margins."""
+
+    fixed: float = 0.49e6  # bytes every update program holds
+    heads: float = 0.73  # per query + key/value width, in any layer backward
+    none_hidden: float = 12.27  # a layer backward without remat: residual-stream buffers
+    none_mlp: float = 3.01
+    none_scores: float = 1.83  # per float32 score of one query
+    recompute: float = 0.73  # with remat: share of a "none" layer's residuals (float32) recomputed
+    remat_hidden: float = 1.04
+    remat_mlp: float = 1.0
+    remat_scores: float = 0.65
+    logits: float = 3.49  # live [rows, chunk, vocabulary] float32 buffers of the loss
+    loss_hidden: float = 5.71
+    tied_table: float = 1.4  # [V, D] float32 gradients of a tied embedding
+    optimizer_parameters: float = 0.91  # × the parameters' bytes
+    optimizer_largest: float = 2.78  # × the largest tensor's float32 bytes (a layer's slice)
+    decode_fixed: float = 1.2e5  # bytes
+    decode_layer: float = 0.95  # × one layer's parameter bytes
+    decode_blocks: float = 0.57  # × the float32 key / value blocks a decode step reads
+    decode_inserted: float = 0.33  # × the prompts' keys and values copied into the slots
+    decode_reshard: float = 0.57  # × the KV cache, when XLA reshards it (see `decode_temporaries`)
+    margin: float = 1.15  # the update's modelled terms
+    decode_margin: float = 1.4  # the decode temporaries
+
+
+FITTED = Fitted()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +117,6 @@ def local_dims(model: ModelConfig, mesh, rows: int, row_tokens: int) -> LocalDim
 # -- the update ---------------------------------------------------------------------------------
 
 
-def _slides(model: ModelConfig) -> bool:
-    return "sliding_attention" in model.every_layer_type
-
-
 def _attended(model: ModelConfig, dims: LocalDims) -> int:
     """Keys whose float32 score a layer keeps per query: the row, or none when query chunks
     rematerialise their scores."""
@@ -99,8 +124,13 @@ def _attended(model: ModelConfig, dims: LocalDims) -> int:
     return 0 if chunked else dims.row_tokens
 
 
+def _scores_per_token(model: ModelConfig, dims: LocalDims) -> float:
+    """Float32 bytes of one query's attention scores on this device (its row, or one query chunk)."""
+    return F32 * dims.heads * min(model.attention_chunk_size or dims.row_tokens, dims.row_tokens)
+
+
 def kept_per_token(model: ModelConfig, dims: LocalDims, policy: str) -> float:
-    """Bytes one layer keeps per token for the backward pass under remat ``policy``."""
+    """Bytes one layer keeps per token for the backward pass under remat ``policy`` (measured)."""
     w, d = dims.compute_bytes, dims
     if policy == "full":
         return w * d.hidden
@@ -110,65 +140,66 @@ def kept_per_token(model: ModelConfig, dims: LocalDims, policy: str) -> float:
             + 2 * F32 * d.heads * _attended(model, d))
     if model.qk_norm:  # the per-head norms' statistics are float32
         kept += (1.96 * F32 + 1.14 * w) * (d.query + d.key_value)
-    if model.sandwich_norms:  # two more norms of the residual stream (their bf16 casts add bytes)
+    if model.sandwich_norms:  # two more norms of the residual stream (their bfloat16 casts add bytes)
         kept += (32.8 - 2 * w) * d.hidden
     if model.hidden_activation == "gelu_pytorch_tanh":
         kept += w * d.mlp
-    if _slides(model):  # a per-layer window: each layer's mask is its own (bool per head and key)
+    if "sliding_attention" in model.every_layer_type:  # per-layer windows: each layer's own mask
         kept += d.heads * _attended(model, d)
     return kept
 
 
-def _scores_per_token(model: ModelConfig, dims: LocalDims) -> float:
-    """Float32 bytes of one query's attention scores on this device (its row, or one query chunk)."""
-    return F32 * dims.heads * min(model.attention_chunk_size or dims.row_tokens, dims.row_tokens)
-
-
-def backward_working_set(model: ModelConfig, dims: LocalDims, policy: str) -> float:
-    """Bytes one layer's backward holds beyond what the layers keep; with remat, also its
-    recomputed forward (three quarters of a "none" layer's residuals, in float32)."""
-    d = dims
-    per_token = F32 * (0.73 * (d.query + d.key_value))
+def backward_working_set(model: ModelConfig, dims: LocalDims, policy: str, fitted: Fitted = FITTED) -> float:
+    """Bytes one layer's backward holds beyond what the layers keep; with remat, also part of its
+    recomputed forward."""
+    d, f = dims, fitted
+    per_token = F32 * f.heads * (d.query + d.key_value)
     if policy == "none":
-        per_token += F32 * (12.27 * d.hidden + 3.01 * d.mlp) + 1.83 * _scores_per_token(model, d)
+        per_token += F32 * (f.none_hidden * d.hidden + f.none_mlp * d.mlp) + f.none_scores * _scores_per_token(model, d)
     else:
         recomputed = kept_per_token(model, dataclasses.replace(d, compute_bytes=F32), "none")
-        per_token += 0.73 * recomputed + F32 * (1.04 * d.hidden + 1.0 * d.mlp) + 0.65 * _scores_per_token(model, d)
-    return MARGIN * (FIXED + d.tokens * per_token)
+        per_token += (f.recompute * recomputed + F32 * (f.remat_hidden * d.hidden + f.remat_mlp * d.mlp)
+                      + f.remat_scores * _scores_per_token(model, d))
+    return f.margin * (f.fixed + d.tokens * per_token)
 
 
-def loss_working_set(dims: LocalDims, chunk: int) -> float:
-    """The loss's live [rows, chunk, vocabulary] float32 log-prob buffers (3.5 of them at the peak)
-    and residual-stream-sized float32 buffers."""
-    d = dims
-    return MARGIN * (FIXED + F32 * (3.49 * d.rows * min(chunk, d.row_tokens) * d.vocab + 5.71 * d.tokens * d.hidden))
+def loss_working_set(dims: LocalDims, chunk: int, fitted: Fitted = FITTED) -> float:
+    """The loss's live [rows, chunk, vocabulary] float32 log-prob buffers and residual-stream-sized
+    float32 buffers."""
+    d, f = dims, fitted
+    return f.margin * (f.fixed + F32 * (f.logits * d.rows * min(chunk, d.row_tokens) * d.vocab
+                                        + f.loss_hidden * d.tokens * d.hidden))
 
 
-def embedding_gradient(model: ModelConfig, dims: LocalDims) -> float:
-    """Tied embeddings: the [V, D] float32 gradient the lookup and the LM head add into."""
-    return MARGIN * 1.4 * F32 * dims.vocab * dims.hidden if model.tie_word_embeddings else 0.0
+def embedding_gradient(model: ModelConfig, dims: LocalDims, fitted: Fitted = FITTED) -> float:
+    """Tied embeddings: the [V, D] float32 gradients the lookup and the LM head add into."""
+    return fitted.margin * fitted.tied_table * F32 * dims.vocab * dims.hidden if model.tie_word_embeddings else 0.0
 
 
-def optimizer_working_set(parameter_bytes: int, largest_tensor_bytes: int) -> float:
+def optimizer_working_set(parameter_bytes: int, largest_tensor_bytes: int, fitted: Fitted = FITTED) -> float:
     """New parameters and moments held beside the old ones until the non-finite check has seen
     them all, and the update's float32 intermediates of the largest tensor (``largest_tensor_bytes``:
-    its float32 size on this device; a layer's slice for the stacked layer parameters)."""
-    return MARGIN * (FIXED + 0.91 * parameter_bytes + 2.78 * largest_tensor_bytes)
+    its float32 bytes on this device; a layer's slice for the stacked layer parameters)."""
+    f = fitted
+    return f.margin * (f.fixed + f.optimizer_parameters * parameter_bytes + f.optimizer_largest * largest_tensor_bytes)
 
 
 # -- decoding ---------------------------------------------------------------------------------
 
 
 def decode_temporaries(model: ModelConfig, mesh, slots: int, layer_parameter_bytes: int, prompt_width: int,
-                       cache_length: int, kv_cache_bytes: int) -> float:
+                       cache_length: int, kv_cache_bytes: int, fitted: Fitted = FITTED) -> float:
     """Bytes a decode call holds beyond its inputs on one device with ``slots`` rows: one layer's
-    weights sliced out of the stack, the key / value blocks a step reads (float32), the prompts
-    copied into refilled slots, and — when the kv heads are replicated over a tensor axis they
-    share a factor with — XLA's reshard of the cache around the layer scan (about half of it)."""
+    weights sliced out of the stack, the key / value blocks a step reads (float32), the prompts'
+    keys and values copied into refilled slots, and — when the kv heads are replicated over a tensor
+    axis they share a factor with (2 kv heads on 4 devices) — XLA's reshard of the cache around the
+    layer scan (it splits the heads inside the scan and gathers the whole cache back)."""
+    f = fitted
     kv_width = local(model.num_key_value_heads, mesh, "kv_heads") * model.head_dim
     block = min(model.decode_block_size or cache_length, cache_length)
     blocks = 2 * slots * block * kv_width * F32
     inserted = 2 * slots * model.num_hidden_layers * kv_width * prompt_width * np.dtype(model.compute_dtype).itemsize
     heads, tensor = model.num_key_value_heads, ways(mesh, "kv_heads")
     reshard = kv_cache_bytes if heads % tensor and math.gcd(heads, tensor) > 1 else 0
-    return DECODE_MARGIN * (1.2e5 + 0.95 * layer_parameter_bytes + 0.57 * blocks + 0.33 * inserted + 0.57 * reshard)
+    return f.decode_margin * (f.decode_fixed + f.decode_layer * layer_parameter_bytes + f.decode_blocks * blocks
+                              + f.decode_inserted * inserted + f.decode_reshard * reshard)

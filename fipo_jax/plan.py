@@ -246,16 +246,17 @@ def largest_tensor_bytes(model: ModelConfig, mesh) -> int:
     return max(one(*entry) for entry in _parameter_shapes(model))
 
 
-def activation_bytes(model: ModelConfig, mesh, rows: int, row_tokens: int, remat: str) -> int:
+def activation_bytes(model: ModelConfig, mesh, rows: int, row_tokens: int, remat: str,
+                     fitted: memory_model.Fitted = memory_model.FITTED) -> int:
     """Bytes the layer scan keeps of one micro-batch of ``rows`` × ``row_tokens`` tokens for its
     backward pass on one device, under remat policy ``remat`` (`memory_model.kept_per_token`)."""
     dims = memory_model.local_dims(model, mesh, rows, row_tokens)
     kept = dims.tokens * model.num_hidden_layers * memory_model.kept_per_token(model, dims, remat)
-    return int(memory_model.MARGIN * kept)
+    return int(fitted.margin * kept)
 
 
 def sampler_bytes(model: ModelConfig, mesh, local_rows: int, prompt_width: int, new_tokens: int,
-                  prefill_rows: int = 0) -> tuple[int, int, int]:
+                  prefill_rows: int = 0, fitted: memory_model.Fitted = memory_model.FITTED) -> tuple[int, int, int]:
     """(KV cache, engine prefix store, decode temporaries) of the sampler on one device.
 
     Each of ``local_rows`` rows (or engine slots) caches prompt width + new tokens − 1 positions of
@@ -269,15 +270,15 @@ def sampler_bytes(model: ModelConfig, mesh, local_rows: int, prompt_width: int, 
     cache = local_rows * length * per_position
     prefixes = prefill_rows * (prompt_width * per_position + 4 * model.vocab_size)
     temporaries = memory_model.decode_temporaries(model, mesh, local_rows, layer_parameter_bytes(model, mesh),
-                                                  prompt_width, length, cache)
+                                                  prompt_width, length, cache, fitted)
     return cache, prefixes, int(temporaries)
 
 
 def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: int | str | None = None,
-         model: ModelConfig | None = None) -> MemoryPlan:
+         model: ModelConfig | None = None, fitted: memory_model.Fitted = memory_model.FITTED) -> MemoryPlan:
     """The per-device memory of ``config`` (a `TrainConfig`, preset name or JSON path) on a mesh of
     ``mesh_shape`` (data, fsdp, tensor); ``device_memory`` (bytes or '80GiB') adds a verdict.
-    ``model`` overrides the architecture `model_config` finds."""
+    ``model`` overrides the architecture `model_config` finds; ``fitted`` the model's constants."""
     config = load_config(config) if isinstance(config, str) else config
     shape = parse_mesh(mesh_shape)
     mesh = AbstractMesh(shape, MESH_AXES[: len(shape)])
@@ -300,19 +301,20 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
     sampler_local = -(-sampler_rows // data)
     kv_cache, prefix_store, sampler_temporaries = sampler_bytes(
         model, mesh, sampler_local, config.data.max_prompt_tokens + PROMPT_BUCKET_SLACK, rollout.max_response_tokens,
-        prefill_rows=EngineConfig().prefill_batch if engine else 0)
+        prefill_rows=EngineConfig().prefill_batch if engine else 0, fitted=fitted)
     memory = None if device_memory is None else (parse_bytes(device_memory) if isinstance(device_memory, str)
                                                  else int(device_memory))
     return MemoryPlan(
         config_name=config.name, mesh_shape=dict(zip(mesh.axis_names, shape)), model=model, remat=model.remat,
         micro_batch_rows=rows, row_tokens=row_tokens, parameters=parameters, optimizer=optimizer,
         gradients=parameters + parameters * 4 // np.dtype(model.dtype).itemsize, batch=batch,
-        activations=activation_bytes(model, mesh, rows, row_tokens, model.remat),
-        activations_other_remat=activation_bytes(model, mesh, rows, row_tokens, _other_remat(model.remat)),
-        backward_working_set=int(memory_model.backward_working_set(model, dims, model.remat)),
-        logprob_chunks=int(memory_model.loss_working_set(dims, config.model.logprob_chunk_size)),
-        embedding_gradient=int(memory_model.embedding_gradient(model, dims)),
-        optimizer_update=int(memory_model.optimizer_working_set(parameters, largest_tensor_bytes(model, mesh))),
+        activations=activation_bytes(model, mesh, rows, row_tokens, model.remat, fitted),
+        activations_other_remat=activation_bytes(model, mesh, rows, row_tokens, _other_remat(model.remat), fitted),
+        backward_working_set=int(memory_model.backward_working_set(model, dims, model.remat, fitted)),
+        logprob_chunks=int(memory_model.loss_working_set(dims, config.model.logprob_chunk_size, fitted)),
+        embedding_gradient=int(memory_model.embedding_gradient(model, dims, fitted)),
+        optimizer_update=int(memory_model.optimizer_working_set(parameters, largest_tensor_bytes(model, mesh),
+                                                                fitted)),
         kv_cache=kv_cache,
         kv_cache_rows=sampler_local, prefix_store=prefix_store,
         sampler_temporaries=sampler_temporaries, device_memory=memory)
