@@ -5,11 +5,14 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
 
 import bench_accelerator  # noqa: E402
 
 
+@pytest.mark.slow
 def test_tiny_run_reports_every_figure(tmp_path):
     report = bench_accelerator.main(["--tiny", "--in-process", "--repeats", "1", "--out", str(tmp_path / "acc.json")])
     assert report["future_kl"]["2x256"]["fastest"] in ("scan", "associative", "blocked/32", "blocked/128")
@@ -29,6 +32,7 @@ def test_tiny_run_reports_every_figure(tmp_path):
     assert json.loads((tmp_path / "acc.json").read_text())["engine_long_tail"]["slots"] == tail["slots"]
 
 
+@pytest.mark.slow
 def test_parts_run_in_their_own_processes_under_timeouts(tmp_path):
     out = tmp_path / "acc.json"
     report = bench_accelerator.main(["--tiny", "--repeats", "1", "--only", "future_kl,train", "--out", str(out)])

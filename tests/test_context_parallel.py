@@ -8,6 +8,8 @@ import fipo_jax as fj
 from fipo_jax.future_kl import METHODS
 from tests.multi_device import run_json
 
+pytestmark = pytest.mark.slow  # one 8-device subprocess for the module (11 s)
+
 SCRIPT = r"""
 import json, re
 import jax, jax.numpy as jnp, numpy as np

@@ -60,6 +60,7 @@ def metric_rows(run_dir):
         return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in f]
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_resume_like_one(tmp_path):
     cache_dir = tmp_path / "sft"
     multi = tmp_path / "multi"

@@ -73,6 +73,7 @@ def test_request_uniforms_are_the_static_rows():
         request_uniforms(jax.random.key(0, impl="rbg"), jnp.zeros(1), jnp.zeros(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_engine_equals_static_sampler_per_request(model, requests, temperature):
     ids, mask, budgets = requests
@@ -86,6 +87,7 @@ def test_engine_equals_static_sampler_per_request(model, requests, temperature):
     assert stats.generated_tokens == out.lengths.sum() and 0 < stats.slot_utilisation <= 1
 
 
+@pytest.mark.slow
 def test_stop_sequences_as_in_the_static_sampler(model, requests):
     ids, mask, budgets = requests
     greedy = jax.device_get(generate(model, ids, mask, jax.random.key(0), config(0.0)))
@@ -99,6 +101,7 @@ def test_stop_sequences_as_in_the_static_sampler(model, requests):
     assert_matches_static(out, static, np.full(len(ids), NEW))
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_slots_sync_or_sharing(model, requests):
     ids, mask, budgets = requests
     runs = [engine_lib.generate(model, ids, mask, jax.random.key(2), config(1.0), engine, max_new_tokens=budgets)[0]
@@ -212,6 +215,7 @@ def test_request_validation(model, requests):
         engine_lib.generate(model, ids, np.zeros_like(mask), jax.random.key(0), config(0.0))
 
 
+@pytest.mark.slow
 def test_sliding_window_and_bfloat16_cache_match_the_static_sampler(requests):
     """Gemma-style sliding layers (the decode attention's window path, vmapped over slots) and a
     bfloat16 cache: still the static sampler's results."""

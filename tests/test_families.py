@@ -231,6 +231,7 @@ def test_export_round_trip_through_transformers(pair, tmp_path):
     assert config_from_hf(exported) == model.config
 
 
+@pytest.mark.slow
 def test_training_pieces(pair):
     """Remat and query-chunked attention give the same loss and gradients; chunked log-probs
     equal the full logits'; every parameter carries logical axes and a table row."""

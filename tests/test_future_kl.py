@@ -85,6 +85,7 @@ def test_mask_and_one_sided_filter(method):
     np.testing.assert_allclose(f[0], expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @given(
     length=st.sampled_from([1, 2, 7, 128, 129, 300]),  # few static shapes: compile once each
     decay_rate=st.floats(0.3, 600.0),
@@ -211,6 +212,7 @@ _future_kl_jit = jax.jit(fj.future_kl, static_argnames=("method", "block_size"))
 
 
 @settings(max_examples=15)  # four methods per example: the CI profile's 40 cost 30 s
+@pytest.mark.slow
 @given(
     length=st.sampled_from([1, 7, 128, 300]),
     decay_rate=st.floats(0.3, 600.0),

@@ -243,6 +243,7 @@ def gemma():
         yield path, load_pretrained(path), hf_gguf(path), load_tokenizer(path)
 
 
+@pytest.mark.slow
 def test_real_gemma3_270m_logits_match_transformers(gemma):
     """float32, real prompts: |ours − transformers| ≤ 2e-4 on logits of magnitude ~30 (measured
     8e-5); the argmax agrees everywhere."""
@@ -261,6 +262,7 @@ def test_real_gemma3_270m_logits_match_transformers(gemma):
         np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.slow
 def test_real_gemma3_270m_greedy_continuations_match_transformers(gemma):
     """32 greedy tokens, identical to transformers.generate, through our jitted KV-cache sampler."""
     path, ours, theirs, tokenizer = gemma
@@ -275,6 +277,7 @@ def test_real_gemma3_270m_greedy_continuations_match_transformers(gemma):
     assert "France" in tokenizer.decode(got)  # measured: " the capital of the country of France. It is the …"
 
 
+@pytest.mark.slow
 def test_real_gemma3_tokenizer_comes_from_the_file_and_caches(gemma, tmp_path):
     path, _, _, tokenizer = gemma
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)) == (2, 1, 0, 262144)

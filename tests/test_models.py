@@ -482,6 +482,7 @@ def test_layers_are_one_scan_whatever_the_depth():
         np.testing.assert_array_equal(model.layers.mlp.down_proj.kernel[...][i], layer.mlp.down_proj.kernel[...])
 
 
+@pytest.mark.slow
 def test_remat_saves_activation_memory():
     """With remat "full" the layer scan keeps one input per layer instead of every activation.
     Compile-only memory analysis of forward + backward."""
@@ -636,6 +637,7 @@ SHARDED_LOAD_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_load_onto_mesh_with_8_fake_devices(tmp_path):
     script = tmp_path / "sharded_load.py"
     script.write_text(SHARDED_LOAD_SCRIPT)
@@ -653,6 +655,7 @@ def test_load_onto_mesh_with_8_fake_devices(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_query_chunked_attention_equals_full_attention():
     from fipo_jax.models.attention import AttentionMask, grouped_query_attention
 

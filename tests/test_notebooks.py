@@ -10,6 +10,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "notebooks", "*.ipynb")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_executes(path, monkeypatch):
     # The kernel is a child process: let it import fipo_jax from this checkout.

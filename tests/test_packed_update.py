@@ -184,6 +184,7 @@ UPDATE_CONFIGS = [("fipo", "token-mean"), ("fipo", "seq-mean-token-sum-norm"), (
                   ("grpo", "seq-mean-token-sum")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,aggregation", UPDATE_CONFIGS)
 def test_packed_update_equals_padded_update(setup, mode, aggregation):
     fields = setup[3]
@@ -203,6 +204,7 @@ def test_packed_update_equals_padded_update(setup, mode, aggregation):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_official_weighting_counts_the_sequences_of_each_packed_micro_batch(setup):
     fields = setup[3]
     loss = fj.PolicyLossConfig()

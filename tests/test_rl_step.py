@@ -53,6 +53,7 @@ def run(setup, mini=1, micro=ROWS, weighting="exact", fields=None, opt=None, los
     return state, metrics
 
 
+@pytest.mark.slow
 def test_micro_batches_reproduce_the_whole_mini_batch(setup):
     whole, split = run(setup, micro=8), run(setup, micro=2)
     np.testing.assert_allclose(whole[1]["actor/loss"], split[1]["actor/loss"], rtol=1e-5)
@@ -63,6 +64,7 @@ def test_micro_batches_reproduce_the_whole_mini_batch(setup):
     assert abs(float(official[1]["actor/loss"]) - float(whole[1]["actor/loss"])) > 1e-6
 
 
+@pytest.mark.slow
 def test_non_finite_gradient_skips_the_update(setup):
     graphdef, params, rest, fields = setup
     poisoned = dict(fields, scores=fields["scores"].copy())
@@ -92,6 +94,7 @@ def test_an_update_that_would_make_parameters_non_finite_is_skipped(setup):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_update_is_pure(setup):
     """Same inputs → same outputs, and the inputs are left as they were (no donation here)."""
     graphdef, params, rest, fields = setup
@@ -144,6 +147,7 @@ def test_layout_refuses_rows_that_do_not_split(setup):
         rl_step.layout_batch(setup[3], 3, 1)
 
 
+@pytest.mark.slow
 def test_influence_activity_per_mini_batch(setup):
     """Mini-batch 1 updates from the rollout policy itself (every weight exactly 1, nothing active);
     later mini-batches see a moved policy. The counts add up to the step's fractions."""
@@ -162,6 +166,7 @@ def test_influence_activity_per_mini_batch(setup):
     assert not any(k.startswith("influence/") for k in dapo)
 
 
+@pytest.mark.slow
 def test_bfloat16_parameters_update_and_keep_their_dtypes(setup):
     """The recipes store parameters in bfloat16: gradients accumulate in float32 and return to the
     parameters' dtype, so the optimizer state keeps its dtypes across micro-batches and updates."""

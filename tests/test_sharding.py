@@ -1,6 +1,8 @@
 """Training on a (data, fsdp, tensor) = (2, 2, 2) mesh of 8 fake CPU devices gives the same
 step as one device, padded or packed. Runs in a subprocess: the device count is fixed when JAX starts."""
 
+import pytest
+
 from tests.multi_device import run_json
 
 SCRIPT = r"""
@@ -23,6 +25,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_eight_device_mesh_matches_one_device(tmp_path):
     out = run_json(SCRIPT, str(tmp_path))
     one = out["[1]false"]
@@ -83,6 +86,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_sampler_splits_rows_over_the_data_axis(tmp_path):
     out = run_json(SAMPLER_SCRIPT)
     assert out["8"]["spec"] == "data"
@@ -150,6 +154,7 @@ print(json.dumps({"same_tokens": same, "same_lengths": bool(np.array_equal(split
 """
 
 
+@pytest.mark.slow
 def test_engine_splits_slots_over_the_data_axis():
     out = run_json(ENGINE_SCRIPT)
     assert out["same_tokens"] and out["same_lengths"], out

@@ -69,6 +69,7 @@ def tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
     return scalars
 
 
+@pytest.mark.slow
 def test_end_to_end_run_writes_everything(reference_run):
     run_dir, summary = reference_run
     rows = MetricsLog(os.path.join(run_dir, "metrics.jsonl")).read()
@@ -106,6 +107,7 @@ def test_end_to_end_run_writes_everything(reference_run):
     assert scalars["actor/pg_loss"][3] == pytest.approx(rows[3]["actor/pg_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, reference_run):
     run_dir = str(tmp_path / "resumed")
     Trainer(tiny_config(cache_dir), run_dir, progress=False, log=lambda s: None).train(total_steps=2)
@@ -115,6 +117,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, reference_run):
     assert comparable(ours) == comparable(reference)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_identically(tmp_path, cache_dir, reference_run):
     """SIGKILL a training process after its second checkpoint, rerun the same command."""
     run_dir = str(tmp_path / "killed")
@@ -150,6 +153,7 @@ def test_changed_config_is_refused_on_resume(tmp_path, cache_dir, reference_run)
                 log=lambda s: None).train()
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_exhaustion(tmp_path, cache_dir):
     """Asking for more groups than the rounds can produce: an error, or padding when allowed."""
     scarce = ["rollout.prompts_per_round=1", "rollout.max_rounds=1", "steps=1", "eval.every=0"]
@@ -249,6 +253,7 @@ def test_overlong_buffer_bound_matches_the_reward_code():
         validate_overlong_args(16, 17, 1.0)
 
 
+@pytest.mark.slow
 def test_cli_help_and_config_errors(tmp_path):
     train = os.path.join(ROOT, "experiments", "train.py")
     env = {**os.environ, "PYTHONPATH": ROOT}
@@ -365,6 +370,7 @@ def test_a_second_trainer_on_a_run_directory_is_refused(tmp_path, cache_dir):
     assert not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))  # refused before touching anything
 
 
+@pytest.mark.slow
 def test_compare_runs_seeds_and_reports_mean_and_spread(tmp_path, cache_dir):
     import importlib.util
 
@@ -388,6 +394,7 @@ def test_compare_runs_seeds_and_reports_mean_and_spread(tmp_path, cache_dir):
     assert list(steps) == [0, 1] and (std >= 0).all()
 
 
+@pytest.mark.slow
 def test_packed_and_padded_updates_agree_in_the_trainer(tmp_path, cache_dir):
     """`algo.packing` (default on) changes the update's layout, not its result: one step each way
     from the same state and rollouts gives the same metrics (float32 rounding) and less padding."""

@@ -47,6 +47,7 @@ def hf_folder(request, tmp_path_factory):
     return request.param, write_folder(tmp_path_factory.mktemp(f"tiny_{request.param}"), request.param)
 
 
+@pytest.mark.slow
 def test_file_task_with_hf_checkpoint(tmp_path, hf_folder):
     family, hf_folder = hf_folder
     train, evals = str(tmp_path / "train.parquet"), str(tmp_path / "aime.parquet")
@@ -74,6 +75,7 @@ def test_file_task_with_hf_checkpoint(tmp_path, hf_folder):
     assert rows[1]["rollout/sampler_logprob_gap"] < 1e-3
 
 
+@pytest.mark.slow
 def test_word_problems_with_stop_strings(tmp_path):
     """task="word_problems" on a pretrained tokenizer: plain-text few-shot prompts (no chat
     template), stop strings turned into token sequences, the stop string cut from the scored text."""
