@@ -114,6 +114,7 @@ def test_results_do_not_depend_on_slots_sync_or_sharing(model, requests):
         np.testing.assert_allclose(runs[0].log_probs, other.log_probs, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_each_prompt_is_prefilled_once(model, requests):
     ids, mask, budgets = requests
     prompts = len(ids) // GROUP

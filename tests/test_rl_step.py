@@ -110,6 +110,7 @@ def test_update_is_pure(setup):
     assert int(first[0].step) == 1 and int(state.step) == 0
 
 
+@pytest.mark.slow
 def test_old_log_probs_are_recomputed_on_device(setup):
     """The sampler log-probs here are the teacher-forced ones: the update's recomputation agrees."""
     _, metrics = run(setup, mini=2, micro=2)
