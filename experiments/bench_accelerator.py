@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import glob
 import json
 import os
@@ -379,7 +378,8 @@ def run_part(part: str, args) -> dict:
 def run_part_process(part: str, args, timeout: float) -> dict:
     """One part in a fresh process under ``timeout`` seconds; its last stdout line is its JSON."""
     command = [sys.executable, os.path.abspath(__file__), "--part", part, "--repeats", str(args.repeats)]
-    command += (["--tiny"] if args.tiny else []) + (["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])
+    command += ["--tiny"] if args.tiny else []
+    command += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
     command += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     start = time.perf_counter()
     try:

@@ -134,8 +134,9 @@ def main(argv=None) -> dict:
             for label, tree in trees.items():
                 result = run_case(tree, name, args.tiny, args.timeout)
                 report["runs"].setdefault(label, []).append(result)
-                shown = result.get("error") or (f"lower {result['lower_s']:.1f} s, compile {result['compile_s']:.1f} s, "
-                                                f"temporaries {result['temp_bytes'] / 2**30:.2f} GiB")
+                shown = result.get("error") or (
+                    f"lower {result['lower_s']:.1f} s, compile {result['compile_s']:.1f} s, "
+                    f"temporaries {result['temp_bytes'] / 2**30:.2f} GiB")
                 print(f"{name:<16} {label:<20} {shown}", flush=True)
                 if args.out:
                     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -88,8 +88,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for start in range(0, len(cases), args.batch):
         chunk = cases[start:start + args.batch]
-        deeper = [dict(case, sampler=False, model=dict(case["model"], num_hidden_layers=case["model"]["num_hidden_layers"] + 2,
-                                                       layer_types=_deeper_types(case["model"])))
+        deeper = [dict(case, sampler=False, model=dict(case["model"], layer_types=_deeper_types(case["model"]),
+                                                       num_hidden_layers=case["model"]["num_hidden_layers"] + 2))
                   for case in chunk] if args.depth_pairs else []
         compiled_all = run_json(COMPILE_SCRIPT, json.dumps(chunk + deeper))
         for i, (case, compiled) in enumerate(zip(chunk, compiled_all)):

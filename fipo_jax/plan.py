@@ -130,7 +130,8 @@ class MemoryPlan:
 
     def table(self) -> str:
         rows = [("parameters", self.parameters), ("optimizer moments (AdamW)", self.optimizer),
-                ("gradients (micro-batch + accumulated)", self.gradients), ("step batch (per-token arrays)", self.batch),
+                ("gradients (micro-batch + accumulated)", self.gradients),
+                ("step batch (per-token arrays)", self.batch),
                 (f"activations kept, one micro-batch (remat {self.remat})", self.activations),
                 (f"  the same with remat {_other_remat(self.remat)}", self.activations_other_remat),
                 ("one layer's backward working set", self.backward_working_set),

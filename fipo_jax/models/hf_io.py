@@ -243,11 +243,11 @@ def load_weights(
     `source` is a `TensorSource` or a safetensors checkpoint folder. Every tensor name/shape is
     checked against `hf_weight_table(config)` before any data is read. Tensors are cast to
     `config.dtype`; a decoder layer's tensor is written into its slice of the stacked parameter
-    on the device (the host holds one tensor at a time); with `mesh`, each lands directly on its NamedSharding (`param_shardings` by
-    `rules`, all computed before any data is read: a rule that cannot apply raises
-    `fipo_jax.sharding.ShardingRuleError` up front). Once all are placed, one on-device all-finite
-    reduction per tensor (`finite_flags`) refuses NaN / ±inf weights with a
-    `CheckpointFileError` naming each such tensor and its file.
+    on the device (the host holds one tensor at a time). With `mesh`, each lands directly on its
+    NamedSharding (`param_shardings` by `rules`, all computed before any data is read: a rule that
+    cannot apply raises `fipo_jax.sharding.ShardingRuleError` up front). One on-device all-finite
+    reduction per tensor (`finite_flags`) refuses NaN / ±inf weights with a `CheckpointFileError`
+    naming each such tensor and its file.
     """
     if not isinstance(source, TensorSource):
         source = SafetensorsSource(source)
