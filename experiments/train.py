@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "--num-processes and --process-id)")
     group.add_argument("--num-processes", type=int, default=None, help="number of processes (with HOST:PORT)")
     group.add_argument("--process-id", type=int, default=None, help="this process's rank (with HOST:PORT)")
+    group.add_argument("--distributed-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="how long to wait for every process to join before giving up (default 300)")
     return parser
 
 
@@ -63,14 +65,15 @@ def start_distributed(args) -> None:
     if args.distributed == "auto":
         if args.num_processes is not None or args.process_id is not None:
             raise ConfigError("--distributed auto detects --num-processes / --process-id itself; drop them")
-        distributed.initialize()
+        distributed.initialize(timeout_s=args.distributed_timeout)
         return
     if ":" not in args.distributed:
         raise ConfigError(f"--distributed must be 'auto' or HOST:PORT, got {args.distributed!r}")
     if args.num_processes is None or args.process_id is None:
         raise ConfigError("--distributed HOST:PORT needs --num-processes and --process-id")
     try:
-        distributed.initialize(args.distributed, args.num_processes, args.process_id)
+        distributed.initialize(args.distributed, args.num_processes, args.process_id,
+                               timeout_s=args.distributed_timeout)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -98,8 +101,21 @@ def main(argv=None) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     run_dir = args.run_dir or os.path.join("runs", f"{config.name}-{config.algo.loss.loss_mode}")
-    from fipo_jax.run_dir import RunDirectoryLocked
-    from fipo_jax.trainer import Trainer
+    from fipo_jax.models import ExportFolderError, check_export_folder
+    from fipo_jax.run_dir import (ExportDestinationError, RunDirectoryError, RunDirectoryLocked,
+                                  check_export_destination)
+    from fipo_jax.trainer import DynamicSamplingExhausted, Trainer
+
+    if args.export:  # refused before anything is built, not after the training
+        try:
+            if config.model.source == "scratch":
+                raise ConfigError("--export needs a pretrained model (model.source 'hf' or 'gemma3-270m'); the "
+                                  "scratch model's task vocabulary is not a Hugging Face tokenizer")
+            check_export_destination(args.export, run_dir)
+            check_export_folder(args.export)
+        except (ConfigError, ExportFolderError, ExportDestinationError) as err:
+            print(f"config error: {err}", file=sys.stderr)
+            return 2
 
     try:
         trainer = Trainer(config, run_dir, progress=not args.no_progress)
@@ -107,13 +123,17 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except RunDirectoryLocked as err:
+    except (RunDirectoryLocked, RunDirectoryError, DynamicSamplingExhausted) as err:  # they say what to do
         print(f"error: {err}", file=sys.stderr)
         return 2
     from fipo_jax.distributed import is_primary
 
     if args.export:
-        trainer.export(args.export)
+        try:
+            trainer.export(args.export)
+        except (ExportFolderError, ExportDestinationError) as err:  # the folder changed during the training
+            print(f"error: {err} (the run itself is complete: {run_dir})", file=sys.stderr)
+            return 2
     if is_primary():
         print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
         print(f"run directory: {run_dir}")

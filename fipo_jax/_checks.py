@@ -122,11 +122,17 @@ def check_same_shape(name: str, x, ref_name: str, ref) -> None:
 
 
 def check_mask(name: str, mask, ref_name: str, ref) -> None:
-    """A mask is bool or numeric (non-zero = valid) with the shape of `ref`."""
+    """A mask is bool or numeric (non-zero = valid) with the shape of `ref`. A concrete float mask
+    holding NaN / ±inf is refused (NaN is non-zero, so it would count as a real token); inside jit
+    the values cannot be seen: pass a bool mask there."""
     dtype = _dtype(mask)
     if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
         raise TypeError(f"{name} must be a bool or numeric (int/float) array, got dtype {dtype}")
     check_same_shape(name, mask, ref_name, ref)
+    concrete = isinstance(mask, np.ndarray) or (isinstance(mask, jax.Array) and not isinstance(mask, jax.core.Tracer))
+    if jnp.issubdtype(dtype, jnp.floating) and concrete and not np.all(np.isfinite(np.asarray(mask))):
+        raise ValueError(f"{name} holds NaN or ±inf: a float mask must be finite (non-zero marks a real token); "
+                         f"pass a bool mask")
 
 
 def _concrete_scalar(value):

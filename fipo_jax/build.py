@@ -54,10 +54,20 @@ def build_policy(config: TrainConfig, mesh, log: Log):
     try:
         model = load_pretrained(path, dtype=spec.dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
                                 attention_chunk_size=spec.attention_chunk_size, mesh=mesh)
-        return load_tokenizer(path), model
+        tokenizer = load_tokenizer(path)
     except (CheckpointFileError, CheckpointMismatchError, UnsupportedConfigError, FileNotFoundError,
             NotADirectoryError) as err:  # each names the file or tensor at fault: one line for train.py
         raise ConfigError(f"model.path: {err}") from err
+    check_vocabulary(model.config.vocab_size, len(tokenizer), path)
+    return tokenizer, model
+
+
+def check_vocabulary(model_vocab: int, tokenizer_tokens: int, path: str) -> None:
+    """The model has an embedding row for every id its tokenizer can produce."""
+    if tokenizer_tokens > model_vocab:
+        raise ConfigError(f"model.path {path}: the tokenizer has {tokenizer_tokens} tokens (ids up to "
+                          f"{tokenizer_tokens - 1}) but the model's vocabulary is {model_vocab}: ids >= {model_vocab} "
+                          f"have no embedding row; use the tokenizer the model was trained with")
 
 
 def build_prompts(config: TrainConfig, tokenizer, model, log: Log, bar: ProgressBar
@@ -65,7 +75,8 @@ def build_prompts(config: TrainConfig, tokenizer, model, log: Log, bar: Progress
     """(train, held-out) prompt records for ``config.data``; prompts longer than
     ``data.max_prompt_tokens`` are dropped (as the official data loader does), with a note."""
     data = config.data
-    fit = lambda records, split: _fit_prompts(records, tokenizer, data.max_prompt_tokens, split, log)  # noqa: E731
+    fit = lambda records, split, where=None: _fit_prompts(  # noqa: E731
+        records, tokenizer, data.max_prompt_tokens, split, log, where)
     if data.task == "chain":
         task = ChainTask(n_terms=data.n_terms, ops=data.ops)
         make = lambda seed, n: [PromptRecord(r["prompt"], r["ground_truth"], "chain", str(i))  # noqa: E731
@@ -83,9 +94,31 @@ def build_prompts(config: TrainConfig, tokenizer, model, log: Log, bar: Progress
         task = WordProblemTask(max_steps=data.max_steps, few_shot=data.few_shot)
         train, evals = word_problem_splits(task, config.seed, data.train_prompts, data.eval_prompts)
         return fit(train, "train"), fit(evals, "eval")
-    train = fit(_load_records("data.train_path", data.train_path), "train")
-    evals = fit(_load_records("data.eval_path", data.eval_path, data.eval_prompts), "eval") if data.eval_path else []
+    train = fit(_load_records("data.train_path", data.train_path), "train", f"data.train_path {data.train_path}")
+    evals = fit(_load_records("data.eval_path", data.eval_path, data.eval_prompts), "eval",
+                f"data.eval_path {data.eval_path}") if data.eval_path else []
+    check_gold_answers(train, f"data.train_path {data.train_path}")
+    check_gold_answers(evals, f"data.eval_path {data.eval_path}")
     return train, evals
+
+
+def check_gold_answers(records: list[PromptRecord], where: str) -> None:
+    """Every ground truth scores correct against itself written as the reward expects a response to
+    write it (``Answer: <gold>``): a gold that never can (``"Answer: 7"``: the reward extracts and
+    compares the line's answer) would make the prompt's reward −1 forever. The string and decimal
+    rules decide almost all; math-verify is asked only about the rest."""
+    from fipo_jax.rewards import RewardConfig, dapo_math_score, gold_answer
+
+    quick = RewardConfig(use_math_verify=False)
+    for row, record in enumerate(records):
+        response = f"Answer: {gold_answer(record.ground_truth)}"
+        if dapo_math_score(response, record.ground_truth, quick).correct:
+            continue
+        result = dapo_math_score(response, record.ground_truth)
+        if not result.correct:
+            raise ConfigError(f"{where}, prompt {row + 1}: ground truth {record.ground_truth!r:.80} can never be "
+                              f"scored correct (a response ending {response!r:.80} extracts {result.extracted!r:.80}"
+                              f"{'; ' + result.error if result.error else ''}); write the bare answer, e.g. '7'")
 
 
 def _load_records(field: str, path: str, limit: int | None = None) -> list[PromptRecord]:
@@ -96,8 +129,28 @@ def _load_records(field: str, path: str, limit: int | None = None) -> list[Promp
         raise ConfigError(f"{field}: {err}") from err
 
 
-def _fit_prompts(records, tokenizer, max_tokens: int, split: str, log: Log) -> list[PromptRecord]:
-    kept = [r for r in records if len(encode_prompt(r, tokenizer)) <= max_tokens]
+def _prompt_length(record: PromptRecord, row: int, tokenizer, where: str) -> int:
+    """Tokens of a prompt; a prompt the scratch model cannot read is named (file, row, character)."""
+    from jinja2.exceptions import TemplateError  # what a chat template raises
+
+    try:
+        return len(encode_prompt(record, tokenizer))
+    except TemplateError as err:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ConfigError(f"{where}, prompt {row + 1}: the chat template of the tokenizer {name} refused it: "
+                          f"{err}") from None
+    except ValueError as err:
+        if not isinstance(tokenizer, CharTokenizer):
+            raise
+        letters = "".join(t for t in tokenizer.tokens if len(t) == 1)
+        raise ConfigError(f"{where}, prompt {row + 1}: {err} — the scratch model "
+                          f"reads only {letters!r} and the words 'Q:' / 'Answer:'; text prompts need a pretrained "
+                          f"model (model.source 'hf')") from None
+
+
+def _fit_prompts(records, tokenizer, max_tokens: int, split: str, log: Log, where: str | None = None
+                 ) -> list[PromptRecord]:
+    kept = [r for i, r in enumerate(records) if _prompt_length(r, i, tokenizer, where or split) <= max_tokens]
     if len(kept) < len(records):
         log(f"[data] {split}: dropped {len(records) - len(kept)} of {len(records)} prompts longer than "
             f"{max_tokens} tokens")

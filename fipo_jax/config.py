@@ -16,14 +16,10 @@ import typing
 from typing import Any, Literal
 
 from fipo_jax import _checks
-from fipo_jax.losses import PolicyLossConfig
+from fipo_jax.losses import MODE_DEPENDENT_FIELDS, PolicyLossConfig
 from fipo_jax.models.config import REMAT_POLICIES
 from fipo_jax.sampling import MIN_TEMPERATURE
-from fipo_jax.sharding import MESH_AXES
-
-# PolicyLossConfig fields left None take the loss mode's official default.
-MODE_DEPENDENT_LOSS_FIELDS = ("clip_ratio_high", "aggregation", "drop_dual_clipped_sequences")
-
+from fipo_jax.sharding import MESH_AXES, ways
 
 class ConfigError(ValueError):
     """A configuration that cannot be used, with the offending field in the message."""
@@ -142,7 +138,8 @@ class RolloutSpec:
         _checks.check_int("rollout.engine_slots", self.engine_slots, minimum=1, error=ConfigError)
         _checks.check_int("rollout.engine_steps_per_sync", self.engine_steps_per_sync, minimum=1, error=ConfigError)
         _checks.require(all(isinstance(x, str) and x for x in self.stop),
-                        f"rollout.stop must be a list of non-empty strings, got {self.stop!r}", error=ConfigError)
+                        f"rollout.stop must be a list of non-empty strings (a plain value is one stop string, "
+                        f"taken literally), got {self.stop!r}", error=ConfigError)
         for name in ("n", "prompts_per_step", "prompts_per_round", "max_rounds", "max_response_tokens"):
             value = getattr(self, name)  # keeps the wording train.py's users see: "rollout.n must be >= 1"
             _checks.require(_checks.is_int(value) and value >= 1,
@@ -164,9 +161,12 @@ class RewardSpec:
     overlong_buffer: int = 8
     overlong_factor: float = 1.0
     verify_timeout_s: float = 2.0
+    score_budget_s: float = 600.0  # per batch of responses; past it math-verify is not asked (counted)
 
     def __post_init__(self):
         _checks.check_int("reward.overlong_buffer", self.overlong_buffer, minimum=1, error=ConfigError)
+        _checks.check_number("reward.score_budget_s", self.score_budget_s, minimum=0, exclusive_minimum=True,
+                             error=ConfigError)
         _checks.check_number("reward.overlong_factor", self.overlong_factor, minimum=0, error=ConfigError)
         _checks.check_number("reward.verify_timeout_s", self.verify_timeout_s, minimum=0, exclusive_minimum=True,
                              error=ConfigError)
@@ -309,7 +309,10 @@ class TrainConfig:
             error=ConfigError)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field as a plain dict; the loss's mode-dependent defaults as None (`PolicyLossConfig.to_dict`)."""
+        d = dataclasses.asdict(self)
+        d["algo"]["loss"] = self.algo.loss.to_dict()
+        return d
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with its checkpoint (all but the length of
@@ -353,10 +356,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0])
     if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
-        _checks.require(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}", error=ConfigError)
         inner = typing.get_args(annotation)[0]
+        if isinstance(value, str):  # not valid JSON (apply_overrides parsed it): one literal item, never split
+            _checks.require(inner is str, f"{where} must be a JSON list like [2, 2, 2], got {value!r}",
+                            error=ConfigError)
+            value = [value]
+        _checks.require(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}", error=ConfigError)
         return tuple(_coerce(v, inner, where) for v in value)
     if annotation is bool:
         if isinstance(value, str):
@@ -410,7 +415,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     paths = [item.split("=", 1)[0].strip() for item in overrides]
     if "algo.loss.loss_mode" in paths:
         # Fields whose default depends on the mode are re-resolved for the new mode.
-        for name in MODE_DEPENDENT_LOSS_FIELDS:
+        for name in MODE_DEPENDENT_FIELDS:
             if f"algo.loss.{name}" not in paths:
                 data["algo"]["loss"][name] = None
     for item in overrides:
@@ -510,6 +515,17 @@ def _get(config: Any, path: str) -> Any:
     for key in path.split("."):
         config = getattr(config, key)
     return config
+
+
+def micro_batch_rows(config: TrainConfig) -> int:
+    """Rows of one update micro-batch (``algo.micro_batch_size``, at most a mini-batch); they split
+    over the mesh's data axis (the rules table's ``batch``), so they must divide by it."""
+    rollout, algo = config.rollout, config.algo
+    rows = min(algo.micro_batch_size, rollout.prompts_per_step * rollout.n // algo.mini_batches)
+    data = ways("batch", dict(zip(MESH_AXES, config.mesh_shape)))
+    _checks.require(rows % data == 0, f"algo.micro_batch_size ({rows} rows) must divide by the mesh's data axis "
+                                      f"({data})", error=ConfigError)
+    return rows
 
 
 def with_algo(config: TrainConfig, algo: str) -> TrainConfig:

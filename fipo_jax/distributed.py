@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
+import threading
 from typing import Any
 
 import jax
@@ -36,12 +39,15 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
     local_device_ids: list[int] | None = None,
+    timeout_s: float = 300.0,
 ) -> None:
     """`jax.distributed.initialize`, called before any other JAX use, with clear errors.
 
     With no arguments JAX detects the cluster itself (Cloud TPU pods, SLURM, Open MPI,
     Kubernetes, mpi4py; the coordinator may also come from ``JAX_COORDINATOR_ADDRESS``). On
-    CPU, cross-process collectives use gloo.
+    CPU, cross-process collectives use gloo. It says which processes it waits for; if they have
+    not all joined within ``timeout_s`` seconds, the process prints one line and exits with code 2
+    (JAX itself would abort with a stack trace once its own, longer deadline passes).
     """
     explicit = (coordinator_address, num_processes, process_id)
     _checks.require(all(v is None for v in explicit) or all(v is not None for v in explicit),
@@ -50,10 +56,30 @@ def initialize(
     _checks.require(num_processes is None or (num_processes >= 1 and 0 <= process_id < num_processes),
                     "need num_processes >= 1 and 0 <= process_id < num_processes, "
                     f"got {num_processes} and {process_id}")
+    _checks.check_number("timeout_s (seconds)", timeout_s, minimum=0, exclusive_minimum=True)
+    who = ("the processes the cluster environment names" if num_processes is None else
+           f"all {num_processes} processes at coordinator {coordinator_address} (this is process {process_id})")
+    print(f"[distributed] waiting up to {timeout_s:.0f} s for {who}", file=sys.stderr, flush=True)
+    watchdog = threading.Timer(timeout_s, _give_up, args=(
+        f"not every process joined within {timeout_s:.0f} s ({who}): start each with the same --distributed and "
+        f"--num-processes and its own --process-id, check the coordinator's host and port are reachable, or "
+        f"raise --distributed-timeout",))
+    watchdog.daemon = True
+    watchdog.start()
     # Only selects the CPU backend's collectives; harmless on GPU/TPU hosts.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, local_device_ids=local_device_ids,
+                                   initialization_timeout=int(timeout_s) + 60)
+    finally:
+        watchdog.cancel()
+
+
+def _give_up(message: str) -> None:
+    """The start-up watchdog: one line, exit code 2 (the main thread is blocked inside JAX)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 def is_primary() -> bool:

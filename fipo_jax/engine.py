@@ -41,6 +41,7 @@ from fipo_jax.models.kv_cache import KVCache, init_kv_cache
 from fipo_jax.sampling import (
     SampleOutput,
     SamplingConfig,
+    check_first_tokens_finite,
     check_generate_inputs,
     constrain_rows,
     left_align_prompts,
@@ -471,6 +472,8 @@ def generate(
             run.compact()
     responses, tally = run.responses, run.tally
     mask = np.arange(config.max_new_tokens)[None] < responses.lengths[:, None]
+    started_R = responses.lengths > 0
+    check_first_tokens_finite(np.all(np.isfinite(responses.log_probs[started_R, 0])))
     output = SampleOutput(tokens=responses.tokens, mask=mask, log_probs=responses.log_probs,
                           lengths=responses.lengths, prompt_ids=ids_RxP, prompt_mask=mask_RxP,
                           num_steps=np.int32(responses.lengths.max()), stop_lengths=responses.stop_lengths)

@@ -67,6 +67,10 @@ METRIC_REDUCTIONS: Mapping[str, Literal["sum", "mean", "loss_mean", "min", "max"
 })
 
 
+# Fields whose default depends on the loss mode (and clip_ratio_high on clip_ratio_low): see PolicyLossConfig.
+MODE_DEPENDENT_FIELDS = ("clip_ratio_high", "aggregation", "drop_dual_clipped_sequences")
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
     """Settings of `policy_loss`; defaults are the official FIPO 32B recipe.
@@ -74,7 +78,11 @@ class PolicyLossConfig:
     Fields left as ``None`` take the loss mode's official default, resolved on
     construction: ``clip_ratio_high`` (0.28 for fipo/dapo, = ``clip_ratio_low`` for grpo),
     ``aggregation`` ("token-mean"; grpo: "seq-mean-token-mean") and
-    ``drop_dual_clipped_sequences`` (True for fipo only).
+    ``drop_dual_clipped_sequences`` (True for fipo only). A resolved default keeps following what
+    it derives from: ``PolicyLossConfig.grpo().replace(clip_ratio_low=0.1)`` has
+    ``clip_ratio_high`` 0.1, as ``--algo grpo --set algo.loss.clip_ratio_low=0.1``, ``--set
+    algo.loss.loss_mode=grpo …`` and a JSON config have (`given` records the fields set explicitly;
+    `to_dict` writes the others as None).
 
     Attributes:
       loss_mode: "fipo", "dapo" (the official "vanilla" loss) or "grpo" (PPO clip, no dual clip).
@@ -121,10 +129,13 @@ class PolicyLossConfig:
     future_kl_block_size: int | None = None
     future_kl_context_axis: str | None = None
     ratio_quantiles: bool = True
+    # The mode-dependent fields given explicitly (the others are the mode's defaults).
+    given: frozenset = dataclasses.field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self):
         field = lambda name: f"PolicyLossConfig: {name}"  # noqa: E731
         _checks.check_choice(field("loss_mode"), self.loss_mode, LOSS_MODES)
+        object.__setattr__(self, "given", frozenset(n for n in MODE_DEPENDENT_FIELDS if getattr(self, n) is not None))
         is_grpo = self.loss_mode == "grpo"
         resolved = {
             "clip_ratio_high": self.clip_ratio_low if is_grpo else 0.28,
@@ -169,7 +180,13 @@ class PolicyLossConfig:
         return lo, 1.0 + self.influence_clip
 
     def replace(self, **changes) -> "PolicyLossConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; the mode-dependent fields not given explicitly are resolved again."""
+        return PolicyLossConfig(**{**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict:
+        """The fields as given: a mode-dependent field that was not set explicitly is None."""
+        return {f.name: None if f.name in MODE_DEPENDENT_FIELDS and f.name not in self.given else getattr(self, f.name)
+                for f in dataclasses.fields(self) if f.init}
 
     @classmethod
     def fipo_32b(cls, **overrides) -> "PolicyLossConfig":

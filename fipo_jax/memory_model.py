@@ -39,7 +39,7 @@ import math
 import numpy as np
 
 from fipo_jax.models import ModelConfig
-from fipo_jax.sharding import DEFAULT_RULES, logical_sharding
+from fipo_jax.sharding import logical_sharding, ways
 
 F32 = 4
 
@@ -73,6 +73,9 @@ class Fitted:
 
 
 FITTED = Fitted()
+# The highest planned / compiled peak measured over the calibration layouts: a plan this much over
+# the memory may still fit; one beyond it cannot (`fipo_jax.preflight` refuses only those).
+HIGHEST_MEASURED_RATIO = 1.30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,23 +95,18 @@ class LocalDims:
     compute_bytes: int  # bytes of one activation in the compute dtype
 
 
-def ways(mesh, logical: str) -> int:
-    """How many ways the rules table splits a ``logical`` axis on ``mesh`` (absent axes count 1)."""
-    return math.prod(mesh.shape.get(axis, 1) for axis in DEFAULT_RULES[logical].mesh_axes)
-
-
 def local(dim: int, mesh, logical: str) -> int:
     """Size of a ``logical`` dimension on one device (the rules table's placement)."""
     return logical_sharding((logical,), (dim,), mesh, name=logical).shard_shape((dim,))[0]
 
 
 def local_dims(model: ModelConfig, mesh, rows: int, row_tokens: int) -> LocalDims:
-    rows_here = rows // ways(mesh, "batch")
+    rows_here = rows // ways("batch", mesh)
     hidden = local(model.hidden_size, mesh, "embed")
     heads = local(model.num_attention_heads, mesh, "heads")
     return LocalDims(
         tokens=rows_here * row_tokens, rows=rows_here, row_tokens=row_tokens, hidden=hidden,
-        hidden_split=max(1, hidden // ways(mesh, "heads")), query=heads * model.head_dim,
+        hidden_split=max(1, hidden // ways("heads", mesh)), query=heads * model.head_dim,
         key_value=local(model.num_key_value_heads, mesh, "kv_heads") * model.head_dim,
         mlp=local(model.intermediate_size, mesh, "mlp"), heads=heads, vocab=local(model.vocab_size, mesh, "vocab"),
         compute_bytes=np.dtype(model.compute_dtype).itemsize)
@@ -199,7 +197,7 @@ def decode_temporaries(model: ModelConfig, mesh, slots: int, layer_parameter_byt
     block = min(model.decode_block_size or cache_length, cache_length)
     blocks = 2 * slots * block * kv_width * F32
     inserted = 2 * slots * model.num_hidden_layers * kv_width * prompt_width * np.dtype(model.compute_dtype).itemsize
-    heads, tensor = model.num_key_value_heads, ways(mesh, "kv_heads")
+    heads, tensor = model.num_key_value_heads, ways("kv_heads", mesh)
     reshard = kv_cache_bytes if heads % tensor and math.gcd(heads, tensor) > 1 else 0
     return f.decode_margin * (f.decode_fixed + f.decode_layer * layer_parameter_bytes + f.decode_blocks * blocks
                               + f.decode_inserted * inserted + f.decode_reshard * reshard)

@@ -32,11 +32,11 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from fipo_jax import memory_model
-from fipo_jax.config import ConfigError, TrainConfig, load_config
+from fipo_jax.config import ConfigError, TrainConfig, load_config, micro_batch_rows
 from fipo_jax.engine import EngineConfig
 from fipo_jax.models import CausalLM, ModelConfig
 from fipo_jax.rollouts import PROMPT_BUCKET_SLACK
-from fipo_jax.sharding import MESH_AXES, logical_sharding
+from fipo_jax.sharding import MESH_AXES, logical_sharding, ways
 
 GiB = 2**30
 
@@ -275,6 +275,19 @@ def sampler_bytes(model: ModelConfig, mesh, local_rows: int, prompt_width: int, 
     return cache, prefixes, int(temporaries)
 
 
+def prompt_width(config: TrainConfig) -> int:
+    """Prompt tokens a row holds: the chain task's prompts all have one known length (rounded up to
+    the samplers' prompt bucket); other data are bounded by ``data.max_prompt_tokens``."""
+    data = config.data
+    if data.task != "chain":
+        return data.max_prompt_tokens
+    from fipo_jax.data import ChainTask
+    from fipo_jax.sampling import DEFAULT_PROMPT_BUCKETS
+
+    tokens = ChainTask(n_terms=data.n_terms, ops=data.ops).prompt_tokens()
+    return min(data.max_prompt_tokens, next((b for b in DEFAULT_PROMPT_BUCKETS if b >= tokens), tokens))
+
+
 def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: int | str | None = None,
          model: ModelConfig | None = None, fitted: memory_model.Fitted = memory_model.FITTED) -> MemoryPlan:
     """The per-device memory of ``config`` (a `TrainConfig`, preset name or JSON path) on a mesh of
@@ -285,12 +298,11 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
     mesh = AbstractMesh(shape, MESH_AXES[: len(shape)])
     model = model or model_config(config)
     rollout, algo = config.rollout, config.algo
-    row_tokens = config.data.max_prompt_tokens + rollout.max_response_tokens
+    prompt = prompt_width(config)
+    row_tokens = prompt + rollout.max_response_tokens
     sequences = rollout.prompts_per_step * rollout.n
-    rows = min(algo.micro_batch_size, sequences // algo.mini_batches)
-    data = memory_model.ways(mesh, "batch")
-    if rows % data:
-        raise ConfigError(f"algo.micro_batch_size ({rows} rows) must divide by the mesh's data axis ({data})")
+    rows = micro_batch_rows(dataclasses.replace(config, mesh_shape=shape))
+    data = ways("batch", mesh)
     parameters = parameter_bytes(model, mesh)
     optimizer = 2 * parameters  # AdamW μ and ν, placed like their parameters, in their dtype
     step_tokens = -(-sequences // data) * row_tokens
@@ -301,7 +313,7 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
     sampler_rows = -(-min(rollout.engine_slots, round_rows) // data) * data if engine else round_rows
     sampler_local = -(-sampler_rows // data)
     kv_cache, prefix_store, sampler_temporaries = sampler_bytes(
-        model, mesh, sampler_local, config.data.max_prompt_tokens + PROMPT_BUCKET_SLACK, rollout.max_response_tokens,
+        model, mesh, sampler_local, prompt + PROMPT_BUCKET_SLACK, rollout.max_response_tokens,
         prefill_rows=EngineConfig().prefill_batch if engine else 0, fitted=fitted)
     memory = None if device_memory is None else (parse_bytes(device_memory) if isinstance(device_memory, str)
                                                  else int(device_memory))

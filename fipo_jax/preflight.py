@@ -4,10 +4,16 @@ A config is valid on its own (`fipo_jax.config` checks it on construction); whet
 *here* is a separate question, answered in seconds rather than after a model has loaded:
 
 * every path it reads exists (``model.path``, ``data.train_path``, ``data.eval_path``);
-* the mesh fits the devices (`jax.device_count()`);
+* the scratch model's task vocabulary spells every stop string;
+* the mesh fits the devices (`jax.device_count()`), and the update's micro-batch rows split over
+  its data axis (`config.micro_batch_rows`, the planner's rule too);
 * the rollout's response arrays fit in host memory: a lower bound, since it counts only the
   fixed-width response arrays a round holds on the host (ids, masks, log-probs), not prompts,
-  the model or its KV cache.
+  the model or its KV cache;
+* the memory planner's peak (`fipo_jax.plan`) fits the device memory (`memory_stats()`), or, on a
+  CPU, the host memory the mesh's devices share — refused only when even the planner's lowest
+  reading (its peak over `memory_model.HIGHEST_MEASURED_RATIO`, the most it has over-counted)
+  does not fit. Skipped when the planner cannot tell the architecture (a ``.gguf`` path).
 
 `preflight` raises `ConfigError` naming the field, the value and, for memory, the estimate.
 """
@@ -20,7 +26,7 @@ import os
 import jax
 
 from fipo_jax import _checks
-from fipo_jax.config import ConfigError, TrainConfig
+from fipo_jax.config import ConfigError, TrainConfig, micro_batch_rows
 
 # Host bytes per response slot of a round: int32 token + float32 sampler log-prob + bool mask
 # (`fipo_jax.rollouts.Rollouts`), each ``max_response_tokens`` wide whatever the response's length.
@@ -30,8 +36,11 @@ HOST_BYTES_PER_TOKEN = 9
 def preflight(config: TrainConfig, device_count: int | None = None, host_memory: int | None = None) -> None:
     """Raise `ConfigError` if ``config`` cannot run on this machine (see the module docstring)."""
     check_paths(config)
+    check_stop_strings(config)
     check_mesh(config.mesh_shape, jax.device_count() if device_count is None else device_count)
+    micro_batch_rows(config)
     check_host_memory(config, physical_memory() if host_memory is None else host_memory)
+    check_planned_memory(config, physical_memory() if host_memory is None else host_memory)
 
 
 def check_paths(config: TrainConfig) -> None:
@@ -41,6 +50,19 @@ def check_paths(config: TrainConfig) -> None:
         paths.insert(0, ("model.path", config.model.path))
     for field, path in paths:
         _checks.require(not path or os.path.exists(path), f"{field}: {path} does not exist", error=ConfigError)
+
+
+def check_stop_strings(config: TrainConfig) -> None:
+    """The scratch model's task vocabulary can spell every stop string."""
+    if config.model.source != "scratch":
+        return
+    from fipo_jax.data import CharTokenizer
+
+    for text in config.rollout.stop:
+        try:
+            CharTokenizer().encode(text)
+        except ValueError as err:
+            raise ConfigError(f"rollout.stop {text!r}: {err} of the scratch model") from None
 
 
 def check_mesh(mesh_shape: tuple[int, ...], device_count: int) -> None:
@@ -69,6 +91,29 @@ def check_host_memory(config: TrainConfig, host_memory: int) -> None:
         f"rollout.max_response_tokens = {config.rollout.max_response_tokens} slots need at least {_bytes(need)} "
         f"of host memory for their response arrays alone; this machine has {_bytes(host_memory)}",
         error=ConfigError)
+
+
+def check_planned_memory(config: TrainConfig, host_memory: int) -> None:
+    """The planner's peak, at its most optimistic reading, fits this machine (see the module doc)."""
+    from fipo_jax import memory_model
+    from fipo_jax import plan as plan_lib
+
+    try:
+        planned = plan_lib.plan(config, config.mesh_shape)
+    except ConfigError:
+        return  # the architecture is unknown without loading it: nothing to check here
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if limit is None:  # CPU: the mesh's devices on this host share its memory
+        devices = min(math.prod(config.mesh_shape), jax.local_device_count())
+        need, have, what = planned.peak * devices, host_memory, f"host memory ({devices} CPU device(s))"
+    else:
+        need, have, what = planned.peak, limit, "memory per device"
+    _checks.require(
+        need / memory_model.HIGHEST_MEASURED_RATIO <= have,
+        f"the memory planner puts this run's peak at {_bytes(need)} of {what} (at least "
+        f"{_bytes(need / memory_model.HIGHEST_MEASURED_RATIO)}), and this machine has {_bytes(have)}; "
+        f"`python -m fipo_jax.plan --config <this config> --mesh {','.join(map(str, config.mesh_shape))}` shows the "
+        f"pieces and the settings that would fit", error=ConfigError)
 
 
 def physical_memory() -> int:

@@ -48,6 +48,8 @@ class Rollouts:
     scores: np.ndarray  # [B] shaped score
     answers: list  # [B] extracted answers (None when none)
     reward_errors: int = 0
+    reward_over_budget: int = 0  # answers scored past reward.score_budget_s without math-verify
+    score_seconds: float = 0.0
 
     @staticmethod
     def concat(parts: list["Rollouts"], pad_token_id: int) -> "Rollouts":
@@ -56,13 +58,15 @@ class Rollouts:
         cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
         return Rollouts(np.concatenate(ids), np.concatenate(masks), cat("tokens"), cat("response_mask"),
                         cat("sampler_log_probs"), cat("lengths"), cat("correct"), cat("scores"),
-                        sum((p.answers for p in parts), []), sum(p.reward_errors for p in parts))
+                        sum((p.answers for p in parts), []), sum(p.reward_errors for p in parts),
+                        sum(p.reward_over_budget for p in parts), sum(p.score_seconds for p in parts))
 
     def take(self, rows: np.ndarray) -> "Rollouts":
         pick = lambda x: x[rows]  # noqa: E731
         return Rollouts(pick(self.prompt_ids), pick(self.prompt_mask), pick(self.tokens), pick(self.response_mask),
                         pick(self.sampler_log_probs), pick(self.lengths), pick(self.correct), pick(self.scores),
-                        [self.answers[i] for i in rows], self.reward_errors)
+                        [self.answers[i] for i in rows], self.reward_errors, self.reward_over_budget,
+                        self.score_seconds)
 
 
 def majority_vote(answers: list) -> Any:
@@ -72,6 +76,13 @@ def majority_vote(answers: list) -> Any:
         return None
     best = max(counts.values())
     return next(a for a in answers if a and counts[a] == best)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of plain text, no special tokens (the scratch vocabulary or a Hugging Face tokenizer)."""
+    if isinstance(tokenizer, CharTokenizer):
+        return tokenizer.encode(text)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def encode_prompt(record: PromptRecord, tokenizer) -> list[int]:
@@ -103,7 +114,8 @@ class RolloutCollector:
         self.reward_config = RewardConfig(max_response_length=config.rollout.max_response_tokens,
                                           overlong_buffer=reward.overlong_buffer if reward.overlong_shaping else None,
                                           overlong_factor=reward.overlong_factor,
-                                          verify_timeout_s=reward.verify_timeout_s)
+                                          verify_timeout_s=reward.verify_timeout_s,
+                                          batch_budget_s=reward.score_budget_s)
         rollout = config.rollout
         self.sampling = self._sampling_config(rollout.temperature, rollout.top_p, rollout.top_k)
         self.eval_sampling = self._sampling_config(config.eval.temperature, config.eval.top_p, 0)
@@ -115,7 +127,7 @@ class RolloutCollector:
         sequences = []
         for text in self.config.rollout.stop:
             for variant in (text, " " + text):
-                ids = tuple(self.tokenizer(variant, add_special_tokens=False)["input_ids"])
+                ids = tuple(encode_text(self.tokenizer, variant))
                 if ids and ids not in sequences:
                     sequences.append(ids)
         return tuple(sequences)
@@ -163,7 +175,8 @@ class RolloutCollector:
         rewards = score_batch(texts, golds, self.reward_config, response_lengths=lengths)
         return Rollouts(np.asarray(out.prompt_ids), np.asarray(out.prompt_mask), np.asarray(out.tokens),
                         np.asarray(out.mask), np.asarray(out.log_probs), lengths, rewards.correct, rewards.scores,
-                        [r.extracted for r in rewards.results], rewards.num_errors + rewards.num_timeouts)
+                        [r.extracted for r in rewards.results], rewards.num_errors + rewards.num_timeouts,
+                        rewards.num_over_budget, rewards.seconds)
 
     def collect(self, policy, iterator: PromptIterator, key, step: int) -> tuple[Rollouts, dict[str, float]]:
         """DAPO dynamic sampling: rounds of generation until the step's batch is full.
@@ -191,7 +204,9 @@ class RolloutCollector:
         lengths, scores = (np.concatenate([getattr(r, f) for r in all_rounds]) for f in ("lengths", "scores"))
         stats = {"rollout/rounds": round_index + 1, "rollout/kept_groups": n_kept,
                  "rollout/accuracy": float(np.concatenate([r.correct for r in all_rounds]).mean()),
-                 "rollout/reward_errors": sum(r.reward_errors for r in all_rounds)}
+                 "rollout/reward_errors": sum(r.reward_errors for r in all_rounds),
+                 "rollout/reward_over_budget": sum(r.reward_over_budget for r in all_rounds),
+                 "time/score_s": sum(r.score_seconds for r in all_rounds)}
         if self.engine_stats:  # busy slot-steps over all computed slot-steps of the step's rounds
             computed = sum(s.computed_slot_steps for s in self.engine_stats)
             stats["rollout/slot_utilisation"] = sum(s.busy_slot_steps for s in self.engine_stats) / max(1, computed)

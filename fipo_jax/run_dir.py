@@ -12,6 +12,7 @@ filesystems differ in how they honour ``flock``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -22,10 +23,64 @@ from typing import Iterator
 LOCK_FILE = ".lock"
 # What a run writes besides its checkpoints (tensorboard/ is append-only and left in place).
 RUN_FILES = ("metrics.jsonl", "metrics.jsonl.garbled", "config.json", "summary.json", "plots")
+# Everything of a run directory an export must not be written into (a subfolder of its own is fine).
+BOOKKEEPING = RUN_FILES + (LOCK_FILE, "checkpoints", "checkpoints.damaged", "views", "tensorboard")
 
 
 class RunDirectoryLocked(RuntimeError):
     """Another trainer is using the run directory."""
+
+
+class RunDirectoryError(OSError):
+    """The run directory cannot hold the run: a file, not writable, or the disk is full (one line)."""
+
+
+def ensure_writable(run_dir: str) -> None:
+    """Create ``run_dir`` and check it can be written (a probe file), or raise `RunDirectoryError`."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except (FileExistsError, NotADirectoryError):
+        raise RunDirectoryError(f"run directory {run_dir} is a file (or lies under one); choose another --run-dir") \
+            from None
+    except OSError as err:
+        raise RunDirectoryError(f"run directory {run_dir} cannot be written ({err.strerror or err}); choose a writable "
+                                f"--run-dir") from None
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) says the disk is full (ENOSPC, or Orbax's RESOURCE_EXHAUSTED)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err)
+        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in text \
+                or "RESOURCE_EXHAUSTED" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class ExportDestinationError(ValueError):
+    """An export folder that is the run directory, holds it, or lies inside its bookkeeping."""
+
+
+def check_export_destination(export: str, run_dir: str) -> None:
+    """Refuses an export folder that would overwrite the run's own files: the run directory itself,
+    a folder holding it, or a place inside its bookkeeping (``checkpoints/``, ``plots/``, … and the
+    ``previous-*`` folders). A subfolder of its own (``<run-dir>/export``) is fine."""
+    export_path, run_path = os.path.realpath(export), os.path.realpath(run_dir)
+    if export_path == run_path or run_path.startswith(export_path.rstrip(os.sep) + os.sep):
+        raise ExportDestinationError(f"export folder {export} {'is' if export_path == run_path else 'holds'} the run "
+                                     f"directory {run_dir}; export into a folder of its own, e.g. {run_dir}/export")
+    if export_path.startswith(run_path + os.sep):
+        first = os.path.relpath(export_path, run_path).split(os.sep)[0]
+        if first in BOOKKEEPING or first.startswith("previous-"):
+            raise ExportDestinationError(f"export folder {export} is inside the run's {first!r}; export into a folder "
+                                         f"of its own, e.g. {run_dir}/export")
 
 
 @contextlib.contextmanager

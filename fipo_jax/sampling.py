@@ -325,6 +325,10 @@ def matched_stop_length(recent_BxL: jax.Array, tokens_SxL: jax.Array, valid_SxL:
 # ---------------------------------------------------------------------------------------------
 
 
+class NonFiniteLogitsError(FloatingPointError):
+    """The policy produced NaN / ±inf log-probs: it cannot be sampled from."""
+
+
 class _LoopState(NamedTuple):
     step: jax.Array  # next response position to fill
     cache: object
@@ -576,7 +580,9 @@ def generate(
     ids_BxP, mask_BxP = left_align_prompts(ids_BxL, mask_BxL, prompt_len, config.pad_token_id)
     graphdef, state = nnx.split(model)
     if row_sharding is None:
-        return _generate_jit(graphdef, state, jnp.asarray(ids_BxP), jnp.asarray(mask_BxP), key, config, None)
+        out = _generate_jit(graphdef, state, jnp.asarray(ids_BxP), jnp.asarray(mask_BxP), key, config, None)
+        check_first_tokens_finite(_first_finite(out.log_probs))
+        return out
     rows, shards = row_split(row_sharding)
     batch = ids_BxP.shape[0]
     padded = -(-batch // shards) * shards
@@ -584,9 +590,24 @@ def generate(
     ids_BxP, mask_BxP = (np.concatenate([x, x[extra]]) for x in (ids_BxP, mask_BxP))
     out = _generate_jit(graphdef, state, jax.device_put(ids_BxP, rows), jax.device_put(mask_BxP, rows), key, config,
                         rows)
+    check_first_tokens_finite(_first_finite(out.log_probs))
     if padded == batch:
         return out
     return SampleOutput(*(x if x.ndim == 0 else x[:batch] for x in out))
+
+
+@jax.jit
+def _first_finite(log_probs_BxN: jax.Array) -> jax.Array:
+    """True iff every row's first sampled token has a finite log-prob (a replicated scalar)."""
+    return jnp.all(jnp.isfinite(log_probs_BxN[:, 0]))
+
+
+def check_first_tokens_finite(finite) -> None:
+    """Raise `NonFiniteLogitsError` unless ``finite`` (a bool: every row's first token has a finite
+    log-prob). NaN / ±inf weights or inputs would otherwise sample token 0 forever, silently."""
+    if not bool(finite):
+        raise NonFiniteLogitsError("the policy's next-token log-probs are not finite (NaN / ±inf) at the first "
+                                   "sampled token: its parameters or inputs hold non-finite values")
 
 
 def _row_axes(sharding: NamedSharding):

@@ -188,6 +188,13 @@ def logical_to_mesh_spec(
     return PartitionSpec(*entries)
 
 
+def ways(logical: str, mesh, rules: Mapping[str, RuleLike] | None = None) -> int:
+    """How many ways the rules table splits a ``logical`` axis on ``mesh`` (a `Mesh`, an
+    `AbstractMesh` or a {axis: size} dict; axes the mesh lacks count as size 1)."""
+    shape = mesh if isinstance(mesh, Mapping) else dict(mesh.shape)
+    return math.prod(shape.get(axis, 1) for axis in _rule_for(logical, rules).mesh_axes)
+
+
 def logical_sharding(logical_axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
                      rules: Mapping[str, RuleLike] | None = None, name: str = "a tensor") -> NamedSharding:
     """`NamedSharding` of `logical_to_mesh_spec` (same arguments, same errors)."""

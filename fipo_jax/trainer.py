@@ -33,9 +33,10 @@ from fipo_jax import distributed, render
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import rl_step
 from fipo_jax import run_dir as run_dir_lib
+from fipo_jax.run_dir import check_export_destination
 from fipo_jax.build import build_policy, build_prompts
 from fipo_jax.checkpoint import Checkpointer, config_differences
-from fipo_jax.config import ConfigError, TrainConfig
+from fipo_jax.config import ConfigError, TrainConfig, micro_batch_rows
 from fipo_jax.data import CharTokenizer, PromptIterator, PromptRecord
 from fipo_jax.diagnostics import token_diagnostics
 from fipo_jax.preflight import preflight
@@ -92,7 +93,7 @@ class Trainer:
         self.log = log if self.primary else (lambda _: None)
         distributed.check_same_on_all_processes(config.to_dict(), "the run config")
         preflight(config)  # paths, devices, memory: named before any model is built
-        os.makedirs(run_dir, exist_ok=True)
+        run_dir_lib.ensure_writable(run_dir)
         self.mesh = make_mesh(config.mesh_shape)
         self.tokenizer, model = build_policy(config, self.mesh, self.log)
         self.train_records, self.eval_records = build_prompts(config, self.tokenizer, model, self.log, self._bar)
@@ -103,8 +104,7 @@ class Trainer:
         self.iterator = PromptIterator(self.train_records, seed=config.seed)
 
         algo, optim = config.algo, config.optim
-        rows_per_mini = config.rollout.prompts_per_step * config.rollout.n // algo.mini_batches
-        self.micro_batch_size = min(algo.micro_batch_size, rows_per_mini)
+        self.micro_batch_size = micro_batch_rows(config)
         # Device groups the update's rows split over (a packed micro-batch's rows are a multiple).
         self.rows_split = row_split(logical_sharding(("batch", None), (self.micro_batch_size, 1), self.mesh))[1]
         schedule = rl_step.warmup_schedule(optim.lr, optim.warmup_steps, algo.mini_batches)
@@ -220,7 +220,16 @@ class Trainer:
                 f"good checkpoint stays in {self.checkpointer.directory})")
         metadata = {"step": self.step_index, "iterator": self.iterator.state(), "seed": self.config.seed,
                     "fingerprint": json.loads(json.dumps(self.config.fingerprint())), "data_digest": self.data_digest}
-        self.checkpointer.save(self.step_index, self.state, metadata)
+        try:
+            self.checkpointer.save(self.step_index, self.state, metadata)
+        except Exception as err:
+            if not run_dir_lib.disk_full(err):
+                raise
+            newest = self.checkpointer.latest_step()
+            raise run_dir_lib.RunDirectoryError(
+                f"checkpoint {self.step_index} could not be written to {self.checkpointer.directory}: the disk is "
+                f"full; the newest complete checkpoint is still step {newest}: free space, then re-run the same "
+                f"command to resume from it") from None
 
     def resume(self) -> int | None:
         """Load the newest checkpoint that restores; its step, or None if there is none.
@@ -277,12 +286,16 @@ class Trainer:
                 with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
                     json.dump(cfg.to_dict(), f, indent=2)
             self.run_log.append({"step": 0, **self.evaluate()})
+        if self.step_index >= total_steps:
+            self.log(f"[resume] the run already has {self.step_index} steps, at least the {total_steps} asked for: "
+                     f"nothing to train; the summary is of those {self.step_index} steps (a larger --steps continues)")
         bar = self._bar(total_steps, f"{cfg.name} [{cfg.algo.loss.loss_mode}]")
         if bar:
             bar.update(self.step_index)
         while (step := self.step_index) < total_steps:
             metrics = self.step()
             self._warn_if_mostly_padding(metrics)
+            self._warn_if_scoring_is_slow(metrics)
             step += 1
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps:
                 metrics.update(self.evaluate())
@@ -301,6 +314,15 @@ class Trainer:
             bar.close()
         self.checkpointer.wait()
         return self.write_summary()
+
+    def _warn_if_scoring_is_slow(self, metrics: dict[str, Any]) -> None:
+        """A step whose scoring took more than half its budget, or ran past it, says so."""
+        budget, seconds = self.config.reward.score_budget_s, metrics.get("time/score_s", 0.0)
+        unasked = metrics.get("rollout/reward_over_budget", 0)
+        if unasked or seconds > budget / 2:
+            self.log(f"[warning] step {self.step_index}: scoring the responses took {seconds:.0f} s (reward."
+                     f"score_budget_s={budget:.0f} per batch)" + (f"; {unasked} answers past the budget were "
+                                                                f"compared without math-verify" if unasked else ""))
 
     def _warn_if_mostly_padding(self, metrics: dict[str, Any]) -> None:
         """Once per run: a step whose batch is more than `PADDING_WARN_SHARE` padding rows trains on
@@ -365,11 +387,10 @@ class Trainer:
             raise ConfigError("export needs a pretrained model's tokenizer; the scratch model's task vocabulary "
                               "is not a Hugging Face tokenizer")
         tok = self.tokenizer
-        save_pretrained(self.policy, path, extra_config={k: v for k, v in (
+        check_export_destination(path, self.run_dir)
+        save_pretrained(self.policy, path, tokenizer=tok, extra_config={k: v for k, v in (
             ("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id),
             ("pad_token_id", tok.pad_token_id)) if v is not None})
-        if self.primary:
-            tok.save_pretrained(path)
         self.log(f"[export] wrote the policy to {path}")
 
     def write_summary(self) -> dict[str, Any]:

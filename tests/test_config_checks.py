@@ -115,3 +115,63 @@ def test_model_and_prompt_file_errors_reach_the_command_line_as_one_line(tmp_pat
     config = apply_overrides(cpu_default(), ["data.task=file", f"data.train_path={prompts}"])
     with pytest.raises(ConfigError, match=r"data\.train_path: .*p\.jsonl line 2: .*must be a string"):
         build_prompts(config, CharTokenizer(), None, lambda s: None, lambda total, desc: None)
+
+
+def test_grpo_clip_follows_clip_ratio_low_through_every_path(tmp_path):
+    """GRPO's clip_ratio_high defaults to "= clip_ratio_low": one rule through the CLI flag, --set,
+    a JSON config and the Python API; an explicit clip_ratio_high stays (issue 24, item 3)."""
+    import os
+    import sys
+
+    from fipo_jax.losses import PolicyLossConfig
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    import train
+
+    flag = train.resolve_config(train.build_parser().parse_args(["--algo", "grpo", "--set",
+                                                                 "algo.loss.clip_ratio_low=0.1"]))
+    overrides = apply_overrides(cpu_default(), ["algo.loss.loss_mode=grpo", "algo.loss.clip_ratio_low=0.1"])
+    path = tmp_path / "grpo.json"
+    path.write_text(json.dumps({"algo": {"loss": {"loss_mode": "grpo", "clip_ratio_low": 0.1}}}))
+    api = PolicyLossConfig.grpo().replace(clip_ratio_low=0.1)
+    for loss in (flag.algo.loss, overrides.algo.loss, load_config(str(path)).algo.loss, api):
+        assert (loss.loss_mode, loss.clip_ratio_low, loss.clip_ratio_high) == ("grpo", 0.1, 0.1)
+    assert PolicyLossConfig.grpo(clip_ratio_high=0.3).replace(clip_ratio_low=0.1).clip_ratio_high == 0.3
+    assert PolicyLossConfig().replace(clip_ratio_low=0.1).clip_ratio_high == 0.28  # fipo's default is fixed
+    assert PolicyLossConfig.grpo().replace(loss_mode="dapo").clip_ratio_high == 0.28
+    saved = apply_overrides(cpu_default(), ["algo.loss.clip_ratio_high=0.25"]).to_dict()["algo"]["loss"]
+    assert (saved["clip_ratio_high"], saved["aggregation"]) == (0.25, None)  # given vs the mode's default
+
+
+@pytest.mark.parametrize("raw, stops", [
+    ('[END]', ("[END]",)), (')', (")",)), ('Answer: 3, done', ("Answer: 3, done",)), ('"Question:"', ("Question:",)),
+    ('["Question:", "Q:"]', ("Question:", "Q:")), ('[]', ()),
+])
+def test_a_stop_string_is_json_or_taken_literally(raw, stops):
+    """Never split or stripped (issue 24, item 4): valid JSON of the field's type, else one literal string."""
+    config = apply_overrides(load_config("gemma3-270m-fipo"), [f"rollout.stop={raw}"])
+    assert config.rollout.stop == stops
+
+
+@pytest.mark.parametrize("raw", ['""', '[""]', '["ok", ""]'])
+def test_an_empty_stop_string_is_refused(raw):
+    with pytest.raises(ConfigError, match=r"rollout\.stop must be a list of non-empty strings"):
+        apply_overrides(load_config("gemma3-270m-fipo"), [f"rollout.stop={raw}"])
+
+
+def test_a_number_list_must_be_json():
+    with pytest.raises(ConfigError, match=r"mesh_shape must be a JSON list like \[2, 2, 2\], got '2,2,2'"):
+        apply_overrides(cpu_default(), ["mesh_shape=2,2,2"])
+    assert apply_overrides(cpu_default(), ["mesh_shape=[1,1]"]).mesh_shape == (1, 1)
+
+
+def test_the_planner_refuses_a_run_that_cannot_fit_before_anything_is_built():
+    """rollout.n=400000 passed the host-array lower bound but the planner puts it at ~640 GiB (issue 24,
+    item 15); the CPU default fits."""
+    from fipo_jax.preflight import check_planned_memory
+
+    check_planned_memory(cpu_default(), 8 * 2**30)
+    with pytest.raises(ConfigError, match=r"the memory planner puts this run's peak at [\d,.]+ GiB of host memory "
+                                          r"\(1 CPU device\(s\)\) \(at least [\d,.]+ GiB\), and this machine has "
+                                          r"23\.5 GiB; `python -m fipo_jax\.plan"):
+        check_planned_memory(apply_overrides(cpu_default(), ["rollout.n=400000"]), int(23.5 * 2**30))

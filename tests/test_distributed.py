@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -144,3 +145,20 @@ def test_cli_rejects_bad_distributed_flags(flags, message):
     proc = subprocess.run([sys.executable, TRAIN, *flags], capture_output=True, text=True,
                           env=environment(1), cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_missing_process_is_named_and_the_wait_is_bounded():
+    """Process 0 of 2 with no second process: it says whom it waits for, then one line and exit 2
+    when the timeout passes, instead of minutes of silence and a fatal stack trace (issue 24, item 16)."""
+    port = free_port()
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, TRAIN, "--distributed", f"127.0.0.1:{port}", "--num-processes", "2",
+                           "--process-id", "0", "--distributed-timeout", "3", "--no-progress"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(("[distributed]", "error:"))]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert lines[0] == f"[distributed] waiting up to 3 s for all 2 processes at coordinator 127.0.0.1:{port} (this " \
+                       f"is process 0)"
+    assert lines[-1].startswith("error: not every process joined within 3 s") and "--distributed-timeout" in lines[-1]
+    assert time.monotonic() - start < 60

@@ -519,3 +519,31 @@ def test_reward_config_defaults_and_official():
 def test_reward_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         RewardConfig(**{field: value})
+
+
+def test_a_batch_of_slow_answers_stays_within_its_budget():
+    """Six answers that each keep math-verify busy up to its time bound: the batch's budget caps the
+    total; past it the cheap rules alone decide and the rest are counted (issue 24, item 6)."""
+    import time
+
+    from fipo_jax.rewards import RewardConfig, score_batch
+    from fipo_jax.rewards.verify import Verdict
+
+    class SlowWorker:
+        asked = []
+
+        def check(self, gold, predicted, timeout_s):
+            self.asked.append(timeout_s)
+            time.sleep(min(timeout_s, 1.0))
+            return Verdict(False, "math_verify", timed_out=timeout_s < 1.0)
+
+    worker = SlowWorker()
+    responses = [f"Answer: $9^{{9^{{9^{{{k}}}}}}}$" for k in range(6)] + ["Answer: 3"]
+    config = RewardConfig(verify_timeout_s=2.0, batch_budget_s=1.5, overlong_buffer=None)
+    start = time.monotonic()
+    batch = score_batch(responses, ["7"] * 6 + ["3"], config, worker=worker)
+    assert time.monotonic() - start < 2.5 and batch.seconds < 2.5
+    # Each check is bounded by what is left of the budget: 1.5 s, then what the first left (≤ 0.5 s).
+    assert len(worker.asked) == 2 and 1.4 < worker.asked[0] <= 1.5 and worker.asked[1] <= 0.5 + 1e-6
+    assert batch.num_over_budget == 4 and [r.over_budget for r in batch.results] == [False] * 2 + [True] * 4 + [False]
+    assert batch.correct.tolist() == [False] * 6 + [True]  # past the budget a plain match still scores

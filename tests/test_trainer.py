@@ -283,6 +283,16 @@ def _copy_run(reference_run, tmp_path, name):
     return run_dir
 
 
+def test_asking_for_fewer_steps_than_done_says_so(tmp_path, cache_dir, reference_run):
+    """Resuming a 4-step run with --steps 2 trains nothing and says why (issue 24, item 18)."""
+    lines = []
+    summary = Trainer(tiny_config(cache_dir), _copy_run(reference_run, tmp_path, "fewer"), progress=False,
+                      log=lines.append).train(total_steps=2)
+    assert summary["steps"] == 4
+    assert any(line.startswith("[resume] the run already has 4 steps, at least the 2 asked for: nothing to train")
+               for line in lines), lines
+
+
 def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, cache_dir, reference_run):
     """Checkpoint 4's tensors truncated: resume skips it (saying so), redoes step 4 from checkpoint 3,
     and the metrics equal the uninterrupted run's."""

@@ -3,7 +3,7 @@ family differences are config fields; HF safetensors and GGUF import, HF export,
 
 Modules: `config` (ModelConfig), `families` (HF configs and tensor names per family), `rope`,
 `attention` (full / chunked / sliding / decode), `kv_cache`, `layers`, `decoder` (the layer stack),
-`hf_io` (safetensors import/export), `file_checks` (is a checkpoint file / folder usable:
+`hf_io` (safetensors import/export), `export_folder` (where an export may go), `file_checks` (is a checkpoint file / folder usable:
 paths, JSON, safetensors damage, non-finite weights), `gguf_io` (GGUF import), `tokenizer`, `assets`
 (checkpoints that ship in packages). The sharding rules table (`DEFAULT_RULES`, `logical_to_mesh_spec`,
 `param_shardings`, re-exported here) lives in `fipo_jax.sharding`.
@@ -20,6 +20,7 @@ from fipo_jax.models.config import (
     UnsupportedConfigError,
 )
 from fipo_jax.models.decoder import CausalLM, Qwen2ForCausalLM, positions_from_mask
+from fipo_jax.models.export_folder import EXPORT_MARKER, ExportFolderError, check_export_folder
 from fipo_jax.models.families import WeightMapping, config_from_hf, config_to_hf, hf_weight_table
 from fipo_jax.models.hf_io import (
     DEFAULT_RULES,
@@ -39,6 +40,7 @@ from fipo_jax.models.rope import apply_rope, rope_cos_sin, rope_inverse_frequenc
 
 __all__ = [
     "DEFAULT_RULES",
+    "EXPORT_MARKER",
     "KV_CACHE_AXES",
     "LOGICAL_AXES",
     "MODEL_TYPES",
@@ -47,6 +49,7 @@ __all__ = [
     "CausalLM",
     "CheckpointFileError",
     "CheckpointMismatchError",
+    "ExportFolderError",
     "KVCache",
     "ModelConfig",
     "Qwen2Config",
@@ -57,6 +60,7 @@ __all__ = [
     "UnsupportedConfigError",
     "WeightMapping",
     "apply_rope",
+    "check_export_folder",
     "checkpoint_files",
     "config_from_hf",
     "config_to_hf",

@@ -9,7 +9,8 @@ Bad inputs fail in one line naming the path, file or tensor; those checks (missi
 JSON, truncated safetensors files, NaN / ±inf weights) live in `file_checks`, re-exported here.
 
 Export: `save_pretrained` writes HF-layout safetensors (torch Linear weights are [out, in]) and the
-family's transformers-5 `config.json`, which `transformers.AutoModelForCausalLM` loads.
+family's transformers-5 `config.json`, which `transformers.AutoModelForCausalLM` loads, into a new
+or empty folder or over a previous export, never beside another model's files (`export_folder`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from fipo_jax.models.file_checks import (
 )
 from fipo_jax.models.config import MODEL_TYPES, ModelConfig, UnsupportedConfigError
 from fipo_jax.models.decoder import CausalLM
+from fipo_jax.models.export_folder import ExportFolderError, check_export_folder, replacing
 from fipo_jax.models.families import WeightMapping, config_from_hf, hf_weight_table
 from fipo_jax.sharding import RuleLike, param_shardings
 
@@ -61,6 +63,7 @@ weight_mapping = hf_weight_table
 
 __all__ = [
     "DEFAULT_RULES", "SAFETENSORS_INDEX", "SAFETENSORS_SINGLE", "CheckpointFileError", "CheckpointMismatchError",
+    "ExportFolderError",
     "SafetensorsSource", "TensorInfo", "TensorSource", "checkpoint_files", "load_pretrained", "load_weights",
     "logical_to_mesh_spec", "nonfinite_tensors", "param_shardings", "read_json_object", "save_pretrained",
     "weight_mapping",
@@ -339,7 +342,7 @@ def load_pretrained(
     hf_dict = read_json_object(config_path)
     try:
         config = config_from_hf(_normalised_hf_config(hf_dict), **options)
-    except UnsupportedConfigError as error:
+    except ValueError as error:  # UnsupportedConfigError, or a value ModelConfig refuses (0 layers)
         raise UnsupportedConfigError(f"{config_path}: {error}") from error
     return load_weights(SafetensorsSource(path), config, mesh=mesh, rules=rules)
 
@@ -353,10 +356,13 @@ def _normalised_hf_config(hf_dict: dict[str, Any]) -> Any:
     model_type = hf_dict.get("model_type")
     if model_type not in MODEL_TYPES:
         return hf_dict
+    from huggingface_hub.errors import StrictDataclassError  # transformers' validation of config fields
+
     try:
         return transformers.AutoConfig.for_model(model_type, **{k: v for k, v in hf_dict.items() if k != "model_type"})
-    except (TypeError, ValueError) as error:
-        raise UnsupportedConfigError(f"not a valid {model_type} config for transformers: {error}") from error
+    except (TypeError, ValueError, StrictDataclassError) as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise UnsupportedConfigError(f"not a valid {model_type} config for transformers: {first}") from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,23 +387,31 @@ def save_pretrained(
     dtype: str | None = None,
     max_shard_bytes: int | None = None,
     extra_config: Mapping[str, Any] | None = None,
+    tokenizer: Any = None,
 ) -> None:
     """Writes a HF-compatible checkpoint folder (safetensors + config.json).
 
     Args:
       model: the nnx model.
-      path: output folder (created if needed).
+      path: output folder: new, empty, or a previous export (replaced whole); a folder holding
+        anything else raises `ExportFolderError` before any tensor is gathered (`export_folder`).
       config: defaults to `model.config`.
       dtype: tensor dtype on disk ("float32"/"bfloat16"); defaults to `config.dtype`.
       max_shard_bytes: if given and the weights exceed it, writes
         model-0000i-of-0000n.safetensors shards plus model.safetensors.index.json.
       extra_config: extra config.json fields (e.g. eos_token_id, bos_token_id).
+      tokenizer: written into the same folder (anything with ``save_pretrained(folder)``).
 
-    Tensors are gathered to host one shard file at a time; only process 0 writes.
+    Everything is written into a temporary folder beside ``path`` and renamed into place once
+    complete, so ``path`` never holds a mix of two exports or a half-written one. Tensors are
+    gathered to host one shard file at a time; only process 0 writes.
     """
     config = model.config if config is None else config
     out_dtype = np.dtype(dtype or config.dtype)
     path = os.fspath(path)
+    writer = jax.process_index() == 0
+    if writer:
+        check_export_folder(path)
     variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     table = hf_weight_table(config)
     hf_dict = config.to_hf_dict()  # raises before writing anything if the family cannot express it
@@ -409,31 +423,31 @@ def save_pretrained(
         if len(groups) == 1
         else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     )
-    writer = jax.process_index() == 0
-    if writer:
-        os.makedirs(path, exist_ok=True)
-    weight_map = {}
-    for name, group in zip(names, groups):
-        tensors = {}
-        for i in group:
-            row = table[i]
-            value = variables[row.path].get_value()
-            host = _to_host(value if row.layer is None else value[row.layer])
-            tensors[row.hf_key] = np.ascontiguousarray(row.layout.to_hf(host).astype(out_dtype))
-            weight_map[row.hf_key] = name
-        if writer:
-            save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
-        del tensors
-    if not writer:
-        return
-    if len(groups) > 1:
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-        with open(os.path.join(path, SAFETENSORS_INDEX), "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
-    hf_dict["dtype"] = out_dtype.name
-    hf_dict.update(extra_config or {})
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_dict, f, indent=2, sort_keys=True)
+    with replacing(path, write=writer) as folder:
+        weight_map = {}
+        for name, group in zip(names, groups):
+            tensors = {}
+            for i in group:
+                row = table[i]
+                value = variables[row.path].get_value()
+                host = _to_host(value if row.layer is None else value[row.layer])
+                tensors[row.hf_key] = np.ascontiguousarray(row.layout.to_hf(host).astype(out_dtype))
+                weight_map[row.hf_key] = name
+            if writer:
+                save_file(tensors, os.path.join(folder, name), metadata={"format": "pt"})
+            del tensors
+        if not writer:
+            return
+        if len(groups) > 1:
+            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+            with open(os.path.join(folder, SAFETENSORS_INDEX), "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+        hf_dict["dtype"] = out_dtype.name
+        hf_dict.update(extra_config or {})
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(hf_dict, f, indent=2, sort_keys=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
 
 
 def _plan_shards(sizes: Sequence[int], max_shard_bytes: int | None) -> list[list[int]]:

@@ -28,6 +28,9 @@ class RewardConfig:
       max_response_length: L_max, generation limit in tokens (official: 20480).
       overlong_buffer: L_buf in tokens (official: 4096); None disables overlong shaping.
       overlong_factor: penalty at L_max tokens is ``−overlong_factor`` (official: 1.0).
+      batch_budget_s: seconds `score_batch` may spend on one batch; past them the remaining answers
+        are compared by the string and decimal rules only (math-verify is not asked: an answer only
+        it would accept scores wrong, counted as over budget). None: no bound.
     """
 
     answer_window_chars: int | None = DEFAULT_ANSWER_WINDOW_CHARS
@@ -38,6 +41,7 @@ class RewardConfig:
     max_response_length: int = 20480
     overlong_buffer: int | None = 4096
     overlong_factor: float = 1.0
+    batch_budget_s: float | None = 600.0
 
     def __post_init__(self):
         _checks.check_int("answer_window_chars", self.answer_window_chars, minimum=1, allow_none=True)
@@ -45,6 +49,8 @@ class RewardConfig:
             _checks.check_bool(name, getattr(self, name))
         _checks.check_number("verify_timeout_s (seconds)", self.verify_timeout_s, minimum=0, exclusive_minimum=True)
         _checks.check_int("max_answer_chars", self.max_answer_chars, minimum=1)
+        _checks.check_number("batch_budget_s (seconds)", self.batch_budget_s, minimum=0, exclusive_minimum=True,
+                             allow_none=True)
         _checks.check_int("max_response_length", self.max_response_length, minimum=1)
         if self.overlong_buffer is not None:
             try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -39,6 +40,8 @@ class RewardResult:
       extracted: the normalised predicted answer (official ``pred``); None if none was found.
       error: why scoring failed (exception text), else None. A failed sample is scored wrong.
       timed_out: math-verify hit its time bound on this sample (scored wrong).
+      over_budget: the batch's scoring budget was spent before this sample; the string and decimal
+        rules found no match and math-verify was not asked (scored wrong).
     """
 
     score: float
@@ -46,6 +49,7 @@ class RewardResult:
     extracted: str | None
     error: str | None = None
     timed_out: bool = False
+    over_budget: bool = False
 
 
 def gold_answer(gold: str | numbers.Real) -> str:
@@ -124,6 +128,8 @@ class BatchRewards:
       correct: bool ``acc`` per response (dynamic sampling filters on this, not on ``scores``).
       num_errors: responses whose scoring raised or reported an error.
       num_timeouts: responses whose math-verify check ran out of time.
+      num_over_budget: responses scored past ``config.batch_budget_s`` without math-verify's answer.
+      seconds: the time scoring the batch took.
     """
 
     results: tuple[RewardResult, ...]
@@ -133,6 +139,8 @@ class BatchRewards:
     correct: np.ndarray
     num_errors: int
     num_timeouts: int
+    num_over_budget: int = 0
+    seconds: float = 0.0
 
     def __len__(self) -> int:
         return len(self.results)
@@ -173,6 +181,10 @@ def score_batch(
         ``results[i].error`` and counted in ``num_errors``, and the sample is scored −1.
       worker: math-verify process for the default ``score_fn``.
 
+    The default ``score_fn`` keeps the whole batch within ``config.batch_budget_s``: each
+    math-verify check is bounded by the time left, and once none is left the remaining answers are
+    compared by the string and decimal rules only (`RewardResult.over_budget`, ``num_over_budget``).
+
     >>> batch = score_batch(["Answer: 3", "Answer: 4"], ["3", "3"], response_lengths=[10, 18432])
     >>> batch.scores.tolist(), batch.correct.tolist(), batch.num_errors
     ([1.0, -1.5], [True, False], 0)
@@ -189,15 +201,27 @@ def score_batch(
         lengths = np.asarray(response_lengths)
         _checks.require(lengths.shape == (len(responses),), f"response_lengths must have shape ({len(responses)},) "
                                                             f"to match responses, got {lengths.shape}")
-    if score_fn is None:
+    default = score_fn is None
+    if default:
 
-        def score_fn(response, gold):
-            return dapo_math_score(response, gold, config, worker=worker)
+        def score_fn(response, gold, remaining_s=None):
+            if remaining_s is None:
+                return dapo_math_score(response, gold, config, worker=worker)
+            if remaining_s <= 0:  # the budget is spent: the cheap rules only
+                quick = dapo_math_score(response, gold, dataclasses.replace(config, use_math_verify=False))
+                unasked = not quick.correct and quick.extracted is not None and config.use_math_verify
+                return dataclasses.replace(quick, over_budget=True) if unasked else quick
+            bounded = dataclasses.replace(config, verify_timeout_s=min(config.verify_timeout_s, remaining_s))
+            return dapo_math_score(response, gold, bounded, worker=worker)
 
+    start = time.monotonic()
     results = []
     for response, gold in zip(responses, golds):
         try:
-            result = _as_result(score_fn(response, gold))
+            if default and config.batch_budget_s is not None:
+                result = score_fn(response, gold, config.batch_budget_s - (time.monotonic() - start))
+            else:
+                result = _as_result(score_fn(response, gold))
         except Exception as exc:
             result = RewardResult(INCORRECT_SCORE, False, None, error=f"{type(exc).__name__}: {exc}")
         results.append(result)
@@ -215,4 +239,6 @@ def score_batch(
         correct=correct,
         num_errors=sum(r.error is not None for r in results),
         num_timeouts=sum(r.timed_out for r in results),
+        num_over_budget=sum(r.over_budget for r in results),
+        seconds=time.monotonic() - start,
     )
