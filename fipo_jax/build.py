@@ -1,8 +1,10 @@
-"""What a run starts from: the policy and its tokenizer, the SFT warm start, the prompt splits.
+"""What a run starts from: the tokenizer, the prompt splits, the policy, the SFT warm start.
 
-`build_policy` returns a model (on the mesh, sharded by the rules table) and its tokenizer for
-``config.model``; `build_prompts` the train and held-out prompt records for ``config.data``
-(and, for the scratch model on the chain task, warm-starts the model with SFT, cached on disk).
+In that order (the trainer's): `build_tokenizer`, then `build_prompts` (the train and held-out
+prompt records for ``config.data``, checked with the tokenizer alone, so a bad prompt file is named
+before a model loads), then `build_model` (on the mesh, sharded by the rules table), then for the
+scratch model on the chain task `warm_start` (SFT, cached on disk); `build_policy` is the first and
+third together.
 """
 
 from __future__ import annotations
@@ -24,42 +26,69 @@ Log = Callable[[str], None]
 ProgressBar = Callable[[int, str], object]  # (total, description) → a tqdm-like bar, or None
 
 
-def build_policy(config: TrainConfig, mesh, log: Log):
-    """(tokenizer, model) for ``config.model``: the scratch Qwen2 on the character vocabulary, or a
-    pretrained checkpoint (Hugging Face folder, ``.gguf``, or the packaged Gemma 3 270M)."""
+def build_tokenizer(config: TrainConfig):
+    """The tokenizer of ``config.model``: the scratch model's task vocabulary, or the pretrained
+    checkpoint's (its folder, or the tokenizer a ``.gguf`` file carries)."""
+    spec = config.model
+    if spec.source == "scratch":
+        return CharTokenizer()
+    from fipo_jax.models.file_checks import check_model_path, read_json_object
+    from fipo_jax.models.hf_io import CheckpointFileError
+    from fipo_jax.models.tokenizer import load_tokenizer
+
+    path = _checkpoint_path(config)
+    try:
+        check_model_path(path)  # the checkpoint itself is named first, as when its weights load
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+            read_json_object(os.path.join(path, "config.json"))
+        return load_tokenizer(path)
+    except (CheckpointFileError, FileNotFoundError, NotADirectoryError) as err:
+        raise ConfigError(f"model.path: {err}") from err
+
+
+def build_model(config: TrainConfig, tokenizer, mesh, log: Log):
+    """The policy of ``config.model`` (on the mesh, sharded by the rules table): the scratch Qwen2 on
+    the task vocabulary, or a pretrained checkpoint (Hugging Face folder, ``.gguf``, or the packaged
+    Gemma 3 270M), whose vocabulary must hold every id of ``tokenizer``."""
     spec = config.model
     if spec.source == "scratch":
         from fipo_jax.models import CausalLM, ModelConfig
 
-        tokenizer = CharTokenizer()
         model_config = ModelConfig(
             vocab_size=tokenizer.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
             num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
             num_key_value_heads=spec.num_kv_heads, rope_theta=spec.rope_theta, max_position_embeddings=4096,
             tie_word_embeddings=True, dtype=spec.dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
             attention_chunk_size=spec.attention_chunk_size)
-        return tokenizer, CausalLM(model_config, rngs=nnx.Rngs(config.seed))
+        return CausalLM(model_config, rngs=nnx.Rngs(config.seed))
     from fipo_jax.models import load_pretrained
     from fipo_jax.models.config import UnsupportedConfigError
     from fipo_jax.models.hf_io import CheckpointFileError, CheckpointMismatchError
-    from fipo_jax.models.tokenizer import load_tokenizer
 
-    if spec.source == "gemma3-270m":
-        from fipo_jax.models.assets import gemma3_270m_gguf
-
-        path = gemma3_270m_gguf()
-    else:
-        path = spec.path
+    path = _checkpoint_path(config)
     log(f"[model] loading {path}")
     try:
         model = load_pretrained(path, dtype=spec.dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
                                 attention_chunk_size=spec.attention_chunk_size, mesh=mesh)
-        tokenizer = load_tokenizer(path)
     except (CheckpointFileError, CheckpointMismatchError, UnsupportedConfigError, FileNotFoundError,
             NotADirectoryError) as err:  # each names the file or tensor at fault: one line for train.py
         raise ConfigError(f"model.path: {err}") from err
     check_vocabulary(model.config.vocab_size, len(tokenizer), path)
-    return tokenizer, model
+    return model
+
+
+def build_policy(config: TrainConfig, mesh, log: Log):
+    """(tokenizer, model) for ``config.model`` (`build_tokenizer`, then `build_model`)."""
+    tokenizer = build_tokenizer(config)
+    return tokenizer, build_model(config, tokenizer, mesh, log)
+
+
+def _checkpoint_path(config: TrainConfig) -> str:
+    if config.model.source == "gemma3-270m":
+        from fipo_jax.models.assets import gemma3_270m_gguf
+
+        return gemma3_270m_gguf()
+    return config.model.path
 
 
 def check_vocabulary(model_vocab: int, tokenizer_tokens: int, path: str) -> None:
@@ -70,10 +99,10 @@ def check_vocabulary(model_vocab: int, tokenizer_tokens: int, path: str) -> None
                           f"have no embedding row; use the tokenizer the model was trained with")
 
 
-def build_prompts(config: TrainConfig, tokenizer, model, log: Log, bar: ProgressBar
-                  ) -> tuple[list[PromptRecord], list[PromptRecord]]:
+def build_prompts(config: TrainConfig, tokenizer, log: Log) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """(train, held-out) prompt records for ``config.data``; prompts longer than
-    ``data.max_prompt_tokens`` are dropped (as the official data loader does), with a note."""
+    ``data.max_prompt_tokens`` are dropped (as the official data loader does), with a note. Needs
+    only the tokenizer: a prompt file's problems are found before the model is loaded."""
     data = config.data
     fit = lambda records, split, where=None: _fit_prompts(  # noqa: E731
         records, tokenizer, data.max_prompt_tokens, split, log, where)
@@ -84,8 +113,6 @@ def build_prompts(config: TrainConfig, tokenizer, model, log: Log, bar: Progress
         train = make([config.seed, 1], data.train_prompts)
         held_out = {r.prompt for r in train}
         evals = [r for r in make([config.seed, 2], data.eval_prompts * 4) if r.prompt not in held_out]
-        if config.model.source == "scratch" and config.sft.enabled:
-            warm_start(config, model, tokenizer, task, log, bar)
         return train, evals[: data.eval_prompts]
     if data.task == "word_problems":
         if isinstance(tokenizer, CharTokenizer):
@@ -157,6 +184,11 @@ def _fit_prompts(records, tokenizer, max_tokens: int, split: str, log: Log, wher
     if not kept:
         raise ConfigError(f"no {split} prompt fits data.max_prompt_tokens={max_tokens}")
     return kept
+
+
+def needs_warm_start(config: TrainConfig) -> bool:
+    """The scratch model on the chain task starts from SFT on its demonstrations (``sft.enabled``)."""
+    return config.model.source == "scratch" and config.data.task == "chain" and config.sft.enabled
 
 
 def warm_start(config: TrainConfig, model, tokenizer, task: ChainTask, log: Log, bar: ProgressBar) -> None:

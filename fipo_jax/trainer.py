@@ -34,10 +34,10 @@ from fipo_jax import metrics as metrics_lib
 from fipo_jax import rl_step
 from fipo_jax import run_dir as run_dir_lib
 from fipo_jax.run_dir import check_export_destination
-from fipo_jax.build import build_policy, build_prompts
+from fipo_jax.build import build_model, build_prompts, build_tokenizer, needs_warm_start, warm_start
 from fipo_jax.checkpoint import Checkpointer, config_differences
 from fipo_jax.config import ConfigError, TrainConfig, micro_batch_rows
-from fipo_jax.data import CharTokenizer, PromptIterator, PromptRecord
+from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord
 from fipo_jax.diagnostics import token_diagnostics
 from fipo_jax.preflight import preflight
 from fipo_jax.render import TokenView
@@ -95,8 +95,12 @@ class Trainer:
         preflight(config)  # paths, devices, memory: named before any model is built
         run_dir_lib.ensure_writable(run_dir)
         self.mesh = make_mesh(config.mesh_shape)
-        self.tokenizer, model = build_policy(config, self.mesh, self.log)
-        self.train_records, self.eval_records = build_prompts(config, self.tokenizer, model, self.log, self._bar)
+        self.tokenizer = build_tokenizer(config)
+        self.train_records, self.eval_records = build_prompts(config, self.tokenizer, self.log)  # before the model
+        model = build_model(config, self.tokenizer, self.mesh, self.log)
+        if needs_warm_start(config):
+            warm_start(config, model, self.tokenizer, ChainTask(n_terms=config.data.n_terms, ops=config.data.ops),
+                       self.log, self._bar)
         prompt_data = [[r.prompt, r.ground_truth] for r in self.train_records + self.eval_records]
         distributed.check_same_on_all_processes(prompt_data, "the prompt data")
         self.data_digest = distributed.fingerprint(prompt_data)  # a resumed run must see the same prompts

@@ -114,7 +114,7 @@ def test_model_and_prompt_file_errors_reach_the_command_line_as_one_line(tmp_pat
     prompts.write_text('{"prompt": "Q: 1+2=", "ground_truth": "3"}\n{"prompt": "Q: 2+2=", "ground_truth": true}\n')
     config = apply_overrides(cpu_default(), ["data.task=file", f"data.train_path={prompts}"])
     with pytest.raises(ConfigError, match=r"data\.train_path: .*p\.jsonl line 2: .*must be a string"):
-        build_prompts(config, CharTokenizer(), None, lambda s: None, lambda total, desc: None)
+        build_prompts(config, CharTokenizer(), lambda s: None)
 
 
 def test_grpo_clip_follows_clip_ratio_low_through_every_path(tmp_path):
