@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config field, e.g. --set rollout.n=8 --set algo.loss.decay_rate=16")
     parser.add_argument("--seed", type=int, default=None, help="shorthand for --set seed=N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the config as the run saves it (a null loss field follows loss_mode) and exit")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="after training, write the policy as a Hugging Face checkpoint folder (safetensors, "
                              "config.json, tokenizer) that transformers loads")

@@ -265,7 +265,7 @@ def test_cli_help_and_config_errors(tmp_path):
                           "--set", "rollout.n=8"], capture_output=True, text=True, env=env)
     printed = json.loads(out.stdout)
     assert printed["rollout"]["n"] == 8 and printed["algo"]["loss"]["loss_mode"] == "dapo"
-    assert printed["algo"]["loss"]["drop_dual_clipped_sequences"] is False
+    assert printed["algo"]["loss"]["drop_dual_clipped_sequences"] is None  # follows loss_mode, as saved
     config_file = tmp_path / "c.json"
     config_file.write_text(json.dumps({"rollout": {"n": 0}}))
     out = subprocess.run([sys.executable, train, "--config", str(config_file)], capture_output=True, text=True, env=env)

@@ -87,7 +87,7 @@ def dapo_math_score(
     when ``config`` is not a `RewardConfig`.
 
     >>> dapo_math_score("... so the total is 12.\\nAnswer: 12", "12")
-    RewardResult(score=1.0, correct=True, extracted='12', error=None, timed_out=False)
+    RewardResult(score=1.0, correct=True, extracted='12', error=None, timed_out=False, over_budget=False)
     """
     config = RewardConfig() if config is None else config
     _checks.require(isinstance(config, RewardConfig), f"config must be a RewardConfig, got {type(config).__name__}",
