@@ -73,9 +73,13 @@ def compile_case(name: str, tiny: bool) -> dict:
                             step=jax.ShapeDtypeStruct((), jnp.int32), key=jax.eval_shape(lambda: jax.random.key(0)))
     k, r, p, n = layout["micro_batches"], layout["rows"], layout["prompt"], layout["response"]
     s = jax.ShapeDtypeStruct
-    batch = rl_step.RLBatch(input_ids=s((1, k, r, p + n), jnp.int32), attention_mask=s((1, k, r, p + n), bool),
-                            response_mask=s((1, k, r, n), bool), scores=s((1, k, r), jnp.float32),
-                            sampler_log_probs=s((1, k, r, n), jnp.float32))
+    try:
+        from fipo_jax.packing import abstract_batch  # one batch type (issue 25 on)
+        batch = abstract_batch(1, k, r, p + n, n)
+    except ImportError:  # a --baseline tree from before: the padded RLBatch
+        batch = rl_step.RLBatch(input_ids=s((1, k, r, p + n), jnp.int32), attention_mask=s((1, k, r, p + n), bool),
+                                response_mask=s((1, k, r, n), bool), scores=s((1, k, r), jnp.float32),
+                                sampler_log_probs=s((1, k, r, n), jnp.float32))
     update = rl_step.jit_rl_update(graphdef, rest, optimizer, rl_step.UpdateConfig(
         loss=PolicyLossConfig(), group_size=r, logprob_chunk_size=layout["logprob_chunk"]))
     start = time.perf_counter()

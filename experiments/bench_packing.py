@@ -5,9 +5,9 @@
 
 The same sequences either way: S responses whose lengths are drawn from the engine benchmark's
 log-normal (max / mean ≥ 5), each after a prompt of ``--prompt-len`` tokens, groups of ``--group``.
-Padded (`rl_step.layout_batch`): one sequence per row, every row as wide as prompt + the longest
-response. Packed (`rl_step.pack_batch`): each mini-batch's sequences packed into rows of that width
-by first-fit decreasing, micro-batches of at most the same row count.
+Padded (`packing.pack_batch(..., layout="padded")`): one sequence per row, every row as wide as
+prompt + the longest response. Packed (``layout="packed"``): each mini-batch's sequences packed into
+rows of that width by first-fit decreasing, micro-batches of at most the same row count.
 
 (a) the update: the jitted `rl_step.rl_update` (old log-probs, advantages, M optimizer updates of
     forward + backward through the model) — real tokens / s and the ratio packed / padded;
@@ -35,10 +35,11 @@ from flax import nnx
 import fipo_jax as fj
 from bench_engine import long_tail_budgets as long_tail_lengths, model_of  # the same models and lengths
 from fipo_jax import rl_step
+from fipo_jax.packing import pack_batch
 
 
 def rollout_fields(lengths: np.ndarray, prompt_len: int, group: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
-    """Host fields of `rl_step.pack_batch`: prompts shared by groups, responses of ``lengths``."""
+    """Host fields of `packing.pack_batch`: prompts shared by groups, responses of ``lengths``."""
     rng = np.random.RandomState(seed)
     count, width = len(lengths), int(lengths.max())
     prompts = np.repeat(rng.randint(1, vocab, (-(-count // group), prompt_len)), group, axis=0)[:count]
@@ -48,14 +49,6 @@ def rollout_fields(lengths: np.ndarray, prompt_len: int, group: int, vocab: int,
             "response_mask": response_mask,
             "scores": rng.choice([-1.0, 1.0], count).astype(np.float32),
             "sampler_log_probs": np.where(response_mask, -3.0, 0.0).astype(np.float32)}
-
-
-def padded_batch(fields, mini_batches, micro_batch_size) -> rl_step.RLBatch:
-    return rl_step.layout_batch({
-        "input_ids": np.concatenate([fields["prompt_ids"], fields["tokens"]], 1),
-        "attention_mask": np.concatenate([fields["prompt_mask"], fields["response_mask"]], 1),
-        "response_mask": fields["response_mask"], "scores": fields["scores"],
-        "sampler_log_probs": fields["sampler_log_probs"]}, mini_batches, micro_batch_size)
 
 
 def median_times(fns: dict, repeats: int) -> dict[str, float]:
@@ -74,8 +67,8 @@ def median_times(fns: dict, repeats: int) -> dict[str, float]:
 
 def compare(model, lengths: np.ndarray, args, label: str, old_log_probs: bool = True) -> dict:
     fields = rollout_fields(lengths, args.prompt_len, args.group, model.config.vocab_size, seed=0)
-    padded = padded_batch(fields, args.mini_batches, args.micro_batch_size)
-    packed, stats = rl_step.pack_batch(fields, args.mini_batches, args.micro_batch_size)
+    padded, _ = pack_batch(fields, args.mini_batches, args.micro_batch_size, layout="padded")
+    packed, stats = pack_batch(fields, args.mini_batches, args.micro_batch_size)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     schedule = rl_step.warmup_schedule(1e-4, 0, args.mini_batches)
     optimizer = rl_step.make_optimizer(schedule, 0.9, 0.999, 1e-8, 0.0, 1.0)
@@ -94,18 +87,15 @@ def compare(model, lengths: np.ndarray, args, label: str, old_log_probs: bool = 
         "label": label, "sequences": len(lengths), "mean_length": float(lengths.mean()), "max_length": int(lengths.max()),
         "max_over_mean": float(lengths.max() / lengths.mean()), "real_tokens": real,
         "padded_shape": list(padded.input_ids.shape), "packed_shape": list(packed.input_ids.shape),
-        "padding_frac_padded": stats["padding_frac_padded"], "padding_frac_packed": stats["padding_frac_packed"],
+        "padding_frac_padded": stats["padding_frac_unpacked"], "padding_frac_packed": stats["padding_frac"],
         "update_s_padded": times["padded"], "update_s_packed": times["packed"],
         "update_tokens_per_s_padded": real / times["padded"], "update_tokens_per_s_packed": real / times["packed"],
         "update_gain": times["padded"] / times["packed"], "loss_abs_difference": loss_gap,
     }
     if old_log_probs:
-        prob_padded = jax.jit(lambda p, b: rl_step._old_log_probs(graphdef, p, rest, rl_step._model_inputs(b),
-                                                                   b.response_mask.shape[-1], 1024))
-        prob_packed = jax.jit(lambda p, b: rl_step._old_log_probs(graphdef, p, rest, rl_step._model_inputs(b),
-                                                                   b.response_width, 1024))
-        t = median_times({"padded": lambda: prob_padded(params, padded_dev),
-                          "packed": lambda: prob_packed(params, packed_dev)}, args.repeats)
+        probs = jax.jit(lambda p, b: rl_step._old_log_probs(graphdef, p, rest, b.input_ids, b.segment_ids, 1024))
+        t = median_times({"padded": lambda: probs(params, padded_dev),
+                          "packed": lambda: probs(params, packed_dev)}, args.repeats)
         result |= {"old_log_probs_s_padded": t["padded"], "old_log_probs_s_packed": t["packed"],
                    "old_log_probs_gain": t["padded"] / t["packed"]}
     print(json.dumps(result), flush=True)

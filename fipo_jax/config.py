@@ -176,7 +176,7 @@ class RewardSpec:
 class AlgoSpec:
     """Advantages, loss and update schedule (official: 8 mini-batches per step, 1 epoch).
 
-    ``packing`` (default on): each mini-batch's sequences are packed into rows (`rl_step.pack_batch`)
+    ``packing`` (default on): each mini-batch's sequences are packed into rows (`packing.pack_batch`)
     and micro-batches hold up to ``micro_batch_size`` such rows, so the update skips the padding of
     short responses; the result equals the padded update to float32 rounding. Off: one sequence
     per row, ``micro_batch_size`` rows per micro-batch."""

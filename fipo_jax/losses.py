@@ -525,6 +525,117 @@ def _count_metrics(mask, loss_mask, segment_ids=None) -> dict[str, jax.Array]:
             "loss_tokens": jnp.sum(loss_mask).astype(jnp.float32)}
 
 
+class TokenDiagnostics(NamedTuple):
+    """Per-token quantities of one batch, [B, T] unless noted; padding holds 0 / False / 1 (weights).
+    No field carries a gradient.
+
+    Attributes:
+      log_ratio: Δlog p = clamp(log π_θ − log π_old) (spec E1).
+      ratio: r = exp(Δlog p).
+      advantages: A per token.
+      filtered: real tokens FIPO's extreme-ratio filter leaves out of the Future-KL (r > c, E2).
+      future_kl: FutureKL_t (E3), for every loss mode (only FIPO applies it).
+      raw_weights: exp(FutureKL_t) before the influence clip.
+      weights: the weight the loss multiplies A by: clipped (E4) and safety-clamped (E5) in FIPO,
+        1 in DAPO / GRPO.
+      safety_clamped: tokens whose weight the safety rule clamps into [0.8, 1] (A < 0, r > threshold).
+      dual_clipped: tokens the dual clip bounds (A < 0, r > c; never in GRPO).
+      dropped_rows: [B] rows every response of which the E8 rule removes (two or more dual-clipped
+        tokens); with segment ids, ``mask & ~loss_mask`` shows each dropped sequence.
+      loss_mask: tokens that enter the loss (response mask minus dropped sequences).
+    """
+
+    log_ratio: jax.Array
+    ratio: jax.Array
+    advantages: jax.Array
+    filtered: jax.Array
+    future_kl: jax.Array
+    raw_weights: jax.Array
+    weights: jax.Array
+    safety_clamped: jax.Array
+    dual_clipped: jax.Array
+    dropped_rows: jax.Array
+    loss_mask: jax.Array
+
+
+class LossParts(NamedTuple):
+    """Everything `policy_loss_parts` computes: the additive loss, its metrics, its per-token pieces."""
+
+    terms: LossTerms
+    metrics: dict[str, jax.Array]
+    tokens: TokenDiagnostics
+
+
+def _surrogate(log_probs, old_log_probs, advantages, mask, config, segment_ids):
+    """(per-token surrogate [B, T] with gradient, `TokenDiagnostics`, `Influence`) of prepared inputs:
+
+        ℓ_t = max(−A f_t r_t, −A f_t clip(r_t, 1 − ε_low, 1 + ε_high)), −A f_t c where dual-clipped
+
+    with f ≡ 1 outside FIPO (spec E1–E8)."""
+    log_ratio = log_importance_ratio(log_probs, old_log_probs, config.log_ratio_clamp)
+    ratio = jnp.exp(log_ratio)
+    ratio_sg = jax.lax.stop_gradient(ratio)  # = importance_ratio(...): the inputs' padding is zeroed already
+    pieces = influence(log_ratio, advantages, mask, config, segment_ids)
+    fipo = config.loss_mode == "fipo"
+    weights = pieces.weights if fipo else jnp.ones_like(ratio_sg)
+    dual_clip = None if config.loss_mode == "grpo" else config.clip_ratio_c
+    per_token, is_clipped, is_dual_clipped = clipped_surrogate(
+        ratio, advantages * weights if fipo else advantages, config.clip_ratio_low, config.clip_ratio_high, dual_clip)
+    loss_mask = (drop_dual_clipped_sequences(ratio_sg, advantages, mask, config.clip_ratio_c, segment_ids)
+                 if config.drop_dual_clipped_sequences else mask)
+    tokens = TokenDiagnostics(
+        log_ratio=jax.lax.stop_gradient(log_ratio), ratio=ratio_sg, advantages=advantages,
+        filtered=mask & ~pieces.summed, future_kl=pieces.future_kl, raw_weights=jnp.where(mask, pieces.raw_weights, 1.0),
+        weights=jnp.where(mask, weights, 1.0), safety_clamped=pieces.safety_clamped & fipo,
+        dual_clipped=is_dual_clipped & mask, dropped_rows=jnp.any(mask, -1) & ~jnp.any(loss_mask, -1),
+        loss_mask=loss_mask)
+    return per_token, is_clipped, tokens, pieces
+
+
+def policy_loss_parts(
+    log_probs: jax.Array,
+    old_log_probs: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    config: PolicyLossConfig,
+    *,
+    ref_log_probs: jax.Array | None = None,
+    entropy: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    num_sequences=None,
+) -> LossParts:
+    """`policy_loss` as additive `LossTerms`, its metrics and its per-token `TokenDiagnostics`.
+
+    Use the terms to accumulate gradients over micro-batches: sum ∇total and count over the
+    micro-batches of a mini-batch, then divide once (exact mini-batch token-mean, paper
+    Eq. 8). `LossTerms.value` is the micro-batch's own loss (the official per-micro-batch
+    quantity). How each metric combines over micro-batches is declared in `METRIC_REDUCTIONS`.
+    The tokens are the loss's own pieces (no second computation), without gradient.
+    """
+    check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_log_probs, entropy, segment_ids,
+                      num_sequences)
+    log_probs, old_log_probs, advantages, mask = prepared_inputs(log_probs, old_log_probs, advantages, mask)
+    per_token, is_clipped, tokens, pieces = _surrogate(log_probs, old_log_probs, advantages, mask, config,
+                                                       segment_ids)
+    metrics = {"ppo_kl": lm.masked_mean(-tokens.log_ratio, mask)}
+    if config.loss_mode == "fipo":
+        metrics.update(_influence_metrics(pieces.weights, pieces.raw_weights, mask, config))
+    metrics["pg_clipfrac"] = lm.masked_fraction(is_clipped, mask)
+    metrics["pg_clipfrac_lower"] = lm.masked_fraction(tokens.dual_clipped, mask)
+    metrics.update(_count_metrics(mask, tokens.loss_mask, segment_ids))
+    if config.loss_mode == "fipo":
+        metrics.update(_activity_metrics(pieces, mask, tokens.loss_mask))
+    agg = lambda x: aggregate(x, tokens.loss_mask, config.aggregation, config.aggregation_horizon,  # noqa: E731
+                              segment_ids, num_sequences)
+    terms = agg(per_token)
+    metrics["pg_loss"] = jax.lax.stop_gradient(terms.value)
+    metrics["loss_count"] = jax.lax.stop_gradient(terms.count)
+    terms, extra = _regularised(per_token, terms, log_probs, mask, agg, config, ref_log_probs, entropy)
+    metrics.update(extra)
+    metrics.update(lm.ratio_statistics(tokens.ratio, advantages, mask, config.clip_ratio_c, config.ratio_quantiles))
+    return LossParts(terms, metrics, tokens)
+
+
 def policy_loss_terms(
     log_probs: jax.Array,
     old_log_probs: jax.Array,
@@ -537,44 +648,10 @@ def policy_loss_terms(
     segment_ids: jax.Array | None = None,
     num_sequences=None,
 ) -> tuple[LossTerms, dict[str, jax.Array]]:
-    """Like `policy_loss`, but returns the loss as additive `LossTerms(total, count)`.
-
-    Use this to accumulate gradients over micro-batches: sum ∇total and count over the
-    micro-batches of a mini-batch, then divide once (exact mini-batch token-mean, paper
-    Eq. 8). `LossTerms.value` is the micro-batch's own loss (the official per-micro-batch
-    quantity). How each metric combines over micro-batches is declared in `METRIC_REDUCTIONS`.
-    """
-    check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_log_probs, entropy, segment_ids,
-                      num_sequences)
-    log_probs, old_log_probs, advantages, mask = prepared_inputs(log_probs, old_log_probs, advantages, mask)
-    log_ratio = log_importance_ratio(log_probs, old_log_probs, config.log_ratio_clamp)
-    ratio = jnp.exp(log_ratio)
-    ratio_sg = jax.lax.stop_gradient(ratio)  # = importance_ratio(...): the inputs' padding is zeroed already
-    metrics = {"ppo_kl": lm.masked_mean(-jax.lax.stop_gradient(log_ratio), mask)}
-    weighted = advantages
-    if config.loss_mode == "fipo":
-        pieces = influence(log_ratio, advantages, mask, config, segment_ids)
-        weighted = advantages * pieces.weights
-        metrics.update(_influence_metrics(pieces.weights, pieces.raw_weights, mask, config))
-    dual_clip = None if config.loss_mode == "grpo" else config.clip_ratio_c
-    per_token, is_clipped, is_dual_clipped = clipped_surrogate(
-        ratio, weighted, config.clip_ratio_low, config.clip_ratio_high, dual_clip)
-    metrics["pg_clipfrac"] = lm.masked_fraction(is_clipped, mask)
-    metrics["pg_clipfrac_lower"] = lm.masked_fraction(is_dual_clipped, mask)
-    loss_mask = (drop_dual_clipped_sequences(ratio_sg, advantages, mask, config.clip_ratio_c, segment_ids)
-                 if config.drop_dual_clipped_sequences else mask)
-    metrics.update(_count_metrics(mask, loss_mask, segment_ids))
-    if config.loss_mode == "fipo":
-        metrics.update(_activity_metrics(pieces, mask, loss_mask))
-    agg = lambda x: aggregate(x, loss_mask, config.aggregation, config.aggregation_horizon,  # noqa: E731
-                              segment_ids, num_sequences)
-    terms = agg(per_token)
-    metrics["pg_loss"] = jax.lax.stop_gradient(terms.value)
-    metrics["loss_count"] = jax.lax.stop_gradient(terms.count)
-    terms, extra = _regularised(per_token, terms, log_probs, mask, agg, config, ref_log_probs, entropy)
-    metrics.update(extra)
-    metrics.update(lm.ratio_statistics(ratio_sg, advantages, mask, config.clip_ratio_c, config.ratio_quantiles))
-    return terms, metrics
+    """(`LossTerms`, metrics) of `policy_loss_parts`: the loss as additive terms (see there)."""
+    parts = policy_loss_parts(log_probs, old_log_probs, advantages, mask, config, ref_log_probs=ref_log_probs,
+                              entropy=entropy, segment_ids=segment_ids, num_sequences=num_sequences)
+    return parts.terms, parts.metrics
 
 
 def policy_loss(

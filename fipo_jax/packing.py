@@ -1,8 +1,12 @@
 """Packing variable-length sequences into rows of a fixed token budget (host side, NumPy).
 
-    lengths ─► first-fit decreasing ─► `Packing` (row and column of every sequence)
+    lengths ─► first-fit decreasing (or one per row) ─► `Packing` (row and column of every sequence)
             ─► `pack`: [N, L] right-padded sequences → [R, budget] rows + segment ids + mask
             ─► `unpack`: any [R, budget] per-token result → [N, L] per sequence
+            ─► `pack_batch`: a step's rollouts → the update's one batch type, `RLBatch`
+
+The update has one batch layout: sequences in segments of rows. The "padded" layout is the packed
+one with one sequence per row (`one_per_row`), so packed = padded holds by construction.
 
 First-fit decreasing (FFD): sequences in order of decreasing length (ties: original order) each
 go into the first row with room, else a new row. Deterministic, O(N·R), and within 11/9·OPT + 6/9
@@ -13,7 +17,10 @@ and no per-segment sum reaches it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any, Literal
 
+import jax
 import numpy as np
 
 from fipo_jax import _checks
@@ -90,3 +97,158 @@ def unpack(values_RxB: np.ndarray, packing: Packing, width: int, fill=0) -> np.n
     for i, (row, start, length) in enumerate(zip(packing.rows, packing.starts, packing.lengths)):
         out[i, :length] = values_RxB[row, start:start + length]
     return out
+
+
+def one_per_row(lengths, budget: int) -> Packing:
+    """Sequence i in row i from column 0: the padded layout as a `Packing` (each length ≤ budget)."""
+    placed = first_fit_decreasing(lengths, budget)  # the same checks; its placement is replaced
+    count = len(placed.lengths)
+    return Packing(np.arange(count, dtype=np.int64), np.zeros(count, np.int64), placed.lengths, max(1, count),
+                   placed.budget)
+
+
+LAYOUTS = {"packed": first_fit_decreasing, "padded": one_per_row}
+
+
+# ----------------------------------------------------------------------------- the update's batch
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["input_ids", "segment_ids", "response_mask", "sampler_log_probs", "scores",
+                                "sequences"],
+                   meta_fields=["response_width"])
+@dataclasses.dataclass(frozen=True)
+class RLBatch:
+    """One step's kept rollouts in rows of L tokens, [M, K, R, L] per token: M mini-batches of K
+    micro-batches of R rows (R is split over the mesh's data axis).
+
+    Sequence s (rollout order) holds its real prompt tokens then its response tokens in one
+    segment of one row (segment id s); responses without tokens are placed nowhere but counted."""
+
+    input_ids: Any  # [M, K, R, L] int32
+    segment_ids: Any  # [M, K, R, L] int32: s on sequence s's tokens, PADDING_SEGMENT elsewhere
+    response_mask: Any  # [M, K, R, L] bool: response tokens
+    sampler_log_probs: Any  # [M, K, R, L] float32 on response tokens, 0 elsewhere
+    scores: Any  # [S] float32 shaped scores, rollout order (groups of group_size contiguous)
+    sequences: Any  # [M, K] float32: sequences each micro-batch holds, responses without tokens included
+    response_width: int  # N, the sampler's response width (the "-norm" aggregations' horizon)
+
+
+SEQUENCE_FIELDS = ("prompt_ids", "prompt_mask", "tokens", "response_mask", "scores", "sampler_log_probs")
+
+
+# Micro-batches take row counts 1 … 4, then 2^k · {1, 1.25, 1.5, 1.75} (5, 6, 7, 8, 10, 12, 14,
+# 16, 20, …): four shapes per doubling (one compile each), less than a quarter of the rows wasted.
+def bucket_size(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, … that is ≥ n (n ≥ 1)."""
+    _checks.check_int("n", n, minimum=1)
+    if n <= 4:
+        return n
+    step = (1 << ((n - 1).bit_length() - 1)) // 4  # a quarter of the largest power of two below n
+    return -(-n // step) * step
+
+
+def check_sequence_fields(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_size: int,
+                          row_multiple: int) -> None:
+    """`pack_batch`'s contract: the six `SEQUENCE_FIELDS`, one row per score, prompt fields [B, P]
+    and response fields [B, N] alike, B a multiple of M, R a multiple of the data split."""
+    rows = len(fields["scores"]) if "scores" in fields else 0
+    _checks.require(set(fields) == set(SEQUENCE_FIELDS), f"fields must be {SEQUENCE_FIELDS}, got {tuple(fields)}")
+    for name in SEQUENCE_FIELDS:
+        shape = np.shape(fields[name])
+        paired = "prompt_mask" if name.startswith("prompt") else "response_mask"
+        _checks.require(shape[0] == rows and (name == "scores" or shape == np.shape(fields[paired])),
+                        f"fields[{name!r}] has shape {shape}: every field needs {rows} rows (one per score), "
+                        f"prompt fields [B, P] and response fields [B, N] alike")
+    _checks.require(rows % mini_batches == 0, f"{rows} sequences do not split into {mini_batches} mini-batches")
+    _checks.check_int("micro_batch_size", micro_batch_size, minimum=1)
+    _checks.check_int("row_multiple", row_multiple, minimum=1)
+    _checks.require(micro_batch_size % row_multiple == 0, f"micro_batch_size ({micro_batch_size}) must be a multiple "
+                                                          f"of row_multiple ({row_multiple})")
+
+
+def micro_batch_shape(rows_needed: int, micro_batch_size: int, row_multiple: int) -> tuple[int, int]:
+    """(K, R) for a mini-batch of ``rows_needed`` rows: K = the fewest micro-batches of at most
+    ``micro_batch_size`` rows that hold them, R = `bucket_size` of their share (few distinct
+    shapes, so few compiles) in units of ``row_multiple``, never above ``micro_batch_size``."""
+    units = -(-rows_needed // row_multiple)
+    max_units = micro_batch_size // row_multiple
+    count = -(-units // max_units)
+    return count, min(bucket_size(-(-units // count)), max_units) * row_multiple
+
+
+def sequence_tokens(fields: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Per sequence: its ids (real prompt tokens, then response tokens), its sampler log-probs on
+    the same columns (0 on the prompt), and its response length."""
+    prompt_mask, response_mask = np.asarray(fields["prompt_mask"], bool), np.asarray(fields["response_mask"], bool)
+    ids = [np.concatenate([p[pm], t[rm]]) for p, pm, t, rm in zip(fields["prompt_ids"], prompt_mask,
+                                                                  fields["tokens"], response_mask)]
+    sampler = [np.concatenate([np.zeros(pm.sum(), np.float32), lp[rm]])
+               for pm, lp, rm in zip(prompt_mask, fields["sampler_log_probs"], response_mask)]
+    return ids, sampler, response_mask.sum(axis=1)
+
+
+def _place(ids, sampler, response_len, placements: list[Packing], micro_rows: int, shape) -> dict[str, np.ndarray]:
+    """The [M, rows, L] arrays and [M, K] sequence counts of sequences placed by ``placements``."""
+    out = {"input_ids": np.zeros(shape, np.int32), "segment_ids": np.full(shape, PADDING_SEGMENT, np.int32),
+           "response_mask": np.zeros(shape, bool), "sampler_log_probs": np.zeros(shape, np.float32),
+           "sequences": np.zeros((shape[0], shape[1] // micro_rows), np.float32)}
+    per_mini = len(placements[0].lengths)
+    for m, placed in enumerate(placements):
+        for j, (row, start, length) in enumerate(zip(placed.rows, placed.starts, placed.lengths)):
+            s = m * per_mini + j
+            out["sequences"][m, row // micro_rows] += 1
+            if length:
+                out["input_ids"][m, row, start:start + length] = ids[s]
+                out["segment_ids"][m, row, start:start + length] = s
+                out["response_mask"][m, row, start + length - response_len[s]:start + length] = True
+                out["sampler_log_probs"][m, row, start:start + length] = sampler[s]
+    return out
+
+
+def pack_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_size: int, row_multiple: int = 1,
+               layout: Literal["packed", "padded"] = "packed") -> tuple[RLBatch, dict[str, float]]:
+    """Host arrays of B sequences → the update's `RLBatch`.
+
+    ``fields``: ``prompt_ids`` / ``prompt_mask`` [B, P] (any padding), ``tokens`` /
+    ``response_mask`` / ``sampler_log_probs`` [B, N], ``scores`` [B]. Mini-batch m holds sequences
+    [m·B/M, (m+1)·B/M); each places its sequences with responses (real prompt tokens + response)
+    in rows of L = P + N tokens by ``layout`` (`LAYOUTS`: first-fit decreasing, or one per row).
+    Every micro-batch is [R, L] with R ≤ ``micro_batch_size`` (`micro_batch_shape`, for the
+    fullest mini-batch; R a multiple of ``row_multiple``, the data-parallel split).
+
+    Returns the batch and ``{"padding_frac", "padding_frac_unpacked", "rows", "unpacked_rows"}``:
+    the share of the batch's tokens that are padding (tokens of no sequence with a response), the
+    same for one sequence per row, and both row counts.
+    """
+    _checks.check_choice("layout", layout, LAYOUTS)
+    check_sequence_fields(fields, mini_batches, micro_batch_size, row_multiple)
+    rows, width = len(fields["scores"]), fields["prompt_ids"].shape[1] + fields["tokens"].shape[1]
+    ids, sampler, response_len = sequence_tokens(fields)
+    lengths = np.array([len(x) for x in ids], np.int64) * (response_len > 0)  # no response: no room taken
+    per_mini = rows // mini_batches
+    placements = [LAYOUTS[layout](lengths[m * per_mini:(m + 1) * per_mini], width) for m in range(mini_batches)]
+    n_micro, micro_rows = micro_batch_shape(max(p.num_rows for p in placements), micro_batch_size, row_multiple)
+    out = _place(ids, sampler, response_len, placements, micro_rows, (mini_batches, n_micro * micro_rows, width))
+    split = lambda x: x.reshape((mini_batches, n_micro, micro_rows) + x.shape[2:])  # noqa: E731
+    sequences = out.pop("sequences")
+    batch = RLBatch(**{k: split(v) for k, v in out.items()}, scores=np.asarray(fields["scores"], np.float32),
+                    sequences=sequences, response_width=int(fields["tokens"].shape[1]))
+    tokens = float(lengths.sum())
+    stats = {"padding_frac": 1.0 - tokens / out["input_ids"].size,
+             "padding_frac_unpacked": 1.0 - tokens / (rows * width),
+             "rows": float(mini_batches * n_micro * micro_rows), "unpacked_rows": float(rows)}
+    return batch, stats
+
+
+def abstract_batch(mini_batches: int, micro_batches: int, rows: int, width: int, response_width: int,
+                   sequences: int | None = None) -> RLBatch:
+    """Shapes and dtypes of an `RLBatch` [M, K, R, L] (for ahead-of-time compiles and planning);
+    ``sequences`` defaults to one per row (M·K·R)."""
+    spec = jax.ShapeDtypeStruct
+    tokens = (mini_batches, micro_batches, rows, width)
+    count = mini_batches * micro_batches * rows if sequences is None else sequences
+    return RLBatch(input_ids=spec(tokens, np.int32), segment_ids=spec(tokens, np.int32),
+                   response_mask=spec(tokens, np.bool_), sampler_log_probs=spec(tokens, np.float32),
+                   scores=spec((count,), np.float32), sequences=spec((mini_batches, micro_batches), np.float32),
+                   response_width=response_width)

@@ -17,25 +17,25 @@ step"); the batch crosses to the device once and only scalar metrics come back:
    off 1 and the weights' quantiles — the first mini-batch of a step updates from the rollout
    policy itself (Δlog p = 0, every weight 1), later ones from a policy that has moved.
 
-Batch layouts — both with leading axes [M, K, R], M mini-batches of K micro-batches of R rows
-(R is the axis split over the mesh's data axis, so every micro-batch is spread over all
-data-parallel devices); a mini-batch holds the same sequences in either:
+The batch (`packing.RLBatch`, built by `packing.pack_batch`) has leading axes [M, K, R]: M
+mini-batches of K micro-batches of R rows (R is the axis split over the mesh's data axis, so every
+micro-batch is spread over all data-parallel devices). Each sequence (real prompt tokens, then its
+response) is one segment of one row; rows hold one sequence ("padded") or several (first-fit
+decreasing, "packed"), told apart by segment ids. Attention, positions, log-probs, Future-KL, the
+drop rule and the sequence aggregations work per segment (`losses`), so the layout changes no
+result beyond float32 rounding, and every metric is reduced by its declared denominator.
 
-* padded (`RLBatch`, `layout_batch`): one sequence per row, ``input_ids`` the left-padded prompt
-  followed by the response, [M, K, R, P + N]. Row order is the rollout's: groups of
-  ``group_size`` responses to one prompt are contiguous.
-* packed (`PackedRLBatch`, `pack_batch`): each mini-batch's sequences (real prompt tokens, then
-  the response) packed into rows of P + N tokens by first-fit decreasing, told apart by segment
-  ids (the sequence's index in the step); K and R shrink to what the packed rows need, so the
-  forward and backward skip the padding of short responses. Attention, positions, log-probs,
-  Future-KL, the drop rule and sequence aggregations work per segment (`losses`), so the update
-  equals the padded one to float32 rounding.
+The first mini-batch updates from the rollout policy itself (π_old = π_θ: the state's parameters),
+so its π_old is the gradient pass's own log-probs without gradient: Δlog p is exactly 0 there,
+not the rounding difference of two compiled programs (which FIPO's weights at their ±1e-7 bounds
+and the clip fractions would count), as verl does when an update is on-policy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable, Literal, NamedTuple
 
 import flax.struct
@@ -48,11 +48,9 @@ from flax import nnx
 from fipo_jax import _checks
 from fipo_jax import advantages as adv_lib
 from fipo_jax import loss_metrics
-from fipo_jax.diagnostics import token_diagnostics
-from fipo_jax import packing as packing_lib
+from fipo_jax.packing import RLBatch
 from fipo_jax.logprobs import sequence_log_probs_with_entropy
-from fipo_jax.losses import (METRIC_REDUCTIONS, LossTerms, PolicyLossConfig, importance_ratio, policy_loss_terms,
-                             weight_micro_batch)
+from fipo_jax.losses import METRIC_REDUCTIONS, LossTerms, PolicyLossConfig, policy_loss_parts, weight_micro_batch
 from fipo_jax.sharding import logical_sharding, param_shardings, replicated
 
 Reduction = Literal["sum", "mean", "loss_mean", "min", "max"]
@@ -87,33 +85,6 @@ class RLState:
     opt_state: Any
     step: jax.Array
     key: jax.Array
-
-
-@flax.struct.dataclass
-class RLBatch:
-    """One step's kept rollouts, [M, K, R, ...] (see the module docstring)."""
-
-    input_ids: Any  # [M, K, R, P+N] int32
-    attention_mask: Any  # [M, K, R, P+N] bool
-    response_mask: Any  # [M, K, R, N] bool, False on padding rows
-    scores: Any  # [M, K, R] float32 shaped scores
-    sampler_log_probs: Any  # [M, K, R, N] float32, log-probs the sampler drew the tokens with
-
-
-@flax.struct.dataclass
-class PackedRLBatch:
-    """One step's kept rollouts packed into rows, [M, K, R, L] per token (see the module docstring).
-
-    Sequence s (rollout order) holds its real prompt tokens then its response tokens in one
-    segment of one row; responses without tokens are not packed but still counted."""
-
-    input_ids: Any  # [M, K, R, L] int32
-    segment_ids: Any  # [M, K, R, L] int32: s on sequence s's tokens, -1 on padding
-    response_mask: Any  # [M, K, R, L] bool: response tokens
-    sampler_log_probs: Any  # [M, K, R, L] float32 on response tokens, 0 elsewhere
-    scores: Any  # [S] float32 shaped scores, rollout order (groups of group_size contiguous)
-    sequences: Any  # [M, K] float32: sequences each micro-batch holds, responses without tokens included
-    response_width: int = flax.struct.field(pytree_node=False)  # N of the padded layout (the "-norm" horizon)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,15 +169,16 @@ def init_state(params, optimizer: Optimizer, key: jax.Array) -> RLState:
 
 
 def response_log_probs(graphdef, params, rest, input_ids, attention_mask, response_len: int, chunk_size: int):
-    """(log π(token | prefix), entropy) of the last ``response_len`` columns, each [R, N]."""
+    """(log π(token | prefix), entropy) of the last ``response_len`` columns of left-padded rows,
+    each [R, N] (the sampler's layout; for views of a rollout)."""
     model = nnx.merge(graphdef, params, rest)
     return sequence_log_probs_with_entropy(model, input_ids, attention_mask,
                                            response_start=input_ids.shape[1] - response_len, chunk_size=chunk_size)
 
 
 def packed_log_probs(graphdef, params, rest, input_ids, segment_ids, chunk_size: int):
-    """(log π(token | its segment's prefix), entropy) of every token of packed rows, each [R, L];
-    0 at each segment's first token (nothing precedes it) and on padding (segment id < 0)."""
+    """(log π(token | its segment's prefix), entropy) of every token of a micro-batch's rows, each
+    [R, L]; 0 at each segment's first token (nothing precedes it) and on padding (segment id < 0)."""
     model = nnx.merge(graphdef, params, rest)
     lp, ent = sequence_log_probs_with_entropy(model, input_ids, segment_ids >= 0, response_start=1,
                                               chunk_size=chunk_size, segment_ids_BxT=segment_ids)
@@ -214,20 +186,13 @@ def packed_log_probs(graphdef, params, rest, input_ids, segment_ids, chunk_size:
     return first(lp), first(ent)
 
 
-def _micro_log_probs(graphdef, params, rest, micro: dict, response_len: int, chunk_size: int):
-    """(log-probs, entropy) of one micro-batch on its loss layout: [R, N] padded, [R, L] packed."""
-    if "segment_ids" in micro:
-        return packed_log_probs(graphdef, params, rest, micro["input_ids"], micro["segment_ids"], chunk_size)
-    return response_log_probs(graphdef, params, rest, micro["input_ids"], micro["attention_mask"], response_len,
-                              chunk_size)
-
-
-def _old_log_probs(graphdef, params, rest, model_inputs: dict, response_len: int, chunk_size: int):
-    """π_old log-probs and entropy on the loss layout, [M, K, R, ·], one micro-batch at a time."""
+def _old_log_probs(graphdef, params, rest, input_ids, segment_ids, chunk_size: int):
+    """π_old log-probs and entropy of [M, K, R, L] rows, one micro-batch at a time."""
     params = jax.lax.stop_gradient(params)
-    lead = model_inputs["input_ids"].shape[:2]
-    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in model_inputs.items()}  # [M·K, R, ...]
-    lp, ent = jax.lax.map(lambda mb: _micro_log_probs(graphdef, params, rest, mb, response_len, chunk_size), flat)
+    lead = input_ids.shape[:2]
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731  [M·K, R, L]
+    lp, ent = jax.lax.map(lambda ids_seg: packed_log_probs(graphdef, params, rest, *ids_seg, chunk_size),
+                          (flat(input_ids), flat(segment_ids)))
     return lp.reshape(lead + lp.shape[1:]), ent.reshape(lead + ent.shape[1:])
 
 
@@ -282,27 +247,20 @@ def _token_mean(x, mask):
 
 
 def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, loss_config: PolicyLossConfig,
-                       response_len: int, sequences_per_mini: int, carry, mini):
-    """One optimizer update from one mini-batch [K, R, ...]; returns per-micro and per-update metrics."""
+                       sequences_per_mini: int, carry, mini):
+    """One optimizer update from one mini-batch [K, R, L]; returns per-micro and per-update metrics."""
     params, opt_state = carry
-    packed = "segment_ids" in mini
-    rows = mini["response_mask"].shape[1]
-
-    # FIPO's per-token weights, only for the per-mini-batch quantiles of `influence_activity`: the
-    # loss's own ops on the same inputs, which XLA merges with the loss's (one Future-KL scan).
+    # FIPO's per-token weights, for the per-mini-batch quantiles of `influence_activity` only.
     keep_weights = loss_config.loss_mode == "fipo" and config.loss.ratio_quantiles
 
     def objective(p, mb):
-        lp, _ = _micro_log_probs(graphdef, p, rest, mb, response_len, config.logprob_chunk_size)
-        segments = mb.get("segment_ids")
-        loss_inputs = (lp, mb["old_log_probs"], mb["advantages"], mb["response_mask"])
-        terms, metrics = policy_loss_terms(*loss_inputs, loss_config, segment_ids=segments,
-                                           num_sequences=mb["sequences"] if packed else None)
-        terms = weight_micro_batch(terms, config.micro_batch_weighting, mb["sequences"] if packed else rows,
-                                   sequences_per_mini)
-        ratio = importance_ratio(lp, mb["old_log_probs"], mb["response_mask"], loss_config.log_ratio_clamp)
-        weights = token_diagnostics(*loss_inputs, loss_config, segments).weights if keep_weights else None
-        return terms.total, (terms, metrics, jax.lax.stop_gradient(ratio), weights)
+        lp, _ = packed_log_probs(graphdef, p, rest, mb["input_ids"], mb["segment_ids"], config.logprob_chunk_size)
+        old = jnp.where(mb["on_policy"], jax.lax.stop_gradient(lp), mb["old_log_probs"])  # see the module docstring
+        parts = policy_loss_parts(lp, old, mb["advantages"], mb["response_mask"], loss_config,
+                                  segment_ids=mb["segment_ids"], num_sequences=mb["sequences"])
+        terms = weight_micro_batch(parts.terms, config.micro_batch_weighting, mb["sequences"], sequences_per_mini)
+        weights = parts.tokens.weights if keep_weights else None
+        return terms.total, (terms, parts.metrics, parts.tokens.ratio, weights)
 
     grad_fn = jax.grad(objective, has_aux=True)
 
@@ -315,8 +273,9 @@ def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfi
     # Gradients add up in float32 whatever the parameters' dtype (bfloat16 sums of many micro-batches
     # lose digits), then return to that dtype, so the optimizer state keeps its dtypes across updates.
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
+    on_policy = jnp.broadcast_to(mini["on_policy"], mini["sequences"].shape)  # one flag per micro-batch
     (grads, count, total), (micro_metrics, tokens) = jax.lax.scan(
-        accumulate, (zeros, jnp.float32(0), jnp.float32(0)), mini)
+        accumulate, (zeros, jnp.float32(0), jnp.float32(0)), {**mini, "on_policy": on_policy})
     grads = jax.tree.map(lambda g, p: (g / jnp.maximum(count, 1e-12)).astype(p.dtype), grads, params)
     grad_norm = optax.tree.norm(grads)
     lr = jnp.asarray(optimizer.schedule(_applied_updates(opt_state)), jnp.float32)
@@ -332,57 +291,38 @@ def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfi
     return (params, opt_state), (micro_metrics, update_metrics, tokens)
 
 
-def _model_inputs(batch: RLBatch | PackedRLBatch) -> dict[str, jax.Array]:
-    """What the model reads of each micro-batch: ids and attention mask, or ids and segment ids."""
-    if isinstance(batch, PackedRLBatch):
-        return {"input_ids": batch.input_ids, "segment_ids": batch.segment_ids}
-    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+def token_advantages(batch: RLBatch, config: UpdateConfig) -> jax.Array:
+    """Group advantages (``config.advantage``) of the step's sequences on their tokens, [M, K, R, L];
+    padding gets 0 (only response tokens are ever read)."""
+    advantages_S = jnp.append(ADVANTAGE_ESTIMATORS[config.advantage](batch.scores, config.group_size), 0.0)
+    return advantages_S[jnp.where(batch.segment_ids >= 0, batch.segment_ids, batch.scores.shape[0])]  # S: padding
 
 
-def _token_advantages(batch: RLBatch | PackedRLBatch, config: UpdateConfig) -> jax.Array:
-    """Group advantages (``config.advantage``) of the step's sequences, on the loss layout's tokens;
-    a padding row gets 0. Only response tokens are ever read (a packed batch holds no sequence
-    without them); packing padding gets 0."""
-    estimator = ADVANTAGE_ESTIMATORS[config.advantage]
-    mask = batch.response_mask
-    if isinstance(batch, RLBatch):
-        advantages = estimator(batch.scores.reshape(-1), config.group_size).reshape(batch.scores.shape)
-        return jnp.broadcast_to((advantages * jnp.any(mask, axis=-1))[..., None], mask.shape)
-    advantages_S = jnp.append(estimator(batch.scores, config.group_size), 0.0)  # index S: padding
-    return advantages_S[jnp.where(batch.segment_ids >= 0, batch.segment_ids, batch.scores.shape[0])]
-
-
-def rl_update(state: RLState, batch: RLBatch | PackedRLBatch, *, graphdef, rest, optimizer: Optimizer,
+def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Optimizer,
               config: UpdateConfig) -> tuple[RLState, dict[str, jax.Array]]:
     """One RL update (see the module docstring): pure, jit it with `jit_rl_update`.
 
-    Takes a padded `RLBatch` or a `PackedRLBatch` of the same sequences (same result to float32
-    rounding). Returns the new state (``step`` + 1) and scalar metrics named as logged: ``actor/*``
-    (loss metrics with official names, ``loss``, ``grad_norm``, ``lr``, ``skipped_updates``,
-    ``entropy``), ``rollout/sampler_logprob_gap`` and ``batch/length_weighted_advantage``.
+    Returns the new state (``step`` + 1) and scalar metrics named as logged: ``actor/*`` (loss
+    metrics with official names, ``loss``, ``grad_norm``, ``lr``, ``skipped_updates``,
+    ``entropy``), ``influence/*`` (FIPO), ``rollout/sampler_logprob_gap`` and
+    ``batch/length_weighted_advantage``; none depends on how the sequences were laid out in rows.
     """
-    packed = isinstance(batch, PackedRLBatch)
     mask = batch.response_mask
     n_mini = mask.shape[0]
-    response_len = batch.response_width if packed else mask.shape[-1]
-    model_inputs = _model_inputs(batch)
-    old_lp, entropy = _old_log_probs(graphdef, state.params, rest, model_inputs, response_len,
+    old_lp, entropy = _old_log_probs(graphdef, state.params, rest, batch.input_ids, batch.segment_ids,
                                      config.logprob_chunk_size)
-    advantages = _token_advantages(batch, config)
-
-    minis = {**model_inputs, "response_mask": mask, "old_log_probs": old_lp, "advantages": advantages}
-    if packed:
-        minis["sequences"] = batch.sequences
-        sequences_per_mini = batch.scores.shape[0] // n_mini
-    else:
-        sequences_per_mini = mask.shape[1] * mask.shape[2]
-    # The IS-ratio quantiles (two sorts of every token) are taken once below, outside the gradient.
+    advantages = token_advantages(batch, config)
+    minis = {"input_ids": batch.input_ids, "segment_ids": batch.segment_ids, "response_mask": mask,
+             "old_log_probs": old_lp, "advantages": advantages, "sequences": batch.sequences,
+             "on_policy": jnp.arange(n_mini) == 0}
+    # The IS-ratio quantiles (two sorts of every token) are taken once below, outside the gradient;
+    # the "-norm" horizon is the sampler's response width, not the row width.
     loss_config = config.loss.replace(ratio_quantiles=False)
-    if packed and loss_config.aggregation_horizon is None:
-        loss_config = loss_config.replace(aggregation_horizon=response_len)  # "-norm": the padded T
+    if loss_config.aggregation_horizon is None:
+        loss_config = loss_config.replace(aggregation_horizon=batch.response_width)
     (params, opt_state), (micro_metrics, update_metrics, (ratio, weights)) = jax.lax.scan(
-        functools.partial(_mini_batch_update, graphdef, rest, optimizer, config, loss_config, response_len,
-                          sequences_per_mini),
+        functools.partial(_mini_batch_update, graphdef, rest, optimizer, config, loss_config,
+                          batch.scores.shape[0] // n_mini),
         (state.params, state.opt_state), minis)
 
     micro_tokens = jnp.sum(mask, axis=(-2, -1)).astype(jnp.float32)  # [M, K]
@@ -393,7 +333,7 @@ def rl_update(state: RLState, batch: RLBatch | PackedRLBatch, *, graphdef, rest,
         metrics |= loss_metrics.ratio_quantiles(tokens(ratio), tokens(advantages), tokens(mask))
     metrics = {f"actor/{k}": v for k, v in metrics.items()}
     if config.loss.loss_mode == "fipo":
-        metrics |= influence_activity(micro_metrics, weights, mask)
+        metrics |= influence_activity(micro_metrics, weights if config.loss.ratio_quantiles else None, mask)
     metrics["actor/entropy"] = _token_mean(entropy, mask)
     metrics["rollout/sampler_logprob_gap"] = _token_mean(jnp.abs(batch.sampler_log_probs - old_lp), mask)
     metrics["batch/length_weighted_advantage"] = _token_mean(advantages, mask)
@@ -434,14 +374,25 @@ def influence_activity(micro_metrics: dict[str, jax.Array], weights: jax.Array |
 
 def jit_rl_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, state_shardings: RLState | None = None,
                   metric_sharding=None):
-    """`rl_update` jitted once, the state donated. ``state_shardings`` pins the new state's placement
+    """`rl_update` jitted once, the state and the batch donated. ``state_shardings`` pins the new state's placement
     (so every step compiles once and never reshards); ``metric_sharding`` the metrics' (replicated,
     so every process reads them locally)."""
     fn = functools.partial(rl_update, graphdef=graphdef, rest=rest, optimizer=optimizer, config=config)
     kwargs = {}
     if state_shardings is not None:
         kwargs["out_shardings"] = (state_shardings, metric_sharding)
-    return jax.jit(fn, donate_argnums=0, **kwargs)
+    jitted = jax.jit(fn, donate_argnums=(0, 1), **kwargs)
+
+    @functools.wraps(jitted)
+    def update(state, batch):
+        # No output has the batch's shapes, so XLA cannot reuse its buffers (JAX says so each
+        # compile); donated, they are released when the update ends, not when the caller lets go.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable", UserWarning)
+            return jitted(state, batch)
+
+    update.lower = jitted.lower
+    return update
 
 
 # ----------------------------------------------------------------------------- placement
@@ -470,116 +421,10 @@ def abstract_state(state: RLState, shardings: RLState) -> RLState:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def batch_shardings(batch: RLBatch | PackedRLBatch, mesh) -> RLBatch | PackedRLBatch:
-    """Rows (axis 2 of [M, K, R, ...]) split as the rules table places logical ``batch``; a packed
-    batch's per-sequence scores [S] and per-micro-batch counts [M, K] are replicated."""
+def batch_shardings(batch: RLBatch, mesh) -> RLBatch:
+    """Rows (axis 2 of [M, K, R, L]) split as the rules table places logical ``batch``; the
+    per-sequence scores [S] and per-micro-batch counts [M, K] are replicated."""
     def place(x):
         axes = ("mini_batch", "micro_batch", "batch") + (None,) * (x.ndim - 3) if x.ndim >= 3 else (None,) * x.ndim
         return logical_sharding(axes, x.shape, mesh, name=f"batch field of shape {x.shape}")
     return jax.tree.map(place, batch)
-
-
-# ----------------------------------------------------------------------------- host side
-
-
-def layout_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_size: int) -> RLBatch:
-    """Host arrays with B rows → an `RLBatch` of [M, K, R, ...] (M = mini_batches, R = micro_batch_size)."""
-    rows = len(fields["scores"])
-    _checks.require(rows % (mini_batches * micro_batch_size) == 0,
-                    f"{rows} rows do not split into {mini_batches} mini-batches of micro-batches of "
-                    f"{micro_batch_size} rows")
-    k = rows // (mini_batches * micro_batch_size)
-    shaped = {name: np.asarray(value).reshape((mini_batches, k, micro_batch_size) + np.shape(value)[1:])
-              for name, value in fields.items()}
-    return RLBatch(**shaped)
-
-
-# Packed micro-batches take row counts 1 … 4, then 2^k · {1, 1.25, 1.5, 1.75} (5, 6, 7, 8, 10, 12,
-# 14, 16, 20, …): four shapes per doubling (one compile each), less than a quarter of the rows wasted.
-def bucket_size(n: int) -> int:
-    """The smallest of 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, … that is ≥ n (n ≥ 1)."""
-    _checks.check_int("n", n, minimum=1)
-    if n <= 4:
-        return n
-    step = (1 << ((n - 1).bit_length() - 1)) // 4  # a quarter of the largest power of two below n
-    return -(-n // step) * step
-
-
-def _sequence_tokens(fields: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """Per sequence: its ids (real prompt tokens, then response tokens), its sampler log-probs on
-    the same columns (0 on the prompt), and its response length."""
-    ids, sampler = [], []
-    prompt_ids, prompt_mask = fields["prompt_ids"], np.asarray(fields["prompt_mask"], bool)
-    tokens, response_mask = fields["tokens"], np.asarray(fields["response_mask"], bool)
-    for i in range(len(tokens)):
-        prompt = prompt_ids[i][prompt_mask[i]]
-        ids.append(np.concatenate([prompt, tokens[i][response_mask[i]]]))
-        sampler.append(np.concatenate([np.zeros(len(prompt), np.float32),
-                                       fields["sampler_log_probs"][i][response_mask[i]]]))
-    return ids, sampler, response_mask.sum(axis=1)
-
-
-def pack_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_size: int, row_multiple: int = 1
-               ) -> tuple[PackedRLBatch, dict[str, float]]:
-    """Host arrays of B sequences → a `PackedRLBatch` (the same mini-batches as `layout_batch`).
-
-    ``fields``: ``prompt_ids`` / ``prompt_mask`` [B, P] (any padding), ``tokens`` /
-    ``response_mask`` / ``sampler_log_probs`` [B, N], ``scores`` [B]. Mini-batch m holds sequences
-    [m·B/M, (m+1)·B/M) as in the padded layout; each packs its sequences with responses (real prompt
-    tokens + response) into rows of L = P + N tokens by first-fit decreasing. Every micro-batch is
-    [R, L] with R ≤ ``micro_batch_size`` (its token budget R·L never exceeds a padded micro-batch's):
-    K = the fewest micro-batches that hold the rows the fullest mini-batch needs, R = `bucket_size`
-    of their share (few distinct shapes, so few compiles), a multiple of ``row_multiple`` (the
-    data-parallel split).
-
-    Returns the batch and ``{"padding_frac_padded", "padding_frac_packed", "packed_rows",
-    "padded_rows"}``: the share of padding tokens of the two layouts and their row counts.
-    """
-    rows = len(fields["scores"])
-    expected = ("prompt_ids", "prompt_mask", "tokens", "response_mask", "scores", "sampler_log_probs")
-    _checks.require(set(fields) == set(expected), f"fields must be {expected}, got {tuple(fields)}")
-    for name in expected:
-        shape = np.shape(fields[name])
-        paired = "prompt_mask" if name.startswith("prompt") else "response_mask"
-        _checks.require(shape[0] == rows and (name == "scores" or shape == np.shape(fields[paired])),
-                        f"fields[{name!r}] has shape {shape}: every field needs {rows} rows (one per score), "
-                        f"prompt fields [B, P] and response fields [B, N] alike")
-    _checks.require(rows % mini_batches == 0, f"{rows} sequences do not split into {mini_batches} mini-batches")
-    _checks.check_int("micro_batch_size", micro_batch_size, minimum=1)
-    _checks.check_int("row_multiple", row_multiple, minimum=1)
-    _checks.require(micro_batch_size % row_multiple == 0, f"micro_batch_size ({micro_batch_size}) must be a multiple "
-                                                          f"of row_multiple ({row_multiple})")
-    width = fields["prompt_ids"].shape[1] + fields["tokens"].shape[1]
-    ids, sampler, response_len = _sequence_tokens(fields)
-    lengths = np.array([len(x) for x in ids]) * (response_len > 0)  # responses without tokens take no room
-    per_mini = rows // mini_batches
-    packings = [packing_lib.first_fit_decreasing(lengths[m * per_mini:(m + 1) * per_mini], width)
-                for m in range(mini_batches)]
-    needed = max(p.num_rows for p in packings)
-    units = -(-needed // row_multiple)  # rows in units of the data split
-    max_units = micro_batch_size // row_multiple
-    n_micro = -(-units // max_units)  # as few micro-batches as the budget allows …
-    micro_rows = min(bucket_size(-(-units // n_micro)), max_units) * row_multiple  # … each as full as can be
-    shape = (mini_batches, n_micro * micro_rows, width)
-    out = {"input_ids": np.zeros(shape, np.int32), "segment_ids": np.full(shape, packing_lib.PADDING_SEGMENT, np.int32),
-           "response_mask": np.zeros(shape, bool), "sampler_log_probs": np.zeros(shape, np.float32)}
-    sequences = np.zeros((mini_batches, n_micro), np.float32)
-    for m, packing in enumerate(packings):
-        for j, (row, start, length) in enumerate(zip(packing.rows, packing.starts, packing.lengths)):
-            s = m * per_mini + j
-            sequences[m, row // micro_rows] += 1
-            if length == 0:
-                continue
-            cols = slice(start, start + length)
-            out["input_ids"][m, row, cols] = ids[s]
-            out["segment_ids"][m, row, cols] = s
-            out["response_mask"][m, row, start + length - response_len[s]:start + length] = True
-            out["sampler_log_probs"][m, row, cols] = sampler[s]
-    split = lambda x: x.reshape((mini_batches, n_micro, micro_rows) + x.shape[2:])  # noqa: E731
-    batch = PackedRLBatch(**{k: split(v) for k, v in out.items()}, scores=np.asarray(fields["scores"], np.float32),
-                          sequences=sequences, response_width=int(fields["tokens"].shape[1]))
-    every_token = float(sum(len(x) for x in ids))  # the padded layout also holds empty responses' prompts
-    stats = {"padding_frac_padded": 1.0 - every_token / (rows * width),
-             "padding_frac_packed": 1.0 - float(lengths.sum()) / out["input_ids"].size,
-             "packed_rows": float(mini_batches * n_micro * micro_rows), "padded_rows": float(rows)}
-    return batch, stats

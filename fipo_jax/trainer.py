@@ -39,6 +39,7 @@ from fipo_jax.checkpoint import Checkpointer, config_differences
 from fipo_jax.config import ConfigError, TrainConfig, micro_batch_rows
 from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord
 from fipo_jax.diagnostics import token_diagnostics
+from fipo_jax.packing import RLBatch, pack_batch
 from fipo_jax.preflight import preflight
 from fipo_jax.render import TokenView
 from fipo_jax.rollouts import DynamicSamplingExhausted, RolloutCollector, Rollouts, majority_vote
@@ -173,10 +174,10 @@ class Trainer:
                         "time/tokens_per_s": float(rollouts.response_mask.sum()) / t_total, "step": step + 1})
         return metrics
 
-    def host_batch(self, rollouts: Rollouts) -> tuple[rl_step.RLBatch | rl_step.PackedRLBatch, dict[str, float]]:
-        """The update's batch on the host, [M, K, R, ...] (see `rl_step`), packed unless
-        ``algo.packing`` is off, and ``batch/padding_frac`` (the share of its tokens that are
-        padding; ``batch/padding_frac_unpacked``: the same for one sequence per row).
+    def host_batch(self, rollouts: Rollouts) -> tuple[RLBatch, dict[str, float]]:
+        """The update's batch on the host, [M, K, R, L] (`packing.pack_batch`): packed unless
+        ``algo.packing`` is off (one sequence per row), with ``batch/padding_frac`` (the share of
+        its tokens that are padding; ``batch/padding_frac_unpacked``: the same for one per row).
 
         Prompts are left-padded to the sampler's bucket; columns that are padding in every row
         change nothing (positions count real tokens) and are dropped, to a multiple of 64."""
@@ -187,20 +188,12 @@ class Trainer:
                      "scores": rollouts.scores.astype(np.float32),
                      "sampler_log_probs": rollouts.sampler_log_probs.astype(np.float32)}
         algo = self.config.algo
-        if algo.packing:
-            batch, stats = rl_step.pack_batch(sequences, algo.mini_batches, self.micro_batch_size,
-                                              row_multiple=self.rows_split)
-            return batch, {"batch/padding_frac": stats["padding_frac_packed"],
-                           "batch/padding_frac_unpacked": stats["padding_frac_padded"]}
-        attention_mask = np.concatenate([sequences["prompt_mask"], sequences["response_mask"]], axis=1)
-        fields = {"input_ids": np.concatenate([sequences["prompt_ids"], sequences["tokens"]], axis=1).astype(np.int32),
-                  "attention_mask": attention_mask,
-                  **{k: sequences[k] for k in ("response_mask", "scores", "sampler_log_probs")}}
-        padding = 1.0 - float(attention_mask.sum()) / attention_mask.size
-        return (rl_step.layout_batch(fields, algo.mini_batches, self.micro_batch_size),
-                {"batch/padding_frac": padding, "batch/padding_frac_unpacked": padding})
+        batch, stats = pack_batch(sequences, algo.mini_batches, self.micro_batch_size, row_multiple=self.rows_split,
+                                  layout="packed" if algo.packing else "padded")
+        return batch, {"batch/padding_frac": stats["padding_frac"],
+                       "batch/padding_frac_unpacked": stats["padding_frac_unpacked"]}
 
-    def device_batch(self, rollouts: Rollouts) -> tuple[rl_step.RLBatch | rl_step.PackedRLBatch, dict[str, float]]:
+    def device_batch(self, rollouts: Rollouts) -> tuple[RLBatch, dict[str, float]]:
         """`host_batch` placed on the mesh in one transfer, rows split over the data axis."""
         batch, layout = self.host_batch(rollouts)
         return jax.device_put(batch, rl_step.batch_shardings(batch, self.mesh)), layout

@@ -97,9 +97,7 @@ def update_sizes(model, mesh):
     shardings = rl_step.state_shardings(params, optimizer, mesh)
     state = rl_step.RLState(params=params, opt_state=jax.eval_shape(optimizer.tx.init, params),
                             step=S((), jnp.int32), key=jax.eval_shape(lambda: jax.random.key(0)))
-    batch = rl_step.RLBatch(input_ids=S((M, K, R, P + N), jnp.int32), attention_mask=S((M, K, R, P + N), bool),
-                            response_mask=S((M, K, R, N), bool), scores=S((M, K, R), jnp.float32),
-                            sampler_log_probs=S((M, K, R, N), jnp.float32))
+    batch = abstract_batch(M, K, R, P + N, N)
     update_config = rl_step.UpdateConfig(loss=config.algo.loss, group_size=config.rollout.n,
                                          logprob_chunk_size=config.model.logprob_chunk_size)
     update = rl_step.jit_rl_update(graphdef, rest, optimizer, update_config, shardings, replicated(mesh))

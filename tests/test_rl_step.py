@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import fipo_jax as fj
-from fipo_jax import rl_step
+from fipo_jax import packing, rl_step
 from fipo_jax.models import Qwen2Config, Qwen2ForCausalLM
 
 ROWS, PROMPT, RESPONSE, GROUP = 8, 3, 6, 2
@@ -29,10 +29,14 @@ def setup():
     attention_mask = np.concatenate([np.ones((ROWS, PROMPT), bool), response_mask], 1)
     lp, _ = rl_step.response_log_probs(graphdef, params, rest, jnp.asarray(ids), jnp.asarray(attention_mask),
                                        RESPONSE, 64)
-    fields = {"input_ids": ids, "attention_mask": attention_mask, "response_mask": response_mask,
-              "scores": rng.normal(size=ROWS).astype(np.float32),
+    fields = {"prompt_ids": ids[:, :PROMPT], "prompt_mask": attention_mask[:, :PROMPT], "tokens": ids[:, PROMPT:],
+              "response_mask": response_mask, "scores": rng.normal(size=ROWS).astype(np.float32),
               "sampler_log_probs": np.asarray(lp)}
     return graphdef, params, rest, fields
+
+
+def one_per_row(fields, mini, micro):
+    return packing.pack_batch(fields, mini, micro, layout="padded")[0]
 
 
 def optimizer(warmup_steps=0, updates_per_step=1):
@@ -47,7 +51,7 @@ def run(setup, mini=1, micro=ROWS, weighting="exact", fields=None, opt=None, los
     config = rl_step.UpdateConfig(loss=loss or fj.PolicyLossConfig(), group_size=GROUP,
                                   micro_batch_weighting=weighting, logprob_chunk_size=64)
     update = rl_step.jit_rl_update(graphdef, rest, opt, config)
-    batch = rl_step.layout_batch(fields or base, mini, micro)
+    batch = one_per_row(fields or base, mini, micro)
     for _ in range(steps):
         state, metrics = update(state, batch)
     return state, metrics
@@ -102,7 +106,7 @@ def test_update_is_pure(setup):
     config = rl_step.UpdateConfig(loss=fj.PolicyLossConfig(), group_size=GROUP, logprob_chunk_size=64)
     update = jax.jit(functools.partial(rl_step.rl_update, graphdef=graphdef, rest=rest, optimizer=opt, config=config))
     state = rl_step.init_state(params, opt, jax.random.key(0))
-    batch = jax.tree.map(jnp.asarray, rl_step.layout_batch(fields, 2, 2))
+    batch = jax.tree.map(jnp.asarray, one_per_row(fields, 2, 2))
     before = host((state, batch))
     first, second = update(state, batch), update(state, batch)
     jax.tree.map(np.testing.assert_array_equal, host(first), host(second))
@@ -144,8 +148,8 @@ def test_metrics_without_a_declared_reduction_are_refused():
 
 
 def test_layout_refuses_rows_that_do_not_split(setup):
-    with pytest.raises(ValueError, match="8 rows do not split into 3 mini-batches"):
-        rl_step.layout_batch(setup[3], 3, 1)
+    with pytest.raises(ValueError, match="8 sequences do not split into 3 mini-batches"):
+        one_per_row(setup[3], 3, 1)
 
 
 @pytest.mark.slow
@@ -178,7 +182,7 @@ def test_bfloat16_parameters_update_and_keep_their_dtypes(setup):
     dtypes = jax.tree.map(lambda x: x.dtype, (state.params, state.opt_state))
     update = rl_step.jit_rl_update(graphdef, rest, opt, rl_step.UpdateConfig(
         loss=fj.PolicyLossConfig(), group_size=GROUP, logprob_chunk_size=64))
-    batch = rl_step.layout_batch(fields, 2, ROWS // 4)  # 2 updates of 2 micro-batches each
+    batch = one_per_row(fields, 2, ROWS // 4)  # 2 updates of 2 micro-batches each
     before = jax.tree.map(lambda p: np.asarray(p, np.float32), state.params)
     for _ in range(2):
         state, metrics = update(state, batch)

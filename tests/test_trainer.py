@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fipo_jax import rl_step
+from fipo_jax.packing import RLBatch
 from fipo_jax.config import ConfigError, apply_overrides, cpu_default
 from fipo_jax.rewards.shaping import validate_overlong_args
 from fipo_jax.metrics import MetricsLog
@@ -415,7 +416,7 @@ def test_packed_and_padded_updates_agree_in_the_trainer(tmp_path, cache_dir):
         steps[packing] = trainer.step()
         if packing == "true":
             params = jax.tree.map(np.asarray, trainer.state.params)
-            assert isinstance(trainer.host_batch(trainer.last_rollouts)[0], rl_step.PackedRLBatch)
+            assert isinstance(trainer.host_batch(trainer.last_rollouts)[0], RLBatch)
     packed, padded = steps["true"], steps["false"]
     assert packed["batch/padding_frac"] < padded["batch/padding_frac"] == packed["batch/padding_frac_unpacked"]
     for key in padded:
