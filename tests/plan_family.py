@@ -67,6 +67,7 @@ import json, sys
 import jax, jax.numpy as jnp
 from flax import nnx
 from fipo_jax import engine, rl_step
+from fipo_jax.packing import abstract_batch
 from fipo_jax.config import apply_overrides, cpu_default
 from fipo_jax.models import CausalLM, ModelConfig
 from fipo_jax.rollouts import PROMPT_BUCKET_SLACK
