@@ -177,33 +177,34 @@ def micro_batch_shape(rows_needed: int, micro_batch_size: int, row_multiple: int
     return count, min(bucket_size(-(-units // count)), max_units) * row_multiple
 
 
-def sequence_tokens(fields: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """Per sequence: its ids (real prompt tokens, then response tokens), its sampler log-probs on
-    the same columns (0 on the prompt), and its response length."""
+def sequence_rows(fields: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each sequence as one right-padded row of P + N columns: ``input_ids`` (its real prompt tokens,
+    then its response tokens), ``sampler_log_probs`` (0 on the prompt) and ``response_mask``;
+    plus ``lengths`` [B], its token count (0 when the response is empty: it is placed nowhere)."""
     prompt_mask, response_mask = np.asarray(fields["prompt_mask"], bool), np.asarray(fields["response_mask"], bool)
-    ids = [np.concatenate([p[pm], t[rm]]) for p, pm, t, rm in zip(fields["prompt_ids"], prompt_mask,
-                                                                  fields["tokens"], response_mask)]
-    sampler = [np.concatenate([np.zeros(pm.sum(), np.float32), lp[rm]])
-               for pm, lp, rm in zip(prompt_mask, fields["sampler_log_probs"], response_mask)]
-    return ids, sampler, response_mask.sum(axis=1)
-
-
-def _place(ids, sampler, response_len, placements: list[Packing], micro_rows: int, shape) -> dict[str, np.ndarray]:
-    """The [M, rows, L] arrays and [M, K] sequence counts of sequences placed by ``placements``."""
-    out = {"input_ids": np.zeros(shape, np.int32), "segment_ids": np.full(shape, PADDING_SEGMENT, np.int32),
-           "response_mask": np.zeros(shape, bool), "sampler_log_probs": np.zeros(shape, np.float32),
-           "sequences": np.zeros((shape[0], shape[1] // micro_rows), np.float32)}
-    per_mini = len(placements[0].lengths)
-    for m, placed in enumerate(placements):
-        for j, (row, start, length) in enumerate(zip(placed.rows, placed.starts, placed.lengths)):
-            s = m * per_mini + j
-            out["sequences"][m, row // micro_rows] += 1
-            if length:
-                out["input_ids"][m, row, start:start + length] = ids[s]
-                out["segment_ids"][m, row, start:start + length] = s
-                out["response_mask"][m, row, start + length - response_len[s]:start + length] = True
-                out["sampler_log_probs"][m, row, start:start + length] = sampler[s]
+    count, width = len(prompt_mask), prompt_mask.shape[1] + response_mask.shape[1]
+    prompt_len, response_len = prompt_mask.sum(axis=1), response_mask.sum(axis=1)
+    lengths = (prompt_len + response_len) * (response_len > 0)
+    out = {"input_ids": np.zeros((count, width), np.int32), "sampler_log_probs": np.zeros((count, width), np.float32),
+           "response_mask": np.zeros((count, width), bool), "lengths": lengths.astype(np.int64)}
+    for i in np.flatnonzero(lengths):
+        p, n = prompt_len[i], response_len[i]
+        out["input_ids"][i, :p + n] = np.concatenate([fields["prompt_ids"][i][prompt_mask[i]],
+                                                      fields["tokens"][i][response_mask[i]]])
+        out["sampler_log_probs"][i, p:p + n] = fields["sampler_log_probs"][i][response_mask[i]]
+        out["response_mask"][i, p:p + n] = True
     return out
+
+
+def _place(rows: dict[str, np.ndarray], placement: Packing, first: int, num_rows: int) -> dict[str, np.ndarray]:
+    """One mini-batch's sequences (global indices ``first`` …) `pack`ed by ``placement`` into
+    ``num_rows`` rows, segment ids made global."""
+    grow = lambda x, fill: np.concatenate(  # noqa: E731  to num_rows rows
+        [x, np.full((num_rows - len(x),) + x.shape[1:], fill, x.dtype)])
+    local = segment_ids(placement)
+    placed = {name: grow(pack(rows[name], placement), 0) for name in ("input_ids", "sampler_log_probs", "response_mask")}
+    placed["segment_ids"] = grow(np.where(local == PADDING_SEGMENT, PADDING_SEGMENT, local + first), PADDING_SEGMENT)
+    return placed
 
 
 def pack_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_size: int, row_multiple: int = 1,
@@ -223,21 +224,23 @@ def pack_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_siz
     """
     _checks.check_choice("layout", layout, LAYOUTS)
     check_sequence_fields(fields, mini_batches, micro_batch_size, row_multiple)
-    rows, width = len(fields["scores"]), fields["prompt_ids"].shape[1] + fields["tokens"].shape[1]
-    ids, sampler, response_len = sequence_tokens(fields)
-    lengths = np.array([len(x) for x in ids], np.int64) * (response_len > 0)  # no response: no room taken
-    per_mini = rows // mini_batches
-    placements = [LAYOUTS[layout](lengths[m * per_mini:(m + 1) * per_mini], width) for m in range(mini_batches)]
+    count, width = len(fields["scores"]), fields["prompt_ids"].shape[1] + fields["tokens"].shape[1]
+    rows = sequence_rows(fields)
+    per_mini = count // mini_batches
+    minis = [slice(m * per_mini, (m + 1) * per_mini) for m in range(mini_batches)]
+    placements = [LAYOUTS[layout](rows["lengths"][mini], width) for mini in minis]
     n_micro, micro_rows = micro_batch_shape(max(p.num_rows for p in placements), micro_batch_size, row_multiple)
-    out = _place(ids, sampler, response_len, placements, micro_rows, (mini_batches, n_micro * micro_rows, width))
-    split = lambda x: x.reshape((mini_batches, n_micro, micro_rows) + x.shape[2:])  # noqa: E731
-    sequences = out.pop("sequences")
-    batch = RLBatch(**{k: split(v) for k, v in out.items()}, scores=np.asarray(fields["scores"], np.float32),
-                    sequences=sequences, response_width=int(fields["tokens"].shape[1]))
-    tokens = float(lengths.sum())
-    stats = {"padding_frac": 1.0 - tokens / out["input_ids"].size,
-             "padding_frac_unpacked": 1.0 - tokens / (rows * width),
-             "rows": float(mini_batches * n_micro * micro_rows), "unpacked_rows": float(rows)}
+    sliced = [_place({k: v[mini] for k, v in rows.items()}, placed, mini.start, n_micro * micro_rows)
+              for mini, placed in zip(minis, placements)]
+    split = lambda x: x.reshape((mini_batches, n_micro, micro_rows) + x.shape[1:])  # noqa: E731
+    stacked = {name: split(np.concatenate([s[name] for s in sliced])) for name in sliced[0]}
+    sequences = np.stack([np.bincount(p.rows // micro_rows, minlength=n_micro) for p in placements]).astype(np.float32)
+    batch = RLBatch(**stacked, scores=np.asarray(fields["scores"], np.float32), sequences=sequences,
+                    response_width=int(fields["tokens"].shape[1]))
+    tokens = float(rows["lengths"].sum())
+    stats = {"padding_frac": 1.0 - tokens / batch.input_ids.size,
+             "padding_frac_unpacked": 1.0 - tokens / (count * width),
+             "rows": float(mini_batches * n_micro * micro_rows), "unpacked_rows": float(count)}
     return batch, stats
 
 
