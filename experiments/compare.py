@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from fipo_jax.config import apply_overrides, load_config, with_algo
-from fipo_jax.metrics import MetricsLog
+from fipo_jax.run_log import MetricsLog
 
 # Final figures compared across seeds (summary.json keys).
 SUMMARY_KEYS = ("accuracy_before", "accuracy_after", "cons_at_k_after", "pass_at_k_after", "mean_length_after",

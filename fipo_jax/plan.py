@@ -297,7 +297,7 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
     shape = parse_mesh(mesh_shape)
     mesh = AbstractMesh(shape, MESH_AXES[: len(shape)])
     model = model or model_config(config)
-    rollout, algo = config.rollout, config.algo
+    rollout = config.rollout
     prompt = prompt_width(config)
     row_tokens = prompt + rollout.max_response_tokens
     sequences = rollout.prompts_per_step * rollout.n

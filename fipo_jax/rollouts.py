@@ -19,7 +19,7 @@ import numpy as np
 from fipo_jax import advantages as adv_lib
 from fipo_jax import distributed
 from fipo_jax import engine as engine_lib
-from fipo_jax import metrics as metrics_lib
+from fipo_jax import run_log as run_log_lib
 from fipo_jax.config import TrainConfig
 from fipo_jax.data import CharTokenizer, PromptIterator, PromptRecord, render_prompt
 from fipo_jax.rewards import RewardConfig, score_batch
@@ -98,7 +98,7 @@ def encode_prompt(record: PromptRecord, tokenizer) -> list[int]:
 
 def rollout_stats(lengths: np.ndarray, scores: np.ndarray, max_response_tokens: int, prefix: str) -> dict[str, float]:
     """Length statistics and mean shaped reward, named ``{prefix}/length_*``, ``{prefix}/reward``."""
-    out = {f"{prefix}/length_{k}": v for k, v in metrics_lib.length_stats(lengths, max_response_tokens).items()}
+    out = {f"{prefix}/length_{k}": v for k, v in run_log_lib.length_stats(lengths, max_response_tokens).items()}
     out[f"{prefix}/reward"] = float(scores.mean())
     return out
 

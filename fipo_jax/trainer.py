@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from fipo_jax import distributed, render
-from fipo_jax import metrics as metrics_lib
+from fipo_jax import run_log as run_log_lib
 from fipo_jax import rl_step
 from fipo_jax import run_dir as run_dir_lib
 from fipo_jax.run_dir import check_export_destination
@@ -125,7 +125,7 @@ class Trainer:
                                              logprob_chunk_size=config.model.logprob_chunk_size)
         self.update = rl_step.jit_rl_update(self.graphdef, self.rest, optimizer, update_config, self.state_shardings,
                                             replicated(self.mesh))
-        self.run_log = metrics_lib.RunLog(run_dir, writable=self.primary, tensorboard=config.tensorboard)
+        self.run_log = run_log_lib.RunLog(run_dir, writable=self.primary, tensorboard=config.tensorboard)
         self.checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), config.keep_checkpoints)
         self._warned_padding = False
         self.last_rollouts: Rollouts | None = None  # the last step's kept batch (for `influence_views`)
@@ -136,8 +136,6 @@ class Trainer:
     def policy(self):
         """The policy of the current state (a fresh `nnx.merge`; the update never writes into it)."""
         return nnx.merge(self.graphdef, self.state.params, self.rest)
-
-    model = policy
 
     @property
     def step_index(self) -> int:
@@ -396,11 +394,11 @@ class Trainer:
         if not self.primary:
             return {"name": name, "algo": algo, "steps": steps, "process_index": jax.process_index()}
         rows = self.run_log.read()
-        summary = metrics_lib.summarize(rows, name, algo, steps, len(self.eval_records),
+        summary = run_log_lib.summarize(rows, name, algo, steps, len(self.eval_records),
                                         os.path.join(self.run_dir, "plots"))
         batch_rows = self.config.rollout.prompts_per_step * self.config.rollout.n
         summary["steps_mostly_padding"] = sum(r.get("rollout/padded_rows", 0) / batch_rows > PADDING_WARN_SHARE
                                               for r in rows)
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics_lib.to_python(summary), f, indent=2)
+            json.dump(run_log_lib.to_python(summary), f, indent=2)
         return summary

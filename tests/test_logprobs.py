@@ -20,7 +20,7 @@ from fipo_jax.logprobs import (  # noqa: E402
     sequence_log_probs,
     sequence_log_probs_with_entropy,
 )
-from fipo_jax.models import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from fipo_jax.models import Qwen2Config, CausalLM  # noqa: E402
 
 B, T, D, V = 2, 13, 8, 37
 
@@ -212,7 +212,7 @@ def model():
         vocab_size=MODEL_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
     )  # fmt: skip
-    return Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))
+    return CausalLM(config, rngs=nnx.Rngs(0))
 
 
 def naive_sequence_log_probs(model, ids, mask):

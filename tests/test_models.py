@@ -23,14 +23,16 @@ from fipo_jax.models import (  # noqa: E402
     LOGICAL_AXES,
     CheckpointMismatchError,
     Qwen2Config,
-    Qwen2ForCausalLM,
+    CausalLM,
     UnsupportedConfigError,
     init_kv_cache,
     load_pretrained,
     logical_to_mesh_spec,
     positions_from_mask,
     save_pretrained,
-    weight_mapping,
+    config_from_hf,
+    config_to_hf,
+    hf_weight_table,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,7 +152,7 @@ def test_export_round_trip_through_transformers(tmp_path, tied, max_shard_bytes)
     assert sharded == (max_shard_bytes is not None)
     with open(os.path.join(out, "config.json")) as f:
         exported = json.load(f)
-    assert exported["model_type"] == "qwen2" and exported["architectures"] == ["Qwen2ForCausalLM"]
+    assert exported["model_type"] == "qwen2" and exported["architectures"] == ["CausalLM"]
     assert exported["rope_parameters"] == {"rope_theta": 20000.0, "rope_type": "default"}
     assert exported["eos_token_id"] == 3
     reloaded_hf = transformers.Qwen2ForCausalLM.from_pretrained(out).eval()
@@ -164,7 +166,7 @@ def test_export_round_trip_through_transformers(tmp_path, tied, max_shard_bytes)
 def test_export_of_freshly_initialised_model(tmp_path):
     """A model never seen by transformers (random nnx init) exports and matches in torch."""
     config = tiny_config(num_key_value_heads=1, head_dim=12, rope_theta=3000.0)
-    model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(3))
+    model = CausalLM(config, rngs=nnx.Rngs(3))
     save_pretrained(model, tmp_path)
     hf_model = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path)).eval()
     ids = random_ids((2, 5))
@@ -291,20 +293,20 @@ BASE_HF_DICT = dict(
 )
 def test_from_hf_rejects_unsupported(change, pattern):
     with pytest.raises(UnsupportedConfigError, match=pattern):
-        Qwen2Config.from_hf({**BASE_HF_DICT, **change})
+        config_from_hf({**BASE_HF_DICT, **change})
 
 
 def test_from_hf_reads_rope_theta_in_both_layouts():
-    legacy = Qwen2Config.from_hf({**BASE_HF_DICT, "rope_theta": 1e6, "rope_scaling": None})
-    v5 = Qwen2Config.from_hf({**BASE_HF_DICT, "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}})
-    both = Qwen2Config.from_hf(
+    legacy = config_from_hf({**BASE_HF_DICT, "rope_theta": 1e6, "rope_scaling": None})
+    v5 = config_from_hf({**BASE_HF_DICT, "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}})
+    both = config_from_hf(
         {**BASE_HF_DICT, "rope_theta": 7e5, "rope_parameters": {"rope_theta": 7e5, "rope_type": "default"}}
     )
     assert (legacy.rope_theta, v5.rope_theta, both.rope_theta) == (1e6, 5e5, 7e5)
-    assert Qwen2Config.from_hf(BASE_HF_DICT).rope_theta == 10000.0
+    assert config_from_hf(BASE_HF_DICT).rope_theta == 10000.0
     hf_object = transformers.Qwen2Config(**{k: v for k, v in BASE_HF_DICT.items() if k != "model_type"}, rope_theta=3e4)
-    assert Qwen2Config.from_hf(hf_object).rope_theta == 3e4
-    assert Qwen2Config.from_hf(hf_object).head_dim == 8
+    assert config_from_hf(hf_object).rope_theta == 3e4
+    assert config_from_hf(hf_object).head_dim == 8
 
 
 @pytest.mark.parametrize(
@@ -328,8 +330,8 @@ def test_config_validation(change, pattern):
 
 def test_config_hf_dict_round_trip():
     config = tiny_config(head_dim=16, rope_theta=1234.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
-    assert Qwen2Config.from_hf(config.to_hf_dict(), dtype=config.dtype) == config
-    assert Qwen2Config.from_hf(transformers.Qwen2Config(**config.to_hf_dict())) == config
+    assert config_from_hf(config_to_hf(config), dtype=config.dtype) == config
+    assert config_from_hf(transformers.Qwen2Config(**config_to_hf(config))) == config
 
 
 # ------------------------------------------------------------------------------------------
@@ -414,7 +416,7 @@ def test_hidden_states_and_unembed_compose_to_logits(hf_pair):
     assert model.unembedding().shape == (32, VOCAB)
     logits = nnx.jit(lambda m, h: m.unembed(h))(model, hidden)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(forward(model, ids)), atol=1e-6, rtol=0)
-    tied = Qwen2ForCausalLM(tiny_config(tie_word_embeddings=True), rngs=nnx.Rngs(0))
+    tied = CausalLM(tiny_config(tie_word_embeddings=True), rngs=nnx.Rngs(0))
     assert tied.lm_head is None
     np.testing.assert_array_equal(tied.unembedding(), tied.embed_tokens.embedding[...].T)
 
@@ -439,8 +441,8 @@ def test_input_validation(hf_pair):
 @pytest.mark.parametrize("policy", ["full", "dots", True])
 def test_remat_gives_same_loss_and_grads(policy):
     config = tiny_config()
-    plain = Qwen2ForCausalLM(config, rngs=nnx.Rngs(1))
-    remat = Qwen2ForCausalLM(config.replace(remat=policy), rngs=nnx.Rngs(1))
+    plain = CausalLM(config, rngs=nnx.Rngs(1))
+    remat = CausalLM(config.replace(remat=policy), rngs=nnx.Rngs(1))
     assert remat.config.remat == ("full" if policy is True else policy)
     ids = jnp.asarray(random_ids((2, 6)))
 
@@ -465,7 +467,7 @@ def test_layers_are_one_scan_whatever_the_depth():
     from fipo_jax.models.layers import Embed
 
     def equations(layers, **kwargs):
-        model = nnx.eval_shape(lambda: Qwen2ForCausalLM(tiny_config(num_hidden_layers=layers, **kwargs),
+        model = nnx.eval_shape(lambda: CausalLM(tiny_config(num_hidden_layers=layers, **kwargs),
                                                         rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(model)
         ids = jax.ShapeDtypeStruct((2, 6), jnp.int32)
@@ -473,7 +475,7 @@ def test_layers_are_one_scan_whatever_the_depth():
 
     assert equations(2) == equations(12)
     assert equations(2, remat="full") == equations(12, remat="full")
-    model = Qwen2ForCausalLM(tiny_config(num_hidden_layers=3), rngs=nnx.Rngs(5))
+    model = CausalLM(tiny_config(num_hidden_layers=3), rngs=nnx.Rngs(5))
     rngs = nnx.Rngs(5)
     Embed(model.config, rngs=rngs)
     for i in range(3):
@@ -489,7 +491,7 @@ def test_remat_saves_activation_memory():
     config = tiny_config(num_hidden_layers=8, hidden_size=64, intermediate_size=256)
 
     def temp_bytes(remat):
-        abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(config.replace(remat=remat), rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: CausalLM(config.replace(remat=remat), rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(abstract)
         loss = lambda s, ids: jnp.mean(nnx.merge(graphdef, s)(ids))  # noqa: E731
         ids = jax.ShapeDtypeStruct((4, 256), jnp.int32)
@@ -501,9 +503,9 @@ def test_remat_saves_activation_memory():
 
 
 def test_parameters_carry_logical_axes():
-    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(tiny_config(), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: CausalLM(tiny_config(), rngs=nnx.Rngs(0)))
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    assert set(flat) == {row.path for row in weight_mapping(model.config)}
+    assert set(flat) == {row.path for row in hf_weight_table(model.config)}
     for path, variable in flat.items():
         axes = variable.get_metadata()["out_sharding"]
         assert len(axes) == len(variable.shape) and set(axes) <= set(LOGICAL_AXES), path
@@ -565,7 +567,7 @@ def test_a_rule_that_cannot_apply_raises_naming_tensor_shape_and_mesh():
     with pytest.raises(ShardingRuleError, match=r"dimension 'mlp' of size 6 is not divisible"):
         logical_to_mesh_spec(("mlp",), (6,), abstract, {"mlp": rule("tensor")})  # no declared fallback
     # param_shardings names each parameter by its path; heads (no fallback) do not split 8 ways.
-    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(tiny_config(), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: CausalLM(tiny_config(), rngs=nnx.Rngs(0)))
     eight = jax.sharding.AbstractMesh((1, 8), ("fsdp", "tensor"))
     with pytest.raises(ShardingRuleError, match=r"cannot shard layers\.self_attn\.\w_proj\.(kernel|bias) of shape "
                                                 r"\(.*\) with logical axes \(.*'heads'.*\) on mesh "
@@ -577,7 +579,7 @@ def test_load_weights_checks_every_rule_before_reading(tmp_path):
     from fipo_jax.models.hf_io import SafetensorsSource, load_weights
     from fipo_jax.sharding import DEFAULT_RULES, ShardingRuleError, rule
 
-    save_pretrained(Qwen2ForCausalLM(tiny_config(), rngs=nnx.Rngs(0)), tmp_path)
+    save_pretrained(CausalLM(tiny_config(), rngs=nnx.Rngs(0)), tmp_path)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tensor"))
     reads = []
 
@@ -598,13 +600,13 @@ SHARDED_LOAD_SCRIPT = textwrap.dedent(
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from fipo_jax.models import (Qwen2Config, Qwen2ForCausalLM, load_pretrained, param_shardings,
+    from fipo_jax.models import (Qwen2Config, CausalLM, load_pretrained, param_shardings,
                               save_pretrained)
 
     path = sys.argv[1]
     config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
-    reference = Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))
+    reference = CausalLM(config, rngs=nnx.Rngs(0))
     save_pretrained(reference, path)
     devices = np.array(jax.devices()).reshape(2, 4)
     mesh = jax.sharding.Mesh(devices, ("fsdp", "tensor"),
@@ -686,8 +688,8 @@ def test_query_chunked_attention_equals_full_attention():
 
 def test_attention_chunking_in_the_model_and_its_memory():
     ids = random_ids((2, 40), seed=3)
-    full = Qwen2ForCausalLM(tiny_config(), rngs=nnx.Rngs(0))
-    chunked = Qwen2ForCausalLM(tiny_config(attention_chunk_size=16), rngs=nnx.Rngs(0))
+    full = CausalLM(tiny_config(), rngs=nnx.Rngs(0))
+    chunked = CausalLM(tiny_config(attention_chunk_size=16), rngs=nnx.Rngs(0))
     np.testing.assert_allclose(forward(chunked, ids), forward(full, ids), atol=1e-5)
 
     # XLA temporaries of attention forward + backward at T = 1024: unchunked they hold several
@@ -750,8 +752,8 @@ def test_decode_attention_reads_written_blocks_and_equals_dense(block):
 def test_blocked_decode_matches_dense_decode_in_the_sampler():
     from fipo_jax.sampling import SamplingConfig, generate
 
-    dense = Qwen2ForCausalLM(tiny_config(decode_block_size=None), rngs=nnx.Rngs(0))
-    blocked = Qwen2ForCausalLM(tiny_config(decode_block_size=8), rngs=nnx.Rngs(0))
+    dense = CausalLM(tiny_config(decode_block_size=None), rngs=nnx.Rngs(0))
+    blocked = CausalLM(tiny_config(decode_block_size=8), rngs=nnx.Rngs(0))
     ids = random_ids((3, 6), seed=4)
     mask = np.ones_like(ids, bool)
     mask[0, :2] = False

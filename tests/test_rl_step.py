@@ -11,14 +11,14 @@ from flax import nnx
 
 import fipo_jax as fj
 from fipo_jax import packing, rl_step
-from fipo_jax.models import Qwen2Config, Qwen2ForCausalLM
+from fipo_jax.models import Qwen2Config, CausalLM
 
 ROWS, PROMPT, RESPONSE, GROUP = 8, 3, 6, 2
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    model = CausalLM(Qwen2Config(vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, initializer_range=0.3),
                              rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -15,7 +15,7 @@ import pytest
 
 from fipo_jax import run_dir
 from fipo_jax.checkpoint import CheckpointFormatError, Checkpointer, abstract_like, nonfinite_leaves
-from fipo_jax.metrics import MetricsLog, summarize
+from fipo_jax.run_log import MetricsLog, summarize
 
 
 def _state(value=1.0):

@@ -49,12 +49,12 @@ import json
 import jax, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from fipo_jax.models import Qwen2Config, Qwen2ForCausalLM
+from fipo_jax.models import Qwen2Config, CausalLM
 from fipo_jax.models.hf_io import param_shardings
 from fipo_jax.sampling import SamplingConfig, generate
 from fipo_jax.sharding import make_mesh
 mesh = make_mesh((4, 2))
-model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+model = CausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
                                      decode_block_size=4),  # the block-wise decode path, split by rows
                          rngs=nnx.Rngs(0))
@@ -103,11 +103,11 @@ import jax, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from fipo_jax import engine as engine_lib
-from fipo_jax.models import Qwen2Config, Qwen2ForCausalLM
+from fipo_jax.models import Qwen2Config, CausalLM
 from fipo_jax.sampling import SamplingConfig, generate
 from fipo_jax.sharding import make_mesh
 mesh = make_mesh((4, 2))
-model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+model = CausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
                                      decode_block_size=4), rngs=nnx.Rngs(0))
 config = SamplingConfig(max_new_tokens=12, temperature=1.0, eos_token_ids=(3,), prompt_length_buckets=(8,))

@@ -16,7 +16,7 @@ from fipo_jax import rl_step
 from fipo_jax.packing import RLBatch
 from fipo_jax.config import ConfigError, apply_overrides, cpu_default
 from fipo_jax.rewards.shaping import validate_overlong_args
-from fipo_jax.metrics import MetricsLog
+from fipo_jax.run_log import MetricsLog
 from fipo_jax.trainer import DynamicSamplingExhausted, NonFiniteStateError, Trainer, majority_vote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from fipo_jax.config import apply_overrides, load_config, qwen25_32b_fipo
-from fipo_jax.metrics import MetricsLog
+from fipo_jax.run_log import MetricsLog
 from fipo_jax.models.tokenizer import qwen2_5_tokenizer
 from fipo_jax.rollouts import encode_prompt
 from fipo_jax.trainer import Trainer
@@ -62,7 +62,7 @@ def test_file_task_with_hf_checkpoint(tmp_path, hf_folder):
         "optim.warmup_steps=0",
     ])
     trainer = Trainer(config, str(tmp_path / "run"), progress=False, log=lambda s: None)
-    assert trainer.tokenizer.eos_token_id == 151643 and trainer.model.config.vocab_size == 151665
+    assert trainer.tokenizer.eos_token_id == 151643 and trainer.policy.config.vocab_size == 151665
     assert trainer.model.config.model_type == family
     prompt_ids = encode_prompt(trainer.train_records[0], trainer.tokenizer)
     assert trainer.tokenizer.decode(prompt_ids).startswith("<|im_start|>user\nSolve the following math problem")
@@ -107,4 +107,4 @@ def test_word_problems_with_stop_strings(tmp_path):
     ids = np.asarray([prompt[:20]], np.int32)
     with torch.no_grad():
         ref = reloaded(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(trainer.model(ids)), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(trainer.policy(ids)), ref, atol=1e-4, rtol=0)

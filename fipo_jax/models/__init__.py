@@ -19,7 +19,7 @@ from fipo_jax.models.config import (
     RopeScaling,
     UnsupportedConfigError,
 )
-from fipo_jax.models.decoder import CausalLM, Qwen2ForCausalLM, positions_from_mask
+from fipo_jax.models.decoder import CausalLM, positions_from_mask
 from fipo_jax.models.export_folder import EXPORT_MARKER, ExportFolderError, check_export_folder
 from fipo_jax.models.families import WeightMapping, config_from_hf, config_to_hf, hf_weight_table
 from fipo_jax.models.hf_io import (
@@ -32,7 +32,6 @@ from fipo_jax.models.hf_io import (
     logical_to_mesh_spec,
     param_shardings,
     save_pretrained,
-    weight_mapping,
 )
 from fipo_jax.models.kv_cache import KV_CACHE_AXES, KVCache, init_kv_cache
 from fipo_jax.models.layers import LOGICAL_AXES, rms_norm
@@ -46,14 +45,13 @@ __all__ = [
     "MODEL_TYPES",
     "SUPPORTED_DTYPES",
     "AttentionMask",
-    "CausalLM",
     "CheckpointFileError",
     "CheckpointMismatchError",
     "ExportFolderError",
     "KVCache",
     "ModelConfig",
     "Qwen2Config",
-    "Qwen2ForCausalLM",
+    "CausalLM",
     "RopeScaling",
     "SafetensorsSource",
     "TensorSource",
@@ -78,5 +76,4 @@ __all__ = [
     "rope_cos_sin",
     "rope_inverse_frequencies",
     "save_pretrained",
-    "weight_mapping",
 ]

@@ -246,22 +246,6 @@ class ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    # -- transformers interop (implemented in `families`) ---------------------------------------
-
-    @classmethod
-    def from_hf(cls, hf_config: Any, **options: Any) -> ModelConfig:
-        """A config from a transformers config object or a `config.json` dict of any supported
-        family (see `fipo_jax.models.families.config_from_hf` for the options)."""
-        from fipo_jax.models.families import config_from_hf
-
-        return config_from_hf(hf_config, **options)
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The transformers `config.json` dict of this model's family."""
-        from fipo_jax.models.families import config_to_hf
-
-        return config_to_hf(self)
-
 
 # The name of the original Qwen2-only config, kept so existing code keeps working.
 Qwen2Config = ModelConfig

@@ -330,7 +330,3 @@ class CausalLM(nnx.Module):
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have shape {input_ids.shape}, got {attention_mask.shape}")
         return attention_mask.astype(jnp.bool_)
-
-
-# The name of the original Qwen2-only model class, kept so existing code keeps working.
-Qwen2ForCausalLM = CausalLM

@@ -23,7 +23,7 @@ import numpy as np
 from fipo_jax.models.file_checks import CheckpointFileError
 from fipo_jax.models.config import UnsupportedConfigError
 from fipo_jax.models.families import config_from_hf
-from fipo_jax.models.hf_io import TensorInfo, TensorSource, load_weights
+from fipo_jax.models.weights import TensorInfo, TensorSource, load_from_source
 
 # GGUF general.architecture → our model_type.
 ARCHITECTURES = {"gemma3": "gemma3_text", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -256,4 +256,4 @@ def load_gguf(
         raise type(error)(f"{path}: {error}") from error
     config = config_from_hf(hf_config, dtype=dtype, compute_dtype=compute_dtype, remat=remat,
                             attention_chunk_size=attention_chunk_size)
-    return load_weights(GGUFSource(reader, hf_config, path), config, mesh=mesh, rules=rules)
+    return load_from_source(GGUFSource(reader, hf_config, path), config, mesh=mesh, rules=rules)

@@ -15,16 +15,12 @@ or empty folder or over a previous export, never beside another model's files (`
 
 from __future__ import annotations
 
-import abc
-import dataclasses
-import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers "bfloat16" with numpy so safetensors can return BF16)
 import numpy as np
 from flax import nnx
@@ -39,74 +35,29 @@ from fipo_jax.models.file_checks import (
     CheckpointFileError,
     check_model_path,
     checkpoint_files,
-    finite_flags,
     nonfinite_tensors,
     open_safetensors,
-    raise_if_nonfinite,
     read_json_object,
 )
 from fipo_jax.models.config import MODEL_TYPES, ModelConfig, UnsupportedConfigError
 from fipo_jax.models.decoder import CausalLM
 from fipo_jax.models.export_folder import ExportFolderError, check_export_folder, replacing
-from fipo_jax.models.families import WeightMapping, config_from_hf, hf_weight_table
+from fipo_jax.models.families import config_from_hf, config_to_hf, hf_weight_table
+from fipo_jax.models.weights import CheckpointMismatchError, TensorInfo, TensorSource, load_from_source
 from fipo_jax.sharding import RuleLike, param_shardings
 
 # The rules table lives in fipo_jax.sharding; these names stay importable from here (and fipo_jax.models).
 DEFAULT_RULES = _sharding.DEFAULT_RULES
 logical_to_mesh_spec = _sharding.logical_to_mesh_spec
 
-# Buffers some checkpoints carry that are recomputed from the config, never loaded.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-# Alias of `hf_weight_table` under its original name.
-weight_mapping = hf_weight_table
-
 __all__ = [
     "DEFAULT_RULES", "SAFETENSORS_INDEX", "SAFETENSORS_SINGLE", "CheckpointFileError", "CheckpointMismatchError",
     "ExportFolderError",
     "SafetensorsSource", "TensorInfo", "TensorSource", "checkpoint_files", "load_pretrained", "load_weights",
     "logical_to_mesh_spec", "nonfinite_tensors", "param_shardings", "read_json_object", "save_pretrained",
-    "weight_mapping",
 ]
 
 _FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's tensors do not match the model: lists every problem at once."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """What a checkpoint holds under one HF name, known before any tensor data is read."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    readable: bool = True  # False: a dtype / quantisation the loader cannot turn into floats
-
-
-class TensorSource(abc.ABC):
-    """A checkpoint seen through HF tensor names and layouts (safetensors folder or GGUF file)."""
-
-    description: str = "checkpoint"
-    readable_types: tuple[str, ...] = ()
-
-    @abc.abstractmethod
-    def infos(self) -> dict[str, TensorInfo]:
-        """HF name → shape / dtype of every tensor (no data read)."""
-
-    @abc.abstractmethod
-    def read(self, names: Sequence[str]):
-        """Yields (name, float numpy array in the HF layout), one tensor at a time."""
-
-    def locate(self, name: str) -> tuple[str, str]:
-        """(file, tensor name inside that file) of the HF tensor ``name``, for error messages."""
-        return self.description, name
 
 
 class SafetensorsSource(TensorSource):
@@ -153,145 +104,12 @@ class SafetensorsSource(TensorSource):
         return self._file_of.get(name, self.description), name
 
 
-def _check_tensors(
-    table: Sequence[WeightMapping],
-    target_shapes: Mapping[str, tuple[int, ...]],
-    found: Mapping[str, TensorInfo],
-    config: ModelConfig,
-    source: TensorSource,
-) -> None:
-    """Raises one CheckpointMismatchError naming every missing/unexpected/mis-shaped tensor."""
-    expected = {row.hf_key: row for row in table}
-    allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = sorted(k for k in expected if k not in found)
-    unexpected = sorted(k for k in found
-                        if k not in expected and k not in allowed_extra and not k.endswith(_IGNORED_SUFFIXES))
-    misshaped, bad_dtype = [], []
-    for key, row in expected.items():
-        if key not in found:
-            continue
-        want = tuple(row.layout.hf_shape(target_shapes[key]))
-        if found[key].shape != want:
-            misshaped.append(f"{key}: checkpoint {list(found[key].shape)}, expected {list(want)}")
-        if not found[key].readable:
-            bad_dtype.append(f"{key}: {found[key].dtype}")
-    if "lm_head.weight" in allowed_extra and "lm_head.weight" in found:
-        embed_shape = found["model.embed_tokens.weight"].shape if "model.embed_tokens.weight" in found else ()
-        if found["lm_head.weight"].shape != embed_shape:
-            misshaped.append(f"lm_head.weight: checkpoint {list(found['lm_head.weight'].shape)}, expected "
-                             f"{list(embed_shape)} (tied to model.embed_tokens.weight)")
-    problems = []
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected}")
-    if misshaped:
-        problems.append(f"mis-shaped tensors ({len(misshaped)}): {misshaped}")
-    if bad_dtype:
-        problems.append(f"tensors of a type the loader cannot read ({len(bad_dtype)}): {bad_dtype} "
-                        f"(readable: {', '.join(source.readable_types)})")
-    if problems:
-        raise CheckpointMismatchError(
-            f"{source.description} does not match the {config.model_type} model "
-            f"(layers={config.num_hidden_layers}, hidden={config.hidden_size}, "
-            f"heads={config.num_attention_heads}/{config.num_key_value_heads}, head_dim={config.head_dim}, "
-            f"tied={config.tie_word_embeddings}):\n  " + "\n  ".join(problems))
-
-
-def _place(array: np.ndarray, sharding: jax.sharding.NamedSharding | None) -> jax.Array:
-    """Host array → device array, on the parameter's sharding when there is a mesh."""
-    if sharding is None:
-        return jax.device_put(array)
-    # Each addressable device receives only its own slice (works on multi-host meshes too).
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
-def _layer_sharding(sharding: jax.sharding.NamedSharding | None) -> jax.sharding.NamedSharding | None:
-    """The sharding of one layer of a stacked parameter (its leading ``layers`` axis is never split)."""
-    if sharding is None:
-        return None
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked: jax.Array, layer_array: jax.Array, layer: jax.Array) -> jax.Array:
-    """``stacked[layer] = layer_array`` in place (the stacked buffer is donated; one compile per
-    parameter shape, the layer index is traced)."""
-    return stacked.at[layer].set(layer_array.astype(stacked.dtype))
-
-
-def _zeros(shape: tuple[int, ...], dtype, sharding: jax.sharding.NamedSharding | None) -> jax.Array:
-    """A zero device array of ``shape`` made on its sharding (no host copy)."""
-    return jnp.zeros(shape, dtype) if sharding is None else jnp.zeros(shape, dtype, device=sharding)
-
-
-def _check_tied_head(source: TensorSource) -> None:
-    """A tied checkpoint may still carry lm_head.weight; accept it only if it equals the embedding
-    (NaNs in the same places count as equal here: the finiteness check names them afterwards)."""
-    tensors = dict(source.read(["lm_head.weight", "model.embed_tokens.weight"]))
-    if not np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"], equal_nan=True):
-        raise CheckpointMismatchError("config has tie_word_embeddings=True but the checkpoint's lm_head.weight "
-                                      "differs from model.embed_tokens.weight")
-
-
-def load_weights(
-    source: TensorSource | str | os.PathLike,
-    config: ModelConfig,
-    *,
-    mesh: Mesh | None = None,
-    rules: Mapping[str, RuleLike] | None = None,
-) -> CausalLM:
-    """Builds the model abstractly (nnx.eval_shape) and fills it from `source`, tensor by tensor.
-
-    `source` is a `TensorSource` or a safetensors checkpoint folder. Every tensor name/shape is
-    checked against `hf_weight_table(config)` before any data is read. Tensors are cast to
-    `config.dtype`; a decoder layer's tensor is written into its slice of the stacked parameter
-    on the device (the host holds one tensor at a time). With `mesh`, each lands directly on its
-    NamedSharding (`param_shardings` by `rules`, all computed before any data is read: a rule that
-    cannot apply raises `fipo_jax.sharding.ShardingRuleError` up front). One on-device all-finite
-    reduction per tensor (`finite_flags`) refuses NaN / ±inf weights with a `CheckpointFileError`
-    naming each such tensor and its file.
-    """
+def load_weights(source: TensorSource | str | os.PathLike, config: ModelConfig, *, mesh: Mesh | None = None,
+                 rules: Mapping[str, RuleLike] | None = None) -> CausalLM:
+    """`weights.load_from_source` of a `TensorSource` or a safetensors checkpoint folder."""
     if not isinstance(source, TensorSource):
         source = SafetensorsSource(source)
-    abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    variables = dict(nnx.to_flat_state(state))
-    table = hf_weight_table(config)
-    table_paths = {row.path for row in table}
-    if table_paths != set(variables):
-        # Internal consistency between the model and the mapping table, not a checkpoint issue.
-        raise AssertionError(f"mapping table and model disagree: {sorted(map(str, table_paths ^ set(variables)))}")
-    # Our shape of each HF tensor: a layer's slice of a stacked parameter, or the whole parameter.
-    target_shapes = {row.hf_key: tuple(variables[row.path].shape)[0 if row.layer is None else 1:] for row in table}
-    found = source.infos()
-    _check_tensors(table, target_shapes, found, config, source)
-    shardings = {} if mesh is None else {path: s.get_value() for path, s in
-                                         nnx.to_flat_state(param_shardings(state, mesh, rules))}
-    if config.tie_word_embeddings and "lm_head.weight" in found:
-        _check_tied_head(source)
-    param_dtype = np.dtype(config.dtype)
-    rows = {row.hf_key: row for row in table}
-    stacked: dict[tuple, jax.Array] = {}  # stacked parameters, filled layer by layer on the device
-    flags: dict[str, jax.Array] = {}
-    for key, hf_array in source.read(list(rows)):
-        row = rows[key]
-        ours = np.ascontiguousarray(row.layout.to_ours(hf_array, target_shapes[key]).astype(param_dtype))
-        sharding = shardings.get(row.path)
-        if row.layer is None:
-            placed = _place(ours, sharding)
-            variables[row.path].set_value(placed)
-        else:
-            placed = _place(ours, _layer_sharding(sharding))
-            if row.path not in stacked:
-                stacked[row.path] = _zeros(tuple(variables[row.path].shape), param_dtype, sharding)
-            stacked[row.path] = _set_layer(stacked[row.path], placed, np.int32(row.layer))
-        flags |= finite_flags({key: placed})
-        del hf_array, ours, placed
-    for path, value in stacked.items():
-        variables[path].set_value(value)
-    raise_if_nonfinite(flags, source.locate)
-    return nnx.merge(graphdef, state)
+    return load_from_source(source, config, mesh=mesh, rules=rules)
 
 
 def load_pretrained(
@@ -414,7 +232,7 @@ def save_pretrained(
         check_export_folder(path)
     variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     table = hf_weight_table(config)
-    hf_dict = config.to_hf_dict()  # raises before writing anything if the family cannot express it
+    hf_dict = config_to_hf(config)  # raises before writing anything if the family cannot express it
     sizes = [int(np.prod(variables[row.path].shape[0 if row.layer is None else 1:])) * out_dtype.itemsize
              for row in table]
     groups = _plan_shards(sizes, max_shard_bytes)

@@ -1,4 +1,4 @@
-"""Run metrics: a JSONL log that survives resume, summaries, and PNG plots."""
+"""The run log: metrics as a JSONL file that survives resume, summaries, and PNG plots."""
 
 from __future__ import annotations
 
