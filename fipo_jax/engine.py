@@ -44,12 +44,11 @@ from fipo_jax.sampling import (
     check_first_tokens_finite,
     check_generate_inputs,
     constrain_rows,
+    draw_step,
     left_align_prompts,
-    matched_stop_length,
     request_uniforms,
     row_shardings,
     row_split,
-    sample_tokens,
     stop_table,
 )
 
@@ -254,29 +253,22 @@ def record(slots: Slots, emitted: Emitted, logits_SxV: jax.Array, emitting_S: ja
     """Samples the next token of every emitting slot from its logits, appends it to `emitted` and
     ends requests on EOS, on a stop sequence or at their budget."""
     uniforms_Sx2 = None if config.greedy else request_uniforms(key, slots.position_S, slots.request_S)
-    tokens_S, log_probs_S = sample_tokens(logits_SxV, key, config.temperature, config.top_p, config.top_k,
-                                          uniforms_Sx2)
-    tokens_S = jnp.where(emitting_S, tokens_S, config.pad_token_id)
-    log_probs_S = jnp.where(emitting_S, log_probs_S, 0.0)
-    rows_S = jnp.arange(tokens_S.shape[0])
+    drawn = draw_step(logits_SxV, key, uniforms_Sx2, emitting_S, slots.recent_SxL, slots.stop_tokens_SxQxL,
+                      slots.stop_valid_SxQxL, config)
+    rows_S = jnp.arange(drawn.tokens_B.shape[0])
     column_S = jnp.where(emitting_S, emitted.count_S, emitted.tokens_SxW.shape[1])  # out of range: dropped
-    emitted = Emitted(emitted.tokens_SxW.at[rows_S, column_S].set(tokens_S, mode="drop"),
-                      emitted.log_probs_SxW.at[rows_S, column_S].set(log_probs_S, mode="drop"),
+    emitted = Emitted(emitted.tokens_SxW.at[rows_S, column_S].set(drawn.tokens_B, mode="drop"),
+                      emitted.log_probs_SxW.at[rows_S, column_S].set(drawn.log_probs_B, mode="drop"),
                       emitted.count_S + emitting_S)
-    recent_SxL = jnp.where(emitting_S[:, None],
-                           jnp.concatenate([slots.recent_SxL[:, 1:], tokens_S[:, None]], axis=1), slots.recent_SxL)
-    matched_S = jax.vmap(matched_stop_length)(recent_SxL[:, None], slots.stop_tokens_SxQxL,
-                                              slots.stop_valid_SxQxL)[:, 0]
-    eos_E = jnp.asarray(config.eos_token_ids, jnp.int32)
-    is_eos_S = jnp.any(tokens_S[:, None] == eos_E[None], axis=-1) if config.eos_token_ids else False
     position_S = slots.position_S + emitting_S
-    ended_S = emitting_S & (is_eos_S | (matched_S > 0) | (position_S >= slots.budget_S))
+    hit_S = drawn.matched_B > 0
+    ended_S = emitting_S & (drawn.is_eos_B | hit_S | (position_S >= slots.budget_S))
     return slots._replace(
         position_S=position_S,
-        last_token_S=jnp.where(emitting_S, tokens_S, slots.last_token_S),
+        last_token_S=jnp.where(emitting_S, drawn.tokens_B, slots.last_token_S),
         active_S=slots.active_S & ~ended_S,
-        recent_SxL=recent_SxL,
-        stop_length_S=jnp.where(emitting_S & (matched_S > 0), matched_S, slots.stop_length_S),
+        recent_SxL=drawn.recent_BxL,
+        stop_length_S=jnp.where(hit_S, drawn.matched_B, slots.stop_length_S),
     ), emitted
 
 

@@ -36,6 +36,7 @@ The left-padded prompt actually fed to the model is returned as well, so
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -383,6 +384,83 @@ def constrain_rows(tree, row_sharding: NamedSharding | None):
     return jax.tree.map(one, tree, row_shardings(tree, row_sharding))
 
 
+class Drawn(NamedTuple):
+    """One decode step's token for every row (`draw_step`)."""
+
+    tokens_B: jax.Array  # the token; ``pad_token_id`` where the row does not emit
+    log_probs_B: jax.Array  # its sampling log-prob; 0 where the row does not emit
+    is_eos_B: jax.Array  # an emitted EOS token
+    recent_BxL: jax.Array  # the row's last L generated tokens, this one included
+    matched_B: jax.Array  # the length of the stop sequence this token completes (0: none)
+
+
+def draw_step(logits_BxV: jax.Array, key: jax.Array, uniforms_Bx2: jax.Array | None, emitting_B: jax.Array,
+              recent_BxL: jax.Array, stop_tokens_BxQxL: jax.Array, stop_valid_BxQxL: jax.Array,
+              config: SamplingConfig) -> Drawn:
+    """The token each emitting row draws from its logits (`sample_tokens` with the row's request
+    uniforms), whether it is EOS, and the stop sequence it completes among the row's Q stop
+    sequences (`matched_stop_length`): the per-token step both samplers share."""
+    tokens_B, log_probs_B = sample_tokens(logits_BxV, key, config.temperature, config.top_p, config.top_k,
+                                          uniforms_Bx2)
+    tokens_B = jnp.where(emitting_B, tokens_B, config.pad_token_id)
+    log_probs_B = jnp.where(emitting_B, log_probs_B, 0.0)
+    eos_E = jnp.asarray(config.eos_token_ids, jnp.int32)
+    is_eos_B = (jnp.any(tokens_B[:, None] == eos_E[None], axis=-1) & emitting_B if config.eos_token_ids
+                else jnp.zeros_like(emitting_B))
+    recent_BxL = jnp.where(emitting_B[:, None], jnp.concatenate([recent_BxL[:, 1:], tokens_B[:, None]], axis=1),
+                           recent_BxL)
+    matched_B = jax.vmap(matched_stop_length)(recent_BxL[:, None], stop_tokens_BxQxL, stop_valid_BxQxL)[:, 0]
+    return Drawn(tokens_B, log_probs_B, is_eos_B, recent_BxL, jnp.where(emitting_B, matched_B, 0))
+
+
+def _stop_tables(config: SamplingConfig, rows: int) -> tuple[jax.Array, jax.Array]:
+    """Every row's stop sequences [B, Q, L] (one empty sequence when there are none)."""
+    tokens_QxL, valid_QxL = (stop_table(config.stop_sequences) if config.stop_sequences
+                             else (np.full((1, 1), -1, np.int32), np.zeros((1, 1), bool)))
+    return (jnp.broadcast_to(jnp.asarray(tokens_QxL), (rows,) + tokens_QxL.shape),
+            jnp.broadcast_to(jnp.asarray(valid_QxL), (rows,) + valid_QxL.shape))
+
+
+def _record(state: _LoopState, cache, logits_BxV: jax.Array, key: jax.Array, stops, config: SamplingConfig
+            ) -> _LoopState:
+    """`state` after drawing response position ``state.step`` of every unfinished row."""
+    batch = logits_BxV.shape[0]
+    emitting_B = ~state.finished_B
+    # Row r's t-th token uses request r's uniforms: the engine (fipo_jax.engine) draws the same.
+    uniforms_Bx2 = None if config.greedy else request_uniforms(key, jnp.full((batch,), state.step), jnp.arange(batch))
+    drawn = draw_step(logits_BxV, key, uniforms_Bx2, emitting_B, state.recent_BxL, *stops, config)
+    hit_B = drawn.matched_B > 0
+    return _LoopState(
+        step=state.step + 1,
+        cache=cache,
+        last_token_B=drawn.tokens_B,
+        last_emitted_B=emitting_B,
+        finished_B=state.finished_B | drawn.is_eos_B | hit_B,
+        tokens_BxN=state.tokens_BxN.at[:, state.step].set(drawn.tokens_B),
+        mask_BxN=state.mask_BxN.at[:, state.step].set(emitting_B),
+        log_probs_BxN=state.log_probs_BxN.at[:, state.step].set(drawn.log_probs_B),
+        recent_BxL=drawn.recent_BxL,
+        stop_length_B=jnp.where(hit_B, drawn.matched_B, state.stop_length_B),
+    )
+
+
+def _initial_state(batch: int, recent_width: int, config: SamplingConfig) -> _LoopState:
+    """Nothing generated yet: every response column padding, no row finished."""
+    max_new = config.max_new_tokens
+    return _LoopState(
+        step=jnp.zeros((), jnp.int32),
+        cache=None,
+        last_token_B=jnp.zeros((batch,), jnp.int32),
+        last_emitted_B=jnp.zeros((batch,), jnp.bool_),
+        finished_B=jnp.zeros((batch,), jnp.bool_),
+        tokens_BxN=jnp.full((batch, max_new), config.pad_token_id, jnp.int32),
+        mask_BxN=jnp.zeros((batch, max_new), jnp.bool_),
+        log_probs_BxN=jnp.zeros((batch, max_new), jnp.float32),
+        recent_BxL=jnp.full((batch, recent_width), -1, jnp.int32),
+        stop_length_B=jnp.zeros((batch,), jnp.int32),
+    )
+
+
 def generate_left_padded(
     model,
     prompt_ids_BxP: jax.Array,
@@ -397,76 +475,25 @@ def generate_left_padded(
     `row_sharding` (optional) splits rows over devices: see `constrain_rows`.
     """
     batch, prompt_len = prompt_ids_BxP.shape
-    max_new = config.max_new_tokens
-    eos_E = jnp.asarray(config.eos_token_ids, jnp.int32)
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.bool_)
-    if config.stop_sequences:
-        stop_tokens_SxL, stop_valid_SxL = (jnp.asarray(x) for x in stop_table(config.stop_sequences))
-    recent_width = stop_tokens_SxL.shape[1] if config.stop_sequences else 1
-
-    def choose(logits_BxV, step, finished_B):
-        # Row r's t-th token uses request r's uniforms: the engine (fipo_jax.engine) draws the same.
-        uniforms_Bx2 = None if config.greedy else request_uniforms(key, jnp.full((batch,), step), jnp.arange(batch))
-        tokens_B, log_probs_B = sample_tokens(logits_BxV, key, config.temperature, config.top_p, config.top_k,
-                                              uniforms_Bx2)
-        emitted_B = ~finished_B
-        tokens_B = jnp.where(emitted_B, tokens_B, config.pad_token_id)
-        log_probs_B = jnp.where(emitted_B, log_probs_B, 0.0)
-        is_eos_B = jnp.any(tokens_B[:, None] == eos_E[None, :], axis=-1) if config.eos_token_ids else False
-        return tokens_B, log_probs_B, emitted_B, finished_B | (emitted_B & is_eos_B)
-
-    def record(state: _LoopState, cache, logits_BxV) -> _LoopState:
-        tokens_B, log_probs_B, emitted_B, finished_B = choose(logits_BxV, state.step, state.finished_B)
-        recent_BxL, stop_length_B = state.recent_BxL, state.stop_length_B
-        if config.stop_sequences:
-            shifted_BxL = jnp.concatenate([recent_BxL[:, 1:], tokens_B[:, None]], axis=1)
-            recent_BxL = jnp.where(emitted_B[:, None], shifted_BxL, recent_BxL)
-            matched_B = matched_stop_length(recent_BxL, stop_tokens_SxL, stop_valid_SxL)
-            hit_B = emitted_B & (matched_B > 0)
-            stop_length_B = jnp.where(hit_B, matched_B, stop_length_B)
-            finished_B = finished_B | hit_B
-        return _LoopState(
-            step=state.step + 1,
-            cache=cache,
-            last_token_B=tokens_B,
-            last_emitted_B=emitted_B,
-            finished_B=finished_B,
-            tokens_BxN=state.tokens_BxN.at[:, state.step].set(tokens_B),
-            mask_BxN=state.mask_BxN.at[:, state.step].set(emitted_B),
-            log_probs_BxN=state.log_probs_BxN.at[:, state.step].set(log_probs_B),
-            recent_BxL=recent_BxL,
-            stop_length_B=stop_length_B,
-        )
-
+    stops = _stop_tables(config, batch)
+    record = functools.partial(_record, key=key, stops=stops, config=config)
     # Decode feeds at most N − 1 tokens after the prompt.
-    cache = constrain_rows(init_kv_cache(model.config, batch, prompt_len + max_new - 1, config.cache_dtype),
-                           row_sharding)
-    prefill_logits_Bx1xV, cache = model(
-        prompt_ids_BxP, attention_mask=prompt_mask_BxP, kv_cache=cache, last_token_only=True
-    )
-    initial = constrain_rows(_LoopState(
-        step=jnp.zeros((), jnp.int32),
-        cache=None,
-        last_token_B=jnp.zeros((batch,), jnp.int32),
-        last_emitted_B=jnp.zeros((batch,), jnp.bool_),
-        finished_B=jnp.zeros((batch,), jnp.bool_),
-        tokens_BxN=jnp.full((batch, max_new), config.pad_token_id, jnp.int32),
-        mask_BxN=jnp.zeros((batch, max_new), jnp.bool_),
-        log_probs_BxN=jnp.zeros((batch, max_new), jnp.float32),
-        recent_BxL=jnp.full((batch, recent_width), -1, jnp.int32),
-        stop_length_B=jnp.zeros((batch,), jnp.int32),
-    ), row_sharding)
+    cache = constrain_rows(init_kv_cache(model.config, batch, prompt_len + config.max_new_tokens - 1,
+                                         config.cache_dtype), row_sharding)
+    prefill_logits_Bx1xV, cache = model(prompt_ids_BxP, attention_mask=prompt_mask_BxP, kv_cache=cache,
+                                        last_token_only=True)
+    initial = constrain_rows(_initial_state(batch, stops[0].shape[-1], config), row_sharding)
     state = record(initial, cache, prefill_logits_Bx1xV[:, 0])
 
     def keep_going(state: _LoopState):
-        return (state.step < max_new) & ~jnp.all(state.finished_B)
+        return (state.step < config.max_new_tokens) & ~jnp.all(state.finished_B)
 
     def decode_one(state: _LoopState) -> _LoopState:
         # A row that emitted nothing last step (finished) feeds a masked pad: its cache slot stays
         # invalid and its position does not advance.
-        logits_Bx1xV, cache = model(
-            state.last_token_B[:, None], attention_mask=state.last_emitted_B[:, None], kv_cache=state.cache
-        )
+        logits_Bx1xV, cache = model(state.last_token_B[:, None], attention_mask=state.last_emitted_B[:, None],
+                                    kv_cache=state.cache)
         return record(state, cache, logits_Bx1xV[:, 0])
 
     state = lax.while_loop(keep_going, decode_one, state)
