@@ -98,17 +98,9 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return value
 
 
-def gguf_hf_config(reader) -> dict[str, Any]:
-    """The Hugging Face `config.json` dict that the file's metadata describes.
-
-    Raises:
-      UnsupportedConfigError: an architecture or setting this decoder does not compute.
-      GGUFError: required metadata is missing.
-    """
-    arch = _field(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise UnsupportedConfigError(f"GGUF architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
-    tensors = {t.name: t for t in reader.tensors}
+def _metadata(reader, arch: str):
+    """``meta(key, default=KeyError)``: the file's ``{arch}.{key}`` value; a missing required key
+    raises `GGUFError`, a per-layer (list) value `UnsupportedConfigError`."""
 
     def meta(key: str, default: Any = KeyError) -> Any:
         value = _field(reader, f"{arch}.{key}", None)
@@ -120,11 +112,38 @@ def gguf_hf_config(reader) -> dict[str, Any]:
             raise UnsupportedConfigError(f"per-layer GGUF metadata {arch}.{key}={value!r} is not supported")
         return value
 
-    if "token_embd.weight" not in tensors:
-        raise GGUFError("the GGUF file has no token_embd.weight tensor")
-    hidden = int(meta("embedding_length"))
-    heads = int(meta("attention.head_count"))
-    head_dim = int(meta("attention.key_length", hidden // heads))
+    return meta
+
+
+def _llama_fields(meta, tensors, d) -> dict[str, Any]:
+    return {"attention_bias": "blk.0.attn_q.bias" in tensors, "mlp_bias": "blk.0.ffn_up.bias" in tensors}
+
+
+def _qwen3_fields(meta, tensors, d) -> dict[str, Any]:
+    return {"attention_bias": "blk.0.attn_q.bias" in tensors}
+
+
+def _gemma3_fields(meta, tensors, d) -> dict[str, Any]:
+    """llama.cpp's Gemma 3 graph: local layers everywhere but every 6th, local RoPE θ 10⁴ unscaled,
+    attention scale 1/√head_dim (1/√(hidden/heads) for the 27B model); RoPE in transformers-5 form."""
+    if meta("final_logit_softcapping", None) is not None or meta("attn_logit_softcapping", None) is not None:
+        raise UnsupportedConfigError("Gemma logit soft-capping is not supported")
+    full = {"rope_type": "default", "rope_theta": d.pop("rope_theta"), **d.pop("rope_scaling", {})}
+    plain_scale = d["hidden_size"] // d["num_attention_heads"]
+    return {"sliding_window": int(meta("attention.sliding_window")), "sliding_window_pattern": 6,
+            "rope_local_base_freq": 10000.0,
+            "query_pre_attn_scalar": plain_scale if d["num_hidden_layers"] == 62 else d["head_dim"],
+            "rope_parameters": {"full_attention": full}}
+
+
+# What each architecture adds to the common fields (may pop some of them).
+_ARCHITECTURE_FIELDS = {"llama": _llama_fields, "qwen2": lambda meta, tensors, d: {}, "qwen3": _qwen3_fields,
+                        "gemma3": _gemma3_fields}
+
+
+def _check_supported(meta, tensors, arch: str, head_dim: int) -> None:
+    """Refuses what the decoder does not compute: v ≠ k head width, partial or per-frequency RoPE,
+    RoPE scaling other than linear."""
     if int(meta("attention.value_length", head_dim)) != head_dim:
         raise UnsupportedConfigError(f"{arch}.attention.value_length != key_length is not supported")
     if int(meta("rope.dimension_count", head_dim)) != head_dim:
@@ -134,6 +153,29 @@ def gguf_hf_config(reader) -> dict[str, Any]:
         raise UnsupportedConfigError("per-frequency RoPE factors (tensor rope_freqs.weight, llama.cpp's form of "
                                      "Llama 3.1 rope scaling) are not supported from GGUF; load the Hugging Face "
                                      "checkpoint instead")
+    if meta("rope.scaling.type", "none") not in ("none", "linear"):
+        raise UnsupportedConfigError(f"GGUF RoPE scaling {arch}.rope.scaling.type="
+                                     f"{meta('rope.scaling.type')!r} is not supported")
+
+
+def gguf_hf_config(reader) -> dict[str, Any]:
+    """The Hugging Face `config.json` dict that the file's metadata describes: the fields every
+    architecture shares, then the architecture's own (`_ARCHITECTURE_FIELDS`).
+
+    Raises:
+      UnsupportedConfigError: an architecture or setting this decoder does not compute.
+      GGUFError: required metadata is missing.
+    """
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedConfigError(f"GGUF architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+    tensors = {t.name: t for t in reader.tensors}
+    meta = _metadata(reader, arch)
+    if "token_embd.weight" not in tensors:
+        raise GGUFError("the GGUF file has no token_embd.weight tensor")
+    hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
+    head_dim = int(meta("attention.key_length", hidden // heads))
+    _check_supported(meta, tensors, arch, head_dim)
     d: dict[str, Any] = {
         "model_type": ARCHITECTURES[arch],
         "vocab_size": int(list(tensors["token_embd.weight"].shape)[-1]),
@@ -148,30 +190,13 @@ def gguf_hf_config(reader) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in tensors,
         "rope_theta": float(meta("rope.freq_base", 10000.0)),
     }
-    scaling = meta("rope.scaling.type", "none")
-    if scaling not in ("none", "linear"):
-        raise UnsupportedConfigError(f"GGUF RoPE scaling {arch}.rope.scaling.type={scaling!r} is not supported")
-    if scaling == "linear":
+    if meta("rope.scaling.type", "none") == "linear":
         d["rope_scaling"] = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
     for key in ("bos_token_id", "eos_token_id"):
         token = _field(reader, f"tokenizer.ggml.{key}")
         if token is not None:
             d[key] = int(token)
-    if arch == "llama":
-        d["attention_bias"] = "blk.0.attn_q.bias" in tensors
-        d["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
-    elif arch == "qwen3":
-        d["attention_bias"] = "blk.0.attn_q.bias" in tensors
-    elif arch == "gemma3":
-        if meta("final_logit_softcapping", None) is not None or meta("attn_logit_softcapping", None) is not None:
-            raise UnsupportedConfigError("Gemma logit soft-capping is not supported")
-        # llama.cpp's Gemma 3 graph: local layers everywhere but every 6th, local RoPE θ 10⁴ unscaled,
-        # attention scale 1/√head_dim (1/√(hidden/heads) for the 27B model).
-        d.update(sliding_window=int(meta("attention.sliding_window")), sliding_window_pattern=6,
-                 rope_local_base_freq=10000.0,
-                 query_pre_attn_scalar=hidden // heads if d["num_hidden_layers"] == 62 else head_dim)
-        d["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": d.pop("rope_theta"),
-                                                   **d.pop("rope_scaling", {})}}
+    d.update(_ARCHITECTURE_FIELDS[arch](meta, tensors, d))
     return d
 
 
