@@ -200,10 +200,10 @@ def prefill(model, prefixes: Prefixes, prompt_ids_kxP: jax.Array, prompt_mask_kx
     out-of-range row drops it: the padding of a partly filled call)."""
     count, width = prompt_ids_kxP.shape
     cache = init_kv_cache(model.config, count, width, cache_dtype)
-    logits_kx1xV, cache = model(prompt_ids_kxP, attention_mask=prompt_mask_kxP, kv_cache=cache, last_token_only=True)
+    logits_kxV, cache = model.prefill(prompt_ids_kxP, prompt_mask_kxP, cache)
     store = jax.tree.map(lambda old, new: old.at[rows_k].set(new, mode="drop") if old.ndim else old,
                          prefixes.cache, cache)
-    return Prefixes(store, prefixes.last_logits_CxV.at[rows_k].set(logits_kx1xV[:, 0].astype(jnp.float32),
+    return Prefixes(store, prefixes.last_logits_CxV.at[rows_k].set(logits_kxV.astype(jnp.float32),
                                                                     mode="drop"))
 
 
@@ -279,8 +279,8 @@ def decode_logits(model, slots: Slots) -> tuple[jax.Array, KVCache]:
     """
 
     def one(token, active, cache):
-        logits_1x1xV, cache = model(token[None, None], attention_mask=active[None, None], kv_cache=cache)
-        return logits_1x1xV[0, 0], cache
+        logits_1xV, cache = model.decode_step(token[None], active[None], cache)
+        return logits_1xV[0], cache
 
     logits_SxV, cache = jax.vmap(one)(slots.last_token_S, slots.active_S, slots.cache)
     return logits_SxV, cache._replace(index=jnp.where(slots.active_S, cache.index, slots.cache.index))

@@ -481,10 +481,9 @@ def generate_left_padded(
     # Decode feeds at most N − 1 tokens after the prompt.
     cache = constrain_rows(init_kv_cache(model.config, batch, prompt_len + config.max_new_tokens - 1,
                                          config.cache_dtype), row_sharding)
-    prefill_logits_Bx1xV, cache = model(prompt_ids_BxP, attention_mask=prompt_mask_BxP, kv_cache=cache,
-                                        last_token_only=True)
+    prefill_logits_BxV, cache = model.prefill(prompt_ids_BxP, prompt_mask_BxP, cache)
     initial = constrain_rows(_initial_state(batch, stops[0].shape[-1], config), row_sharding)
-    state = record(initial, cache, prefill_logits_Bx1xV[:, 0])
+    state = record(initial, cache, prefill_logits_BxV)
 
     def keep_going(state: _LoopState):
         return (state.step < config.max_new_tokens) & ~jnp.all(state.finished_B)
@@ -492,9 +491,8 @@ def generate_left_padded(
     def decode_one(state: _LoopState) -> _LoopState:
         # A row that emitted nothing last step (finished) feeds a masked pad: its cache slot stays
         # invalid and its position does not advance.
-        logits_Bx1xV, cache = model(state.last_token_B[:, None], attention_mask=state.last_emitted_B[:, None],
-                                    kv_cache=state.cache)
-        return record(state, cache, logits_Bx1xV[:, 0])
+        logits_BxV, cache = model.decode_step(state.last_token_B, state.last_emitted_B, state.cache)
+        return record(state, cache, logits_BxV)
 
     state = lax.while_loop(keep_going, decode_one, state)
     return SampleOutput(

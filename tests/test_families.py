@@ -113,7 +113,7 @@ def forward(model, ids, mask=None):
 
 @nnx.jit
 def cached_forward(model, ids, mask, cache):
-    return model(jnp.asarray(ids), attention_mask=mask, kv_cache=cache)
+    return model.extend(jnp.asarray(ids), cache, attention_mask=mask)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

@@ -79,9 +79,14 @@ def forward(model, ids, mask=None):
     return model(jnp.asarray(ids), attention_mask=mask)
 
 
-@nnx.jit(static_argnames="last_token_only")
-def cached_forward(model, ids, mask, cache, last_token_only=False):
-    return model(jnp.asarray(ids), attention_mask=mask, kv_cache=cache, last_token_only=last_token_only)
+@nnx.jit
+def cached_forward(model, ids, mask, cache):
+    return model.extend(jnp.asarray(ids), cache, attention_mask=mask)
+
+
+@nnx.jit
+def prefill(model, ids, mask, cache):
+    return model.prefill(jnp.asarray(ids), mask, cache)
 
 
 def tiny_config(**overrides) -> Qwen2Config:
@@ -152,7 +157,7 @@ def test_export_round_trip_through_transformers(tmp_path, tied, max_shard_bytes)
     assert sharded == (max_shard_bytes is not None)
     with open(os.path.join(out, "config.json")) as f:
         exported = json.load(f)
-    assert exported["model_type"] == "qwen2" and exported["architectures"] == ["CausalLM"]
+    assert exported["model_type"] == "qwen2" and exported["architectures"] == ["Qwen2ForCausalLM"]
     assert exported["rope_parameters"] == {"rope_theta": 20000.0, "rope_type": "default"}
     assert exported["eos_token_id"] == 3
     reloaded_hf = transformers.Qwen2ForCausalLM.from_pretrained(out).eval()
@@ -393,19 +398,25 @@ def test_kv_cache_prefill_and_decode_match_full_forward(hf_pair):
             np.testing.assert_allclose(decode_logits[t][b], full[len(row) + t], atol=ATOL, rtol=0)
 
 
-def test_kv_cache_last_token_only_and_finished_rows(hf_pair):
-    """Prefill may return only the last position; a row fed a masked token does not advance."""
+def test_prefill_and_decode_step_and_finished_rows(hf_pair):
+    """Prefill returns the last position's logits; a decode step of a row that does not emit
+    leaves its position and cache slot alone; both equal the general cached forward."""
     _, model, _ = hf_pair
     ids, mask = left_pad([random_ids((5,), seed=7), random_ids((2,), seed=8)], 5)
-    cache = model.init_kv_cache(2, 8)
-    last, cache = cached_forward(model, ids, mask, cache, last_token_only=True)
+    last, cache = prefill(model, ids, mask, model.init_kv_cache(2, 8))
     full = forward(model, ids, mask)
-    assert last.shape == (2, 1, VOCAB)
-    np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(full[:, -1]), atol=ATOL, rtol=0)
-    step_mask = jnp.asarray([[True], [False]])
-    _, after = cached_forward(model, jnp.asarray([[1], [0]], jnp.int32), step_mask, cache)
+    assert last.shape == (2, VOCAB)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1]), atol=ATOL, rtol=0)
+    tokens, emitting = jnp.asarray([1, 0], jnp.int32), jnp.asarray([True, False])
+    logits, after = nnx.jit(lambda m, t, e, c: m.decode_step(t, e, c))(model, tokens, emitting, cache)
+    general, same = cached_forward(model, tokens[:, None], emitting[:, None], cache)
+    assert logits.shape == (2, VOCAB)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(general[:, 0]), atol=1e-6, rtol=0)
+    jax.tree.map(np.testing.assert_array_equal, after, same)
     np.testing.assert_array_equal(after.next_position_B, [6, 2])
     np.testing.assert_array_equal(after.valid_BxS[:, 5], [True, False])
+    with pytest.raises(TypeError):
+        model(jnp.asarray(ids), kv_cache=cache)  # one output type: the full forward has no cache
 
 
 def test_hidden_states_and_unembed_compose_to_logits(hf_pair):
@@ -428,9 +439,9 @@ def test_input_validation(hf_pair):
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         model(jnp.zeros((2, 3), jnp.int32), attention_mask=jnp.ones((2, 4), bool))
     with pytest.raises(ValueError, match="do not fit"):
-        model(jnp.zeros((2, 5), jnp.int32), kv_cache=model.init_kv_cache(2, 4))
+        model.extend(jnp.zeros((2, 5), jnp.int32), model.init_kv_cache(2, 4))
     with pytest.raises(ValueError, match="at slot 3 do not fit"):
-        model(jnp.zeros((2, 2), jnp.int32), kv_cache=model.init_kv_cache(2, 4)._replace(index=jnp.int32(3)))
+        model.extend(jnp.zeros((2, 2), jnp.int32), model.init_kv_cache(2, 4)._replace(index=jnp.int32(3)))
 
 
 # ------------------------------------------------------------------------------------------

@@ -48,8 +48,8 @@ def test_segment_ids_are_checked():
     ids = jnp.ones((1, 6), jnp.int32)
     with pytest.raises(ValueError, match=r"segment_ids must be an integer array of shape \(1, 6\)"):
         model(ids, segment_ids=jnp.zeros((1, 5), jnp.int32))
-    with pytest.raises(ValueError, match="segment_ids .* are for the full forward"):
-        model(ids, kv_cache=model.init_kv_cache(1, 8), segment_ids=jnp.zeros((1, 6), jnp.int32))
+    with pytest.raises(TypeError):  # packed rows are for the full forward: the cached call has no segment ids
+        model.extend(ids, model.init_kv_cache(1, 8), segment_ids=jnp.zeros((1, 6), jnp.int32))
 
 
 def test_segment_helpers():

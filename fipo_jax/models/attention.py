@@ -150,18 +150,8 @@ def decode_attention(
     q_BxNxGxK = q_BxHxK.reshape(batch, num_kv_heads, groups, head_dim)
     query_slot = mask.query_slots_T[0]
     query_position_Bx1 = mask.query_positions_BxT[:, :1]
-    last_block = query_slot // block + 1
-    if window is None:
-        first_block = jnp.zeros((), jnp.int32)
-    else:
-        slots_S = jnp.arange(max_len, dtype=jnp.int32)
-        visible_BxS = (mask.key_valid_BxS & (slots_S <= query_slot)[None]
-                       & (mask.key_positions_BxS > query_position_Bx1 - window))
-        visible_S = jnp.any(visible_BxS, axis=0)
-        first_block = jnp.where(jnp.any(visible_S), jnp.argmax(visible_S), 0).astype(jnp.int32) // block
 
     def visit(b, carry):
-        m_BxNxG, l_BxNxG, acc_BxNxGxK = carry
         start = jnp.minimum(b * block, max_len - block)
         slots_L = start + jnp.arange(block, dtype=jnp.int32)
         # As in `_attention`: inputs in the query's dtype, scores and accumulation in float32.
@@ -175,24 +165,45 @@ def decode_attention(
         z_BxNxGxL = jnp.einsum(
             "bngk,bnlk->bngl", q_BxNxGxK, k_BxNxLxK, preferred_element_type=jnp.float32
         ) * scale
-        z_BxNxGxL = jnp.where(allowed_BxL[:, None, None], z_BxNxGxL, MASKED_SCORE)
-        m_new = jnp.maximum(m_BxNxG, jnp.max(z_BxNxGxL, axis=-1))
-        p_BxNxGxL = jnp.exp(z_BxNxGxL - m_new[..., None])
-        rescale = jnp.exp(m_BxNxG - m_new)
-        l_new = l_BxNxG * rescale + jnp.sum(p_BxNxGxL, axis=-1)
-        acc_new = acc_BxNxGxK * rescale[..., None] + jnp.einsum(
-            "bngl,bnlk->bngk", p_BxNxGxL.astype(v_BxNxLxK.dtype), v_BxNxLxK, preferred_element_type=jnp.float32
-        )
-        return m_new, l_new, acc_new
+        return _online_softmax_step(carry, jnp.where(allowed_BxL[:, None, None], z_BxNxGxL, MASKED_SCORE), v_BxNxLxK)
 
     init = (
         jnp.full((batch, num_kv_heads, groups), MASKED_SCORE, jnp.float32),
         jnp.zeros((batch, num_kv_heads, groups), jnp.float32),
         jnp.zeros((batch, num_kv_heads, groups, head_dim), jnp.float32),
     )
-    _, l_BxNxG, acc_BxNxGxK = lax.fori_loop(first_block, last_block, visit, init)
+    first_block = _first_visible_block(mask, query_slot, query_position_Bx1, window, max_len) // block
+    _, l_BxNxG, acc_BxNxGxK = lax.fori_loop(first_block, query_slot // block + 1, visit, init)
     out_BxNxGxK = acc_BxNxGxK / l_BxNxG[..., None]
     return out_BxNxGxK.reshape(batch, num_heads, head_dim).astype(q_BxHxK.dtype)
+
+
+def _first_visible_block(mask: AttentionMask, query_slot, query_position_Bx1, window: int | None, max_len: int):
+    """The first slot some row's query can see: 0 without a window, else the first valid slot
+    ≤ the query's whose key position lies inside the window."""
+    if window is None:
+        return jnp.zeros((), jnp.int32)
+    slots_S = jnp.arange(max_len, dtype=jnp.int32)
+    visible_BxS = (mask.key_valid_BxS & (slots_S <= query_slot)[None]
+                   & (mask.key_positions_BxS > query_position_Bx1 - window))
+    visible_S = jnp.any(visible_BxS, axis=0)
+    return jnp.where(jnp.any(visible_S), jnp.argmax(visible_S), 0).astype(jnp.int32)
+
+
+def _online_softmax_step(carry, z_BxNxGxL: jax.Array, v_BxNxLxK: jax.Array):
+    """(m, l, a) after one block of scores z and values v:
+
+        m' = max(m, max_s z_s),  l' = l·e^(m − m') + Σ_s e^(z_s − m'),  a' = a·e^(m − m') + Σ_s e^(z_s − m') v_s
+    """
+    m_BxNxG, l_BxNxG, acc_BxNxGxK = carry
+    m_new = jnp.maximum(m_BxNxG, jnp.max(z_BxNxGxL, axis=-1))
+    p_BxNxGxL = jnp.exp(z_BxNxGxL - m_new[..., None])
+    rescale = jnp.exp(m_BxNxG - m_new)
+    l_new = l_BxNxG * rescale + jnp.sum(p_BxNxGxL, axis=-1)
+    acc_new = acc_BxNxGxK * rescale[..., None] + jnp.einsum(
+        "bngl,bnlk->bngk", p_BxNxGxL.astype(v_BxNxLxK.dtype), v_BxNxLxK, preferred_element_type=jnp.float32
+    )
+    return m_new, l_new, acc_new
 
 
 def _attention(

@@ -115,16 +115,18 @@ class CausalLM(nnx.Module):
           Full forward. Default mask: all True. Default positions: cumsum(mask) − 1, i.e.
           0..T−1 without padding, per-row 0-based real-token positions with left padding.
 
-      logits_BxTxV, cache = model(input_ids_BxT, positions, attention_mask, kv_cache=cache)
-          Cached forward (prefill when T > 1, decode when T == 1): writes the T new keys/values
+      logits_BxTxV, cache = model.extend(input_ids_BxT, cache, positions, attention_mask)
+          Cached forward: writes the T new keys/values
           at slots [cache.index, cache.index + T), marks those slots valid where
           attention_mask is True, attends causally over every valid slot ≤ its own, and returns
           the cache with index += T and next_position_B advanced past the row's real tokens.
           Default positions: cache.next_position_B + cumsum(mask) − 1. The caller must keep
           cache.index + T ≤ cache.max_len (dynamic_update_slice would clamp silently).
 
-      `last_token_only=True` returns logits for the final position only ([B, 1, V]), which is
-      what prefill needs; with left padding the final position is real for every row.
+      logits_BxV, cache = model.prefill(prompt_ids_BxP, prompt_mask_BxP, cache)
+      logits_BxV, cache = model.decode_step(tokens_B, emitting_B, cache)
+          The samplers' two cached calls: the last prompt position's logits (real for every
+          left-padded row), and one token per row.
 
     The L decoder layers are one `DecoderLayer` module whose parameters are stacked on a leading
     ``layers`` axis (`stack_layers`), run as one `lax.scan` in every call form: compile time
@@ -291,24 +293,36 @@ class CausalLM(nnx.Module):
         input_ids: jax.Array,
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
-        kv_cache: KVCache | None = None,
         *,
-        last_token_only: bool = False,
         segment_ids: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits [B, T, V] float32, or (logits, new_cache) when `kv_cache` is given.
-        `segment_ids`: packed sequences (full forward only; see `hidden_states`)."""
-        if kv_cache is None:
-            hidden_BxTxD = self.hidden_states(input_ids, positions, attention_mask, segment_ids)
-            new_cache = None
-        else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed sequences) are for the full forward, not a KV-cache call")
-            hidden_BxTxD, new_cache = self.hidden_states_with_cache(input_ids, kv_cache, positions, attention_mask)
-        if last_token_only:
-            hidden_BxTxD = hidden_BxTxD[:, -1:]
-        logits_BxTxV = self.unembed(hidden_BxTxD)
-        return logits_BxTxV if kv_cache is None else (logits_BxTxV, new_cache)
+    ) -> jax.Array:
+        """Logits [B, T, V] float32 of a full forward (`segment_ids`: packed sequences, see
+        `hidden_states`)."""
+        return self.unembed(self.hidden_states(input_ids, positions, attention_mask, segment_ids))
+
+    def extend(
+        self,
+        input_ids: jax.Array,
+        kv_cache: KVCache,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """(logits [B, T, V] float32, the cache with the T new tokens): the cached forward."""
+        hidden_BxTxD, cache = self.hidden_states_with_cache(input_ids, kv_cache, positions, attention_mask)
+        return self.unembed(hidden_BxTxD), cache
+
+    def prefill(self, prompt_ids: jax.Array, prompt_mask: jax.Array, kv_cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """(next-token logits [B, V] after each left-padded prompt, the cache holding the prompts);
+        only the last position goes through the LM head."""
+        hidden_BxTxD, cache = self.hidden_states_with_cache(prompt_ids, kv_cache, None, prompt_mask)
+        return self.unembed(hidden_BxTxD[:, -1]), cache
+
+    def decode_step(self, tokens: jax.Array, emitting: jax.Array, kv_cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """(next-token logits [B, V], the cache with one more token per row): ``tokens`` [B] fed where
+        ``emitting`` [B]; a row that does not emit feeds a masked token (its cache slot stays
+        invalid and its position does not advance)."""
+        hidden_Bx1xD, cache = self.hidden_states_with_cache(tokens[:, None], kv_cache, None, emitting[:, None])
+        return self.unembed(hidden_Bx1xD[:, 0]), cache
 
     def init_kv_cache(self, batch_size: int, max_len: int, dtype: str | jnp.dtype | None = None) -> KVCache:
         """`init_kv_cache(self.config, batch_size, max_len, dtype)`."""

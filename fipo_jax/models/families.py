@@ -275,6 +275,40 @@ def _int_if_integral(value: float | None) -> float | int | None:
     return int(value) if value is not None and float(value).is_integer() else value
 
 
+def _gemma3_hf_fields(config: ModelConfig, layer_types: list[str]) -> dict[str, Any]:
+    sliding_theta = config.sliding_rope_theta if config.sliding_rope_theta is not None else config.rope_theta
+    return dict(hidden_activation=config.hidden_activation, attention_bias=config.qkv_bias,
+                query_pre_attn_scalar=_int_if_integral(config.query_pre_attn_scalar),
+                sliding_window=config.sliding_window or 4096, layer_types=layer_types, final_logit_softcapping=None,
+                attn_logit_softcapping=None, use_bidirectional_attention=False,
+                rope_parameters={"full_attention": _rope_dict(config.rope_theta, config.rope_scaling),
+                                 "sliding_attention": _rope_dict(sliding_theta, None)})
+
+
+def _rope_hf_fields(config: ModelConfig) -> dict[str, Any]:
+    """RoPE of the Llama / Qwen families: transformers-5 rope_parameters, and rope_theta (read by
+    transformers 4) when unscaled."""
+    d = dict(hidden_act=config.hidden_activation, rope_parameters=_rope_dict(config.rope_theta, config.rope_scaling))
+    return d if config.rope_scaling is not None else {**d, "rope_theta": config.rope_theta}
+
+
+def _llama_hf_fields(config: ModelConfig, layer_types: list[str]) -> dict[str, Any]:
+    return {**_rope_hf_fields(config), "attention_bias": config.qkv_bias, "mlp_bias": config.mlp_bias,
+            "pretraining_tp": 1}
+
+
+def _qwen_hf_fields(config: ModelConfig, layer_types: list[str]) -> dict[str, Any]:
+    first_sliding = next((i for i, x in enumerate(layer_types) if x == "sliding_attention"), config.num_hidden_layers)
+    d = {**_rope_hf_fields(config), "use_sliding_window": config.sliding_window is not None,
+         "sliding_window": config.sliding_window, "layer_types": layer_types, "max_window_layers": first_sliding}
+    return d if config.model_type == "qwen2" else {**d, "attention_bias": config.qkv_bias}
+
+
+# The fields of each family's config.json beyond the shared ones (`config_to_hf`).
+_FAMILY_FIELDS = {"gemma3_text": _gemma3_hf_fields, "llama": _llama_hf_fields, "qwen2": _qwen_hf_fields,
+                  "qwen3": _qwen_hf_fields}
+
+
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """The transformers-5 `config.json` dict of `config.model_type` for this model.
 
@@ -301,28 +335,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "use_cache": True,
         "dtype": config.dtype,
     }
-    full_rope = _rope_dict(config.rope_theta, config.rope_scaling)
-    if t == "gemma3_text":
-        sliding_theta = config.sliding_rope_theta if config.sliding_rope_theta is not None else config.rope_theta
-        d.update(hidden_activation=config.hidden_activation, attention_bias=config.qkv_bias,
-                 query_pre_attn_scalar=_int_if_integral(config.query_pre_attn_scalar), sliding_window=config.sliding_window or 4096,
-                 layer_types=layer_types, final_logit_softcapping=None, attn_logit_softcapping=None,
-                 use_bidirectional_attention=False,
-                 rope_parameters={"full_attention": full_rope,
-                                  "sliding_attention": _rope_dict(sliding_theta, None)})
-    else:
-        d.update(hidden_act=config.hidden_activation, rope_parameters=full_rope)
-        if config.rope_scaling is None:
-            d["rope_theta"] = config.rope_theta  # read by transformers 4
-        if t == "llama":
-            d.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, pretraining_tp=1)
-        else:
-            sliding = config.sliding_window is not None
-            d.update(use_sliding_window=sliding, sliding_window=config.sliding_window, layer_types=layer_types,
-                     max_window_layers=next((i for i, x in enumerate(layer_types) if x == "sliding_attention"),
-                                            config.num_hidden_layers))
-            if t == "qwen3":
-                d["attention_bias"] = config.qkv_bias
+    d.update(_FAMILY_FIELDS[t](config, layer_types))
     runtime = dict(dtype=config.dtype, compute_dtype=config.compute_dtype, remat=config.remat,
                    attention_chunk_size=config.attention_chunk_size)
     read_back = config_from_hf(d, **runtime).replace(decode_block_size=config.decode_block_size)

@@ -242,18 +242,7 @@ def save_pretrained(
         else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     )
     with replacing(path, write=writer) as folder:
-        weight_map = {}
-        for name, group in zip(names, groups):
-            tensors = {}
-            for i in group:
-                row = table[i]
-                value = variables[row.path].get_value()
-                host = _to_host(value if row.layer is None else value[row.layer])
-                tensors[row.hf_key] = np.ascontiguousarray(row.layout.to_hf(host).astype(out_dtype))
-                weight_map[row.hf_key] = name
-            if writer:
-                save_file(tensors, os.path.join(folder, name), metadata={"format": "pt"})
-            del tensors
+        weight_map = _write_shards(folder, names, groups, table, variables, out_dtype, writer)
         if not writer:
             return
         if len(groups) > 1:
@@ -266,6 +255,26 @@ def save_pretrained(
             json.dump(hf_dict, f, indent=2, sort_keys=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
+
+
+def _write_shards(folder: str, names: Sequence[str], groups: Sequence[Sequence[int]], table, variables,
+                  out_dtype: np.dtype, writer: bool) -> dict[str, str]:
+    """Each group of table rows gathered to the host (a layer's slice of a stacked parameter, in
+    the HF layout) and written as one safetensors file (only by the ``writer``); returns the
+    weight map, HF key → file."""
+    weight_map = {}
+    for name, group in zip(names, groups):
+        tensors = {}
+        for i in group:
+            row = table[i]
+            value = variables[row.path].get_value()
+            host = _to_host(value if row.layer is None else value[row.layer])
+            tensors[row.hf_key] = np.ascontiguousarray(row.layout.to_hf(host).astype(out_dtype))
+            weight_map[row.hf_key] = name
+        if writer:
+            save_file(tensors, os.path.join(folder, name), metadata={"format": "pt"})
+        del tensors
+    return weight_map
 
 
 def _plan_shards(sizes: Sequence[int], max_shard_bytes: int | None) -> list[list[int]]:
