@@ -342,51 +342,72 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         _checks.check_choice(where, value, typing.get_args(annotation), error=ConfigError)
         return value
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional = type(None) in typing.get_args(annotation)
-        # "none" / "null" mean None only where None is allowed (remat's "none" is a policy name).
-        if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-            _checks.require(optional, f"{where} cannot be None", error=ConfigError)
-            return None
-        errors = []
-        for arg in args:
-            try:
-                return _coerce(value, arg, where)
-            except (ConfigError, ValueError, TypeError) as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0])
+        return _coerce_union(value, annotation, where)
     if origin is tuple:
-        inner = typing.get_args(annotation)[0]
-        if isinstance(value, str):  # not valid JSON (apply_overrides parsed it): one literal item, never split
-            _checks.require(inner is str, f"{where} must be a JSON list like [2, 2, 2], got {value!r}",
-                            error=ConfigError)
-            value = [value]
-        _checks.require(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}", error=ConfigError)
-        return tuple(_coerce(v, inner, where) for v in value)
-    if annotation is bool:
-        if isinstance(value, str):
-            _checks.require(value.lower() in ("true", "false", "1", "0", "yes", "no"),
-                            f"{where} must be a bool, got {value!r}", error=ConfigError)
-            return value.lower() in ("true", "1", "yes")
-        _checks.check_bool(where, value, error=ConfigError)
-        return value
-    if annotation is int:
+        return _coerce_tuple(value, typing.get_args(annotation)[0], where)
+    scalar = _SCALARS.get(annotation)
+    return value if scalar is None else scalar(value, where)
+
+
+def _coerce_union(value: Any, annotation: Any, where: str) -> Any:
+    """The first member type that accepts ``value``; None only where the union allows it."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = type(None) in typing.get_args(annotation)
+    # "none" / "null" mean None only where None is allowed (remat's "none" is a policy name).
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        _checks.require(optional, f"{where} cannot be None", error=ConfigError)
+        return None
+    errors = []
+    for arg in args:
         try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be an int, got {value!r}") from None
-        _checks.require(not isinstance(value, bool) and math.isfinite(as_float) and as_float == int(as_float),
-                        f"{where} must be an int, got {value!r}", error=ConfigError)
-        return int(as_float)
-    if annotation is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be a number, got {value!r}") from None
-    if annotation is str:
-        _checks.require(isinstance(value, str), f"{where} must be a string, got {value!r}", error=ConfigError)
-        return value
+            return _coerce(value, arg, where)
+        except (ConfigError, ValueError, TypeError) as err:
+            errors.append(str(err))
+    raise ConfigError(errors[0])
+
+
+def _coerce_tuple(value: Any, inner: Any, where: str) -> tuple:
+    if isinstance(value, str):  # not valid JSON (apply_overrides parsed it): one literal item, never split
+        _checks.require(inner is str, f"{where} must be a JSON list like [2, 2, 2], got {value!r}",
+                        error=ConfigError)
+        value = [value]
+    _checks.require(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}", error=ConfigError)
+    return tuple(_coerce(v, inner, where) for v in value)
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, str):
+        _checks.require(value.lower() in ("true", "false", "1", "0", "yes", "no"),
+                        f"{where} must be a bool, got {value!r}", error=ConfigError)
+        return value.lower() in ("true", "1", "yes")
+    _checks.check_bool(where, value, error=ConfigError)
     return value
+
+
+def _to_int(value: Any, where: str) -> int:
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be an int, got {value!r}") from None
+    _checks.require(not isinstance(value, bool) and math.isfinite(as_float) and as_float == int(as_float),
+                    f"{where} must be an int, got {value!r}", error=ConfigError)
+    return int(as_float)
+
+
+def _to_float(value: Any, where: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a number, got {value!r}") from None
+
+
+def _to_str(value: Any, where: str) -> str:
+    _checks.require(isinstance(value, str), f"{where} must be a string, got {value!r}", error=ConfigError)
+    return value
+
+
+# A config field's scalar type → how a JSON or command-line value becomes it.
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def from_dict(cls, data: dict[str, Any], where: str = ""):

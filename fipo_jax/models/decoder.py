@@ -238,19 +238,9 @@ class CausalLM(nnx.Module):
         The layer scan carries the stacked cache: step ℓ writes the new keys / values into layer
         ℓ in place and reads only that layer."""
         mask_BxT = self._check_inputs(input_ids, positions, attention_mask)
-        batch, seq_len = input_ids.shape
+        seq_len = input_ids.shape[1]
         layers = self.config.num_hidden_layers
-        if kv_cache.keys.ndim != 5 or kv_cache.keys.shape[1] != layers:
-            raise ValueError(f"kv_cache keys must be [B, {layers} layers, N, S, K], got {list(kv_cache.keys.shape)} "
-                             "(make it with init_kv_cache)")
-        if kv_cache.valid_BxS.shape[0] != batch:
-            raise ValueError(f"kv_cache batch {kv_cache.valid_BxS.shape[0]} != input batch {batch}")
-        if seq_len > kv_cache.max_len:
-            raise ValueError(f"{seq_len} new tokens do not fit a cache of {kv_cache.max_len} slots")
-        if not isinstance(kv_cache.index, jax.core.Tracer) and int(kv_cache.index) + seq_len > kv_cache.max_len:
-            # Only checkable outside jit; under jit the caller must guarantee it.
-            raise ValueError(f"{seq_len} new tokens at slot {int(kv_cache.index)} do not fit a cache of "
-                             f"{kv_cache.max_len} slots")
+        _check_cache_fits(kv_cache, input_ids.shape, layers)
         if positions is None:
             positions = positions_from_mask(mask_BxT, kv_cache.next_position_B)
         positions = positions.astype(jnp.int32)
@@ -344,3 +334,19 @@ class CausalLM(nnx.Module):
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have shape {input_ids.shape}, got {attention_mask.shape}")
         return attention_mask.astype(jnp.bool_)
+
+
+def _check_cache_fits(kv_cache: KVCache, input_shape: tuple[int, int], layers: int) -> None:
+    """Raise ValueError unless ``kv_cache`` is a stacked [B, L, N, S, K] cache of this batch with room
+    for the new tokens (the slot index is only checkable outside jit)."""
+    batch, seq_len = input_shape
+    if kv_cache.keys.ndim != 5 or kv_cache.keys.shape[1] != layers:
+        raise ValueError(f"kv_cache keys must be [B, {layers} layers, N, S, K], got {list(kv_cache.keys.shape)} "
+                         "(make it with init_kv_cache)")
+    if kv_cache.valid_BxS.shape[0] != batch:
+        raise ValueError(f"kv_cache batch {kv_cache.valid_BxS.shape[0]} != input batch {batch}")
+    if seq_len > kv_cache.max_len:
+        raise ValueError(f"{seq_len} new tokens do not fit a cache of {kv_cache.max_len} slots")
+    if not isinstance(kv_cache.index, jax.core.Tracer) and int(kv_cache.index) + seq_len > kv_cache.max_len:
+        raise ValueError(f"{seq_len} new tokens at slot {int(kv_cache.index)} do not fit a cache of "
+                         f"{kv_cache.max_len} slots")

@@ -201,30 +201,8 @@ def score_batch(
         lengths = np.asarray(response_lengths)
         _checks.require(lengths.shape == (len(responses),), f"response_lengths must have shape ({len(responses)},) "
                                                             f"to match responses, got {lengths.shape}")
-    default = score_fn is None
-    if default:
-
-        def score_fn(response, gold, remaining_s=None):
-            if remaining_s is None:
-                return dapo_math_score(response, gold, config, worker=worker)
-            if remaining_s <= 0:  # the budget is spent: the cheap rules only
-                quick = dapo_math_score(response, gold, dataclasses.replace(config, use_math_verify=False))
-                unasked = not quick.correct and quick.extracted is not None and config.use_math_verify
-                return dataclasses.replace(quick, over_budget=True) if unasked else quick
-            bounded = dataclasses.replace(config, verify_timeout_s=min(config.verify_timeout_s, remaining_s))
-            return dapo_math_score(response, gold, bounded, worker=worker)
-
     start = time.monotonic()
-    results = []
-    for response, gold in zip(responses, golds):
-        try:
-            if default and config.batch_budget_s is not None:
-                result = score_fn(response, gold, config.batch_budget_s - (time.monotonic() - start))
-            else:
-                result = _as_result(score_fn(response, gold))
-        except Exception as exc:
-            result = RewardResult(INCORRECT_SCORE, False, None, error=f"{type(exc).__name__}: {exc}")
-        results.append(result)
+    results = _score_each(responses, golds, config, score_fn, worker)
     batch = len(results)
     base = np.asarray([r.score for r in results], np.float32).reshape(batch)
     correct = np.asarray([r.correct for r in results], bool).reshape(batch)
@@ -242,3 +220,34 @@ def score_batch(
         num_over_budget=sum(r.over_budget for r in results),
         seconds=time.monotonic() - start,
     )
+
+
+def _score_each(responses, golds, config: RewardConfig, score_fn, worker) -> list[RewardResult]:
+    """One `RewardResult` per pair; a raising ``score_fn`` scores −1 with the error kept. The
+    default scorer runs within ``config.batch_budget_s`` (see `score_batch`)."""
+    budgeted = score_fn is None and config.batch_budget_s is not None
+    deadline = time.monotonic() + (config.batch_budget_s or 0.0)
+    results = []
+    for response, gold in zip(responses, golds):
+        try:
+            if budgeted:
+                result = _budgeted_score(response, gold, config, worker, deadline - time.monotonic())
+            elif score_fn is None:
+                result = dapo_math_score(response, gold, config, worker=worker)
+            else:
+                result = _as_result(score_fn(response, gold))
+        except Exception as exc:
+            result = RewardResult(INCORRECT_SCORE, False, None, error=f"{type(exc).__name__}: {exc}")
+        results.append(result)
+    return results
+
+
+def _budgeted_score(response: str, gold, config: RewardConfig, worker, remaining_s: float) -> RewardResult:
+    """`dapo_math_score` with math-verify bounded by ``remaining_s``; with none left, the string and
+    decimal rules only, and an answer only math-verify might have accepted is marked over budget."""
+    if remaining_s <= 0:
+        quick = dapo_math_score(response, gold, dataclasses.replace(config, use_math_verify=False))
+        unasked = not quick.correct and quick.extracted is not None and config.use_math_verify
+        return dataclasses.replace(quick, over_budget=True) if unasked else quick
+    bounded = dataclasses.replace(config, verify_timeout_s=min(config.verify_timeout_s, remaining_s))
+    return dapo_math_score(response, gold, bounded, worker=worker)
