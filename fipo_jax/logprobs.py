@@ -21,6 +21,7 @@ all tokens before it (s = `response_start`), so the output lines up with `input_
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -57,15 +58,33 @@ def _check_head_inputs(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, t
     _checks.check_positive("temperature", temperature)
 
 
-def _chunk_log_probs(
+# What a head computes from one chunk's log-softmax [B, C, V] and targets [B, C]: a tuple of
+# per-token [B, C] float32 arrays (every variant below returns a tuple of this arity).
+HeadStats = Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]]
+
+
+def _target_log_prob(all_log_probs_BxCxV: jax.Array, targets_BxC: jax.Array) -> tuple[jax.Array]:
+    """(log p[y],)."""
+    return (jnp.take_along_axis(all_log_probs_BxCxV, targets_BxC[..., None], axis=-1)[..., 0],)
+
+
+def _target_log_prob_and_entropy(all_log_probs_BxCxV: jax.Array, targets_BxC: jax.Array
+                                 ) -> tuple[jax.Array, jax.Array]:
+    """(log p[y], H = −Σ_v p·log p); −Σ p·log p has no cancellation (lse − Σ p·z loses ~1e-5
+    when |z| ≫ H)."""
+    entropy_BxC = -jnp.sum(jnp.exp(all_log_probs_BxCxV) * all_log_probs_BxCxV, axis=-1)
+    return _target_log_prob(all_log_probs_BxCxV, targets_BxC) + (entropy_BxC,)
+
+
+def _chunk_stats(
     hidden_BxCxD: jax.Array,
     unembedding_DxV: jax.Array,
     targets_BxC: jax.Array,
     temperature,
     precision,
-    with_entropy: bool,
-) -> tuple[jax.Array, jax.Array | None]:
-    """(log softmax(z)[y], entropy or None) for one chunk, z = h·W/τ computed in float32."""
+    stats: HeadStats,
+) -> tuple[jax.Array, ...]:
+    """``stats(log softmax(z), y)`` for one chunk, z = h·W/τ computed in float32."""
     batch, chunk, dim = hidden_BxCxD.shape
     # One 2-D GEMM: the gradient of W then contracts a single axis (XLA:CPU is slow otherwise).
     logits_BxCxV = jnp.dot(
@@ -73,14 +92,8 @@ def _chunk_log_probs(
         unembedding_DxV.astype(jnp.float32),
         precision=precision,
     ).reshape(batch, chunk, -1) / jnp.asarray(temperature, jnp.float32)
-    # log_softmax shifts by the max before exponentiating, and −Σ p·log p has no cancellation
-    # (lse − Σ p·z loses ~1e-5 when |z| ≫ H).
-    all_log_probs_BxCxV = jax.nn.log_softmax(logits_BxCxV, axis=-1)
-    log_probs_BxC = jnp.take_along_axis(all_log_probs_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-    if not with_entropy:
-        return log_probs_BxC, None
-    entropy_BxC = -jnp.sum(jnp.exp(all_log_probs_BxCxV) * all_log_probs_BxCxV, axis=-1)
-    return log_probs_BxC, entropy_BxC
+    # log_softmax shifts by the max before exponentiating.
+    return stats(jax.nn.log_softmax(logits_BxCxV, axis=-1), targets_BxC)
 
 
 def chunked_token_log_probs(
@@ -110,7 +123,8 @@ def chunked_token_log_probs(
       log_probs_BxT float32, differentiable in `hidden_BxTxD` and `unembedding_DxV` (logits
       rematerialised per chunk). `chunked_token_log_probs_with_entropy` also returns the entropy.
     """
-    return _chunked(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature, precision, False)[0]
+    return _chunked(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature, precision,
+                    _target_log_prob)[0]
 
 
 def chunked_token_log_probs_with_entropy(
@@ -123,16 +137,19 @@ def chunked_token_log_probs_with_entropy(
     precision: lax.Precision | None = DEFAULT_PRECISION,
 ) -> tuple[jax.Array, jax.Array]:
     """(`chunked_token_log_probs`, the entropy H_bt of softmax(z_bt) in nats), each [B, T] float32."""
-    return _chunked(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature, precision, True)
+    return _chunked(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature, precision,
+                    _target_log_prob_and_entropy)
 
 
-def _chunked(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature, precision, return_entropy):
-    """(log-probs, entropy or None), the chunked computation of both public variants."""
+def _chunked(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature, precision,
+             stats: HeadStats) -> tuple[jax.Array, ...]:
+    """``stats`` over [B, T], computed C time steps at a time (the chunked body of the public
+    variants)."""
     _check_head_inputs(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature)
     batch, seq_len, dim = hidden_BxTxD.shape
     if seq_len == 0:
-        empty_BxT = jnp.zeros((batch, 0), jnp.float32)
-        return empty_BxT, (empty_BxT if return_entropy else None)
+        empty_BxCxV = jnp.zeros((batch, 0, unembedding_DxV.shape[1]), jnp.float32)
+        return stats(empty_BxCxV, targets_BxT)
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_TOKENS_PER_CHUNK // max(batch, 1))
     chunk = min(chunk_size, seq_len)
@@ -151,16 +168,12 @@ def _chunked(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one_chunk(args):
         hidden_BxCxD, targets_BxC = args
-        return _chunk_log_probs(
-            hidden_BxCxD, unembedding_f32_DxV, targets_BxC, temperature, precision, return_entropy
-        )
-
-    log_probs_NxBxC, entropy_NxBxC = lax.map(one_chunk, (hidden_NxBxCxD, targets_NxBxC))
+        return _chunk_stats(hidden_BxCxD, unembedding_f32_DxV, targets_BxC, temperature, precision, stats)
 
     def unchunk(x_NxBxC):
         return x_NxBxC.transpose(1, 0, 2).reshape(batch, num_chunks * chunk)[:, :seq_len]
 
-    return unchunk(log_probs_NxBxC), (unchunk(entropy_NxBxC) if return_entropy else None)
+    return tuple(map(unchunk, lax.map(one_chunk, (hidden_NxBxCxD, targets_NxBxC))))
 
 
 def full_logits_token_log_probs(
@@ -177,7 +190,7 @@ def full_logits_token_log_probs(
     Qwen vocabulary size on long sequences.
     """
     _check_head_inputs(hidden_BxTxD, unembedding_DxV, targets_BxT, None, temperature)
-    return _chunk_log_probs(hidden_BxTxD, unembedding_DxV, targets_BxT, temperature, precision, False)[0]
+    return _chunk_stats(hidden_BxTxD, unembedding_DxV, targets_BxT, temperature, precision, _target_log_prob)[0]
 
 
 def full_logits_token_log_probs_with_entropy(
@@ -190,7 +203,8 @@ def full_logits_token_log_probs_with_entropy(
 ) -> tuple[jax.Array, jax.Array]:
     """(`full_logits_token_log_probs`, entropy), each [B, T] float32."""
     _check_head_inputs(hidden_BxTxD, unembedding_DxV, targets_BxT, None, temperature)
-    return _chunk_log_probs(hidden_BxTxD, unembedding_DxV, targets_BxT, temperature, precision, True)
+    return _chunk_stats(hidden_BxTxD, unembedding_DxV, targets_BxT, temperature, precision,
+                        _target_log_prob_and_entropy)
 
 
 def sequence_log_probs(
@@ -234,7 +248,7 @@ def sequence_log_probs(
       `sequence_log_probs_with_entropy` also returns the entropy.
     """
     return _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, segment_ids_BxT,
-                     chunk_size, temperature, precision, False)[0]
+                     chunk_size, temperature, precision, _target_log_prob)[0]
 
 
 def sequence_log_probs_with_entropy(
@@ -252,12 +266,12 @@ def sequence_log_probs_with_entropy(
     """(`sequence_log_probs`, the entropy of each scored position's distribution), each [B, T − s]
     float32 and zero at unscored positions."""
     return _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, segment_ids_BxT,
-                     chunk_size, temperature, precision, True)
+                     chunk_size, temperature, precision, _target_log_prob_and_entropy)
 
 
 def _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, segment_ids_BxT, chunk_size,
-              temperature, precision, return_entropy):
-    """(log-probs, entropy or None) of both public variants."""
+              temperature, precision, stats: HeadStats) -> tuple[jax.Array, ...]:
+    """``stats`` of the scored tokens (zero elsewhere), the body of both public variants."""
     if input_ids_BxT.ndim != 2 or not jnp.issubdtype(input_ids_BxT.dtype, jnp.integer):
         raise ValueError(
             "input_ids_BxT must be an integer [B, T] array, "
@@ -283,7 +297,6 @@ def _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, position
     # A token is scored iff it is real and some real token of its segment precedes it.
     real_before_BxT = (segment_cumsum(mask_BxT, segment_ids_BxT) - mask_BxT.astype(jnp.int32)) > 0
     scored_BxR = (mask_BxT & real_before_BxT)[:, response_start:]
-    log_probs, entropy = _chunked(predictor_hidden_BxRxD, model.unembedding(), targets_BxR, chunk_size, temperature,
-                                  precision, return_entropy)
-    scored = lambda x: None if x is None else jnp.where(scored_BxR, x, 0.0)  # noqa: E731
-    return scored(log_probs), scored(entropy)
+    per_token = _chunked(predictor_hidden_BxRxD, model.unembedding(), targets_BxR, chunk_size, temperature, precision,
+                         stats)
+    return tuple(jnp.where(scored_BxR, x, 0.0) for x in per_token)
