@@ -298,7 +298,7 @@ def decode(sizes: dict, peak: float | None) -> dict:
                             prompt_length_buckets=None)
     runs = {"static": lambda key: generate(model, ids, None, key, config),
             "engine": lambda key: engine_lib.generate(model, ids, None, key, config,
-                                                      engine_lib.EngineConfig(num_slots=rows))[0]}
+                                                      engine_lib.EngineConfig(num_slots=rows))}
     out = {}
     for name, run in runs.items():
         start = time.perf_counter()
@@ -333,7 +333,7 @@ def engine_long_tail(sizes: dict, peak: float | None) -> dict:
     engine_config = engine_lib.EngineConfig(num_slots=sizes["slots"])
     runs = {"static": lambda: generate(model, ids, None, jax.random.key(0), config),
             "engine": lambda: engine_lib.generate(model, ids, None, jax.random.key(0), config, engine_config,
-                                                  max_new_tokens=budgets)[0]}
+                                                  max_new_tokens=budgets)}
     out = {"requests": len(budgets), "slots": sizes["slots"], "budget_mean": float(budgets.mean()),
            "budget_max": cap, "max_over_mean": cap / float(budgets.mean())}
     useful = int(budgets.sum())

@@ -82,15 +82,15 @@ def long_tail(model, budgets, ids, mask, args, label: str, uncompacted: bool = F
         return jax.block_until_ready(out)
 
     def continuous():
-        return engine_lib.generate(model, ids, mask, key, config, engine_config, max_new_tokens=budgets)
+        return engine_lib.generate_with_stats(model, ids, mask, key, config, engine_config, max_new_tokens=budgets)
 
     static_s, static_out = timed(static, args.repeats)
     engine_s, (engine_out, stats) = timed(continuous, args.repeats)
     extra = {}
     if uncompacted:  # the same engine without moving the last busy slots into fewer slots
         plain = dataclasses.replace(engine_config, compact_tail=False)
-        plain_s, (_, plain_stats) = timed(lambda: engine_lib.generate(model, ids, mask, key, config, plain,
-                                                                      max_new_tokens=budgets), args.repeats)
+        plain_s, (_, plain_stats) = timed(lambda: engine_lib.generate_with_stats(model, ids, mask, key, config, plain,
+                                                                                 max_new_tokens=budgets), args.repeats)
         extra = {"engine_uncompacted_s": plain_s, "gain_uncompacted": static_s / plain_s,
                  "slot_utilisation_uncompacted": plain_stats.slot_utilisation}
     useful = int(budgets.sum())
@@ -123,8 +123,8 @@ def shared_prefill(model, args) -> dict:
     for shared in (True, False):
         engine_config = engine_lib.EngineConfig(num_slots=args.slots, prefill_batch=args.group,
                                                 share_prompt_prefill=shared)
-        seconds, (_, stats) = timed(lambda: engine_lib.generate(model, ids, mask, jax.random.PRNGKey(0), config,
-                                                                engine_config), args.repeats)
+        seconds, (_, stats) = timed(lambda: engine_lib.generate_with_stats(model, ids, mask, jax.random.PRNGKey(0), config,
+                                                                           engine_config), args.repeats)
         out["shared" if shared else "repeated"] = {"seconds": seconds, "prefill_s": stats.prefill_seconds,
                                                    "prefill_calls": stats.prefill_calls,
                                                    "prefilled_prompts": stats.prefilled_prompts}
@@ -145,8 +145,8 @@ def schedule(model, budgets, ids, mask, args) -> list[dict]:
     rows = []
     for slots, sync in [(args.slots, k) for k in args.sync_sweep] + [(s, args.sync) for s in args.slot_sweep]:
         engine_config = engine_lib.EngineConfig(num_slots=slots, steps_per_sync=sync)
-        seconds, (_, stats) = timed(lambda: engine_lib.generate(model, ids, mask, jax.random.PRNGKey(0), config,
-                                                                engine_config, max_new_tokens=budgets), args.repeats)
+        seconds, (_, stats) = timed(lambda: engine_lib.generate_with_stats(model, ids, mask, jax.random.PRNGKey(0), config,
+                                                                           engine_config, max_new_tokens=budgets), args.repeats)
         rows.append({"slots": slots, "steps_per_sync": sync, "seconds": seconds,
                      "tokens_per_s": float(budgets.sum()) / seconds, "device_calls": stats.device_calls,
                      "slot_utilisation": stats.slot_utilisation})

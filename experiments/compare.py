@@ -22,6 +22,7 @@ import sys
 import numpy as np
 
 from fipo_jax.config import apply_overrides, load_config, with_algo
+from fipo_jax.losses import LOSS_MODES
 from fipo_jax.run_log import MetricsLog
 
 # Final figures compared across seeds (summary.json keys).
@@ -125,7 +126,7 @@ def table(aggregate: dict[str, dict[str, dict]]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="cpu_default", help="preset name or JSON path")
-    parser.add_argument("--algos", nargs="+", default=["dapo", "fipo"], choices=("fipo", "dapo", "grpo"))
+    parser.add_argument("--algos", nargs="+", default=["dapo", "fipo"], choices=LOSS_MODES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--out", default="runs/compare")

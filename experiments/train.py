@@ -24,13 +24,14 @@ import sys
 
 
 from fipo_jax.config import PRESETS, ConfigError, apply_overrides, load_config, with_algo  # noqa: E402
+from fipo_jax.losses import LOSS_MODES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="cpu_default",
                         help=f"preset ({', '.join(sorted(PRESETS))}) or path to a JSON config (default: cpu_default)")
-    parser.add_argument("--algo", choices=("fipo", "dapo", "grpo"), default=None,
+    parser.add_argument("--algo", choices=LOSS_MODES, default=None,
                         help="loss: fipo (default of every preset), dapo (clip-higher + dual-clip) or grpo")
     parser.add_argument("--steps", type=int, default=None, help="total number of RL steps (continues a finished run)")
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>-<algo>)")

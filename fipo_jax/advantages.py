@@ -5,6 +5,9 @@ Responses are laid out in contiguous groups: rows [g·G, (g+1)·G) answer prompt
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable, Mapping
+
 import jax
 import jax.numpy as jnp
 
@@ -71,6 +74,15 @@ def rloo_advantages(scores: jax.Array, group_size: int) -> jax.Array:
         return s_GxN.reshape(-1)
     total = jnp.sum(s_GxN, axis=-1, keepdims=True)
     return (s_GxN - (total - s_GxN) / (group_size - 1)).reshape(-1)
+
+
+# The group-advantage estimators by name, declared once: a run config's ``algo.advantage`` and
+# `rl_step.UpdateConfig.advantage` are keys of this table.
+ADVANTAGE_ESTIMATORS: Mapping[str, Callable[[jax.Array, int], jax.Array]] = types.MappingProxyType({
+    "grpo": grpo_advantages,
+    "dr_grpo": dr_grpo_advantages,
+    "rloo": rloo_advantages,
+})
 
 
 def dynamic_sampling_mask(outcomes: jax.Array, group_size: int) -> jax.Array:

@@ -192,15 +192,15 @@ def needs_warm_start(config: TrainConfig) -> bool:
 
 
 def warm_start(config: TrainConfig, model, tokenizer, task: ChainTask, log: Log, bar: ProgressBar) -> None:
-    """SFT of the scratch model on the chain task's demonstrations, cached by a fingerprint of
-    everything that shapes it (model, task, SFT settings, seed)."""
+    """SFT of the scratch model on the chain task's demonstrations, cached under ``sft.cache_dir`` (None:
+    not cached) by a fingerprint of everything that shapes it (model, task, SFT settings, seed)."""
     from fipo_jax import sft
 
     spec = config.sft
     key = distributed.fingerprint([dataclasses.asdict(config.model), config.data.n_terms, config.data.ops,
                                    dataclasses.asdict(spec), config.seed, "v3"])
-    path = os.path.join(spec.cache_dir, f"sft-{key}.npz")
-    if sft.load_cached_params(model, path, warn=lambda message: log(f"[warning] {message}")):
+    path = None if spec.cache_dir is None else os.path.join(spec.cache_dir, f"sft-{key}.npz")  # None: no cache
+    if path and sft.load_cached_params(model, path, warn=lambda message: log(f"[warning] {message}")):
         log(f"[sft] loaded cached warm start {path}")
         return
     length = task.prompt_tokens() + task.max_response_tokens()
@@ -214,5 +214,6 @@ def warm_start(config: TrainConfig, model, tokenizer, task: ChainTask, log: Log,
                            if progress else None)
     if progress:
         progress.close()
-    sft.save_params(model, path)
-    log(f"[sft] final loss {losses[-1]:.4f}; cached at {path}")
+    if path:
+        sft.save_params(model, path)
+    log(f"[sft] final loss {losses[-1]:.4f}; " + (f"cached at {path}" if path else "not cached (sft.cache_dir=None)"))

@@ -38,17 +38,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fipo_jax import _checks, distributed
 from fipo_jax.models.kv_cache import KVCache, init_kv_cache
+from fipo_jax.sharding import constrain_rows, row_shardings, row_split
 from fipo_jax.sampling import (
     SampleOutput,
     SamplingConfig,
     check_first_tokens_finite,
     check_generate_inputs,
-    constrain_rows,
     draw_step,
     left_align_prompts,
     request_uniforms,
-    row_shardings,
-    row_split,
     stop_table,
 )
 
@@ -423,8 +421,29 @@ def generate(
     stop_sequences: Sequence[tuple[tuple[int, ...], ...]] | None = None,
     row_sharding: NamedSharding | None = None,
     progress: Callable[[int], None] | None = None,
+) -> SampleOutput:
+    """Samples a response to every prompt with continuous batching: the same contract and the same
+    output type as `sampling.generate` (host numpy arrays in request order; `num_steps` = the
+    longest response). `generate_with_stats` (arguments documented there) also returns what the
+    engine did."""
+    return generate_with_stats(model, prompt_ids, prompt_mask, key, config, engine, max_new_tokens=max_new_tokens,
+                               stop_sequences=stop_sequences, row_sharding=row_sharding, progress=progress)[0]
+
+
+def generate_with_stats(
+    model,
+    prompt_ids,
+    prompt_mask,
+    key: jax.Array,
+    config: SamplingConfig,
+    engine: EngineConfig = EngineConfig(),
+    *,
+    max_new_tokens=None,
+    stop_sequences: Sequence[tuple[tuple[int, ...], ...]] | None = None,
+    row_sharding: NamedSharding | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[SampleOutput, EngineStats]:
-    """Samples a response to every prompt with continuous batching; same contract as `sampling.generate`.
+    """(`generate`'s `SampleOutput`, `EngineStats`).
 
     Args:
       model: a `CausalLM` (its live parameters; nothing is copied).

@@ -29,7 +29,7 @@ release's O(T²) chunked distance-matrix formulation, kept as a slow reference.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,10 @@ from jax.sharding import PartitionSpec
 from fipo_jax import _checks
 from fipo_jax.segments import check_segment_ids, segment_continues, segment_runs
 
+# The methods, declared once: "auto" (the measured fastest for the backend) or one of `METHODS`.
 FutureKLMethod = Literal["auto", "scan", "associative", "blocked", "quadratic"]
-METHODS = ("scan", "associative", "blocked", "quadratic")
+METHOD_CHOICES: tuple[str, ...] = get_args(FutureKLMethod)
+METHODS: tuple[str, ...] = tuple(m for m in METHOD_CHOICES if m != "auto")
 
 # Fastest method per backend, from `experiments/bench_loss.py` / `bench_accelerator.py` (FIPO loss +
 # gradient). CPU (the project's 2-core machine): XLA compiles the sequential scan into a tight loop
@@ -107,7 +109,7 @@ def discounted_reverse_cumsum(
     """
     if method == "auto":
         method = default_method()
-    _checks.check_choice("method", method, ("auto",) + METHODS)
+    _checks.check_choice("method", method, METHOD_CHOICES)
     if block_size is None:
         block_size = default_block_size(method)
     _checks.check_int("block_size", block_size, minimum=1)
@@ -384,6 +386,7 @@ def _quadratic(x: jax.Array, gamma, chunk: int, runs: jax.Array | None = None) -
 __all__ = [
     "DEFAULT_METHOD_BY_BACKEND",
     "METHODS",
+    "METHOD_CHOICES",
     "context_parallel_future_kl",
     "default_method",
     "discount_factor",

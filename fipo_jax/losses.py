@@ -21,22 +21,28 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Literal, Mapping, NamedTuple
+from typing import Literal, Mapping, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 
 from fipo_jax import _checks
-from fipo_jax.future_kl import (METHODS as FUTURE_KL_METHODS, FutureKLMethod, context_parallel_future_kl, future_kl,
-                                summed_tokens)
+from fipo_jax.future_kl import (METHOD_CHOICES as FUTURE_KL_METHOD_CHOICES, FutureKLMethod,
+                                context_parallel_future_kl, future_kl, summed_tokens)
 from fipo_jax import loss_metrics as lm
 from fipo_jax.segments import check_segment_ids, segment_sums
 
+# Each choice list is declared once, as a Literal (the annotation); the tuple is its arguments.
 LossMode = Literal["fipo", "dapo", "grpo"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-LOSS_MODES = ("fipo", "dapo", "grpo")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KLEstimator = Literal["k1", "k2", "k3"]
+MicroBatchWeighting = Literal["exact", "official"]
+LOSS_MODES: tuple[str, ...] = get_args(LossMode)
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
+MICRO_BATCH_WEIGHTINGS: tuple[str, ...] = get_args(MicroBatchWeighting)
+# How a metric combines over micro-batches (`METRIC_REDUCTIONS`, `rl_step.reduce_metrics`).
+Reduction = Literal["sum", "mean", "loss_mean", "min", "max"]
 
 # Bounds of the safety clamp (E5) and the weight cap when influence_clip == 0 (E4).
 _SAFETY_CLAMP = (0.8, 1.0)
@@ -52,7 +58,7 @@ ACTIVE_WEIGHT_TOLERANCE = 0.01
 # micro-batches — and "mean" for everything else: a mean weighted by response tokens, so that
 # batches without tokens do not pull it toward 0. The trainer reduces by this table and refuses a
 # metric missing from it. Read-only: the declaration, not inferred from names.
-METRIC_REDUCTIONS: Mapping[str, Literal["sum", "mean", "loss_mean", "min", "max"]] = types.MappingProxyType({
+METRIC_REDUCTIONS: Mapping[str, Reduction] = types.MappingProxyType({
     "ppo_kl": "mean", "pg_clipfrac": "mean", "pg_clipfrac_lower": "mean", "pg_loss": "loss_mean",
     "kl_loss": "loss_mean", "entropy": "loss_mean", "loss_count": "sum",
     "dropped_sequences": "sum", "response_tokens": "sum", "loss_tokens": "sum",
@@ -123,7 +129,7 @@ class PolicyLossConfig:
     aggregation_horizon: int | None = None
     log_ratio_clamp: float = 20.0
     kl_coef: float = 0.0
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: KLEstimator = "k3"
     entropy_coeff: float = 0.0
     future_kl_method: FutureKLMethod = "auto"
     future_kl_block_size: int | None = None
@@ -162,7 +168,7 @@ class PolicyLossConfig:
         _checks.check_choice(field("aggregation"), self.aggregation, AGGREGATIONS)
         _checks.check_int(field("aggregation_horizon"), self.aggregation_horizon, minimum=1, allow_none=True)
         _checks.check_choice(field("kl_estimator"), self.kl_estimator, KL_ESTIMATORS)
-        _checks.check_choice(field("future_kl_method"), self.future_kl_method, ("auto",) + FUTURE_KL_METHODS)
+        _checks.check_choice(field("future_kl_method"), self.future_kl_method, FUTURE_KL_METHOD_CHOICES)
         _checks.check_int(field("future_kl_block_size"), self.future_kl_block_size, minimum=1, allow_none=True)
         _checks.require(self.future_kl_context_axis is None or (isinstance(self.future_kl_context_axis, str)
                                                                 and self.future_kl_context_axis),
@@ -227,9 +233,6 @@ class LossTerms(NamedTuple):
         return self.total / jnp.maximum(self.count, 1.0)
 
 
-MicroBatchWeighting = Literal["exact", "official"]
-
-
 def weight_micro_batch(
     terms: LossTerms, weighting: MicroBatchWeighting, n_sequences, total_sequences: int
 ) -> LossTerms:
@@ -249,7 +252,7 @@ def weight_micro_batch(
             raise ValueError(f"need 0 < n_sequences ({n_sequences}) <= total_sequences ({total_sequences})")
         share = n_sequences / total_sequences
         return LossTerms(terms.value * share, jnp.asarray(share, jnp.float32))
-    raise ValueError(f"weighting must be 'exact' or 'official', got {weighting!r}")
+    raise ValueError(f"weighting must be {' or '.join(map(repr, MICRO_BATCH_WEIGHTINGS))}, got {weighting!r}")
 
 
 def log_importance_ratio(log_probs: jax.Array, old_log_probs: jax.Array, log_ratio_clamp: float) -> jax.Array:

@@ -261,7 +261,7 @@ def sampler_bytes(model: ModelConfig, mesh, local_rows: int, prompt_width: int, 
     """(KV cache, engine prefix store, decode temporaries) of the sampler on one device.
 
     Each of ``local_rows`` rows (or engine slots) caches prompt width + new tokens − 1 positions of
-    every layer, kv heads split over ``tensor`` (`sampling.row_shardings`); the engine's
+    every layer, kv heads split over ``tensor`` (`sharding.row_shardings`); the engine's
     ``prefill_rows`` prefilled prompts are on every row group (kv heads split too), with their
     float32 logits; the temporaries are `memory_model.decode_temporaries`."""
     width = np.dtype(model.compute_dtype).itemsize

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -46,20 +46,13 @@ import optax
 from flax import nnx
 
 from fipo_jax import _checks
-from fipo_jax import advantages as adv_lib
 from fipo_jax import loss_metrics
+from fipo_jax.advantages import ADVANTAGE_ESTIMATORS
 from fipo_jax.packing import RLBatch
 from fipo_jax.logprobs import sequence_log_probs_with_entropy
-from fipo_jax.losses import METRIC_REDUCTIONS, LossTerms, PolicyLossConfig, policy_loss_parts, weight_micro_batch
+from fipo_jax.losses import (METRIC_REDUCTIONS, MICRO_BATCH_WEIGHTINGS, LossTerms, MicroBatchWeighting,
+                             PolicyLossConfig, Reduction, policy_loss_parts, weight_micro_batch)
 from fipo_jax.sharding import logical_sharding, param_shardings, replicated
-
-Reduction = Literal["sum", "mean", "loss_mean", "min", "max"]
-
-ADVANTAGE_ESTIMATORS: dict[str, Callable[[jax.Array, int], jax.Array]] = {
-    "grpo": adv_lib.grpo_advantages,
-    "dr_grpo": adv_lib.dr_grpo_advantages,
-    "rloo": adv_lib.rloo_advantages,
-}
 
 # How the update's own metrics combine over mini-batches ("mean" is weighted by response tokens).
 UPDATE_METRIC_REDUCTIONS: dict[str, Reduction] = {
@@ -94,16 +87,16 @@ class UpdateConfig:
     Attributes:
       loss: the policy loss.
       group_size: responses per prompt (contiguous rows).
-      advantage: a key of `ADVANTAGE_ESTIMATORS`.
-      micro_batch_weighting: "exact" (token-mean over the mini-batch) or "official" (see
-        `losses.weight_micro_batch`).
+      advantage: a key of `ADVANTAGE_ESTIMATORS` (declared in `fipo_jax.advantages`).
+      micro_batch_weighting: one of `losses.MICRO_BATCH_WEIGHTINGS`: "exact" (token-mean over the
+        mini-batch) or "official" (see `losses.weight_micro_batch`).
       logprob_chunk_size: vocabulary-projection chunk of the log-prob computation.
     """
 
     loss: PolicyLossConfig
     group_size: int
     advantage: str = "grpo"
-    micro_batch_weighting: Literal["exact", "official"] = "exact"
+    micro_batch_weighting: MicroBatchWeighting = "exact"
     logprob_chunk_size: int = 1024
 
     def __post_init__(self):
@@ -111,7 +104,8 @@ class UpdateConfig:
                         f"UpdateConfig.loss must be a PolicyLossConfig, got {type(self.loss).__name__}")
         _checks.check_int("UpdateConfig.group_size", self.group_size, minimum=1)
         _checks.check_choice("UpdateConfig.advantage", self.advantage, ADVANTAGE_ESTIMATORS)
-        _checks.check_choice("UpdateConfig.micro_batch_weighting", self.micro_batch_weighting, ("exact", "official"))
+        _checks.check_choice("UpdateConfig.micro_batch_weighting", self.micro_batch_weighting,
+                             MICRO_BATCH_WEIGHTINGS)
         _checks.check_int("UpdateConfig.logprob_chunk_size", self.logprob_chunk_size, minimum=1)
 
 
@@ -291,10 +285,16 @@ def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfi
     return (params, opt_state), (micro_metrics, update_metrics, tokens)
 
 
+def sequence_advantages(scores_S: jax.Array, config: UpdateConfig) -> jax.Array:
+    """Advantages [S] of the step's sequences from their scores: ``config.advantage`` over groups of
+    ``config.group_size`` consecutive sequences (the one place the update's advantages are chosen)."""
+    return ADVANTAGE_ESTIMATORS[config.advantage](jnp.asarray(scores_S, jnp.float32), config.group_size)
+
+
 def token_advantages(batch: RLBatch, config: UpdateConfig) -> jax.Array:
-    """Group advantages (``config.advantage``) of the step's sequences on their tokens, [M, K, R, L];
-    padding gets 0 (only response tokens are ever read)."""
-    advantages_S = jnp.append(ADVANTAGE_ESTIMATORS[config.advantage](batch.scores, config.group_size), 0.0)
+    """`sequence_advantages` on each sequence's tokens, [M, K, R, L]; padding gets 0 (only
+    response tokens are ever read)."""
+    advantages_S = jnp.append(sequence_advantages(batch.scores, config), 0.0)
     return advantages_S[jnp.where(batch.segment_ids >= 0, batch.segment_ids, batch.scores.shape[0])]  # S: padding
 
 

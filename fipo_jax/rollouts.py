@@ -20,14 +20,13 @@ from fipo_jax import advantages as adv_lib
 from fipo_jax import distributed
 from fipo_jax import engine as engine_lib
 from fipo_jax import run_log as run_log_lib
+from fipo_jax import runtime_configs
 from fipo_jax.config import TrainConfig
 from fipo_jax.data import CharTokenizer, PromptIterator, PromptRecord, render_prompt
-from fipo_jax.rewards import RewardConfig, score_batch
-from fipo_jax.sampling import DEFAULT_PROMPT_BUCKETS, SamplingConfig, generate, left_align_prompts, row_split
-from fipo_jax.sharding import batch_sharding
-
-# The rollouts' widest prompt bucket is data.max_prompt_tokens plus this (the memory planner reads it).
-PROMPT_BUCKET_SLACK = 16
+from fipo_jax.rewards import score_batch
+from fipo_jax.runtime_configs import PROMPT_BUCKET_SLACK  # noqa: F401  (the memory planner reads it here)
+from fipo_jax.sampling import SamplingConfig, generate, left_align_prompts
+from fipo_jax.sharding import batch_sharding, ways
 
 
 class DynamicSamplingExhausted(RuntimeError):
@@ -110,15 +109,10 @@ class RolloutCollector:
         self.config = config
         self.tokenizer = tokenizer
         self.mesh = mesh
-        reward = config.reward
-        self.reward_config = RewardConfig(max_response_length=config.rollout.max_response_tokens,
-                                          overlong_buffer=reward.overlong_buffer if reward.overlong_shaping else None,
-                                          overlong_factor=reward.overlong_factor,
-                                          verify_timeout_s=reward.verify_timeout_s,
-                                          batch_budget_s=reward.score_budget_s)
-        rollout = config.rollout
-        self.sampling = self._sampling_config(rollout.temperature, rollout.top_p, rollout.top_k)
-        self.eval_sampling = self._sampling_config(config.eval.temperature, config.eval.top_p, 0)
+        self.reward_config = runtime_configs.reward_config(config)
+        stops = self._stop_sequences()
+        self.sampling = runtime_configs.sampling_config(config, tokenizer, stops)
+        self.eval_sampling = runtime_configs.sampling_config(config, tokenizer, stops, evaluation=True)
         self.engine_stats: list[engine_lib.EngineStats] = []  # of the calls since the last `collect`
 
     def _stop_sequences(self) -> tuple[tuple[int, ...], ...]:
@@ -132,26 +126,16 @@ class RolloutCollector:
                     sequences.append(ids)
         return tuple(sequences)
 
-    def _sampling_config(self, temperature, top_p, top_k) -> SamplingConfig:
-        tok = self.tokenizer
-        widest = self.config.data.max_prompt_tokens + PROMPT_BUCKET_SLACK
-        buckets = tuple(b for b in DEFAULT_PROMPT_BUCKETS if b < widest) + (widest,)
-        return SamplingConfig(max_new_tokens=self.config.rollout.max_response_tokens, temperature=temperature,
-                              top_p=top_p, top_k=top_k, eos_token_ids=(tok.eos_token_id,),
-                              stop_sequences=self._stop_sequences() if self.config.rollout.stop else (),
-                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                              prompt_length_buckets=buckets)
-
     def generate(self, policy, ids: np.ndarray, mask: np.ndarray, key, sampling: SamplingConfig):
         """Responses to the rows of ``ids`` with the configured sampler (the same tokens either way)."""
         rows = batch_sharding(self.mesh)
         ro = self.config.rollout
         if ro.sampler == "static":
             return generate(policy, ids, mask, key, sampling, row_sharding=rows)
-        split = row_split(rows)[1]
+        split = ways("batch", self.mesh)
         slots = -(-min(ro.engine_slots, len(ids)) // split) * split  # no more slots than rows, a multiple of the split
         engine = engine_lib.EngineConfig(num_slots=slots, steps_per_sync=ro.engine_steps_per_sync)
-        out, stats = engine_lib.generate(policy, ids, mask, key, sampling, engine, row_sharding=rows)
+        out, stats = engine_lib.generate_with_stats(policy, ids, mask, key, sampling, engine, row_sharding=rows)
         self.engine_stats.append(stats)
         return out
 

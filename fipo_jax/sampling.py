@@ -46,11 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from fipo_jax import _checks
-from fipo_jax.models.kv_cache import KVCache, init_kv_cache
-from fipo_jax.sharding import logical_to_mesh_spec
+from fipo_jax.models.config import SUPPORTED_DTYPES
+from fipo_jax.models.kv_cache import init_kv_cache
+from fipo_jax.sharding import constrain_rows, row_split
 
 # Prompt widths compiled for, 1.5–2× apart: prefill cost grows with the padded width, and each
 # width is one compilation.
@@ -127,7 +128,7 @@ class SamplingConfig:
             object.__setattr__(self, "prompt_length_buckets", tuple(int(b) for b in buckets))
         for name in ("max_new_tokens", "top_k", "pad_token_id"):  # NumPy ints → int (hashing)
             object.__setattr__(self, name, int(getattr(self, name)))
-        _checks.check_choice("SamplingConfig.cache_dtype", self.cache_dtype, (None, "float32", "bfloat16"))
+        _checks.check_choice("SamplingConfig.cache_dtype", self.cache_dtype, (None, *SUPPORTED_DTYPES))
 
     @property
     def greedy(self) -> bool:
@@ -341,47 +342,6 @@ class _LoopState(NamedTuple):
     log_probs_BxN: jax.Array
     recent_BxL: jax.Array  # the last L generated tokens (L = longest stop sequence, 1 without)
     stop_length_B: jax.Array
-
-
-def row_shardings(tree, row_sharding: NamedSharding):
-    """Where `constrain_rows` pins each array of ``tree``: dim 0 split like ``row_sharding``, the
-    rest replicated — except the keys and values of a `KVCache`, whose kv-head axis (third from
-    last: [B, layers, N, S, K], or the engine's stacked [S, 1, layers, N, L, K]) is also split as the rules table
-    places logical ``kv_heads`` (over ``tensor``), so tensor parallelism divides the cache too."""
-    mesh, rows = row_sharding.mesh, _row_axes(row_sharding)
-
-    def split_rows(x):
-        ndim = np.ndim(x)
-        return NamedSharding(mesh, PartitionSpec(*([rows] + [None] * (ndim - 1))[:ndim]))
-
-    def split_heads(x):
-        spec = [rows] + [None] * (x.ndim - 1)
-        spec[x.ndim - 3] = logical_to_mesh_spec(("kv_heads",), (x.shape[x.ndim - 3],), mesh,
-                                                name=f"KV-cache array of shape {x.shape}")[0]
-        return NamedSharding(mesh, PartitionSpec(*spec))
-
-    def place(node):
-        if isinstance(node, KVCache):
-            return jax.tree.map(split_rows, node)._replace(keys=split_heads(node.keys),
-                                                           values=split_heads(node.values))
-        return split_rows(node)
-
-    return jax.tree.map(place, tree, is_leaf=lambda node: isinstance(node, KVCache))
-
-
-def constrain_rows(tree, row_sharding: NamedSharding | None):
-    """Pins every array of `tree` to its `row_shardings` placement (rows split; a KV cache's kv
-    heads too). Inside jit this keeps the sampler data-parallel: the KV cache and the decode buffers
-    stay split instead of being left to sharding propagation. No-op when None."""
-    if row_sharding is None:
-        return tree
-
-    def one(x, sharding):
-        if not isinstance(x, jax.Array) or x.ndim == 0:
-            return x
-        return lax.with_sharding_constraint(x, sharding)
-
-    return jax.tree.map(one, tree, row_shardings(tree, row_sharding))
 
 
 class Drawn(NamedTuple):
@@ -633,18 +593,3 @@ def check_first_tokens_finite(finite) -> None:
     if not bool(finite):
         raise NonFiniteLogitsError("the policy's next-token log-probs are not finite (NaN / ±inf) at the first "
                                    "sampled token: its parameters or inputs hold non-finite values")
-
-
-def _row_axes(sharding: NamedSharding):
-    """The mesh axis (or axes, or None) that `sharding` splits dim 0 over."""
-    return sharding.spec[0] if len(sharding.spec) else None
-
-
-def row_split(sharding: NamedSharding | None) -> tuple[NamedSharding | None, int]:
-    """(`sharding` reduced to its row split — dim 0 split, the rest replicated — and the number of
-    device groups rows are split over); (None, 1) for None."""
-    if sharding is None:
-        return None, 1
-    rows = _row_axes(sharding)
-    return (NamedSharding(sharding.mesh, PartitionSpec(rows)),
-            math.prod(sharding.mesh.shape[a] for a in jax.tree.leaves(rows)))

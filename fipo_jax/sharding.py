@@ -261,3 +261,67 @@ def shard_batch(batch: dict, mesh: Mesh, rules: Mapping[str, RuleLike] | None = 
         axes = ("batch",) + (None,) * (value.ndim - 1)
         out[key] = jax.device_put(value, logical_sharding(axes, value.shape, mesh, rules, name=f"batch field {key!r}"))
     return out
+
+
+# -- rows: the samplers' data parallelism --------------------------------------------------------
+
+
+def row_split(sharding: NamedSharding | None) -> tuple[NamedSharding | None, int]:
+    """(``sharding`` reduced to its row split — dim 0 split, the rest replicated — and the number of
+    device groups rows are split over); (None, 1) for None."""
+    if sharding is None:
+        return None, 1
+    rows = _row_axes(sharding)
+    return (NamedSharding(sharding.mesh, PartitionSpec(rows)),
+            math.prod(sharding.mesh.shape[a] for a in jax.tree.leaves(rows)))
+
+
+def _row_axes(sharding: NamedSharding):
+    """The mesh axis (or axes, or None) that ``sharding`` splits dim 0 over."""
+    return sharding.spec[0] if len(sharding.spec) else None
+
+
+def row_shardings(tree, row_sharding: NamedSharding):
+    """Where `constrain_rows` pins each array of ``tree``: dim 0 split like ``row_sharding``, the
+    rest replicated — except in a node whose type declares ``KV_HEAD_FIELDS`` (the KV cache:
+    keys and values [B, layers, N, S, K], or the engine's [S, 1, layers, N, L, K]): there the
+    kv-head axis, third from last, is also split as the rules table places logical ``kv_heads``
+    (over ``tensor``), so tensor parallelism divides the cache too."""
+    mesh, rows = row_sharding.mesh, _row_axes(row_sharding)
+
+    def split_rows(x):
+        ndim = np.ndim(x)
+        return NamedSharding(mesh, PartitionSpec(*([rows] + [None] * (ndim - 1))[:ndim]))
+
+    def split_heads(x):
+        spec = [rows] + [None] * (x.ndim - 1)
+        spec[x.ndim - 3] = logical_to_mesh_spec(("kv_heads",), (x.shape[x.ndim - 3],), mesh,
+                                                name=f"KV-cache array of shape {x.shape}")[0]
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    def place(node):
+        if not _has_kv_heads(node):
+            return split_rows(node)
+        heads = {name: split_heads(getattr(node, name)) for name in type(node).KV_HEAD_FIELDS}
+        return jax.tree.map(split_rows, node)._replace(**heads)
+
+    return jax.tree.map(place, tree, is_leaf=_has_kv_heads)
+
+
+def _has_kv_heads(node) -> bool:
+    return hasattr(type(node), "KV_HEAD_FIELDS")
+
+
+def constrain_rows(tree, row_sharding: NamedSharding | None):
+    """Pins every array of ``tree`` to its `row_shardings` placement (rows split; a KV cache's kv
+    heads too). Inside jit this keeps the samplers data-parallel: the KV cache and the decode
+    buffers stay split instead of being left to sharding propagation. No-op when None."""
+    if row_sharding is None:
+        return tree
+
+    def one(x, sharding):
+        if not isinstance(x, jax.Array) or x.ndim == 0:
+            return x
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree.map(one, tree, row_shardings(tree, row_sharding))

@@ -31,7 +31,7 @@ from flax import nnx
 
 from fipo_jax import distributed, render
 from fipo_jax import run_log as run_log_lib
-from fipo_jax import rl_step
+from fipo_jax import rl_step, runtime_configs
 from fipo_jax import run_dir as run_dir_lib
 from fipo_jax.run_dir import check_export_destination
 from fipo_jax.build import build_model, build_prompts, build_tokenizer, needs_warm_start, warm_start
@@ -43,8 +43,7 @@ from fipo_jax.packing import RLBatch, pack_batch
 from fipo_jax.preflight import preflight
 from fipo_jax.render import TokenView
 from fipo_jax.rollouts import DynamicSamplingExhausted, RolloutCollector, Rollouts, majority_vote
-from fipo_jax.sampling import row_split
-from fipo_jax.sharding import logical_sharding, make_mesh, replicated
+from fipo_jax.sharding import make_mesh, replicated, ways
 
 __all__ = ["Trainer", "NonFiniteStateError", "DynamicSamplingExhausted", "Rollouts", "majority_vote"]
 
@@ -111,7 +110,7 @@ class Trainer:
         algo, optim = config.algo, config.optim
         self.micro_batch_size = micro_batch_rows(config)
         # Device groups the update's rows split over (a packed micro-batch's rows are a multiple).
-        self.rows_split = row_split(logical_sharding(("batch", None), (self.micro_batch_size, 1), self.mesh))[1]
+        self.rows_split = ways("batch", self.mesh)
         schedule = rl_step.warmup_schedule(optim.lr, optim.warmup_steps, algo.mini_batches)
         optimizer = rl_step.make_optimizer(schedule, optim.b1, optim.b2, optim.eps, optim.weight_decay, optim.grad_clip)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
@@ -120,11 +119,9 @@ class Trainer:
         self.state_shardings = rl_step.state_shardings(params, optimizer, self.mesh)
         self.state = rl_step.place_state(rl_step.init_state(params, optimizer, jax.random.key(config.seed)),
                                          self.state_shardings)
-        update_config = rl_step.UpdateConfig(loss=algo.loss, group_size=config.rollout.n, advantage=algo.advantage,
-                                             micro_batch_weighting=algo.micro_batch_weighting,
-                                             logprob_chunk_size=config.model.logprob_chunk_size)
-        self.update = rl_step.jit_rl_update(self.graphdef, self.rest, optimizer, update_config, self.state_shardings,
-                                            replicated(self.mesh))
+        self.update_config = runtime_configs.update_config(config)
+        self.update = rl_step.jit_rl_update(self.graphdef, self.rest, optimizer, self.update_config,
+                                            self.state_shardings, replicated(self.mesh))
         self.run_log = run_log_lib.RunLog(run_dir, writable=self.primary, tensorboard=config.tensorboard)
         self.checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), config.keep_checkpoints)
         self._warned_padding = False
@@ -361,9 +358,8 @@ class Trainer:
             for i, row in enumerate(rows)]
 
     def _advantages(self, rollouts: Rollouts) -> np.ndarray:
-        """Group advantages of a batch, as the update computes them from its scores."""
-        return np.asarray(rl_step.ADVANTAGE_ESTIMATORS[self.config.algo.advantage](
-            rollouts.scores.astype(np.float32), self.config.rollout.n))
+        """The batch's advantages as the update computes them (`rl_step.sequence_advantages`)."""
+        return np.asarray(rl_step.sequence_advantages(rollouts.scores, self.update_config))
 
     def write_views(self, prefix: str) -> list[str]:
         """`influence_views` of the last step as ``<prefix>.html`` and one PNG per response."""

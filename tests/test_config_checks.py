@@ -175,3 +175,135 @@ def test_the_planner_refuses_a_run_that_cannot_fit_before_anything_is_built():
                                           r"\(1 CPU device\(s\)\) \(at least [\d,.]+ GiB\), and this machine has "
                                           r"23\.5 GiB; `python -m fipo_jax\.plan"):
         check_planned_memory(apply_overrides(cpu_default(), ["rollout.n=400000"]), int(23.5 * 2**30))
+
+
+# Issue 25, item 4: the fields no check covered. Each bad value is refused through `--set` (the
+# command line's path) and through the dataclass itself (the Python API's path), naming the field.
+UNCHECKED_BEFORE = [
+    ("model", "dtype", "float16", r"model\.dtype must be one of \('float32', 'bfloat16'\), got 'float16'"),
+    ("model", "compute_dtype", "int8", r"model\.compute_dtype must be one of \('float32', 'bfloat16'\)"),
+    ("model", "remat", "some", r"model\.remat must be one of \('none', 'full', 'dots'\), got 'some'"),
+    ("model", "rope_theta", 0.0, r"model\.rope_theta must be a finite number > 0, got 0\.0"),
+    ("model", "rope_theta", float("inf"), r"model\.rope_theta must be a finite number > 0, got inf"),
+    ("rollout", "dynamic_sampling", 1, r"rollout\.dynamic_sampling must be a bool, got 1"),
+    ("reward", "overlong_shaping", "no", r"reward\.overlong_shaping must be a bool, got 'no'"),
+    ("sft", "enabled", 0, r"sft\.enabled must be a bool, got 0"),
+    ("sft", "cache_dir", "", r"sft\.cache_dir must be a non-empty string or None, got ''"),
+    (None, "name", "", r"name must be a non-empty string usable as a directory name .*, got ''"),
+    (None, "name", "a/b", r"name must be a non-empty string usable as a directory name .*, got 'a/b'"),
+    (None, "name", "..", r"name must be a non-empty string usable as a directory name .*, got '\.\.'"),
+    (None, "name", "a\0b", r"name must be a non-empty string usable as a directory name .*, got 'a\\x00b'"),
+    (None, "tensorboard", 1, r"tensorboard must be a bool, got 1"),
+]
+
+
+@pytest.mark.parametrize("section, field, value, message", UNCHECKED_BEFORE)
+def test_every_field_is_checked_by_the_dataclass(section, field, value, message):
+    import dataclasses
+
+    config = cpu_default()
+    with pytest.raises(ConfigError, match=message):
+        if section is None:
+            dataclasses.replace(config, **{field: value})
+        else:
+            dataclasses.replace(getattr(config, section), **{field: value})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.dtype=float16", r"model\.dtype must be one of \('float32', 'bfloat16'\), got 'float16'"),
+    ("model.compute_dtype=int8", r"model\.compute_dtype must be one of"),
+    ("model.remat=some", r"model\.remat must be "),
+    ("model.rope_theta=-1", r"model\.rope_theta must be a finite number > 0, got -1\.0"),
+    ("model.rope_theta=nan", r"model\.rope_theta must be a finite number > 0, got nan"),
+    ("rollout.dynamic_sampling=2", r"rollout\.dynamic_sampling must be a bool, got 2"),
+    ("reward.overlong_shaping=maybe", r"reward\.overlong_shaping must be a bool, got 'maybe'"),
+    ("sft.enabled=[]", r"sft\.enabled must be a bool, got \[\]"),
+    ('sft.cache_dir=""', r"sft\.cache_dir must be a non-empty string or None, got ''"),
+    ("sft.cache_dir=3", r"sft\.cache_dir must be a string, got 3"),
+    ('name=""', r"name must be a non-empty string usable as a directory name"),
+    ("name=runs/x", r"name must be a non-empty string usable as a directory name .*got 'runs/x'"),
+    ("name=.", r"name must be a non-empty string usable as a directory name .*got '\.'"),
+    ("tensorboard=2", r"tensorboard must be a bool, got 2"),
+])
+def test_every_field_is_checked_on_the_command_line(override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        apply_overrides(cpu_default(), [override])
+    assert "\n" not in str(err.value)
+
+
+def test_the_good_values_of_the_newly_checked_fields_pass():
+    config = apply_overrides(cpu_default(), ["model.dtype=bfloat16", "model.compute_dtype=bfloat16", "model.remat=true",
+                                             "model.rope_theta=1e6", "rollout.dynamic_sampling=false",
+                                             "reward.overlong_shaping=false", "sft.enabled=false", "sft.cache_dir=null",
+                                             "name=my run.v2", "tensorboard=true"])
+    assert (config.model.remat, config.sft.cache_dir, config.name, config.tensorboard) == ("full", None, "my run.v2", True)
+
+
+def test_choice_lists_have_one_declaration():
+    """The config validates against the tables the code dispatches on (issue 25, item 2): every key
+    is accepted, anything else is refused with the one table's choices in the message."""
+    import typing
+
+    from fipo_jax import losses, rl_step
+    from fipo_jax.advantages import ADVANTAGE_ESTIMATORS
+    from fipo_jax.config import DATA_TASKS, ignored
+    from fipo_jax.future_kl import METHOD_CHOICES, METHODS, FutureKLMethod
+    from fipo_jax.models.config import SUPPORTED_DTYPES
+
+    assert rl_step.ADVANTAGE_ESTIMATORS is ADVANTAGE_ESTIMATORS
+    for name in ADVANTAGE_ESTIMATORS:
+        assert apply_overrides(cpu_default(), [f"algo.advantage={name}"]).algo.advantage == name
+        assert rl_step.UpdateConfig(losses.PolicyLossConfig(), 2, advantage=name).advantage == name
+    with pytest.raises(ConfigError, match=rf"algo\.advantage must be one of {re_tuple(tuple(ADVANTAGE_ESTIMATORS))}, "
+                                          r"got 'ppo'"):
+        apply_overrides(cpu_default(), ["algo.advantage=ppo"])
+    for weighting in losses.MICRO_BATCH_WEIGHTINGS:
+        assert apply_overrides(cpu_default(), [f"algo.micro_batch_weighting={weighting}"]).algo.micro_batch_weighting \
+            == weighting
+    with pytest.raises(ConfigError, match=rf"algo\.micro_batch_weighting must be one of "
+                                          rf"{re_tuple(losses.MICRO_BATCH_WEIGHTINGS)}, got 'mean'"):
+        apply_overrides(cpu_default(), ["algo.micro_batch_weighting=mean"])
+    with pytest.raises(ValueError, match=r"UpdateConfig\.micro_batch_weighting must be one of"):
+        rl_step.UpdateConfig(losses.PolicyLossConfig(), 2, micro_batch_weighting="mean")
+    with pytest.raises(ConfigError, match=rf"model\.dtype must be one of {re_tuple(SUPPORTED_DTYPES)}"):
+        apply_overrides(cpu_default(), ["model.dtype=float16"])
+    # The tuples are the Literals' arguments, not second lists.
+    assert losses.LOSS_MODES == typing.get_args(losses.LossMode)
+    assert losses.AGGREGATIONS == typing.get_args(losses.Aggregation)
+    assert losses.MICRO_BATCH_WEIGHTINGS == typing.get_args(losses.MicroBatchWeighting)
+    assert ("auto",) + METHODS == METHOD_CHOICES == typing.get_args(FutureKLMethod)
+    assert set(ignored._TASK_FIELDS) == set(DATA_TASKS)  # the ignored-field table covers every task
+
+
+def re_tuple(choices: tuple) -> str:
+    """A tuple's repr as a regular expression."""
+    import re
+
+    return re.escape(repr(choices))
+
+
+def test_runtime_configs_copy_every_field():
+    """One constructor per runtime config (issue 25, item 3): each copies the run config's values."""
+    from fipo_jax import runtime_configs
+    from fipo_jax.data import CharTokenizer
+
+    config = apply_overrides(cpu_default(), ["algo.advantage=rloo", "algo.micro_batch_weighting=official",
+                                             "model.logprob_chunk_size=64", "reward.overlong_factor=0.5",
+                                             "reward.verify_timeout_s=3", "reward.score_budget_s=9", "eval.top_p=0.5",
+                                             "rollout.top_k=7", "data.max_prompt_tokens=100"])
+    update = runtime_configs.update_config(config)
+    assert (update.loss, update.group_size, update.advantage, update.micro_batch_weighting,
+            update.logprob_chunk_size) == (config.algo.loss, 8, "rloo", "official", 64)
+    reward = runtime_configs.reward_config(config)
+    assert (reward.max_response_length, reward.overlong_buffer, reward.overlong_factor, reward.verify_timeout_s,
+            reward.batch_budget_s) == (128, 16, 0.5, 3.0, 9.0)
+    unshaped = apply_overrides(config, ["reward.overlong_shaping=false"])
+    assert runtime_configs.reward_config(unshaped).overlong_buffer is None
+    tokenizer = CharTokenizer()
+    train = runtime_configs.sampling_config(config, tokenizer, [(5, 6)])
+    evaluation = runtime_configs.sampling_config(config, tokenizer, evaluation=True)
+    assert (train.temperature, train.top_p, train.top_k, train.stop_sequences) == (1.0, 1.0, 7, ((5, 6),))
+    assert (evaluation.temperature, evaluation.top_p, evaluation.top_k, evaluation.stop_sequences) == (1.0, 0.5, 0, ())
+    for sampling in (train, evaluation):
+        assert sampling.max_new_tokens == 128 and sampling.eos_token_ids == (tokenizer.eos_token_id,)
+        assert sampling.prompt_length_buckets == (16, 32, 64, 100 + runtime_configs.PROMPT_BUCKET_SLACK)

@@ -80,8 +80,8 @@ def test_engine_equals_static_sampler_per_request(model, requests, temperature):
     sampling = config(temperature, top_p=0.9 if temperature else 1.0)
     key = jax.random.key(4)
     static = generate(model, ids, mask, key, sampling)
-    out, stats = engine_lib.generate(model, ids, mask, key, sampling, EngineConfig(num_slots=4, steps_per_sync=3),
-                                     max_new_tokens=budgets)
+    out, stats = engine_lib.generate_with_stats(model, ids, mask, key, sampling, EngineConfig(num_slots=4, steps_per_sync=3),
+                                                max_new_tokens=budgets)
     assert_matches_static(out, static, budgets)
     assert (out.lengths < budgets).any() and (out.lengths == budgets).any()  # EOS and budgets both end requests
     assert stats.generated_tokens == out.lengths.sum() and 0 < stats.slot_utilisation <= 1
@@ -95,8 +95,8 @@ def test_stop_sequences_as_in_the_static_sampler(model, requests):
     stops = (tuple(int(t) for t in greedy.tokens[1, 3:5]), (int(greedy.tokens[4, 2]),))
     sampling = config(0.0, stop_sequences=stops)
     static = generate(model, ids, mask, jax.random.key(0), sampling)
-    out, _ = engine_lib.generate(model, ids, mask, jax.random.key(0), sampling, EngineConfig(num_slots=5),
-                                 max_new_tokens=np.full(len(ids), NEW))
+    out = engine_lib.generate(model, ids, mask, jax.random.key(0), sampling, EngineConfig(num_slots=5),
+                              max_new_tokens=np.full(len(ids), NEW))
     assert (np.asarray(static.stop_lengths) > 0).sum() >= 2
     assert_matches_static(out, static, np.full(len(ids), NEW))
 
@@ -104,7 +104,7 @@ def test_stop_sequences_as_in_the_static_sampler(model, requests):
 @pytest.mark.slow
 def test_results_do_not_depend_on_slots_sync_or_sharing(model, requests):
     ids, mask, budgets = requests
-    runs = [engine_lib.generate(model, ids, mask, jax.random.key(2), config(1.0), engine, max_new_tokens=budgets)[0]
+    runs = [engine_lib.generate(model, ids, mask, jax.random.key(2), config(1.0), engine, max_new_tokens=budgets)
             for engine in (EngineConfig(num_slots=1, steps_per_sync=1),
                            EngineConfig(num_slots=7, steps_per_sync=5, refill_threshold=2, prefill_batch=2),
                            EngineConfig(num_slots=32, steps_per_sync=64, share_prompt_prefill=False),
@@ -118,15 +118,16 @@ def test_results_do_not_depend_on_slots_sync_or_sharing(model, requests):
 def test_each_prompt_is_prefilled_once(model, requests):
     ids, mask, budgets = requests
     prompts = len(ids) // GROUP
-    shared = engine_lib.generate(model, ids, mask, jax.random.key(0), config(0.0), EngineConfig(num_slots=4),
-                                 max_new_tokens=budgets)[1]
-    repeated = engine_lib.generate(model, ids, mask, jax.random.key(0), config(0.0),
-                                   EngineConfig(num_slots=4, share_prompt_prefill=False), max_new_tokens=budgets)[1]
+    shared = engine_lib.generate_with_stats(model, ids, mask, jax.random.key(0), config(0.0), EngineConfig(num_slots=4),
+                                            max_new_tokens=budgets)[1]
+    repeated = engine_lib.generate_with_stats(model, ids, mask, jax.random.key(0), config(0.0),
+                                              EngineConfig(num_slots=4, share_prompt_prefill=False),
+                                              max_new_tokens=budgets)[1]
     assert shared.prefilled_prompts == prompts and repeated.prefilled_prompts == len(ids)
     # Interleaved prompts with a one-row store: rows are evicted and re-prefilled, results unchanged.
     order = np.argsort(np.arange(len(ids)) % GROUP, kind="stable")
-    out, stats = engine_lib.generate(model, ids[order], mask[order], jax.random.key(0), config(0.0),
-                                     EngineConfig(num_slots=2, prefill_batch=1), max_new_tokens=budgets[order])
+    out, stats = engine_lib.generate_with_stats(model, ids[order], mask[order], jax.random.key(0), config(0.0),
+                                                EngineConfig(num_slots=2, prefill_batch=1), max_new_tokens=budgets[order])
     static = generate(model, ids[order], mask[order], jax.random.key(0), config(0.0))
     assert_matches_static(out, static, budgets[order])
     assert stats.prefilled_prompts > prompts
@@ -140,8 +141,8 @@ def test_inserting_requests_never_recompiles(model, requests):
     rng = np.random.RandomState(1)
     for count in (1, 7, 15):  # other requests, budgets, prompts and keys, same prompt bucket
         rows = rng.randint(0, len(ids), count)
-        out, stats = engine_lib.generate(model, ids[rows], mask[rows], jax.random.key(count), config(1.0), engine,
-                                         max_new_tokens=rng.randint(1, NEW + 1, count))
+        out, stats = engine_lib.generate_with_stats(model, ids[rows], mask[rows], jax.random.key(count), config(1.0), engine,
+                                                    max_new_tokens=rng.randint(1, NEW + 1, count))
         assert stats.device_calls >= 1
     assert engine_lib._advance_jit._cache_size() == advance
     assert engine_lib._prefill_jit._cache_size() <= prefill + 2  # prefill widths 1, 2, 4: one compile each
@@ -152,9 +153,9 @@ def test_tail_compaction_halves_the_slots_it_decodes(model, requests):
     before = engine_lib._advance_jit._cache_size()
     tail = np.full(len(ids), 2)
     tail[4] = NEW  # one long request: the other slots end early and the queue empties
-    runs = {compact: engine_lib.generate(model, ids, mask, jax.random.key(0), config(1.0, eos_token_ids=()),
-                                         EngineConfig(num_slots=8, steps_per_sync=2, compact_tail=compact),
-                                         max_new_tokens=tail) for compact in (True, False)}
+    runs = {compact: engine_lib.generate_with_stats(model, ids, mask, jax.random.key(0), config(1.0, eos_token_ids=()),
+                                                    EngineConfig(num_slots=8, steps_per_sync=2, compact_tail=compact),
+                                                    max_new_tokens=tail) for compact in (True, False)}
     assert np.array_equal(runs[True][0].tokens, runs[False][0].tokens)
     assert runs[True][1].slot_utilisation > 2 * runs[False][1].slot_utilisation
     assert engine_lib._advance_jit._cache_size() - before <= 4  # 8, 4, 2, 1 slots at most
@@ -163,14 +164,14 @@ def test_tail_compaction_halves_the_slots_it_decodes(model, requests):
 def test_per_request_stop_sequences(model, requests):
     ids, mask, budgets = requests
     full = np.full(len(ids), NEW)
-    plain, _ = engine_lib.generate(model, ids, mask, jax.random.key(0), config(0.0), EngineConfig(num_slots=4),
-                                   max_new_tokens=full)
+    plain = engine_lib.generate(model, ids, mask, jax.random.key(0), config(0.0), EngineConfig(num_slots=4),
+                                max_new_tokens=full)
     target = 2
     stop = tuple(int(t) for t in plain.tokens[target, 2:4])
     stops = [() for _ in ids]
     stops[target] = (stop, (VOCAB - 1, VOCAB - 2, VOCAB - 3))
-    out, _ = engine_lib.generate(model, ids, mask, jax.random.key(0), config(0.0), EngineConfig(num_slots=4),
-                                 max_new_tokens=full, stop_sequences=stops)
+    out = engine_lib.generate(model, ids, mask, jax.random.key(0), config(0.0), EngineConfig(num_slots=4),
+                              max_new_tokens=full, stop_sequences=stops)
     first = next(i for i in range(1, NEW) if tuple(plain.tokens[target, i - 1:i + 1]) == stop)
     assert out.lengths[target] == first + 1 and out.stop_lengths[target] == 2
     others = np.arange(len(ids)) != target
@@ -181,8 +182,8 @@ def test_progress_and_utilisation(model, requests):
     ids, mask, _ = requests
     ended = []
     # Every request runs to the same budget and slots = requests: every decode step is busy.
-    out, stats = engine_lib.generate(model, ids, mask, jax.random.key(0), config(1.0, eos_token_ids=()),
-                                     EngineConfig(num_slots=len(ids), steps_per_sync=4), progress=ended.append)
+    out, stats = engine_lib.generate_with_stats(model, ids, mask, jax.random.key(0), config(1.0, eos_token_ids=()),
+                                                EngineConfig(num_slots=len(ids), steps_per_sync=4), progress=ended.append)
     assert sum(ended) == len(ids) and np.all(out.lengths == NEW)
     assert stats.slot_utilisation == 1.0 and stats.decode_steps == NEW - 1
 
@@ -227,8 +228,8 @@ def test_sliding_window_and_bfloat16_cache_match_the_static_sampler(requests):
     ids, mask, budgets = requests
     for sampling in (config(1.0), config(0.0, cache_dtype="bfloat16")):
         static = generate(sliding, ids, mask, jax.random.key(3), sampling)
-        out, _ = engine_lib.generate(sliding, ids, mask, jax.random.key(3), sampling, EngineConfig(num_slots=4),
-                                     max_new_tokens=budgets)
+        out = engine_lib.generate(sliding, ids, mask, jax.random.key(3), sampling, EngineConfig(num_slots=4),
+                                  max_new_tokens=budgets)
         assert_matches_static(out, static, budgets)
 
 

@@ -118,8 +118,8 @@ mask[:4, :3] = False
 budgets = rng.integers(1, 13, size=len(ids))
 rows = NamedSharding(mesh, PartitionSpec("data"))
 static = jax.device_get(generate(model, ids, mask, jax.random.key(1), config))
-split, stats = engine_lib.generate(model, ids, mask, jax.random.key(1), config, engine_lib.EngineConfig(num_slots=4),
-                                   max_new_tokens=budgets, row_sharding=rows)
+split, stats = engine_lib.generate_with_stats(model, ids, mask, jax.random.key(1), config, engine_lib.EngineConfig(num_slots=4),
+                                              max_new_tokens=budgets, row_sharding=rows)
 same = all(np.array_equal(split.tokens[r, :n], static.tokens[r, :n]) for r, n in enumerate(split.lengths))
 lengths = np.minimum(static.lengths, budgets)
 try:
@@ -137,9 +137,9 @@ hlo = engine_lib._advance_jit.lower(
     jax.random.key(0), np.int32(0), config, 16, rows).compile().as_text()
 # With a tensor axis the slots' and the prefix store's kv heads are split too: [4/2 slots, 1, 2, 2/2 kv heads, 19, 8].
 tensor_rows = NamedSharding(make_mesh((2, 2, 2)), PartitionSpec("data"))
-tensor_split, _ = engine_lib.generate(model, ids, mask, jax.random.key(1), config,
-                                      engine_lib.EngineConfig(num_slots=4), max_new_tokens=budgets,
-                                      row_sharding=tensor_rows)
+tensor_split = engine_lib.generate(model, ids, mask, jax.random.key(1), config,
+                                   engine_lib.EngineConfig(num_slots=4), max_new_tokens=budgets,
+                                   row_sharding=tensor_rows)
 same_tensor = all(np.array_equal(tensor_split.tokens[r, :n], static.tokens[r, :n])
                   for r, n in enumerate(tensor_split.lengths))
 tensor_hlo = engine_lib._advance_jit.lower(

@@ -33,6 +33,10 @@ class KVCache(NamedTuple):
       index: int32 scalar, next slot to write (same for all rows).
     """
 
+    # Fields whose kv-head axis (third from last) `fipo_jax.sharding.row_shardings` splits like
+    # logical "kv_heads"; every other field is split by rows only.
+    KV_HEAD_FIELDS = ("keys", "values")
+
     keys: jax.Array
     values: jax.Array
     valid_BxS: jax.Array
