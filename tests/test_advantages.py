@@ -36,6 +36,7 @@ def test_hand_computed():
 
 
 @given(groups=st.integers(1, 5), group_size=st.integers(2, 8), seed=st.integers(0, 2**31 - 1))
+@pytest.mark.slow
 def test_against_numpy(groups, group_size, seed):
     scores = np.random.default_rng(seed).choice([-1.0, 0.0, 0.5, 1.0], size=groups * group_size).astype(np.float32)
     s = scores.reshape(groups, group_size)

@@ -39,6 +39,7 @@ def test_text_prompts_for_the_scratch_model_name_the_file_and_row():
         _fit_prompts(records, CharTokenizer(), 64, "train", print, "data.train_path p.jsonl")
 
 
+@pytest.mark.slow
 def test_no_group_with_mixed_outcomes_is_one_line(tmp_path, capsys):
     """Without the warm start the tiny policy never answers right: the run stops with the message."""
     skip = ("sft.", "steps=")
@@ -172,6 +173,7 @@ def test_a_float_mask_holding_nan_is_refused():
     fj.policy_loss(lp, lp, np.ones((1,), np.float32), np.nan_to_num(mask) > 0, fj.PolicyLossConfig())
 
 
+@pytest.mark.slow
 def test_sampling_a_policy_with_nan_weights_raises():
     from flax import nnx
 

@@ -147,6 +147,7 @@ def test_cli_rejects_bad_distributed_flags(flags, message):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_missing_process_is_named_and_the_wait_is_bounded():
     """Process 0 of 2 with no second process: it says whom it waits for, then one line and exit 2
     when the timeout passes, instead of minutes of silence and a fatal stack trace (issue 24, item 16)."""

@@ -133,6 +133,7 @@ def test_each_prompt_is_prefilled_once(model, requests):
     assert stats.prefilled_prompts > prompts
 
 
+@pytest.mark.slow
 def test_inserting_requests_never_recompiles(model, requests):
     ids, mask, budgets = requests
     engine = EngineConfig(num_slots=4, steps_per_sync=2, prefill_batch=4, compact_tail=False)
@@ -148,6 +149,7 @@ def test_inserting_requests_never_recompiles(model, requests):
     assert engine_lib._prefill_jit._cache_size() <= prefill + 2  # prefill widths 1, 2, 4: one compile each
 
 
+@pytest.mark.slow
 def test_tail_compaction_halves_the_slots_it_decodes(model, requests):
     ids, mask, budgets = requests
     before = engine_lib._advance_jit._cache_size()
@@ -161,6 +163,7 @@ def test_tail_compaction_halves_the_slots_it_decodes(model, requests):
     assert engine_lib._advance_jit._cache_size() - before <= 4  # 8, 4, 2, 1 slots at most
 
 
+@pytest.mark.slow
 def test_per_request_stop_sequences(model, requests):
     ids, mask, budgets = requests
     full = np.full(len(ids), NEW)

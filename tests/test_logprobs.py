@@ -228,6 +228,7 @@ def jitted_sequence_log_probs(model, ids, mask, response_start, chunk_size=4, re
     return fn(model, ids, mask, response_start=response_start, chunk_size=chunk_size)
 
 
+@pytest.mark.slow
 def test_sequence_log_probs_alignment_and_masking(model):
     ids = jax.random.randint(jax.random.key(0), (3, 10), 0, MODEL_VOCAB, jnp.int32)
     # Row 0 full; row 1 left-padded prompt (2 pads); row 2 right-padded response (3 pads).
@@ -255,6 +256,7 @@ def test_sequence_log_probs_alignment_and_masking(model):
     np.testing.assert_allclose(np.asarray(alone)[0], np.asarray(all_next)[1, 2:], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_sequence_log_probs_gradient_reaches_parameters(model):
     ids = jax.random.randint(jax.random.key(1), (2, 7), 0, MODEL_VOCAB, jnp.int32)
     mask = jnp.ones((2, 7), bool)

@@ -172,6 +172,7 @@ def test_future_kl_reweights_tokens_before_a_drift():
     np.testing.assert_allclose(metrics["influence_weights_max"], np.exp(0.1), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sequence_drop_rule():
     """E8: two dual-clipped A<0 tokens drop the row from numerator and denominator."""
     old = jnp.zeros((3, 4)) - 2.0
@@ -266,6 +267,7 @@ def test_ratio_statistics_match_numpy_quantiles():
     variant=st.sampled_from(["32b", "7b", "eps0", "no_filter", "no_drop", "dapo"]),
     spread=st.sampled_from([0.05, 0.5, 3.0]),
 )
+@pytest.mark.slow
 def test_matches_pytorch_transcription(seed, variant, spread):
     rng = np.random.default_rng(seed)
     b, t = 6, 160

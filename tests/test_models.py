@@ -760,6 +760,7 @@ def test_decode_attention_reads_written_blocks_and_equals_dense(block):
                                    atol=3e-2)
 
 
+@pytest.mark.slow
 def test_blocked_decode_matches_dense_decode_in_the_sampler():
     from fipo_jax.sampling import SamplingConfig, generate
 

@@ -102,6 +102,7 @@ def test_regularisers_aggregate_per_segment():
         np.testing.assert_allclose(mb[name], ma[name], rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_a_huge_log_ratio_in_one_sequence_leaves_its_neighbours_weights_alone():
     lp, old, advantages, mask, lengths = loss_batch(seed=5)
     config = fj.PolicyLossConfig(decay_rate=64.0, future_kl_filter=False)

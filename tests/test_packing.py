@@ -61,6 +61,7 @@ def test_segment_helpers():
     assert segment_cumsum(jnp.array([[1, 1, 1, 0, 1, 1, 1]]), ids).tolist() == [[1, 2, 1, 1, 2, 1, 1]]
 
 
+@pytest.mark.slow
 def test_packed_log_probs_equal_each_sequence_alone():
     from fipo_jax.logprobs import sequence_log_probs
 

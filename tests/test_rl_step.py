@@ -88,6 +88,7 @@ def host(tree):
     return jax.tree.map(as_numpy, tree)
 
 
+@pytest.mark.slow
 def test_an_update_that_would_make_parameters_non_finite_is_skipped(setup):
     """A step so large that the parameters overflow is skipped like a non-finite gradient."""
     graphdef, params, rest, fields = setup
@@ -132,6 +133,7 @@ def test_warmup_schedule_counts_rl_steps():
     assert float(rl_step.warmup_schedule(0.5, 0, 3)(jnp.int32(0))) == 0.5
 
 
+@pytest.mark.slow
 def test_learning_rate_follows_the_schedule_through_the_state(setup):
     _, first = run(setup, mini=2, micro=4, opt=optimizer(warmup_steps=2, updates_per_step=2))
     assert float(first["actor/lr"]) == 0.0  # every update of the first step has LR 0

@@ -174,6 +174,7 @@ def test_an_earlier_runs_files_are_set_aside(tmp_path):
     assert run_dir.set_aside(str(directory)) != moved  # never onto an earlier set-aside
 
 
+@pytest.mark.slow
 def test_a_damaged_sft_cache_is_rebuilt_by_the_warm_start(tmp_path):
     from flax import nnx
 

@@ -221,6 +221,7 @@ def test_sample_tokens_frequencies_follow_filtered_distribution():
     np.testing.assert_allclose(np.bincount(np.asarray(tokens_hot)[:, 0], minlength=5) / len(keys), flat, atol=0.03)
 
 
+@pytest.mark.slow
 def test_categorical_across_blocks_and_independent_of_batch_size():
     # 1300 tokens = 3 blocks of 512 (the last partial); mass in every block, some tokens banned.
     rng = np.random.default_rng(0)

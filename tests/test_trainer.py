@@ -144,6 +144,7 @@ def test_killed_run_resumes_identically(tmp_path, cache_dir, reference_run):
     assert comparable(ours) == comparable(reference)
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_on_resume(tmp_path, cache_dir, reference_run):
     import shutil
 
@@ -313,6 +314,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, cac
     assert comparable(ours) == comparable(reference)
 
 
+@pytest.mark.slow
 def test_metrics_without_a_checkpoint_are_set_aside_not_overwritten(tmp_path, cache_dir, reference_run):
     import shutil
 
