@@ -1,6 +1,6 @@
 """Packed updates equal padded ones: the policy loss on packed rows (segment ids) gives the loss,
-every metric and the gradient of the same sequences padded one per row; `rl_update` on a
-`PackedRLBatch` gives the metrics and parameters of the padded update; `pack_batch` keeps budgets."""
+every metric and the gradient of the same sequences padded one per row; `rl_update` on the packed
+layout of `RLBatch` gives the metrics and parameters of the one-per-row layout; `pack_batch` keeps budgets."""
 
 import itertools
 

@@ -63,7 +63,7 @@ def test_file_task_with_hf_checkpoint(tmp_path, hf_folder):
     ])
     trainer = Trainer(config, str(tmp_path / "run"), progress=False, log=lambda s: None)
     assert trainer.tokenizer.eos_token_id == 151643 and trainer.policy.config.vocab_size == 151665
-    assert trainer.model.config.model_type == family
+    assert trainer.policy.config.model_type == family
     prompt_ids = encode_prompt(trainer.train_records[0], trainer.tokenizer)
     assert trainer.tokenizer.decode(prompt_ids).startswith("<|im_start|>user\nSolve the following math problem")
     summary = trainer.train()
