@@ -234,8 +234,9 @@ def train_step(sizes: dict, peak: float | None) -> dict:
     optimizer = rl_step.make_optimizer(rl_step.warmup_schedule(1e-6, 0, 1), 0.9, 0.999, 1e-8, 0.0, 1.0)
     state = rl_step.init_state(params, optimizer, jax.random.key(0))
     del params  # donated with the state
-    update = rl_step.jit_rl_update(graphdef, rest, optimizer, rl_step.UpdateConfig(
-        loss=config.algo.loss, group_size=sizes["rows"], logprob_chunk_size=sizes["logprob_chunk"]))
+    update_config = rl_step.UpdateConfig(loss=config.algo.loss, group_size=sizes["rows"],
+                                         logprob_chunk_size=sizes["logprob_chunk"])
+    update = rl_step.jit_rl_update(graphdef, rest, optimizer, update_config)
     start = time.perf_counter()
     compiled = update.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -249,12 +250,14 @@ def train_step(sizes: dict, peak: float | None) -> dict:
     length = sizes["prompt"] + sizes["response"]
     tokens = sizes["micro_batches"] * sizes["rows"] * length
     flops = 4 * forward_flops_per_token(model, length) * tokens
+    executed = executed_matmul_flops(graphdef, rest, optimizer, update_config, state, batch)
     step_s = statistics.median(seconds[1:])
     planned = plan_lib.plan(config, (1,), model=model)
     out = {"model": sizes["model"] if isinstance(sizes["model"], str) else "tiny", "remat": model.remat,
            "tokens_per_update": tokens, "seconds_per_update": step_s, "compile_seconds": compile_s,
            "tokens_per_second": tokens / step_s, "model_tflops_per_second": flops / step_s / 1e12,
            "mfu": None if peak is None else flops / step_s / (peak * 1e12),
+           "executed_over_model_flops": executed / flops, "attention": "xla (fipo_jax.models.attention)",
            "loss_finite": bool(np.isfinite(float(metrics["actor/loss"]))),
            "memory": memory_report(planned.update_peak)}
 
@@ -267,11 +270,21 @@ def train_step(sizes: dict, peak: float | None) -> dict:
     mfu = "n/a (unknown peak)" if out["mfu"] is None else f"{out['mfu']:.1%}"
     measured = out["memory"]["measured_peak_bytes_in_use"]
     print(f"train {out['model']} (remat {model.remat}): {out['tokens_per_second']:,.0f} tokens/s, "
-          f"{out['model_tflops_per_second']:.1f} model TFLOP/s, MFU {mfu}, compile {compile_s:.1f} s; memory planned "
+          f"{out['model_tflops_per_second']:.1f} model TFLOP/s, MFU {mfu} (executed {executed / flops:.2f}× the model's "
+          f"matmul FLOPs), compile {compile_s:.1f} s; memory planned "
           f"{planned.update_peak / 2**30:.2f} GiB vs measured "
           + (f"{measured / 2**30:.2f} GiB" if measured else "n/a"), flush=True)
     print_top_ops("train", out["top_ops"])
     return out
+
+
+def executed_matmul_flops(graphdef, rest, optimizer, config, state, batch) -> float:
+    """The update's matmul FLOPs as its program executes them (remat's recompute, the log-prob
+    head's second pass; `bench_breakdown.program_matmul_flops`), traced, not run."""
+    from bench_breakdown import program_matmul_flops  # it imports this module: imported when used
+
+    return program_matmul_flops(jax.make_jaxpr(lambda st, b: rl_step.rl_update(
+        st, b, graphdef=graphdef, rest=rest, optimizer=optimizer, config=config))(state, batch).jaxpr)
 
 
 def random_model(name_or_fields) -> CausalLM:

@@ -21,6 +21,7 @@ def test_tiny_run_reports_every_figure(tmp_path):
         assert train["loss_finite"] and train["tokens_per_second"] > 0 and train["compile_seconds"] > 0
         assert train["memory"]["planned"] > 0 and train["memory"]["measured_peak_bytes_in_use"] is None  # CPU
         assert train["mfu"] is None  # a CPU has no known peak; --peak-tflops gives one
+        assert train["executed_over_model_flops"] >= 0.99 and train["attention"].startswith("xla")
     assert (report["train"]["remat"], report["train_7b"]["remat"]) == ("none", "full")
     assert all(report["decode"][name]["new_tokens_per_second"] > 0 for name in ("static", "engine"))
     tail = report["engine_long_tail"]
