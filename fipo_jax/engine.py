@@ -47,7 +47,7 @@ from fipo_jax.sampling import (
     draw_step,
     left_align_prompts,
     request_uniforms,
-    stop_table,
+    request_stop_tables,
 )
 
 
@@ -139,7 +139,7 @@ class Slots(NamedTuple):
     last_token_S: jax.Array  # int32, fed to the next decode step
     active_S: jax.Array  # bool, holds a request that has not ended
     recent_SxL: jax.Array  # int32, last L generated tokens (stop matching), −1 before the first
-    stop_tokens_SxQxL: jax.Array  # the request's stop sequences, right-aligned (`stop_table`)
+    stop_tokens_SxQxL: jax.Array  # the request's stop sequences, right-aligned (`request_stop_tables`)
     stop_valid_SxQxL: jax.Array
     stop_length_S: jax.Array  # int32, length of the matched stop sequence (0: none)
 
@@ -371,20 +371,6 @@ class _PrefixStore:
         return row
 
 
-def _stop_tables(stop_sequences: Sequence[tuple[tuple[int, ...], ...]]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-request stop tables padded to a common [R, Q, L] (Q, L ≥ 1)."""
-    width = max([len(q) for stops in stop_sequences for q in stops], default=1)
-    count = max([len(stops) for stops in stop_sequences], default=1) or 1
-    tokens = np.full((len(stop_sequences), count, width), -1, np.int32)
-    valid = np.zeros((len(stop_sequences), count, width), bool)
-    for r, stops in enumerate(stop_sequences):
-        if stops:
-            t, v = stop_table(stops)
-            tokens[r, : len(stops), width - t.shape[1]:] = t
-            valid[r, : len(stops), width - t.shape[1]:] = v
-    return tokens, valid
-
-
 def _check_requests(count: int, max_new_tokens, stop_sequences, config: SamplingConfig, vocab: int):
     """Per-request budgets [R] and stop sequences (tuple of tuples per request), validated."""
     if max_new_tokens is None:
@@ -473,7 +459,7 @@ def generate_with_stats(
                                          model.config.vocab_size)
     width = config.prompt_length(int(mask_RxL.sum(axis=1).max()))
     ids_RxP, mask_RxP = left_align_prompts(ids_RxL, mask_RxL, width, config.pad_token_id)
-    run = _Run(model, _Requests(ids_RxP, mask_RxP, budgets_R, *_stop_tables(stops_R)), key, config, engine,
+    run = _Run(model, _Requests(ids_RxP, mask_RxP, budgets_R, *request_stop_tables(stops_R)), key, config, engine,
                row_sharding)
     while run.done < run.count:
         ended = run.advance(run.fill_free_slots())

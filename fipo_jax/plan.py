@@ -35,7 +35,7 @@ from fipo_jax import memory_model
 from fipo_jax.config import ConfigError, TrainConfig, load_config, micro_batch_rows
 from fipo_jax.engine import EngineConfig
 from fipo_jax.models import CausalLM, ModelConfig
-from fipo_jax.rollouts import PROMPT_BUCKET_SLACK
+from fipo_jax.runtime_configs import PROMPT_BUCKET_SLACK
 from fipo_jax.sharding import MESH_AXES, logical_sharding, ways
 
 GiB = 2**30

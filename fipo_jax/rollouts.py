@@ -24,7 +24,6 @@ from fipo_jax import runtime_configs
 from fipo_jax.config import TrainConfig
 from fipo_jax.data import CharTokenizer, PromptIterator, PromptRecord, render_prompt
 from fipo_jax.rewards import score_batch
-from fipo_jax.runtime_configs import PROMPT_BUCKET_SLACK  # noqa: F401  (the memory planner reads it here)
 from fipo_jax.sampling import SamplingConfig, generate, left_align_prompts
 from fipo_jax.sharding import batch_sharding, ways
 

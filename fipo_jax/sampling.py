@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -373,12 +374,19 @@ def draw_step(logits_BxV: jax.Array, key: jax.Array, uniforms_Bx2: jax.Array | N
     return Drawn(tokens_B, log_probs_B, is_eos_B, recent_BxL, jnp.where(emitting_B, matched_B, 0))
 
 
-def _stop_tables(config: SamplingConfig, rows: int) -> tuple[jax.Array, jax.Array]:
-    """Every row's stop sequences [B, Q, L] (one empty sequence when there are none)."""
-    tokens_QxL, valid_QxL = (stop_table(config.stop_sequences) if config.stop_sequences
-                             else (np.full((1, 1), -1, np.int32), np.zeros((1, 1), bool)))
-    return (jnp.broadcast_to(jnp.asarray(tokens_QxL), (rows,) + tokens_QxL.shape),
-            jnp.broadcast_to(jnp.asarray(valid_QxL), (rows,) + valid_QxL.shape))
+def request_stop_tables(stop_sequences: Sequence[tuple[tuple[int, ...], ...]]) -> tuple[np.ndarray, np.ndarray]:
+    """Each request's `stop_table`, padded to a common [R, Q, L] (Q, L ≥ 1; a request without
+    stop sequences gets one empty, never-matching row)."""
+    width = max([len(q) for stops in stop_sequences for q in stops], default=1)
+    count = max([len(stops) for stops in stop_sequences], default=1) or 1
+    tokens = np.full((len(stop_sequences), count, width), -1, np.int32)
+    valid = np.zeros((len(stop_sequences), count, width), bool)
+    for r, stops in enumerate(stop_sequences):
+        if stops:
+            t, v = stop_table(stops)
+            tokens[r, : len(stops), width - t.shape[1]:] = t
+            valid[r, : len(stops), width - t.shape[1]:] = v
+    return tokens, valid
 
 
 def _record(state: _LoopState, cache, logits_BxV: jax.Array, key: jax.Array, stops, config: SamplingConfig
@@ -436,7 +444,7 @@ def generate_left_padded(
     """
     batch, prompt_len = prompt_ids_BxP.shape
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.bool_)
-    stops = _stop_tables(config, batch)
+    stops = tuple(map(jnp.asarray, request_stop_tables([config.stop_sequences] * batch)))
     record = functools.partial(_record, key=key, stops=stops, config=config)
     # Decode feeds at most N − 1 tokens after the prompt.
     cache = constrain_rows(init_kv_cache(model.config, batch, prompt_len + config.max_new_tokens - 1,

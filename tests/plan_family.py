@@ -70,7 +70,7 @@ from fipo_jax import engine, rl_step
 from fipo_jax.packing import abstract_batch
 from fipo_jax.config import apply_overrides, cpu_default
 from fipo_jax.models import CausalLM, ModelConfig
-from fipo_jax.rollouts import PROMPT_BUCKET_SLACK
+from fipo_jax.runtime_configs import PROMPT_BUCKET_SLACK
 from fipo_jax.sampling import SamplingConfig
 from fipo_jax.sharding import row_shardings, row_split
 from fipo_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
