@@ -26,6 +26,7 @@ square). Matmuls only: elementwise work and float32 upcasts are not in either co
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -56,12 +57,12 @@ TINY_SHAPES = {"tiny/none": (dict(QWEN_05B, vocab_size=512, hidden_size=64, inte
                                   num_attention_heads=4, num_key_value_heads=2), "none")}
 
 
-def cost(fn, *args) -> dict:
+def cost(fn, *args, jitted=None) -> dict:
     """The matmul FLOPs ``fn(*args)`` executes (`program_matmul_flops`), XLA's `cost_analysis` of
-    the compiled program and its compile time (abstract args)."""
+    the compiled program (``jitted``, default ``jax.jit(fn)``) and its compile time (abstract args)."""
     flops = program_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = (jitted or jax.jit(fn)).lower(*args).compile()
     return dict(program_matmul_flops=flops, **xla_counts(compiled), compile_s=time.perf_counter() - start)
 
 
@@ -151,13 +152,9 @@ def update_cost(graphdef, rest, params, optimizer, opt_state, layout: dict) -> d
     state = rl_step.RLState(params=params, opt_state=opt_state, step=jax.ShapeDtypeStruct((), jnp.int32),
                             key=jax.eval_shape(lambda: jax.random.key(0)))
     config = rl_step.UpdateConfig(loss=PolicyLossConfig(), group_size=r, logprob_chunk_size=layout["logprob_chunk"])
-    update = rl_step.jit_rl_update(graphdef, rest, optimizer, config)
-    batch = abstract_batch(1, k, r, p + n, n)
-    flops = program_matmul_flops(jax.make_jaxpr(lambda st, b: rl_step.rl_update(
-        st, b, graphdef=graphdef, rest=rest, optimizer=optimizer, config=config))(state, batch).jaxpr)
-    start = time.perf_counter()
-    compiled = update.lower(state, batch).compile()
-    return dict(program_matmul_flops=flops, **xla_counts(compiled), compile_s=time.perf_counter() - start)
+    update = functools.partial(rl_step.rl_update, graphdef=graphdef, rest=rest, optimizer=optimizer, config=config)
+    return cost(update, state, abstract_batch(1, k, r, p + n, n),
+                jitted=rl_step.jit_rl_update(graphdef, rest, optimizer, config))
 
 
 def print_breakdown(result: dict) -> None:
