@@ -16,13 +16,16 @@ Parts:
 1. ``future_kl``: FIPO loss + gradient (no metrics) with each exact method, and our DAPO loss, side
    by side (`bench_loss.time_interleaved`); the fastest is what
    ``fipo_jax.future_kl.DEFAULT_METHOD_BY_BACKEND`` should say for this backend.
-2. ``train`` / ``train_7b``: `rl_update` (old-log-prob pass + forward/backward + AdamW) of random
+2. ``train`` / ``train_7b`` / ``train_fused``: `rl_update` (old-log-prob pass + forward/backward + AdamW) of random
    bfloat16 weights of the Qwen2.5-0.5B (remat "none") / 7B (remat "full") shape, one layout of 2
    micro-batches × 8 rows × 2,048 tokens: compile seconds, median seconds per update; model FLOPs
    per token = 4 × forward (3 for training, 1 for the old log-probs), forward = 2 × matmul
    parameters + 2·H·K·T for causal attention; MFU = FLOPs / s / the chip's dense bf16 peak
    (`PEAK_TFLOPS`, or ``--peak-tflops``); recomputation (remat, chunked attention) not counted.
    The state is built without a model object, so only the update's own copy of the weights lives.
+   ``train`` and ``train_7b`` run ``attention_impl="auto"`` (what a user gets); ``train_fused`` the
+   0.5B shape again with the backend's fused kernel (`FUSED_ATTENTION`: cuDNN on GPU, splash on
+   TPU; skipped elsewhere), so the two attention paths are measured side by side in one run.
 3. ``decode``: new tokens/s of `sampling.generate` and `engine.generate`, every row decoding its
    whole budget (no EOS), equal budgets.
 4. ``engine_long_tail``: requests with log-normal budgets (max / mean ≈ 5): useful tokens/s of
@@ -61,6 +64,7 @@ from fipo_jax import rl_step
 from fipo_jax.packing import pack_batch
 from fipo_jax.config import apply_overrides, cpu_default
 from fipo_jax.models import CausalLM, ModelConfig
+from fipo_jax.models.attention_kernels import describe_attention
 from fipo_jax.sampling import SamplingConfig, generate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +81,7 @@ FULL = dict(
     future_kl=dict(loss_sizes=((2, 20480), (8, 2048), (16, 8192))),
     train=dict(TRAIN_LAYOUT, model="qwen2.5-0.5b", remat="none"),
     train_7b=dict(TRAIN_LAYOUT, model="qwen2.5-7b", remat="full"),
+    train_fused=dict(TRAIN_LAYOUT, model="qwen2.5-0.5b", remat="none", attention="fused", updates=3),
     decode=dict(model="qwen2.5-0.5b", rows=64, prompt=128, new_tokens=256),
     engine_long_tail=dict(model="qwen2.5-0.5b", requests=64, group=8, prompt=128, mean=96, sigma=1.0, cap=512,
                           slots=16),
@@ -88,12 +93,16 @@ TINY = dict(
     future_kl=dict(loss_sizes=((2, 256),)),
     train=dict(TINY_LAYOUT, model=TINY_MODEL, remat="none"),
     train_7b=dict(TINY_LAYOUT, model=dict(TINY_MODEL, num_hidden_layers=3), remat="full"),
+    train_fused=dict(TINY_LAYOUT, model=TINY_MODEL, remat="none", attention="fused"),
     decode=dict(model=TINY_MODEL, rows=4, prompt=8, new_tokens=8),
     engine_long_tail=dict(model=TINY_MODEL, requests=16, group=4, prompt=8, mean=4, sigma=1.0, cap=24, slots=4),
 )
 PARTS = tuple(FULL)
 # Seconds each part may take on one GPU, compiles included (the sum stays under 8 minutes).
-PART_TIMEOUT_S = {"future_kl": 45, "train": 90, "train_7b": 150, "decode": 75, "engine_long_tail": 110}
+PART_TIMEOUT_S = {"future_kl": 45, "train": 80, "train_7b": 130, "train_fused": 60, "decode": 75,
+                  "engine_long_tail": 90}
+# The fused attention kernel of each backend (`ModelConfig.attention_impl`), what ``train_fused`` runs.
+FUSED_ATTENTION = {"gpu": "cudnn", "tpu": "splash"}
 
 
 def peak_tflops(device, override: float | None) -> float | None:
@@ -104,11 +113,12 @@ def peak_tflops(device, override: float | None) -> float | None:
     return matches[0] if matches else None
 
 
-def model_config(name_or_fields, remat: str = "none", attention_chunk: int | None = None) -> ModelConfig:
+def model_config(name_or_fields, remat: str = "none", attention_chunk: int | None = None,
+                 attention: str = "auto") -> ModelConfig:
     """A bfloat16 `ModelConfig` of a known public shape (`plan.KNOWN_MODELS`) or explicit fields."""
     fields = plan_lib.KNOWN_MODELS[name_or_fields] if isinstance(name_or_fields, str) else name_or_fields
     return ModelConfig(**fields, dtype="bfloat16", compute_dtype="bfloat16", remat=remat,
-                       attention_chunk_size=attention_chunk)
+                       attention_chunk_size=attention_chunk, attention_impl=attention)
 
 
 def forward_flops_per_token(model: ModelConfig, length: int) -> float:
@@ -228,7 +238,14 @@ def random_params(config: ModelConfig):
 
 
 def train_step(sizes: dict, peak: float | None) -> dict:
-    model = model_config(sizes["model"], sizes["remat"], sizes["attention_chunk"])
+    attention = sizes.get("attention", "auto")
+    if attention == "fused":
+        backend = jax.default_backend()
+        if backend not in FUSED_ATTENTION:
+            print(f"train_fused: skipped (no fused attention kernel on {backend})", flush=True)
+            return {"skipped": f"no fused attention kernel on {backend}"}
+        attention = FUSED_ATTENTION[backend]
+    model = model_config(sizes["model"], sizes["remat"], sizes["attention_chunk"], attention)
     config, batch = update_layout(sizes)
     graphdef, params, rest = random_params(model)
     optimizer = rl_step.make_optimizer(rl_step.warmup_schedule(1e-6, 0, 1), 0.9, 0.999, 1e-8, 0.0, 1.0)
@@ -257,7 +274,7 @@ def train_step(sizes: dict, peak: float | None) -> dict:
            "tokens_per_update": tokens, "seconds_per_update": step_s, "compile_seconds": compile_s,
            "tokens_per_second": tokens / step_s, "model_tflops_per_second": flops / step_s / 1e12,
            "mfu": None if peak is None else flops / step_s / (peak * 1e12),
-           "executed_over_model_flops": executed / flops, "attention": "xla (fipo_jax.models.attention)",
+           "executed_over_model_flops": executed / flops, "attention": describe_attention(model.attention_impl),
            "loss_finite": bool(np.isfinite(float(metrics["actor/loss"]))),
            "memory": memory_report(planned.update_peak)}
 
@@ -269,7 +286,7 @@ def train_step(sizes: dict, peak: float | None) -> dict:
     out["top_ops"] = top_device_ops(profiled)
     mfu = "n/a (unknown peak)" if out["mfu"] is None else f"{out['mfu']:.1%}"
     measured = out["memory"]["measured_peak_bytes_in_use"]
-    print(f"train {out['model']} (remat {model.remat}): {out['tokens_per_second']:,.0f} tokens/s, "
+    print(f"train {out['model']} (remat {model.remat}, attention {out['attention']}): {out['tokens_per_second']:,.0f} tokens/s, "
           f"{out['model_tflops_per_second']:.1f} model TFLOP/s, MFU {mfu} (executed {executed / flops:.2f}× the model's "
           f"matmul FLOPs), compile {compile_s:.1f} s; memory planned "
           f"{planned.update_peak / 2**30:.2f} GiB vs measured "
@@ -373,6 +390,7 @@ def engine_long_tail(sizes: dict, peak: float | None) -> dict:
 RUNNERS = {"future_kl": lambda sizes, args, peak: future_kl_methods(sizes, args.repeats, peak),
            "train": lambda sizes, args, peak: train_step(sizes, peak),
            "train_7b": lambda sizes, args, peak: train_step(sizes, peak),
+           "train_fused": lambda sizes, args, peak: train_step(sizes, peak),
            "decode": lambda sizes, args, peak: decode(sizes, peak),
            "engine_long_tail": lambda sizes, args, peak: engine_long_tail(sizes, peak)}
 

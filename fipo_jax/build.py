@@ -59,7 +59,7 @@ def build_model(config: TrainConfig, tokenizer, mesh, log: Log):
             num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
             num_key_value_heads=spec.num_kv_heads, rope_theta=spec.rope_theta, max_position_embeddings=4096,
             tie_word_embeddings=True, dtype=spec.dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
-            attention_chunk_size=spec.attention_chunk_size)
+            attention_chunk_size=spec.attention_chunk_size, attention_impl=spec.attention_impl)
         return CausalLM(model_config, rngs=nnx.Rngs(config.seed))
     from fipo_jax.models import load_pretrained
     from fipo_jax.models.config import UnsupportedConfigError
@@ -69,7 +69,8 @@ def build_model(config: TrainConfig, tokenizer, mesh, log: Log):
     log(f"[model] loading {path}")
     try:
         model = load_pretrained(path, dtype=spec.dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
-                                attention_chunk_size=spec.attention_chunk_size, mesh=mesh)
+                                attention_chunk_size=spec.attention_chunk_size, attention_impl=spec.attention_impl,
+                                mesh=mesh)
     except (CheckpointFileError, CheckpointMismatchError, UnsupportedConfigError, FileNotFoundError,
             NotADirectoryError) as err:  # each names the file or tensor at fault: one line for train.py
         raise ConfigError(f"model.path: {err}") from err
@@ -79,8 +80,16 @@ def build_model(config: TrainConfig, tokenizer, mesh, log: Log):
 
 def build_policy(config: TrainConfig, mesh, log: Log):
     """(tokenizer, model) for ``config.model`` (`build_tokenizer`, then `build_model`)."""
+    from fipo_jax.models.attention_kernels import describe_attention
+
     tokenizer = build_tokenizer(config)
-    return tokenizer, build_model(config, tokenizer, mesh, log)
+    try:
+        attention = describe_attention(config.model.attention_impl)
+    except ValueError as err:  # e.g. a GPU kernel asked for on a CPU: before any weight is loaded
+        raise ConfigError(f"model.attention_impl: {err}") from err
+    model = build_model(config, tokenizer, mesh, log)
+    log(f"[model] attention: {attention}")
+    return tokenizer, model
 
 
 def _checkpoint_path(config: TrainConfig) -> str:

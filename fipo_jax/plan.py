@@ -177,7 +177,7 @@ def model_config(config: TrainConfig) -> ModelConfig:
     a checkpoint folder's ``config.json``, or a known public architecture matched by name."""
     spec = config.model
     common = dict(dtype=spec.dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
-                  attention_chunk_size=spec.attention_chunk_size)
+                  attention_chunk_size=spec.attention_chunk_size, attention_impl=spec.attention_impl)
     if spec.source == "scratch":
         from fipo_jax.data import CharTokenizer
 

@@ -115,6 +115,14 @@ def test_model_and_prompt_file_errors_reach_the_command_line_as_one_line(tmp_pat
     config = apply_overrides(cpu_default(), ["data.task=file", f"data.train_path={prompts}"])
     with pytest.raises(ConfigError, match=r"data\.train_path: .*p\.jsonl line 2: .*must be a string"):
         build_prompts(config, CharTokenizer(), lambda s: None)
+    config = apply_overrides(cpu_default(), ["model.attention_impl=splash"])  # a TPU kernel on this CPU
+    with pytest.raises(ConfigError, match=r"model\.attention_impl: attention_impl='splash' runs on tpu, not on this"):
+        build_policy(config, None, lambda s: None)
+    with pytest.raises(ConfigError, match=r"model\.attention_impl must be one of"):
+        apply_overrides(cpu_default(), ["model.attention_impl=flash"])
+    lines = []
+    build_policy(cpu_default(), None, lines.append)
+    assert "[model] attention: xla (auto on cpu: no fused kernel verified on this backend yet)" in lines[-1]
 
 
 def test_grpo_clip_follows_clip_ratio_low_through_every_path(tmp_path):

@@ -22,7 +22,7 @@ from typing import Any, Literal, get_args
 from fipo_jax import _checks
 from fipo_jax.advantages import ADVANTAGE_ESTIMATORS
 from fipo_jax.losses import MICRO_BATCH_WEIGHTINGS, MicroBatchWeighting, PolicyLossConfig
-from fipo_jax.models.config import REMAT_POLICIES, SUPPORTED_DTYPES
+from fipo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, SUPPORTED_DTYPES
 from fipo_jax.sampling import MIN_TEMPERATURE
 from fipo_jax.sharding import MESH_AXES, ways
 
@@ -71,6 +71,7 @@ class ModelSpec:
     rope_theta: float = 10000.0
     logprob_chunk_size: int = 1024
     attention_chunk_size: int | None = None  # query-chunked attention: O(chunk × T) score memory
+    attention_impl: str = "auto"  # full-sequence attention kernel: auto / xla / cudnn / splash (ModelConfig)
 
     def __post_init__(self):
         _checks.check_choice("model.source", self.source, MODEL_SOURCES, error=ConfigError)
@@ -79,6 +80,7 @@ class ModelSpec:
         if isinstance(self.remat, bool):
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         _checks.check_choice("model.remat", self.remat, REMAT_POLICIES, error=ConfigError)
+        _checks.check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLEMENTATIONS, error=ConfigError)
         _checks.check_number("model.rope_theta", self.rope_theta, minimum=0, exclusive_minimum=True, error=ConfigError)
         _checks.require(self.source != "hf" or bool(self.path), "model.path is required when model.source='hf'",
                         error=ConfigError)

@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 # Finite "minus infinity": a query whose keys are all masked (a pad position) gets a uniform,
@@ -107,63 +106,6 @@ def grouped_query_attention(
                             (q_CxBxcxHxK, slots_Cxc, positions_CxBxc, segments_CxBxc))
     out_BxTpxHxK = jnp.moveaxis(out_CxBxcxHxK, 0, 1).reshape(batch, -1, num_heads, head_dim)
     return out_BxTpxHxK[:, :q_len]
-
-
-# Implementations of `jax.nn.dot_product_attention` the fused path may name ("xla" is JAX's own
-# reference lowering; "cudnn" is the GPU's fused flash-attention kernel).
-FUSED_IMPLEMENTATIONS = ("xla", "cudnn")
-
-
-def fused_attention(
-    q_BxTxHxK: jax.Array,
-    k_BxNxSxK: jax.Array,
-    v_BxNxSxK: jax.Array,
-    mask: AttentionMask,
-    scale: float,
-    window: int | None = None,
-    implementation: str = "xla",
-) -> jax.Array:
-    """`grouped_query_attention` through `jax.nn.dot_product_attention` (GQA by its own grouping).
-
-    The one sequence per row whose keys are the queries themselves (a full forward without
-    padding: every key valid, no segments, slots = positions = 0 … T − 1) maps onto the
-    kernel's own masking — ``is_causal`` and a (W − 1, 0) ``local_window_size`` — so a fused
-    kernel skips the masked blocks; any other mask (padding, packed segments, a cache) is passed
-    as the boolean ``allowed`` mask [B, 1, T, S]. A query with no allowed key gets a uniform
-    distribution, as here. Not yet called by the model (issue 26): tested equal to
-    `grouped_query_attention` on CPU with ``implementation="xla"``.
-    """
-    if implementation not in FUSED_IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {FUSED_IMPLEMENTATIONS}, got {implementation!r}")
-    keys_BxSxNxK, values_BxSxNxK = k_BxNxSxK.transpose(0, 2, 1, 3), v_BxNxSxK.transpose(0, 2, 1, 3)
-    if window is not None and not isinstance(window, int):
-        raise TypeError(f"fused_attention needs a static int window (or None), got {type(window).__name__}")
-    if _is_plain_causal(mask):
-        local = None if window is None else (window - 1, 0)
-        return jax.nn.dot_product_attention(q_BxTxHxK, keys_BxSxNxK, values_BxSxNxK, scale=scale, is_causal=True,
-                                            local_window_size=local, implementation=implementation)
-    allowed_Bx1xTxS = mask.allowed(window)[:, None]
-    return jax.nn.dot_product_attention(q_BxTxHxK, keys_BxSxNxK, values_BxSxNxK, mask=allowed_Bx1xTxS, scale=scale,
-                                        implementation=implementation)
-
-
-def _is_plain_causal(mask: AttentionMask) -> bool:
-    """True when ``mask`` is known, at trace time, to be plain causal attention over T = S slots:
-    no segments, every key valid, and slots and positions both 0 … T − 1 (concrete arrays)."""
-    slots = mask.key_valid_BxS.shape[1]
-    if mask.key_segments_BxS is not None or mask.query_slots_T.shape[0] != slots:
-        return False
-    try:
-        return bool(np.all(np.asarray(mask.key_valid_BxS))) and all(
-            _counts_up(x) for x in (mask.query_slots_T, mask.query_positions_BxT, mask.key_positions_BxS))
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return False  # traced masks: the general (boolean mask) path
-
-
-def _counts_up(x) -> bool:
-    """Every row of concrete ``x`` is 0, 1, …, n − 1."""
-    x = np.asarray(x)
-    return bool(np.array_equal(x, np.broadcast_to(np.arange(x.shape[-1]), x.shape)))
 
 
 def decode_attention(

@@ -36,6 +36,10 @@ ROPE_SCALING_TYPES = ("linear", "llama3")
 # "none" every activation, "full" only the layer's input (all else recomputed), "dots" the outputs
 # of the weight matmuls (attention scores and elementwise work recomputed).
 REMAT_POLICIES = ("none", "full", "dots")
+# Full-sequence attention (`attention.full_attention`): "auto" picks per backend
+# (`attention.AUTO_ATTENTION`), "xla" is this library's own XLA code, "cudnn" the GPU's fused kernel
+# through `jax.nn.dot_product_attention`, "splash" the TPU's Pallas splash-attention kernel.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
 class UnsupportedConfigError(ValueError):
@@ -114,6 +118,9 @@ class ModelConfig:
         rematerialised: O(chunk × T) score memory instead of O(T²), same result.
       decode_block_size: a decode step reads the KV cache in blocks of this many slots, only the
         blocks that hold visible keys (`decode_attention`); None reads the whole cache.
+      attention_impl: the kernel of full-sequence attention (training, log-probs), one of
+        `ATTENTION_IMPLEMENTATIONS`; "auto" takes `attention.AUTO_ATTENTION[backend]`. Cached
+        forwards (prefill, decode) always use this library's XLA code.
     """
 
     vocab_size: int
@@ -147,6 +154,7 @@ class ModelConfig:
     remat: str = "none"
     attention_chunk_size: int | None = None
     decode_block_size: int | None = 256
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -177,6 +185,7 @@ class ModelConfig:
         if isinstance(self.remat, bool):
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         _checks.check_choice("ModelConfig.remat", self.remat, REMAT_POLICIES)
+        _checks.check_choice("ModelConfig.attention_impl", self.attention_impl, ATTENTION_IMPLEMENTATIONS)
         _checks.check_number("ModelConfig.query_pre_attn_scalar", self.query_pre_attn_scalar, minimum=0,
                              exclusive_minimum=True, allow_none=True)
         self._validate_layer_types()

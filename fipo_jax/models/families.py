@@ -50,6 +50,7 @@ def config_from_hf(
     compute_dtype: str | None = None,
     remat: str | bool = "none",
     attention_chunk_size: int | None = None,
+    attention_impl: str = "auto",
 ) -> ModelConfig:
     """A `ModelConfig` from a transformers config object or a `config.json` dict.
 
@@ -59,6 +60,7 @@ def config_from_hf(
       compute_dtype: activation dtype; defaults to `dtype`.
       remat: the layer scan's remat policy (`ModelConfig.remat`).
       attention_chunk_size: query-chunked attention (see `ModelConfig`).
+      attention_impl: the full-sequence attention kernel (`ModelConfig.attention_impl`).
 
     Raises:
       UnsupportedConfigError: an unknown model_type, or a field asking for semantics this
@@ -101,6 +103,7 @@ def config_from_hf(
         compute_dtype=compute_dtype or dtype,
         remat=remat,
         attention_chunk_size=attention_chunk_size,
+        attention_impl=attention_impl,
     )
     fields.update(_FAMILY_READERS[model_type](d))
     return ModelConfig(**fields)
@@ -337,7 +340,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     }
     d.update(_FAMILY_FIELDS[t](config, layer_types))
     runtime = dict(dtype=config.dtype, compute_dtype=config.compute_dtype, remat=config.remat,
-                   attention_chunk_size=config.attention_chunk_size)
+                   attention_chunk_size=config.attention_chunk_size, attention_impl=config.attention_impl)
     read_back = config_from_hf(d, **runtime).replace(decode_block_size=config.decode_block_size)
     if read_back != config:
         differ = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(read_back, f.name)]

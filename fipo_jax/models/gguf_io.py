@@ -269,6 +269,7 @@ def load_gguf(
     compute_dtype: str | None = None,
     remat: str | bool = "none",
     attention_chunk_size: int | None = None,
+    attention_impl: str = "auto",
     mesh=None,
     rules=None,
 ):
@@ -280,5 +281,5 @@ def load_gguf(
     except (GGUFError, UnsupportedConfigError) as error:
         raise type(error)(f"{path}: {error}") from error
     config = config_from_hf(hf_config, dtype=dtype, compute_dtype=compute_dtype, remat=remat,
-                            attention_chunk_size=attention_chunk_size)
+                            attention_chunk_size=attention_chunk_size, attention_impl=attention_impl)
     return load_from_source(GGUFSource(reader, hf_config, path), config, mesh=mesh, rules=rules)

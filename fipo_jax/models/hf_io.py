@@ -119,6 +119,7 @@ def load_pretrained(
     compute_dtype: str | None = None,
     remat: str | bool = "none",
     attention_chunk_size: int | None = None,
+    attention_impl: str = "auto",
     mesh: Mesh | None = None,
     rules: Mapping[str, RuleLike] | None = None,
 ) -> CausalLM:
@@ -133,6 +134,8 @@ def load_pretrained(
       remat: what the layer scan keeps for the backward pass (`ModelConfig.remat`: "none", "full",
         "dots"; True / False mean "full" / "none").
       attention_chunk_size: query-chunked attention (`ModelConfig.attention_chunk_size`).
+      attention_impl: the full-sequence attention kernel (`ModelConfig.attention_impl`: "auto",
+        "xla", "cudnn", "splash").
       mesh: if given, every parameter is placed on NamedSharding(mesh, spec from its logical axes).
       rules: logical axis → mesh axis table; defaults to `fipo_jax.sharding.DEFAULT_RULES`.
 
@@ -148,7 +151,8 @@ def load_pretrained(
       fipo_jax.sharding.ShardingRuleError: with `mesh`, a rule that cannot apply to a parameter.
     """
     path = os.fspath(path)
-    options = dict(dtype=dtype, compute_dtype=compute_dtype, remat=remat, attention_chunk_size=attention_chunk_size)
+    options = dict(dtype=dtype, compute_dtype=compute_dtype, remat=remat, attention_chunk_size=attention_chunk_size,
+                   attention_impl=attention_impl)
     check_model_path(path)
     if path.endswith(".gguf") or os.path.isfile(path):
         from fipo_jax.models import gguf_io

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fipo_jax.models.attention import AttentionMask, decode_attention, grouped_query_attention
+from fipo_jax.models.attention_kernels import full_attention
 from fipo_jax.models.config import ModelConfig
 from fipo_jax.models.kv_cache import LayerCache
 from fipo_jax.models.rope import apply_rope
@@ -169,6 +170,8 @@ class Attention(nnx.Module):
         d, h, n, k = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.scale = config.attention_scale
         self.attention_chunk_size = config.attention_chunk_size
+        self.attention_impl = config.attention_impl
+        self.sliding_window = config.sliding_window
         self.decode_block_size = config.decode_block_size
         qkv = dict(rngs=rngs, bias=config.qkv_bias)
         self.q_proj = DenseGeneral("btd,dhk->bthk", (d, h, k), (AXIS_EMBED, AXIS_HEADS, AXIS_HEAD_DIM), config, **qkv)
@@ -204,8 +207,8 @@ class Attention(nnx.Module):
         k_BxNxTxK = apply_rope(k_BxTxNxK, cos_BxTxK, sin_BxTxK).transpose(0, 2, 1, 3)
         v_BxNxTxK = self.v_proj(x_BxTxD).transpose(0, 2, 1, 3)
         if cache is None:
-            out_BxTxHxK = grouped_query_attention(q_BxTxHxK, k_BxNxTxK, v_BxNxTxK, mask, self.scale, window,
-                                                  self.attention_chunk_size)
+            out_BxTxHxK = full_attention(q_BxTxHxK, k_BxNxTxK, v_BxNxTxK, mask, self.scale, window,
+                                         self.attention_chunk_size, self.attention_impl, self.sliding_window)
             return self.o_proj(out_BxTxHxK), None
         start = (0, cache.layer, 0, write_index, 0)
         keys = jax.lax.dynamic_update_slice(cache.keys, k_BxNxTxK[:, None].astype(cache.keys.dtype), start)
