@@ -394,6 +394,24 @@ def suggestions(config: TrainConfig | str, mesh_shape: Sequence[int], device_mem
     return found
 
 
+# Remat policies from the most recompute to the least (`bench_breakdown`: executed / model matmul
+# FLOPs of the 7B-shaped update, full 1.23, dots 1.07, none ≈ 1.0).
+_LESS_RECOMPUTE = {"full": ("dots", "none"), "dots": ("none",), "none": ()}
+
+
+def less_recompute(config: TrainConfig, mesh_shape: Sequence[int], device_memory: int | str,
+                   model: ModelConfig | None = None) -> list[str]:
+    """Remat policies that recompute less than ``config``'s and still fit (each re-planned)."""
+    model = model or model_config(config)
+    found = []
+    for policy in _LESS_RECOMPUTE[model.remat]:
+        result = plan(_with(config, "model", remat=policy), mesh_shape, device_memory,
+                      dataclasses.replace(model, remat=policy))
+        if result.fits:
+            found.append(f"model.remat={policy}: peak {_gib(result.peak)} per device")
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fipo_jax.plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -420,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     spare = result.device_memory - result.peak
     if result.fits:
         print(f"fits in {_gib(result.device_memory)}: {_gib(spare)} to spare ({spare / result.device_memory:.0%})")
+        for line in less_recompute(config, args.mesh, result.device_memory, result.model):
+            print(f"  also fits, with less recompute (faster): {line}")
         return 0
     print(f"does NOT fit in {_gib(result.device_memory)}: {_gib(-spare)} over")
     for line in suggestions(config, args.mesh, result.device_memory, result.model):

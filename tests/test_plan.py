@@ -88,6 +88,18 @@ def test_cli_verdict_and_suggestions(capsys):
     assert "dimension 'heads' of size 28 is not divisible" in capsys.readouterr().err
 
 
+def test_less_recompute_is_offered_only_when_it_fits(capsys):
+    config = load_config("qwen2.5-7b-fipo")  # remat "full"
+    roomy = plan_lib.less_recompute(config, (4, 4, 4), "80GiB")
+    assert [line.split(":")[0] for line in roomy] == ["model.remat=dots", "model.remat=none"]
+    for line in roomy:
+        assert plan_lib.plan(apply_overrides(config, [line.split(":")[0]]), (4, 4, 4), "80GiB").fits
+    tight = plan_lib.less_recompute(config, (4, 4, 4), "20GiB")
+    assert tight == [] and plan_lib.plan(config, (4, 4, 4), "20GiB").fits  # only "full" fits there
+    assert plan_lib.main(["--config", "qwen2.5-7b-fipo", "--mesh", "4,4,4", "--device-memory", "80GiB"]) == 0
+    assert "also fits, with less recompute (faster): model.remat=dots" in capsys.readouterr().out
+
+
 def test_suggested_settings_really_fit():
     config = load_config("qwen2.5-7b-fipo")
     for line in plan_lib.suggestions(config, (8, 1, 1), "80GiB"):
