@@ -14,6 +14,7 @@ import os
 from typing import Callable
 
 import numpy as np
+import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo_jax[train]
 from flax import nnx
 
 from fipo_jax import distributed

@@ -28,6 +28,7 @@ import sys
 from typing import Sequence
 
 import numpy as np
+import fipo_jax._requires.models  # noqa: F401  one-line ImportError without fipo_jax[models]
 from flax import nnx
 from jax.sharding import AbstractMesh
 

@@ -118,7 +118,9 @@ def influence_html(views: Sequence[TokenView], heading: str = "FIPO influence we
 def influence_png(view: TokenView, path: str, width_chars: int = 96) -> str:
     """The view as a PNG: the coloured text (wrapped at ``width_chars``), and beneath it Δlog p and
     FutureKL per token with the weight on a second axis. Returns ``path``."""
-    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
+    from fipo_jax._requires import import_module
+
+    Figure = import_module("matplotlib.figure", "train").Figure  # no pyplot: leaves the caller's backend alone
 
     lines, line, col = [], [], 0
     for i, token in enumerate(view.tokens):

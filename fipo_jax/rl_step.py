@@ -38,6 +38,7 @@ import functools
 import warnings
 from typing import Any, NamedTuple
 
+import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo_jax[train]
 import flax.struct
 import jax
 import jax.numpy as jnp

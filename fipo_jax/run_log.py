@@ -121,7 +121,7 @@ class TensorBoardLog:
             from tensorboardX import SummaryWriter
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError("TrainConfig.tensorboard=True needs the tensorboardX package: "
-                              "pip install tensorboardX") from err
+                              "pip install 'fipo_jax[tensorboard]' (or tensorboardX)") from err
         self.writer = SummaryWriter(directory)
 
     def append(self, row: dict) -> None:
@@ -147,7 +147,9 @@ def length_stats(lengths: Iterable[int], max_length: int) -> dict[str, float]:
 
 def plot_run(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
     """PNG plots of accuracy, response length and influence weights over steps."""
-    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
+    from fipo_jax._requires import import_module
+
+    Figure = import_module("matplotlib.figure", "train").Figure  # no pyplot: leaves the caller's backend alone
 
     os.makedirs(out_dir, exist_ok=True)
     panels = [

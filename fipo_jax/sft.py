@@ -21,6 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo_jax[train]
 import optax
 from flax import nnx
 

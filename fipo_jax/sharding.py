@@ -24,6 +24,7 @@ from typing import Literal, Mapping, Sequence
 
 import jax
 import numpy as np
+import fipo_jax._requires.models  # noqa: F401  one-line ImportError without fipo_jax[models]
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo_jax[train]
 from flax import nnx
 
 from fipo_jax import distributed, render

@@ -37,6 +37,7 @@ def test_every_declared_dependency_is_pinned_inside_its_range():
     pins = _pins("requirements.txt")
     declared = [Requirement(r) for r in project["dependencies"]]
     declared += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    declared = [r for r in declared if canonicalize_name(r.name) != "fipo-jax"]  # extras naming extras
     for requirement in declared:
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{requirement} is declared but requirements.txt does not pin it (CI would not test it)"
@@ -91,3 +92,19 @@ def test_setup_refuses_a_named_python_that_is_too_old(tmp_path, fake_bin):
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"[setup] error: PYTHON={fake_bin / 'python3'} is not a Python >= 3.12"
     assert not (tmp_path / "venv").exists()
+
+
+def test_the_core_needs_only_jax_and_numpy_and_the_extras_compose():
+    from fipo_jax._requires import EXTRAS
+
+    project = _project()
+    assert {canonicalize_name(Requirement(r).name) for r in project["dependencies"]} == {"jax", "numpy"}
+    extras = {name: [Requirement(r) for r in reqs] for name, reqs in project["optional-dependencies"].items()}
+    assert [str(r) for r in extras["all"]] == ["fipo_jax[tensorboard,train]"]
+    assert any(r.name == "fipo_jax" and r.extras == {"models"} for r in extras["train"])
+    models = {canonicalize_name(r.name) for r in extras["models"]}
+    assert {"flax", "transformers", "tokenizers", "safetensors", "huggingface-hub", "ml-dtypes", "gguf"} <= models
+    train = {canonicalize_name(r.name) for r in extras["train"]}
+    imported = {"orbax.checkpoint": "orbax-checkpoint", "math_verify": "math-verify"}
+    for module in EXTRAS["train"]:  # every module the 'train' guard checks comes with the extra
+        assert canonicalize_name(imported.get(module, module)) in train | models, module

@@ -137,8 +137,9 @@ def record_from_row(row: dict[str, Any], where: str = "row",
 
 def _parquet_rows(path: str) -> Iterator[tuple[str, dict]]:
     """(``"path row i"``, row) for each row of a parquet file; a file that is not parquet is named."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from fipo_jax._requires import import_module
+
+    pa, pq = import_module("pyarrow", "train"), import_module("pyarrow.parquet", "train")
 
     try:
         rows = pq.read_table(path).to_pylist()

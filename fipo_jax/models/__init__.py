@@ -9,6 +9,7 @@ paths, JSON, safetensors damage, non-finite weights), `gguf_io` (GGUF import), `
 `param_shardings`, re-exported here) lives in `fipo_jax.sharding`.
 """
 
+import fipo_jax._requires.models  # noqa: F401  one-line ImportError without fipo_jax[models]
 from fipo_jax.models.attention import AttentionMask, decode_attention, grouped_query_attention
 from fipo_jax.models.file_checks import CheckpointFileError, checkpoint_files, nonfinite_tensors
 from fipo_jax.models.config import (

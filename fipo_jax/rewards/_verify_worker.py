@@ -79,6 +79,9 @@ def main() -> int:
 
         logging.getLogger("math_verify").setLevel(logging.CRITICAL)
         logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
+    except ModuleNotFoundError as exc:  # the package itself is not importable here: name the extra
+        send({"ready": False, "error": f"{exc}: pip install 'fipo_jax[train]' (math-verify)"})
+        return 1
     except BaseException as exc:
         send({"ready": False, "error": f"{type(exc).__name__}: {exc}"})
         return 1
