@@ -26,6 +26,8 @@ Parts:
    ``train`` and ``train_7b`` run ``attention_impl="auto"`` (what a user gets); ``train_fused`` the
    0.5B shape again with the backend's fused kernel (`FUSED_ATTENTION`: cuDNN on GPU, splash on
    TPU; skipped elsewhere), so the two attention paths are measured side by side in one run.
+   ``train`` also times the update's parts alone (`time_parts`: old log-probs, layers forward +
+   backward, the log-prob head, AdamW) — where the time goes, beside `bench_breakdown`'s FLOPs.
 3. ``decode``: new tokens/s of `sampling.generate` and `engine.generate`, every row decoding its
    whole budget (no EOS), equal budgets.
 4. ``engine_long_tail``: requests with log-normal budgets (max / mean ≈ 5): useful tokens/s of
@@ -79,7 +81,7 @@ TRAIN_LAYOUT = dict(rows=8, prompt=256, response=1792, micro_batches=2, logprob_
                     updates=5)
 FULL = dict(
     future_kl=dict(loss_sizes=((2, 20480), (8, 2048), (16, 8192))),
-    train=dict(TRAIN_LAYOUT, model="qwen2.5-0.5b", remat="none"),
+    train=dict(TRAIN_LAYOUT, model="qwen2.5-0.5b", remat="none", time_parts=True),
     train_7b=dict(TRAIN_LAYOUT, model="qwen2.5-7b", remat="full"),
     train_fused=dict(TRAIN_LAYOUT, model="qwen2.5-0.5b", remat="none", attention="fused", updates=3),
     decode=dict(model="qwen2.5-0.5b", rows=64, prompt=128, new_tokens=256),
@@ -91,7 +93,7 @@ TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hid
 TINY_LAYOUT = dict(rows=2, prompt=8, response=24, micro_batches=2, logprob_chunk=16, attention_chunk=16, updates=2)
 TINY = dict(
     future_kl=dict(loss_sizes=((2, 256),)),
-    train=dict(TINY_LAYOUT, model=TINY_MODEL, remat="none"),
+    train=dict(TINY_LAYOUT, model=TINY_MODEL, remat="none", time_parts=True),
     train_7b=dict(TINY_LAYOUT, model=dict(TINY_MODEL, num_hidden_layers=3), remat="full"),
     train_fused=dict(TINY_LAYOUT, model=TINY_MODEL, remat="none", attention="fused"),
     decode=dict(model=TINY_MODEL, rows=4, prompt=8, new_tokens=8),
@@ -99,8 +101,8 @@ TINY = dict(
 )
 PARTS = tuple(FULL)
 # Seconds each part may take on one GPU, compiles included (the sum stays under 8 minutes).
-PART_TIMEOUT_S = {"future_kl": 45, "train": 80, "train_7b": 130, "train_fused": 60, "decode": 75,
-                  "engine_long_tail": 90}
+PART_TIMEOUT_S = {"future_kl": 45, "train": 105, "train_7b": 125, "train_fused": 55, "decode": 70,
+                  "engine_long_tail": 80}
 # The fused attention kernel of each backend (`ModelConfig.attention_impl`), what ``train_fused`` runs.
 FUSED_ATTENTION = {"gpu": "cudnn", "tpu": "splash"}
 
@@ -284,6 +286,10 @@ def train_step(sizes: dict, peak: float | None) -> dict:
         return result
 
     out["top_ops"] = top_device_ops(profiled)
+    if sizes.get("time_parts"):
+        out["parts_ms"] = time_parts(graphdef, state.params, rest, model, sizes)
+        print("  parts of one micro-batch (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in out["parts_ms"].items()),
+              flush=True)
     mfu = "n/a (unknown peak)" if out["mfu"] is None else f"{out['mfu']:.1%}"
     measured = out["memory"]["measured_peak_bytes_in_use"]
     print(f"train {out['model']} (remat {model.remat}, attention {out['attention']}): {out['tokens_per_second']:,.0f} tokens/s, "
@@ -292,6 +298,39 @@ def train_step(sizes: dict, peak: float | None) -> dict:
           f"{planned.update_peak / 2**30:.2f} GiB vs measured "
           + (f"{measured / 2**30:.2f} GiB" if measured else "n/a"), flush=True)
     print_top_ops("train", out["top_ops"])
+    return out
+
+
+def time_parts(graphdef, params, rest, model: ModelConfig, sizes: dict, repeats: int = 3) -> dict:
+    """Milliseconds of each part of one micro-batch's update, each jitted and timed alone (median of
+    `repeats`): the old log-probs pass, the decoder layers' forward + backward, the chunked
+    log-prob head's forward + backward, the AdamW step (`bench_breakdown.part_functions`)."""
+    from bench_breakdown import part_functions  # it imports this module: imported when used
+    from fipo_jax.logprobs import chunked_token_log_probs
+
+    rows, length, chunk = sizes["rows"], sizes["prompt"] + sizes["response"], sizes["logprob_chunk"]
+    rng = np.random.default_rng(2)
+    ids = jnp.asarray(rng.integers(0, model.vocab_size, (rows, length)), jnp.int32)
+    seg = jnp.zeros((rows, length), jnp.int32)
+    hidden = jnp.asarray(rng.normal(size=(rows, length, model.hidden_size)), jnp.bfloat16)
+    unembed = jnp.asarray(0.02 * rng.normal(size=(model.hidden_size, model.vocab_size)), jnp.bfloat16)
+    head = jax.grad(lambda h, w, y: jnp.sum(chunked_token_log_probs(h, w, y, chunk_size=chunk)), argnums=(0, 1))
+    optimizer = rl_step.make_optimizer(rl_step.warmup_schedule(1e-6, 0, 1), 0.9, 0.999, 1e-8, 0.0, 1.0)
+    opt_state = optimizer.tx.init(params)
+    calls = {name: (fn, (params, ids, seg)) for name, (fn, _) in part_functions(graphdef, rest, model, chunk).items()
+             if name != "model_fwd_bwd"}
+    calls["head_fwd_bwd"] = (head, (hidden, unembed, ids))
+    calls["optimizer"] = (lambda g, st, p: optimizer.tx.update(g, st, p), (params, opt_state, params))
+    out = {}
+    for name, (fn, args) in calls.items():
+        jitted = jax.jit(fn)
+        jax.block_until_ready(jitted(*args))  # compile
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(jitted(*args))
+            seconds.append(time.perf_counter() - start)
+        out[name] = statistics.median(seconds) * 1e3
     return out
 
 

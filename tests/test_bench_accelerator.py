@@ -23,6 +23,8 @@ def test_tiny_run_reports_every_figure(tmp_path):
         assert train["mfu"] is None  # a CPU has no known peak; --peak-tflops gives one
         assert train["executed_over_model_flops"] >= 0.99 and train["attention"].startswith("xla")
     assert (report["train"]["remat"], report["train_7b"]["remat"]) == ("none", "full")
+    assert set(report["train"]["parts_ms"]) == {"old_log_probs", "layers_fwd_bwd", "head_fwd_bwd", "optimizer"}
+    assert all(ms > 0 for ms in report["train"]["parts_ms"].values())
     assert all(report["decode"][name]["new_tokens_per_second"] > 0 for name in ("static", "engine"))
     tail = report["engine_long_tail"]
     assert tail["max_over_mean"] > 2 and tail["engine"]["useful_tokens_per_second"] > 0 and tail["engine_gain"] > 0
