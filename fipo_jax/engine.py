@@ -9,11 +9,11 @@
       host    append the tokens each slot emitted to its request; a slot whose request ended
               (EOS, stop sequence, its own budget) is free for the next call
 
-A slot is one row of the static sampler with its own cache write index: the KV cache is a batch-1
-`KVCache` per slot stacked on a leading slot axis, and a decode step is the batch-1 model call
-`jax.vmap`-ed over slots (parameters are shared, so every projection is still one GEMM over the
-slots). The host syncs once per call, never per token, and every call has the same shapes, so
-inserting requests never recompiles.
+A slot is one row of the static sampler with its own cache write index: the slots' KV cache is one
+batch-S `KVCache` whose `index` is a vector [S], and a decode step is one batched cached forward
+(`model.decode_step`) in which each slot writes its new key / value at its own index, all slots in
+one batched update per layer (every projection is one GEMM over the slots). The host syncs once per
+call, never per token, and every call has the same shapes, so inserting requests never recompiles.
 
 Per-request randomness: token t of request r is drawn with `request_uniforms(key, t, r)`, exactly
 the uniforms of row r at step t in `sampling.generate`. A request's tokens depend only on
@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import fipo_jax._requires.models  # noqa: F401  one-line ImportError without fipo_jax[models]
 from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -128,7 +129,7 @@ class EngineStats:
 class Slots(NamedTuple):
     """The decode slots on the device (leading axis S everywhere).
 
-    `cache` leaves are the per-slot batch-1 caches stacked: keys [S, 1, layers, N, L, K], index [S].
+    `cache` is a batch-S cache with one write index per slot: keys [S, layers, N, L, K], index [S].
     A free slot has active False; its request id is that of the last request it held.
     """
 
@@ -175,11 +176,10 @@ class Refill(NamedTuple):
 
 
 def init_slots(model_config, num_slots: int, max_len: int, stop_shape: tuple[int, int], dtype=None) -> Slots:
-    """S free slots with empty batch-1 caches of `max_len` positions."""
-    cache = init_kv_cache(model_config, 1, max_len, dtype)
-    stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_slots, *x.shape)), cache)
+    """S free slots with an empty cache of `max_len` positions each (write indices [S], all 0)."""
     zeros = jnp.zeros((num_slots,), jnp.int32)
-    return Slots(cache=stacked, request_S=zeros - 1, position_S=zeros, budget_S=zeros, last_token_S=zeros,
+    cache = init_kv_cache(model_config, num_slots, max_len, dtype)._replace(index=zeros)
+    return Slots(cache=cache, request_S=zeros - 1, position_S=zeros, budget_S=zeros, last_token_S=zeros,
                  active_S=jnp.zeros((num_slots,), jnp.bool_),
                  recent_SxL=jnp.full((num_slots, stop_shape[1]), -1, jnp.int32),
                  stop_tokens_SxQxL=jnp.full((num_slots, *stop_shape), -1, jnp.int32),
@@ -216,20 +216,20 @@ def insert(slots: Slots, prefixes: Prefixes, refill: Refill) -> Slots:
         return jnp.where(refilled_S.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
 
     def prompt_into(slot_x, prefix_x, axis: int):
-        """Positions [0, P) along `axis` of the stacked slot caches ([S, 1, …]) take the prefix rows."""
-        taken = jnp.take(prefix_x, source_S, axis=0)[:, None]
+        """Positions [0, P) along `axis` of the slot cache ([S, …]) take the prefix rows."""
+        taken = jnp.take(prefix_x, source_S, axis=0)
         old = lax.slice_in_dim(slot_x, 0, width, axis=axis)
         return lax.dynamic_update_slice_in_dim(slot_x, keep(taken, old), 0, axis=axis)
 
     cache, prompt = slots.cache, prefixes.cache
     after_prompt_L = jnp.arange(cache.valid_BxS.shape[-1]) >= width  # invalid in a refilled slot: stale tokens
     cache = KVCache(
-        keys=prompt_into(cache.keys, prompt.keys, axis=4),  # [S, 1, layers, N, L, K]
-        values=prompt_into(cache.values, prompt.values, axis=4),
-        valid_BxS=prompt_into(cache.valid_BxS, prompt.valid_BxS, axis=2) & ~(
-            refilled_S[:, None, None] & after_prompt_L[None, None]),  # [S, 1, L]
-        positions_BxS=prompt_into(cache.positions_BxS, prompt.positions_BxS, axis=2),
-        next_position_B=keep(jnp.take(prompt.next_position_B, source_S)[:, None], cache.next_position_B),
+        keys=prompt_into(cache.keys, prompt.keys, axis=3),  # [S, layers, N, L, K]
+        values=prompt_into(cache.values, prompt.values, axis=3),
+        valid_BxS=prompt_into(cache.valid_BxS, prompt.valid_BxS, axis=1) & ~(
+            refilled_S[:, None] & after_prompt_L[None]),  # [S, L]
+        positions_BxS=prompt_into(cache.positions_BxS, prompt.positions_BxS, axis=1),
+        next_position_B=keep(jnp.take(prompt.next_position_B, source_S), cache.next_position_B),
         index=keep(jnp.full_like(cache.index, width), cache.index),
     )
     return Slots(
@@ -271,16 +271,12 @@ def record(slots: Slots, emitted: Emitted, logits_SxV: jax.Array, emitting_S: ja
 
 
 def decode_logits(model, slots: Slots) -> tuple[jax.Array, KVCache]:
-    """Next-token logits [S, V] of every slot: the batch-1 cached forward, vmapped over slots.
+    """Next-token logits [S, V] of every slot: one batched cached forward, each slot writing at its
+    own index (`KVCache` with index [S]).
 
     An inactive slot feeds a masked token and keeps its write index, so nothing it holds changes.
     """
-
-    def one(token, active, cache):
-        logits_1xV, cache = model.decode_step(token[None], active[None], cache)
-        return logits_1xV[0], cache
-
-    logits_SxV, cache = jax.vmap(one)(slots.last_token_S, slots.active_S, slots.cache)
+    logits_SxV, cache = model.decode_step(slots.last_token_S, slots.active_S, slots.cache)
     return logits_SxV, cache._replace(index=jnp.where(slots.active_S, cache.index, slots.cache.index))
 
 

@@ -42,9 +42,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
-import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
+import fipo_jax._requires.models  # noqa: F401  one-line ImportError without fipo_jax[models]
 from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding
@@ -208,6 +208,40 @@ def top_k_top_p_filter(scaled_logits_BxV: jax.Array, top_k: int = 0, top_p: floa
     return filtered_BxV
 
 
+# Threefry-2x32's rotation constants, alternating between rounds of four (as in `jax.random`).
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(k1: jax.Array, k2: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """JAX's Threefry-2x32 hash (20 rounds) of the count pairs (x0, x1) under the key (k1, k2), element-wise
+    on uint32 arrays that broadcast together: bit for bit `jax.extend.random.threefry_2x32`, whose output
+    is (y0, y1) for counts split as (x0, x1) (tested).
+
+    Written out as plain element-wise ops, which XLA fuses into one kernel: JAX lowers its own hash on
+    CPU as a 5-trip `while` loop of ~27 ops per trip, run twice per decode step by `request_uniforms`.
+    """
+    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for group in range(5):
+        for rotation in _THREEFRY_ROTATIONS[group % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ (lax.shift_left(x1, np.uint32(rotation)) | lax.shift_right_logical(x1, np.uint32(32 - rotation)))
+        x0 = x0 + ks[(group + 1) % 3]
+        x1 = x1 + ks[(group + 2) % 3] + np.uint32(group + 1)
+    return x0, x1
+
+
+def _threefry_key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two uint32 words of a threefry key (typed `jax.random.key` or raw `PRNGKey`); TypeError otherwise."""
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    impl = str(jax.random.key_impl(key)) if typed else f"a raw key of shape {key.shape}"
+    _checks.require(impl == "threefry2x32" if typed else key.shape == (2,),
+                    f"sampling draws per-request uniforms from threefry keys, got {impl}: use jax.random.key(seed) "
+                    "or jax.random.PRNGKey(seed) with the default (threefry) implementation", error=TypeError)
+    words = jax.random.key_data(key) if typed else key
+    return words[0].astype(jnp.uint32), words[1].astype(jnp.uint32)
+
+
 def request_uniforms(key: jax.Array, steps_S: jax.Array, requests_S: jax.Array) -> jax.Array:
     """The two uniforms of request r's t-th token: u[s] = uniform(fold_in(key, t_s), (R, 2))[r_s].
 
@@ -217,27 +251,21 @@ def request_uniforms(key: jax.Array, steps_S: jax.Array, requests_S: jax.Array) 
     R. Both samplers draw with it — the static one for row r of its batch, the continuous-batching
     engine for request r in whatever slot, whenever scheduled — so they draw the same tokens (and,
     with the flag on, the same as `uniform(fold_in(key, t), (B, 2))` drew before; tested).
-    Threefry keys only.
+    Threefry keys only. The hashes are `threefry2x32`, element-wise over the S requests (one fused
+    kernel per step, no loop).
     Returns float32 [S, 2] in [0, 1).
     """
-    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    impl = str(jax.random.key_impl(key)) if typed else f"a raw key of shape {key.shape}"
-    _checks.require(impl == "threefry2x32" if typed else key.shape == (2,),
-                    f"sampling draws per-request uniforms from threefry keys, got {impl}: use jax.random.key(seed) "
-                    "or jax.random.PRNGKey(seed) with the default (threefry) implementation", error=TypeError)
-
-    def one(step, request):
-        step_key = jax.random.fold_in(key, step)
-        k1, k2 = jax.random.key_data(step_key) if jnp.issubdtype(step_key.dtype, jax.dtypes.prng_key) else step_key
-        low = (2 * request.astype(jnp.uint32)) + jnp.arange(2, dtype=jnp.uint32)
-        counts = jnp.concatenate([jnp.zeros(2, jnp.uint32), low])  # (high words, low words) of 2r + j
-        hashed = jax.extend.random.threefry_2x32((k1, k2), counts)
-        bits = hashed[:2] ^ hashed[2:]
-        # jax.random.uniform's float construction: 23 random mantissa bits under exponent 0, minus 1.
-        floats = lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32) - 1.0
-        return jnp.maximum(floats, 0.0)
-
-    return jax.vmap(one)(steps_S.astype(jnp.int32), requests_S.astype(jnp.int32))
+    k1, k2 = _threefry_key_words(key)
+    zeros_S = jnp.zeros(steps_S.shape, jnp.uint32)
+    # fold_in(key, t) = threefry(key, counts (0, t)): the step's key, one per request.
+    s1_S, s2_S = threefry2x32(k1, k2, zeros_S, steps_S.astype(jnp.int32).astype(jnp.uint32))
+    # Counts (high word 0, low word 2r + j) for j = 0, 1; the draw's 32 bits are the two output words xor-ed.
+    low_Sx2 = 2 * requests_S.astype(jnp.int32).astype(jnp.uint32)[:, None] + jnp.arange(2, dtype=jnp.uint32)[None]
+    y0_Sx2, y1_Sx2 = threefry2x32(s1_S[:, None], s2_S[:, None], jnp.zeros_like(low_Sx2), low_Sx2)
+    bits_Sx2 = y0_Sx2 ^ y1_Sx2
+    # jax.random.uniform's float construction: 23 random mantissa bits under exponent 0, minus 1.
+    floats = lax.bitcast_convert_type((bits_Sx2 >> 9) | np.uint32(0x3F800000), jnp.float32) - 1.0
+    return jnp.maximum(floats, 0.0)
 
 
 def categorical(key: jax.Array, logits_BxV: jax.Array, block: int = 512) -> jax.Array:

@@ -285,7 +285,7 @@ def _row_axes(sharding: NamedSharding):
 def row_shardings(tree, row_sharding: NamedSharding):
     """Where `constrain_rows` pins each array of ``tree``: dim 0 split like ``row_sharding``, the
     rest replicated — except in a node whose type declares ``KV_HEAD_FIELDS`` (the KV cache:
-    keys and values [B, layers, N, S, K], or the engine's [S, 1, layers, N, L, K]): there the
+    keys and values [B, layers, N, S, K]; the engine's slots are rows of one such cache): there the
     kv-head axis, third from last, is also split as the rules table places logical ``kv_heads``
     (over ``tensor``), so tensor parallelism divides the cache too."""
     mesh, rows = row_sharding.mesh, _row_axes(row_sharding)

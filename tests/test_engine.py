@@ -241,3 +241,24 @@ def test_kv_cache_bytes(model):
     # 2 layers × (keys + values) × 2 kv heads × 100 × 8 float32, plus valid (1 B) and positions (4 B) per slot.
     assert one == 2 * 2 * 2 * 100 * 8 * 4 + 100 * 5 + 4 + 4
     assert engine_lib.kv_cache_bytes(model.config, 8, 100) == 8 * one - 7 * 4
+
+
+def test_per_row_write_indices_decode_each_row_at_its_own_slot(model):
+    """A cache with index [B] (the engine's slots): one batched decode step writes row b's token at
+    slot index[b] and gives each row the logits of its own batch-1, scalar-index decode."""
+    prompts = (np.array([[7, 8, 9, 10, 11, 12]]), np.array([[20, 21, 22]]))  # rows filled to slots 6 and 3
+    rows, alone = [], []
+    for ids in prompts:
+        cache = model.init_kv_cache(1, 12)
+        _, cache = model.extend(jnp.asarray(ids, jnp.int32), cache)
+        rows.append(cache)
+        logits, _ = model.decode_step(jnp.array([30], jnp.int32), jnp.array([True]), cache)
+        alone.append(np.asarray(logits[0]))
+    batched = jax.tree.map(lambda *x: jnp.concatenate(x) if x[0].ndim else jnp.stack(x), *rows)
+    assert batched.index.shape == (2,) and batched.index.tolist() == [6, 3]
+    logits, after = model.decode_step(jnp.array([30, 30], jnp.int32), jnp.array([True, True]), batched)
+    np.testing.assert_allclose(np.asarray(logits), np.stack(alone), rtol=1e-5, atol=1e-5)
+    assert after.index.tolist() == [7, 4]
+    assert np.asarray(after.valid_BxS).sum(axis=1).tolist() == [7, 4] and bool(after.valid_BxS[1, 3])
+    with pytest.raises(ValueError, match="one new token per row"):
+        model.extend(jnp.ones((2, 2), jnp.int32), batched)

@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import jax.extend.random  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -22,6 +23,7 @@ from fipo_jax.sampling import (  # noqa: E402
     generate,
     left_align_prompts,
     sample_tokens,
+    threefry2x32,
     top_k_top_p_filter,
 )
 
@@ -398,3 +400,35 @@ def test_temperatures_that_overflow_float32_are_refused():
     with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or a finite number >= 0\.01 .* got 1e-30"):
         SamplingConfig(temperature=1e-30)
     assert SamplingConfig(temperature=0).temperature == 0 and SamplingConfig(temperature=MIN_TEMPERATURE)
+
+
+def test_threefry_is_jax_threefry_bit_for_bit():
+    rng = np.random.default_rng(0)
+    k1, k2 = rng.integers(0, 2**32, 2, dtype=np.uint32)
+    counts = rng.integers(0, 2**32, (2, 64), dtype=np.uint32)
+    y0, y1 = threefry2x32(jnp.uint32(k1), jnp.uint32(k2), jnp.asarray(counts[0]), jnp.asarray(counts[1]))
+    expected = jax.extend.random.threefry_2x32((jnp.uint32(k1), jnp.uint32(k2)), jnp.asarray(counts.reshape(-1)))
+    assert np.array_equal(np.concatenate([y0, y1]), np.asarray(expected))
+
+
+def test_sampling_without_truncation_sorts_nothing():
+    """top_p = 1 and top_k = 0: no sort and no full-vocabulary cumsum (only the two-level block draws)."""
+    logits, uniforms = jnp.zeros((2, 1024)), jnp.zeros((2, 2))
+
+    def equations(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", param)
+                if hasattr(inner, "eqns"):
+                    yield from equations(inner)
+
+    def primitives(**truncation):
+        jaxpr = jax.make_jaxpr(lambda z, u: sample_tokens(z, jax.random.key(0), 1.0, uniforms_Bx2=u,
+                                                          **truncation))(logits, uniforms)
+        return [(e.primitive.name, e.outvars[0].aval.shape) for e in equations(jaxpr.jaxpr)]
+
+    plain = primitives()
+    assert not any(name == "sort" for name, _ in plain)
+    assert all(shape[-1] <= 512 for name, shape in plain if name == "cumsum")  # blocks of 512, not V = 1024
+    assert any(name == "sort" for name, _ in primitives(top_p=0.9))

@@ -148,9 +148,9 @@ tensor_hlo = engine_lib._advance_jit.lower(
     engine_lib.Refill(*(np.zeros(s, np.int32) for s in (4, 4, 4, (4, 1, 1))), np.zeros((4, 1, 1), bool)),
     jax.random.key(0), np.int32(0), config, 16, tensor_rows).compile().as_text()
 print(json.dumps({"same_tokens": same, "same_lengths": bool(np.array_equal(split.lengths, lengths)),
-                  "indivisible": indivisible, "cache_split": "f32[1,1,2,2,19,8]" in hlo and "f32[4,1,2,2,19,8]" not in hlo,
+                  "indivisible": indivisible, "cache_split": "f32[1,2,2,19,8]" in hlo and "f32[4,2,2,19,8]" not in hlo,
                   "same_tokens_tensor": same_tensor,
-                  "cache_split_tensor": "f32[2,1,2,1,19,8]" in tensor_hlo and "f32[2,1,2,2,19,8]" not in tensor_hlo}))
+                  "cache_split_tensor": "f32[2,2,1,19,8]" in tensor_hlo and "f32[2,2,2,19,8]" not in tensor_hlo}))
 """
 
 

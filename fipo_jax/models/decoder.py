@@ -22,7 +22,7 @@ from flax import nnx
 
 from fipo_jax.models.attention import AttentionMask
 from fipo_jax.models.config import ModelConfig
-from fipo_jax.models.kv_cache import KVCache, LayerCache, init_kv_cache
+from fipo_jax.models.kv_cache import KVCache, LayerCache, init_kv_cache, query_slots, write_row_slots
 from fipo_jax.models.layers import (AXIS_EMBED, AXIS_LAYERS, AXIS_VOCAB, MLP, Attention, DenseGeneral, Embed,
                                     RMSNorm)
 from fipo_jax.models.rope import rope_cos_sin
@@ -121,7 +121,9 @@ class CausalLM(nnx.Module):
           attention_mask is True, attends causally over every valid slot ≤ its own, and returns
           the cache with index += T and next_position_B advanced past the row's real tokens.
           Default positions: cache.next_position_B + cumsum(mask) − 1. The caller must keep
-          cache.index + T ≤ cache.max_len (dynamic_update_slice would clamp silently).
+          cache.index + T ≤ cache.max_len (dynamic_update_slice would clamp silently). A cache
+          whose index is [B] (one write slot per row, `KVCache`) takes T = 1: row b writes at its
+          own slot, all rows in one batched update (the engine's decode slots).
 
       logits_BxV, cache = model.prefill(prompt_ids_BxP, prompt_mask_BxP, cache)
       logits_BxV, cache = model.decode_step(tokens_B, emitting_B, cache)
@@ -246,9 +248,9 @@ class CausalLM(nnx.Module):
         positions = positions.astype(jnp.int32)
         window_L, type_index_L, rope = self._layer_inputs(positions)
         index = kv_cache.index
-        valid_BxS = jax.lax.dynamic_update_slice(kv_cache.valid_BxS, mask_BxT, (0, index))
-        positions_BxS = jax.lax.dynamic_update_slice(kv_cache.positions_BxS, positions, (0, index))
-        mask = AttentionMask(index + jnp.arange(seq_len, dtype=jnp.int32), valid_BxS, positions, positions_BxS)
+        valid_BxS = write_row_slots(kv_cache.valid_BxS, mask_BxT, index)
+        positions_BxS = write_row_slots(kv_cache.positions_BxS, positions, index)
+        mask = AttentionMask(query_slots(index, seq_len), valid_BxS, positions, positions_BxS)
         graphdef, stacked = nnx.split(self.layers)
 
         def step(carry, per_layer):
@@ -347,6 +349,11 @@ def _check_cache_fits(kv_cache: KVCache, input_shape: tuple[int, int], layers: i
         raise ValueError(f"kv_cache batch {kv_cache.valid_BxS.shape[0]} != input batch {batch}")
     if seq_len > kv_cache.max_len:
         raise ValueError(f"{seq_len} new tokens do not fit a cache of {kv_cache.max_len} slots")
-    if not isinstance(kv_cache.index, jax.core.Tracer) and int(kv_cache.index) + seq_len > kv_cache.max_len:
-        raise ValueError(f"{seq_len} new tokens at slot {int(kv_cache.index)} do not fit a cache of "
+    if kv_cache.index.ndim not in (0, 1) or (kv_cache.index.ndim == 1 and kv_cache.index.shape != (batch,)):
+        raise ValueError(f"kv_cache index must be a scalar or one slot per row [{batch}], got "
+                         f"{list(kv_cache.index.shape)}")
+    if kv_cache.index.ndim == 1 and seq_len != 1:
+        raise ValueError(f"a cache with one write index per row takes one new token per row, got {seq_len}")
+    if not isinstance(kv_cache.index, jax.core.Tracer) and int(jnp.max(kv_cache.index)) + seq_len > kv_cache.max_len:
+        raise ValueError(f"{seq_len} new tokens at slot {int(jnp.max(kv_cache.index))} do not fit a cache of "
                          f"{kv_cache.max_len} slots")

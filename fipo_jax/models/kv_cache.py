@@ -30,7 +30,9 @@ class KVCache(NamedTuple):
       valid_BxS: bool [B, S_max], slot holds a real token of that row.
       positions_BxS: int32 [B, S_max], RoPE position of the token in each slot.
       next_position_B: int32 [B], RoPE position the row's next real token receives.
-      index: int32 scalar, next slot to write (same for all rows).
+      index: int32 scalar, next slot to write (same for all rows); or int32 [B], each row's own next
+        slot (the engine's decode slots: a call then feeds one token per row, and every slot after a
+        row's index must be invalid in that row, which writing in order and `engine.insert` keep).
     """
 
     # Fields whose kv-head axis (third from last) `fipo_jax.sharding.row_shardings` splits like
@@ -57,6 +59,43 @@ class LayerCache(NamedTuple):
     keys: jax.Array  # [B, L, N, S_max, K]
     values: jax.Array
     layer: jax.Array  # int32 scalar
+
+    def write(self, k_BxNxTxK: jax.Array, v_BxNxTxK: jax.Array, index: jax.Array) -> LayerCache:
+        """The cache with layer ℓ's T new keys / values at slots [index, index + T) (`write_slots`)."""
+        return self._replace(keys=write_slots(self.keys, k_BxNxTxK, index, self.layer),
+                             values=write_slots(self.values, v_BxNxTxK, index, self.layer))
+
+
+def write_slots(cache_BxLxNxSxK: jax.Array, new_BxNxTxK: jax.Array, index: jax.Array, layer: jax.Array) -> jax.Array:
+    """Layer `layer` of a stacked key or value cache with `new` written at slots [index, index + T).
+
+    A scalar index is one `dynamic_update_slice` for every row; an index [B] (T = 1) writes row b's
+    token at its own slot index[b], all rows as one scatter (the engine's slots)."""
+    new_BxNxTxK = new_BxNxTxK.astype(cache_BxLxNxSxK.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache_BxLxNxSxK, new_BxNxTxK[:, None], (0, layer, 0, index, 0))
+    rows_B = jnp.arange(index.shape[0], dtype=jnp.int32)
+    return cache_BxLxNxSxK.at[rows_B, layer, :, index, :].set(
+        new_BxNxTxK[:, :, 0], indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds")
+
+
+def write_row_slots(array_BxS: jax.Array, new_BxT: jax.Array, index: jax.Array) -> jax.Array:
+    """`array_BxS` (valid flags, positions) with `new` at slots [index, index + T): one slot range
+    for every row (scalar index), or row b's single value at slot index[b] (index [B], T = 1)."""
+    new_BxT = new_BxT.astype(array_BxS.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(array_BxS, new_BxT, (0, index))
+    rows_B = jnp.arange(index.shape[0], dtype=jnp.int32)
+    return array_BxS.at[rows_B, index].set(new_BxT[:, 0], indices_are_sorted=True, unique_indices=True,
+                                           mode="promise_in_bounds")
+
+
+def query_slots(index: jax.Array, seq_len: int) -> jax.Array:
+    """int32 [T]: the slots of a call's T queries, as attention sees them. With per-row indices [B]
+    (T = 1) the last row's slot: every row's own query slot is ≤ it, and the slots in between are
+    invalid in that row, so each row sees exactly the keys it would see at its own slot."""
+    start = index if jnp.ndim(index) == 0 else jnp.max(index)
+    return (start + jnp.arange(seq_len, dtype=jnp.int32)).astype(jnp.int32)
 
 
 def init_kv_cache(

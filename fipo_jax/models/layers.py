@@ -210,10 +210,8 @@ class Attention(nnx.Module):
             out_BxTxHxK = full_attention(q_BxTxHxK, k_BxNxTxK, v_BxNxTxK, mask, self.scale, window,
                                          self.attention_chunk_size, self.attention_impl, self.sliding_window)
             return self.o_proj(out_BxTxHxK), None
-        start = (0, cache.layer, 0, write_index, 0)
-        keys = jax.lax.dynamic_update_slice(cache.keys, k_BxNxTxK[:, None].astype(cache.keys.dtype), start)
-        values = jax.lax.dynamic_update_slice(cache.values, v_BxNxTxK[:, None].astype(cache.values.dtype), start)
-        cache = cache._replace(keys=keys, values=values)
+        cache = cache.write(k_BxNxTxK, v_BxNxTxK, write_index)  # write_index [B]: each row at its own slot
+        keys, values = cache.keys, cache.values
         block = self.decode_block_size
         if q_BxTxHxK.shape[1] == 1 and block is not None and keys.shape[3] > block:
             out_BxHxK = decode_attention(q_BxTxHxK[:, 0], keys, values, mask, self.scale, block, window, cache.layer)
