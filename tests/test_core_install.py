@@ -41,6 +41,10 @@ def test_the_core_installs_alone_and_runs_the_readme_example(tmp_path):
     example = _run(python, _readme_example() + "\nassert keep.tolist() == [True, False] and grad.shape == (8, 64)")
     assert example.returncode == 0, example.stderr
 
+    tunix = _run(python, "import fipo_jax.integrations.tunix as t\ntry:\n    t.register()\nexcept ImportError as e:\n"
+                         "    print(e)")
+    assert tunix.returncode == 0 and tunix.stdout.startswith("fipo_jax.integrations.tunix needs Tunix: pip install "
+                                                             "google-tunix"), tunix.stderr
     for module, extra in (("fipo_jax.models", "models"), ("fipo_jax.rl_step", "train"),
                           ("fipo_jax.sampling", "models")):
         failed = _run(python, f"import {module}")
