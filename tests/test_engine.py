@@ -243,6 +243,7 @@ def test_kv_cache_bytes(model):
     assert engine_lib.kv_cache_bytes(model.config, 8, 100) == 8 * one - 7 * 4
 
 
+@pytest.mark.slow
 def test_per_row_write_indices_decode_each_row_at_its_own_slot(model):
     """A cache with index [B] (the engine's slots): one batched decode step writes row b's token at
     slot index[b] and gives each row the logits of its own batch-1, scalar-index decode."""

@@ -176,6 +176,7 @@ def test_dynamic_sampling_exhaustion(tmp_path, cache_dir):
     assert summary["steps_mostly_padding"] == 2  # steps 2 and 3 (step 1 ran outside train())
 
 
+@pytest.mark.slow
 def test_exception_inside_an_update_leaves_the_trainer_usable(tmp_path, cache_dir, monkeypatch):
     """A loss that raises mid-update: the state is untouched, the next step and a save work."""
 
@@ -285,6 +286,7 @@ def _copy_run(reference_run, tmp_path, name):
     return run_dir
 
 
+@pytest.mark.slow
 def test_asking_for_fewer_steps_than_done_says_so(tmp_path, cache_dir, reference_run):
     """Resuming a 4-step run with --steps 2 trains nothing and says why (issue 24, item 18)."""
     lines = []
@@ -295,6 +297,7 @@ def test_asking_for_fewer_steps_than_done_says_so(tmp_path, cache_dir, reference
                for line in lines), lines
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, cache_dir, reference_run):
     """Checkpoint 4's tensors truncated: resume skips it (saying so), redoes step 4 from checkpoint 3,
     and the metrics equal the uninterrupted run's."""
@@ -331,6 +334,7 @@ def test_metrics_without_a_checkpoint_are_set_aside_not_overwritten(tmp_path, ca
     assert [r["step"] for r in new] == [0, 1] and comparable(new)[0] == comparable(reference)[0]
 
 
+@pytest.mark.slow
 def test_garbled_or_deleted_metrics_keep_what_can_be_kept(tmp_path, cache_dir, reference_run):
     run_dir = _copy_run(reference_run, tmp_path, "garbled")
     path = os.path.join(run_dir, "metrics.jsonl")
