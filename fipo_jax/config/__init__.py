@@ -18,13 +18,13 @@ from fipo_jax.config.presets import (PRESETS, cpu_default, gemma3_270m_fipo, gem
                                      qwen25_7b_fipo, qwen25_32b_fipo, with_algo)
 from fipo_jax.config.specs import (DATA_TASKS, MODEL_SOURCES, ON_EXHAUSTED, SAMPLERS, AlgoSpec, ConfigError, DataSpec,
                                    EvalSpec, ModelSpec, OptimSpec, RewardSpec, RolloutSpec, SFTSpec, TrainConfig,
-                                   micro_batch_rows)
+                                   fipo_inert_reason, micro_batch_rows)
 
 __all__ = [
     "DATA_TASKS", "MODEL_SOURCES", "ON_EXHAUSTED", "PRESETS", "SAMPLERS",
     "AlgoSpec", "ConfigError", "DataSpec", "EvalSpec", "ModelSpec", "OptimSpec", "RewardSpec", "RolloutSpec", "SFTSpec",
     "TrainConfig",
-    "apply_overrides", "check_given_fields", "cpu_default", "from_dict", "gemma3_270m_fipo",
+    "apply_overrides", "check_given_fields", "cpu_default", "fipo_inert_reason", "from_dict", "gemma3_270m_fipo",
     "gemma3_270m_fipo_accelerator", "ignored_fields", "load_config", "micro_batch_rows", "qwen25_32b_fipo",
     "qwen25_7b_fipo", "with_algo",
 ]

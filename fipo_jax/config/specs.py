@@ -358,6 +358,20 @@ class TrainConfig:
         d["eval"].pop("every")
         return d
 
+def fipo_inert_reason(config: TrainConfig) -> str | None:
+    """Why FIPO's Future-KL cannot act in this run (it is then DAPO exactly), or None.
+
+    Future-KL sums log π_θ − log π_old; π_old is the policy that sampled the step's rollouts, and
+    the trainer's updates are on-policy (no stale rollouts), so θ = θ_old in a step's first
+    mini-batch and FutureKL ≡ 0 there. With ``algo.mini_batches = 1`` every update is a first one:
+    the influence weights are exactly 1 on every token and the loss is DAPO's."""
+    if config.algo.loss.loss_mode != "fipo" or config.algo.mini_batches > 1:
+        return None
+    return ("algo.mini_batches=1 with loss_mode='fipo': each step makes one update on its own fresh rollouts, so "
+            "π_θ = π_old in every update, Future-KL is identically 0 and FIPO is exactly DAPO; set "
+            "algo.mini_batches >= 2 for FIPO to act (the official recipes use 8)")
+
+
 def micro_batch_rows(config: TrainConfig) -> int:
     """Rows of one update micro-batch (``algo.micro_batch_size``, at most a mini-batch); they split
     over the mesh's data axis (the rules table's ``batch``), so they must divide by it."""
