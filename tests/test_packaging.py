@@ -108,3 +108,17 @@ def test_the_core_needs_only_jax_and_numpy_and_the_extras_compose():
     imported = {"orbax.checkpoint": "orbax-checkpoint", "math_verify": "math-verify"}
     for module in EXTRAS["train"]:  # every module the 'train' guard checks comes with the extra
         assert canonicalize_name(imported.get(module, module)) in train | models, module
+
+
+def test_the_models_extra_brings_every_module_its_guard_checks_jinja2_among_them():
+    """Chat templates (`apply_chat_template`) need jinja2, which transformers lists only as an optional
+    extra: torch pulled it into the test environment and nothing into the runtime one, so every
+    `data.task=file` run failed with `No module named 'jinja2'` (issue 31). The models guard checks it,
+    the models extra declares it and requirements.txt pins it."""
+    from fipo_jax._requires import EXTRAS
+
+    assert "jinja2" in EXTRAS["models"]
+    models = {canonicalize_name(Requirement(r).name) for r in _project()["optional-dependencies"]["models"]}
+    for module in EXTRAS["models"]:  # import names: canonicalize_name maps huggingface_hub → huggingface-hub
+        assert canonicalize_name(module) in models, module
+    assert _pins("requirements.txt")["jinja2"] == "3.1.6"
