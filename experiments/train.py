@@ -18,13 +18,14 @@ Re-running with the same --run-dir resumes from its last complete checkpoint; a 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 
 
-from fipo_jax.config import PRESETS, ConfigError, apply_overrides, load_config, with_algo  # noqa: E402
-from fipo_jax.losses import LOSS_MODES  # noqa: E402
+from fipo_jax.config import PRESETS, ConfigError, apply_overrides, fipo_inert_reason, load_config, with_algo
+from fipo_jax.losses import LOSS_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,14 +80,34 @@ def start_distributed(args) -> None:
         raise ConfigError(str(err)) from err
 
 
+# The config field each shorthand flag sets; a --set of the same field must agree with it.
+FLAG_FIELDS = {"algo": "algo.loss.loss_mode", "seed": "seed", "steps": "steps"}
+
+
 def resolve_config(args):
     config = load_config(args.config)
+    check_flags_agree(args, config)
     if args.algo:
         config = with_algo(config, args.algo)
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     return apply_overrides(config, overrides) if overrides else config
+
+
+def check_flags_agree(args, config) -> None:
+    """A shorthand flag (--algo, --seed, --steps) and a --set of the field it sets (or of a section
+    holding it) must give the same value: otherwise one of them would be silently ignored."""
+    set_keys = [o.partition("=")[0].strip() for o in args.overrides]
+    overridden = None
+    for flag, field in FLAG_FIELDS.items():
+        value = getattr(args, flag)
+        if value is None or not any(field == k or field.startswith(k + ".") for k in set_keys):
+            continue
+        overridden = overridden or apply_overrides(config, args.overrides)
+        given = functools.reduce(getattr, field.split("."), overridden)
+        if given != value:
+            raise ConfigError(f"--{flag} {value} and --set {field}={given} disagree; give the value once")
 
 
 def main(argv=None) -> int:
@@ -100,6 +121,8 @@ def main(argv=None) -> int:
         return 2
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
+        if reason := fipo_inert_reason(config):
+            print(f"[warning] {reason}", file=sys.stderr)
         return 0
     run_dir = args.run_dir or os.path.join("runs", f"{config.name}-{config.algo.loss.loss_mode}")
     from fipo_jax.models import ExportFolderError, check_export_folder

@@ -6,8 +6,8 @@ Two families, both cheap and never branching on traced values:
   `check_choice`, `check_bool` — each raising ``error`` (default `ValueError`; configs pass their
   own subclass, e.g. `fipo_jax.config.ConfigError`) with "``name`` must be …, got …";
 * array checks for function inputs — `check_floating`, `check_rank`, `check_same_shape`,
-  `check_mask`, `check_positive` — looking only at static information (shapes, dtypes, Python
-  numbers), so they cost nothing under `jit`.
+  `check_mask`, `check_positive`, `check_token_ids` — looking at static information (shapes,
+  dtypes, Python numbers), and at values only where they are concrete (never under `jit`).
 
 These play the role of ``chex`` asserts in rlax, with messages written for our users.
 """
@@ -129,10 +129,27 @@ def check_mask(name: str, mask, ref_name: str, ref) -> None:
     if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
         raise TypeError(f"{name} must be a bool or numeric (int/float) array, got dtype {dtype}")
     check_same_shape(name, mask, ref_name, ref)
-    concrete = isinstance(mask, np.ndarray) or (isinstance(mask, jax.Array) and not isinstance(mask, jax.core.Tracer))
-    if jnp.issubdtype(dtype, jnp.floating) and concrete and not np.all(np.isfinite(np.asarray(mask))):
+    if jnp.issubdtype(dtype, jnp.floating) and _is_concrete(mask) and not np.all(np.isfinite(np.asarray(mask))):
         raise ValueError(f"{name} holds NaN or ±inf: a float mask must be finite (non-zero marks a real token); "
                          f"pass a bool mask")
+
+
+def _is_concrete(x) -> bool:
+    """Values that can be looked at: NumPy arrays and jax arrays outside a trace."""
+    return isinstance(x, np.ndarray) or (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer))
+
+
+def check_token_ids(name: str, ids, vocab_size: int) -> None:
+    """Concrete token ids lie in [0, vocab_size): an id ≥ V reads no embedding row and gives NaN
+    log-probs, and −1 would silently read the last row (JAX wraps negative indices). Inside jit
+    the values cannot be seen; ids the library produces there (sampler, packing) are in range."""
+    if not _is_concrete(ids) or not np.size(ids):
+        return
+    values = np.asarray(ids)
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside the vocabulary [0, {vocab_size}); "
+                         f"use the model's own tokenizer (and a pad id inside the vocabulary)")
 
 
 def _concrete_scalar(value):

@@ -53,6 +53,7 @@ def _check_head_inputs(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, t
             f"targets_BxT must have shape [B, T] = {tuple(hidden_BxTxD.shape[:2])} (the leading axes "
             f"of hidden_BxTxD), got {tuple(targets_BxT.shape)}"
         )
+    _checks.check_token_ids("targets_BxT", targets_BxT, unembedding_DxV.shape[1])
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int (time steps per chunk), got {chunk_size!r}")
     _checks.check_positive("temperature", temperature)

@@ -5,6 +5,7 @@ A config is valid on its own (`fipo_jax.config` checks it on construction); whet
 
 * every path it reads exists (``model.path``, ``data.train_path``, ``data.eval_path``);
 * the scratch model's task vocabulary spells every stop string;
+* ``model.attention_impl`` runs on this backend (`build.check_attention`: a GPU kernel asked for on a CPU);
 * the mesh fits the devices (`jax.device_count()`), and the update's micro-batch rows split over
   its data axis (`config.micro_batch_rows`, the planner's rule too);
 * the rollout's response arrays fit in host memory: a lower bound, since it counts only the
@@ -26,6 +27,7 @@ import os
 import jax
 
 from fipo_jax import _checks
+from fipo_jax.build import check_attention
 from fipo_jax.config import ConfigError, TrainConfig, micro_batch_rows
 
 # Host bytes per response slot of a round: int32 token + float32 sampler log-prob + bool mask
@@ -37,6 +39,7 @@ def preflight(config: TrainConfig, device_count: int | None = None, host_memory:
     """Raise `ConfigError` if ``config`` cannot run on this machine (see the module docstring)."""
     check_paths(config)
     check_stop_strings(config)
+    check_attention(config)
     check_mesh(config.mesh_shape, jax.device_count() if device_count is None else device_count)
     micro_batch_rows(config)
     check_host_memory(config, physical_memory() if host_memory is None else host_memory)

@@ -122,9 +122,13 @@ class TensorBoardLog:
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError("TrainConfig.tensorboard=True needs the tensorboardX package: "
                               "pip install 'fipo_jax[tensorboard]' (or tensorboardX)") from err
-        self.writer = SummaryWriter(directory)
+        self.directory = directory
+        self._make_writer = SummaryWriter
+        self.writer = None  # opened by the first row: a trainer refused before it logs writes no events file
 
     def append(self, row: dict) -> None:
+        if self.writer is None:
+            self.writer = self._make_writer(self.directory)
         step = int(row.get("step", 0))
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
@@ -132,7 +136,9 @@ class TensorBoardLog:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def length_stats(lengths: Iterable[int], max_length: int) -> dict[str, float]:
@@ -206,6 +212,11 @@ class RunLog:
 
     def read(self) -> list[dict]:
         return self.jsonl.read()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer (its own exit hook fails when it runs at interpreter shutdown)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def summarize(rows: list[dict], name: str, algo: str, steps: int, eval_prompts: int, plot_dir: str) -> dict:

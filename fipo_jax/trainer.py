@@ -35,9 +35,10 @@ from fipo_jax import run_log as run_log_lib
 from fipo_jax import rl_step, runtime_configs
 from fipo_jax import run_dir as run_dir_lib
 from fipo_jax.run_dir import check_export_destination
-from fipo_jax.build import build_model, build_prompts, build_tokenizer, needs_warm_start, warm_start
+from fipo_jax.build import (build_model, build_prompts, build_tokenizer, check_attention, needs_warm_start,
+                            warm_start)
 from fipo_jax.checkpoint import Checkpointer, config_differences
-from fipo_jax.config import ConfigError, TrainConfig, micro_batch_rows
+from fipo_jax.config import ConfigError, TrainConfig, fipo_inert_reason, micro_batch_rows
 from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord
 from fipo_jax.diagnostics import token_diagnostics
 from fipo_jax.packing import RLBatch, pack_batch
@@ -94,11 +95,14 @@ class Trainer:
         self.log = log if self.primary else (lambda _: None)
         distributed.check_same_on_all_processes(config.to_dict(), "the run config")
         preflight(config)  # paths, devices, memory: named before any model is built
+        if reason := fipo_inert_reason(config):
+            self.log(f"[warning] {reason}")
         run_dir_lib.ensure_writable(run_dir)
         self.mesh = make_mesh(config.mesh_shape)
         self.tokenizer = build_tokenizer(config)
         self.train_records, self.eval_records = build_prompts(config, self.tokenizer, self.log)  # before the model
         model = build_model(config, self.tokenizer, self.mesh, self.log)
+        self.log(f"[model] attention: {check_attention(config)}")
         if needs_warm_start(config):
             warm_start(config, model, self.tokenizer, ChainTask(n_terms=config.data.n_terms, ops=config.data.ops),
                        self.log, self._bar)
@@ -262,7 +266,10 @@ class Trainer:
 
         Holds the run directory's lock throughout (a second trainer on it is refused)."""
         with run_dir_lib.lock(self.run_dir) if self.primary else contextlib.nullcontext():
-            return self._train(self.config.steps if total_steps is None else total_steps)
+            try:
+                return self._train(self.config.steps if total_steps is None else total_steps)
+            finally:
+                self.run_log.close()
 
     def _train(self, total_steps: int) -> dict[str, Any]:
         cfg = self.config
@@ -289,6 +296,7 @@ class Trainer:
             metrics = self.step()
             self._warn_if_mostly_padding(metrics)
             self._warn_if_scoring_is_slow(metrics)
+            self._warn_if_updates_skipped(metrics)
             step += 1
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == total_steps:
                 metrics.update(self.evaluate())
@@ -316,6 +324,16 @@ class Trainer:
             self.log(f"[warning] step {self.step_index}: scoring the responses took {seconds:.0f} s (reward."
                      f"score_budget_s={budget:.0f} per batch)" + (f"; {unasked} answers past the budget were "
                                                                 f"compared without math-verify" if unasked else ""))
+
+    def _warn_if_updates_skipped(self, metrics: dict[str, Any]) -> None:
+        """Every step whose updates were skipped (a non-finite gradient or parameters) says so: such a
+        step trains nothing, and a run of them would otherwise end with exit 0 and unchanged weights."""
+        skipped = int(metrics.get("actor/skipped_updates", 0))
+        if skipped:
+            self.log(f"[warning] step {metrics['step']}: {skipped} of {self.config.algo.mini_batches} updates skipped "
+                     f"(non-finite gradients or parameters; the weights keep their last finite values); check the "
+                     f"rewards (rollout/reward = {metrics.get('rollout/reward', float('nan')):.4g}), the "
+                     f"learning rate and the loss settings (summary.json counts them: updates_skipped)")
 
     def _warn_if_mostly_padding(self, metrics: dict[str, Any]) -> None:
         """Once per run: a step whose batch is more than `PADDING_WARN_SHARE` padding rows trains on
@@ -396,6 +414,8 @@ class Trainer:
         batch_rows = self.config.rollout.prompts_per_step * self.config.rollout.n
         summary["steps_mostly_padding"] = sum(r.get("rollout/padded_rows", 0) / batch_rows > PADDING_WARN_SHARE
                                               for r in rows)
+        summary["updates_skipped"] = int(sum(r.get("actor/skipped_updates", 0) for r in rows))
+        summary["steps_with_skipped_updates"] = sum(r.get("actor/skipped_updates", 0) > 0 for r in rows)
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(run_log_lib.to_python(summary), f, indent=2)
         return summary

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fipo_jax import _checks
 from fipo_jax.models.attention import AttentionMask
 from fipo_jax.models.config import ModelConfig
 from fipo_jax.models.kv_cache import KVCache, LayerCache, init_kv_cache, query_slots, write_row_slots
@@ -327,6 +328,7 @@ class CausalLM(nnx.Module):
         """Validates shapes/dtypes at trace time; returns the bool mask (default all True)."""
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be an integer [B, T] array, got {input_ids.dtype}{list(input_ids.shape)}")
+        _checks.check_token_ids("input_ids", input_ids, self.config.vocab_size)
         if positions is not None and (positions.shape != input_ids.shape
                                       or not jnp.issubdtype(positions.dtype, jnp.integer)):
             raise ValueError(f"positions must be an integer array of shape {input_ids.shape}, "

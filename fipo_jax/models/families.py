@@ -12,6 +12,7 @@ loader, the exporter and (through llama.cpp's names) the GGUF loader.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,6 +44,31 @@ _GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 # ---------------------------------------------------------------------------------------------
 
 
+def _model_type(d: Mapping[str, Any]) -> str:
+    """The supported family a config.json dict names (`UnsupportedConfigError` otherwise)."""
+    model_type = d.get("model_type")
+    if model_type == "gemma3":
+        raise UnsupportedConfigError(
+            "model_type 'gemma3' is the multimodal Gemma 3 (vision + text); only the text-only models "
+            "(model_type 'gemma3_text', e.g. Gemma 3 270M / 1B) are supported")
+    if model_type not in MODEL_TYPES:
+        raise UnsupportedConfigError(f"unsupported model_type {model_type!r}; supported families: {list(MODEL_TYPES)}")
+    _warn_if_architecture_disagrees(d.get("architectures"), model_type)
+    return model_type
+
+
+def _warn_if_architecture_disagrees(architectures, model_type: str) -> None:
+    """``model_type`` decides the family, as it does for transformers' ``AutoModelForCausalLM``; a
+    config.json whose ``architectures`` names another supported family's class (a hand-edited or
+    mislabelled config) loads as ``model_type`` and says so once."""
+    others = {cls: t for t, cls in _ARCHITECTURES.items() if t != model_type}
+    named = [a for a in (architectures or []) if a in others]
+    if named:
+        warnings.warn(f"config.json: architectures {named} is the {others[named[0]]!r} family but model_type is "
+                      f"{model_type!r}; loading it as {model_type!r} (model_type decides, as in transformers)",
+                      stacklevel=4)
+
+
 def config_from_hf(
     hf_config: Any,
     *,
@@ -72,13 +98,7 @@ def config_from_hf(
         d = hf_config.to_dict()
     else:
         raise TypeError(f"config_from_hf expects a transformers config or a dict, got {type(hf_config).__name__}")
-    model_type = d.get("model_type")
-    if model_type == "gemma3":
-        raise UnsupportedConfigError(
-            "model_type 'gemma3' is the multimodal Gemma 3 (vision + text); only the text-only models "
-            "(model_type 'gemma3_text', e.g. Gemma 3 270M / 1B) are supported")
-    if model_type not in MODEL_TYPES:
-        raise UnsupportedConfigError(f"unsupported model_type {model_type!r}; supported families: {list(MODEL_TYPES)}")
+    model_type = _model_type(d)
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if d.get(k) is None]
     if missing:
