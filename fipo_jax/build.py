@@ -81,16 +81,22 @@ def build_model(config: TrainConfig, tokenizer, mesh, log: Log):
 
 def build_policy(config: TrainConfig, mesh, log: Log):
     """(tokenizer, model) for ``config.model`` (`build_tokenizer`, then `build_model`)."""
-    from fipo_jax.models.attention_kernels import describe_attention
-
     tokenizer = build_tokenizer(config)
-    try:
-        attention = describe_attention(config.model.attention_impl)
-    except ValueError as err:  # e.g. a GPU kernel asked for on a CPU: before any weight is loaded
-        raise ConfigError(f"model.attention_impl: {err}") from err
+    attention = check_attention(config)  # e.g. a GPU kernel asked for on a CPU: before any weight is loaded
     model = build_model(config, tokenizer, mesh, log)
     log(f"[model] attention: {attention}")
     return tokenizer, model
+
+
+def check_attention(config: TrainConfig) -> str:
+    """The line a run logs for its attention (`describe_attention`); `ConfigError` when
+    ``model.attention_impl`` names a kernel this backend lacks (``cudnn`` on a CPU)."""
+    from fipo_jax.models.attention_kernels import describe_attention
+
+    try:
+        return describe_attention(config.model.attention_impl)
+    except ValueError as err:
+        raise ConfigError(f"model.attention_impl: {err}") from None
 
 
 def _checkpoint_path(config: TrainConfig) -> str:
