@@ -1,4 +1,4 @@
-"""What the compiled update and decode programs hold per device beyond their inputs: the planner's model.
+"""What the compiled update, decode and prefill programs hold per device beyond their inputs: the planner's model.
 
 Exact pieces (parameters, moments, gradients, the batch, the KV cache) are counted in `fipo_jax.plan`;
 this module models the temporaries XLA allocates on one device, from the layout the rules table gives:
@@ -7,6 +7,8 @@ this module models the temporaries XLA allocates on one device, from the layout 
                               optimizer step)                                 (each term × margin)
     decode  = one layer's weights (sliced from the stack) + cache blocks read + prompts copied
               into refilled slots + a cache reshard (see `decode_temporaries`)    (× decode margin)
+    prefill = one layer's weights + a new cache (the engine's) + the queries' float32 scores
+              against the cache + a layer's widths per token (see `prefill_temporaries`)  (× margin)
 
 * **Kept activations** (`kept_per_token`) — what each step of the layer scan saves for the
   backward pass, per token and layer, by remat policy: "none" every residual, "dots" the weight
@@ -68,7 +70,9 @@ class Fitted:
     decode_blocks: float = 0.57  # × the float32 key / value blocks a decode step reads
     decode_inserted: float = 0.33  # × the prompts' keys and values copied into the slots
     decode_reshard: float = 0.57  # × the KV cache, when XLA reshards it (see `decode_temporaries`)
-    margin: float = 1.15  # the update's modelled terms
+    prefill_scores: float = 2.2  # × the float32 scores of a prefill's queries (scores, probabilities, masks)
+    prefill_tokens: float = 0.7  # × a prefill token's float32 widths (residual, q, k, v, MLP)
+    margin: float = 1.15  # the update's and the prefill's modelled terms
     decode_margin: float = 1.4  # the decode temporaries
 
 
@@ -201,3 +205,30 @@ def decode_temporaries(model: ModelConfig, mesh, slots: int, layer_parameter_byt
     reshard = kv_cache_bytes if heads % tensor and math.gcd(heads, tensor) > 1 else 0
     return f.decode_margin * (f.decode_fixed + f.decode_layer * layer_parameter_bytes + f.decode_blocks * blocks
                               + f.decode_inserted * inserted + f.decode_reshard * reshard)
+
+
+def prefill_temporaries(model: ModelConfig, mesh, rows: int, prompt_width: int, cache_length: int,
+                        layer_parameter_bytes: int, new_cache_bytes: int = 0, fitted: Fitted = FITTED) -> float:
+    """Bytes a prefill (one forward over ``rows`` prompts of ``prompt_width`` tokens, writing a
+    cache of ``cache_length`` slots) holds beyond its inputs on one device: one layer's weights, the
+    cache it fills when that is new (the engine's ``new_cache_bytes``), a layer's float32 widths per
+    token, and each query's float32 scores against every slot — all the prompt's queries at once,
+    or one chunk of ``attention_chunk_size`` of them. The scores grow as prompt width × cache
+    length: a 40k-token prompt needs H · 40k² · 4 B per row and layer step.
+
+        scores = 4 · rows · H/tensor · min(chunk, P) · S
+        prefill = margin · (fixed + layer + new cache + prefill_scores · scores
+                            + prefill_tokens · 4 · rows · P · (D + q + 2 kv + 2 F/tensor))
+
+    Fitted on XLA:CPU's compiled engine prefill and static sampler (1 device, prompts of 128 to
+    2,048 tokens, chunked and not, float32 and bfloat16): scores × 2.05–2.33 where they dominate;
+    the planned prefill program is 1.07–1.30 of the compiled one (`tests/test_plan_faults.py`)."""
+    f = fitted
+    heads = local(model.num_attention_heads, mesh, "heads")
+    queries = min(model.attention_chunk_size or prompt_width, prompt_width)
+    scores = F32 * rows * heads * queries * cache_length
+    widths = (model.hidden_size + heads * model.head_dim + 2 * local(model.num_key_value_heads, mesh, "kv_heads")
+              * model.head_dim + 2 * local(model.intermediate_size, mesh, "mlp"))
+    per_tokens = F32 * rows * prompt_width * widths
+    return f.margin * (f.decode_fixed + layer_parameter_bytes + new_cache_bytes + f.prefill_scores * scores
+                       + f.prefill_tokens * per_tokens)

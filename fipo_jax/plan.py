@@ -8,12 +8,16 @@ and the float32 accumulator), the step's batch, the KV cache and the engine's pr
 Modelled (`fipo_jax.memory_model`, calibrated against XLA's ``memory_analysis`` of the compiled
 sharded update and engine decode call on 8 fake CPU devices, over a generated family of layouts,
 ``tests/test_plan.py``): what the layer scan keeps for the backward pass (by remat policy), one
-layer's backward working set, the log-prob vocabulary chunks, the optimizer step's working set and
-a decode call's temporaries.
+layer's backward working set, the log-prob vocabulary chunks, the optimizer step's working set,
+a decode call's temporaries and a prefill's (against the compiled prefill, `tests/test_plan_faults.py`).
 
-Two phases never overlap: sampling (parameters, optimizer state, KV cache, prefix store, decode
-temporaries) and the update (parameters, optimizer state, gradients, batch, and the larger of the
-activations with their working set and the optimizer step's working set); the peak is the larger.
+Three phases never overlap: sampling (parameters, optimizer state, KV cache, prefix store, and the
+larger of the decode and the prefill temporaries — a prefill's attention scores grow with the
+widest prompt squared), the update (parameters, optimizer state, gradients, batch, and the larger
+of the activations with their working set and the optimizer step's working set), and, for the
+scratch model on the chain task, the SFT warm start on one device before the model is sharded
+(`WarmStartPlan`); the peak is the largest. The cost of planning does not grow with depth: the
+parameters' shapes come from a one-layer model, the layer count set on their stacked axis.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from fipo_jax import memory_model
-from fipo_jax.config import ConfigError, TrainConfig, load_config, micro_batch_rows
+from fipo_jax.config import ConfigError, TrainConfig, fipo_inert_reason, load_config, micro_batch_rows
 from fipo_jax.engine import EngineConfig
 from fipo_jax.models import CausalLM, ModelConfig
 from fipo_jax.runtime_configs import PROMPT_BUCKET_SLACK
@@ -61,6 +65,60 @@ KNOWN_MODELS = {
 _STEP_TOKEN_ARRAYS = 6
 
 
+def _working_set(activations: int, backward: int, logprob_chunks: int, embedding_gradient: int,
+                 optimizer_update: int) -> int:
+    """A training step's temporaries: the backward pass (kept activations + the larger of one
+    layer's backward and the loss's chunks + a tied table's gradient) or the optimizer step."""
+    return max(activations + max(backward, logprob_chunks) + embedding_gradient, optimizer_update)
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStartPlan:
+    """Bytes of the SFT warm start (`fipo_jax.sft.train_sft`) on the one device it runs on: the
+    scratch model is built whole (`fipo_jax.build.build_model`) and trained before the trainer
+    shards it, one [rows, row_tokens] batch per jitted step, which donates nothing. The modelled
+    pieces are the update's (`memory_model`); against the compiled SFT step on XLA:CPU the peak is
+    0.98–1.38 of XLA's (`tests/test_plan_faults.py`).
+
+    Attributes:
+      rows, row_tokens: ``sft.batch_size`` demonstrations of the chain prompt + longest solution.
+      parameters, optimizer, gradients: the model, AdamW μ and ν, one batch's gradients (exact,
+        in the parameters' dtype).
+      new_state: the step's new parameters and moments, beside the old (no donation; exact).
+      batch: the demonstrations' ids (int32), attention and loss masks (bool).
+      activations, backward_working_set, logprob_chunks, embedding_gradient, optimizer_update: as
+        in `MemoryPlan`, for one batch (log-prob chunks of `DEFAULT_TOKENS_PER_CHUNK` // rows positions).
+    """
+
+    rows: int
+    row_tokens: int
+    parameters: int
+    optimizer: int
+    gradients: int
+    new_state: int
+    batch: int
+    activations: int
+    backward_working_set: int
+    logprob_chunks: int
+    embedding_gradient: int
+    optimizer_update: int
+
+    @property
+    def peak(self) -> int:
+        working = _working_set(self.activations, self.backward_working_set, self.logprob_chunks,
+                               self.embedding_gradient, self.optimizer_update)
+        return self.parameters + self.optimizer + self.gradients + self.new_state + self.batch + working
+
+    def table_rows(self) -> list[tuple[str, int]]:
+        """The phase's lines of `MemoryPlan.table` (state, activations, working sets, peak)."""
+        state = self.parameters + self.optimizer + self.gradients + self.new_state
+        working = self.peak - state - self.batch - self.activations
+        return [("SFT warm start (one device): model, moments, gradients, new state", state),
+                (f"  activations kept, one batch of {self.rows} × {self.row_tokens} tokens", self.activations),
+                ("  working sets (layer backward, log-prob chunks, optimizer)", working),
+                ("warm-start peak", self.peak)]
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     """Per-device bytes of one run on one mesh (see the module docstring), and the verdict.
@@ -79,7 +137,10 @@ class MemoryPlan:
       kv_cache: the rollout KV cache (static sampler rows or engine slots) on this device.
       prefix_store: the engine's prefilled prompts (rows on every device group) and their logits.
       sampler_temporaries: a decode call's temporaries (a layer's weights, cache blocks, refills).
-      update_peak, sampling_peak, peak: the two phases and the larger.
+      prefill_temporaries: a prefill's temporaries (its queries' scores against the cache …) at
+        the widest prompt (``data.max_prompt_tokens``, `prompt_width`).
+      warm_start: the SFT warm start, a phase of its own on one device (None: the run has none).
+      update_peak, sampling_peak, peak: the phases and the largest (the warm start's included).
       device_memory: bytes per device the plan is checked against (None: no verdict).
     """
 
@@ -103,27 +164,46 @@ class MemoryPlan:
     kv_cache_rows: int
     prefix_store: int
     sampler_temporaries: int
+    prefill_temporaries: int
     device_memory: int | None = None
+    warm_start: WarmStartPlan | None = None
 
     @property
     def update_peak(self) -> int:
-        working = max(self.activations + max(self.backward_working_set, self.logprob_chunks) + self.embedding_gradient,
-                      self.optimizer_update)
+        working = _working_set(self.activations, self.backward_working_set, self.logprob_chunks,
+                               self.embedding_gradient, self.optimizer_update)
         return self.parameters + self.optimizer + self.gradients + self.batch + working
 
     @property
     def sampling_peak(self) -> int:
-        """The sampler's program with the optimizer moments resident (its parameters counted once)."""
-        return self.optimizer + self.sampler_program
+        """The larger of the sampler's decode and prefill with the optimizer moments resident (the
+        parameters counted once)."""
+        return self.optimizer + max(self.sampler_program, self.prefill_program)
 
     @property
     def sampler_program(self) -> int:
-        """What the sampler's compiled call holds: parameters, cache, prefixes, temporaries."""
+        """What the sampler's compiled decode call holds: parameters, cache, prefixes, temporaries."""
         return self.parameters + self.kv_cache + self.prefix_store + self.sampler_temporaries
 
     @property
+    def prefill_program(self) -> int:
+        """What a prefill holds, the rollout cache and prefixes resident: it grows with the prompt
+        width squared (`memory_model.prefill_temporaries`)."""
+        return self.parameters + self.kv_cache + self.prefix_store + self.prefill_temporaries
+
+    @property
+    def warm_start_peak(self) -> int:
+        """The SFT warm start's peak on its one device (0 without a warm start)."""
+        return 0 if self.warm_start is None else self.warm_start.peak
+
+    @property
     def peak(self) -> int:
-        return max(self.update_peak, self.sampling_peak)
+        return max(self.update_peak, self.sampling_peak, self.warm_start_peak)
+
+    def shared_memory_need(self, devices: int) -> int:
+        """Bytes ``devices`` devices sharing one memory (CPU devices of one host) need at once: the
+        sharded phases on each of them, the warm start on one (nothing else is resident then)."""
+        return max(max(self.update_peak, self.sampling_peak) * devices, self.warm_start_peak)
 
     @property
     def fits(self) -> bool | None:
@@ -142,7 +222,10 @@ class MemoryPlan:
                 (f"rollout KV cache ({self.kv_cache_rows} rows on this device)", self.kv_cache),
                 ("engine prefix store", self.prefix_store),
                 ("decode temporaries (a layer's weights, cache blocks)", self.sampler_temporaries),
-                ("update peak", self.update_peak), ("sampling peak", self.sampling_peak), ("peak", self.peak)]
+                ("prefill temporaries (attention scores of the widest prompt)", self.prefill_temporaries),
+                ("update peak", self.update_peak), ("sampling peak", self.sampling_peak)]
+        rows += self.warm_start.table_rows() if self.warm_start is not None else []
+        rows.append(("peak", self.peak))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {_gib(value):>10}" for name, value in rows)
 
@@ -209,9 +292,17 @@ def _shard_bytes(shape, dtype, logical_axes, mesh, name: str) -> int:
         * np.dtype(dtype).itemsize
 
 
+def _one_layer(model: ModelConfig) -> ModelConfig:
+    """The same architecture with one decoder layer: every layer has the same parameters (the
+    layers are one scan over stacked weights), so one layer's shapes give all L layers'."""
+    types = None if model.layer_types is None else model.layer_types[:1]
+    return dataclasses.replace(model, num_hidden_layers=1, layer_types=types)
+
+
 @functools.lru_cache(maxsize=16)
-def _parameter_shapes(model: ModelConfig) -> tuple[tuple[str, tuple[int, ...], np.dtype, tuple | None], ...]:
-    """(name, shape, dtype, logical axes) of every parameter, from the abstract model (no memory)."""
+def _abstract_parameter_shapes(model: ModelConfig) -> tuple[tuple[str, tuple[int, ...], np.dtype, tuple | None], ...]:
+    """(name, shape, dtype, logical axes) of every parameter of ``model``, from its abstract build
+    (no memory; its cost grows with the depth, so `_parameter_shapes` calls it for one layer)."""
     abstract = nnx.eval_shape(lambda: CausalLM(model, rngs=nnx.Rngs(0)))
     shapes = []
     for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
@@ -219,6 +310,14 @@ def _parameter_shapes(model: ModelConfig) -> tuple[tuple[str, tuple[int, ...], n
         shapes.append((".".join(str(p) for p in path), tuple(value.shape), np.dtype(value.dtype),
                        variable.get_metadata().get("out_sharding")))
     return tuple(shapes)
+
+
+def _parameter_shapes(model: ModelConfig) -> tuple[tuple[str, tuple[int, ...], np.dtype, tuple | None], ...]:
+    """(name, shape, dtype, logical axes) of every parameter: a one-layer model's, with the stacked
+    layer parameters' leading ``layers`` axis set to L (cost independent of the depth)."""
+    depth = model.num_hidden_layers
+    return tuple((name, (depth, *shape[1:]) if name.startswith("layers.") else shape, dtype, axes)
+                 for name, shape, dtype, axes in _abstract_parameter_shapes(_one_layer(model)))
 
 
 def parameter_bytes(model: ModelConfig, mesh) -> int:
@@ -265,15 +364,34 @@ def sampler_bytes(model: ModelConfig, mesh, local_rows: int, prompt_width: int, 
     every layer, kv heads split over ``tensor`` (`sharding.row_shardings`); the engine's
     ``prefill_rows`` prefilled prompts are on every row group (kv heads split too), with their
     float32 logits; the temporaries are `memory_model.decode_temporaries`."""
-    width = np.dtype(model.compute_dtype).itemsize
-    kv_heads = memory_model.local(model.num_key_value_heads, mesh, "kv_heads")
-    per_position = 2 * model.num_hidden_layers * model.head_dim * width * kv_heads  # keys + values, all layers
+    per_position = _kv_bytes_per_position(model, mesh)
     length = prompt_width + new_tokens - 1
     cache = local_rows * length * per_position
     prefixes = prefill_rows * (prompt_width * per_position + 4 * model.vocab_size)
     temporaries = memory_model.decode_temporaries(model, mesh, local_rows, layer_parameter_bytes(model, mesh),
                                                   prompt_width, length, cache, fitted)
     return cache, prefixes, int(temporaries)
+
+
+def _kv_bytes_per_position(model: ModelConfig, mesh) -> int:
+    """Keys and values of one cached position, every layer, kv heads split over ``tensor``."""
+    kv_heads = memory_model.local(model.num_key_value_heads, mesh, "kv_heads")
+    return 2 * model.num_hidden_layers * model.head_dim * np.dtype(model.compute_dtype).itemsize * kv_heads
+
+
+def prefill_bytes(model: ModelConfig, mesh, local_rows: int, prompt_width: int, new_tokens: int,
+                  prefill_rows: int = 0, fitted: memory_model.Fitted = memory_model.FITTED) -> int:
+    """A prefill's temporaries on one device at prompt width ``prompt_width``: the static sampler
+    prefills its ``local_rows`` rows into their cache of prompt width + new tokens − 1 slots; the
+    engine up to ``prefill_rows`` prompts (on every row group) into a new cache of their own width
+    (`memory_model.prefill_temporaries`)."""
+    layer = layer_parameter_bytes(model, mesh)
+    if prefill_rows:
+        new_cache = prefill_rows * prompt_width * _kv_bytes_per_position(model, mesh)
+        return int(memory_model.prefill_temporaries(model, mesh, prefill_rows, prompt_width, prompt_width, layer,
+                                                    new_cache, fitted))
+    return int(memory_model.prefill_temporaries(model, mesh, local_rows, prompt_width,
+                                                prompt_width + new_tokens - 1, layer, 0, fitted))
 
 
 def prompt_width(config: TrainConfig) -> int:
@@ -287,6 +405,39 @@ def prompt_width(config: TrainConfig) -> int:
 
     tokens = ChainTask(n_terms=data.n_terms, ops=data.ops).prompt_tokens()
     return min(data.max_prompt_tokens, next((b for b in DEFAULT_PROMPT_BUCKETS if b >= tokens), tokens))
+
+
+def warm_start_length(config: TrainConfig) -> int:
+    """Tokens of one SFT demonstration row (`fipo_jax.build.warm_start`): the chain task's prompt
+    and its longest (step-by-step) solution, whatever ``data.max_prompt_tokens`` says."""
+    from fipo_jax.data import ChainTask
+
+    task = ChainTask(n_terms=config.data.n_terms, ops=config.data.ops)
+    return task.prompt_tokens() + task.max_response_tokens()
+
+
+def warm_start_plan(config: TrainConfig, model: ModelConfig,
+                    fitted: memory_model.Fitted = memory_model.FITTED) -> WarmStartPlan | None:
+    """The SFT warm start's bytes on its one device (see `WarmStartPlan`), or None when the run
+    has none (`fipo_jax.build.needs_warm_start`)."""
+    from fipo_jax.build import needs_warm_start
+    from fipo_jax.logprobs import DEFAULT_TOKENS_PER_CHUNK
+
+    if not needs_warm_start(config):
+        return None
+    mesh = AbstractMesh((1,), MESH_AXES[:1])
+    rows, row_tokens = config.sft.batch_size, warm_start_length(config)
+    dims = memory_model.local_dims(model, mesh, rows, row_tokens)
+    parameters = parameter_bytes(model, mesh)
+    return WarmStartPlan(
+        rows=rows, row_tokens=row_tokens, parameters=parameters, optimizer=2 * parameters, gradients=parameters,
+        new_state=3 * parameters, batch=rows * row_tokens * (4 + 1 + 1),
+        activations=activation_bytes(model, mesh, rows, row_tokens, model.remat, fitted),
+        backward_working_set=int(memory_model.backward_working_set(model, dims, model.remat, fitted)),
+        logprob_chunks=int(memory_model.loss_working_set(dims, max(1, DEFAULT_TOKENS_PER_CHUNK // rows), fitted)),
+        embedding_gradient=int(memory_model.embedding_gradient(model, dims, fitted)),
+        optimizer_update=int(memory_model.optimizer_working_set(parameters, largest_tensor_bytes(model, mesh),
+                                                                fitted)))
 
 
 def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: int | str | None = None,
@@ -313,9 +464,12 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
     engine = rollout.sampler == "engine"
     sampler_rows = -(-min(rollout.engine_slots, round_rows) // data) * data if engine else round_rows
     sampler_local = -(-sampler_rows // data)
+    prefill_rows = EngineConfig().prefill_batch if engine else 0
     kv_cache, prefix_store, sampler_temporaries = sampler_bytes(
         model, mesh, sampler_local, prompt + PROMPT_BUCKET_SLACK, rollout.max_response_tokens,
-        prefill_rows=EngineConfig().prefill_batch if engine else 0, fitted=fitted)
+        prefill_rows=prefill_rows, fitted=fitted)
+    prefill_temporaries = prefill_bytes(model, mesh, sampler_local, prompt + PROMPT_BUCKET_SLACK,
+                                        rollout.max_response_tokens, prefill_rows, fitted)
     memory = None if device_memory is None else (parse_bytes(device_memory) if isinstance(device_memory, str)
                                                  else int(device_memory))
     return MemoryPlan(
@@ -331,7 +485,8 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
                                                                 fitted)),
         kv_cache=kv_cache,
         kv_cache_rows=sampler_local, prefix_store=prefix_store,
-        sampler_temporaries=sampler_temporaries, device_memory=memory)
+        sampler_temporaries=sampler_temporaries, prefill_temporaries=prefill_temporaries, device_memory=memory,
+        warm_start=warm_start_plan(config, model, fitted))
 
 
 def _with(config: TrainConfig, section: str, **changes) -> TrainConfig:
@@ -347,7 +502,8 @@ def _mesh_shapes(devices: int) -> list[tuple[int, int, int]]:
 def suggestions(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: int | str,
                 model: ModelConfig | None = None) -> list[str]:
     """Settings that make ``config`` fit (each alone, re-planned): remat, a smaller micro-batch, a
-    smaller log-prob chunk, fewer engine slots, other mesh shapes over the same devices."""
+    smaller log-prob chunk, a smaller SFT batch, fewer engine slots, other mesh shapes over the
+    same devices."""
     config = load_config(config) if isinstance(config, str) else config
     model = model or model_config(config)
     base = plan(config, mesh_shape, device_memory, model)
@@ -377,6 +533,10 @@ def suggestions(config: TrainConfig | str, mesh_shape: Sequence[int], device_mem
     while chunk >= 64 and not attempt(f"model.logprob_chunk_size={chunk}",
                                       _with(config, "model", logprob_chunk_size=chunk)):
         chunk //= 2
+    if base.warm_start_peak > base.device_memory:
+        size = config.sft.batch_size // 2
+        while size >= 1 and not attempt(f"sft.batch_size={size}", _with(config, "sft", batch_size=size)):
+            size //= 2
     if config.rollout.sampler == "engine" and base.sampling_peak > base.device_memory:
         slots = config.rollout.engine_slots // 2
         while slots >= 1 and not attempt(f"rollout.engine_slots={slots}", _with(config, "rollout", engine_slots=slots)):
@@ -433,6 +593,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{result.config_name} on mesh {result.mesh_shape} — model L={m.num_hidden_layers} D={m.hidden_size} "
           f"F={m.intermediate_size} H={m.num_attention_heads}/{m.num_key_value_heads} V={m.vocab_size} "
           f"{m.dtype}/{m.compute_dtype}; micro-batch {result.micro_batch_rows} rows × {result.row_tokens} tokens")
+    reason = fipo_inert_reason(config)
+    if reason is not None:
+        print(f"[warning] {reason}")
     print(result.table())
     if result.device_memory is None:
         return 0
