@@ -108,7 +108,7 @@ def check_planned_memory(config: TrainConfig, host_memory: int) -> None:
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     if limit is None:  # CPU: the mesh's devices on this host share its memory
         devices = min(math.prod(config.mesh_shape), jax.local_device_count())
-        need, have, what = planned.peak * devices, host_memory, f"host memory ({devices} CPU device(s))"
+        need, have, what = planned.shared_memory_need(devices), host_memory, f"host memory ({devices} CPU device(s))"
     else:
         need, have, what = planned.peak, limit, "memory per device"
     _checks.require(

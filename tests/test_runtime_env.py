@@ -1,0 +1,139 @@
+"""The environment users install runs what the README documents (issue 31, item 1).
+
+The test environment (requirements-test.txt) brings torch, and torch drags in modules the library
+needs without declaring them (jinja2 for chat templates; transformers' GGUF tokenizer code imports
+torch itself), so a green suite there proved nothing about `pip install -r requirements.txt`. These
+tests build (or reuse) a second virtualenv from requirements.txt alone — `$FIPO_RUNTIME_VENV`,
+default `.venv-rt/`, made by `scripts/setup_env.sh` exactly as `scripts/main.sh` makes `.venv/` —,
+check that torch is absent there, and run in it a small version of each documented command: the main
+job, the file task on a Hugging Face folder (chat template) with `--export`, the Gemma 3 270M preset
+(its tokenizer built from the GGUF file, one step), and the planner. Slow: the first build takes
+about two minutes, each run well under one.
+"""
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from tests.test_trainer import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def _clean_env(**extra) -> dict[str, str]:
+    """The caller's environment without its virtualenv, JAX flags or PYTHONPATH, offline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "PYTHONPATH", "VIRTUAL_ENV"))}
+    return {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def runtime_python() -> str:
+    venv = os.environ.get("FIPO_RUNTIME_VENV") or os.path.join(ROOT, ".venv-rt")
+    setup = subprocess.run(["bash", os.path.join(ROOT, "scripts", "setup_env.sh"), "requirements.txt"], cwd=ROOT,
+                           env=_clean_env(FIPO_VENV=venv), capture_output=True, text=True, timeout=1800)
+    assert setup.returncode == 0, f"setup_env.sh requirements.txt failed:\n{setup.stderr[-6000:]}"
+    return os.path.join(venv, "bin", "python")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    """A fresh FIPO_CACHE_DIR: the GGUF tokenizer is converted in the runtime environment, not read back."""
+    return str(tmp_path_factory.mktemp("fipo_cache"))
+
+
+def run(python: str, cache_dir: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run([python, *args], cwd=ROOT, env=_clean_env(FIPO_CACHE_DIR=cache_dir),
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} exited {result.returncode}:\n{result.stderr[-6000:]}"
+    return result
+
+
+def train(python: str, cache_dir: str, run_dir, *args: str) -> dict:
+    """`experiments/train.py` in the runtime environment; its summary."""
+    result = run(python, cache_dir, "experiments/train.py", "--no-progress", "--run-dir", str(run_dir), *args)
+    with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
+        return json.load(f) | {"log": result.stdout + result.stderr}
+
+
+def sets(*overrides: str) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def test_the_runtime_environment_has_no_torch_and_every_declared_module(runtime_python, cache_dir):
+    probe = ("import importlib.util as u, json; print(json.dumps({m: u.find_spec(m) is not None for m in "
+             "('torch', 'jinja2', 'gguf', 'tokenizers', 'math_verify', 'tensorboardX')}))")
+    found = json.loads(run(runtime_python, cache_dir, "-c", probe).stdout)
+    assert found == {"torch": False, "jinja2": True, "gguf": True, "tokenizers": True, "math_verify": True,
+                     "tensorboardX": True}
+
+
+def test_the_main_job(runtime_python, cache_dir, tmp_path):
+    """`python experiments/train.py` (what scripts/main.sh runs), sized down: SFT warm start, RL, eval."""
+    tiny = [o for o in TINY if not o.startswith("steps=")]
+    summary = train(runtime_python, cache_dir, tmp_path / "run", "--steps", "1",
+                    *sets(*tiny, f"sft.cache_dir={tmp_path / 'sft'}"))
+    assert summary["steps"] == 1 and summary["accuracy_after"] is not None
+
+
+def _hf_folder(path) -> str:
+    """A tiny random Qwen2 with the real Qwen2.5 tokenizer and a chat template (written here, with
+    fipo_jax's own export: no torch)."""
+    from flax import nnx
+
+    from fipo_jax.models import CausalLM, ModelConfig, save_pretrained
+    from fipo_jax.models.tokenizer import qwen2_5_tokenizer
+
+    tokenizer = qwen2_5_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    model = CausalLM(ModelConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),
+                     rngs=nnx.Rngs(0))
+    save_pretrained(model, str(path), tokenizer=tokenizer, extra_config={"eos_token_id": tokenizer.eos_token_id})
+    return str(path)
+
+
+def test_the_file_task_with_a_chat_template_and_export(runtime_python, cache_dir, tmp_path):
+    from tests.test_data import write_dapo_parquet
+
+    folder = _hf_folder(tmp_path / "model")
+    train_file = str(tmp_path / "train.parquet")
+    write_dapo_parquet(train_file, [f"What is {i}+{i}?" for i in range(8)], [str(2 * i) for i in range(8)])
+    export = tmp_path / "export"
+    summary = train(runtime_python, cache_dir, tmp_path / "run", "--config", "qwen2.5-7b-fipo", "--steps", "1",
+                    "--export", str(export), *sets(
+                        f"model.path={folder}", "model.dtype=float32", "model.compute_dtype=float32",
+                        "model.remat=none", f"data.train_path={train_file}", "data.eval_path=", "data.max_prompt_tokens=120",
+                        "rollout.n=2", "rollout.prompts_per_step=2", "rollout.prompts_per_round=2",
+                        "rollout.max_rounds=1", "rollout.dynamic_sampling=false", "rollout.max_response_tokens=8",
+                        "reward.overlong_buffer=4", "algo.mini_batches=2", "algo.micro_batch_size=2",
+                        "optim.warmup_steps=0", "eval.every=0"))
+    assert summary["steps"] == 1
+    from fipo_jax.models import load_pretrained
+
+    exported = load_pretrained(str(export))  # a Hugging Face folder again, which this environment reads back
+    assert exported.config.vocab_size == 151665 and os.path.isfile(export / "tokenizer_config.json")
+    with open(export / "tokenizer_config.json", encoding="utf-8") as f:
+        assert "chat_template" in json.load(f) or os.path.isfile(export / "chat_template.jinja")
+    assert np.isfinite(float(np.asarray(exported(np.asarray([[1, 2, 3]], np.int32))).sum()))
+
+
+def test_the_gemma3_270m_preset(runtime_python, cache_dir, tmp_path):
+    """The README's real-model recipe, one tiny step: the GGUF assembled from its package, its
+    tokenizer built from the file's own metadata (no torch), few-shot prompts, stop strings, FIPO."""
+    summary = train(runtime_python, cache_dir, tmp_path / "run", "--config", "gemma3-270m-fipo", "--steps", "1",
+                    *sets("data.train_prompts=8", "data.eval_prompts=1", "rollout.n=2", "rollout.prompts_per_step=2",
+                          "rollout.prompts_per_round=2", "rollout.max_rounds=1", "rollout.dynamic_sampling=false",
+                          "rollout.max_response_tokens=4", "reward.overlong_buffer=2", "algo.micro_batch_size=2",
+                          "eval.every=0", "eval.k=1"))
+    assert summary["steps"] == 1 and "[model] attention: xla" in summary["log"]
+
+
+def test_the_planner(runtime_python, cache_dir):
+    result = run(runtime_python, cache_dir, "-m", "fipo_jax.plan", "--config", "qwen2.5-7b-fipo", "--mesh", "4,4,4",
+                 "--device-memory", "80GiB")
+    assert "fits" in result.stdout.lower(), result.stdout
