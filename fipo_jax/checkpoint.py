@@ -10,17 +10,23 @@ sharding of each leaf: `jax.ShapeDtypeStruct`s, e.g. from `abstract_like`), so a
 is read straight into its shards. What the metadata means (config fingerprint, data position)
 is the caller's business; `config_differences` helps compare a saved config with the current one.
 
-A damaged directory (a truncated or garbage tensor file, unreadable metadata, an empty step
-folder, non-finite values) costs one checkpoint, never the run: `restore_newest` falls back to
-the newest checkpoint that restores and moves each damaged one aside, saying why.
+A damaged directory (a truncated or garbage tensor file, unreadable metadata or metadata that
+lacks what the caller declared required, an empty step folder, non-finite values) costs one
+checkpoint, never the run: `restore_newest` falls back to the newest checkpoint that restores and
+moves each damaged one aside, saying why. A failed tensor read leaves TensorStore reads in flight
+whose completions reach Orbax's already closed event loop; the tracebacks Python would print for
+them (``RuntimeError: Event loop is closed``, one per read) are dropped (`quiet_closed_loop_callbacks`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
+import sys
 import time
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -35,7 +41,42 @@ FORMAT = "fipo_jax.rl_state.v3"
 
 
 class CheckpointFormatError(ValueError):
-    """The checkpoint was written by a fipo_jax version whose state layout differs."""
+    """The checkpoint was written by a fipo_jax version whose state layout differs (one line: the
+    folder, both formats, what to do)."""
+
+
+class CheckpointMetadataError(ValueError):
+    """A checkpoint's metadata lacks a required key or holds one of the wrong type (damage)."""
+
+
+# What a checkpoint's metadata must hold: key -> type, or a nested schema for a dict (its own keys).
+MetadataSchema = Mapping[str, "type | tuple[type, ...] | MetadataSchema"]
+
+
+def metadata_problem(metadata: Any, schema: MetadataSchema, prefix: str = "") -> str | None:
+    """What in ``metadata`` breaks ``schema`` (the first missing key or wrong type), or None.
+
+    >>> metadata_problem({"iterator": {"offset": "3"}}, {"iterator": {"offset": int}, "fingerprint": dict})
+    "'iterator.offset' is str, not int"
+    >>> metadata_problem({"iterator": {"offset": 3}}, {"iterator": {"offset": int}, "fingerprint": dict})
+    "no 'fingerprint'"
+    """
+    for key, want in schema.items():
+        name = f"{prefix}{key}"
+        if not isinstance(metadata, dict) or key not in metadata:
+            return f"no {name!r}"
+        value = metadata[key]
+        if isinstance(want, Mapping):
+            if not isinstance(value, dict):
+                return f"{name!r} is {type(value).__name__}, not dict"
+            problem = metadata_problem(value, want, f"{name}.")
+        else:
+            types = want if isinstance(want, tuple) else (want,)
+            ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+            problem = None if ok else f"{name!r} is {type(value).__name__}, not {'/'.join(t.__name__ for t in types)}"
+        if problem:
+            return problem
+    return None
 
 
 def abstract_like(state: Any) -> Any:
@@ -88,10 +129,16 @@ class Checkpointer:
       directory: created if missing; on a filesystem every process sees (multi-host runs write
         one checkpoint together).
       max_to_keep: older complete checkpoints are deleted.
+      required_metadata: what the caller's metadata must hold (`MetadataSchema`: key -> type, or
+        a nested schema). `save` refuses metadata that lacks it (a bug of the caller); a saved
+        checkpoint whose metadata lacks it is damage: `restore_newest` sets it aside.
     """
 
-    def __init__(self, directory: str, max_to_keep: int | None = None):
+    def __init__(self, directory: str, max_to_keep: int | None = None,
+                 required_metadata: MetadataSchema | None = None):
         self.directory = os.path.abspath(directory)
+        self.required_metadata = dict(required_metadata or {})
+        quiet_closed_loop_callbacks()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -101,7 +148,11 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, metadata: dict) -> None:
-        """Write ``state`` (any pytree of arrays) and ``metadata`` (JSON-serialisable) as ``step``."""
+        """Write ``state`` (any pytree of arrays) and ``metadata`` (JSON-serialisable, holding
+        ``required_metadata``) as ``step``."""
+        if problem := metadata_problem(metadata, self.required_metadata):
+            raise CheckpointMetadataError(f"metadata for checkpoint {step} in {self.directory}: {problem} "
+                                          f"(required: {', '.join(_schema_keys(self.required_metadata))})")
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             metadata=ocp.args.JsonSave({"format": FORMAT, **metadata}),
@@ -119,8 +170,12 @@ class Checkpointer:
         if meta.get("format") != FORMAT:
             raise CheckpointFormatError(
                 f"checkpoint {step} in {self.directory} has format {meta.get('format')!r}, this fipo_jax reads "
-                f"{FORMAT!r}; resume it with the version that wrote it, or start a new run directory")
-        return {k: v for k, v in meta.items() if k != "format"}
+                f"{FORMAT!r}; resume it with the fipo_jax version that wrote it, or start a new run directory "
+                f"(or move {self.directory} aside to start afresh in this one)")
+        meta = {k: v for k, v in meta.items() if k != "format"}
+        if problem := metadata_problem(meta, self.required_metadata):
+            raise CheckpointMetadataError(f"checkpoint {step} in {self.directory}: the metadata has {problem}")
+        return meta
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """(state, metadata) of ``step`` (default: the newest), laid out as ``abstract_state``."""
@@ -134,8 +189,9 @@ class Checkpointer:
                        ) -> Restored:
         """The newest checkpoint that restores completely, laid out as ``abstract_state``.
 
-        Newer ones that cannot be read (unreadable or missing metadata or tensors, a tensor that
-        does not match ``abstract_state``, non-finite values) are skipped and moved into
+        Newer ones that cannot be read (unreadable or missing metadata or tensors, metadata
+        without the ``required_metadata``, a tensor that does not match ``abstract_state``,
+        non-finite values) are skipped and moved into
         ``<directory>.damaged/`` with a ``reason.txt``, so a later save of the same step works.
         ``check(step, metadata)`` runs before a step's tensors are read; what it raises (e.g. "made
         with a different config") propagates, as does `CheckpointFormatError`: those are not damage.
@@ -188,6 +244,44 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         return step
+
+
+def _schema_keys(schema: MetadataSchema, prefix: str = "") -> list[str]:
+    """The required keys of a schema, dotted: ["fingerprint", "iterator.offset", …]."""
+    keys = []
+    for key, want in schema.items():
+        keys += _schema_keys(want, f"{prefix}{key}.") if isinstance(want, Mapping) else [f"{prefix}{key}"]
+    return keys
+
+
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+    """Whether an unraisable exception is a C extension's thread (TensorStore's) scheduling a read's
+    completion onto an asyncio loop already closed: ``RuntimeError('Event loop is closed')`` from
+    ``call_soon_threadsafe`` called with no Python frame above it. Orbax closes its loop as soon
+    as one read of a restore fails; the reads still in flight finish later, and nothing waits for
+    them any more (the failure that matters was raised, and is reported as damage)."""
+    error, trace = unraisable.exc_value, unraisable.exc_traceback
+    if not isinstance(error, RuntimeError) or str(error) != "Event loop is closed" or trace is None:
+        return False
+    code = trace.tb_frame.f_code
+    return code.co_name == "call_soon_threadsafe" and os.path.dirname(code.co_filename) == \
+        os.path.dirname(asyncio.__file__)
+
+
+def quiet_closed_loop_callbacks() -> None:
+    """Installs, once, a `sys.unraisablehook` that drops the `_is_closed_loop_callback` events (a
+    traceback per read in flight, dozens after one damaged checkpoint) and passes every other
+    unraisable exception to the hook that was in place."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
 
 
 def _reason(err: BaseException) -> str:

@@ -35,8 +35,14 @@ class RunDirectoryError(OSError):
     """The run directory cannot hold the run: a file, not writable, or the disk is full (one line)."""
 
 
+# Folders of a run directory the trainer writes into: a file of that name would fail the run only
+# after the earlier run's files were moved aside (`set_aside`), so it is refused first.
+RUN_FOLDERS = ("checkpoints", "checkpoints.damaged")
+
+
 def ensure_writable(run_dir: str) -> None:
-    """Create ``run_dir`` and check it can be written (a probe file), or raise `RunDirectoryError`."""
+    """Create ``run_dir`` and check it can be written (a probe file) and that its `RUN_FOLDERS`, where
+    present, are folders; or raise `RunDirectoryError`. Runs before anything is built or moved."""
     try:
         os.makedirs(run_dir, exist_ok=True)
         probe = os.path.join(run_dir, f".write-probe-{os.getpid()}")
@@ -49,6 +55,11 @@ def ensure_writable(run_dir: str) -> None:
     except OSError as err:
         raise RunDirectoryError(f"run directory {run_dir} cannot be written ({err.strerror or err}); choose a writable "
                                 f"--run-dir") from None
+    for name in RUN_FOLDERS:
+        path = os.path.join(run_dir, name)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise RunDirectoryError(f"{path} is a file, not the run's {name} folder; move or remove it, or choose "
+                                    f"another --run-dir")
 
 
 def disk_full(err: BaseException) -> bool:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fipo_jax import _checks
 from fipo_jax.losses import METRIC_REDUCTIONS, PolicyLossConfig, kl_penalty, policy_loss
 
 INSTALL_HINT = "fipo_jax.integrations.tunix needs Tunix: pip install google-tunix"
@@ -104,6 +105,17 @@ def kl_estimator_from_tunix(kl_loss_mode: str) -> str:
     return TUNIX_KL_ESTIMATORS[kl_loss_mode]
 
 
+def kl_coef_from_tunix(beta: Any) -> float:
+    """Our ``kl_coef`` for Tunix's ``beta`` (None → 0); anything but a finite number ≥ 0 is refused
+    in one line naming the field (``float('x')`` would say only "could not convert string").
+
+    >>> kl_coef_from_tunix(None), kl_coef_from_tunix(0.04)
+    (0.0, 0.04)
+    """
+    _checks.check_number("Tunix algo_config.beta (the KL coefficient)", beta, minimum=0, allow_none=True)
+    return float(beta or 0.0)
+
+
 def loss_config_from_tunix(algo_config: Any, base: PolicyLossConfig | None = None) -> PolicyLossConfig:
     """The `PolicyLossConfig` a Tunix algorithm config asks for.
 
@@ -124,7 +136,7 @@ def loss_config_from_tunix(algo_config: Any, base: PolicyLossConfig | None = Non
     if getattr(algo_config, "loss_agg_mode", None) is not None:
         changes["aggregation"] = aggregation_from_tunix(algo_config.loss_agg_mode)[0]
     if hasattr(algo_config, "beta"):
-        changes["kl_coef"] = float(algo_config.beta or 0.0)
+        changes["kl_coef"] = kl_coef_from_tunix(algo_config.beta)
     if getattr(algo_config, "kl_loss_mode", None) is not None:
         changes["kl_estimator"] = kl_estimator_from_tunix(algo_config.kl_loss_mode)
     return base.replace(**changes)
@@ -161,7 +173,9 @@ def tunix_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.A
                entropy: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, aux) of `policy_loss` on arrays, in Tunix's terms; the registered losses' core.
 
-    ``completion_mask`` is the loss mask; ``loss_agg_mode`` (Tunix's name) counts sequences as
+    ``completion_mask`` is the loss mask (bool or numeric, non-zero = a token; a concrete float mask
+    holding NaN / ±inf is refused, as `policy_loss` refuses it: NaN is non-zero, so it would count
+    as a token); ``loss_agg_mode`` (Tunix's name) counts sequences as
     Tunix does (`TUNIX_AGGREGATIONS`). aux holds every metric of `policy_loss` under its own name
     (Tunix's ``grpo`` loss uses the same names for the shared ones: ``pg_clipfrac``, ``ppo_kl``,
     ``pg_clipfrac_lower``, ``pg_loss``, ``entropy``) plus Tunix's ``kl``: the token-mean KL to the
@@ -169,6 +183,7 @@ def tunix_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.A
     """
     aggregation, count_rows = aggregation_from_tunix(loss_agg_mode)
     config = config.replace(aggregation=aggregation)
+    _checks.check_mask("train_example.completion_mask", completion_mask, "log_probs [B, T]", log_probs)
     mask = jnp.asarray(completion_mask) != 0
     rows = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.float32) if count_rows else None
     loss, metrics = policy_loss(log_probs, old_log_probs, advantages, mask, config, ref_log_probs=ref_log_probs,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -210,6 +210,7 @@ def save_pretrained(
     max_shard_bytes: int | None = None,
     extra_config: Mapping[str, Any] | None = None,
     tokenizer: Any = None,
+    log: Callable[[str], None] = print,
 ) -> None:
     """Writes a HF-compatible checkpoint folder (safetensors + config.json).
 
@@ -223,10 +224,17 @@ def save_pretrained(
         model-0000i-of-0000n.safetensors shards plus model.safetensors.index.json.
       extra_config: extra config.json fields (e.g. eos_token_id, bos_token_id).
       tokenizer: written into the same folder (anything with ``save_pretrained(folder)``).
+      log: where the one-line notes go (the leftovers of an export killed mid-way, removed).
 
     Everything is written into a temporary folder beside ``path`` and renamed into place once
-    complete, so ``path`` never holds a mix of two exports or a half-written one. Tensors are
-    gathered to host one shard file at a time; only process 0 writes.
+    complete, so ``path`` never holds a mix of two exports or a half-written one; every file gets
+    the mode of an ordinary file (the umask's). Tensors are gathered to host one shard file at a
+    time; only process 0 writes.
+
+    Raises:
+      ExportFolderError: ``path`` holds another model's files or cannot be created (before any
+        tensor is gathered); `export_folder.ExportDiskFullError`, a subclass, when the disk fills
+        up (``path`` is left as it was).
     """
     config = model.config if config is None else config
     out_dtype = np.dtype(dtype or config.dtype)
@@ -245,7 +253,7 @@ def save_pretrained(
         if len(groups) == 1
         else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     )
-    with replacing(path, write=writer) as folder:
+    with replacing(path, write=writer, log=log) as folder:
         weight_map = _write_shards(folder, names, groups, table, variables, out_dtype, writer)
         if not writer:
             return
