@@ -130,18 +130,21 @@ VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.tx
 def load_tokenizer(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
     """`transformers.AutoTokenizer` from a local tokenizer folder or a `.gguf` file (no network).
 
-    A GGUF file's tokenizer is converted by transformers (`gguf_file=`; ~20 s for Gemma 3's
-    262k-token vocabulary) and the result saved under `cache_dir` (default
-    `$FIPO_CACHE_DIR/gguf_tokenizers`, else `~/.cache/fipo_jax/gguf_tokenizers`), keyed by the
-    file's path, size and modification time, so later loads take well under a second.
+    A GGUF file's tokenizer is built from the file's own `tokenizer.*` metadata without torch
+    (`fipo_jax.models.gguf_tokenizer`: read with the `gguf` package, converted by transformers'
+    GGUF converter, equal to `AutoTokenizer.from_pretrained(folder, gguf_file=…)`; tens of seconds
+    for Gemma 3's 262k-token vocabulary, most of it the `gguf` package's parse of the metadata) and
+    the result saved under `cache_dir` (default `$FIPO_CACHE_DIR/gguf_tokenizers`, else
+    `~/.cache/fipo_jax/gguf_tokenizers`), keyed by the file's path, size and modification time, so
+    later loads skip the conversion (a few seconds for Gemma 3, reading its 33 MB tokenizer.json).
 
     Raises:
       FileNotFoundError: no such path, or a folder without a vocabulary file.
       NotADirectoryError: a file other than a .gguf.
       CheckpointFileError (`fipo_jax.models.hf_io`): a tokenizer file that is not valid JSON / not a
         JSON object / a tokenizer.json the `tokenizers` library refuses (named), or a folder
-        transformers cannot load for another reason; `GGUFError`, a subclass, for a GGUF file
-        whose tokenizer transformers cannot build.
+        transformers cannot load for another reason; `GGUFError`, a subclass, for a damaged GGUF
+        file, damaged tokenizer metadata, or a tokenizer transformers' converter cannot build.
       ValueError: a tokenizer of fewer than 2 tokens.
     """
     from transformers import AutoTokenizer
@@ -206,28 +209,39 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("FIPO_CACHE_DIR") or pathlib.Path.home() / ".cache" / "fipo_jax")
 
 
+# Part of the GGUF tokenizer cache key: bumped when what the cache holds changes, so a folder of an
+# older layout (v1: transformers' save_pretrained) is never read.
+GGUF_CACHE_FORMAT = 2
+
+
 def _gguf_tokenizer(path: str, cache_dir: str | os.PathLike | None):
+    """The GGUF file's tokenizer (`gguf_tokenizer.read_gguf_tokenizer`), from the on-disk cache when
+    the same file (path, size, modification time) was converted before. A fresh conversion is written
+    to the cache atomically (a cache that cannot be written only costs the conversion next time); a
+    damaged cache entry is rebuilt from the file, with a warning."""
     import hashlib
 
-    from transformers import AutoTokenizer
+    from fipo_jax.models.gguf_tokenizer import CONFIG_FILE, GGUFTokenizer, read_gguf_tokenizer
 
     stat = os.stat(path)
-    key = hashlib.sha256(f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = pathlib.Path(cache_dir or default_cache_dir() / "gguf_tokenizers") / key
-    if (cached / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(cached, local_files_only=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                                  gguf_file=os.path.basename(path), local_files_only=True)
-    except Exception as error:  # conversion errors come as ValueError, KeyError, struct errors, ...
-        from fipo_jax.models.gguf_io import GGUFError
+    identity = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|v{GGUF_CACHE_FORMAT}"
+    cached = pathlib.Path(cache_dir or default_cache_dir() / "gguf_tokenizers") / hashlib.sha256(
+        identity.encode()).hexdigest()[:16]
+    if (cached / CONFIG_FILE).is_file():
+        try:
+            return GGUFTokenizer.load(cached).wrap()
+        except Exception as error:  # JSON, tokenizers and transformers errors alike: the entry is derived data
+            import shutil
+            import warnings
 
-        raise GGUFError(f"{path}: transformers cannot build a tokenizer from this GGUF file: "
-                        f"{type(error).__name__}: {_one_line(error)}") from error
+            warnings.warn(f"{cached}: damaged GGUF tokenizer cache ({type(error).__name__}: {_one_line(error)}); "
+                          f"rebuilding it from {path}", RuntimeWarning, stacklevel=3)
+            shutil.rmtree(cached, ignore_errors=True)
+    converted = read_gguf_tokenizer(path)  # GGUFError in one line naming the file
     try:
-        tmp = cached.with_name(f"{key}.{os.getpid()}.tmp")
-        tokenizer.save_pretrained(tmp)
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        converted.save(tmp)
         os.replace(tmp, cached)  # atomic: concurrent loaders never see half a folder
     except OSError:
         pass  # a read-only cache only costs the conversion next time
-    return tokenizer
+    return converted.wrap()
