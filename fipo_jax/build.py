@@ -118,50 +118,114 @@ def check_vocabulary(model_vocab: int, tokenizer_tokens: int, path: str) -> None
 def build_prompts(config: TrainConfig, tokenizer, log: Log) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """(train, held-out) prompt records for ``config.data``; prompts longer than
     ``data.max_prompt_tokens`` are dropped (as the official data loader does), with a note. Needs
-    only the tokenizer: a prompt file's problems are found before the model is loaded."""
+    only the tokenizer: a prompt file's problems are found before the model is loaded.
+
+    Refused in one line: no train prompt that fits, a held-out set that comes out empty (it would
+    leave the run without accuracy), a gold answer no correct response can match. Warned: eval
+    prompts that are the train file, fewer train prompts than one step's ``rollout.prompts_per_step``."""
     data = config.data
     fit = lambda records, split, where=None: _fit_prompts(  # noqa: E731
         records, tokenizer, data.max_prompt_tokens, split, log, where)
     if data.task == "chain":
-        task = ChainTask(n_terms=data.n_terms, ops=data.ops)
-        make = lambda seed, n: [PromptRecord(r["prompt"], r["ground_truth"], "chain", str(i))  # noqa: E731
-                                for i, r in enumerate(task.problems(np.random.default_rng(seed), n))]
-        train = make([config.seed, 1], data.train_prompts)
-        held_out = {r.prompt for r in train}
-        evals = [r for r in make([config.seed, 2], data.eval_prompts * 4) if r.prompt not in held_out]
-        return train, evals[: data.eval_prompts]
-    if data.task == "word_problems":
+        train, evals = _chain_prompts(config, tokenizer, fit)
+    elif data.task == "word_problems":
         if isinstance(tokenizer, CharTokenizer):
             raise ConfigError("data.task='word_problems' is English text: it needs a pretrained model and its "
                               "tokenizer (model.source 'hf' or 'gemma3-270m'), not model.source='scratch'")
         task = WordProblemTask(max_steps=data.max_steps, few_shot=data.few_shot)
         train, evals = word_problem_splits(task, config.seed, data.train_prompts, data.eval_prompts)
-        return fit(train, "train"), fit(evals, "eval")
-    train = fit(_load_records("data.train_path", data.train_path), "train", f"data.train_path {data.train_path}")
-    evals = fit(_load_records("data.eval_path", data.eval_path, data.eval_prompts), "eval",
-                f"data.eval_path {data.eval_path}") if data.eval_path else []
-    check_gold_answers(train, f"data.train_path {data.train_path}")
-    check_gold_answers(evals, f"data.eval_path {data.eval_path}")
+        train, evals = fit(train, "train"), fit(evals, "eval")
+    else:
+        train, evals = _file_prompts(data, fit, log)
+    _check_split_sizes(config, train, evals, log)
     return train, evals
 
 
+def _chain_prompts(config: TrainConfig, tokenizer, fit) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """The chain task's (train, held-out) prompts, fitted to ``data.max_prompt_tokens``. Its prompts all
+    have one length in the scratch vocabulary (about one in a pretrained tokenizer's), so one is
+    measured before any is generated: ``data.n_terms=100000`` is refused here, not by a warm start
+    asking for terabytes."""
+    data = config.data
+    task = ChainTask(n_terms=data.n_terms, ops=data.ops)
+    probe = PromptRecord(task.prompt(((0,) * data.n_terms, data.ops[0] * (data.n_terms - 1))), "0", "chain")
+    length = _prompt_length(probe, 0, tokenizer, "data.task='chain'")
+    if length > data.max_prompt_tokens:
+        raise ConfigError(f"no train prompt fits data.max_prompt_tokens={data.max_prompt_tokens}: the chain task's "
+                          f"prompts are {length} tokens (data.n_terms={data.n_terms}); lower data.n_terms or raise "
+                          f"data.max_prompt_tokens")
+    make = lambda seed, n: [PromptRecord(r["prompt"], r["ground_truth"], "chain", str(i))  # noqa: E731
+                            for i, r in enumerate(task.problems(np.random.default_rng(seed), n))]
+    train = make([config.seed, 1], data.train_prompts)
+    held_out = {r.prompt for r in train}
+    evals = [r for r in make([config.seed, 2], data.eval_prompts * 4) if r.prompt not in held_out]
+    if not evals:  # every problem drawn for eval is a train prompt: the problems are few
+        distinct = 10**data.n_terms * len(set(data.ops)) ** (data.n_terms - 1) if data.n_terms < 10 else "over 10^9"
+        raise ConfigError(f"the chain task's eval set is empty: data.n_terms={data.n_terms} data.ops={data.ops!r} has "
+                          f"{distinct} distinct problems and the {data.train_prompts} train prompts cover every "
+                          f"one drawn for eval; raise data.n_terms, add an op to data.ops or lower data.train_prompts")
+    evals = evals[: data.eval_prompts]
+    if isinstance(tokenizer, CharTokenizer):  # every prompt is exactly as long as the probe: all fit
+        return train, evals
+    return fit(train, "train"), fit(evals, "eval")
+
+
+def _file_prompts(data, fit, log: Log) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """``data.train_path`` / ``data.eval_path`` records: gold answers checked (rows counted in the
+    file), then fitted to ``data.max_prompt_tokens``."""
+    train = _load_records("data.train_path", data.train_path)
+    check_gold_answers(train, f"data.train_path {data.train_path}")
+    train = fit(train, "train", f"data.train_path {data.train_path}")
+    if not data.eval_path:
+        return train, []
+    if os.path.realpath(data.eval_path) == os.path.realpath(data.train_path):
+        log(f"[warning] data.eval_path {data.eval_path} is the file data.train_path {data.train_path}: the eval "
+            f"measures prompts the run trains on, not held-out ones")
+    evals = _load_records("data.eval_path", data.eval_path, data.eval_prompts)
+    check_gold_answers(evals, f"data.eval_path {data.eval_path}")
+    return train, fit(evals, "eval", f"data.eval_path {data.eval_path}")
+
+
+def _check_split_sizes(config: TrainConfig, train: list[PromptRecord], evals: list[PromptRecord], log: Log) -> None:
+    """A held-out set that is empty where one is expected is refused (the run would end with no accuracy);
+    fewer train prompts than one step takes is a warning (the step repeats prompts, and still works)."""
+    data, per_step = config.data, config.rollout.prompts_per_step
+    if not evals and (data.task != "file" or data.eval_path):
+        raise ConfigError(f"the eval set of data.task={data.task!r} is empty: no held-out prompt to measure "
+                          f"accuracy on; raise data.eval_prompts or data.max_prompt_tokens")
+    if len(train) < per_step:
+        log(f"[warning] the train set has {len(train)} prompt{'s' * (len(train) != 1)}, fewer than "
+            f"rollout.prompts_per_step={per_step}: every step repeats prompts; add prompts or lower "
+            f"rollout.prompts_per_step")
+
+
 def check_gold_answers(records: list[PromptRecord], where: str) -> None:
-    """Every ground truth scores correct against itself written as the reward expects a response to
-    write it (``Answer: <gold>``): a gold that never can (``"Answer: 7"``: the reward extracts and
-    compares the line's answer) would make the prompt's reward −1 forever. The string and decimal
-    rules decide almost all; math-verify is asked only about the rest."""
+    """Every ground truth scores correct for a correct response (`rewards.gold.correct_responses`):
+    itself on an ``Answer:`` line (a gold ``"Answer: 7"`` never can: the reward extracts and compares
+    the line's answer), then the answer it states written as a model writes a correct one (``Answer: 7``
+    for ``#### 7``, read by the reward; for the sentence ``"She has 7 apples left."`` it scores wrong).
+    Either failing would make the prompt's reward −1 forever. The string and decimal rules decide
+    almost all; math-verify is asked only about the rest. Rows are counted from 1 in ``records``."""
     from fipo_jax.rewards import RewardConfig, dapo_math_score, gold_answer
+    from fipo_jax.rewards.gold import correct_responses, stated_answer
 
     quick = RewardConfig(use_math_verify=False)
     for row, record in enumerate(records):
-        response = f"Answer: {gold_answer(record.ground_truth)}"
-        if dapo_math_score(response, record.ground_truth, quick).correct:
-            continue
-        result = dapo_math_score(response, record.ground_truth)
-        if not result.correct:
-            raise ConfigError(f"{where}, prompt {row + 1}: ground truth {record.ground_truth!r:.80} can never be "
-                              f"scored correct (a response ending {response!r:.80} extracts {result.extracted!r:.80}"
-                              f"{'; ' + result.error if result.error else ''}); write the bare answer, e.g. '7'")
+        responses = correct_responses(record.ground_truth)
+        for response in responses:
+            if dapo_math_score(response, record.ground_truth, quick).correct:
+                continue
+            result = dapo_math_score(response, record.ground_truth)
+            if result.correct:
+                continue
+            bare = stated_answer(record.ground_truth)
+            example = repr(bare) if bare != gold_answer(record.ground_truth) else "'7'"
+            found = f"extracts {result.extracted!r:.80}{'; ' + result.error if result.error else ''}"
+            problem = (f"can never be scored correct (a response ending {response!r:.80} {found})"
+                       if response == responses[0]
+                       else f"is not a bare answer: the correct response {response!r:.80} scores wrong against it")
+            raise ConfigError(f"{where}, prompt {row + 1}: ground truth {record.ground_truth!r:.80} {problem}; write "
+                              f"the bare answer, e.g. {example}")
 
 
 def _load_records(field: str, path: str, limit: int | None = None) -> list[PromptRecord]:
@@ -198,7 +262,8 @@ def _fit_prompts(records, tokenizer, max_tokens: int, split: str, log: Log, wher
         log(f"[data] {split}: dropped {len(records) - len(kept)} of {len(records)} prompts longer than "
             f"{max_tokens} tokens")
     if not kept:
-        raise ConfigError(f"no {split} prompt fits data.max_prompt_tokens={max_tokens}")
+        raise ConfigError(f"no {split} prompt fits data.max_prompt_tokens={max_tokens}: raise it, or use shorter "
+                          f"prompts")
     return kept
 
 

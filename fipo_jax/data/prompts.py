@@ -20,7 +20,10 @@ Ground truths (``reward_model.ground_truth``, else the first flat answer field p
 strings. The one conversion: a JSON/parquet integer such as ``42`` is accepted as ``"42"``.
 Booleans, floats (NaN included), lists, objects and bytes are rejected, as are ground truths that
 are empty, longer than ``max_ground_truth_chars`` (1024 by default, the reward's
-``max_answer_chars``), whose last ``\\boxed{}`` is empty or unbalanced, or that normalise to nothing.
+``max_answer_chars``), with nothing after a GSM8K ``####`` marker, whose last ``\\boxed{}`` is empty
+or unbalanced, or that normalise to nothing. A GSM8K solution (``... #### 72``) is kept as written:
+the reward reads its answer after the marker (`rewards.gold_answer`). Whether a correct response can
+match a gold is checked by the trainer's loader (`fipo_jax.build.check_gold_answers`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from fipo_jax import _checks
+from fipo_jax.rewards.extract import after_gsm8k_marker
 from fipo_jax.rewards.normalize import normalize_answer
 from fipo_jax.rewards.scoring import gold_answer
 from fipo_jax.rewards.verify import DEFAULT_MAX_ANSWER_CHARS
@@ -115,6 +119,8 @@ def ground_truth_text(value: Any, where: str, field: str = "ground_truth",
                     f"{name} is {len(value)} characters long, over the {max_chars}-character limit "
                     f"(max_ground_truth_chars)")
     _checks.require(bool(value.strip()), f"{name} is empty")
+    _checks.require(after_gsm8k_marker(value) != "",
+                    f"{name} {value!r:.80} has nothing after its GSM8K '####' marker; write the answer after it")
     try:
         gold = gold_answer(value)
     except ValueError as err:
@@ -234,8 +240,11 @@ def render_prompt(record: PromptRecord, tokenizer=None) -> str:
 class PromptIterator:
     """Deterministic, resumable batches of prompts: a fresh permutation per epoch.
 
-    The position (``epoch``, ``offset``) is all the state; `state()` / `from_state`
+    The position (``epoch``, ``offset``) is all the state; `state()` / `restore`
     round-trip it through a checkpoint so a resumed run sees exactly the same prompts.
+    ``0 <= offset < len(records)`` always (a finished epoch moves on to the next at once), so an
+    offset beyond the data is refused, not taken as "the next epoch": it can only come from a
+    damaged state or other data, and either would resume on prompts the run never chose.
     """
 
     records: Sequence[PromptRecord]
@@ -246,6 +255,7 @@ class PromptIterator:
 
     def __post_init__(self):
         _checks.require(len(self.records) > 0, "PromptIterator needs at least one prompt")
+        _check_position(self.epoch, self.offset, len(self.records))
 
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.records)
@@ -267,7 +277,21 @@ class PromptIterator:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "size": len(self.records)}
 
     def restore(self, state: dict[str, int]) -> None:
+        """Continue from a `state()`; refused in one line when it is for other data or another seed, or
+        its position is not in the data (``0 <= offset < size``, ``epoch >= 0``)."""
+        keys = ("epoch", "offset", "seed", "size")
+        _checks.require(isinstance(state, dict) and all(_checks.is_int(state.get(k)) for k in keys),
+                        f"prompt iterator state must hold the integers {keys}, got {state!r:.200}: the checkpoint's "
+                        f"data position is damaged")
         _checks.require(int(state["size"]) == len(self.records) and int(state["seed"]) == self.seed,
                         f"prompt iterator state is for {state['size']} prompts / seed {state['seed']}, not "
                         f"{len(self.records)} / {self.seed}: the data or seed changed since the checkpoint")
+        _check_position(int(state["epoch"]), int(state["offset"]), len(self.records))
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+def _check_position(epoch: int, offset: int, size: int) -> None:
+    """A data position is an epoch >= 0 and an offset into the data: 0 <= offset < size."""
+    _checks.require(_checks.is_int(epoch) and epoch >= 0 and _checks.is_int(offset) and 0 <= offset < size,
+                    f"prompt iterator position epoch {epoch!r}, offset {offset!r} is not in the data of {size} "
+                    f"prompts (0 <= offset < {size}): the checkpoint's data position is damaged or for other data")

@@ -7,6 +7,7 @@ Modules, one concern each:
   shaping    — overlong penalty in tokens and the shaped ±1 score
   config     — `RewardConfig`
   scoring    — `dapo_math_score` for one response, `score_batch` for a batch
+  gold       — the answer a ground truth states, and the responses it must score correct
 
 Typical use in the trainer::
 
@@ -18,6 +19,7 @@ Typical use in the trainer::
 from fipo_jax.rewards.config import RewardConfig
 from fipo_jax.rewards.extract import (
     DEFAULT_ANSWER_WINDOW_CHARS,
+    after_gsm8k_marker,
     extract_answer,
     extract_answer_line,
     extract_last_boxed,
@@ -25,9 +27,17 @@ from fipo_jax.rewards.extract import (
     tail_window,
 )
 from fipo_jax.rewards.normalize import normalize_answer, unicode_to_latex
+from fipo_jax.rewards.gold import correct_responses, stated_answer
 from fipo_jax.rewards.scoring import BatchRewards, RewardResult, dapo_math_score, gold_answer, score_batch
-from fipo_jax.rewards.shaping import overlong_penalty, shaped_scores, validate_overlong_args
+from fipo_jax.rewards.shaping import (
+    MAX_OVERLONG_FACTOR,
+    check_overlong_factor,
+    overlong_penalty,
+    shaped_scores,
+    validate_overlong_args,
+)
 from fipo_jax.rewards.verify import (
+    MathVerifyMissingError,
     MathVerifyWorker,
     Verdict,
     check_equivalence,
@@ -38,12 +48,17 @@ from fipo_jax.rewards.verify import (
 
 __all__ = [
     "DEFAULT_ANSWER_WINDOW_CHARS",
+    "MAX_OVERLONG_FACTOR",
     "BatchRewards",
+    "MathVerifyMissingError",
     "MathVerifyWorker",
     "RewardConfig",
     "RewardResult",
     "Verdict",
+    "after_gsm8k_marker",
     "check_equivalence",
+    "check_overlong_factor",
+    "correct_responses",
     "dapo_math_score",
     "default_worker",
     "extract_answer",
@@ -57,6 +72,7 @@ __all__ = [
     "read_brace_group",
     "score_batch",
     "shaped_scores",
+    "stated_answer",
     "tail_window",
     "unicode_to_latex",
     "validate_overlong_args",

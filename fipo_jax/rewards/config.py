@@ -27,10 +27,12 @@ class RewardConfig:
         answer longer than this is never normalised either (the sample is scored wrong, with an error).
       max_response_length: L_max, generation limit in tokens (official: 20480).
       overlong_buffer: L_buf in tokens (official: 4096); None disables overlong shaping.
-      overlong_factor: penalty at L_max tokens is ``−overlong_factor`` (official: 1.0).
+      overlong_factor: penalty at L_max tokens is ``−overlong_factor`` (official: 1.0); at most
+        `shaping.MAX_OVERLONG_FACTOR` (2^20: larger ones overflow or drown the ±1 in float32).
       batch_budget_s: seconds `score_batch` may spend on one batch; past them the remaining answers
         are compared by the string and decimal rules only (math-verify is not asked: an answer only
-        it would accept scores wrong, counted as over budget). None: no bound.
+        it would accept scores wrong, counted as over budget). A custom ``score_fn`` is bounded too
+        (it runs in a worker thread; what it has not scored in time is over budget). None: no bound.
     """
 
     answer_window_chars: int | None = DEFAULT_ANSWER_WINDOW_CHARS

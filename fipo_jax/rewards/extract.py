@@ -4,6 +4,7 @@ Official behaviour (verl ``utils/reward_score/math_dapo.py``): the response is c
 300 characters, and the answer is the text after the last case-insensitive ``Answer:`` up to the
 end of that line (whitespace, newlines included, may separate the colon from the answer). We keep
 that rule and add a fallback to the last ``\\boxed{...}`` when no ``Answer:`` line is found.
+Ground truths may carry GSM8K's ``#### <answer>`` marker (`after_gsm8k_marker`); responses never do.
 
 Every function here is pure, linear in the input length, and never raises on malformed text
 (unbalanced braces, truncated responses): it returns ``None`` instead.
@@ -17,6 +18,7 @@ from fipo_jax import _checks
 
 __all__ = [
     "DEFAULT_ANSWER_WINDOW_CHARS",
+    "after_gsm8k_marker",
     "extract_answer",
     "extract_answer_line",
     "extract_last_boxed",
@@ -145,6 +147,20 @@ def extract_last_boxed(text: str, window_chars: int | None = None) -> str | None
         return None
     token = re.match(r"[^\s$]+", window[i:])
     return token.group(0) if token else None
+
+
+def after_gsm8k_marker(text: str) -> str | None:
+    """The text after the last GSM8K ``####`` marker, stripped; None when the text has no marker.
+
+    GSM8K's ``answer`` field is a worked solution whose last line is ``#### <final answer>``; the
+    final answer is what follows the marker (``####`` means nothing in a LaTeX answer).
+
+    >>> after_gsm8k_marker("48/2 = 24 clips in May.\\n#### 72"), after_gsm8k_marker("72") is None
+    ('72', True)
+    """
+    _checks.require(isinstance(text, str), f"text must be a str, got {type(text).__name__}", error=TypeError)
+    marker = text.rfind("####")
+    return None if marker < 0 else text[marker + len("####") :].strip()
 
 
 def extract_answer(

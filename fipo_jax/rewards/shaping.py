@@ -17,11 +17,38 @@ import numpy as np
 
 from fipo_jax import _checks
 
-__all__ = ["overlong_penalty", "shaped_scores", "validate_overlong_args"]
+__all__ = ["MAX_OVERLONG_FACTOR", "check_overlong_factor", "overlong_penalty", "shaped_scores",
+           "validate_overlong_args"]
+
+MAX_OVERLONG_FACTOR = 2.0**20
+"""The largest overlong penalty factor f accepted (about 10^6; the official factor is 1.0).
+
+Responses stop at L_max tokens, so shaped scores lie in [−1 − f, 1] and two scores of one group
+differ by at most 2 + f. Two things must hold in float32 for the reward to mean anything:
+
+  1. no overflow: GRPO's unbiased variance sums G squared deviations, at most G·(2 + f)²; for
+     groups of up to G = 2^16 responses that stays below float32's largest value 3.4·10^38 iff
+     2 + f < sqrt(3.4·10^38 / 2^16) ≈ 7.2·10^16 (f = 10^308 gives −inf rewards, NaN advantages
+     and every update skipped);
+  2. correctness still visible: near −f float32 values are f·2^−23 apart, so the gap of 2 between
+     a correct (1 − f) and a wrong (−1 − f) overlong response survives rounding only for f ≪ 2^24.
+
+f = 2^20 meets both with margin: the gap is 16 float32 steps, overflow is 10^21 times away.
+"""
+
+
+def check_overlong_factor(factor: float, name: str = "penalty_factor", error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` naming ``name`` unless 0 <= factor <= `MAX_OVERLONG_FACTOR` (see its derivation)."""
+    _checks.check_number(name, factor, minimum=0, error=error)
+    _checks.require(factor <= MAX_OVERLONG_FACTOR,
+                    f"{name}={factor!r} is over {MAX_OVERLONG_FACTOR:.0f} (2^20): shaped rewards in [-1 - factor, 1] "
+                    f"then lose the +-1 of correctness to float32 rounding or overflow; use a factor near 1 "
+                    f"(official: 1.0)", error=error)
 
 
 def validate_overlong_args(max_response_length: int, buffer_length: int, penalty_factor: float) -> None:
-    """Raise ValueError naming the bad argument unless 0 < buffer_length ≤ max_response_length and factor ≥ 0."""
+    """Raise ValueError naming the bad argument unless 0 < buffer_length ≤ max_response_length and
+    0 ≤ factor ≤ `MAX_OVERLONG_FACTOR`."""
     _checks.check_int("max_response_length (tokens)", max_response_length, minimum=1)
     _checks.check_int("buffer_length (tokens)", buffer_length, minimum=1)
     _checks.require(
@@ -29,7 +56,7 @@ def validate_overlong_args(max_response_length: int, buffer_length: int, penalty
         f"buffer_length ({buffer_length}) must be <= max_response_length ({max_response_length}): "
         "the penalty starts at max_response_length - buffer_length tokens",
     )
-    _checks.check_number("penalty_factor", penalty_factor, minimum=0)
+    check_overlong_factor(penalty_factor)
 
 
 def _as_numeric(name: str, values):

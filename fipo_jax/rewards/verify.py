@@ -5,7 +5,8 @@ Order of checks in `check_equivalence` (cheapest first, each one final when it a
      normalisation at all (an over-long gold is also reported in ``Verdict.error``);
   2. ``normalize_answer(gold) == normalize_answer(pred)`` → equal (the official DAPO rule);
   3. both are plain decimals (``-12``, ``0.50``) → compared exactly as fractions;
-  4. otherwise math-verify (``verify(parse(gold), parse(pred))``, gold first), in a worker process.
+  4. otherwise math-verify (``verify(parse(gold), parse(pred))``, gold first), in a worker process
+     (not installed: `MathVerifyMissingError`, the one-line 'train' extra message, is raised).
 
 Time bound (why a process, and which one). math-verify's own timeout uses ``signal.alarm``, which
 only works in the main thread, has 1-second resolution, and cannot interrupt C-level work (a
@@ -25,6 +26,7 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
+import importlib.util
 import json
 import os
 import queue
@@ -36,12 +38,13 @@ from fractions import Fraction
 from typing import Literal
 
 from fipo_jax import _checks
-
+from fipo_jax._requires import missing_message
 from fipo_jax.rewards.normalize import normalize_answer
 
 __all__ = [
     "DEFAULT_MAX_ANSWER_CHARS",
     "DEFAULT_VERIFY_TIMEOUT_S",
+    "MathVerifyMissingError",
     "MathVerifyWorker",
     "Verdict",
     "check_equivalence",
@@ -74,6 +77,27 @@ class Verdict:
     method: Literal["exact", "numeric", "math_verify", "rejected"]
     timed_out: bool = False
     error: str | None = None
+
+
+class MathVerifyMissingError(ImportError):
+    """math-verify must judge an answer (the string and decimal rules did not decide) but is not
+    installed: an install problem, never one sample's wrong answer, so the reward lets it through."""
+
+
+def require_math_verify() -> None:
+    """`MathVerifyMissingError` (the one-line 'train' extra message) unless math-verify can be imported.
+
+    Looks the package up without importing it: only the worker process imports math-verify (and sympy).
+    """
+    if "math_verify" in sys.modules:  # imported here already (or blocked: None)
+        found = sys.modules["math_verify"] is not None
+    else:
+        try:
+            found = importlib.util.find_spec("math_verify") is not None
+        except (ImportError, ValueError):  # a broken install is as good as none
+            found = False
+    if not found:
+        raise MathVerifyMissingError(missing_message("train", ["math_verify"]))
 
 
 def numeric_equal(gold: str, predicted: str) -> bool | None:
@@ -325,6 +349,10 @@ def check_equivalence(
         is the string rule alone).
       worker: the math-verify process to use; default `default_worker()`.
 
+    Raises `MathVerifyMissingError` when math-verify must judge (``use_math_verify`` and the string
+    and decimal rules did not decide) but is not installed: without it every such correct answer
+    would score wrong, silently.
+
     >>> check_equivalence("1/2", r"\\dfrac{1}{2}", use_math_verify=False)
     Verdict(equal=False, method='exact', timed_out=False, error=None)
     >>> check_equivalence(r"\\frac{1}{2}", r"\\dfrac{1}{2}").method
@@ -352,6 +380,7 @@ def check_equivalence(
         return Verdict(decimal, "numeric")
     if not use_math_verify:
         return Verdict(False, "exact")
+    require_math_verify()
     return (worker if worker is not None else default_worker()).check(gold_norm, pred_norm, timeout_s)
 
 
