@@ -86,9 +86,10 @@ def test_a_score_fn_that_never_returns_does_not_block_interpreter_exit():
 
 @pytest.mark.parametrize("factor", [1e308, 1e30, MAX_OVERLONG_FACTOR * 2])
 def test_an_overlong_factor_that_can_overflow_is_refused(factor):
-    with pytest.raises(ValueError, match=rf"^overlong_factor={re.escape(repr(factor))} is over 1048576 \(2\^20\): shaped rewards"):
+    refused = rf"{re.escape(repr(factor))} is over 1048576 \(2\^20\): shaped rewards in \[-1 - factor, 1\] then lose"
+    with pytest.raises(ValueError, match=rf"^overlong_factor={refused}"):
         RewardConfig(overlong_factor=factor)
-    with pytest.raises(ValueError, match=rf"^penalty_factor={re.escape(repr(factor))} is over 1048576"):
+    with pytest.raises(ValueError, match=rf"^penalty_factor={refused}"):
         overlong_penalty([10], 16, 4, factor)
 
 
@@ -147,7 +148,9 @@ def test_under_jit_a_non_finite_score_makes_only_its_group_nan():
 def test_a_gsm8k_gold_is_read_after_its_marker():
     solution = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 in all.\n#### 72"
     assert dapo_math_score("so 72 clips\nAnswer: 72", solution).correct
-    assert dapo_math_score("Answer: 7", "#### 7").correct and not dapo_math_score("Answer: #### 7", "#### 7").correct
+    quick = RewardConfig(use_math_verify=False)
+    assert dapo_math_score("Answer: 7", "#### 7").correct
+    assert not dapo_math_score("Answer: #### 7", "#### 7", quick).correct  # what the old check accepted
     assert dapo_math_score("Answer: 1000", "#### 1,000").correct
     with pytest.raises(ValueError, match=r"^f\.jsonl line 2: answer 'work\\n####' has nothing after its GSM8K '####' "
                                          r"marker; write the answer after it$"):
@@ -168,9 +171,9 @@ def test_a_sentence_gold_states_its_answer(gold, stated):
 def test_a_gold_a_correct_response_cannot_match_is_refused_naming_file_and_row(gold):
     records = [PromptRecord("q", "5"), PromptRecord("q", gold)]
     bare = stated_answer(gold)
-    with pytest.raises(ConfigError, match=rf"^data\.train_path p\.jsonl, prompt 2: ground truth {re.escape(repr(gold))} is not "
-                                          rf"a bare answer: the correct response 'Answer: {bare}' scores wrong against "
-                                          rf"it; write the bare answer, e\.g\. '{bare}'$"):
+    expected = (f"data.train_path p.jsonl, prompt 2: ground truth {gold!r} is not a bare answer: the correct "
+                f"response 'Answer: {bare}' scores wrong against it; write the bare answer, e.g. '{bare}'")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(expected)}$"):
         check_gold_answers(records, "data.train_path p.jsonl")
 
 
@@ -187,15 +190,16 @@ def _write_jsonl(path, rows):
 
 def test_a_file_with_gsm8k_golds_loads_and_one_with_a_sentence_solution_is_refused(tmp_path):
     rows = [{"question": "Q: 1+2=", "answer": "1+2 = 3\n#### 3"}, {"question": "Q: 3*3=", "answer": "#### 9"}]
-    config = apply_overrides(cpu_default(), ["data.task=file", f"data.train_path={_write_jsonl(tmp_path / 'g.jsonl', rows)}",
-                                             "rollout.prompts_per_step=2"])
+    path = _write_jsonl(tmp_path / "g.jsonl", rows)
+    config = apply_overrides(cpu_default(), ["data.task=file", f"data.train_path={path}", "rollout.prompts_per_step=2"])
     train, _ = build_prompts(config, CharTokenizer(), lambda line: None)
     assert [r.ground_truth for r in train] == ["1+2 = 3\n#### 3", "#### 9"]
     rows.append({"problem": "Q: 2+2=", "solution": "Adding two and two, the total is 4."})
     path = _write_jsonl(tmp_path / "s.jsonl", rows)
     config = apply_overrides(cpu_default(), ["data.task=file", f"data.train_path={path}"])
-    with pytest.raises(ConfigError, match=rf"^data\.train_path {re.escape(str(path))}, prompt 3: ground truth 'Adding two and two, the "
-                                          rf"total is 4\.' is not a bare answer: the correct response 'Answer: 4'"):
+    with pytest.raises(ConfigError, match=rf"^data\.train_path {re.escape(str(path))}, prompt 3: ground truth 'Adding "
+                                          rf"two and two, the total is 4\.' is not a bare answer: the correct response "
+                                          rf"'Answer: 4'"):
         build_prompts(config, CharTokenizer(), lambda line: None)
 
 
@@ -234,8 +238,8 @@ def test_the_chain_task_obeys_max_prompt_tokens():
     train, _ = build_prompts(_chain("data.n_terms=3", f"data.max_prompt_tokens={tokens}"), CharTokenizer(), print)
     assert train
     with pytest.raises(ConfigError, match=rf"^no train prompt fits data\.max_prompt_tokens={tokens - 1}: the chain "
-                                          rf"task's prompts are {tokens} tokens \(data\.n_terms=3\); lower data\.n_terms "
-                                          rf"or raise data\.max_prompt_tokens$"):
+                                          rf"task's prompts are {tokens} tokens \(data\.n_terms=3\); lower "
+                                          rf"data\.n_terms or raise data\.max_prompt_tokens$"):
         build_prompts(_chain("data.n_terms=3", f"data.max_prompt_tokens={tokens - 1}"), CharTokenizer(), print)
 
 
@@ -249,8 +253,8 @@ def test_a_huge_chain_is_refused_before_any_problem_is_made():
 
 def test_an_empty_chain_eval_set_is_refused():
     config = _chain("data.n_terms=2", "data.ops=+", "data.train_prompts=4096")
-    with pytest.raises(ConfigError, match=r"^the chain task's eval set is empty: data\.n_terms=2 data\.ops='\+' has 100 "
-                                          r"distinct problems and the 4096 train prompts cover every one drawn for "
+    with pytest.raises(ConfigError, match=r"^the chain task's eval set is empty: data\.n_terms=2 data\.ops='\+' has "
+                                          r"100 distinct problems and the 4096 train prompts cover every one drawn for "
                                           r"eval; raise data\.n_terms, add an op to data\.ops or lower "
                                           r"data\.train_prompts$"):
         build_prompts(config, CharTokenizer(), print)

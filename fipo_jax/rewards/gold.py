@@ -56,8 +56,10 @@ def stated_answer(gold) -> str:
          number (``72``, ``-1.5``, ``1,000``, ``3/4``);
       3. otherwise the gold itself (a bare answer states itself).
 
-    >>> stated_answer("She has 7 apples left."), stated_answer("The answer is $\\\\frac{1}{2}$."), stated_answer("x = 3")
-    ('7', '$\\\\frac{1}{2}$.', 'x = 3')
+    >>> stated_answer("She has 7 apples left."), stated_answer("The answer is $\\\\frac{1}{2}$.")
+    ('7', '$\\\\frac{1}{2}$.')
+    >>> stated_answer("x = 3")
+    'x = 3'
     """
     text = gold_answer(gold)
     marked = _marked_answer(text)
