@@ -81,8 +81,8 @@ def test_a_failed_export_leaves_the_previous_one_intact(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-def test_export_folder_rules():
-    check_export_folder("/nonexistent/fresh")  # new: fine
+def test_export_folder_rules(tmp_path):
+    check_export_folder(tmp_path / "fresh" / "deeper")  # new (in a writable place): fine
     with pytest.raises(ExportFolderError, match="is a file"):
         check_export_folder(__file__)
 

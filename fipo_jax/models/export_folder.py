@@ -96,7 +96,11 @@ _LEFTOVER = r"\.(writing|replaced)-(\d+)-\d{14}"
 
 
 def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (one of another user counts as alive)."""
+    """Whether process ``pid`` exists on this machine (one of another user counts as alive) and is
+    not this one: a folder named with our own id was left by an earlier process that had it (in
+    a container a run often gets the same id), since this process stages only after cleaning."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -111,23 +115,28 @@ def remove_leftovers(path: str) -> list[str]:
     that an export killed mid-way left beside ``path``, when their process is gone: a staging
     folder holds partial shards, a replaced one a previous export that a complete ``path`` has
     superseded (kept and named when ``path`` is missing: it is then the only copy). Returns one
-    note per folder; folders of live processes (an export in progress) are left alone."""
+    note per folder; folders of live processes (an export in progress) are left alone, and named.
+    A process id is judged on this machine: exports to one target from two machines sharing a
+    filesystem at the same time are not supported (the second would replace the first anyway)."""
     parent, base = os.path.split(os.path.abspath(path))
     if not os.path.isdir(parent):
         return []
     notes = []
     for name in sorted(os.listdir(parent)):
         match = re.fullmatch(re.escape(base) + _LEFTOVER, name)
-        if not match or _alive(int(match.group(2))):
+        if not match:
             continue
         kind, pid, folder = match.group(1), match.group(2), os.path.join(parent, name)
-        if kind == "replaced" and not os.path.isdir(path):
+        if _alive(int(pid)):
+            notes.append(f"[export] left {folder} alone: its process {pid} is running (an export in progress?); "
+                         f"remove it if that process is not exporting")
+        elif kind == "replaced" and not os.path.isdir(path):
             notes.append(f"[export] kept {folder}: the previous export, moved aside by process {pid}, which was "
                          f"killed before its new export was in place; rename it to {path} to get it back")
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        what = "the partial files of an export" if kind == "writing" else "a previous export already replaced"
-        notes.append(f"[export] removed {folder}: {what}, left by process {pid}, which was killed mid-export")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            what = "the partial files of an export" if kind == "writing" else "a previous export already replaced"
+            notes.append(f"[export] removed {folder}: {what}, left by process {pid}, which was killed mid-export")
     return notes
 
 
