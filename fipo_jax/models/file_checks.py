@@ -30,6 +30,12 @@ from safetensors import SafetensorError, safe_open
 
 from fipo_jax._checks import require
 
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line (library messages sometimes span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 

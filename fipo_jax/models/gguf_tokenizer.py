@@ -30,7 +30,7 @@ import os
 from typing import Any
 
 from fipo_jax.models.gguf_io import ARCHITECTURES, GGUFError, read_gguf
-from fipo_jax.models.tokenizer import _one_line
+from fipo_jax.models.file_checks import one_line
 
 # The id keys of the named special tokens, under `tokenizer.ggml.`.
 SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
@@ -193,7 +193,7 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizer:
         raise GGUFError(f"{path}: {error}") from error
     except Exception as error:  # the converter raises anything from ValueError to KeyError on odd metadata
         raise GGUFError(f"{path}: transformers cannot build a tokenizer from this GGUF file: "
-                        f"{type(error).__name__}: {_one_line(error)}") from error
+                        f"{type(error).__name__}: {one_line(error)}") from error
 
 
 def gguf_tokenizer(path: str | os.PathLike):

@@ -20,6 +20,8 @@ import functools
 import os
 import pathlib
 
+from fipo_jax.models.file_checks import one_line
+
 # Qwen2 pre-tokenizer: contractions | words with one optional leading non-letter |
 # single digits | punctuation runs (+ trailing newlines) | newline runs | spaces.
 QWEN2_PRETOKENIZE_REGEX = (
@@ -175,11 +177,6 @@ TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_toke
                         "vocab.json", "config.json")
 
 
-def _one_line(error: BaseException) -> str:
-    """``error``'s message on one line (library messages sometimes span several)."""
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _tokenizer_folder_error(path: str, error: Exception) -> Exception:
     """The error to raise when transformers cannot load the tokenizer in ``path``: a
     `CheckpointFileError` naming the first damaged file (not JSON, not a JSON object, or a
@@ -200,8 +197,8 @@ def _tokenizer_folder_error(path: str, error: Exception) -> Exception:
             try:
                 Tokenizer.from_file(file)
             except Exception as refused:  # the Rust library raises a bare Exception
-                return CheckpointFileError(f"{file} is not a valid tokenizer.json ({_one_line(refused)})")
-    return CheckpointFileError(f"the tokenizer in {path} cannot be loaded: {type(error).__name__}: {_one_line(error)}")
+                return CheckpointFileError(f"{file} is not a valid tokenizer.json ({one_line(refused)})")
+    return CheckpointFileError(f"the tokenizer in {path} cannot be loaded: {type(error).__name__}: {one_line(error)}")
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -234,7 +231,7 @@ def _gguf_tokenizer(path: str, cache_dir: str | os.PathLike | None):
             import shutil
             import warnings
 
-            warnings.warn(f"{cached}: damaged GGUF tokenizer cache ({type(error).__name__}: {_one_line(error)}); "
+            warnings.warn(f"{cached}: damaged GGUF tokenizer cache ({type(error).__name__}: {one_line(error)}); "
                           f"rebuilding it from {path}", RuntimeWarning, stacklevel=3)
             shutil.rmtree(cached, ignore_errors=True)
     converted = read_gguf_tokenizer(path)  # GGUFError in one line naming the file
