@@ -183,3 +183,15 @@ def test_an_architecture_of_another_family_loads_by_model_type_and_says_so():
                                          r"is 'qwen2'; loading it as 'qwen2'"):
         mislabelled = config_from_hf({**hf, "architectures": ["LlamaForCausalLM"]})
     assert mislabelled == same
+
+
+# ----------------------------------------------------------------------------- the reward's shaping
+
+
+@pytest.mark.parametrize("factor", ["1e308", "1e30", "2097152"])
+def test_an_overlong_factor_that_can_overflow_is_refused_by_the_config(capsys, factor):
+    """1e308 made every shaped reward −inf: every update was skipped and the run ended with exit 0."""
+    code, out, err = run_cli(capsys, "--set", f"reward.overlong_factor={factor}", "--print-config")
+    assert code == 2 and out == "" and err.startswith(f"config error: reward.overlong_factor={float(factor)!r} is over "
+                                                      f"1048576 (2^20)")
+    assert run_cli(capsys, "--set", "reward.overlong_factor=1048576", "--print-config")[0] == 0

@@ -23,6 +23,7 @@ from fipo_jax import _checks
 from fipo_jax.advantages import ADVANTAGE_ESTIMATORS
 from fipo_jax.losses import MICRO_BATCH_WEIGHTINGS, MicroBatchWeighting, PolicyLossConfig
 from fipo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, SUPPORTED_DTYPES
+from fipo_jax.rewards.shaping import check_overlong_factor
 from fipo_jax.sampling import MIN_TEMPERATURE
 from fipo_jax.sharding import MESH_AXES, ways
 
@@ -197,7 +198,7 @@ class RewardSpec:
         _checks.check_int("reward.overlong_buffer", self.overlong_buffer, minimum=1, error=ConfigError)
         _checks.check_number("reward.score_budget_s", self.score_budget_s, minimum=0, exclusive_minimum=True,
                              error=ConfigError)
-        _checks.check_number("reward.overlong_factor", self.overlong_factor, minimum=0, error=ConfigError)
+        check_overlong_factor(self.overlong_factor, "reward.overlong_factor", ConfigError)  # ≤ 2^20: no overflow
         _checks.check_number("reward.verify_timeout_s", self.verify_timeout_s, minimum=0, exclusive_minimum=True,
                              error=ConfigError)
 
