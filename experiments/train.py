@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     from fipo_jax.models import ExportFolderError, check_export_folder
     from fipo_jax.run_dir import (ExportDestinationError, RunDirectoryError, RunDirectoryLocked,
                                   check_export_destination)
+    from fipo_jax.checkpoint import CheckpointFormatError
     from fipo_jax.trainer import DynamicSamplingExhausted, Trainer
 
     if args.export:  # refused before anything is built, not after the training
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except (RunDirectoryLocked, RunDirectoryError, DynamicSamplingExhausted) as err:  # they say what to do
+    except (RunDirectoryLocked, RunDirectoryError, DynamicSamplingExhausted, CheckpointFormatError) as err:
+        # each says what to do
         print(f"error: {err}", file=sys.stderr)
         return 2
     from fipo_jax.distributed import is_primary

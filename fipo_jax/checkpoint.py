@@ -194,7 +194,8 @@ class Checkpointer:
         non-finite values) are skipped and moved into
         ``<directory>.damaged/`` with a ``reason.txt``, so a later save of the same step works.
         ``check(step, metadata)`` runs before a step's tensors are read; what it raises (e.g. "made
-        with a different config") propagates, as does `CheckpointFormatError`: those are not damage.
+        with a different config") propagates, as does `CheckpointFormatError`: those are not damage —
+        except a `CheckpointMetadataError` (metadata the caller finds unusable), which is.
         """
         skipped = []
         for step in sorted(self.manager.all_steps(), reverse=True):
@@ -205,7 +206,11 @@ class Checkpointer:
             except Exception as err:  # noqa: BLE001 - any failure to read is damage, reported below
                 skipped.append((step, f"metadata unreadable: {_reason(err)}"))
                 continue
-            check(step, metadata)
+            try:
+                check(step, metadata)
+            except CheckpointMetadataError as err:  # the caller found the metadata unusable: damage too
+                skipped.append((step, f"metadata unusable: {_reason(err)}"))
+                continue
             try:
                 state = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state)))["state"]

@@ -95,8 +95,9 @@ def check_export_destination(export: str, run_dir: str) -> None:
 
 
 @contextlib.contextmanager
-def lock(run_dir: str) -> Iterator[None]:
-    """Hold ``run_dir``'s lock for the duration; raise `RunDirectoryLocked` naming its holder."""
+def lock(run_dir: str, claim: bool = True) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the duration; raise `RunDirectoryLocked` naming its holder.
+    ``claim=False`` only checks that it is free (the trainer does so before it builds anything)."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -107,12 +108,21 @@ def lock(run_dir: str) -> Iterator[None]:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             raise RunDirectoryLocked(f"run directory {run_dir} is in use by another trainer ({holder}); wait for it "
                                      f"to finish or stop it, or use another --run-dir") from None
+        if not claim:
+            yield
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
                   .encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+def check_free(run_dir: str) -> None:
+    """Raise `RunDirectoryLocked` if a trainer holds ``run_dir``'s lock (nothing is claimed)."""
+    with lock(run_dir, claim=False):
+        pass
 
 
 def set_aside(run_dir: str) -> str | None:

@@ -37,7 +37,7 @@ from fipo_jax import run_dir as run_dir_lib
 from fipo_jax.run_dir import check_export_destination
 from fipo_jax.build import (build_model, build_prompts, build_tokenizer, check_attention, needs_warm_start,
                             warm_start)
-from fipo_jax.checkpoint import Checkpointer, config_differences
+from fipo_jax.checkpoint import Checkpointer, CheckpointMetadataError, config_differences
 from fipo_jax.config import ConfigError, TrainConfig, fipo_inert_reason, micro_batch_rows
 from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord
 from fipo_jax.diagnostics import token_diagnostics
@@ -57,6 +57,8 @@ PADDING_WARN_SHARE = 0.25
 VIEWS_PER_EVAL = 3
 # Eval keys are folded from this offset so they never coincide with a training step's keys.
 _EVAL_KEY_OFFSET = 10**6
+# What `save` writes and `resume` reads beside the state: a checkpoint without it is damage.
+REQUIRED_METADATA = {"fingerprint": dict, "iterator": {"epoch": int, "offset": int, "seed": int, "size": int}}
 
 
 class NonFiniteStateError(RuntimeError):
@@ -98,6 +100,8 @@ class Trainer:
         if reason := fipo_inert_reason(config):
             self.log(f"[warning] {reason}")
         run_dir_lib.ensure_writable(run_dir)
+        if self.primary:
+            run_dir_lib.check_free(run_dir)  # a live run's directory is refused before anything is built
         self.mesh = make_mesh(config.mesh_shape)
         self.tokenizer = build_tokenizer(config)
         self.train_records, self.eval_records = build_prompts(config, self.tokenizer, self.log)  # before the model
@@ -128,7 +132,8 @@ class Trainer:
         self.update = rl_step.jit_rl_update(self.graphdef, self.rest, optimizer, self.update_config,
                                             self.state_shardings, replicated(self.mesh))
         self.run_log = run_log_lib.RunLog(run_dir, writable=self.primary, tensorboard=config.tensorboard)
-        self.checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), config.keep_checkpoints)
+        self.checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), config.keep_checkpoints,
+                                         required_metadata=REQUIRED_METADATA)
         self._warned_padding = False
         self.last_rollouts: Rollouts | None = None  # the last step's kept batch (for `influence_views`)
 
@@ -258,6 +263,10 @@ class Trainer:
             raise ConfigError(f"the run directory's checkpoint (step {step}) was made with different prompt data "
                               f"(digest {saved['data_digest']} vs now {self.data_digest}): {source} changed since. "
                               f"Restore the original prompts, or use a new --run-dir")
+        try:  # same config and data: a data position outside the data can only be damage
+            PromptIterator(self.train_records, seed=self.config.seed).restore(saved["iterator"])
+        except ValueError as err:
+            raise CheckpointMetadataError(str(err)) from None
 
     # ----------------------------------------------------------------------------- the run
 
@@ -398,7 +407,7 @@ class Trainer:
                               "is not a Hugging Face tokenizer")
         tok = self.tokenizer
         check_export_destination(path, self.run_dir)
-        save_pretrained(self.policy, path, tokenizer=tok, extra_config={k: v for k, v in (
+        save_pretrained(self.policy, path, tokenizer=tok, log=self.log, extra_config={k: v for k, v in (
             ("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id),
             ("pad_token_id", tok.pad_token_id)) if v is not None})
         self.log(f"[export] wrote the policy to {path}")

@@ -195,3 +195,45 @@ def test_an_overlong_factor_that_can_overflow_is_refused_by_the_config(capsys, f
     assert code == 2 and out == "" and err.startswith(f"config error: reward.overlong_factor={float(factor)!r} is over "
                                                       f"1048576 (2^20)")
     assert run_cli(capsys, "--set", "reward.overlong_factor=1048576", "--print-config")[0] == 0
+
+
+# ----------------------------------------------------------------------------- damaged checkpoint metadata
+
+
+def _edit_metadata(run_dir, step, edit) -> None:
+    path = os.path.join(run_dir, "checkpoints", str(step), "metadata", "metadata")
+    with open(path, encoding="utf-8") as f:
+        metadata = json.load(f)
+    edit(metadata)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(metadata, f)
+
+
+@pytest.mark.slow
+def test_checkpoint_metadata_the_trainer_cannot_use_is_damage(tmp_path, cache_dir, capsys):
+    """Metadata without its fingerprint, or with a data position outside the data, used to end in a
+    raw KeyError / a silent jump to the next epoch: the checkpoint is set aside and resume falls back.
+    A checkpoint of an older format is one line at the CLI (exit 2)."""
+    run_dir = str(tmp_path / "run")
+    config = tiny_config(cache_dir, "eval.every=0", "steps=3", "keep_checkpoints=3", "sft.enabled=false")
+    trainer = Trainer(config, run_dir, progress=False, log=lambda s: None)
+    for step in (1, 2, 3):  # checkpoints of steps 1-3 without training them (only the step counter moves)
+        trainer.state = trainer.state.replace(step=jnp.asarray(step, trainer.state.step.dtype))
+        trainer.save()
+    trainer.checkpointer.wait()
+    _edit_metadata(run_dir, 3, lambda m: m.pop("fingerprint"))
+    _edit_metadata(run_dir, 2, lambda m: m["iterator"].update(offset=10**6))
+    lines = []
+    trainer = Trainer(config, run_dir, progress=False, log=lines.append)
+    assert trainer.resume() == 1
+    assert [line.split(" (")[0] for line in lines if line.startswith("[resume]")] == [
+        "[resume] checkpoint 3 cannot be restored", "[resume] checkpoint 2 cannot be restored"], lines
+    assert "the metadata has no 'fingerprint'" in lines[-2] and "offset 1000000 is not in the data" in lines[-1]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints.damaged"))) and \
+        trainer.checkpointer.latest_step() == 1
+    _edit_metadata(run_dir, 1, lambda m: m.update(format="fipo_jax.rl_state.v1"))
+    args = [a for o in [o for o in TINY if not o.startswith(("steps=", "keep_"))] + [
+        f"sft.cache_dir={cache_dir}", "eval.every=0", "keep_checkpoints=3", "sft.enabled=false"] for a in ("--set", o)]
+    code, _, err = run_cli(capsys, "--no-progress", "--run-dir", run_dir, "--steps", "3", *args)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: checkpoint 1 in ") \
+        and "has format 'fipo_jax.rl_state.v1'" in err, err

@@ -21,7 +21,7 @@ from fipo_jax.models.config import (
     UnsupportedConfigError,
 )
 from fipo_jax.models.decoder import CausalLM, positions_from_mask
-from fipo_jax.models.export_folder import EXPORT_MARKER, ExportFolderError, check_export_folder
+from fipo_jax.models.export_folder import EXPORT_MARKER, ExportDiskFullError, ExportFolderError, check_export_folder
 from fipo_jax.models.families import WeightMapping, config_from_hf, config_to_hf, hf_weight_table
 from fipo_jax.models.hf_io import (
     DEFAULT_RULES,
@@ -48,6 +48,7 @@ __all__ = [
     "AttentionMask",
     "CheckpointFileError",
     "CheckpointMismatchError",
+    "ExportDiskFullError",
     "ExportFolderError",
     "KVCache",
     "ModelConfig",
