@@ -31,7 +31,8 @@ def free_port() -> int:
 
 
 def train_command(cache_dir, run_dir, steps):
-    sets = [a for item in TINY + [f"sft.cache_dir={cache_dir}", "mesh_shape=[2,2]"] for a in ("--set", item)]
+    tiny = [item for item in TINY if not item.startswith("steps=")]  # --steps gives it (a disagreeing --set is refused)
+    sets = [a for item in tiny + [f"sft.cache_dir={cache_dir}", "mesh_shape=[2,2]"] for a in ("--set", item)]
     return [sys.executable, TRAIN, *sets, "--steps", str(steps), "--run-dir", str(run_dir), "--no-progress"]
 
 
