@@ -278,11 +278,22 @@ def test_real_gemma3_270m_greedy_continuations_match_transformers(gemma):
 
 
 @pytest.mark.slow
-def test_real_gemma3_tokenizer_comes_from_the_file_and_caches(gemma, tmp_path):
-    path, _, _, tokenizer = gemma
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)) == (2, 1, 0, 262144)
-    fresh = load_tokenizer(path, cache_dir=tmp_path)  # converts and writes the cache
-    cached = load_tokenizer(path, cache_dir=tmp_path)  # reads the cache
-    assert len(os.listdir(tmp_path)) == 1
+def test_real_gemma3_tokenizer_comes_from_the_file_equals_transformers_and_caches(gemma):
+    """Ours (built from the file's metadata without torch, then read back from its cache) against
+    transformers' own GGUF tokenizer: same pipeline, specials, flags, ids and chat template output."""
+    from tests.test_gguf_tokenizer import (MESSAGES, assert_same_tokenizer, named_special_tokens,
+                                           transformers_gguf_tokenizer)
+
+    path, _, _, ours = gemma
+    theirs, cached = transformers_gguf_tokenizer(path), load_tokenizer(path)  # the second load reads the cache
+    for tokenizer in (ours, cached):
+        assert_same_tokenizer(tokenizer, theirs)
+    assert named_special_tokens(ours) == {"bos_token": ("<bos>", 2), "eos_token": ("<eos>", 1),
+                                          "unk_token": ("<unk>", 3), "pad_token": ("<pad>", 0)}
+    assert len(ours) == 262_144 and ours.add_bos_token and ours.chat_template is None  # a base model: no template
     for text in REAL_PROMPTS + ["naïve café 北京 🙂\n\n  spaces"]:
-        assert cached(text)["input_ids"] == fresh(text)["input_ids"] == tokenizer(text)["input_ids"]
+        assert cached(text)["input_ids"] == ours(text)["input_ids"] == theirs(text)["input_ids"]
+    template = "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    rendered = theirs.apply_chat_template(MESSAGES, tokenize=False, chat_template=template)
+    assert ours.apply_chat_template(MESSAGES, tokenize=False, chat_template=template) == rendered
+    assert ours.encode(rendered) == theirs.encode(rendered)

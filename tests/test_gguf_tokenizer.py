@@ -17,7 +17,6 @@ import pytest  # noqa: E402
 import transformers  # noqa: E402
 
 from fipo_jax.models import gguf_tokenizer as module  # noqa: E402
-from fipo_jax.models.assets import gemma3_270m_gguf  # noqa: E402
 from fipo_jax.models.gguf_io import GGUFError  # noqa: E402
 from fipo_jax.models.gguf_tokenizer import gguf_tokenizer  # noqa: E402
 from fipo_jax.models.tokenizer import load_tokenizer  # noqa: E402
@@ -242,20 +241,4 @@ def test_a_truncated_gguf_is_named(tmp_path):
         load_tokenizer(path, cache_dir=tmp_path / "cache")
 
 
-# ------------------------------------------------------------------------------------------
-# The real Gemma 3 270M (transformers' conversion alone takes ~20 s)
-# ------------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_real_gemma3_270m_tokenizer_equals_transformers():
-    path = gemma3_270m_gguf()
-    ours, theirs = gguf_tokenizer(path), transformers_gguf_tokenizer(path)
-    assert_same_tokenizer(ours, theirs)
-    assert named_special_tokens(ours) == {"bos_token": ("<bos>", 2), "eos_token": ("<eos>", 1),
-                                          "unk_token": ("<unk>", 3), "pad_token": ("<pad>", 0)}
-    assert len(ours) == 262_144 and ours.add_bos_token and ours.chat_template is None  # a base model: no template
-    template = "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-    rendered = theirs.apply_chat_template(MESSAGES, tokenize=False, chat_template=template)
-    assert ours.apply_chat_template(MESSAGES, tokenize=False, chat_template=template) == rendered
-    assert ours.encode(rendered) == theirs.encode(rendered)
-    assert ours.convert_ids_to_tokens(ours.encode("<start_of_turn>user")) == ["<bos>", "<start_of_turn>", "user"]
+# The real Gemma 3 270M against transformers: tests/test_gguf.py (it shares that module's parsed file).

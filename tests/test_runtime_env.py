@@ -52,15 +52,65 @@ def run(python: str, cache_dir: str, *args: str, timeout: int = 900) -> subproce
     return result
 
 
-def train(python: str, cache_dir: str, run_dir, *args: str) -> dict:
-    """`experiments/train.py` in the runtime environment; its summary."""
-    result = run(python, cache_dir, "experiments/train.py", "--no-progress", "--run-dir", str(run_dir), *args)
-    with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
-        return json.load(f) | {"log": result.stdout + result.stderr}
-
-
 def sets(*overrides: str) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
+
+
+def _file_task_args(tmp) -> list[str]:
+    from tests.test_data import write_dapo_parquet
+
+    folder = _hf_folder(tmp / "model")
+    train_file = str(tmp / "train.parquet")
+    write_dapo_parquet(train_file, [f"What is {i}+{i}?" for i in range(8)], [str(2 * i) for i in range(8)])
+    return ["--config", "qwen2.5-7b-fipo", "--steps", "1", "--export", str(tmp / "export"), *sets(
+        f"model.path={folder}", "model.dtype=float32", "model.compute_dtype=float32", "model.remat=none",
+        f"data.train_path={train_file}", "data.eval_path=", "data.max_prompt_tokens=120", "rollout.n=2",
+        "rollout.prompts_per_step=2", "rollout.prompts_per_round=2", "rollout.max_rounds=1",
+        "rollout.dynamic_sampling=false", "rollout.max_response_tokens=8", "reward.overlong_buffer=4",
+        "algo.mini_batches=2", "algo.micro_batch_size=2", "optim.warmup_steps=0", "eval.every=0")]
+
+
+# The documented train.py commands, sized down: the main job (what scripts/main.sh runs: SFT warm start,
+# RL, eval), the file task with a chat template and --export, the README's real-model recipe.
+RUNS = {
+    "main": lambda tmp: ["--steps", "1", *sets(*[o for o in TINY if not o.startswith("steps=")],
+                                               f"sft.cache_dir={tmp / 'sft'}")],
+    "file": _file_task_args,
+    "gemma": lambda tmp: ["--config", "gemma3-270m-fipo", "--steps", "1", *sets(
+        "data.train_prompts=8", "data.eval_prompts=1", "rollout.n=2", "rollout.prompts_per_step=2",
+        "rollout.prompts_per_round=2", "rollout.max_rounds=1", "rollout.dynamic_sampling=false",
+        "rollout.max_response_tokens=4", "reward.overlong_buffer=2", "algo.micro_batch_size=2", "eval.every=0",
+        "eval.k=1")],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(runtime_python, cache_dir, tmp_path_factory):
+    """Every `RUNS` command started at once in the runtime environment (each compiles mostly on one
+    core: run side by side they take about as long as the longest); name → (process, run dir, log)."""
+    started = {}
+    for name, make_args in RUNS.items():
+        tmp = tmp_path_factory.mktemp(name)
+        log = open(tmp / "log.txt", "w+", encoding="utf-8")  # a file, not a pipe: nobody reads until the end
+        command = [runtime_python, "experiments/train.py", "--no-progress", "--run-dir", str(tmp / "run"),
+                   *make_args(tmp)]
+        started[name] = (subprocess.Popen(command, cwd=ROOT, env=_clean_env(FIPO_CACHE_DIR=cache_dir), stdout=log,
+                                          stderr=subprocess.STDOUT, text=True), tmp, log)
+    yield started
+    for process, _, log in started.values():
+        process.kill()
+        log.close()
+
+
+def finished(runs, name: str) -> tuple[dict, str, object]:
+    """(summary.json, the log, the run's folder) once the run ``name`` has exited 0."""
+    process, tmp, log = runs[name]
+    code = process.wait(timeout=1800)
+    log.seek(0)
+    text = log.read()
+    assert code == 0, f"{name}: train.py exited {code}:\n{text[-6000:]}"
+    with open(tmp / "run" / "summary.json", encoding="utf-8") as f:
+        return json.load(f), text, tmp
 
 
 def test_the_runtime_environment_has_no_torch_and_every_declared_module(runtime_python, cache_dir):
@@ -71,11 +121,8 @@ def test_the_runtime_environment_has_no_torch_and_every_declared_module(runtime_
                      "tensorboardX": True}
 
 
-def test_the_main_job(runtime_python, cache_dir, tmp_path):
-    """`python experiments/train.py` (what scripts/main.sh runs), sized down: SFT warm start, RL, eval."""
-    tiny = [o for o in TINY if not o.startswith("steps=")]
-    summary = train(runtime_python, cache_dir, tmp_path / "run", "--steps", "1",
-                    *sets(*tiny, f"sft.cache_dir={tmp_path / 'sft'}"))
+def test_the_main_job(runs):
+    summary, _, _ = finished(runs, "main")
     assert summary["steps"] == 1 and summary["accuracy_after"] is not None
 
 
@@ -97,24 +144,12 @@ def _hf_folder(path) -> str:
     return str(path)
 
 
-def test_the_file_task_with_a_chat_template_and_export(runtime_python, cache_dir, tmp_path):
-    from tests.test_data import write_dapo_parquet
-
-    folder = _hf_folder(tmp_path / "model")
-    train_file = str(tmp_path / "train.parquet")
-    write_dapo_parquet(train_file, [f"What is {i}+{i}?" for i in range(8)], [str(2 * i) for i in range(8)])
-    export = tmp_path / "export"
-    summary = train(runtime_python, cache_dir, tmp_path / "run", "--config", "qwen2.5-7b-fipo", "--steps", "1",
-                    "--export", str(export), *sets(
-                        f"model.path={folder}", "model.dtype=float32", "model.compute_dtype=float32",
-                        "model.remat=none", f"data.train_path={train_file}", "data.eval_path=", "data.max_prompt_tokens=120",
-                        "rollout.n=2", "rollout.prompts_per_step=2", "rollout.prompts_per_round=2",
-                        "rollout.max_rounds=1", "rollout.dynamic_sampling=false", "rollout.max_response_tokens=8",
-                        "reward.overlong_buffer=4", "algo.mini_batches=2", "algo.micro_batch_size=2",
-                        "optim.warmup_steps=0", "eval.every=0"))
-    assert summary["steps"] == 1
+def test_the_file_task_with_a_chat_template_and_export(runs):
     from fipo_jax.models import load_pretrained
 
+    summary, _, tmp = finished(runs, "file")
+    export = tmp / "export"
+    assert summary["steps"] == 1
     exported = load_pretrained(str(export))  # a Hugging Face folder again, which this environment reads back
     assert exported.config.vocab_size == 151665 and os.path.isfile(export / "tokenizer_config.json")
     with open(export / "tokenizer_config.json", encoding="utf-8") as f:
@@ -122,15 +157,11 @@ def test_the_file_task_with_a_chat_template_and_export(runtime_python, cache_dir
     assert np.isfinite(float(np.asarray(exported(np.asarray([[1, 2, 3]], np.int32))).sum()))
 
 
-def test_the_gemma3_270m_preset(runtime_python, cache_dir, tmp_path):
+def test_the_gemma3_270m_preset(runs):
     """The README's real-model recipe, one tiny step: the GGUF assembled from its package, its
     tokenizer built from the file's own metadata (no torch), few-shot prompts, stop strings, FIPO."""
-    summary = train(runtime_python, cache_dir, tmp_path / "run", "--config", "gemma3-270m-fipo", "--steps", "1",
-                    *sets("data.train_prompts=8", "data.eval_prompts=1", "rollout.n=2", "rollout.prompts_per_step=2",
-                          "rollout.prompts_per_round=2", "rollout.max_rounds=1", "rollout.dynamic_sampling=false",
-                          "rollout.max_response_tokens=4", "reward.overlong_buffer=2", "algo.micro_batch_size=2",
-                          "eval.every=0", "eval.k=1"))
-    assert summary["steps"] == 1 and "[model] attention: xla" in summary["log"]
+    summary, log, _ = finished(runs, "gemma")
+    assert summary["steps"] == 1 and "[model] attention: xla" in log
 
 
 def test_the_planner(runtime_python, cache_dir):
