@@ -144,17 +144,11 @@ def load_cached_params(model, path: str, warn: Callable[[str], None] | None = No
         return False
 
 
-def train_sft(model, make_pairs, tokenizer, *, steps: int, batch_size: int, lr: float, length: int, seed: int,
-              progress=None) -> list[float]:
-    """AdamW on next-token cross-entropy of demonstrations; updates `model` in place.
+def sft_step(graphdef, rest, tx):
+    """The jitted warm-start step `(params, opt_state, ids, attention, loss_mask) → (params, opt_state, loss)`.
 
-    `make_pairs(rng, n)` returns n (prompt, response) text pairs. Returns the loss curve.
+    loss = −Σ_t m_t log π(y_t | y_<t) / max(Σ_t m_t, 1): mean next-token cross-entropy over the masked tokens.
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 2), lr * 0.05)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-    opt_state = tx.init(params)
-
     def loss_fn(p, ids, attention, loss_mask):
         lp = sequence_log_probs(nnx.merge(graphdef, p, rest), ids, attention, response_start=1)
         return -jnp.sum(jnp.where(loss_mask, lp, 0.0)) / jnp.maximum(jnp.sum(loss_mask), 1)
@@ -165,6 +159,20 @@ def train_sft(model, make_pairs, tokenizer, *, steps: int, batch_size: int, lr: 
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o, loss
 
+    return step
+
+
+def train_sft(model, make_pairs, tokenizer, *, steps: int, batch_size: int, lr: float, length: int, seed: int,
+              progress=None) -> list[float]:
+    """AdamW on next-token cross-entropy of demonstrations; updates `model` in place.
+
+    `make_pairs(rng, n)` returns n (prompt, response) text pairs. Returns the loss curve.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 2), lr * 0.05)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+    opt_state = tx.init(params)
+    step = sft_step(graphdef, rest, tx)
     rng = np.random.default_rng(seed)
     losses = []
     for i in range(steps):

@@ -184,7 +184,7 @@ import jax, jax.numpy as jnp, optax
 from flax import nnx
 from fipo_jax import plan as plan_lib
 from fipo_jax.config import apply_overrides, cpu_default
-from fipo_jax.logprobs import sequence_log_probs
+from fipo_jax.sft import sft_step
 from fipo_jax.models import CausalLM
 from tests.plan_family import compiled_peak
 
@@ -195,17 +195,7 @@ for overrides in json.loads(sys.argv[1]):
     model = nnx.eval_shape(lambda: CausalLM(plan_lib.model_config(config), rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.01))
-
-    def loss_fn(p, ids, attention, loss_mask):
-        lp = sequence_log_probs(nnx.merge(graphdef, p, rest), ids, attention, response_start=1)
-        return -jnp.sum(jnp.where(loss_mask, lp, 0.0)) / jnp.maximum(jnp.sum(loss_mask), 1)
-
-    @jax.jit
-    def step(p, o, ids, attention, loss_mask):
-        loss, grads = jax.value_and_grad(loss_fn)(p, ids, attention, loss_mask)
-        updates, o = tx.update(grads, o, p)
-        return optax.apply_updates(p, updates), o, loss
-
+    step = sft_step(graphdef, rest, tx)
     B, T = config.sft.batch_size, plan_lib.warm_start_length(config)
     compiled = step.lower(params, jax.eval_shape(tx.init, params), S((B, T), jnp.int32), S((B, T), bool),
                           S((B, T - 1), bool)).compile().memory_analysis()
