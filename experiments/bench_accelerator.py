@@ -15,7 +15,7 @@ process, without timeouts (the CPU tests).
 Parts:
 1. ``future_kl``: FIPO loss + gradient (no metrics) with each exact method, and our DAPO loss, side
    by side (`bench_loss.time_interleaved`); the fastest is what
-   ``fipo_jax.future_kl.DEFAULT_METHOD_BY_BACKEND`` should say for this backend.
+   ``fipo_jax.core.future_kl.DEFAULT_METHOD_BY_BACKEND`` should say for this backend.
 2. ``train`` / ``train_7b`` / ``train_fused``: `rl_update` (old-log-prob pass + forward/backward + AdamW) of random
    bfloat16 weights of the Qwen2.5-0.5B (remat "none") / 7B (remat "full") shape, one layout of 2
    micro-batches × 8 rows × 2,048 tokens: compile seconds, median seconds per update; model FLOPs
@@ -28,13 +28,13 @@ Parts:
    TPU; skipped elsewhere), so the two attention paths are measured side by side in one run.
    ``train`` also times the update's parts alone (`time_parts`: old log-probs, layers forward +
    backward, the log-prob head, AdamW) — where the time goes, beside `bench_breakdown`'s FLOPs.
-3. ``decode``: new tokens/s of `sampling.generate` and `engine.generate`, every row decoding its
+3. ``decode``: new tokens/s of `static_sampler.generate` and `engine.generate`, every row decoding its
    whole budget (no EOS), equal budgets.
 4. ``engine_long_tail``: requests with log-normal budgets (max / mean ≈ 5): useful tokens/s of
    the static sampler (decodes every row to the longest budget) and the engine (slots refilled,
    tail compaction on), sized so its few slot counts compile inside the part's timeout.
 
-Every part reports planned / measured peak memory (`fipo_jax.plan`: the update peak for the
+Every part reports planned / measured peak memory (`fipo_jax.train.plan`: the update peak for the
 training parts, the sampler program for the decoding ones; accelerators only, CPU has no counter)
 and the 10 device ops that took the most time in one profiled call (`jax.profiler`).
 """
@@ -60,14 +60,15 @@ import numpy as np
 from flax import nnx
 
 import fipo_jax as fj
-from fipo_jax import engine as engine_lib
-from fipo_jax import plan as plan_lib
-from fipo_jax import rl_step
-from fipo_jax.packing import pack_batch
+from fipo_jax.generation import engine as engine_lib
+from fipo_jax.train import plan as plan_lib
+from fipo_jax.train import update as update_lib
+from fipo_jax.core.packing import pack_batch
 from fipo_jax.config import apply_overrides, cpu_default
 from fipo_jax.models import CausalLM, ModelConfig
 from fipo_jax.models.attention_kernels import describe_attention
-from fipo_jax.sampling import SamplingConfig, generate
+from fipo_jax.generation.sampling import SamplingConfig
+from fipo_jax.generation.static_sampler import generate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_engine import long_tail_budgets  # noqa: E402  the same long-tail distribution
@@ -250,12 +251,12 @@ def train_step(sizes: dict, peak: float | None) -> dict:
     model = model_config(sizes["model"], sizes["remat"], sizes["attention_chunk"], attention)
     config, batch = update_layout(sizes)
     graphdef, params, rest = random_params(model)
-    optimizer = rl_step.make_optimizer(rl_step.warmup_schedule(1e-6, 0, 1), 0.9, 0.999, 1e-8, 0.0, 1.0)
-    state = rl_step.init_state(params, optimizer, jax.random.key(0))
+    optimizer = update_lib.make_optimizer(update_lib.warmup_schedule(1e-6, 0, 1), 0.9, 0.999, 1e-8, 0.0, 1.0)
+    state = update_lib.init_state(params, optimizer, jax.random.key(0))
     del params  # donated with the state
-    update_config = rl_step.UpdateConfig(loss=config.algo.loss, group_size=sizes["rows"],
+    update_config = update_lib.UpdateConfig(loss=config.algo.loss, group_size=sizes["rows"],
                                          logprob_chunk_size=sizes["logprob_chunk"])
-    update = rl_step.jit_rl_update(graphdef, rest, optimizer, update_config)
+    update = update_lib.jit_rl_update(graphdef, rest, optimizer, update_config)
     start = time.perf_counter()
     compiled = update.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -306,7 +307,7 @@ def time_parts(graphdef, params, rest, model: ModelConfig, sizes: dict, repeats:
     `repeats`): the old log-probs pass, the decoder layers' forward + backward, the chunked
     log-prob head's forward + backward, the AdamW step (`bench_breakdown.part_functions`)."""
     from bench_breakdown import part_functions  # it imports this module: imported when used
-    from fipo_jax.logprobs import chunked_token_log_probs
+    from fipo_jax.generation.logprobs import chunked_token_log_probs
 
     rows, length, chunk = sizes["rows"], sizes["prompt"] + sizes["response"], sizes["logprob_chunk"]
     rng = np.random.default_rng(2)
@@ -315,7 +316,7 @@ def time_parts(graphdef, params, rest, model: ModelConfig, sizes: dict, repeats:
     hidden = jnp.asarray(rng.normal(size=(rows, length, model.hidden_size)), jnp.bfloat16)
     unembed = jnp.asarray(0.02 * rng.normal(size=(model.hidden_size, model.vocab_size)), jnp.bfloat16)
     head = jax.grad(lambda h, w, y: jnp.sum(chunked_token_log_probs(h, w, y, chunk_size=chunk)), argnums=(0, 1))
-    optimizer = rl_step.make_optimizer(rl_step.warmup_schedule(1e-6, 0, 1), 0.9, 0.999, 1e-8, 0.0, 1.0)
+    optimizer = update_lib.make_optimizer(update_lib.warmup_schedule(1e-6, 0, 1), 0.9, 0.999, 1e-8, 0.0, 1.0)
     opt_state = optimizer.tx.init(params)
     calls = {name: (fn, (params, ids, seg)) for name, (fn, _) in part_functions(graphdef, rest, model, chunk).items()
              if name != "model_fwd_bwd"}
@@ -339,7 +340,7 @@ def executed_matmul_flops(graphdef, rest, optimizer, config, state, batch) -> fl
     head's second pass; `bench_breakdown.program_matmul_flops`), traced, not run."""
     from bench_breakdown import program_matmul_flops  # it imports this module: imported when used
 
-    return program_matmul_flops(jax.make_jaxpr(lambda st, b: rl_step.rl_update(
+    return program_matmul_flops(jax.make_jaxpr(lambda st, b: update_lib.rl_update(
         st, b, graphdef=graphdef, rest=rest, optimizer=optimizer, config=config))(state, batch).jaxpr)
 
 

@@ -43,11 +43,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_accelerator import forward_flops_per_token  # noqa: E402
 from bench_compile import QWEN_05B, QWEN_7B  # noqa: E402
 
-from fipo_jax import rl_step  # noqa: E402
-from fipo_jax.logprobs import chunked_token_log_probs  # noqa: E402
-from fipo_jax.losses import PolicyLossConfig  # noqa: E402
+from fipo_jax.train import update as update_lib  # noqa: E402
+from fipo_jax.generation.logprobs import chunked_token_log_probs  # noqa: E402
+from fipo_jax.core.losses import PolicyLossConfig  # noqa: E402
 from fipo_jax.models import CausalLM, ModelConfig  # noqa: E402
-from fipo_jax.packing import abstract_batch  # noqa: E402
+from fipo_jax.core.packing import abstract_batch  # noqa: E402
 
 LAYOUT = dict(micro_batches=2, rows=8, prompt=256, response=1792, logprob_chunk=256, attention_chunk=512)
 SHAPES = {"0.5b/none": (QWEN_05B, "none"), "0.5b/full": (QWEN_05B, "full"), "7b/full": (QWEN_7B, "full"),
@@ -107,7 +107,7 @@ def part_functions(graphdef, rest, config: ModelConfig, chunk: int) -> dict:
     """name → (function of (params, ids, segments), model-FLOP multiple of one forward)."""
 
     def log_probs(params, ids, seg):
-        return rl_step.packed_log_probs(graphdef, params, rest, ids, seg, chunk)[0]
+        return update_lib.packed_log_probs(graphdef, params, rest, ids, seg, chunk)[0]
 
     def hidden(params, ids, seg):
         return nnx.merge(graphdef, params, rest).hidden_states(ids, None, seg >= 0, seg)
@@ -136,7 +136,7 @@ def shape_breakdown(name: str, fields: dict, remat: str, layout: dict) -> dict:
     head_fn = jax.grad(lambda h, w, y: jnp.sum(chunked_token_log_probs(h, w, y, chunk_size=layout["logprob_chunk"])),
                        argnums=(0, 1))
     out["parts"]["head_fwd_bwd"] = dict(cost(head_fn, hidden, unembed, ids), model_flops=3 * head)
-    optimizer = rl_step.make_optimizer(rl_step.warmup_schedule(1e-6, 0, 1), 0.9, 0.999, 1e-8, 0.0, 1.0)
+    optimizer = update_lib.make_optimizer(update_lib.warmup_schedule(1e-6, 0, 1), 0.9, 0.999, 1e-8, 0.0, 1.0)
     opt_state = jax.eval_shape(optimizer.tx.init, params)
     out["parts"]["optimizer"] = dict(cost(lambda g, s, p: optimizer.tx.update(g, s, p), params, opt_state, params),
                                      model_flops=0.0)
@@ -149,12 +149,12 @@ def shape_breakdown(name: str, fields: dict, remat: str, layout: dict) -> dict:
 
 def update_cost(graphdef, rest, params, optimizer, opt_state, layout: dict) -> dict:
     k, r, p, n = layout["micro_batches"], layout["rows"], layout["prompt"], layout["response"]
-    state = rl_step.RLState(params=params, opt_state=opt_state, step=jax.ShapeDtypeStruct((), jnp.int32),
+    state = update_lib.RLState(params=params, opt_state=opt_state, step=jax.ShapeDtypeStruct((), jnp.int32),
                             key=jax.eval_shape(lambda: jax.random.key(0)))
-    config = rl_step.UpdateConfig(loss=PolicyLossConfig(), group_size=r, logprob_chunk_size=layout["logprob_chunk"])
-    update = functools.partial(rl_step.rl_update, graphdef=graphdef, rest=rest, optimizer=optimizer, config=config)
+    config = update_lib.UpdateConfig(loss=PolicyLossConfig(), group_size=r, logprob_chunk_size=layout["logprob_chunk"])
+    update = functools.partial(update_lib.rl_update, graphdef=graphdef, rest=rest, optimizer=optimizer, config=config)
     return cost(update, state, abstract_batch(1, k, r, p + n, n),
-                jitted=rl_step.jit_rl_update(graphdef, rest, optimizer, config))
+                jitted=update_lib.jit_rl_update(graphdef, rest, optimizer, config))
 
 
 def print_breakdown(result: dict) -> None:

@@ -54,8 +54,8 @@ def compile_case(name: str, tiny: bool) -> dict:
     from flax import nnx
 
     import fipo_jax
-    from fipo_jax import rl_step
-    from fipo_jax.losses import PolicyLossConfig
+    from fipo_jax.train import update as update_lib
+    from fipo_jax.core.losses import PolicyLossConfig
     from fipo_jax.models import CausalLM, ModelConfig
 
     arch, layers, policy = (TINY_CASES if tiny else CASES)[name]
@@ -68,19 +68,19 @@ def compile_case(name: str, tiny: bool) -> dict:
         model_config = ModelConfig(**common, remat=policy != "none")
     model = nnx.eval_shape(lambda: CausalLM(model_config, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    optimizer = rl_step.make_optimizer(rl_step.warmup_schedule(1e-6, 0, 1), 0.9, 0.999, 1e-8, 0.0, 1.0)
-    state = rl_step.RLState(params=params, opt_state=jax.eval_shape(optimizer.tx.init, params),
+    optimizer = update_lib.make_optimizer(update_lib.warmup_schedule(1e-6, 0, 1), 0.9, 0.999, 1e-8, 0.0, 1.0)
+    state = update_lib.RLState(params=params, opt_state=jax.eval_shape(optimizer.tx.init, params),
                             step=jax.ShapeDtypeStruct((), jnp.int32), key=jax.eval_shape(lambda: jax.random.key(0)))
     k, r, p, n = layout["micro_batches"], layout["rows"], layout["prompt"], layout["response"]
     s = jax.ShapeDtypeStruct
     try:
-        from fipo_jax.packing import abstract_batch  # one batch type (issue 25 on)
+        from fipo_jax.core.packing import abstract_batch  # one batch type (issue 25 on)
         batch = abstract_batch(1, k, r, p + n, n)
     except ImportError:  # a --baseline tree from before: the padded RLBatch
-        batch = rl_step.RLBatch(input_ids=s((1, k, r, p + n), jnp.int32), attention_mask=s((1, k, r, p + n), bool),
+        batch = update_lib.RLBatch(input_ids=s((1, k, r, p + n), jnp.int32), attention_mask=s((1, k, r, p + n), bool),
                                 response_mask=s((1, k, r, n), bool), scores=s((1, k, r), jnp.float32),
                                 sampler_log_probs=s((1, k, r, n), jnp.float32))
-    update = rl_step.jit_rl_update(graphdef, rest, optimizer, rl_step.UpdateConfig(
+    update = update_lib.jit_rl_update(graphdef, rest, optimizer, update_lib.UpdateConfig(
         loss=PolicyLossConfig(), group_size=r, logprob_chunk_size=layout["logprob_chunk"]))
     start = time.perf_counter()
     lowered = update.lower(state, batch)

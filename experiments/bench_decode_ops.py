@@ -3,7 +3,7 @@
     python experiments/bench_decode_ops.py --out runs/bench_decode_ops.json      # ~1–2 min on 2 cores
     python experiments/bench_decode_ops.py --skip-timing                         # op counts only
 
-(a) op counts: `sampling.generate`'s jitted program and `engine.advance`'s are compiled
+(a) op counts: `static_sampler.generate`'s jitted program and `engine.advance`'s are compiled
     (`jax.jit(...).lower(...).compile().as_text()`) for a Qwen2-shaped model (bench_engine's 4L d256
     by default). In each, the decode loop is the entry-level `while` whose body holds the most work;
     its body is counted by opcode twice: `body_*` the body computation's own instructions, and
@@ -38,8 +38,8 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_engine import model_of  # noqa: E402  the same model shapes
-from fipo_jax import engine as engine_lib  # noqa: E402
-from fipo_jax import sampling  # noqa: E402
+from fipo_jax.generation import engine as engine_lib  # noqa: E402
+from fipo_jax.generation import sampling, static_sampler  # noqa: E402
 
 # Opcodes that launch no kernel.
 FREE_OPCODES = frozenset({"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all"})
@@ -155,10 +155,10 @@ def sampling_config(new_tokens: int, temperature: float) -> sampling.SamplingCon
 
 
 def static_hlo(model, rows: int, prompt: int, config: sampling.SamplingConfig) -> str:
-    """Compiled HLO text of `sampling.generate`'s jitted program."""
+    """Compiled HLO text of `static_sampler.generate`'s jitted program."""
     graphdef, state = nnx.split(model)
     ids = np.ones((rows, prompt), np.int32)
-    return sampling._generate_jit.lower(graphdef, state, ids, np.ones_like(ids, bool), jax.random.key(0), config,
+    return static_sampler._generate_jit.lower(graphdef, state, ids, np.ones_like(ids, bool), jax.random.key(0), config,
                                         None).compile().as_text()
 
 
@@ -191,7 +191,7 @@ def sampler_runs(model, args) -> dict:
     config = sampling_config(args.new_tokens, args.temperature)
     engine_config = engine_lib.EngineConfig(num_slots=args.rows, steps_per_sync=args.sync)
     key = jax.random.key(0)
-    return {"static": lambda: jax.block_until_ready(sampling.generate(model, ids, None, key, config)),
+    return {"static": lambda: jax.block_until_ready(static_sampler.generate(model, ids, None, key, config)),
             "engine": lambda: engine_lib.generate(model, ids, None, key, config, engine_config)}
 
 

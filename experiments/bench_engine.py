@@ -4,7 +4,7 @@
     python experiments/bench_engine.py --quick                          # a smaller, faster run
 
 (a) long tail: R requests whose budgets are drawn from a log-normal (EOS off, so every response is
-    exactly its budget) with max / mean ≥ 5. Static: `sampling.generate` decodes all R rows until
+    exactly its budget) with max / mean ≥ 5. Static: `static_sampler.generate` decodes all R rows until
     the longest budget. Engine: `engine.generate` with S slots and per-request budgets. Useful
     tokens/s = Σ budgets / seconds for both; the ratio is the gain. Run on a 4-layer d256 model and
     on the CPU experiment's policy shape. Slot utilisation and KV-cache bytes (engine slots vs the
@@ -36,8 +36,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from fipo_jax import engine as engine_lib
-from fipo_jax import sampling
+from fipo_jax.generation import engine as engine_lib
+from fipo_jax.generation import sampling, static_sampler
 from fipo_jax.models import CausalLM, ModelConfig
 
 
@@ -78,7 +78,7 @@ def long_tail(model, budgets, ids, mask, args, label: str, uncompacted: bool = F
     key = jax.random.PRNGKey(0)
 
     def static():
-        out = sampling.generate(model, ids, mask, key, config)
+        out = static_sampler.generate(model, ids, mask, key, config)
         return jax.block_until_ready(out)
 
     def continuous():

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fipo_jax.future_kl import _blocked, _decay_powers, _reverse_scan, discounted_reverse_cumsum
+from fipo_jax.core.future_kl import _blocked, _decay_powers, _reverse_scan, discounted_reverse_cumsum
 
 from bench_loss import make_batch, time_interleaved  # the same batches and timing
 

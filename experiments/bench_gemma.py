@@ -4,7 +4,7 @@ float32), our JAX model vs transformers/PyTorch with the same weights, CPU, one 
     python experiments/bench_gemma.py --out bench_gemma.json       # the README figures
 
 (a) greedy decode: B = 8 prompts of 64 tokens, 128 new tokens each, KV cache, no early stop.
-    Ours: `fipo_jax.sampling.generate`. Reference: `transformers` `generate(do_sample=False)`.
+    Ours: `fipo_jax.generation.static_sampler.generate`. Reference: `transformers` `generate(do_sample=False)`.
     Tokens/s = B·N / seconds; the greedy tokens of the two are compared.
 (b) log-prob forward + backward: mean −log p(x_{t+1} | x_≤t) over 8 × 512 tokens, gradient
     w.r.t. every parameter. Ours: jit(value_and_grad(sequence_log_probs)) (LM head in chunks,
@@ -44,10 +44,11 @@ from flax import nnx  # noqa: E402
 
 from bench_model import throughput, time_alternating, timed  # noqa: E402
 
-from fipo_jax.logprobs import sequence_log_probs  # noqa: E402
+from fipo_jax.generation.logprobs import sequence_log_probs  # noqa: E402
 from fipo_jax.models import load_pretrained  # noqa: E402
 from fipo_jax.models.assets import gemma3_270m_gguf  # noqa: E402
-from fipo_jax.sampling import SamplingConfig, generate  # noqa: E402
+from fipo_jax.generation.sampling import SamplingConfig  # noqa: E402
+from fipo_jax.generation.static_sampler import generate
 
 
 def torch_model(path: str):

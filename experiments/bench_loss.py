@@ -106,8 +106,8 @@ def without_future_kl_sum(config: fj.PolicyLossConfig):
     floor of everything around the sum (filter, weights, drop rule) for the loss-only comparison."""
     import unittest.mock
 
-    from fipo_jax import losses
-    from fipo_jax.future_kl import summed_tokens
+    from fipo_jax.core import losses
+    from fipo_jax.core.future_kl import summed_tokens
 
     def fn(lp, old, adv, mask):
         skip = lambda delta, m, decay_rate, filter_threshold=None, **_: jnp.where(  # noqa: E731

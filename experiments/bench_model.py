@@ -5,7 +5,7 @@ weights in PyTorch/transformers, side by side in one run, plus the LM-head memor
     python experiments/bench_model.py --layers 2 --hidden 128 --repeats 5
 
 (a) decode: greedy, KV cache, B prompts of P tokens, N new tokens each, no early stop.
-    Ours: `fipo_jax.sampling.generate` (one jitted prefill + while_loop decode).
+    Ours: `fipo_jax.generation.static_sampler.generate` (one jitted prefill + while_loop decode).
     Reference: `transformers` `generate(do_sample=False, use_cache=True)` on CPU PyTorch.
     Throughput = B·N / seconds; the first (compiling) call is reported separately.
 (b) log-prob forward + backward of Σ log p(x_{t+1} | x_≤t) over a [B, P+N] batch w.r.t. all
@@ -45,13 +45,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from fipo_jax.logprobs import (  # noqa: E402
+from fipo_jax.generation.logprobs import (  # noqa: E402
     chunked_token_log_probs,
     full_logits_token_log_probs,
     sequence_log_probs,
 )
 from fipo_jax.models import CausalLM, load_pretrained  # noqa: E402
-from fipo_jax.sampling import SamplingConfig, generate  # noqa: E402
+from fipo_jax.generation.sampling import SamplingConfig  # noqa: E402
+from fipo_jax.generation.static_sampler import generate
 
 
 def build_models(args, path: str):

@@ -9,7 +9,7 @@ Padded (`packing.pack_batch(..., layout="padded")`): one sequence per row, every
 prompt + the longest response. Packed (``layout="packed"``): each mini-batch's sequences packed into
 rows of that width by first-fit decreasing, micro-batches of at most the same row count.
 
-(a) the update: the jitted `rl_step.rl_update` (old log-probs, advantages, M optimizer updates of
+(a) the update: the jitted `update_lib.rl_update` (old log-probs, advantages, M optimizer updates of
     forward + backward through the model) — real tokens / s and the ratio packed / padded;
 (b) the old-log-prob pass alone (forward without gradient over every micro-batch);
 (c) gain vs max / mean: (a) for several log-normal spreads; plot;
@@ -34,8 +34,8 @@ from flax import nnx
 
 import fipo_jax as fj
 from bench_engine import long_tail_budgets as long_tail_lengths, model_of  # the same models and lengths
-from fipo_jax import rl_step
-from fipo_jax.packing import pack_batch
+from fipo_jax.train import update as update_lib
+from fipo_jax.core.packing import pack_batch
 
 
 def rollout_fields(lengths: np.ndarray, prompt_len: int, group: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
@@ -70,12 +70,12 @@ def compare(model, lengths: np.ndarray, args, label: str, old_log_probs: bool = 
     padded, _ = pack_batch(fields, args.mini_batches, args.micro_batch_size, layout="padded")
     packed, stats = pack_batch(fields, args.mini_batches, args.micro_batch_size)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    schedule = rl_step.warmup_schedule(1e-4, 0, args.mini_batches)
-    optimizer = rl_step.make_optimizer(schedule, 0.9, 0.999, 1e-8, 0.0, 1.0)
-    config = rl_step.UpdateConfig(loss=fj.PolicyLossConfig(), group_size=args.group, logprob_chunk_size=1024)
-    update = jax.jit(functools.partial(rl_step.rl_update, graphdef=graphdef, rest=rest, optimizer=optimizer,
+    schedule = update_lib.warmup_schedule(1e-4, 0, args.mini_batches)
+    optimizer = update_lib.make_optimizer(schedule, 0.9, 0.999, 1e-8, 0.0, 1.0)
+    config = update_lib.UpdateConfig(loss=fj.PolicyLossConfig(), group_size=args.group, logprob_chunk_size=1024)
+    update = jax.jit(functools.partial(update_lib.rl_update, graphdef=graphdef, rest=rest, optimizer=optimizer,
                                        config=config))  # not donated: the same state is reused
-    state = rl_step.init_state(params, optimizer, jax.random.key(0))
+    state = update_lib.init_state(params, optimizer, jax.random.key(0))
     padded_dev, packed_dev = jax.device_put(padded), jax.device_put(packed)
     real = int(fields["prompt_mask"].sum() + fields["response_mask"].sum())
     times = median_times({"padded": lambda: update(state, padded_dev)[1],
@@ -93,7 +93,7 @@ def compare(model, lengths: np.ndarray, args, label: str, old_log_probs: bool = 
         "update_gain": times["padded"] / times["packed"], "loss_abs_difference": loss_gap,
     }
     if old_log_probs:
-        probs = jax.jit(lambda p, b: rl_step._old_log_probs(graphdef, p, rest, b.input_ids, b.segment_ids, 1024))
+        probs = jax.jit(lambda p, b: update_lib._old_log_probs(graphdef, p, rest, b.input_ids, b.segment_ids, 1024))
         t = median_times({"padded": lambda: probs(params, padded_dev),
                           "packed": lambda: probs(params, packed_dev)}, args.repeats)
         result |= {"old_log_probs_s_padded": t["padded"], "old_log_probs_s_packed": t["packed"],

@@ -34,7 +34,8 @@ WORKER = r"""
 import json, sys, time
 import jax, numpy as np
 import fipo_jax
-from fipo_jax import distributed, trainer as trainer_lib
+from fipo_jax.parallel import distributed
+from fipo_jax.train import trainer as trainer_lib
 from fipo_jax.config import apply_overrides, cpu_default
 
 steps, cache_dir, run_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -60,7 +61,7 @@ distributed.to_host = counting_to_host
 if hasattr(trainer_lib.Trainer, "collect"):  # the earlier trainer collects in a method of its own
     owner = trainer_lib.Trainer
 else:
-    from fipo_jax import rollouts as rollouts_lib
+    from fipo_jax.train import rollouts as rollouts_lib
     owner = rollouts_lib.RolloutCollector
 real_collect = owner.collect
 def marking_collect(*args, **kwargs):

@@ -6,7 +6,7 @@ sharded update and of the engine's decode call, per case, on 8 fake CPU devices.
 The cases come from `tests.plan_family.draw_cases` (model shape × mesh × remat × dtype, seeded);
 ``tests/test_plan.py`` runs the first ones and requires every ratio in [0.95, 1.15]. This script
 runs more of them and keeps the compiled sizes with each case's planned breakdown, which is what the
-planner's activation constants (`fipo_jax.plan._KEPT_PER_TOKEN`, ...) were fitted on.
+planner's activation constants (`fipo_jax.train.plan._KEPT_PER_TOKEN`, ...) were fitted on.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fipo_jax import plan as plan_lib  # noqa: E402
+from fipo_jax.train import plan as plan_lib  # noqa: E402
 from fipo_jax.config import apply_overrides, cpu_default  # noqa: E402
 from tests.multi_device import run_json  # noqa: E402
 from tests.plan_family import COMPILE_SCRIPT, OVERRIDES, compiled_peak, draw_cases  # noqa: E402

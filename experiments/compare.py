@@ -22,8 +22,8 @@ import sys
 import numpy as np
 
 from fipo_jax.config import apply_overrides, load_config, with_algo
-from fipo_jax.losses import LOSS_MODES
-from fipo_jax.run_log import MetricsLog
+from fipo_jax.core.losses import LOSS_MODES
+from fipo_jax.train.run_log import MetricsLog
 
 # Final figures compared across seeds (summary.json keys).
 SUMMARY_KEYS = ("accuracy_before", "accuracy_after", "cons_at_k_after", "pass_at_k_after", "mean_length_after",
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from fipo_jax.trainer import Trainer
+    from fipo_jax.train.trainer import Trainer
 
     runs = {}
     for seed in args.seeds:

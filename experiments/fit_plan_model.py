@@ -1,4 +1,4 @@
-"""Fit the planner's working-set constants (`fipo_jax.memory_model.Fitted`) to compiled memory.
+"""Fit the planner's working-set constants (`fipo_jax.train.memory_model.Fitted`) to compiled memory.
 
     python experiments/fit_plan_model.py                       # the stored calibration data
     python experiments/fit_plan_model.py runs/more_cases.json  # + cases from calibrate_plan.py --out
@@ -24,9 +24,9 @@ from scipy.optimize import least_squares
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fipo_jax import plan as plan_lib  # noqa: E402
+from fipo_jax.train import plan as plan_lib  # noqa: E402
 from fipo_jax.config import apply_overrides, cpu_default  # noqa: E402
-from fipo_jax.memory_model import FITTED, Fitted  # noqa: E402
+from fipo_jax.train.memory_model import FITTED, Fitted  # noqa: E402
 from tests.plan_family import OVERRIDES, compiled_peak  # noqa: E402
 
 UPDATE = ("fixed", "heads", "none_hidden", "none_mlp", "none_scores", "recompute", "remat_hidden", "remat_mlp",

@@ -1,21 +1,22 @@
 """fipo_jax: FIPO (Future-KL Influenced Policy Optimization) in JAX.
 
-The functional core is re-exported here; see README.md for an example.
+The functional core (`fipo_jax.core`) is re-exported here; see README.md for an example.
 """
 
-from fipo_jax.advantages import (
+from fipo_jax.core.advantages import (
     broadcast_to_tokens,
     dr_grpo_advantages,
     dynamic_sampling_mask,
     grpo_advantages,
     rloo_advantages,
 )
-from fipo_jax.future_kl import context_parallel_future_kl, discount_factor, discounted_reverse_cumsum, future_kl
-from fipo_jax.losses import (
+from fipo_jax.core.future_kl import context_parallel_future_kl, discount_factor, discounted_reverse_cumsum, future_kl
+from fipo_jax.core.losses import (
     METRIC_REDUCTIONS,
     Influence,
     LossTerms,
     PolicyLossConfig,
+    TokenDiagnostics,
     aggregate,
     clipped_surrogate,
     drop_dual_clipped_sequences,
@@ -28,6 +29,7 @@ from fipo_jax.losses import (
     log_importance_ratio,
     policy_loss,
     policy_loss_terms,
+    token_diagnostics,
     weight_micro_batch,
 )
 
@@ -38,6 +40,7 @@ __all__ = [
     "Influence",
     "LossTerms",
     "PolicyLossConfig",
+    "TokenDiagnostics",
     "aggregate",
     "broadcast_to_tokens",
     "clipped_surrogate",
@@ -59,5 +62,6 @@ __all__ = [
     "policy_loss",
     "policy_loss_terms",
     "rloo_advantages",
+    "token_diagnostics",
     "weight_micro_batch",
 ]

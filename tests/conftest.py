@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # A persistent compilation cache in a fresh folder for this session only (removed at exit). The
-# trainer tests, their `experiments/train.py` subprocesses and the notebook kernels compile the same
+# trainer tests, their `fipo-train` subprocesses and the notebook kernels compile the same
 # tiny programs over and over (a tiny run is ~60 % XLA compile); a hit loads the executable XLA
 # built earlier in the session instead of building it again: the same code, the same results.
 # Set through the environment, so subprocesses and notebook kernels share it. Only compiles that
@@ -42,5 +42,5 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(scope="session")
 def golden_dir():
-    """The official release's golden cases (shared/golden next to the repository)."""
+    """The official release's golden cases (tests/golden; $FIPO_GOLDEN_DIR points elsewhere)."""
     return os.environ.get("FIPO_GOLDEN_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")

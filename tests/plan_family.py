@@ -66,14 +66,15 @@ COMPILE_SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp
 from flax import nnx
-from fipo_jax import engine, rl_step
-from fipo_jax.packing import abstract_batch
+from fipo_jax.generation import engine
+from fipo_jax.train import update as update_lib
+from fipo_jax.core.packing import abstract_batch
 from fipo_jax.config import apply_overrides, cpu_default
 from fipo_jax.models import CausalLM, ModelConfig
-from fipo_jax.runtime_configs import PROMPT_BUCKET_SLACK
-from fipo_jax.sampling import SamplingConfig
-from fipo_jax.sharding import row_shardings, row_split
-from fipo_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
+from fipo_jax.train.runtime_configs import PROMPT_BUCKET_SLACK
+from fipo_jax.generation.sampling import SamplingConfig
+from fipo_jax.parallel.sharding import row_shardings, row_split
+from fipo_jax.parallel.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from tests.plan_family import OVERRIDES
 
 S = jax.ShapeDtypeStruct
@@ -95,16 +96,16 @@ def placed(tree, shardings):
 
 def update_sizes(model, mesh):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    optimizer = rl_step.make_optimizer(rl_step.warmup_schedule(1e-6, 1, M), 0.9, 0.999, 1e-8, 0.1, 1.0)
-    shardings = rl_step.state_shardings(params, optimizer, mesh)
-    state = rl_step.RLState(params=params, opt_state=jax.eval_shape(optimizer.tx.init, params),
+    optimizer = update_lib.make_optimizer(update_lib.warmup_schedule(1e-6, 1, M), 0.9, 0.999, 1e-8, 0.1, 1.0)
+    shardings = update_lib.state_shardings(params, optimizer, mesh)
+    state = update_lib.RLState(params=params, opt_state=jax.eval_shape(optimizer.tx.init, params),
                             step=S((), jnp.int32), key=jax.eval_shape(lambda: jax.random.key(0)))
     batch = abstract_batch(M, K, R, P + N, N)
-    update_config = rl_step.UpdateConfig(loss=config.algo.loss, group_size=config.rollout.n,
+    update_config = update_lib.UpdateConfig(loss=config.algo.loss, group_size=config.rollout.n,
                                          logprob_chunk_size=config.model.logprob_chunk_size)
-    update = rl_step.jit_rl_update(graphdef, rest, optimizer, update_config, shardings, replicated(mesh))
-    return sizes(update.lower(rl_step.abstract_state(state, shardings),
-                              placed(batch, rl_step.batch_shardings(batch, mesh))).compile())
+    update = update_lib.jit_rl_update(graphdef, rest, optimizer, update_config, shardings, replicated(mesh))
+    return sizes(update.lower(update_lib.abstract_state(state, shardings),
+                              placed(batch, update_lib.batch_shardings(batch, mesh))).compile())
 
 
 def sampler_sizes(model, mesh):

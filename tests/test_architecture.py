@@ -1,6 +1,7 @@
-"""The codebase's shape, checked: no import circle between modules (module-level or inside a
-function), the functional core imports only itself, jax and numpy, and no function in
-`fipo_jax/` runs over one screen (50 code lines: docstring, comments and blank lines not counted)."""
+"""The codebase's shape, checked: every module lives in a layer folder, no folder imports one above
+it, no import circle between modules (module-level or inside a function), the functional core
+(`fipo_jax/core/`) imports only itself, jax and numpy, and no function in `fipo_jax/` runs over one
+screen (50 code lines: docstring, comments and blank lines not counted)."""
 
 import ast
 import pathlib
@@ -11,9 +12,10 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "fipo_jax"
 MAX_CODE_LINES = 50
 
-# The functional FIPO math that `pip install fipo_jax` users compose into their own JAX code.
-CORE = {"fipo_jax._checks", "fipo_jax.segments", "fipo_jax.future_kl", "fipo_jax.advantages",
-        "fipo_jax.loss_metrics", "fipo_jax.losses", "fipo_jax.diagnostics", "fipo_jax.packing"}
+# The layer folders, bottom to top: a module may import its own folder and the folders below it.
+# `_requires` (the extras' import guards) serves every layer; `integrations` adapts the core to others.
+LAYERS = ("_requires", "core", "parallel", "models", "generation", "rewards", "data", "config", "train",
+          "integrations")
 CORE_ALLOWED = {"jax", "numpy"} | set(sys.stdlib_module_names)
 
 
@@ -49,6 +51,13 @@ def imports(name: str) -> tuple[set[str], set[str]]:
 
 
 GRAPH = {name: imports(name)[0] for name in MODULES}
+# The functional FIPO math that `pip install fipo_jax` users compose into their own JAX code.
+CORE = {name for name in MODULES if name.startswith("fipo_jax.core")}
+
+
+def layer(name: str) -> int:
+    """The layer of module ``name``: its folder's index in `LAYERS`."""
+    return LAYERS.index(name.split(".")[1])
 
 
 def cycles() -> list[list[str]]:
@@ -86,6 +95,24 @@ def test_no_import_circles():
     assert cycles() == []
 
 
+def test_every_module_lives_in_a_layer_folder():
+    loose = [name for name in MODULES if name != "fipo_jax" and name.split(".")[1] not in LAYERS]
+    assert loose == []
+
+
+def upward_imports() -> list[str]:
+    return [f"{name} -> {dep}" for name in MODULES if name != "fipo_jax"
+            for dep in sorted(GRAPH[name]) if dep != "fipo_jax" and layer(dep) > layer(name)]
+
+
+def test_no_folder_imports_one_above_it():
+    assert upward_imports() == []
+
+
+def test_the_package_reexports_the_core_only():
+    assert GRAPH["fipo_jax"] <= CORE
+
+
 def test_the_core_imports_only_itself_jax_and_numpy():
     for name in sorted(CORE):
         ours, others = imports(name)
@@ -121,13 +148,19 @@ def test_every_function_fits_a_screen():
 
 def test_the_checks_can_fail():
     """The checks above see what they are meant to see."""
-    assert "fipo_jax.losses" in GRAPH["fipo_jax.diagnostics"]
+    assert "fipo_jax.core.future_kl" in GRAPH["fipo_jax.core.losses"]
     assert "fipo_jax.models.config" in GRAPH["fipo_jax.models.hf_io"]
-    assert "fipo_jax.run_log" in GRAPH["fipo_jax.trainer"]  # `from fipo_jax import run_log as …`
+    assert "fipo_jax.train.run_log" in GRAPH["fipo_jax.train.trainer"]  # `from fipo_jax.train import run_log as …`
+    assert "fipo_jax.core.losses" in CORE and layer("fipo_jax.train.trainer") > layer("fipo_jax.models.decoder")
+    GRAPH["fipo_jax.core.segments"].add("fipo_jax.train.trainer")
+    try:
+        assert upward_imports() == ["fipo_jax.core.segments -> fipo_jax.train.trainer"]
+    finally:
+        GRAPH["fipo_jax.core.segments"].discard("fipo_jax.train.trainer")
     tree = ast.parse("def f():\n    '''doc'''\n" + "    x = 1\n" * 51)
     assert code_lines(["def f():", "    '''doc'''"] + ["    x = 1"] * 51, tree.body[0]) == 52
 
 
-@pytest.mark.parametrize("name", ["fipo_jax", "fipo_jax.models"])
+@pytest.mark.parametrize("name", ["fipo_jax", "fipo_jax.models", "fipo_jax.data"])
 def test_packages_are_seen(name):
     assert name in MODULES and GRAPH[name]

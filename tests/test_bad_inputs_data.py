@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fipo_jax import sft
+from fipo_jax.train import sft
 
 from fipo_jax.data.prompts import ground_truth_text, load_prompt_records
 from fipo_jax.rewards import MathVerifyWorker, RewardConfig, check_equivalence, dapo_math_score, normalize_answer

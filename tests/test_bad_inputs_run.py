@@ -9,15 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from fipo_jax.build import _fit_prompts
+from fipo_jax.train.build import _fit_prompts
 from fipo_jax.config import ConfigError, apply_overrides, cpu_default
 from fipo_jax.data import CharTokenizer, PromptRecord
-from fipo_jax.preflight import check_stop_strings
-from fipo_jax.rollouts import encode_text
+from fipo_jax.train.preflight import check_stop_strings
+from fipo_jax.data.encoding import encode_text
 from tests.test_trainer import TINY
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-import train  # noqa: E402
+from fipo_jax.train import cli as train_cli
 
 
 def test_stop_strings_work_with_the_scratch_vocabulary():
@@ -46,7 +45,7 @@ def test_no_group_with_mixed_outcomes_is_one_line(tmp_path, capsys):
     args = ["--no-progress", "--run-dir", str(tmp_path / "run"), "--steps", "1"]
     for override in [o for o in TINY if not o.startswith(skip)] + ["sft.enabled=false", "eval.every=0"]:
         args += ["--set", override]
-    code = train.main(args)
+    code = train_cli.main(args)
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and lines and lines[-1].startswith("error: step ") and "had mixed outcomes" in lines[-1], lines
 
@@ -54,7 +53,7 @@ def test_no_group_with_mixed_outcomes_is_one_line(tmp_path, capsys):
 def test_a_ground_truth_that_can_never_score_is_named():
     """``"Answer: 7"`` as a gold: ``Answer: 7``, ``\\boxed{7}`` and ``Answer: Answer: 7`` all score wrong,
     so the prompt's reward would be −1 forever (issue 24, item 5)."""
-    from fipo_jax.build import check_gold_answers
+    from fipo_jax.train.build import check_gold_answers
 
     good = [PromptRecord("q", g) for g in ("7", "\\frac{1}{2}", "x = 3", "\\boxed{12}", "1,000", "(1, 2)")]
     check_gold_answers(good, "data.train_path ok.jsonl")
@@ -81,7 +80,7 @@ def test_a_chat_template_that_refuses_a_prompt_is_named():
 
 
 def test_a_model_vocabulary_smaller_than_its_tokenizer_is_refused():
-    from fipo_jax.build import check_vocabulary
+    from fipo_jax.train.build import check_vocabulary
 
     check_vocabulary(151936, 151665, "qwen")  # Qwen2.5: padded vocabulary, fine
     with pytest.raises(ConfigError, match=r"model\.path m: the tokenizer has 151665 tokens \(ids up to 151664\) but "
@@ -101,8 +100,8 @@ def test_a_config_json_transformers_rejects_is_one_model_error(tmp_path):
 
 def test_micro_batch_rows_that_do_not_split_over_data_are_named_before_building():
     """The trainer says what the planner says (issue 24, item 10), from the one rule."""
-    from fipo_jax import plan
-    from fipo_jax.preflight import preflight
+    from fipo_jax.train import plan
+    from fipo_jax.train.preflight import preflight
 
     overrides = ["mesh_shape=[2]", "rollout.n=3", "rollout.prompts_per_round=3", "algo.micro_batch_size=3",
                  "algo.packing=false"]
@@ -118,12 +117,12 @@ def _main(tmp_path, capsys, run_dir, *overrides):
     args = ["--no-progress", "--run-dir", str(run_dir)]
     for override in TINY + [f"sft.cache_dir={tmp_path / 'sft'}", *overrides]:
         args += ["--set", override]
-    code = train.main(args)
+    code = train_cli.main(args)
     return code, capsys.readouterr().err.strip().splitlines()
 
 
 def test_a_run_directory_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys, monkeypatch):
-    from fipo_jax import run_dir
+    from fipo_jax.train import run_dir
 
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -142,7 +141,7 @@ def test_a_run_directory_that_is_a_file_or_read_only_is_one_line(tmp_path, capsy
 
 @pytest.mark.slow
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
-    from fipo_jax.checkpoint import Checkpointer
+    from fipo_jax.train.checkpoint import Checkpointer
 
     run = tmp_path / "run"
     original = Checkpointer.save
@@ -177,9 +176,10 @@ def test_a_float_mask_holding_nan_is_refused():
 def test_sampling_a_policy_with_nan_weights_raises():
     from flax import nnx
 
-    from fipo_jax import engine
+    from fipo_jax.generation import engine
     from fipo_jax.models import CausalLM, ModelConfig
-    from fipo_jax.sampling import NonFiniteLogitsError, SamplingConfig, generate
+    from fipo_jax.generation.sampling import NonFiniteLogitsError, SamplingConfig
+    from fipo_jax.generation.static_sampler import generate
 
     model = CausalLM(ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1), rngs=nnx.Rngs(0))

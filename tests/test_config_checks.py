@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fipo_jax.config import ConfigError, apply_overrides, cpu_default, ignored_fields, load_config, qwen25_7b_fipo
-from fipo_jax.preflight import check_host_memory, check_mesh, preflight, rollout_host_bytes
+from fipo_jax.train.preflight import check_host_memory, check_mesh, preflight, rollout_host_bytes
 
 
 @pytest.mark.parametrize("override, message", [
@@ -91,7 +91,7 @@ def test_a_saved_config_json_loads_again(tmp_path, preset):
 
 def test_dynamic_sampling_exhaustion_advice_fits_the_setting():
     from fipo_jax.config import RolloutSpec
-    from fipo_jax.rollouts import _exhausted_message
+    from fipo_jax.train.rollouts import _exhausted_message
 
     padded = _exhausted_message(7, 0, 1.0, RolloutSpec(on_exhausted="pad"))
     assert "only 0 of 32 prompt groups" in padded and "all correct or all wrong" in padded
@@ -101,7 +101,7 @@ def test_dynamic_sampling_exhaustion_advice_fits_the_setting():
 
 def test_model_and_prompt_file_errors_reach_the_command_line_as_one_line(tmp_path):
     """build_policy / build_prompts turn the loaders' named errors into ConfigError (train.py: exit 2)."""
-    from fipo_jax.build import build_policy, build_prompts
+    from fipo_jax.train.build import build_policy, build_prompts
     from fipo_jax.data import CharTokenizer
 
     model = tmp_path / "model"
@@ -131,12 +131,11 @@ def test_grpo_clip_follows_clip_ratio_low_through_every_path(tmp_path):
     import os
     import sys
 
-    from fipo_jax.losses import PolicyLossConfig
+    from fipo_jax.core.losses import PolicyLossConfig
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-    import train
+    from fipo_jax.train import cli as train_cli
 
-    flag = train.resolve_config(train.build_parser().parse_args(["--algo", "grpo", "--set",
+    flag = train_cli.resolve_config(train_cli.build_parser().parse_args(["--algo", "grpo", "--set",
                                                                  "algo.loss.clip_ratio_low=0.1"]))
     overrides = apply_overrides(cpu_default(), ["algo.loss.loss_mode=grpo", "algo.loss.clip_ratio_low=0.1"])
     path = tmp_path / "grpo.json"
@@ -176,12 +175,12 @@ def test_a_number_list_must_be_json():
 def test_the_planner_refuses_a_run_that_cannot_fit_before_anything_is_built():
     """rollout.n=400000 passed the host-array lower bound but the planner puts it at ~640 GiB (issue 24,
     item 15); the CPU default fits."""
-    from fipo_jax.preflight import check_planned_memory
+    from fipo_jax.train.preflight import check_planned_memory
 
     check_planned_memory(cpu_default(), 8 * 2**30)
     with pytest.raises(ConfigError, match=r"the memory planner puts this run's peak at [\d,.]+ GiB of host memory "
                                           r"\(1 CPU device\(s\)\) \(at least [\d,.]+ GiB\), and this machine has "
-                                          r"23\.5 GiB; `python -m fipo_jax\.plan"):
+                                          r"23\.5 GiB; `fipo-plan --config"):
         check_planned_memory(apply_overrides(cpu_default(), ["rollout.n=400000"]), int(23.5 * 2**30))
 
 
@@ -252,16 +251,17 @@ def test_choice_lists_have_one_declaration():
     is accepted, anything else is refused with the one table's choices in the message."""
     import typing
 
-    from fipo_jax import losses, rl_step
-    from fipo_jax.advantages import ADVANTAGE_ESTIMATORS
+    from fipo_jax.core import losses
+    from fipo_jax.train import update as update_lib
+    from fipo_jax.core.advantages import ADVANTAGE_ESTIMATORS
     from fipo_jax.config import DATA_TASKS, ignored
-    from fipo_jax.future_kl import METHOD_CHOICES, METHODS, FutureKLMethod
+    from fipo_jax.core.future_kl import METHOD_CHOICES, METHODS, FutureKLMethod
     from fipo_jax.models.config import SUPPORTED_DTYPES
 
-    assert rl_step.ADVANTAGE_ESTIMATORS is ADVANTAGE_ESTIMATORS
+    assert update_lib.ADVANTAGE_ESTIMATORS is ADVANTAGE_ESTIMATORS
     for name in ADVANTAGE_ESTIMATORS:
         assert apply_overrides(cpu_default(), [f"algo.advantage={name}"]).algo.advantage == name
-        assert rl_step.UpdateConfig(losses.PolicyLossConfig(), 2, advantage=name).advantage == name
+        assert update_lib.UpdateConfig(losses.PolicyLossConfig(), 2, advantage=name).advantage == name
     with pytest.raises(ConfigError, match=rf"algo\.advantage must be one of {re_tuple(tuple(ADVANTAGE_ESTIMATORS))}, "
                                           r"got 'ppo'"):
         apply_overrides(cpu_default(), ["algo.advantage=ppo"])
@@ -272,7 +272,7 @@ def test_choice_lists_have_one_declaration():
                                           rf"{re_tuple(losses.MICRO_BATCH_WEIGHTINGS)}, got 'mean'"):
         apply_overrides(cpu_default(), ["algo.micro_batch_weighting=mean"])
     with pytest.raises(ValueError, match=r"UpdateConfig\.micro_batch_weighting must be one of"):
-        rl_step.UpdateConfig(losses.PolicyLossConfig(), 2, micro_batch_weighting="mean")
+        update_lib.UpdateConfig(losses.PolicyLossConfig(), 2, micro_batch_weighting="mean")
     with pytest.raises(ConfigError, match=rf"model\.dtype must be one of {re_tuple(SUPPORTED_DTYPES)}"):
         apply_overrides(cpu_default(), ["model.dtype=float16"])
     # The tuples are the Literals' arguments, not second lists.
@@ -292,7 +292,7 @@ def re_tuple(choices: tuple) -> str:
 
 def test_runtime_configs_copy_every_field():
     """One constructor per runtime config (issue 25, item 3): each copies the run config's values."""
-    from fipo_jax import runtime_configs
+    from fipo_jax.train import runtime_configs
     from fipo_jax.data import CharTokenizer
 
     config = apply_overrides(cpu_default(), ["algo.advantage=rloo", "algo.micro_batch_weighting=official",

@@ -5,7 +5,7 @@ Runs in a subprocess: the device count is fixed when JAX starts."""
 import pytest
 
 import fipo_jax as fj
-from fipo_jax.future_kl import METHODS
+from fipo_jax.core.future_kl import METHODS
 from tests.multi_device import run_json
 
 pytestmark = pytest.mark.slow  # one 8-device subprocess for the module (11 s)
@@ -15,7 +15,7 @@ import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import fipo_jax as fj
-from fipo_jax.future_kl import METHODS, context_parallel_future_kl, future_kl
+from fipo_jax.core.future_kl import METHODS, context_parallel_future_kl, future_kl
 
 assert jax.device_count() == 8
 B, T, SHARDS = 4, 96, 4  # 24 tokens per shard

@@ -45,8 +45,8 @@ def test_the_core_installs_alone_and_runs_the_readme_example(tmp_path):
                          "    print(e)")
     assert tunix.returncode == 0 and tunix.stdout.startswith("fipo_jax.integrations.tunix needs Tunix: pip install "
                                                              "google-tunix"), tunix.stderr
-    for module, extra in (("fipo_jax.models", "models"), ("fipo_jax.rl_step", "train"),
-                          ("fipo_jax.sampling", "models")):
+    for module, extra in (("fipo_jax.models", "models"), ("fipo_jax.train.update", "train"),
+                          ("fipo_jax.generation.sampling", "models")):
         failed = _run(python, f"import {module}")
         last = failed.stderr.strip().splitlines()[-1]
         assert failed.returncode == 1 and last.startswith("ImportError: this part of fipo_jax needs the "

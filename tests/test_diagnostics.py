@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fipo_jax as fj
-from fipo_jax.diagnostics import token_diagnostics
+from fipo_jax.core.losses import token_diagnostics
 
 
 def _batch(seed=0, b=6, t=40):
@@ -38,7 +38,7 @@ def test_fipo_diagnostics_reproduce_the_loss_metrics(config):
     assert int(np.asarray(diag.dropped_rows).sum()) == int(metrics["dropped_sequences"])
     assert int(np.asarray(diag.filtered).sum()) == int(metrics["filtered_tokens"])
     assert int(np.asarray(diag.safety_clamped).sum()) == int(metrics["safety_clamped_tokens"])
-    active = (np.abs(weights - 1) > fj.losses.ACTIVE_WEIGHT_TOLERANCE) & np.asarray(diag.loss_mask)
+    active = (np.abs(weights - 1) > fj.core.losses.ACTIVE_WEIGHT_TOLERANCE) & np.asarray(diag.loss_mask)
     assert int(active.sum()) == int(metrics["influence_active_tokens"]) and active.sum() > 0
     assert int(np.asarray(diag.loss_mask).sum()) == int(metrics["loss_tokens"])
     # FutureKL is `future_kl` of Δlog p, with the filter as configured.
@@ -67,7 +67,7 @@ def test_bad_inputs_are_named_as_in_the_loss():
 
 
 def test_views_colour_each_token_and_carry_the_diagnostics(tmp_path):
-    from fipo_jax.render import TokenView, influence_html, influence_png, weight_colour
+    from fipo_jax.train.views import TokenView, influence_html, influence_png, weight_colour
 
     lp, old, adv, mask = _batch()
     diag = token_diagnostics(lp, old, adv, mask, fj.PolicyLossConfig(decay_rate=4.0))

@@ -17,11 +17,11 @@ import jax
 import numpy as np
 import pytest
 
-from fipo_jax import distributed
+from fipo_jax.parallel import distributed
 from tests.test_trainer import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "experiments", "train.py")
+TRAIN = ["-m", "fipo_jax.train.cli"]
 
 
 def free_port() -> int:
@@ -33,7 +33,7 @@ def free_port() -> int:
 def train_command(cache_dir, run_dir, steps):
     tiny = [item for item in TINY if not item.startswith("steps=")]  # --steps gives it (a disagreeing --set is refused)
     sets = [a for item in tiny + [f"sft.cache_dir={cache_dir}", "mesh_shape=[2,2]"] for a in ("--set", item)]
-    return [sys.executable, TRAIN, *sets, "--steps", str(steps), "--run-dir", str(run_dir), "--no-progress"]
+    return [sys.executable, *TRAIN, *sets, "--steps", str(steps), "--run-dir", str(run_dir), "--no-progress"]
 
 
 def environment(devices: int) -> dict:
@@ -88,7 +88,7 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
 
 MISMATCH = r"""
 import sys
-from fipo_jax import distributed
+from fipo_jax.parallel import distributed
 distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 distributed.check_same_on_all_processes({"seed": 0}, "the seed")
 try:
@@ -143,7 +143,7 @@ def test_initialize_rejects_partial_arguments(args, message):
      (["--distributed", "auto", "--process-id", "0"], "detects")],
 )
 def test_cli_rejects_bad_distributed_flags(flags, message):
-    proc = subprocess.run([sys.executable, TRAIN, *flags], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, *TRAIN, *flags], capture_output=True, text=True,
                           env=environment(1), cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
@@ -154,7 +154,7 @@ def test_a_missing_process_is_named_and_the_wait_is_bounded():
     when the timeout passes, instead of minutes of silence and a fatal stack trace (issue 24, item 16)."""
     port = free_port()
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, TRAIN, "--distributed", f"127.0.0.1:{port}", "--num-processes", "2",
+    proc = subprocess.run([sys.executable, *TRAIN, "--distributed", f"127.0.0.1:{port}", "--num-processes", "2",
                            "--process-id", "0", "--distributed-timeout", "3", "--no-progress"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fipo_jax import engine as engine_lib
-from fipo_jax.engine import EngineConfig
+from fipo_jax.generation import engine as engine_lib
+from fipo_jax.generation.engine import EngineConfig
 from fipo_jax.models import CausalLM, ModelConfig
-from fipo_jax.sampling import SamplingConfig, generate, request_uniforms
+from fipo_jax.generation.sampling import SamplingConfig, request_uniforms
+from fipo_jax.generation.static_sampler import generate
 
 VOCAB = 64
 NEW = 16

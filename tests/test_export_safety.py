@@ -13,10 +13,9 @@ from flax import nnx
 from fipo_jax.models import (EXPORT_MARKER, CausalLM, ExportFolderError, ModelConfig, check_export_folder,
                              load_pretrained, save_pretrained)
 from fipo_jax.models import hf_io
-from fipo_jax.run_dir import ExportDestinationError, check_export_destination
+from fipo_jax.train.run_dir import ExportDestinationError, check_export_destination
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-import train  # noqa: E402
+from fipo_jax.train import cli as train_cli
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, initializer_range=0.2)
@@ -100,7 +99,7 @@ def test_export_destination_rules(tmp_path):
 
 
 def _train(tmp_path, capsys, *args):
-    code = train.main(["--no-progress", "--run-dir", str(tmp_path / "run"), *args])
+    code = train_cli.main(["--no-progress", "--run-dir", str(tmp_path / "run"), *args])
     return code, capsys.readouterr().err.strip().splitlines()
 
 

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from fipo_jax.logprobs import sequence_log_probs  # noqa: E402
+from fipo_jax.generation.logprobs import sequence_log_probs  # noqa: E402
 from fipo_jax.models import (  # noqa: E402
     LOGICAL_AXES,
     AttentionMask,
@@ -39,7 +39,8 @@ from fipo_jax.models import (  # noqa: E402
     save_pretrained,
 )
 from fipo_jax.models.attention import _attention  # noqa: E402
-from fipo_jax.sampling import SamplingConfig, generate  # noqa: E402
+from fipo_jax.generation.sampling import SamplingConfig  # noqa: E402
+from fipo_jax.generation.static_sampler import generate
 
 ATOL = 1e-4
 VOCAB = 64

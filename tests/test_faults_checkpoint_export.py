@@ -16,14 +16,14 @@ import pytest
 from flax import nnx
 from safetensors import SafetensorError
 
-from fipo_jax import run_dir
-from fipo_jax.checkpoint import (CheckpointFormatError, CheckpointMetadataError, Checkpointer, abstract_like,
+from fipo_jax.train import run_dir
+from fipo_jax.train.checkpoint import (CheckpointFormatError, CheckpointMetadataError, Checkpointer, abstract_like,
                                  metadata_problem)
 from fipo_jax.models import CausalLM, ExportFolderError, ModelConfig, check_export_folder, hf_io, save_pretrained
 from fipo_jax.models.export_folder import ExportDiskFullError, ordinary_file_mode
+from fipo_jax.models import file_checks
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-import train  # noqa: E402
+from fipo_jax.train import cli as train_cli
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                      num_key_value_heads=2)
@@ -70,7 +70,7 @@ def test_train_refuses_an_export_under_a_file_before_training(tmp_path, capsys):
     save_pretrained(model(), base)
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
-    code = train.main(["--no-progress", "--run-dir", str(tmp_path / "run"), "--set", "model.source=hf",
+    code = train_cli.main(["--no-progress", "--run-dir", str(tmp_path / "run"), "--set", "model.source=hf",
                        "--set", f"model.path={base}", "--export", str(blocker / "out")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and lines == [f"config error: export folder {blocker / 'out'} lies under {blocker}, which is "
@@ -99,7 +99,7 @@ def test_a_full_disk_during_an_export_is_one_line_and_leaves_the_target_as_it_wa
     assert "\n" not in message and message.startswith(f"export folder {out} could not be written: the disk is full; "
                                                       f"{out} is as it was and the partial files were removed; free "
                                                       f"space, then export again")
-    assert isinstance(caught.value, ExportFolderError) and caught.value.errno == 28 and run_dir.disk_full(caught.value)
+    assert isinstance(caught.value, ExportFolderError) and caught.value.errno == 28 and file_checks.disk_full(caught.value)
     assert sorted(os.listdir(tmp_path)) == (["out"] if previous else [])  # no staging folder left
     assert (sorted(os.listdir(out)) if previous else None) == before
 
@@ -231,7 +231,7 @@ def test_a_file_where_the_checkpoints_go_is_refused_before_anything_is_moved(tmp
     with pytest.raises(run_dir.RunDirectoryError, match=rf"^{run / name} is a file, not the run's {name} folder; move "
                                                         r"or remove it, or choose another --run-dir$"):
         run_dir.ensure_writable(str(run))
-    code = train.main(["--no-progress", "--run-dir", str(run), "--steps", "1"])
+    code = train_cli.main(["--no-progress", "--run-dir", str(run), "--steps", "1"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and lines[-1] == f"error: {run / name} is a file, not the run's {name} folder; move or remove " \
                                       f"it, or choose another --run-dir", lines

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fipo_jax as fj
-from fipo_jax.build import build_prompts, check_gold_answers
+from fipo_jax.train.build import build_prompts, check_gold_answers
 from fipo_jax.config import ConfigError, apply_overrides, cpu_default
 from fipo_jax.data import CharTokenizer, PromptIterator, PromptRecord
 from fipo_jax.data.prompts import ground_truth_text
@@ -125,7 +125,7 @@ def test_dynamic_sampling_refuses_what_is_not_correctness(value):
         fj.dynamic_sampling_mask(np.array([1.0, value, -1.0, -1.0]), 2)
 
 
-@pytest.mark.parametrize("estimator", [fj.grpo_advantages, fj.dr_grpo_advantages, fj.advantages.rloo_advantages])
+@pytest.mark.parametrize("estimator", [fj.grpo_advantages, fj.dr_grpo_advantages, fj.core.advantages.rloo_advantages])
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 def test_advantages_refuse_a_non_finite_score(estimator, bad):
     scores = np.array([1.0, -1.0, bad, 1.0], np.float32)

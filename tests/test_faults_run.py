@@ -14,16 +14,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fipo_jax import rl_step
+from fipo_jax.train import update as update_lib
 from fipo_jax.config import apply_overrides, cpu_default, fipo_inert_reason
-from fipo_jax.logprobs import chunked_token_log_probs, sequence_log_probs
+from fipo_jax.generation.logprobs import chunked_token_log_probs, sequence_log_probs
 from fipo_jax.models import CausalLM, ModelConfig
 from fipo_jax.models.families import config_from_hf, config_to_hf
-from fipo_jax.trainer import Trainer
+from fipo_jax.train.trainer import Trainer
 from tests.test_trainer import TINY, tiny_config
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-import train  # noqa: E402
+from fipo_jax.train import cli as train_cli
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def cache_dir(tmp_path_factory):
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = train.main(list(args))
+    code = train_cli.main(list(args))
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -103,7 +102,7 @@ def test_the_trainer_logs_its_attention_and_warns_when_fipo_cannot_act(tmp_path,
 @pytest.mark.slow
 def test_skipped_updates_are_said_every_step_and_counted_in_the_summary(tmp_path, cache_dir, monkeypatch):
     """A loss that is NaN: every update is skipped; each step says so, summary.json counts them."""
-    real = rl_step.policy_loss_parts
+    real = update_lib.policy_loss_parts
     monkeypatch.setattr(rl_step, "policy_loss_parts", lambda lp, *a, **k: real(lp * jnp.nan, *a, **k))
     lines = []
     run_dir = str(tmp_path / "run")
@@ -155,14 +154,14 @@ def test_a_second_trainer_on_a_live_run_dir_writes_nothing_into_it(tmp_path, cac
     opens with the first row) and no exit-time traceback."""
     import subprocess
 
-    from fipo_jax.run_dir import lock
+    from fipo_jax.train.run_dir import lock
 
     run_dir = tmp_path / "run"
     args = [a for o in TINY + [f"sft.cache_dir={cache_dir}", "tensorboard=true", "sft.enabled=false"]
             for a in ("--set", o)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with lock(str(run_dir)):  # the live run
-        proc = subprocess.run([sys.executable, os.path.join(root, "experiments", "train.py"), "--no-progress",
+        proc = subprocess.run([sys.executable, "-m", "fipo_jax.train.cli", "--no-progress",
                                "--run-dir", str(run_dir), *args], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": root}, timeout=300)
     assert proc.returncode == 2 and "is in use by another trainer" in proc.stderr, proc.stderr

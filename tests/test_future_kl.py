@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import fipo_jax as fj
-from fipo_jax.future_kl import METHODS
+from fipo_jax.core.future_kl import METHODS
 
 FAST_METHODS = ("scan", "associative", "blocked")
 
@@ -158,8 +158,8 @@ def test_zero_length():
 
 
 def test_auto_method_is_a_known_method():
-    assert fj.future_kl.__module__ == "fipo_jax.future_kl"
-    from fipo_jax.future_kl import default_method
+    assert fj.future_kl.__module__ == "fipo_jax.core.future_kl"
+    from fipo_jax.core.future_kl import default_method
 
     assert default_method() in FAST_METHODS
 
@@ -167,7 +167,7 @@ def test_auto_method_is_a_known_method():
 def test_default_methods_are_the_measured_ones():
     """CPU: the sequential scan (2-core CPU); GPU: associative (H200: 42x faster than blocked/128);
     TPU unmeasured, same choice as the GPU; an unknown backend gets the accelerator choice."""
-    from fipo_jax.future_kl import default_method
+    from fipo_jax.core.future_kl import default_method
 
     assert [default_method(b) for b in ("cpu", "gpu", "tpu", "rocm")] == ["scan", "associative", "associative",
                                                                         "associative"]

@@ -22,7 +22,8 @@ from fipo_jax.models import (CheckpointFileError, CheckpointMismatchError, Unsup
 from fipo_jax.models.assets import gemma3_270m_gguf  # noqa: E402
 from fipo_jax.models.gguf_io import GGUFError, gguf_hf_config, read_gguf  # noqa: E402
 from fipo_jax.models.tokenizer import load_tokenizer  # noqa: E402
-from fipo_jax.sampling import SamplingConfig, generate  # noqa: E402
+from fipo_jax.generation.sampling import SamplingConfig  # noqa: E402
+from fipo_jax.generation.static_sampler import generate
 from tests.gguf_writer import write_gguf  # noqa: E402
 from tests.test_families import perturbed  # noqa: E402
 

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from fipo_jax.logprobs import (  # noqa: E402
+from fipo_jax.generation.logprobs import (  # noqa: E402
     chunked_token_log_probs,
     chunked_token_log_probs_with_entropy,
     full_logits_token_log_probs,

@@ -250,7 +250,7 @@ def test_ratio_statistics_match_numpy_quantiles():
     adv[0] = -1.0
     adv[1] = 1.0
     mask = rng.random((4, 200)) < 0.7
-    stats = jax.jit(lambda r, a, m: fj.loss_metrics.ratio_statistics(r, a, m, 10.0))(ratio, adv, mask)
+    stats = jax.jit(lambda r, a, m: fj.core.loss_metrics.ratio_statistics(r, a, m, 10.0))(ratio, adv, mask)
     neg, pos = ratio[(adv < 0) & mask], ratio[(adv > 0) & mask]
     for name, values, q in [("neg_is_p75", neg, 0.75), ("neg_is_p995", neg, 0.995), ("neg_is_max", neg, 1.0),
                             ("neg_is_min", neg, 0.0), ("pos_is_p25", pos, 0.25), ("pos_is_median", pos, 0.5),
@@ -409,7 +409,7 @@ def test_bad_inputs_raise_at_trace_time(change, error, match):
 
 # ----------------------------------------------------------------------------- declared reductions
 
-@pytest.mark.parametrize("mode", fj.losses.LOSS_MODES)
+@pytest.mark.parametrize("mode", fj.core.losses.LOSS_MODES)
 @pytest.mark.parametrize("extras", [False, True])
 @pytest.mark.parametrize("quantiles", [False, True])
 def test_every_metric_has_a_declared_reduction(mode, extras, quantiles):
@@ -424,7 +424,7 @@ def test_every_metric_has_a_declared_reduction(mode, extras, quantiles):
 
 def test_declared_reductions_are_all_used():
     seen = set()
-    for mode in fj.losses.LOSS_MODES:
+    for mode in fj.core.losses.LOSS_MODES:
         _, metrics = fj.policy_loss_terms(jnp.zeros((2, 4)), jnp.zeros((2, 4)), jnp.ones(2), jnp.ones((2, 4), bool),
                                           fj.PolicyLossConfig(loss_mode=mode), ref_log_probs=jnp.zeros((2, 4)),
                                           entropy=jnp.ones((2, 4)))
@@ -457,7 +457,7 @@ def test_metric_reductions_table_is_read_only():
         fj.METRIC_REDUCTIONS["pg_loss"] = "sum"
 
 
-@pytest.mark.parametrize("mode", fj.losses.LOSS_MODES)
+@pytest.mark.parametrize("mode", fj.core.losses.LOSS_MODES)
 def test_ratio_metrics_outside_the_loss_equal_the_loss_metrics(mode):
     """The trainer's path — `importance_ratio` on the loss inputs, then `ratio_quantiles` /
     `ratio_fractions` outside the differentiated function — gives the loss's own metrics exactly."""
@@ -472,12 +472,12 @@ def test_ratio_metrics_outside_the_loss_equal_the_loss_metrics(mode):
     _, without = jax.jit(lambda *a: fj.policy_loss_terms(*a, config.replace(ratio_quantiles=False)))(lp, old, adv, mask)
     ratio = jax.jit(fj.importance_ratio, static_argnums=3)(lp, old, mask, config.log_ratio_clamp)
     adv_BxT = jnp.broadcast_to(adv[:, None], shape)
-    outside = jax.jit(fj.loss_metrics.ratio_quantiles)(ratio, adv_BxT, mask)
+    outside = jax.jit(fj.core.loss_metrics.ratio_quantiles)(ratio, adv_BxT, mask)
     assert set(outside) | set(without) == set(metrics) and not set(outside) & set(without)
     for key, value in outside.items():  # order statistics exactly; interpolation up to XLA's fusion
         np.testing.assert_allclose(value, metrics[key], rtol=0 if key.endswith(("_min", "_max")) else 1e-6,
                                    err_msg=key)
-    for key, value in fj.loss_metrics.ratio_fractions(ratio, adv_BxT, mask, config.clip_ratio_c).items():
+    for key, value in fj.core.loss_metrics.ratio_fractions(ratio, adv_BxT, mask, config.clip_ratio_c).items():
         assert float(value) == float(metrics[key]), key
     grad = jax.grad(lambda x: jnp.sum(fj.importance_ratio(x, old, mask, 20.0)))(lp)
     assert not np.any(np.asarray(grad))  # stop-gradient

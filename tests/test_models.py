@@ -27,13 +27,13 @@ from fipo_jax.models import (  # noqa: E402
     UnsupportedConfigError,
     init_kv_cache,
     load_pretrained,
-    logical_to_mesh_spec,
     positions_from_mask,
     save_pretrained,
     config_from_hf,
     config_to_hf,
     hf_weight_table,
 )
+from fipo_jax.parallel.sharding import logical_to_mesh_spec  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-4
@@ -527,7 +527,7 @@ def test_parameters_carry_logical_axes():
 
 
 def test_logical_to_mesh_spec_absent_axes_and_declared_fallbacks():
-    from fipo_jax.sharding import rule
+    from fipo_jax.parallel.sharding import rule
 
     devices = np.array(jax.devices()[:1]).reshape(1, 1)
     mesh = jax.sharding.Mesh(devices, ("fsdp", "tensor"))
@@ -550,7 +550,7 @@ def test_logical_to_mesh_spec_absent_axes_and_declared_fallbacks():
 
 
 def test_a_rule_that_cannot_apply_raises_naming_tensor_shape_and_mesh():
-    from fipo_jax.sharding import AxisRule, ShardingRuleError, param_shardings, rule
+    from fipo_jax.parallel.sharding import AxisRule, ShardingRuleError, param_shardings, rule
 
     devices = np.array(jax.devices()[:1]).reshape(1, 1)
     mesh = jax.sharding.Mesh(devices, ("fsdp", "tensor"))
@@ -588,7 +588,7 @@ def test_a_rule_that_cannot_apply_raises_naming_tensor_shape_and_mesh():
 
 def test_load_weights_checks_every_rule_before_reading(tmp_path):
     from fipo_jax.models.hf_io import SafetensorsSource, load_weights
-    from fipo_jax.sharding import DEFAULT_RULES, ShardingRuleError, rule
+    from fipo_jax.parallel.sharding import DEFAULT_RULES, ShardingRuleError, rule
 
     save_pretrained(CausalLM(tiny_config(), rngs=nnx.Rngs(0)), tmp_path)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tensor"))
@@ -611,8 +611,8 @@ SHARDED_LOAD_SCRIPT = textwrap.dedent(
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from fipo_jax.models import (Qwen2Config, CausalLM, load_pretrained, param_shardings,
-                              save_pretrained)
+    from fipo_jax.models import Qwen2Config, CausalLM, load_pretrained, save_pretrained
+    from fipo_jax.parallel.sharding import param_shardings
 
     path = sys.argv[1]
     config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -762,7 +762,8 @@ def test_decode_attention_reads_written_blocks_and_equals_dense(block):
 
 @pytest.mark.slow
 def test_blocked_decode_matches_dense_decode_in_the_sampler():
-    from fipo_jax.sampling import SamplingConfig, generate
+    from fipo_jax.generation.sampling import SamplingConfig
+    from fipo_jax.generation.static_sampler import generate
 
     dense = CausalLM(tiny_config(decode_block_size=None), rngs=nnx.Rngs(0))
     blocked = CausalLM(tiny_config(decode_block_size=8), rngs=nnx.Rngs(0))

@@ -12,9 +12,10 @@ import pytest
 from flax import nnx
 
 import fipo_jax as fj
-from fipo_jax import packing, rl_step
-from fipo_jax.diagnostics import token_diagnostics
-from fipo_jax.losses import AGGREGATIONS, LOSS_MODES
+from fipo_jax.core import packing
+from fipo_jax.train import update as update_lib
+from fipo_jax.core.losses import token_diagnostics
+from fipo_jax.core.losses import AGGREGATIONS, LOSS_MODES
 from fipo_jax.models import CausalLM, ModelConfig
 
 N = 24  # padded response width
@@ -170,11 +171,11 @@ def update(setup, batch, loss, weighting="exact"):
     graphdef, params, rest, _ = setup
     # Plain SGD: the parameter change is −lr × the gradient, so equal parameters mean equal gradients
     # (Adam's g / √v would turn float32 rounding of near-zero gradients into sign flips).
-    schedule = rl_step.warmup_schedule(0.5, 0, 2)
-    opt = rl_step.Optimizer(optax.sgd(schedule), schedule)
-    state = rl_step.init_state(jax.tree.map(jnp.array, params), opt, jax.random.key(0))
-    config = rl_step.UpdateConfig(loss=loss, group_size=GROUP, micro_batch_weighting=weighting, logprob_chunk_size=8)
-    return rl_step.jit_rl_update(graphdef, rest, opt, config)(state, batch)
+    schedule = update_lib.warmup_schedule(0.5, 0, 2)
+    opt = update_lib.Optimizer(optax.sgd(schedule), schedule)
+    state = update_lib.init_state(jax.tree.map(jnp.array, params), opt, jax.random.key(0))
+    config = update_lib.UpdateConfig(loss=loss, group_size=GROUP, micro_batch_weighting=weighting, logprob_chunk_size=8)
+    return update_lib.jit_rl_update(graphdef, rest, opt, config)(state, batch)
 
 
 @pytest.mark.slow
@@ -216,11 +217,11 @@ def test_official_weighting_counts_the_sequences_of_each_packed_micro_batch(setu
 def test_old_log_probs_of_packed_rows_equal_the_padded_ones(setup):
     graphdef, params, rest, fields = setup
     packed, _ = packing.pack_batch(fields, mini_batches=1, micro_batch_size=16)
-    lp, _ = jax.jit(rl_step.packed_log_probs, static_argnums=(0, 5))(graphdef, params, rest, packed.input_ids[0, 0],
+    lp, _ = jax.jit(update_lib.packed_log_probs, static_argnums=(0, 5))(graphdef, params, rest, packed.input_ids[0, 0],
                                                                       packed.segment_ids[0, 0], 8)
     ids = np.concatenate([fields["prompt_ids"], fields["tokens"]], 1)
     attention = np.concatenate([fields["prompt_mask"], fields["response_mask"]], 1)
-    reference, _ = jax.jit(rl_step.response_log_probs, static_argnums=(0, 5, 6))(graphdef, params, rest, ids,
+    reference, _ = jax.jit(update_lib.response_log_probs, static_argnums=(0, 5, 6))(graphdef, params, rest, ids,
                                                                                  attention, N, 8)
     seg, mask = packed.segment_ids[0, 0], packed.response_mask[0, 0]
     for s in np.flatnonzero(fields["response_mask"].any(1)):

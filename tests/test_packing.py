@@ -53,7 +53,7 @@ def test_segment_ids_are_checked():
 
 
 def test_segment_helpers():
-    from fipo_jax.segments import segment_cumsum, segment_runs, segment_starts
+    from fipo_jax.core.segments import segment_cumsum, segment_runs, segment_starts
 
     ids = jnp.array([[4, 4, 7, 7, 7, 4, 9]])
     assert segment_starts(ids).tolist() == [[True, False, True, False, False, True, True]]
@@ -63,7 +63,7 @@ def test_segment_helpers():
 
 @pytest.mark.slow
 def test_packed_log_probs_equal_each_sequence_alone():
-    from fipo_jax.logprobs import sequence_log_probs
+    from fipo_jax.generation.logprobs import sequence_log_probs
 
     model = CausalLM(ModelConfig(**BASE, attention_chunk_size=4), rngs=nnx.Rngs(1))
     rng = np.random.RandomState(1)
@@ -85,7 +85,7 @@ def test_packed_log_probs_equal_each_sequence_alone():
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fipo_jax import packing as packing_lib  # noqa: E402
+from fipo_jax.core import packing as packing_lib  # noqa: E402
 
 
 @given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=60), budget=st.integers(40, 128))

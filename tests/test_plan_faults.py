@@ -1,15 +1,15 @@
 """The memory planner's faults of issue 31: its cost grew with depth (98 s at 10⁴ layers, no answer at
 10⁶), the SFT warm start was not planned (`data.n_terms=100000`: 18.5 GiB planned, 122 TB asked),
 a long prompt's prefill was not planned (a raw out-of-memory in the sampler), and FIPO that cannot
-act was not named by ``python -m fipo_jax.plan``."""
+act was not named by ``python -m fipo_jax.train.plan``."""
 
 import json
 
 import pytest
 
-from fipo_jax import plan as plan_lib
+from fipo_jax.train import plan as plan_lib
 from fipo_jax.config import ConfigError, apply_overrides, cpu_default, load_config
-from fipo_jax.preflight import check_planned_memory
+from fipo_jax.train.preflight import check_planned_memory
 from tests.multi_device import run_json
 from tests.plan_family import draw_cases
 
@@ -176,15 +176,15 @@ def test_the_plan_warns_when_fipo_cannot_act(capsys, tmp_path):
 
 # -- calibration against XLA (slow: compiles) ------------------------------------------------
 
-# The SFT step as `fipo_jax.sft.train_sft` jits it, compiled for each config's warm start; prints
+# The SFT step as `fipo_jax.train.sft.train_sft` jits it, compiled for each config's warm start; prints
 # [[planned, compiled peak], ...].
 SFT_SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, optax
 from flax import nnx
-from fipo_jax import plan as plan_lib
+from fipo_jax.train import plan as plan_lib
 from fipo_jax.config import apply_overrides, cpu_default
-from fipo_jax.sft import sft_step
+from fipo_jax.train.sft import sft_step
 from fipo_jax.models import CausalLM
 from tests.plan_family import compiled_peak
 
@@ -215,16 +215,18 @@ def test_the_planned_warm_start_never_under_counts_xla():
 
 
 # The sampler's prefill as the engine (`engine._prefill_jit`, its prefix store of 8 rows) and the
-# static sampler (`sampling._generate_jit`, prefill and decode in one program) compile it; prints
+# static sampler (`static_sampler._generate_jit`, prefill and decode in one program) compile it; prints
 # [[planned, compiled peak], ...] (planned: the prefill's program on one device).
 PREFILL_SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp
 from flax import nnx
-from fipo_jax import engine, plan as plan_lib
+from fipo_jax.generation import engine
+from fipo_jax.train import plan as plan_lib
 from fipo_jax.models import CausalLM, ModelConfig
-from fipo_jax.sampling import SamplingConfig, _generate_jit
-from fipo_jax.sharding import make_mesh, replicated
+from fipo_jax.generation.sampling import SamplingConfig
+from fipo_jax.generation.static_sampler import _generate_jit
+from fipo_jax.parallel.sharding import make_mesh, replicated
 from jax.sharding import AbstractMesh
 from tests.plan_family import compiled_peak
 

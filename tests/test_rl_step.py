@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 import fipo_jax as fj
-from fipo_jax import packing, rl_step
+from fipo_jax.core import packing
+from fipo_jax.train import update as update_lib
 from fipo_jax.models import Qwen2Config, CausalLM
 
 ROWS, PROMPT, RESPONSE, GROUP = 8, 3, 6, 2
@@ -27,7 +28,7 @@ def setup():
     response_mask = np.arange(RESPONSE)[None] < lengths[:, None]
     ids = rng.integers(0, 11, size=(ROWS, PROMPT + RESPONSE)).astype(np.int32)
     attention_mask = np.concatenate([np.ones((ROWS, PROMPT), bool), response_mask], 1)
-    lp, _ = rl_step.response_log_probs(graphdef, params, rest, jnp.asarray(ids), jnp.asarray(attention_mask),
+    lp, _ = update_lib.response_log_probs(graphdef, params, rest, jnp.asarray(ids), jnp.asarray(attention_mask),
                                        RESPONSE, 64)
     fields = {"prompt_ids": ids[:, :PROMPT], "prompt_mask": attention_mask[:, :PROMPT], "tokens": ids[:, PROMPT:],
               "response_mask": response_mask, "scores": rng.normal(size=ROWS).astype(np.float32),
@@ -40,17 +41,17 @@ def one_per_row(fields, mini, micro):
 
 
 def optimizer(warmup_steps=0, updates_per_step=1):
-    schedule = rl_step.warmup_schedule(1e-2, warmup_steps, updates_per_step)
-    return rl_step.make_optimizer(schedule, 0.9, 0.999, 1e-8, 0.0, 1.0)
+    schedule = update_lib.warmup_schedule(1e-2, warmup_steps, updates_per_step)
+    return update_lib.make_optimizer(schedule, 0.9, 0.999, 1e-8, 0.0, 1.0)
 
 
 def run(setup, mini=1, micro=ROWS, weighting="exact", fields=None, opt=None, loss=None, steps=1):
     graphdef, params, rest, base = setup
     opt = opt or optimizer()
-    state = rl_step.init_state(jax.tree.map(jnp.array, params), opt, jax.random.key(0))  # fresh: donated
-    config = rl_step.UpdateConfig(loss=loss or fj.PolicyLossConfig(), group_size=GROUP,
+    state = update_lib.init_state(jax.tree.map(jnp.array, params), opt, jax.random.key(0))  # fresh: donated
+    config = update_lib.UpdateConfig(loss=loss or fj.PolicyLossConfig(), group_size=GROUP,
                                   micro_batch_weighting=weighting, logprob_chunk_size=64)
-    update = rl_step.jit_rl_update(graphdef, rest, opt, config)
+    update = update_lib.jit_rl_update(graphdef, rest, opt, config)
     batch = one_per_row(fields or base, mini, micro)
     for _ in range(steps):
         state, metrics = update(state, batch)
@@ -92,7 +93,7 @@ def host(tree):
 def test_an_update_that_would_make_parameters_non_finite_is_skipped(setup):
     """A step so large that the parameters overflow is skipped like a non-finite gradient."""
     graphdef, params, rest, fields = setup
-    overflowing = rl_step.make_optimizer(lambda count: jnp.float32(np.inf), 0.9, 0.999, 1e-8, 0.0, 1.0)
+    overflowing = update_lib.make_optimizer(lambda count: jnp.float32(np.inf), 0.9, 0.999, 1e-8, 0.0, 1.0)
     state, metrics = run(setup, opt=overflowing)
     assert np.isfinite(float(metrics["actor/grad_norm"])) and float(metrics["actor/skipped_updates"]) == 1.0
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
@@ -104,9 +105,9 @@ def test_update_is_pure(setup):
     """Same inputs → same outputs, and the inputs are left as they were (no donation here)."""
     graphdef, params, rest, fields = setup
     opt = optimizer()
-    config = rl_step.UpdateConfig(loss=fj.PolicyLossConfig(), group_size=GROUP, logprob_chunk_size=64)
-    update = jax.jit(functools.partial(rl_step.rl_update, graphdef=graphdef, rest=rest, optimizer=opt, config=config))
-    state = rl_step.init_state(params, opt, jax.random.key(0))
+    config = update_lib.UpdateConfig(loss=fj.PolicyLossConfig(), group_size=GROUP, logprob_chunk_size=64)
+    update = jax.jit(functools.partial(update_lib.rl_update, graphdef=graphdef, rest=rest, optimizer=opt, config=config))
+    state = update_lib.init_state(params, opt, jax.random.key(0))
     batch = jax.tree.map(jnp.asarray, one_per_row(fields, 2, 2))
     before = host((state, batch))
     first, second = update(state, batch), update(state, batch)
@@ -128,9 +129,9 @@ def test_old_log_probs_are_recomputed_on_device(setup):
 
 
 def test_warmup_schedule_counts_rl_steps():
-    schedule = rl_step.warmup_schedule(1.0, warmup_steps=2, updates_per_step=3)
+    schedule = update_lib.warmup_schedule(1.0, warmup_steps=2, updates_per_step=3)
     assert [float(schedule(jnp.int32(n))) for n in range(8)] == [0, 0, 0, 0.5, 0.5, 0.5, 1, 1]
-    assert float(rl_step.warmup_schedule(0.5, 0, 3)(jnp.int32(0))) == 0.5
+    assert float(update_lib.warmup_schedule(0.5, 0, 3)(jnp.int32(0))) == 0.5
 
 
 @pytest.mark.slow
@@ -143,8 +144,8 @@ def test_learning_rate_follows_the_schedule_through_the_state(setup):
 
 def test_metrics_without_a_declared_reduction_are_refused():
     with pytest.raises(KeyError, match="without a declared reduction: \\['mystery'\\]"):
-        rl_step.reduce_metrics({"mystery": jnp.ones(2)}, jnp.ones(2), {"loss": "mean"})
-    reduced = rl_step.reduce_metrics({"a": jnp.array([1.0, 3.0, 9.0]), "b": jnp.array([2.0, 5.0, 0.0])},
+        update_lib.reduce_metrics({"mystery": jnp.ones(2)}, jnp.ones(2), {"loss": "mean"})
+    reduced = update_lib.reduce_metrics({"a": jnp.array([1.0, 3.0, 9.0]), "b": jnp.array([2.0, 5.0, 0.0])},
                                      jnp.array([1.0, 3.0, 0.0]), {"a": "mean", "b": "min"})
     assert float(reduced["a"]) == 2.5 and float(reduced["b"]) == 2.0  # the empty batch is ignored
 
@@ -180,9 +181,9 @@ def test_bfloat16_parameters_update_and_keep_their_dtypes(setup):
     graphdef, params, rest, fields = setup
     bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     opt = optimizer()
-    state = rl_step.init_state(bf16, opt, jax.random.key(0))
+    state = update_lib.init_state(bf16, opt, jax.random.key(0))
     dtypes = jax.tree.map(lambda x: x.dtype, (state.params, state.opt_state))
-    update = rl_step.jit_rl_update(graphdef, rest, opt, rl_step.UpdateConfig(
+    update = update_lib.jit_rl_update(graphdef, rest, opt, update_lib.UpdateConfig(
         loss=fj.PolicyLossConfig(), group_size=GROUP, logprob_chunk_size=64))
     batch = one_per_row(fields, 2, ROWS // 4)  # 2 updates of 2 micro-batches each
     before = jax.tree.map(lambda p: np.asarray(p, np.float32), state.params)

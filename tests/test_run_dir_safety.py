@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fipo_jax import run_dir
-from fipo_jax.checkpoint import CheckpointFormatError, Checkpointer, abstract_like, nonfinite_leaves
-from fipo_jax.run_log import MetricsLog, summarize
+from fipo_jax.train import run_dir
+from fipo_jax.train.checkpoint import CheckpointFormatError, Checkpointer, abstract_like, nonfinite_leaves
+from fipo_jax.train.run_log import MetricsLog
+from fipo_jax.train.summary import summarize
 
 
 def _state(value=1.0):
@@ -178,7 +179,7 @@ def test_an_earlier_runs_files_are_set_aside(tmp_path):
 def test_a_damaged_sft_cache_is_rebuilt_by_the_warm_start(tmp_path):
     from flax import nnx
 
-    from fipo_jax.build import build_policy, warm_start
+    from fipo_jax.train.build import build_policy, warm_start
     from fipo_jax.config import apply_overrides, cpu_default
     from fipo_jax.data import ChainTask
 

@@ -45,7 +45,13 @@ def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("fipo_cache"))
 
 
+def console_script(runtime_python: str, name: str) -> str:
+    """A console command the package installs (`fipo-train`, `fipo-plan`) in the runtime environment."""
+    return os.path.join(os.path.dirname(runtime_python), name)
+
+
 def run(python: str, cache_dir: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python *args`` in the runtime environment (``python`` may be one of its console commands)."""
     result = subprocess.run([python, *args], cwd=ROOT, env=_clean_env(FIPO_CACHE_DIR=cache_dir),
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(args)} exited {result.returncode}:\n{result.stderr[-6000:]}"
@@ -70,7 +76,7 @@ def _file_task_args(tmp) -> list[str]:
         "algo.mini_batches=2", "algo.micro_batch_size=2", "optim.warmup_steps=0", "eval.every=0")]
 
 
-# The documented train.py commands, sized down: the main job (what scripts/main.sh runs: SFT warm start,
+# The documented fipo-train commands, sized down: the main job (what scripts/main.sh runs: SFT warm start,
 # RL, eval), the file task with a chat template and --export, the README's real-model recipe.
 RUNS = {
     "main": lambda tmp: ["--steps", "1", *sets(*[o for o in TINY if not o.startswith("steps=")],
@@ -92,7 +98,7 @@ def runs(runtime_python, cache_dir, tmp_path_factory):
     for name, make_args in RUNS.items():
         tmp = tmp_path_factory.mktemp(name)
         log = open(tmp / "log.txt", "w+", encoding="utf-8")  # a file, not a pipe: nobody reads until the end
-        command = [runtime_python, "experiments/train.py", "--no-progress", "--run-dir", str(tmp / "run"),
+        command = [console_script(runtime_python, "fipo-train"), "--no-progress", "--run-dir", str(tmp / "run"),
                    *make_args(tmp)]
         started[name] = (subprocess.Popen(command, cwd=ROOT, env=_clean_env(FIPO_CACHE_DIR=cache_dir), stdout=log,
                                           stderr=subprocess.STDOUT, text=True), tmp, log)
@@ -165,6 +171,6 @@ def test_the_gemma3_270m_preset(runs):
 
 
 def test_the_planner(runtime_python, cache_dir):
-    result = run(runtime_python, cache_dir, "-m", "fipo_jax.plan", "--config", "qwen2.5-7b-fipo", "--mesh", "4,4,4",
+    result = run(console_script(runtime_python, "fipo-plan"), cache_dir, "--config", "qwen2.5-7b-fipo", "--mesh", "4,4,4",
                  "--device-memory", "80GiB")
     assert "fits" in result.stdout.lower(), result.stdout

@@ -15,17 +15,17 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from fipo_jax.logprobs import sequence_log_probs  # noqa: E402
+from fipo_jax.generation.logprobs import sequence_log_probs  # noqa: E402
 from fipo_jax.models import load_pretrained  # noqa: E402
-from fipo_jax.sampling import (  # noqa: E402
+from fipo_jax.generation.sampling import (  # noqa: E402
     SamplingConfig,
     categorical,
-    generate,
     left_align_prompts,
     sample_tokens,
     threefry2x32,
     top_k_top_p_filter,
 )
+from fipo_jax.generation.static_sampler import generate  # noqa: E402
 
 VOCAB = 96
 NEW = 12
@@ -379,11 +379,11 @@ def test_generate_input_validation(models, prompts):
 def test_uses_live_parameters_without_recompiling(models, prompts, greedy_output):
     """The sampler reads the model's current parameters: an in-place update changes the output
     and hits the same compiled function (weights are arguments, not baked-in constants)."""
-    from fipo_jax import sampling
+    from fipo_jax.generation import static_sampler
 
     _, ids, mask = prompts
     model = nnx.clone(models[1])
-    compiled_before = sampling._generate_jit._cache_size()
+    compiled_before = static_sampler._generate_jit._cache_size()
     same = generate(model, ids, mask, jax.random.key(0), GREEDY)
     np.testing.assert_array_equal(np.asarray(same.tokens), np.asarray(greedy_output.tokens))
     last_logits = np.asarray(model(greedy_output.prompt_ids, attention_mask=greedy_output.prompt_mask))[:, -1]
@@ -391,11 +391,11 @@ def test_uses_live_parameters_without_recompiling(models, prompts, greedy_output
     changed = generate(model, ids, mask, jax.random.key(0), GREEDY)
     np.testing.assert_array_equal(np.asarray(changed.tokens)[:, 0], np.argmin(last_logits, axis=-1))
     assert np.mean(np.asarray(changed.tokens) != np.asarray(greedy_output.tokens)) > 0.5
-    assert sampling._generate_jit._cache_size() == compiled_before
+    assert static_sampler._generate_jit._cache_size() == compiled_before
 
 
 def test_temperatures_that_overflow_float32_are_refused():
-    from fipo_jax.sampling import MIN_TEMPERATURE, SamplingConfig
+    from fipo_jax.generation.sampling import MIN_TEMPERATURE, SamplingConfig
 
     with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or a finite number >= 0\.01 .* got 1e-30"):
         SamplingConfig(temperature=1e-30)

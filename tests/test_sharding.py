@@ -9,7 +9,7 @@ SCRIPT = r"""
 import json, sys
 import jax
 from fipo_jax.config import apply_overrides, cpu_default
-from fipo_jax.trainer import Trainer
+from fipo_jax.train.trainer import Trainer
 from tests.test_trainer import TINY
 assert jax.device_count() == 8, jax.devices()
 out = {}
@@ -50,9 +50,10 @@ import jax, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from fipo_jax.models import Qwen2Config, CausalLM
-from fipo_jax.models.hf_io import param_shardings
-from fipo_jax.sampling import SamplingConfig, generate
-from fipo_jax.sharding import make_mesh
+from fipo_jax.parallel.sharding import param_shardings
+from fipo_jax.generation.sampling import SamplingConfig
+from fipo_jax.generation.static_sampler import generate
+from fipo_jax.parallel.sharding import make_mesh
 mesh = make_mesh((4, 2))
 model = CausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
@@ -75,7 +76,7 @@ for rows in (8, 6):  # 6 rows: padded to 8 for the 4-way split, trimmed back
                  "same_tokens": bool(np.array_equal(plain.tokens, np.asarray(split.tokens))),
                  "log_prob_diff": float(np.abs(plain.log_probs - np.asarray(split.log_probs)).max())}
 # Per-device KV cache inside the compiled sampler: [8/4 rows, 2 layers, 2 kv heads, 8 + 12 - 1 slots, 8].
-from fipo_jax.sampling import _generate_jit
+from fipo_jax.generation.static_sampler import _generate_jit
 graphdef, state = nnx.split(model)
 rows = NamedSharding(mesh, PartitionSpec("data"))
 ids = jax.device_put(np.ones((8, 8), np.int32), rows)
@@ -102,10 +103,11 @@ import json
 import jax, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from fipo_jax import engine as engine_lib
+from fipo_jax.generation import engine as engine_lib
 from fipo_jax.models import Qwen2Config, CausalLM
-from fipo_jax.sampling import SamplingConfig, generate
-from fipo_jax.sharding import make_mesh
+from fipo_jax.generation.sampling import SamplingConfig
+from fipo_jax.generation.static_sampler import generate
+from fipo_jax.parallel.sharding import make_mesh
 mesh = make_mesh((4, 2))
 model = CausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
@@ -172,7 +174,7 @@ def test_engine_splits_slots_over_the_data_axis():
 def _abstract_mesh(shape):
     from jax.sharding import AbstractMesh
 
-    from fipo_jax.sharding import MESH_AXES
+    from fipo_jax.parallel.sharding import MESH_AXES
 
     return AbstractMesh(tuple(shape), MESH_AXES[: len(shape)])
 
@@ -181,7 +183,7 @@ def _param_specs(config, mesh, rules=None):
     from flax import nnx
 
     from fipo_jax.models import CausalLM
-    from fipo_jax.sharding import param_shardings
+    from fipo_jax.parallel.sharding import param_shardings
 
     abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
     shardings = param_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
@@ -201,7 +203,7 @@ def test_rules_table_covers_every_logical_axis_and_names_only_mesh_axes():
     import pytest
 
     from fipo_jax.models import KV_CACHE_AXES, LOGICAL_AXES
-    from fipo_jax.sharding import DEFAULT_RULES, MESH_AXES, AxisRule
+    from fipo_jax.parallel.sharding import DEFAULT_RULES, MESH_AXES, AxisRule
 
     assert set(LOGICAL_AXES) | set(KV_CACHE_AXES) | {"batch", "length", "mini_batch", "micro_batch"} \
         <= set(DEFAULT_RULES)
@@ -217,7 +219,7 @@ def test_models_shard_on_the_trainer_meshes_and_gemma3_270m():
 
     from fipo_jax.data import CharTokenizer
     from fipo_jax.models import KV_CACHE_AXES, Qwen2Config
-    from fipo_jax.sharding import DEFAULT_RULES, ShardingRuleError, logical_to_mesh_spec, rule
+    from fipo_jax.parallel.sharding import DEFAULT_RULES, ShardingRuleError, logical_to_mesh_spec, rule
 
     vocab = CharTokenizer().vocab_size  # the trainer's tiny model: vocab 20 on a 2-way tensor axis
     tiny = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -266,7 +268,7 @@ def test_batch_sharding_and_shard_batch_follow_the_table():
     import pytest
     from jax.sharding import AbstractMesh
 
-    from fipo_jax.sharding import ShardingRuleError, batch_sharding, make_mesh, rule, shard_batch
+    from fipo_jax.parallel.sharding import ShardingRuleError, batch_sharding, make_mesh, rule, shard_batch
 
     mesh = make_mesh((1,))
     assert tuple(batch_sharding(mesh).spec) == ("data",)

@@ -12,12 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from fipo_jax import rl_step
-from fipo_jax.packing import RLBatch
+from fipo_jax.train import update as update_lib
+from fipo_jax.core.packing import RLBatch
 from fipo_jax.config import ConfigError, apply_overrides, cpu_default
 from fipo_jax.rewards.shaping import validate_overlong_args
-from fipo_jax.run_log import MetricsLog
-from fipo_jax.trainer import DynamicSamplingExhausted, NonFiniteStateError, Trainer, majority_vote
+from fipo_jax.train.run_log import MetricsLog
+from fipo_jax.train.trainer import DynamicSamplingExhausted, NonFiniteStateError, Trainer, majority_vote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,7 +122,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, reference_run):
 def test_killed_run_resumes_identically(tmp_path, cache_dir, reference_run):
     """SIGKILL a training process after its second checkpoint, rerun the same command."""
     run_dir = str(tmp_path / "killed")
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--run-dir", run_dir, "--no-progress",
+    cmd = [sys.executable, "-m", "fipo_jax.train.cli", "--run-dir", run_dir, "--no-progress",
            "--steps", "4"] + [a for o in TINY + [f"sft.cache_dir={cache_dir}"] for a in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -197,7 +197,7 @@ def test_exception_inside_an_update_leaves_the_trainer_usable(tmp_path, cache_di
     assert metrics["step"] == 1 and np.isfinite(metrics["actor/loss"]) and trainer.step_index == 1
     trainer.save()
     trainer.checkpointer.wait()
-    state, metadata = trainer.checkpointer.restore(rl_step.abstract_state(trainer.state, trainer.state_shardings))
+    state, metadata = trainer.checkpointer.restore(update_lib.abstract_state(trainer.state, trainer.state_shardings))
     assert metadata["step"] == 1 and int(state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params),
                  jax.tree.map(np.asarray, trainer.state.params))
@@ -221,7 +221,7 @@ def test_insane_optimizer_settings_are_refused(override, message):
 
 def test_checkpointer_knows_nothing_of_the_trainer(tmp_path):
     """save(step, state, metadata) / restore(abstract_state) on a plain pytree; other layouts are refused."""
-    from fipo_jax.checkpoint import CheckpointFormatError, Checkpointer, abstract_like
+    from fipo_jax.train.checkpoint import CheckpointFormatError, Checkpointer, abstract_like
 
     state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "key": jax.random.key(3), "n": np.int32(7)}
     state = jax.tree.map(jax.numpy.asarray, state)
@@ -258,20 +258,24 @@ def test_overlong_buffer_bound_matches_the_reward_code():
 
 @pytest.mark.slow
 def test_cli_help_and_config_errors(tmp_path):
-    train = os.path.join(ROOT, "experiments", "train.py")
+    bin_dir = os.path.dirname(sys.executable)  # the console commands the install put beside the interpreter
+    train = os.path.join(bin_dir, "fipo-train")
     env = {**os.environ, "PYTHONPATH": ROOT}
-    out = subprocess.run([sys.executable, train, "--help"], capture_output=True, text=True, env=env)
+    out = subprocess.run([train, "--help"], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "--set" in out.stdout and "qwen2.5-32b-fipo" in out.stdout
-    out = subprocess.run([sys.executable, train, "--set", "rollout.nn=4"], capture_output=True, text=True, env=env)
+    assert out.stdout.startswith("usage: fipo-train")
+    out = subprocess.run([os.path.join(bin_dir, "fipo-plan"), "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("usage: fipo-plan") and "--device-memory" in out.stdout
+    out = subprocess.run([train, "--set", "rollout.nn=4"], capture_output=True, text=True, env=env)
     assert out.returncode == 2 and "unknown config field 'rollout.nn'" in out.stderr and "did you mean 'n'" in out.stderr
-    out = subprocess.run([sys.executable, train, "--config", "qwen2.5-32b-fipo", "--algo", "dapo", "--print-config",
+    out = subprocess.run([train, "--config", "qwen2.5-32b-fipo", "--algo", "dapo", "--print-config",
                           "--set", "rollout.n=8"], capture_output=True, text=True, env=env)
     printed = json.loads(out.stdout)
     assert printed["rollout"]["n"] == 8 and printed["algo"]["loss"]["loss_mode"] == "dapo"
     assert printed["algo"]["loss"]["drop_dual_clipped_sequences"] is None  # follows loss_mode, as saved
     config_file = tmp_path / "c.json"
     config_file.write_text(json.dumps({"rollout": {"n": 0}}))
-    out = subprocess.run([sys.executable, train, "--config", str(config_file)], capture_output=True, text=True, env=env)
+    out = subprocess.run([train, "--config", str(config_file)], capture_output=True, text=True, env=env)
     assert out.returncode == 2 and "rollout.n must be >= 1" in out.stderr
 
 
@@ -377,7 +381,7 @@ def test_a_changed_prompt_file_is_refused_on_resume(tmp_path, cache_dir):
 
 
 def test_a_second_trainer_on_a_run_directory_is_refused(tmp_path, cache_dir):
-    from fipo_jax.run_dir import RunDirectoryLocked, lock
+    from fipo_jax.train.run_dir import RunDirectoryLocked, lock
 
     run_dir = str(tmp_path / "run")
     trainer = Trainer(_file_task_config(tmp_path, cache_dir, 1), run_dir, progress=False, log=lambda s: None)

@@ -10,10 +10,10 @@ import torch
 import transformers
 
 from fipo_jax.config import apply_overrides, load_config, qwen25_32b_fipo
-from fipo_jax.run_log import MetricsLog
+from fipo_jax.train.run_log import MetricsLog
 from fipo_jax.models.tokenizer import qwen2_5_tokenizer
-from fipo_jax.rollouts import encode_prompt
-from fipo_jax.trainer import Trainer
+from fipo_jax.data.encoding import encode_prompt
+from fipo_jax.train.trainer import Trainer
 from tests.test_data import write_dapo_parquet
 
 

@@ -14,11 +14,33 @@ Unknown field names and impossible values are errors that name the field. Split 
 
 from fipo_jax.config.ignored import check_given_fields, ignored_fields
 from fipo_jax.config.parsing import apply_overrides, from_dict, load_config
-from fipo_jax.config.presets import (PRESETS, cpu_default, gemma3_270m_fipo, gemma3_270m_fipo_accelerator,
-                                     qwen25_7b_fipo, qwen25_32b_fipo, with_algo)
-from fipo_jax.config.specs import (DATA_TASKS, MODEL_SOURCES, ON_EXHAUSTED, SAMPLERS, AlgoSpec, ConfigError, DataSpec,
-                                   EvalSpec, ModelSpec, OptimSpec, RewardSpec, RolloutSpec, SFTSpec, TrainConfig,
-                                   fipo_inert_reason, micro_batch_rows)
+from fipo_jax.config.presets import (
+                                     PRESETS,
+                                     cpu_default,
+                                     gemma3_270m_fipo,
+                                     gemma3_270m_fipo_accelerator,
+                                     qwen25_7b_fipo,
+                                     qwen25_32b_fipo,
+                                     with_algo,
+)
+from fipo_jax.config.specs import (
+                                     DATA_TASKS,
+                                     MODEL_SOURCES,
+                                     ON_EXHAUSTED,
+                                     SAMPLERS,
+                                     AlgoSpec,
+                                     ConfigError,
+                                     DataSpec,
+                                     EvalSpec,
+                                     ModelSpec,
+                                     OptimSpec,
+                                     RewardSpec,
+                                     RolloutSpec,
+                                     SFTSpec,
+                                     TrainConfig,
+                                     fipo_inert_reason,
+                                     micro_batch_rows,
+)
 
 __all__ = [
     "DATA_TASKS", "MODEL_SOURCES", "ON_EXHAUSTED", "PRESETS", "SAMPLERS",

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fipo_jax import _checks
 from fipo_jax.config.specs import ConfigError, SFTSpec, TrainConfig
+from fipo_jax.core import _checks
 
 # The model fields only a scratch model reads (a checkpoint carries its own architecture).
 _SCRATCH_MODEL_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "rope_theta")
 # The data fields each task reads (one key per `specs.DATA_TASKS`).
-_TASK_FIELDS = {"chain": ("n_terms", "ops", "train_prompts"), "word_problems": ("max_steps", "few_shot", "train_prompts"),
+_TASK_FIELDS = {"chain": ("n_terms", "ops", "train_prompts"),
+                "word_problems": ("max_steps", "few_shot", "train_prompts"),
                 "file": ("train_path", "eval_path")}
 # The rollout fields only the continuous-batching engine reads.
 _ENGINE_FIELDS = ("engine_slots", "engine_steps_per_sync")

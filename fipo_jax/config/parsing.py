@@ -19,11 +19,11 @@ import types
 import typing
 from typing import Any, Literal
 
-from fipo_jax import _checks
 from fipo_jax.config.ignored import check_given_fields
 from fipo_jax.config.presets import PRESETS
 from fipo_jax.config.specs import ConfigError, TrainConfig
-from fipo_jax.losses import MODE_DEPENDENT_FIELDS
+from fipo_jax.core import _checks
+from fipo_jax.core.losses import MODE_DEPENDENT_FIELDS
 
 
 def _field_types(cls) -> dict[str, Any]:

@@ -11,10 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 
-from fipo_jax import _checks
-from fipo_jax.config.specs import (AlgoSpec, ConfigError, DataSpec, EvalSpec, ModelSpec, OptimSpec, RewardSpec,
-                                   RolloutSpec, SFTSpec, TrainConfig)
-from fipo_jax.losses import LOSS_MODES, PolicyLossConfig
+from fipo_jax.config.specs import (
+    AlgoSpec,
+    ConfigError,
+    DataSpec,
+    EvalSpec,
+    ModelSpec,
+    OptimSpec,
+    RewardSpec,
+    RolloutSpec,
+    SFTSpec,
+    TrainConfig,
+)
+from fipo_jax.core import _checks
+from fipo_jax.core.losses import LOSS_MODES, PolicyLossConfig
 
 
 def with_algo(config: TrainConfig, algo: str) -> TrainConfig:
@@ -49,7 +59,7 @@ def cpu_default() -> TrainConfig:
 
 
 def qwen25_32b_fipo() -> TrainConfig:
-    """Official FIPO recipe for Qwen2.5-32B-Base on DAPO-Math-17k (spec §3.1)."""
+    """Official FIPO recipe for Qwen2.5-32B-Base on DAPO-Math-17k (the official release's script)."""
     return TrainConfig(
         name="qwen2.5-32b-fipo",
         steps=575,
@@ -69,7 +79,7 @@ def qwen25_32b_fipo() -> TrainConfig:
 
 
 def qwen25_7b_fipo() -> TrainConfig:
-    """The 7B pilot (spec §3.3): G = 32, balanced influence clip, safety 3, 10,240 tokens."""
+    """The 7B pilot (the paper's smaller run): G = 32, balanced influence clip, safety 3, 10,240 tokens."""
     base = qwen25_32b_fipo()
     return dataclasses.replace(
         base,

@@ -1,6 +1,6 @@
 """The run configuration's sections: frozen dataclasses, each validated on construction.
 
-Every check goes through the one vocabulary (`fipo_jax._checks`) with ``error=ConfigError`` and a
+Every check goes through the one vocabulary (`fipo_jax.core._checks`) with ``error=ConfigError`` and a
 one-line message that names the field. A choice list is declared once: here as a ``Literal``
 whose arguments are the choices (``MODEL_SOURCES = get_args(ModelSource)``), or where the choices
 are implemented (`advantages.ADVANTAGE_ESTIMATORS`, `losses.MICRO_BATCH_WEIGHTINGS`,
@@ -19,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, get_args
 
-from fipo_jax import _checks
-from fipo_jax.advantages import ADVANTAGE_ESTIMATORS
-from fipo_jax.losses import MICRO_BATCH_WEIGHTINGS, MicroBatchWeighting, PolicyLossConfig
+from fipo_jax.core import _checks
+from fipo_jax.core.advantages import ADVANTAGE_ESTIMATORS
+from fipo_jax.core.losses import MICRO_BATCH_WEIGHTINGS, MicroBatchWeighting, PolicyLossConfig
+from fipo_jax.generation.sampling import MIN_TEMPERATURE
 from fipo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, SUPPORTED_DTYPES
+from fipo_jax.parallel.sharding import MESH_AXES, ways
 from fipo_jax.rewards.shaping import check_overlong_factor
-from fipo_jax.sampling import MIN_TEMPERATURE
-from fipo_jax.sharding import MESH_AXES, ways
 
 
 class ConfigError(ValueError):
@@ -88,7 +88,8 @@ class ModelSpec:
         _checks.require(self.source == "hf" or not self.path,
                         f"model.path is set ({self.path!r}) but model.source={self.source!r} does not read it: set "
                         f"model.source='hf' to load it, or leave model.path empty", error=ConfigError)
-        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "logprob_chunk_size"):
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                     "logprob_chunk_size"):
             _checks.check_int(f"model.{name}", getattr(self, name), minimum=1, error=ConfigError)
         _checks.check_int("model.attention_chunk_size", self.attention_chunk_size, minimum=1, allow_none=True,
                           error=ConfigError)
@@ -155,8 +156,8 @@ class RolloutSpec:
     top_p: float = 1.0
     top_k: int = 0
     stop: tuple[str, ...] = ()  # stop strings (e.g. "Question:" for few-shot prompts); kept in the response
-    # "engine": continuous batching (`fipo_jax.engine`, slots refilled as responses end, each prompt
-    # prefilled once); "static": `sampling.generate` (every row decodes until the longest ends).
+    # "engine": continuous batching (`fipo_jax.generation.engine`, slots refilled as responses end, each prompt
+    # prefilled once); "static": `static_sampler.generate` (every row decodes until the longest ends).
     # Same tokens either way (randomness is per request); the engine is faster when lengths vary.
     sampler: Sampler = "engine"
     engine_slots: int = 128  # decode slots (at most the rows of a round are used)

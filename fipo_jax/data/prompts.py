@@ -23,7 +23,7 @@ are empty, longer than ``max_ground_truth_chars`` (1024 by default, the reward's
 ``max_answer_chars``), with nothing after a GSM8K ``####`` marker, whose last ``\\boxed{}`` is empty
 or unbalanced, or that normalise to nothing. A GSM8K solution (``... #### 72``) is kept as written:
 the reward reads its answer after the marker (`rewards.gold_answer`). Whether a correct response can
-match a gold is checked by the trainer's loader (`fipo_jax.build.check_gold_answers`).
+match a gold is checked by the trainer's loader (`fipo_jax.train.build.check_gold_answers`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from fipo_jax import _checks
+from fipo_jax.core import _checks
 from fipo_jax.rewards.extract import after_gsm8k_marker
 from fipo_jax.rewards.normalize import normalize_answer
 from fipo_jax.rewards.scoring import gold_answer
@@ -178,7 +178,8 @@ def _json_value(text: str, path: str, line: int):
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} line {line + err.lineno - 1}: not valid JSON ({err.msg}, column {err.colno})") from None
+        raise ValueError(f"{path} line {line + err.lineno - 1}: not valid JSON ({err.msg}, "
+                         f"column {err.colno})") from None
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, dict]]:
@@ -198,7 +199,8 @@ def _json_rows(path: str) -> Iterator[tuple[str, dict]]:
     text = _decode_utf8(_read_bytes(path), path)
     _checks.require(bool(text.strip()), f"{path} is empty: expected a JSON list of prompt objects")
     rows = _json_value(text, path, 1)
-    _checks.require(isinstance(rows, list), f"{path}: expected a JSON list of prompt objects, got {type(rows).__name__}")
+    _checks.require(isinstance(rows, list),
+                    f"{path}: expected a JSON list of prompt objects, got {type(rows).__name__}")
     for i, row in enumerate(rows):
         yield f"{path} row {i}", row
 

@@ -24,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-from fipo_jax import _checks
+from fipo_jax.core import _checks
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 _SYMBOLS = (PAD, BOS, EOS, "Q:", "Answer:", "+", "*", "=", " ", "\n") + tuple("0123456789")

@@ -49,7 +49,7 @@ import zlib
 
 import numpy as np
 
-from fipo_jax import _checks
+from fipo_jax.core import _checks
 from fipo_jax.data.prompts import PromptRecord
 
 __all__ = ["WordProblem", "WordProblemTask", "word_problem_splits", "OPS", "FEW_SHOT_SEED", "FEW_SHOT_POOL_SIZE"]

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fipo_jax import _checks
-from fipo_jax.losses import METRIC_REDUCTIONS, PolicyLossConfig, kl_penalty, policy_loss
+from fipo_jax.core import _checks
+from fipo_jax.core.losses import METRIC_REDUCTIONS, PolicyLossConfig, kl_penalty, policy_loss
 
 INSTALL_HINT = "fipo_jax.integrations.tunix needs Tunix: pip install google-tunix"
 

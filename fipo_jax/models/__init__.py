@@ -3,15 +3,17 @@ family differences are config fields; HF safetensors and GGUF import, HF export,
 
 Modules: `config` (ModelConfig), `families` (HF configs and tensor names per family), `rope`,
 `attention` (full / chunked / sliding / decode), `kv_cache`, `layers`, `decoder` (the layer stack),
-`hf_io` (safetensors import/export), `export_folder` (where an export may go), `file_checks` (is a checkpoint file / folder usable:
-paths, JSON, safetensors damage, non-finite weights), `gguf_io` (GGUF import), `tokenizer`, `assets`
-(checkpoints that ship in packages). The sharding rules table (`DEFAULT_RULES`, `logical_to_mesh_spec`,
-`param_shardings`, re-exported here) lives in `fipo_jax.sharding`.
+`hf_io` (safetensors import/export), `export_folder` (where an export may go), `file_checks` (is a
+checkpoint file / folder usable: paths, JSON, safetensors damage, non-finite weights), `gguf_io`
+(GGUF import), `tokenizer`, `gguf_tokenizer`, `assets` (checkpoints that ship in packages). The
+sharding rules table (`DEFAULT_RULES`, `logical_to_mesh_spec`, `param_shardings`) lives in
+`fipo_jax.parallel.sharding`.
 """
 
 import fipo_jax._requires.models  # noqa: F401  one-line ImportError without fipo_jax[models]
+
+# isort: split
 from fipo_jax.models.attention import AttentionMask, decode_attention, grouped_query_attention
-from fipo_jax.models.file_checks import CheckpointFileError, checkpoint_files, nonfinite_tensors
 from fipo_jax.models.config import (
     MODEL_TYPES,
     SUPPORTED_DTYPES,
@@ -23,15 +25,13 @@ from fipo_jax.models.config import (
 from fipo_jax.models.decoder import CausalLM, positions_from_mask
 from fipo_jax.models.export_folder import EXPORT_MARKER, ExportDiskFullError, ExportFolderError, check_export_folder
 from fipo_jax.models.families import WeightMapping, config_from_hf, config_to_hf, hf_weight_table
+from fipo_jax.models.file_checks import CheckpointFileError, checkpoint_files, nonfinite_tensors
 from fipo_jax.models.hf_io import (
-    DEFAULT_RULES,
     CheckpointMismatchError,
     SafetensorsSource,
     TensorSource,
     load_pretrained,
     load_weights,
-    logical_to_mesh_spec,
-    param_shardings,
     save_pretrained,
 )
 from fipo_jax.models.kv_cache import KV_CACHE_AXES, KVCache, init_kv_cache
@@ -39,7 +39,6 @@ from fipo_jax.models.layers import LOGICAL_AXES, rms_norm
 from fipo_jax.models.rope import apply_rope, rope_cos_sin, rope_inverse_frequencies
 
 __all__ = [
-    "DEFAULT_RULES",
     "EXPORT_MARKER",
     "KV_CACHE_AXES",
     "LOGICAL_AXES",
@@ -70,9 +69,7 @@ __all__ = [
     "init_kv_cache",
     "load_pretrained",
     "load_weights",
-    "logical_to_mesh_spec",
     "nonfinite_tensors",
-    "param_shardings",
     "positions_from_mask",
     "rms_norm",
     "rope_cos_sin",

@@ -25,7 +25,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from fipo_jax import _checks
+from fipo_jax.core import _checks
 
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 MODEL_TYPES = ("qwen2", "qwen3", "llama", "gemma3_text")
@@ -225,11 +225,6 @@ class ModelConfig:
     def activation_dtype(self) -> jnp.dtype:
         """Activation / matmul dtype as a jnp dtype."""
         return jnp.dtype(self.compute_dtype)
-
-    @property
-    def num_query_groups(self) -> int:
-        """G = H / N: query heads sharing one key/value head."""
-        return self.num_attention_heads // self.num_key_value_heads
 
     @property
     def attention_scale(self) -> float:

@@ -20,14 +20,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fipo_jax import _checks
+from fipo_jax.core import _checks
+from fipo_jax.core.segments import check_segment_ids, segment_cumsum
 from fipo_jax.models.attention import AttentionMask
 from fipo_jax.models.config import ModelConfig
 from fipo_jax.models.kv_cache import KVCache, LayerCache, init_kv_cache, query_slots, write_row_slots
-from fipo_jax.models.layers import (AXIS_EMBED, AXIS_LAYERS, AXIS_VOCAB, MLP, Attention, DenseGeneral, Embed,
-                                    RMSNorm)
+from fipo_jax.models.layers import AXIS_EMBED, AXIS_LAYERS, AXIS_VOCAB, MLP, Attention, DenseGeneral, Embed, RMSNorm
 from fipo_jax.models.rope import rope_cos_sin
-from fipo_jax.segments import check_segment_ids, segment_cumsum
 
 
 def positions_from_mask(mask_BxT: jax.Array, start_B: jax.Array | None = None,

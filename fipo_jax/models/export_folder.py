@@ -30,7 +30,7 @@ import shutil
 import time
 from typing import Callable, Iterator
 
-from fipo_jax.run_dir import disk_full
+from fipo_jax.models.file_checks import disk_full
 
 EXPORT_MARKER = "fipo_jax_export.json"
 

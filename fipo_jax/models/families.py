@@ -137,7 +137,8 @@ def _check_no(d: Mapping[str, Any], key: str, ok: Callable[[Any], bool], what: s
 def _activation(d: Mapping[str, Any], key: str, default: str) -> str:
     value = d.get(key) or default
     if value not in HIDDEN_ACTIVATIONS:
-        raise UnsupportedConfigError(f"{key}={value!r} is not supported; supported activations: {list(HIDDEN_ACTIVATIONS)}")
+        raise UnsupportedConfigError(f"{key}={value!r} is not supported; supported activations: "
+                                     f"{list(HIDDEN_ACTIVATIONS)}")
     return value
 
 
@@ -218,7 +219,8 @@ def _read_qwen2(d: Mapping[str, Any]) -> dict[str, Any]:
         if key in d and bool(d[key]) != (key == "qkv_bias"):
             raise UnsupportedConfigError(f"Qwen2 has qkv_bias=True, o_proj_bias=False, mlp_bias=False; config has "
                                          f"{key}={d[key]!r}")
-    return dict(qkv_bias=True, o_proj_bias=False, mlp_bias=False, hidden_activation=_activation(d, "hidden_act", "silu"),
+    return dict(qkv_bias=True, o_proj_bias=False, mlp_bias=False,
+                hidden_activation=_activation(d, "hidden_act", "silu"),
                 **_flat_rope(d), **_qwen_sliding(d))
 
 

@@ -19,6 +19,7 @@ exporting weights is `hf_io`, which re-exports these names.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
 
-from fipo_jax._checks import require
+from fipo_jax.core._checks import require
 
 
 def one_line(error: BaseException) -> str:
@@ -174,3 +175,16 @@ def raise_if_nonfinite(flags: Mapping[str, jax.Array], locate: Callable[[str], t
     where = "; ".join(f"{file}: {names}" for file, names in by_file.items())
     raise CheckpointFileError(f"{len(bad)} tensor(s) hold NaN or ±inf values (a corrupt or diverged checkpoint): "
                               f"{where}")
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) says the disk is full (ENOSPC, or Orbax's RESOURCE_EXHAUSTED)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err)
+        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in text \
+                or "RESOURCE_EXHAUSTED" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False

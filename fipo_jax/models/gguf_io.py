@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from fipo_jax.models.file_checks import CheckpointFileError
 from fipo_jax.models.config import UnsupportedConfigError
 from fipo_jax.models.families import config_from_hf
+from fipo_jax.models.file_checks import CheckpointFileError
 from fipo_jax.models.weights import TensorInfo, TensorSource, load_from_source
 
 # GGUF general.architecture → our model_type.

@@ -29,8 +29,8 @@ import json
 import os
 from typing import Any
 
-from fipo_jax.models.gguf_io import ARCHITECTURES, GGUFError, read_gguf
 from fipo_jax.models.file_checks import one_line
+from fipo_jax.models.gguf_io import ARCHITECTURES, GGUFError, read_gguf
 
 # The id keys of the named special tokens, under `tokenizer.ggml.`.
 SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",

@@ -28,7 +28,10 @@ from jax.sharding import Mesh
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
-from fipo_jax import sharding as _sharding
+from fipo_jax.models.config import MODEL_TYPES, ModelConfig, UnsupportedConfigError
+from fipo_jax.models.decoder import CausalLM
+from fipo_jax.models.export_folder import ExportFolderError, check_export_folder, replacing
+from fipo_jax.models.families import config_from_hf, config_to_hf, hf_weight_table
 from fipo_jax.models.file_checks import (
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
@@ -39,22 +42,14 @@ from fipo_jax.models.file_checks import (
     open_safetensors,
     read_json_object,
 )
-from fipo_jax.models.config import MODEL_TYPES, ModelConfig, UnsupportedConfigError
-from fipo_jax.models.decoder import CausalLM
-from fipo_jax.models.export_folder import ExportFolderError, check_export_folder, replacing
-from fipo_jax.models.families import config_from_hf, config_to_hf, hf_weight_table
 from fipo_jax.models.weights import CheckpointMismatchError, TensorInfo, TensorSource, load_from_source
-from fipo_jax.sharding import RuleLike, param_shardings
-
-# The rules table lives in fipo_jax.sharding; these names stay importable from here (and fipo_jax.models).
-DEFAULT_RULES = _sharding.DEFAULT_RULES
-logical_to_mesh_spec = _sharding.logical_to_mesh_spec
+from fipo_jax.parallel.sharding import RuleLike, param_shardings
 
 __all__ = [
-    "DEFAULT_RULES", "SAFETENSORS_INDEX", "SAFETENSORS_SINGLE", "CheckpointFileError", "CheckpointMismatchError",
+    "SAFETENSORS_INDEX", "SAFETENSORS_SINGLE", "CheckpointFileError", "CheckpointMismatchError",
     "ExportFolderError",
     "SafetensorsSource", "TensorInfo", "TensorSource", "checkpoint_files", "load_pretrained", "load_weights",
-    "logical_to_mesh_spec", "nonfinite_tensors", "param_shardings", "read_json_object", "save_pretrained",
+    "nonfinite_tensors", "read_json_object", "save_pretrained",
 ]
 
 _FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
@@ -137,7 +132,7 @@ def load_pretrained(
       attention_impl: the full-sequence attention kernel (`ModelConfig.attention_impl`: "auto",
         "xla", "cudnn", "splash").
       mesh: if given, every parameter is placed on NamedSharding(mesh, spec from its logical axes).
-      rules: logical axis → mesh axis table; defaults to `fipo_jax.sharding.DEFAULT_RULES`.
+      rules: logical axis → mesh axis table; defaults to `fipo_jax.parallel.sharding.DEFAULT_RULES`.
 
     Raises:
       FileNotFoundError: no such folder / file, or a folder without config.json or weights.
@@ -148,7 +143,7 @@ def load_pretrained(
         file is truncated or corrupt, or a tensor holds NaN / ±inf (`gguf_io.GGUFError`, a
         subclass, for a damaged GGUF file).
       CheckpointMismatchError: missing / unexpected / mis-shaped tensors (all listed at once).
-      fipo_jax.sharding.ShardingRuleError: with `mesh`, a rule that cannot apply to a parameter.
+      fipo_jax.parallel.sharding.ShardingRuleError: with `mesh`, a rule that cannot apply to a parameter.
     """
     path = os.fspath(path)
     options = dict(dtype=dtype, compute_dtype=compute_dtype, remat=remat, attention_chunk_size=attention_chunk_size,

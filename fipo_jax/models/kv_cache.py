@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from fipo_jax.models.config import ModelConfig
 
-# Logical axes of the cache's keys / values [B, L, N, S_max, K]: `fipo_jax.sharding.DEFAULT_RULES` places
+# Logical axes of the cache's keys / values [B, L, N, S_max, K]: `fipo_jax.parallel.sharding.DEFAULT_RULES` places
 # rows over "data", kv heads over "tensor" (replicated when the tensor axis does not divide them)
 # and layers / slots / head_dim replicated, e.g. `logical_sharding(KV_CACHE_AXES, keys.shape, mesh)`.
 KV_CACHE_AXES = ("batch", "layers", "kv_heads", "length", "head_dim")
@@ -35,7 +35,7 @@ class KVCache(NamedTuple):
         row's index must be invalid in that row, which writing in order and `engine.insert` keep).
     """
 
-    # Fields whose kv-head axis (third from last) `fipo_jax.sharding.row_shardings` splits like
+    # Fields whose kv-head axis (third from last) `fipo_jax.parallel.sharding.row_shardings` splits like
     # logical "kv_heads"; every other field is split by rows only.
     KV_HEAD_FIELDS = ("keys", "values")
 

@@ -2,7 +2,7 @@
 grouped-query attention with RoPE. Each reads its family switches from `ModelConfig`.
 
 Parameters carry logical axis names in their `out_sharding` metadata (`LOGICAL_AXES`); one rules
-table (`fipo_jax.sharding.DEFAULT_RULES`) maps them to mesh axes. Head axes stay separate in
+table (`fipo_jax.parallel.sharding.DEFAULT_RULES`) maps them to mesh axes. Head axes stay separate in
 the kernels (q kernel [embed, heads, head_dim]) so "heads → tensor" shards whole heads.
 """
 
@@ -175,8 +175,9 @@ class Attention(nnx.Module):
         self.decode_block_size = config.decode_block_size
         qkv = dict(rngs=rngs, bias=config.qkv_bias)
         self.q_proj = DenseGeneral("btd,dhk->bthk", (d, h, k), (AXIS_EMBED, AXIS_HEADS, AXIS_HEAD_DIM), config, **qkv)
-        self.k_proj = DenseGeneral("btd,dnk->btnk", (d, n, k), (AXIS_EMBED, AXIS_KV_HEADS, AXIS_HEAD_DIM), config, **qkv)
-        self.v_proj = DenseGeneral("btd,dnk->btnk", (d, n, k), (AXIS_EMBED, AXIS_KV_HEADS, AXIS_HEAD_DIM), config, **qkv)
+        kv_axes = (AXIS_EMBED, AXIS_KV_HEADS, AXIS_HEAD_DIM)
+        self.k_proj = DenseGeneral("btd,dnk->btnk", (d, n, k), kv_axes, config, **qkv)
+        self.v_proj = DenseGeneral("btd,dnk->btnk", (d, n, k), kv_axes, config, **qkv)
         self.o_proj = DenseGeneral("bthk,hkd->btd", (h, k, d), (AXIS_HEADS, AXIS_HEAD_DIM, AXIS_EMBED), config,
                                    rngs=rngs, bias=config.o_proj_bias)
         if config.qk_norm:

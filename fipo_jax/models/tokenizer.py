@@ -161,7 +161,8 @@ def load_tokenizer(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
         raise NotADirectoryError(f"load_tokenizer expects a local tokenizer folder or a .gguf file, got the file "
                                  f"{path!r}")
     if not any(os.path.isfile(os.path.join(path, name)) for name in VOCABULARY_FILES):
-        raise FileNotFoundError(f"{path} holds no tokenizer vocabulary (expected one of {', '.join(VOCABULARY_FILES)}); "
+        raise FileNotFoundError(f"{path} holds no tokenizer vocabulary "
+                                f"(expected one of {', '.join(VOCABULARY_FILES)}); "
                                 "copy the model's tokenizer files into the folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -21,7 +21,7 @@ from fipo_jax.models.config import ModelConfig
 from fipo_jax.models.decoder import CausalLM
 from fipo_jax.models.families import WeightMapping, hf_weight_table
 from fipo_jax.models.file_checks import finite_flags, raise_if_nonfinite
-from fipo_jax.sharding import RuleLike, param_shardings
+from fipo_jax.parallel.sharding import RuleLike, param_shardings
 
 # Buffers some checkpoints carry that are recomputed from the config, never loaded.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -158,7 +158,7 @@ def load_from_source(
     `config.dtype`; a decoder layer's tensor is written into its slice of the stacked parameter
     on the device (the host holds one tensor at a time). With `mesh`, each lands directly on its
     NamedSharding (`param_shardings` by `rules`, all computed before any data is read: a rule that
-    cannot apply raises `fipo_jax.sharding.ShardingRuleError` up front). One on-device all-finite
+    cannot apply raises `fipo_jax.parallel.sharding.ShardingRuleError` up front). One on-device all-finite
     reduction per tensor (`finite_flags`) refuses NaN / ±inf weights with a `CheckpointFileError`
     naming each such tensor and its file.
     """

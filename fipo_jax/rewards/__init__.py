@@ -26,8 +26,8 @@ from fipo_jax.rewards.extract import (
     read_brace_group,
     tail_window,
 )
-from fipo_jax.rewards.normalize import normalize_answer, unicode_to_latex
 from fipo_jax.rewards.gold import correct_responses, stated_answer
+from fipo_jax.rewards.normalize import normalize_answer, unicode_to_latex
 from fipo_jax.rewards.scoring import BatchRewards, RewardResult, dapo_math_score, gold_answer, score_batch
 from fipo_jax.rewards.shaping import (
     MAX_OVERLONG_FACTOR,

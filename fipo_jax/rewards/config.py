@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fipo_jax import _checks
+from fipo_jax.core import _checks
 from fipo_jax.rewards.extract import DEFAULT_ANSWER_WINDOW_CHARS
 from fipo_jax.rewards.shaping import validate_overlong_args
 from fipo_jax.rewards.verify import DEFAULT_MAX_ANSWER_CHARS, DEFAULT_VERIFY_TIMEOUT_S
@@ -58,7 +58,8 @@ class RewardConfig:
             try:
                 validate_overlong_args(self.max_response_length, self.overlong_buffer, self.overlong_factor)
             except ValueError as exc:  # re-word with the config's field names
-                message = str(exc).replace("buffer_length", "overlong_buffer").replace("penalty_factor", "overlong_factor")
+                message = (str(exc).replace("buffer_length", "overlong_buffer")
+                           .replace("penalty_factor", "overlong_factor"))
                 raise ValueError(message) from None
 
     @classmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from fipo_jax import _checks
+from fipo_jax.core import _checks
 
 __all__ = [
     "DEFAULT_ANSWER_WINDOW_CHARS",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 
-
 __all__ = ["UNIT_WORDS", "normalize_answer", "unicode_to_latex"]
 
 _DASHES_AS_MINUS = "\u2212\u2012\u2013\u2014\ufe63\uff0d"  # − ‒ – — ﹣ －

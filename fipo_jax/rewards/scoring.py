@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fipo_jax import _checks
+from fipo_jax.core import _checks
 from fipo_jax.rewards.config import RewardConfig
 from fipo_jax.rewards.extract import after_gsm8k_marker, extract_answer, extract_last_boxed
 from fipo_jax.rewards.normalize import normalize_answer
@@ -244,7 +244,8 @@ def score_batch(
     correct = np.asarray([r.correct for r in results], bool).reshape(batch)
     penalties = np.zeros(batch, np.float32)
     if response_lengths is not None and config.overlong_buffer is not None:
-        penalties = overlong_penalty(lengths, config.max_response_length, config.overlong_buffer, config.overlong_factor)
+        penalties = overlong_penalty(lengths, config.max_response_length, config.overlong_buffer,
+                                     config.overlong_factor)
     return BatchRewards(
         results=tuple(results),
         scores=(base + penalties).astype(np.float32),

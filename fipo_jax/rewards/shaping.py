@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fipo_jax import _checks
+from fipo_jax.core import _checks
 
 __all__ = ["MAX_OVERLONG_FACTOR", "check_overlong_factor", "overlong_penalty", "shaped_scores",
            "validate_overlong_args"]

@@ -37,8 +37,8 @@ import threading
 from fractions import Fraction
 from typing import Literal
 
-from fipo_jax import _checks
 from fipo_jax._requires import missing_message
+from fipo_jax.core import _checks
 from fipo_jax.rewards.normalize import normalize_answer
 
 __all__ = [
@@ -307,7 +307,8 @@ class MathVerifyWorker:
                 self._kill()
                 return Verdict(False, "math_verify", error=f"math-verify worker protocol error: {reply!r}"[:300])
             return Verdict(
-                bool(reply.get("equal")), "math_verify", timed_out=bool(reply.get("timed_out")), error=reply.get("error")
+                bool(reply.get("equal")), "math_verify", timed_out=bool(reply.get("timed_out")),
+                error=reply.get("error")
             )
         raise AssertionError("unreachable")
 

@@ -12,7 +12,6 @@ filesystems differ in how they honour ``flock``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import shutil
@@ -60,19 +59,6 @@ def ensure_writable(run_dir: str) -> None:
         if os.path.lexists(path) and not os.path.isdir(path):
             raise RunDirectoryError(f"{path} is a file, not the run's {name} folder; move or remove it, or choose "
                                     f"another --run-dir")
-
-
-def disk_full(err: BaseException) -> bool:
-    """Whether ``err`` (or what caused it) says the disk is full (ENOSPC, or Orbax's RESOURCE_EXHAUSTED)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        text = str(err)
-        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in text \
-                or "RESOURCE_EXHAUSTED" in text:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
 
 
 class ExportDestinationError(ValueError):

@@ -26,11 +26,11 @@ from typing import Literal, Mapping, NamedTuple, get_args
 import jax
 import jax.numpy as jnp
 
-from fipo_jax import _checks
-from fipo_jax.future_kl import (METHOD_CHOICES as FUTURE_KL_METHOD_CHOICES, FutureKLMethod,
-                                context_parallel_future_kl, future_kl, summed_tokens)
-from fipo_jax import loss_metrics as lm
-from fipo_jax.segments import check_segment_ids, segment_sums
+from fipo_jax.core import _checks
+from fipo_jax.core import loss_metrics as lm
+from fipo_jax.core.future_kl import METHOD_CHOICES as FUTURE_KL_METHOD_CHOICES
+from fipo_jax.core.future_kl import FutureKLMethod, context_parallel_future_kl, future_kl, summed_tokens
+from fipo_jax.core.segments import check_segment_ids, segment_sums
 
 # Each choice list is declared once, as a Literal (the annotation); the tuple is its arguments.
 LossMode = Literal["fipo", "dapo", "grpo"]
@@ -459,7 +459,8 @@ def check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_lo
             raise ValueError(f"advantages of shape {jnp.shape(advantages)} are one per row; packed rows (segment_ids) "
                              f"need them per token, [B, T] = {jnp.shape(log_probs)} (each sequence's A on its tokens)")
         if jnp.shape(advantages)[0] != jnp.shape(log_probs)[0]:
-            raise ValueError(f"advantages of shape {jnp.shape(advantages)} must be [B] or [B, T] for log_probs of shape {jnp.shape(log_probs)}")
+            raise ValueError(f"advantages of shape {jnp.shape(advantages)} must be [B] or [B, T] for log_probs of "
+                             f"shape {jnp.shape(log_probs)}")
     else:
         _checks.check_same_shape("advantages", advantages, "log_probs [B, T]", log_probs)
     _checks.check_mask("mask", mask, "log_probs [B, T]", log_probs)
@@ -588,7 +589,8 @@ def _surrogate(log_probs, old_log_probs, advantages, mask, config, segment_ids):
                  if config.drop_dual_clipped_sequences else mask)
     tokens = TokenDiagnostics(
         log_ratio=jax.lax.stop_gradient(log_ratio), ratio=ratio_sg, advantages=advantages,
-        filtered=mask & ~pieces.summed, future_kl=pieces.future_kl, raw_weights=jnp.where(mask, pieces.raw_weights, 1.0),
+        filtered=mask & ~pieces.summed, future_kl=pieces.future_kl,
+        raw_weights=jnp.where(mask, pieces.raw_weights, 1.0),
         weights=jnp.where(mask, weights, 1.0), safety_clamped=pieces.safety_clamped & fipo,
         dual_clipped=is_dual_clipped & mask, dropped_rows=jnp.any(mask, -1) & ~jnp.any(loss_mask, -1),
         loss_mask=loss_mask)
@@ -639,6 +641,22 @@ def policy_loss_parts(
     return LossParts(terms, metrics, tokens)
 
 
+def token_diagnostics(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array, mask: jax.Array,
+                      config: PolicyLossConfig, segment_ids: jax.Array | None = None) -> TokenDiagnostics:
+    """What `policy_loss` does to each token: its own per-token pieces (see `TokenDiagnostics`).
+
+        diag = token_diagnostics(log_probs, old_log_probs, advantages, mask, config)
+        diag.weights[b, t]      # the influence weight FIPO multiplies token t's advantage by
+
+    Takes `policy_loss`'s arguments and checks them the same way; every field is the loss's own piece,
+    not a re-implementation, so a view shows what the update used. ``dropped_rows`` marks packed rows
+    every response of which was dropped (``mask & ~loss_mask`` shows each dropped sequence). The
+    regularisers (KL, entropy) change no token's pieces and are left out; nothing carries a gradient.
+    """
+    config = config.replace(kl_coef=0.0, entropy_coeff=0.0, ratio_quantiles=False)
+    return policy_loss_parts(log_probs, old_log_probs, advantages, mask, config, segment_ids=segment_ids).tokens
+
+
 def policy_loss_terms(
     log_probs: jax.Array,
     old_log_probs: jax.Array,
@@ -680,7 +698,7 @@ def policy_loss(
       ref_log_probs: ``[B, T]`` log π_ref, for a KL penalty (``config.kl_coef``).
       entropy: ``[B, T]`` per-token entropy, for an entropy bonus (``config.entropy_coeff``).
       segment_ids: ``[B, T]`` ints for packed rows (several sequences per row; a new sequence
-        starts wherever the id changes; see `fipo_jax.packing`): Future-KL, the drop rule and the
+        starts wherever the id changes; see `fipo_jax.core.packing`): Future-KL, the drop rule and the
         sequence aggregations work per segment. Advantages must then be ``[B, T]``.
       num_sequences: scalar, the sequences the "seq-mean-token-sum*" aggregations divide by
         (default: rows, or with ``segment_ids`` the segments holding response tokens).

@@ -16,16 +16,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from fipo_jax import advantages as adv_lib
-from fipo_jax import distributed
-from fipo_jax import engine as engine_lib
-from fipo_jax import run_log as run_log_lib
-from fipo_jax import runtime_configs
 from fipo_jax.config import TrainConfig
-from fipo_jax.data import CharTokenizer, PromptIterator, PromptRecord, render_prompt
+from fipo_jax.core import advantages as adv_lib
+from fipo_jax.data import PromptIterator, PromptRecord, encode_prompt, encode_text
+from fipo_jax.generation import engine as engine_lib
+from fipo_jax.generation.sampling import SamplingConfig, left_align_prompts
+from fipo_jax.generation.static_sampler import generate
+from fipo_jax.parallel import distributed
+from fipo_jax.parallel.sharding import batch_sharding, ways
 from fipo_jax.rewards import score_batch
-from fipo_jax.sampling import SamplingConfig, generate, left_align_prompts
-from fipo_jax.sharding import batch_sharding, ways
+from fipo_jax.train import runtime_configs
+from fipo_jax.train.summary import length_stats
 
 
 class DynamicSamplingExhausted(RuntimeError):
@@ -76,27 +77,9 @@ def majority_vote(answers: list) -> Any:
     return next(a for a in answers if a and counts[a] == best)
 
 
-def encode_text(tokenizer, text: str) -> list[int]:
-    """Token ids of plain text, no special tokens (the scratch vocabulary or a Hugging Face tokenizer)."""
-    if isinstance(tokenizer, CharTokenizer):
-        return tokenizer.encode(text)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def encode_prompt(record: PromptRecord, tokenizer) -> list[int]:
-    """Token ids of a prompt: BOS + characters for the scratch vocabulary; otherwise the chat template
-    (which writes its own special tokens) or plain text with the tokenizer's special tokens (Gemma and
-    Llama start with BOS, Qwen adds nothing)."""
-    if isinstance(tokenizer, CharTokenizer):
-        return [tokenizer.bos_token_id] + tokenizer.encode(record.prompt if isinstance(record.prompt, str)
-                                                           else render_prompt(record))
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    return tokenizer(render_prompt(record, tokenizer), add_special_tokens=not templated)["input_ids"]
-
-
 def rollout_stats(lengths: np.ndarray, scores: np.ndarray, max_response_tokens: int, prefix: str) -> dict[str, float]:
     """Length statistics and mean shaped reward, named ``{prefix}/length_*``, ``{prefix}/reward``."""
-    out = {f"{prefix}/length_{k}": v for k, v in run_log_lib.length_stats(lengths, max_response_tokens).items()}
+    out = {f"{prefix}/length_{k}": v for k, v in length_stats(lengths, max_response_tokens).items()}
     out[f"{prefix}/reward"] = float(scores.mean())
     return out
 

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fipo_jax import _checks
-from fipo_jax.segments import segment_cumsum
+from fipo_jax.core import _checks
+from fipo_jax.core.segments import segment_cumsum
 
 # Tokens (batch rows × time steps) per chunk when chunk_size is None: at V = 151,936 one float32
 # chunk of logits is 512 · V · 4 B ≈ 0.31 GB, and forward+backward keeps ~4 such arrays live.

@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fipo_jax.config import TrainConfig
+from fipo_jax.generation.sampling import DEFAULT_PROMPT_BUCKETS, SamplingConfig
 from fipo_jax.rewards import RewardConfig
-from fipo_jax.rl_step import UpdateConfig
-from fipo_jax.sampling import DEFAULT_PROMPT_BUCKETS, SamplingConfig
+from fipo_jax.train.update import UpdateConfig
 
 # The rollouts' widest prompt bucket is data.max_prompt_tokens plus this (the memory planner reads it).
 PROMPT_BUCKET_SLACK = 16

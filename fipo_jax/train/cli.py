@@ -1,14 +1,14 @@
 """Train a policy with FIPO (or DAPO / GRPO).
 
-    python experiments/train.py                       # the CPU default experiment (≤ 10 min, 2 cores)
-    python experiments/train.py --algo dapo --run-dir runs/dapo
-    python experiments/train.py --config qwen2.5-32b-fipo --set model.path=/ckpt/Qwen2.5-32B \\
+    fipo-train                                        # the CPU default experiment (≤ 10 min, 2 cores)
+    fipo-train --algo dapo --run-dir runs/dapo
+    fipo-train --config qwen2.5-32b-fipo --set model.path=/ckpt/Qwen2.5-32B \\
         --set data.train_path=/data/dapo-math-17k.parquet --set data.eval_path=/data/aime-2024.parquet
 
 Multi-host (one process per host, all with the same arguments; see README "Multi-host"):
 
-    python experiments/train.py --config qwen2.5-7b-fipo --distributed auto ...          # TPU pod / SLURM
-    python experiments/train.py ... --distributed HOST:PORT --num-processes 4 --process-id $RANK
+    fipo-train --config qwen2.5-7b-fipo --distributed auto ...          # TPU pod / SLURM
+    fipo-train ... --distributed HOST:PORT --num-processes 4 --process-id $RANK
 
 Re-running with the same --run-dir resumes from its last complete checkpoint; a larger
 --steps continues a finished run. Configs: a preset name or a JSON file of (partial)
@@ -23,13 +23,13 @@ import json
 import os
 import sys
 
-
 from fipo_jax.config import PRESETS, ConfigError, apply_overrides, fipo_inert_reason, load_config, with_algo
-from fipo_jax.losses import LOSS_MODES
+from fipo_jax.core.losses import LOSS_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="fipo-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="cpu_default",
                         help=f"preset ({', '.join(sorted(PRESETS))}) or path to a JSON config (default: cpu_default)")
     parser.add_argument("--algo", choices=LOSS_MODES, default=None,
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config field, e.g. --set rollout.n=8 --set algo.loss.decay_rate=16")
     parser.add_argument("--seed", type=int, default=None, help="shorthand for --set seed=N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--print-config", action="store_true", help="print the config as the run saves it (a null loss field follows loss_mode) and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config as the run saves it (a null loss field follows loss_mode) and exit")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="after training, write the policy as a Hugging Face checkpoint folder (safetensors, "
                              "config.json, tokenizer) that transformers loads")
@@ -62,7 +63,7 @@ def start_distributed(args) -> None:
         if args.num_processes is not None or args.process_id is not None:
             raise ConfigError("--num-processes / --process-id need --distributed HOST:PORT")
         return
-    from fipo_jax import distributed
+    from fipo_jax.parallel import distributed
 
     if args.distributed == "auto":
         if args.num_processes is not None or args.process_id is not None:
@@ -110,6 +111,23 @@ def check_flags_agree(args, config) -> None:
             raise ConfigError(f"--{flag} {value} and --set {field}={given} disagree; give the value once")
 
 
+def export_problem(target: str, config, run_dir: str) -> str | None:
+    """Why ``--export target`` cannot be written (checked before anything is built, not after the
+    training), or None."""
+    from fipo_jax.models import ExportFolderError, check_export_folder
+    from fipo_jax.train.run_dir import ExportDestinationError, check_export_destination
+
+    if config.model.source == "scratch":
+        return ("--export needs a pretrained model (model.source 'hf' or 'gemma3-270m'); the scratch model's task "
+                "vocabulary is not a Hugging Face tokenizer")
+    try:
+        check_export_destination(target, run_dir)
+        check_export_folder(target)
+    except (ExportFolderError, ExportDestinationError) as err:
+        return str(err)
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -125,23 +143,14 @@ def main(argv=None) -> int:
             print(f"[warning] {reason}", file=sys.stderr)
         return 0
     run_dir = args.run_dir or os.path.join("runs", f"{config.name}-{config.algo.loss.loss_mode}")
-    from fipo_jax.models import ExportFolderError, check_export_folder
-    from fipo_jax.run_dir import (ExportDestinationError, RunDirectoryError, RunDirectoryLocked,
-                                  check_export_destination)
-    from fipo_jax.checkpoint import CheckpointFormatError
-    from fipo_jax.trainer import DynamicSamplingExhausted, Trainer
+    from fipo_jax.models import ExportFolderError
+    from fipo_jax.train.checkpoint import CheckpointFormatError
+    from fipo_jax.train.run_dir import ExportDestinationError, RunDirectoryError, RunDirectoryLocked
+    from fipo_jax.train.trainer import DynamicSamplingExhausted, Trainer
 
-    if args.export:  # refused before anything is built, not after the training
-        try:
-            if config.model.source == "scratch":
-                raise ConfigError("--export needs a pretrained model (model.source 'hf' or 'gemma3-270m'); the "
-                                  "scratch model's task vocabulary is not a Hugging Face tokenizer")
-            check_export_destination(args.export, run_dir)
-            check_export_folder(args.export)
-        except (ConfigError, ExportFolderError, ExportDestinationError) as err:
-            print(f"config error: {err}", file=sys.stderr)
-            return 2
-
+    if args.export and (problem := export_problem(args.export, config, run_dir)):
+        print(f"config error: {problem}", file=sys.stderr)
+        return 2
     try:
         trainer = Trainer(config, run_dir, progress=not args.no_progress)
         summary = trainer.train()
@@ -152,7 +161,7 @@ def main(argv=None) -> int:
         # each says what to do
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from fipo_jax.distributed import is_primary
+    from fipo_jax.parallel.distributed import is_primary
 
     if args.export:
         try:

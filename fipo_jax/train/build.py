@@ -14,14 +14,23 @@ import os
 from typing import Callable
 
 import numpy as np
+
 import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo_jax[train]
+
+# isort: split
 from flax import nnx
 
-from fipo_jax import distributed
 from fipo_jax.config import ConfigError, TrainConfig
-from fipo_jax.data import (ChainTask, CharTokenizer, PromptRecord, WordProblemTask, load_prompt_records,
-                           word_problem_splits)
-from fipo_jax.rollouts import encode_prompt
+from fipo_jax.data import (
+    ChainTask,
+    CharTokenizer,
+    PromptRecord,
+    WordProblemTask,
+    load_prompt_records,
+    word_problem_splits,
+)
+from fipo_jax.data.encoding import encode_prompt
+from fipo_jax.parallel import distributed
 
 Log = Callable[[str], None]
 ProgressBar = Callable[[int, str], object]  # (total, description) → a tqdm-like bar, or None
@@ -275,7 +284,7 @@ def needs_warm_start(config: TrainConfig) -> bool:
 def warm_start(config: TrainConfig, model, tokenizer, task: ChainTask, log: Log, bar: ProgressBar) -> None:
     """SFT of the scratch model on the chain task's demonstrations, cached under ``sft.cache_dir`` (None:
     not cached) by a fingerprint of everything that shapes it (model, task, SFT settings, seed)."""
-    from fipo_jax import sft
+    from fipo_jax.train import sft
 
     spec = config.sft
     key = distributed.fingerprint([dataclasses.asdict(config.model), config.data.n_terms, config.data.ops,

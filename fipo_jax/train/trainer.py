@@ -1,14 +1,14 @@
 """The RL loop: collect → update → log → save, over an explicit state.
 
-One `Trainer.step` (spec §5, "one training step"; design.md, "One RL step, as data flows"):
+One `Trainer.step`:
 1. collect: sample ``prompts_per_round`` prompts × n responses from the policy of the current
    state, score them (+1 / −1 and overlong shaping in tokens), keep the groups whose binary
    correctness varies; repeat until ``prompts_per_step`` groups are kept or ``max_rounds`` is hit
-   (`fipo_jax.rollouts`);
-2. update: the kept batch crosses to the device once and `fipo_jax.rl_step.rl_update` does the
+   (`fipo_jax.train.rollouts`);
+2. update: the kept batch crosses to the device once and `fipo_jax.train.update.rl_update` does the
    rest — old log-probs, advantages, ``mini_batches`` optimizer updates, metrics — in one jitted,
    donated call ``(state, batch) → (state, metrics)``;
-3. log the metrics; 4. save the state (`fipo_jax.checkpoint`) every ``checkpoint_every`` steps.
+3. log the metrics; 4. save the state (`fipo_jax.train.checkpoint`) every ``checkpoint_every`` steps.
 
 The state (`RLState`: parameters, optimizer state, step, PRNG key) is the only thing an update
 changes; the trainer swaps it in only when the update returns, so an exception anywhere in a step
@@ -27,25 +27,38 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+
 import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo_jax[train]
+
+# isort: split
 from flax import nnx
 
-from fipo_jax import distributed, render
-from fipo_jax import run_log as run_log_lib
-from fipo_jax import rl_step, runtime_configs
-from fipo_jax import run_dir as run_dir_lib
-from fipo_jax.run_dir import check_export_destination
-from fipo_jax.build import (build_model, build_prompts, build_tokenizer, check_attention, needs_warm_start,
-                            warm_start)
-from fipo_jax.checkpoint import Checkpointer, CheckpointMetadataError, config_differences
 from fipo_jax.config import ConfigError, TrainConfig, fipo_inert_reason, micro_batch_rows
+from fipo_jax.core.losses import token_diagnostics
+from fipo_jax.core.packing import RLBatch, pack_batch
 from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord
-from fipo_jax.diagnostics import token_diagnostics
-from fipo_jax.packing import RLBatch, pack_batch
-from fipo_jax.preflight import preflight
-from fipo_jax.render import TokenView
-from fipo_jax.rollouts import DynamicSamplingExhausted, RolloutCollector, Rollouts, majority_vote
-from fipo_jax.sharding import make_mesh, replicated, ways
+from fipo_jax.models.file_checks import disk_full
+from fipo_jax.parallel import distributed
+from fipo_jax.parallel.sharding import make_mesh, replicated, ways
+from fipo_jax.train import run_dir as run_dir_lib
+from fipo_jax.train import run_log as run_log_lib
+from fipo_jax.train import runtime_configs
+from fipo_jax.train import update as update_lib
+from fipo_jax.train import views as views_lib
+from fipo_jax.train.build import (
+    build_model,
+    build_prompts,
+    build_tokenizer,
+    check_attention,
+    needs_warm_start,
+    warm_start,
+)
+from fipo_jax.train.checkpoint import Checkpointer, CheckpointMetadataError, config_differences
+from fipo_jax.train.preflight import preflight
+from fipo_jax.train.rollouts import DynamicSamplingExhausted, RolloutCollector, Rollouts, majority_vote
+from fipo_jax.train.run_dir import check_export_destination
+from fipo_jax.train.summary import summarize
+from fipo_jax.train.views import TokenView
 
 __all__ = ["Trainer", "NonFiniteStateError", "DynamicSamplingExhausted", "Rollouts", "majority_vote"]
 
@@ -65,8 +78,8 @@ class NonFiniteStateError(RuntimeError):
     """The run's parameters hold NaN or ±inf."""
 
 
-_params_finite = jax.jit(rl_step.all_finite)
-_response_log_probs = jax.jit(rl_step.response_log_probs, static_argnums=(0, 5, 6))
+_params_finite = jax.jit(update_lib.all_finite)
+_response_log_probs = jax.jit(update_lib.response_log_probs, static_argnums=(0, 5, 6))
 
 
 class Trainer:
@@ -83,7 +96,7 @@ class Trainer:
       state: the `RLState`; ``policy`` is the model it describes.
       last_rollouts: the batch the last step trained on (host arrays), or None.
 
-    Multi-host: run one Trainer per process after `fipo_jax.distributed.initialize` (see that
+    Multi-host: run one Trainer per process after `fipo_jax.parallel.distributed.initialize` (see that
     module for the design); the mesh must then cover every device, the run directory must be on a
     filesystem all hosts share, and only process 0 logs, shows progress and writes files other
     than checkpoints.
@@ -117,19 +130,20 @@ class Trainer:
         self.iterator = PromptIterator(self.train_records, seed=config.seed)
 
         algo, optim = config.algo, config.optim
-        self.micro_batch_size = micro_batch_rows(config)
+        self.micro_batch_rows = micro_batch_rows(config)
         # Device groups the update's rows split over (a packed micro-batch's rows are a multiple).
         self.rows_split = ways("batch", self.mesh)
-        schedule = rl_step.warmup_schedule(optim.lr, optim.warmup_steps, algo.mini_batches)
-        optimizer = rl_step.make_optimizer(schedule, optim.b1, optim.b2, optim.eps, optim.weight_decay, optim.grad_clip)
+        schedule = update_lib.warmup_schedule(optim.lr, optim.warmup_steps, algo.mini_batches)
+        optimizer = update_lib.make_optimizer(schedule, optim.b1, optim.b2, optim.eps, optim.weight_decay,
+                                              optim.grad_clip)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         # The state lives on the mesh from the start, placed by the one rules table; the update pins
         # these placements on its output, so every step compiles once and never reshards.
-        self.state_shardings = rl_step.state_shardings(params, optimizer, self.mesh)
-        self.state = rl_step.place_state(rl_step.init_state(params, optimizer, jax.random.key(config.seed)),
+        self.state_shardings = update_lib.state_shardings(params, optimizer, self.mesh)
+        self.state = update_lib.place_state(update_lib.init_state(params, optimizer, jax.random.key(config.seed)),
                                          self.state_shardings)
         self.update_config = runtime_configs.update_config(config)
-        self.update = rl_step.jit_rl_update(self.graphdef, self.rest, optimizer, self.update_config,
+        self.update = update_lib.jit_rl_update(self.graphdef, self.rest, optimizer, self.update_config,
                                             self.state_shardings, replicated(self.mesh))
         self.run_log = run_log_lib.RunLog(run_dir, writable=self.primary, tensorboard=config.tensorboard)
         self.checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), config.keep_checkpoints,
@@ -193,7 +207,7 @@ class Trainer:
                      "scores": rollouts.scores.astype(np.float32),
                      "sampler_log_probs": rollouts.sampler_log_probs.astype(np.float32)}
         algo = self.config.algo
-        batch, stats = pack_batch(sequences, algo.mini_batches, self.micro_batch_size, row_multiple=self.rows_split,
+        batch, stats = pack_batch(sequences, algo.mini_batches, self.micro_batch_rows, row_multiple=self.rows_split,
                                   layout="packed" if algo.packing else "padded")
         return batch, {"batch/padding_frac": stats["padding_frac"],
                        "batch/padding_frac_unpacked": stats["padding_frac_unpacked"]}
@@ -201,7 +215,7 @@ class Trainer:
     def device_batch(self, rollouts: Rollouts) -> tuple[RLBatch, dict[str, float]]:
         """`host_batch` placed on the mesh in one transfer, rows split over the data axis."""
         batch, layout = self.host_batch(rollouts)
-        return jax.device_put(batch, rl_step.batch_shardings(batch, self.mesh)), layout
+        return jax.device_put(batch, update_lib.batch_shardings(batch, self.mesh)), layout
 
     # ----------------------------------------------------------------------------- evaluation
 
@@ -225,7 +239,7 @@ class Trainer:
         try:
             self.checkpointer.save(self.step_index, self.state, metadata)
         except Exception as err:
-            if not run_dir_lib.disk_full(err):
+            if not disk_full(err):
                 raise
             newest = self.checkpointer.latest_step()
             raise run_dir_lib.RunDirectoryError(
@@ -239,7 +253,7 @@ class Trainer:
         A checkpoint made with settings that matter differently, or with different prompt data,
         is refused, listing every difference. A damaged one (unreadable, non-finite) is moved
         aside with a note, and the next older one is tried."""
-        abstract = rl_step.abstract_state(self.state, self.state_shardings)
+        abstract = update_lib.abstract_state(self.state, self.state_shardings)
         restored = self.checkpointer.restore_newest(abstract, self._check_resumable)
         for step, reason, moved in restored.skipped:
             self.log(f"[resume] checkpoint {step} cannot be restored ({reason}); moved it to {moved} and fell back "
@@ -357,7 +371,7 @@ class Trainer:
                      f"Raise rollout.prompts_per_round or rollout.max_rounds (summary.json counts such steps)")
 
     def token_diagnostics(self, rollouts: Rollouts, rows, loss_config=None):
-        """`fipo_jax.diagnostics.token_diagnostics` of ``rows`` of ``rollouts``: the current policy's
+        """`fipo_jax.core.losses.token_diagnostics` of ``rows`` of ``rollouts``: the current policy's
         log-probs against the rollout policy's (the sampler's), advantages as the update computes them
         from the batch's groups; ``loss_config`` defaults to the run's (pass another τ to compare)."""
         cfg = self.config
@@ -371,7 +385,7 @@ class Trainer:
                                  rollouts.response_mask[rows], loss_config or cfg.algo.loss)
 
     def influence_views(self, rollouts: Rollouts | None = None, count: int = VIEWS_PER_EVAL) -> list[TokenView]:
-        """Token views (`fipo_jax.render`) of ``count`` responses of ``rollouts`` (default: the last
+        """Token views (`fipo_jax.train.views`) of ``count`` responses of ``rollouts`` (default: the last
         step's), the highest- and lowest-advantage ones, with `token_diagnostics` — the weights a
         next mini-batch would apply."""
         rollouts = self.last_rollouts if rollouts is None else rollouts
@@ -386,16 +400,17 @@ class Trainer:
             for i, row in enumerate(rows)]
 
     def _advantages(self, rollouts: Rollouts) -> np.ndarray:
-        """The batch's advantages as the update computes them (`rl_step.sequence_advantages`)."""
-        return np.asarray(rl_step.sequence_advantages(rollouts.scores, self.update_config))
+        """The batch's advantages as the update computes them (`update_lib.sequence_advantages`)."""
+        return np.asarray(update_lib.sequence_advantages(rollouts.scores, self.update_config))
 
     def write_views(self, prefix: str) -> list[str]:
         """`influence_views` of the last step as ``<prefix>.html`` and one PNG per response."""
         views = self.influence_views()
         os.makedirs(os.path.dirname(prefix), exist_ok=True)
         with open(prefix + ".html", "w", encoding="utf-8") as f:
-            f.write(render.influence_html(views, f"{self.config.name}: influence weights after step {self.step_index}"))
-        return [prefix + ".html"] + [render.influence_png(v, f"{prefix}_{i}.png") for i, v in enumerate(views)]
+            title = f"{self.config.name}: influence weights after step {self.step_index}"
+            f.write(views_lib.influence_html(views, title))
+        return [prefix + ".html"] + [views_lib.influence_png(v, f"{prefix}_{i}.png") for i, v in enumerate(views)]
 
     def export(self, path: str) -> None:
         """The current policy as a Hugging Face checkpoint folder: safetensors + config.json of its
@@ -418,7 +433,7 @@ class Trainer:
         if not self.primary:
             return {"name": name, "algo": algo, "steps": steps, "process_index": jax.process_index()}
         rows = self.run_log.read()
-        summary = run_log_lib.summarize(rows, name, algo, steps, len(self.eval_records),
+        summary = summarize(rows, name, algo, steps, len(self.eval_records),
                                         os.path.join(self.run_dir, "plots"))
         batch_rows = self.config.rollout.prompts_per_step * self.config.rollout.n
         summary["steps_mostly_padding"] = sum(r.get("rollout/padded_rows", 0) / batch_rows > PADDING_WARN_SHARE

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from fipo_jax import _checks
+from fipo_jax.core import _checks
 
 PADDING_SEGMENT = -1
 
@@ -202,7 +202,8 @@ def _place(rows: dict[str, np.ndarray], placement: Packing, first: int, num_rows
     grow = lambda x, fill: np.concatenate(  # noqa: E731  to num_rows rows
         [x, np.full((num_rows - len(x),) + x.shape[1:], fill, x.dtype)])
     local = segment_ids(placement)
-    placed = {name: grow(pack(rows[name], placement), 0) for name in ("input_ids", "sampler_log_probs", "response_mask")}
+    placed = {name: grow(pack(rows[name], placement), 0)
+              for name in ("input_ids", "sampler_log_probs", "response_mask")}
     placed["segment_ids"] = grow(np.where(local == PADDING_SEGMENT, PADDING_SEGMENT, local + first), PADDING_SEGMENT)
     return placed
 

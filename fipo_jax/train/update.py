@@ -1,7 +1,7 @@
 """The RL update as one pure function: ``rl_update(state, batch) → (state, metrics)``.
 
-Everything after the rollout runs on device in one jitted, donated call (design.md, "One RL
-step"); the batch crosses to the device once and only scalar metrics come back:
+Everything after the rollout runs on device in one jitted, donated call; the batch crosses to the
+device once and only scalar metrics come back:
 
 1. old log-probs log π_old and the entropy of the responses, without gradient, with the same
    numerics as the update, one micro-batch of rows at a time (bounded memory);
@@ -39,6 +39,8 @@ import warnings
 from typing import Any, NamedTuple
 
 import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo_jax[train]
+
+# isort: split
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -46,14 +48,21 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fipo_jax import _checks
-from fipo_jax import loss_metrics
-from fipo_jax.advantages import ADVANTAGE_ESTIMATORS
-from fipo_jax.packing import RLBatch
-from fipo_jax.logprobs import sequence_log_probs_with_entropy
-from fipo_jax.losses import (METRIC_REDUCTIONS, MICRO_BATCH_WEIGHTINGS, LossTerms, MicroBatchWeighting,
-                             PolicyLossConfig, Reduction, policy_loss_parts, weight_micro_batch)
-from fipo_jax.sharding import logical_sharding, param_shardings, replicated
+from fipo_jax.core import _checks, loss_metrics
+from fipo_jax.core.advantages import ADVANTAGE_ESTIMATORS
+from fipo_jax.core.losses import (
+    METRIC_REDUCTIONS,
+    MICRO_BATCH_WEIGHTINGS,
+    LossTerms,
+    MicroBatchWeighting,
+    PolicyLossConfig,
+    Reduction,
+    policy_loss_parts,
+    weight_micro_batch,
+)
+from fipo_jax.core.packing import RLBatch
+from fipo_jax.generation.logprobs import sequence_log_probs_with_entropy
+from fipo_jax.parallel.sharding import logical_sharding, param_shardings, replicated
 
 # How the update's own metrics combine over mini-batches ("mean" is weighted by response tokens).
 UPDATE_METRIC_REDUCTIONS: dict[str, Reduction] = {
@@ -88,7 +97,7 @@ class UpdateConfig:
     Attributes:
       loss: the policy loss.
       group_size: responses per prompt (contiguous rows).
-      advantage: a key of `ADVANTAGE_ESTIMATORS` (declared in `fipo_jax.advantages`).
+      advantage: a key of `ADVANTAGE_ESTIMATORS` (declared in `fipo_jax.core.advantages`).
       micro_batch_weighting: one of `losses.MICRO_BATCH_WEIGHTINGS`: "exact" (token-mean over the
         mini-batch) or "official" (see `losses.weight_micro_batch`).
       logprob_chunk_size: vocabulary-projection chunk of the log-prob computation.
@@ -369,7 +378,8 @@ def influence_activity(micro_metrics: dict[str, jax.Array], weights: jax.Array |
         if weights is not None:
             values = jnp.where(mask[i] != 0, weights[i], jnp.nan).reshape(-1)
             for q in INFLUENCE_QUANTILES:
-                out[f"influence/mb{i + 1}_weight_p{round(q * 100)}"] = jnp.nan_to_num(jnp.nanquantile(values, q), nan=1.0)
+                out[f"influence/mb{i + 1}_weight_p{round(q * 100)}"] = jnp.nan_to_num(jnp.nanquantile(values, q),
+                                                                                   nan=1.0)
     return out
 
 

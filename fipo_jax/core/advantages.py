@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fipo_jax import _checks
+from fipo_jax.core import _checks
 
 
 def _grouped(name: str, scores: jax.Array, group_size: int) -> jax.Array:
@@ -27,7 +27,8 @@ def _grouped(name: str, scores: jax.Array, group_size: int) -> jax.Array:
     _checks.check_rank(name, scores, rank=1, what=" ([B] one score per response)")
     batch = jnp.shape(scores)[0]
     if batch % group_size:
-        raise ValueError(f"{name} has {batch} rows, not a multiple of group_size={group_size} (groups must be contiguous and complete)")
+        raise ValueError(f"{name} has {batch} rows, not a multiple of group_size={group_size} "
+                         "(groups must be contiguous and complete)")
     return jnp.reshape(scores, (batch // group_size, group_size))
 
 

@@ -1,6 +1,6 @@
 """What the compiled update, decode and prefill programs hold per device beyond their inputs: the planner's model.
 
-Exact pieces (parameters, moments, gradients, the batch, the KV cache) are counted in `fipo_jax.plan`;
+Exact pieces (parameters, moments, gradients, the batch, the KV cache) are counted in `fipo_jax.train.plan`;
 this module models the temporaries XLA allocates on one device, from the layout the rules table gives:
 
     update  = gradients + max(kept activations + max(backward, loss) + tied embedding's gradient,
@@ -41,7 +41,7 @@ import math
 import numpy as np
 
 from fipo_jax.models import ModelConfig
-from fipo_jax.sharding import logical_sharding, ways
+from fipo_jax.parallel.sharding import logical_sharding, ways
 
 F32 = 4
 
@@ -78,7 +78,7 @@ class Fitted:
 
 FITTED = Fitted()
 # The highest planned / compiled peak measured over the calibration layouts: a plan this much over
-# the memory may still fit; one beyond it cannot (`fipo_jax.preflight` refuses only those).
+# the memory may still fit; one beyond it cannot (`fipo_jax.train.preflight` refuses only those).
 HIGHEST_MEASURED_RATIO = 1.30
 
 

@@ -32,7 +32,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo_jax[train]
+
+# isort: split
 import orbax.checkpoint as ocp
 
 # Bumped when the saved layout changes; a checkpoint of another format is refused with a clear message.

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from fipo_jax import _checks
-from fipo_jax.diagnostics import TokenDiagnostics
+from fipo_jax.core import _checks
+from fipo_jax.core.losses import TokenDiagnostics
 
 # Weights are coloured on [1 − WEIGHT_SPAN, 1 + WEIGHT_SPAN] (the official clips live inside ±0.2).
 WEIGHT_SPAN = 0.2
@@ -57,7 +57,8 @@ class TokenView:
         """Row ``row`` of a batch's diagnostics; ``tokens`` are the response's token strings (its
         real tokens, in order: the first ``len(tokens)`` positions of the row are shown)."""
         n = len(tokens)
-        _checks.require(n <= np.shape(diag.weights)[1], f"{n} tokens for a row of {np.shape(diag.weights)[1]} positions")
+        width = np.shape(diag.weights)[1]
+        _checks.require(n <= width, f"{n} tokens for a row of {width} positions")
         take = lambda x: np.asarray(x)[row, :n]  # noqa: E731
         return cls(tuple(tokens), take(diag.log_ratio), take(diag.future_kl), take(diag.raw_weights),
                    take(diag.weights), take(diag.filtered), take(diag.dual_clipped), take(diag.safety_clamped),
@@ -143,7 +144,8 @@ def influence_png(view: TokenView, path: str, width_chars: int = 96) -> str:
     ax_text.axis("off")
     for row, items in enumerate(lines):
         for i, text, col in items:
-            box = {"facecolor": weight_colour(view.weights[i]), "edgecolor": "black" if view.dual_clipped[i] else "none",
+            box = {"facecolor": weight_colour(view.weights[i]),
+                   "edgecolor": "black" if view.dual_clipped[i] else "none",
                    "pad": 1.0}
             ax_text.text(col, row + 0.5, text, family="monospace", fontsize=9, va="center", bbox=box,
                          color="#b00" if view.filtered[i] else "black")

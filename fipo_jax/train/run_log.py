@@ -1,11 +1,11 @@
-"""The run log: metrics as a JSONL file that survives resume, summaries, and PNG plots."""
+"""The run log: metric rows in a JSONL file that survives resume, and in TensorBoard."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -131,7 +131,8 @@ class TensorBoardLog:
             self.writer = self._make_writer(self.directory)
         step = int(row.get("step", 0))
         for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+            number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            if key != "step" and number:
                 self.writer.add_scalar(key, float(value), step)
         self.writer.flush()
 
@@ -139,57 +140,6 @@ class TensorBoardLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-def length_stats(lengths: Iterable[int], max_length: int) -> dict[str, float]:
-    """Mean, median, quartiles, max and the share of responses cut at `max_length`."""
-    x = np.asarray(list(lengths), np.float64)
-    if x.size == 0:
-        return {}
-    q25, q50, q75 = np.percentile(x, [25, 50, 75])
-    return {"mean": float(x.mean()), "median": float(q50), "q25": float(q25), "q75": float(q75),
-            "max": float(x.max()), "clip_rate": float(np.mean(x >= max_length))}
-
-
-def plot_run(rows: list[dict], out_dir: str, title: str = "") -> list[str]:
-    """PNG plots of accuracy, response length and influence weights over steps."""
-    from fipo_jax._requires import import_module
-
-    Figure = import_module("matplotlib.figure", "train").Figure  # no pyplot: leaves the caller's backend alone
-
-    os.makedirs(out_dir, exist_ok=True)
-    panels = [
-        ("accuracy.png", "accuracy", [("rollout/accuracy", "train rollouts"), ("eval/avg@k", "held-out avg@k"),
-                                      ("eval/pass@k", "held-out pass@k")]),
-        ("length.png", "response length (tokens)", [("rollout/length_mean", "mean"), ("rollout/length_median", "median")]),
-        ("influence_weights.png", "influence weight", [("actor/influence_weights_mean", "mean"),
-                                                       ("actor/influence_weights_max", "max"),
-                                                       ("actor/influence_weights_min", "min")]),
-        ("influence_activity.png", "fraction of tokens", [("influence/active_frac", "|f − 1| > 0.01 (loss tokens)"),
-                                                         ("influence/filtered_frac", "ratio-filtered"),
-                                                         ("influence/safety_clamp_frac", "safety-clamped")]),
-    ]
-    written = []
-    for filename, ylabel, series in panels:
-        fig = Figure(figsize=(6, 3.5))
-        ax = fig.subplots()
-        drew = False
-        for key, label in series:
-            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, ms=3, label=label)
-                drew = True
-        if drew:
-            ax.set_xlabel("RL step")
-            ax.set_ylabel(ylabel)
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
-            path = os.path.join(out_dir, filename)
-            fig.savefig(path, dpi=110)
-            written.append(path)
-    return written
 
 
 class RunLog:
@@ -219,32 +169,3 @@ class RunLog:
             self.tensorboard.close()
 
 
-def summarize(rows: list[dict], name: str, algo: str, steps: int, eval_prompts: int, plot_dir: str) -> dict:
-    """A run's summary from its metric rows: held-out accuracy / length / pass@k / cons@k before and
-    after, seconds per step, and the PNG plots (written to ``plot_dir``)."""
-    evals = [r for r in rows if "eval/avg@k" in r]
-    summary = {"name": name, "algo": algo, "steps": steps}
-    if evals:
-        # "before" is the step-0 evaluation only: a log that lost it has no before figures.
-        first = evals[0] if evals[0].get("step") == 0 else {}
-        last = evals[-1]
-        summary.update({
-            "accuracy_before": first.get("eval/avg@k"), "accuracy_after": last["eval/avg@k"],
-            "mean_length_before": first.get("eval/length_mean"), "mean_length_after": last.get("eval/length_mean"),
-            "pass_at_k_before": first.get("eval/pass@k"), "pass_at_k_after": last["eval/pass@k"],
-            "cons_at_k_before": first.get("eval/cons@k"), "cons_at_k_after": last["eval/cons@k"],
-            "eval_k": last["eval/k"], "eval_prompts": eval_prompts,
-        })
-    missing = missing_steps([r for r in rows if isinstance(r.get("step"), int)], steps)
-    if missing:
-        summary["metric_rows_missing"] = len(missing)
-    times = [r["time/step_s"] for r in rows if "time/step_s" in r]
-    if times:
-        summary["seconds_per_step"] = float(np.mean(times))
-    later = [(r["influence/active_tokens_after_first"], r["influence/loss_tokens_after_first"]) for r in rows
-             if "influence/loss_tokens_after_first" in r]
-    if later:  # FIPO: over the whole run, loss tokens of mini-batches 2…M whose weight moved off 1 by > 0.01
-        active, total = (sum(x) for x in zip(*later))
-        summary["influence_active_fraction"] = active / total if total else 0.0
-    summary["plots"] = plot_run(rows, plot_dir, f"{name} ({algo})")
-    return summary

@@ -8,11 +8,11 @@ Every placed array names its dimensions with logical axes — parameters in thei
 ``out_sharding`` metadata (`fipo_jax.models.layers.LOGICAL_AXES`), batches, sampler rows and the
 KV cache (`fipo_jax.models.kv_cache.KV_CACHE_AXES`) by the code that builds them — and
 `DEFAULT_RULES` maps each logical axis to mesh axes, for the model's weights (`param_shardings`,
-weight loading), the update's batch and state (`fipo_jax.rl_step`), the sampler's rows
+weight loading), the update's batch and state (`fipo_jax.train.update`), the sampler's rows
 (`batch_sharding`) and checkpoint restore alike. `logical_to_mesh_spec` applies a rule: a rule that
 cannot apply raises `ShardingRuleError` (naming the tensor, its shape, its logical axes and the
 mesh) instead of silently replicating; only a rule that declares ``if_indivisible="replicate"``
-falls back. Multi-host start-up and host views of global arrays live in `fipo_jax.distributed`.
+falls back. Multi-host start-up and host views of global arrays live in `fipo_jax.parallel.distributed`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from typing import Literal, Mapping, Sequence
 
 import jax
 import numpy as np
+
 import fipo_jax._requires.models  # noqa: F401  one-line ImportError without fipo_jax[models]
+
+# isort: split
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 

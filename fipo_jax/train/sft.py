@@ -21,14 +21,18 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo_jax[train]
+
+# isort: split
 import optax
 from flax import nnx
 
-from fipo_jax.logprobs import sequence_log_probs
+from fipo_jax.generation.logprobs import sequence_log_probs
 
 
-def demonstration_batch(pairs: list[tuple[str, str]], tokenizer, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def demonstration_batch(pairs: list[tuple[str, str]], tokenizer, length: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[BOS] prompt response [EOS], right-padded to `length`.
 
     Returns:

@@ -11,7 +11,7 @@ A config is valid on its own (`fipo_jax.config` checks it on construction); whet
 * the rollout's response arrays fit in host memory: a lower bound, since it counts only the
   fixed-width response arrays a round holds on the host (ids, masks, log-probs), not prompts,
   the model or its KV cache;
-* the memory planner's peak (`fipo_jax.plan`) fits the device memory (`memory_stats()`), or, on a
+* the memory planner's peak (`fipo_jax.train.plan`) fits the device memory (`memory_stats()`), or, on a
   CPU, the host memory the mesh's devices share — refused only when even the planner's lowest
   reading (its peak over `memory_model.HIGHEST_MEASURED_RATIO`, the most it has over-counted)
   does not fit. Skipped when the planner cannot tell the architecture (a ``.gguf`` path).
@@ -26,12 +26,12 @@ import os
 
 import jax
 
-from fipo_jax import _checks
-from fipo_jax.build import check_attention
 from fipo_jax.config import ConfigError, TrainConfig, micro_batch_rows
+from fipo_jax.core import _checks
+from fipo_jax.train.build import check_attention
 
 # Host bytes per response slot of a round: int32 token + float32 sampler log-prob + bool mask
-# (`fipo_jax.rollouts.Rollouts`), each ``max_response_tokens`` wide whatever the response's length.
+# (`fipo_jax.train.rollouts.Rollouts`), each ``max_response_tokens`` wide whatever the response's length.
 HOST_BYTES_PER_TOKEN = 9
 
 
@@ -89,7 +89,8 @@ def check_host_memory(config: TrainConfig, host_memory: int) -> None:
     need = rollout_host_bytes(config)
     _checks.require(
         need <= host_memory,
-        f"rollout sizes cannot fit in memory: rollout.prompts_per_round / prompts_per_step ({config.rollout.prompts_per_round} / "
+        f"rollout sizes cannot fit in memory: rollout.prompts_per_round / prompts_per_step "
+        f"({config.rollout.prompts_per_round} / "
         f"{config.rollout.prompts_per_step}) × rollout.n ({config.rollout.n}) responses of "
         f"rollout.max_response_tokens = {config.rollout.max_response_tokens} slots need at least {_bytes(need)} "
         f"of host memory for their response arrays alone; this machine has {_bytes(host_memory)}",
@@ -98,8 +99,8 @@ def check_host_memory(config: TrainConfig, host_memory: int) -> None:
 
 def check_planned_memory(config: TrainConfig, host_memory: int) -> None:
     """The planner's peak, at its most optimistic reading, fits this machine (see the module doc)."""
-    from fipo_jax import memory_model
-    from fipo_jax import plan as plan_lib
+    from fipo_jax.train import memory_model
+    from fipo_jax.train import plan as plan_lib
 
     try:
         planned = plan_lib.plan(config, config.mesh_shape)
@@ -115,7 +116,7 @@ def check_planned_memory(config: TrainConfig, host_memory: int) -> None:
         need / memory_model.HIGHEST_MEASURED_RATIO <= have,
         f"the memory planner puts this run's peak at {_bytes(need)} of {what} (at least "
         f"{_bytes(need / memory_model.HIGHEST_MEASURED_RATIO)}), and this machine has {_bytes(have)}; "
-        f"`python -m fipo_jax.plan --config <this config> --mesh {','.join(map(str, config.mesh_shape))}` shows the "
+        f"`fipo-plan --config <this config> --mesh {','.join(map(str, config.mesh_shape))}` shows the "
         f"pieces and the settings that would fit", error=ConfigError)
 
 

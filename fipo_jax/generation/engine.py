@@ -16,7 +16,7 @@ one batched update per layer (every projection is one GEMM over the slots). The 
 call, never per token, and every call has the same shapes, so inserting requests never recompiles.
 
 Per-request randomness: token t of request r is drawn with `request_uniforms(key, t, r)`, exactly
-the uniforms of row r at step t in `sampling.generate`. A request's tokens depend only on
+the uniforms of row r at step t in `static_sampler.generate`. A request's tokens depend only on
 (key, r, t), never on its slot or on when it was scheduled, and the engine returns what the static
 sampler returns for the same prompts, up to float rounding of the logits (the two compute the same
 rows in batches of different sizes): equal tokens and lengths, log-probs within float32 rounding (~1e-6 relative).
@@ -32,24 +32,28 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import fipo_jax._requires.models  # noqa: F401  one-line ImportError without fipo_jax[models]
+
+# isort: split
 from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fipo_jax import _checks, distributed
-from fipo_jax.models.kv_cache import KVCache, init_kv_cache
-from fipo_jax.sharding import constrain_rows, row_shardings, row_split
-from fipo_jax.sampling import (
+from fipo_jax.core import _checks
+from fipo_jax.generation.sampling import (
     SampleOutput,
     SamplingConfig,
     check_first_tokens_finite,
     check_generate_inputs,
     draw_step,
     left_align_prompts,
-    request_uniforms,
     request_stop_tables,
+    request_uniforms,
 )
+from fipo_jax.models.kv_cache import KVCache, init_kv_cache
+from fipo_jax.parallel import distributed
+from fipo_jax.parallel.sharding import constrain_rows, row_shardings, row_split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,7 +409,7 @@ def generate(
     progress: Callable[[int], None] | None = None,
 ) -> SampleOutput:
     """Samples a response to every prompt with continuous batching: the same contract and the same
-    output type as `sampling.generate` (host numpy arrays in request order; `num_steps` = the
+    output type as `static_sampler.generate` (host numpy arrays in request order; `num_steps` = the
     longest response). `generate_with_stats` (arguments documented there) also returns what the
     engine did."""
     return generate_with_stats(model, prompt_ids, prompt_mask, key, config, engine, max_new_tokens=max_new_tokens,
@@ -432,7 +436,7 @@ def generate_with_stats(
       prompt_ids, prompt_mask: integer [R, L] requests and their mask (None = all real); any padding.
         Identical prompts (e.g. the G samples of a group) are prefilled once.
       key: PRNG key (threefry); token t of request r depends only on (key, r, t), as in
-        `sampling.generate`.
+        `static_sampler.generate`.
       config: the `SamplingConfig` (temperature, top-p / top-k, EOS, stop sequences, pad, prompt
         buckets, cache dtype); `config.max_new_tokens` is the largest budget (the output width).
       engine: the `EngineConfig`.
@@ -533,7 +537,8 @@ class _Run:
             self.prefixes = jax.device_put(self.prefixes, row_shardings(self.prefixes, replicated))
         self.store = _PrefixStore(engine.prefill_batch)
         self.prompt_of = [requests.ids_RxP[r].tobytes()
-                          + (b"" if engine.share_prompt_prefill else r.to_bytes(8, "little")) for r in range(self.count)]
+                          + (b"" if engine.share_prompt_prefill else r.to_bytes(8, "little"))
+                          for r in range(self.count)]
         for prompt in self.prompt_of:
             self.store.waiting[prompt] = self.store.waiting.get(prompt, 0) + 1
         self.responses = _Responses.empty(self.count, config.max_new_tokens, config.pad_token_id)

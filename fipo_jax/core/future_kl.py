@@ -37,8 +37,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from fipo_jax import _checks
-from fipo_jax.segments import check_segment_ids, segment_continues, segment_runs
+from fipo_jax.core import _checks
+from fipo_jax.core.segments import check_segment_ids, segment_continues, segment_runs
 
 # The methods, declared once: "auto" (the measured fastest for the backend) or one of `METHODS`.
 FutureKLMethod = Literal["auto", "scan", "associative", "blocked", "quadratic"]

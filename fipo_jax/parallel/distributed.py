@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fipo_jax import _checks
+from fipo_jax.core import _checks
 
 
 def initialize(

@@ -1,11 +1,11 @@
 """Memory planner: will a run fit its mesh? Per-device bytes of every resident piece, before launch.
 
-    python -m fipo_jax.plan --config qwen2.5-32b-fipo --mesh 2,16,4 --device-memory 80GiB
+    fipo-plan --config qwen2.5-32b-fipo --mesh 2,16,4 --device-memory 80GiB
 
 Exact by construction (shapes from the model's abstract parameters, placement from the one rules
-table `fipo_jax.sharding.DEFAULT_RULES`): parameters, AdamW moments, gradients (the micro-batch's
+table `fipo_jax.parallel.sharding.DEFAULT_RULES`): parameters, AdamW moments, gradients (the micro-batch's
 and the float32 accumulator), the step's batch, the KV cache and the engine's prefix store.
-Modelled (`fipo_jax.memory_model`, calibrated against XLA's ``memory_analysis`` of the compiled
+Modelled (`fipo_jax.train.memory_model`, calibrated against XLA's ``memory_analysis`` of the compiled
 sharded update and engine decode call on 8 fake CPU devices, over a generated family of layouts,
 ``tests/test_plan.py``): what the layer scan keeps for the backward pass (by remat policy), one
 layer's backward working set, the log-prob vocabulary chunks, the optimizer step's working set,
@@ -32,16 +32,19 @@ import sys
 from typing import Sequence
 
 import numpy as np
+
 import fipo_jax._requires.models  # noqa: F401  one-line ImportError without fipo_jax[models]
+
+# isort: split
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from fipo_jax import memory_model
 from fipo_jax.config import ConfigError, TrainConfig, fipo_inert_reason, load_config, micro_batch_rows
-from fipo_jax.engine import EngineConfig
+from fipo_jax.generation.engine import EngineConfig
 from fipo_jax.models import CausalLM, ModelConfig
-from fipo_jax.runtime_configs import PROMPT_BUCKET_SLACK
-from fipo_jax.sharding import MESH_AXES, logical_sharding, ways
+from fipo_jax.parallel.sharding import MESH_AXES, logical_sharding, ways
+from fipo_jax.train import memory_model
+from fipo_jax.train.runtime_configs import PROMPT_BUCKET_SLACK
 
 GiB = 2**30
 
@@ -74,8 +77,8 @@ def _working_set(activations: int, backward: int, logprob_chunks: int, embedding
 
 @dataclasses.dataclass(frozen=True)
 class WarmStartPlan:
-    """Bytes of the SFT warm start (`fipo_jax.sft.train_sft`) on the one device it runs on: the
-    scratch model is built whole (`fipo_jax.build.build_model`) and trained before the trainer
+    """Bytes of the SFT warm start (`fipo_jax.train.sft.train_sft`) on the one device it runs on: the
+    scratch model is built whole (`fipo_jax.train.build.build_model`) and trained before the trainer
     shards it, one [rows, row_tokens] batch per jitted step, which donates nothing. The modelled
     pieces are the update's (`memory_model`); against the compiled SFT step on XLA:CPU the peak is
     0.98–1.38 of XLA's (`tests/test_plan_faults.py`).
@@ -401,14 +404,14 @@ def prompt_width(config: TrainConfig) -> int:
     if data.task != "chain":
         return data.max_prompt_tokens
     from fipo_jax.data import ChainTask
-    from fipo_jax.sampling import DEFAULT_PROMPT_BUCKETS
+    from fipo_jax.generation.sampling import DEFAULT_PROMPT_BUCKETS
 
     tokens = ChainTask(n_terms=data.n_terms, ops=data.ops).prompt_tokens()
     return min(data.max_prompt_tokens, next((b for b in DEFAULT_PROMPT_BUCKETS if b >= tokens), tokens))
 
 
 def warm_start_length(config: TrainConfig) -> int:
-    """Tokens of one SFT demonstration row (`fipo_jax.build.warm_start`): the chain task's prompt
+    """Tokens of one SFT demonstration row (`fipo_jax.train.build.warm_start`): the chain task's prompt
     and its longest (step-by-step) solution, whatever ``data.max_prompt_tokens`` says."""
     from fipo_jax.data import ChainTask
 
@@ -419,9 +422,9 @@ def warm_start_length(config: TrainConfig) -> int:
 def warm_start_plan(config: TrainConfig, model: ModelConfig,
                     fitted: memory_model.Fitted = memory_model.FITTED) -> WarmStartPlan | None:
     """The SFT warm start's bytes on its one device (see `WarmStartPlan`), or None when the run
-    has none (`fipo_jax.build.needs_warm_start`)."""
-    from fipo_jax.build import needs_warm_start
-    from fipo_jax.logprobs import DEFAULT_TOKENS_PER_CHUNK
+    has none (`fipo_jax.train.build.needs_warm_start`)."""
+    from fipo_jax.generation.logprobs import DEFAULT_TOKENS_PER_CHUNK
+    from fipo_jax.train.build import needs_warm_start
 
     if not needs_warm_start(config):
         return None
@@ -574,7 +577,7 @@ def less_recompute(config: TrainConfig, mesh_shape: Sequence[int], device_memory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fipo_jax.plan", description=__doc__,
+    parser = argparse.ArgumentParser(prog="fipo-plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a preset name or a JSON config file")
     parser.add_argument("--mesh", required=True, help="data,fsdp,tensor sizes, e.g. 2,16,4 (64 devices)")

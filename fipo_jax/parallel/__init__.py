@@ -1,0 +1,1 @@
+"""Parallelism: the mesh and the one sharding rules table (`sharding`), multi-host helpers (`distributed`)."""
