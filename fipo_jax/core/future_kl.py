@@ -51,7 +51,7 @@ METHODS: tuple[str, ...] = tuple(m for m in METHOD_CHOICES if m != "auto")
 # 2.97 ms (42×) and "scan" 401 ms; the loss with it is 1.06–1.18× DAPO's. TPU: not measured; the
 # same choice by the same evidence — an elementwise log-depth form, where "blocked" needs float32
 # matmuls at HIGHEST precision (6 bf16 MXU passes on a TPU) and "scan" a T-step device loop.
-DEFAULT_METHOD_BY_BACKEND = {"cpu": "scan", "gpu": "associative", "tpu": "associative"}
+DEFAULT_METHOD_BY_BACKEND: dict[str, FutureKLMethod] = {"cpu": "scan", "gpu": "associative", "tpu": "associative"}
 # Block length K of "blocked" (the official chunk, 128, for "quadratic"). Small blocks win
 # on CPU (fewer wasted flops in the triangular matmul); 128 fills a TPU/GPU matrix unit.
 DEFAULT_BLOCK_SIZE_BY_BACKEND = {"cpu": 32, "gpu": 128, "tpu": 128}
@@ -66,7 +66,7 @@ def discount_factor(decay_rate) -> jax.Array | float:
     return jnp.exp2(-1.0 / jnp.asarray(decay_rate, jnp.float32))
 
 
-def default_method(backend: str | None = None) -> str:
+def default_method(backend: str | None = None) -> FutureKLMethod:
     """The Future-KL method used when ``method="auto"`` on ``backend`` (default: JAX's)."""
     return DEFAULT_METHOD_BY_BACKEND.get(backend or jax.default_backend(), "associative")
 
@@ -347,7 +347,7 @@ def _blocked(x: jax.Array, gamma, block_size: int, runs: jax.Array | None = None
     if runs is None:
         local = jnp.einsum("...bj,ij->...bi", x_NxK, toeplitz_KxK, precision=_HIGHEST)
         starts = _reverse_scan(local[..., 0], starts_decay)
-        carried_in = 1.0
+        carried_in: jax.Array | float = 1.0
     else:
         runs_NxK = jnp.pad(runs, widths, constant_values=-1).reshape(*x.shape[:-1], n_blocks, k)
         same_NxKxK = runs_NxK[..., :, None] == runs_NxK[..., None, :]

@@ -70,6 +70,7 @@ def _prompt_value(row: dict[str, Any], where: str) -> str | tuple[tuple[str, str
     field = next((k for k in _PROMPT_FIELDS if row.get(k) is not None), None)
     _checks.require(field is not None,
                     f"{where}: no prompt field (expected one of {_PROMPT_FIELDS}); fields: {sorted(row)}")
+    assert field is not None  # for the type checker: require raised otherwise
     prompt = row[field]
     if isinstance(prompt, str):
         _checks.require(bool(prompt.strip()), f"{where}: {field} is empty")
@@ -97,6 +98,7 @@ def _answer_value(row: dict[str, Any], where: str) -> tuple[str, Any]:
     _checks.require(field is not None,
                     f"{where}: no answer (expected reward_model.ground_truth or one of {_ANSWER_FIELDS}); "
                     f"fields: {sorted(row)}")
+    assert field is not None  # for the type checker: require raised otherwise
     return field, row[field]
 
 
@@ -135,7 +137,8 @@ def record_from_row(row: dict[str, Any], where: str = "row",
     _checks.require(isinstance(row, dict), f"{where}: expected a JSON object, got {type(row).__name__}")
     prompt = _prompt_value(row, where)
     field, answer = _answer_value(row, where)
-    extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+    extra_info = row.get("extra_info")
+    extra = extra_info if isinstance(extra_info, dict) else {}
     return PromptRecord(prompt=prompt, ground_truth=ground_truth_text(answer, where, field, max_ground_truth_chars),
                         data_source=str(row.get("data_source") or ""),
                         index=str(extra.get("index", row.get("index", ""))))
@@ -220,7 +223,7 @@ def load_prompt_records(path: str, limit: int | None = None, *,
         rows = _json_rows(path)
     else:
         raise ValueError(f"unsupported prompt file type: {path} (expected .parquet, .jsonl or .json)")
-    records = []
+    records: list[PromptRecord] = []
     for where, row in rows:
         if limit is not None and len(records) >= limit:
             break
@@ -265,7 +268,7 @@ class PromptIterator:
 
     def next_batch(self, size: int) -> list[PromptRecord]:
         _checks.check_int("batch size", size, minimum=1)
-        out = []
+        out: list[PromptRecord] = []
         while len(out) < size:
             order = self._order(self.epoch)
             take = min(size - len(out), len(order) - self.offset)

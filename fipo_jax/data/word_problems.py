@@ -304,8 +304,8 @@ class WordProblem:
 
     def _fields(self, i: int) -> dict[str, str | int]:
         values = self.values
-        fields = dict(_PRONOUNS[self.gender], name=self.name, obj=self.obj[0], objs=self.obj[1], box=self.box[0],
-                      boxes=self.box[1], rel=self.rel[0], rels=self.rel[1])
+        fields: dict[str, str | int] = dict(_PRONOUNS[self.gender], name=self.name, obj=self.obj[0], objs=self.obj[1],
+                                            box=self.box[0], boxes=self.box[1], rel=self.rel[0], rels=self.rel[1])
         if i < len(self.steps):
             b, c = self.steps[i][1], values[i + 1]
             fields.update(a=values[0], x=values[i], b=b, c=c, a_objs=_count(values[0], self.obj),

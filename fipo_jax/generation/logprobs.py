@@ -138,8 +138,9 @@ def chunked_token_log_probs_with_entropy(
     precision: lax.Precision | None = DEFAULT_PRECISION,
 ) -> tuple[jax.Array, jax.Array]:
     """(`chunked_token_log_probs`, the entropy H_bt of softmax(z_bt) in nats), each [B, T] float32."""
-    return _chunked(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature, precision,
-                    _target_log_prob_and_entropy)
+    log_probs_BxT, entropy_BxT = _chunked(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature,
+                                          precision, _target_log_prob_and_entropy)
+    return log_probs_BxT, entropy_BxT
 
 
 def _chunked(hidden_BxTxD, unembedding_DxV, targets_BxT, chunk_size, temperature, precision,
@@ -204,8 +205,9 @@ def full_logits_token_log_probs_with_entropy(
 ) -> tuple[jax.Array, jax.Array]:
     """(`full_logits_token_log_probs`, entropy), each [B, T] float32."""
     _check_head_inputs(hidden_BxTxD, unembedding_DxV, targets_BxT, None, temperature)
-    return _chunk_stats(hidden_BxTxD, unembedding_DxV, targets_BxT, temperature, precision,
-                        _target_log_prob_and_entropy)
+    log_probs_BxT, entropy_BxT = _chunk_stats(hidden_BxTxD, unembedding_DxV, targets_BxT, temperature, precision,
+                                              _target_log_prob_and_entropy)
+    return log_probs_BxT, entropy_BxT
 
 
 def sequence_log_probs(
@@ -266,8 +268,10 @@ def sequence_log_probs_with_entropy(
 ) -> tuple[jax.Array, jax.Array]:
     """(`sequence_log_probs`, the entropy of each scored position's distribution), each [B, T − s]
     float32 and zero at unscored positions."""
-    return _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, segment_ids_BxT,
-                     chunk_size, temperature, precision, _target_log_prob_and_entropy)
+    log_probs_BxR, entropy_BxR = _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT,
+                                           segment_ids_BxT, chunk_size, temperature, precision,
+                                           _target_log_prob_and_entropy)
+    return log_probs_BxR, entropy_BxR
 
 
 def _sequence(model, input_ids_BxT, attention_mask_BxT, response_start, positions_BxT, segment_ids_BxT, chunk_size,

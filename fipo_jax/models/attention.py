@@ -52,6 +52,7 @@ class AttentionMask(NamedTuple):
         causal_TxS = key_slots_S[None, :] <= self.query_slots_T[:, None]
         allowed_BxTxS = causal_TxS[None] & self.key_valid_BxS[:, None, :]
         if self.key_segments_BxS is not None:
+            assert self.query_segments_BxT is not None, "query and key segments come together"
             allowed_BxTxS = allowed_BxTxS & (self.key_segments_BxS[:, None, :] == self.query_segments_BxT[:, :, None])
         if window is None:
             return allowed_BxTxS

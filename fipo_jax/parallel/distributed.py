@@ -53,7 +53,8 @@ def initialize(
     _checks.require(all(v is None for v in explicit) or all(v is not None for v in explicit),
                     "give all of coordinator_address, num_processes and process_id, or none of them "
                     f"(auto-detection); got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
-    _checks.require(num_processes is None or (num_processes >= 1 and 0 <= process_id < num_processes),
+    _checks.require(num_processes is None or (process_id is not None  # set with num_processes (checked above)
+                                              and num_processes >= 1 and 0 <= process_id < num_processes),
                     "need num_processes >= 1 and 0 <= process_id < num_processes, "
                     f"got {num_processes} and {process_id}")
     _checks.check_number("timeout_s (seconds)", timeout_s, minimum=0, exclusive_minimum=True)

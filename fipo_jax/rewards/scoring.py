@@ -77,8 +77,10 @@ def gold_answer(gold: str | numbers.Real) -> str:
         _checks.require(bool(marked), f"gold {gold!r:.80} has nothing after its GSM8K '####' marker")
         text = marked
     if "\\boxed" in text or "\\fbox" in text:
-        text = extract_last_boxed(text, None)
-        _checks.require(text is not None, f"gold {gold!r:.80} has an empty or unbalanced \\boxed{{}}")
+        boxed = extract_last_boxed(text, None)
+        _checks.require(boxed is not None, f"gold {gold!r:.80} has an empty or unbalanced \\boxed{{}}")
+        assert boxed is not None  # for the type checker: require raised otherwise
+        text = boxed
     return text
 
 
@@ -307,7 +309,7 @@ def _custom_within_budget(score_fn, pairs: list, budget_s: float) -> list[Reward
 
     threading.Thread(target=work, name="score-fn", daemon=True).start()
     deadline = time.monotonic() + budget_s
-    results = []
+    results: list[RewardResult] = []
     while len(results) < len(pairs):
         try:
             item = done.get(timeout=max(0.0, deadline - time.monotonic()))

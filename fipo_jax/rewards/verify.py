@@ -191,7 +191,7 @@ class MathVerifyWorker:
         self.starts += 1
         status, ready = self._receive(self.startup_timeout_s)
         if ready is None or not ready.get("ready"):
-            reason = {"timeout": "no reply in time", "eof": "it exited"}.get(status) or ready.get("error", "?")
+            reason = {"timeout": "no reply in time", "eof": "it exited"}.get(status) or (ready or {}).get("error", "?")
             self._kill()
             raise RuntimeError(f"math-verify worker failed to start: {reason}")
 
@@ -200,6 +200,7 @@ class MathVerifyWorker:
         proc, self._proc, self._replies = self._proc, None, None
         if proc is None:
             return
+        assert proc.stdin is not None  # started with stdin=PIPE
         try:
             proc.stdin.close()  # the child exits at end of input; stdout is closed by its reader thread
         except OSError:
@@ -219,6 +220,7 @@ class MathVerifyWorker:
 
     def _receive(self, timeout_s: float) -> tuple[Literal["reply", "eof", "timeout"], dict | None]:
         """Next reply from the child: ("reply", message), ("eof", None) if it exited, or ("timeout", None)."""
+        assert self._replies is not None, "no child started"
         try:
             line = self._replies.get(timeout=timeout_s)
         except queue.Empty:
@@ -234,7 +236,7 @@ class MathVerifyWorker:
     @property
     def pid(self) -> int | None:
         """Process id of the running child, or None when none is running (for monitoring)."""
-        return self._proc.pid if self._alive() else None
+        return self._proc.pid if self._proc is not None and self._alive() else None
 
     def close(self) -> None:
         """Stop the child process (a later check starts a new one)."""
@@ -285,6 +287,7 @@ class MathVerifyWorker:
                     self._start()
                 self._next_id += 1
                 request = {"id": self._next_id, "gold": gold, "pred": predicted, "timeout_s": timeout_s}
+                assert self._proc is not None and self._proc.stdin is not None  # _start opened it with stdin=PIPE
                 self._proc.stdin.write(json.dumps(request) + "\n")
                 self._proc.stdin.flush()
             except RuntimeError as exc:  # failed start-up
@@ -303,6 +306,7 @@ class MathVerifyWorker:
                 if attempt:
                     return Verdict(False, "math_verify", error="math-verify worker exited during the check")
                 continue
+            assert reply is not None  # status == "reply" comes with the message
             if reply.get("id") != self._next_id:
                 self._kill()
                 return Verdict(False, "math_verify", error=f"math-verify worker protocol error: {reply!r}"[:300])

@@ -101,10 +101,11 @@ def missing_steps(rows: list[dict], last_step: int) -> list[int]:
 def _spans(steps: list[int]) -> str:
     """[0, 1, 2, 5] → "0–2, 5"."""
     spans, start = [], steps[0]
-    for prev, cur in zip(steps, steps[1:] + [None]):
+    for prev, cur in zip(steps, [*steps[1:], None]):
         if cur is None or cur != prev + 1:
             spans.append(f"{start}–{prev}" if prev > start else f"{start}")
-            start = cur
+            if cur is not None:  # None ends the last span
+                start = cur
     return ", ".join(spans)
 
 
@@ -124,7 +125,7 @@ class TensorBoardLog:
                               "pip install 'fipo_jax[tensorboard]' (or tensorboardX)") from err
         self.directory = directory
         self._make_writer = SummaryWriter
-        self.writer = None  # opened by the first row: a trainer refused before it logs writes no events file
+        self.writer: Any | None = None  # a SummaryWriter, opened by the first row: a trainer refused before it logs writes no events file
 
     def append(self, row: dict) -> None:
         if self.writer is None:
