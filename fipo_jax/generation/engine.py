@@ -477,7 +477,7 @@ def generate_with_stats(
     stats = EngineStats(busy_slot_steps=tally["busy_slot_steps"], computed_slot_steps=tally["computed_slot_steps"],
                         decode_steps=tally["decode_steps"], device_calls=tally["calls"],
                         prefill_calls=tally["prefill_calls"], prefilled_prompts=tally["prefilled"],
-                        prefill_seconds=tally["prefill_seconds"], generated_tokens=int(responses.lengths.sum()),
+                        prefill_seconds=run.prefill_seconds, generated_tokens=int(responses.lengths.sum()),
                         seconds=time.perf_counter() - started)
     return output, stats
 
@@ -533,6 +533,7 @@ class _Run:
                                      requests.stop_tokens_RxQxL.shape[1:], config.cache_dtype)
         self.prefixes = _init_prefixes_jit(model.config, engine.prefill_batch, width, config.cache_dtype)
         if row_sharding is not None:
+            assert self.row_sharding is not None and replicated is not None  # both made from row_sharding
             self.slots = jax.device_put(self.slots, row_shardings(self.slots, self.row_sharding))
             self.prefixes = jax.device_put(self.prefixes, row_shardings(self.prefixes, replicated))
         self.store = _PrefixStore(engine.prefill_batch)
@@ -545,7 +546,8 @@ class _Run:
         self.slot_request = np.full(self.num_slots, -1)  # request held by each slot, −1 when free
         self.next_request = self.done = 0
         self.tally = dict.fromkeys(("decode_steps", "busy_slot_steps", "computed_slot_steps", "calls",
-                                    "prefill_calls", "prefilled", "prefill_seconds"), 0)
+                                    "prefill_calls", "prefilled"), 0)
+        self.prefill_seconds = 0.0
 
     def fill_free_slots(self) -> np.ndarray:
         """Assigns the next requests to free slots (prefilling prompts as needed); returns each
@@ -569,7 +571,9 @@ class _Run:
         free = self.store.writable_rows(busy)
         if not free:
             return False
-        new_rows, new_requests, seen = [], [], set(self.store.rows)
+        new_rows: list[int] = []
+        new_requests: list[int] = []
+        seen = set(self.store.rows)
         for r in range(self.next_request, self.count):
             if len(new_rows) == len(free):
                 break
@@ -588,7 +592,7 @@ class _Run:
             self.graphdef, self.state, self.prefixes, self.place(self.requests.ids_RxP[picked]),
             self.place(self.requests.mask_RxP[picked]), self.place(rows_k), self.config.cache_dtype,
             self.store_placement))
-        self.tally["prefill_seconds"] += time.perf_counter() - started
+        self.prefill_seconds += time.perf_counter() - started
         self.tally["prefill_calls"] += 1
         self.tally["prefilled"] += len(new_rows)
         return True
@@ -601,6 +605,7 @@ class _Run:
         refill = Refill(*(self.place(x) for x in (source_S, request_S, req.budgets_R[request_S],
                                                     req.stop_tokens_RxQxL[request_S],
                                                     req.stop_valid_RxQxL[request_S])))
+        assert self.engine.refill_threshold is not None  # EngineConfig.__post_init__ resolves it
         free_to_stop = min(self.count - self.next_request, self.engine.refill_threshold)
         self.slots, emitted, steps_run = _advance_jit(
             self.graphdef, self.state, self.slots, self.prefixes, refill, self.key,

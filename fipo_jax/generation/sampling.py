@@ -153,16 +153,19 @@ class SampleOutput(NamedTuple):
       num_steps: int32 scalar, decode positions actually computed (< N when every row stopped).
       stop_lengths: int32 [B], length of the stop sequence that ended the row (its last tokens),
         0 when the row ended with EOS, at the budget, or has no stop sequences.
+
+    The static sampler's fields are device arrays, the engine's host numpy arrays (``num_steps`` a
+    numpy scalar).
     """
 
-    tokens: jax.Array
-    mask: jax.Array
-    log_probs: jax.Array
-    lengths: jax.Array
-    prompt_ids: jax.Array
-    prompt_mask: jax.Array
-    num_steps: jax.Array
-    stop_lengths: jax.Array
+    tokens: jax.Array | np.ndarray
+    mask: jax.Array | np.ndarray
+    log_probs: jax.Array | np.ndarray
+    lengths: jax.Array | np.ndarray
+    prompt_ids: jax.Array | np.ndarray
+    prompt_mask: jax.Array | np.ndarray
+    num_steps: jax.Array | np.integer
+    stop_lengths: jax.Array | np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,8 +66,8 @@ class _LoopState(NamedTuple):
     stop_length_B: jax.Array
 
 
-def _record(state: _LoopState, cache, logits_BxV: jax.Array, key: jax.Array, stops, config: SamplingConfig
-            ) -> _LoopState:
+def _record(state: _LoopState, cache, logits_BxV: jax.Array, key: jax.Array, stops: tuple[jax.Array, jax.Array],
+            config: SamplingConfig) -> _LoopState:
     """`state` after drawing response position ``state.step`` of every unfinished row."""
     batch = logits_BxV.shape[0]
     emitting_B = ~state.finished_B
@@ -121,7 +121,8 @@ def generate_left_padded(
     """
     batch, prompt_len = prompt_ids_BxP.shape
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.bool_)
-    stops = tuple(map(jnp.asarray, request_stop_tables([config.stop_sequences] * batch)))
+    stop_tokens_BxQxL, stop_valid_BxQxL = request_stop_tables([config.stop_sequences] * batch)
+    stops = (jnp.asarray(stop_tokens_BxQxL), jnp.asarray(stop_valid_BxQxL))
     record = functools.partial(_record, key=key, stops=stops, config=config)
     # Decode feeds at most N − 1 tokens after the prompt.
     cache = constrain_rows(init_kv_cache(model.config, batch, prompt_len + config.max_new_tokens - 1,

@@ -67,7 +67,8 @@ FIPO_LOGGED_METRICS = (
     "clip_frac_upper", "clip_frac_lower", "ppo_kl", "pg_clipfrac_lower", "pg_loss", "entropy",
 )
 DAPO_LOGGED_METRICS = ("dropped_sequences", "ppo_kl", "pg_clipfrac_lower", "pg_loss", "entropy")
-_REDUCTION_OPS = {"sum": np.sum, "min": np.min, "max": np.max, "mean": np.mean, "loss_mean": np.mean}
+_REDUCTION_OPS: dict[str, Callable[..., Any]] = {"sum": np.sum, "min": np.min, "max": np.max, "mean": np.mean,
+                                                  "loss_mean": np.mean}
 # name -> loss mode of the losses `register` put into Tunix's registry (for `log_metrics`).
 _REGISTERED: dict[str, str] = {}
 
@@ -281,7 +282,8 @@ def log_metrics(learner, names: tuple[str, ...] | None = None) -> dict[str, Call
     the learner's ``policy_loss_fn`` is a registered DAPO loss). Returns the new table.
     """
     trainer = learner.rl_cluster.actor_trainer
-    loss_mode = _REGISTERED.get(getattr(learner.algo_config, "policy_loss_fn", None), "fipo")
+    policy_loss_fn = getattr(learner.algo_config, "policy_loss_fn", None)
+    loss_mode = "fipo" if policy_loss_fn is None else _REGISTERED.get(policy_loss_fn, "fipo")
     table = {**trainer.rl_metrics_to_log, **logged_metrics(loss_mode, names)}
     trainer.with_rl_metrics_to_log(table)
     return table

@@ -46,7 +46,7 @@ class AttentionMask(NamedTuple):
     query_segments_BxT: jax.Array | None = None
     key_segments_BxS: jax.Array | None = None
 
-    def allowed(self, window: int | None = None) -> jax.Array:
+    def allowed(self, window: int | jax.Array | None = None) -> jax.Array:
         """bool [B, T, S]."""
         key_slots_S = jnp.arange(self.key_valid_BxS.shape[1], dtype=jnp.int32)
         causal_TxS = key_slots_S[None, :] <= self.query_slots_T[:, None]
@@ -71,7 +71,7 @@ def grouped_query_attention(
     v_BxNxSxK: jax.Array,
     mask: AttentionMask,
     scale: float,
-    window: int | None = None,
+    window: int | jax.Array | None = None,
     query_chunk_size: int | None = None,
 ) -> jax.Array:
     """softmax(scale · q kᵀ masked by `mask.allowed(window)`) v, optionally over query chunks.
@@ -116,7 +116,7 @@ def decode_attention(
     mask: AttentionMask,
     scale: float,
     block_size: int,
-    window: int | None = None,
+    window: int | jax.Array | None = None,
     layer: jax.Array | None = None,
 ) -> jax.Array:
     """One query per row against the cache, reading only the blocks of slots that hold visible keys.
@@ -179,7 +179,8 @@ def decode_attention(
     return out_BxNxGxK.reshape(batch, num_heads, head_dim).astype(q_BxHxK.dtype)
 
 
-def _first_visible_block(mask: AttentionMask, query_slot, query_position_Bx1, window: int | None, max_len: int):
+def _first_visible_block(mask: AttentionMask, query_slot, query_position_Bx1, window: int | jax.Array | None,
+                         max_len: int):
     """The first slot some row's query can see: 0 without a window, else the first valid slot
     ≤ the query's whose key position lies inside the window."""
     if window is None:

@@ -24,6 +24,7 @@ kernels take static windows.
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,7 @@ def full_attention(
                                    interpret=backend != "tpu")
     if window is None or isinstance(window, int):
         return attend(window)
+    assert sliding_window is not None, "a traced window is the model's sliding_window or one nothing reaches"
     return lax.cond(window <= sliding_window, lambda: attend(sliding_window), lambda: attend(None))
 
 
@@ -113,7 +115,7 @@ def fused_attention(
     mask: AttentionMask,
     scale: float,
     window: int | None = None,
-    implementation: str = "xla",
+    implementation: Literal["xla", "cudnn"] = "xla",
 ) -> jax.Array:
     """A full forward's attention through `jax.nn.dot_product_attention` (GQA by its own grouping):
     ``is_causal`` and a (W − 1, 0) ``local_window_size`` — masks the kernel applies itself, skipping

@@ -54,6 +54,8 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(config, rngs=rngs)
         self.mlp_norm = RMSNorm(config)
         self.mlp = MLP(config, rngs=rngs)
+        self.attn_output_norm: RMSNorm | None
+        self.mlp_output_norm: RMSNorm | None
         if config.sandwich_norms:
             self.attn_output_norm = RMSNorm(config)
             self.mlp_output_norm = RMSNorm(config)
@@ -177,7 +179,9 @@ class CausalLM(nnx.Module):
         config = self.config
         layer_types = config.every_layer_type
         types = sorted(set(layer_types))
-        tables = [rope_cos_sin(positions_BxT, config.head_dim, *config.rope(t)) for t in types]
+        head_dim = config.head_dim
+        assert head_dim is not None  # ModelConfig.__post_init__ resolves it
+        tables = [rope_cos_sin(positions_BxT, head_dim, *config.rope(t)) for t in types]
         type_index_L = jnp.asarray([types.index(t) for t in layer_types], jnp.int32)
         window_L = (jnp.asarray([config.window(t) or _NO_WINDOW for t in layer_types], jnp.int32)
                     if config.sliding_window is not None and "sliding_attention" in layer_types else None)
@@ -339,7 +343,7 @@ class CausalLM(nnx.Module):
         return attention_mask.astype(jnp.bool_)
 
 
-def _check_cache_fits(kv_cache: KVCache, input_shape: tuple[int, int], layers: int) -> None:
+def _check_cache_fits(kv_cache: KVCache, input_shape: tuple[int, ...], layers: int) -> None:
     """Raise ValueError unless ``kv_cache`` is a stacked [B, L, N, S, K] cache of this batch with room
     for the new tokens (the slot index is only checkable outside jit)."""
     batch, seq_len = input_shape

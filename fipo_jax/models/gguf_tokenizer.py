@@ -58,7 +58,7 @@ def read_tokenizer_metadata(path: str | os.PathLike) -> dict[str, Any]:
             if key.startswith("tokenizer.") or key == "general.architecture"}
 
 
-def group_metadata(metadata: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def group_metadata(metadata: dict[str, Any]) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
     """`(architecture, tokenizer_dict, tokenizer_config)` from the metadata, as transformers'
     `get_gguf_tokenizer` groups them: `tokenizer.<key>` renamed by `GGUF_TOKENIZER_MAPPING`, the
     add-BOS defaults above, and each named special token as its string (None without an id).
@@ -122,7 +122,7 @@ def tokenizer_class(architecture: str | None):
     from transformers import PreTrainedTokenizerFast
     from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
 
-    name = TOKENIZER_MAPPING_NAMES.get(ARCHITECTURES.get(architecture, architecture))
+    name = None if architecture is None else TOKENIZER_MAPPING_NAMES.get(ARCHITECTURES.get(architecture, architecture))
     if name in (None, "MistralCommonBackend"):  # AutoTokenizer's fallback (Mistral: without its tekken files)
         return PreTrainedTokenizerFast
     return tokenizer_class_from_name(name) or PreTrainedTokenizerFast
@@ -173,7 +173,8 @@ def convert(metadata: dict[str, Any]) -> GGUFTokenizer:
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     architecture, tokenizer_dict, tokenizer_config = group_metadata(metadata)
-    backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    # transformers annotates architecture as str; None (no general.architecture) reads as an unknown architecture
+    backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)  # type: ignore[arg-type]  # None is fine
     return GGUFTokenizer(architecture, backend, {**tokenizer_config, **extra})
 
 

@@ -35,21 +35,23 @@ class KVCache(NamedTuple):
         row's index must be invalid in that row, which writing in order and `engine.insert` keep).
     """
 
-    # Fields whose kv-head axis (third from last) `fipo_jax.parallel.sharding.row_shardings` splits like
-    # logical "kv_heads"; every other field is split by rows only.
-    KV_HEAD_FIELDS = ("keys", "values")
-
     keys: jax.Array
     values: jax.Array
     valid_BxS: jax.Array
     positions_BxS: jax.Array
     next_position_B: jax.Array
-    index: jax.Array
+    index: jax.Array  # type: ignore[assignment]  # a field may shadow tuple.index; the checker refuses it
 
     @property
     def max_len(self) -> int:
         """S_max, the number of slots."""
         return self.valid_BxS.shape[1]
+
+
+# Fields whose kv-head axis (third from last) `fipo_jax.parallel.sharding.row_shardings` splits like
+# logical "kv_heads"; every other field is split by rows only. Set after the class: the type checker
+# takes any name in a NamedTuple body for a field.
+KVCache.KV_HEAD_FIELDS = ("keys", "values")  # type: ignore[attr-defined]  # a class constant, not a field
 
 
 class LayerCache(NamedTuple):

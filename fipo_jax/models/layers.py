@@ -9,6 +9,7 @@ the kernels (q kernel [embed, heads, head_dim]) so "heads → tensor" shards who
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -168,18 +169,21 @@ class Attention(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, h, n, k = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        assert k is not None  # ModelConfig.__post_init__ resolves head_dim
         self.scale = config.attention_scale
         self.attention_chunk_size = config.attention_chunk_size
         self.attention_impl = config.attention_impl
         self.sliding_window = config.sliding_window
         self.decode_block_size = config.decode_block_size
-        qkv = dict(rngs=rngs, bias=config.qkv_bias)
+        qkv: dict[str, Any] = dict(rngs=rngs, bias=config.qkv_bias)
         self.q_proj = DenseGeneral("btd,dhk->bthk", (d, h, k), (AXIS_EMBED, AXIS_HEADS, AXIS_HEAD_DIM), config, **qkv)
         kv_axes = (AXIS_EMBED, AXIS_KV_HEADS, AXIS_HEAD_DIM)
         self.k_proj = DenseGeneral("btd,dnk->btnk", (d, n, k), kv_axes, config, **qkv)
         self.v_proj = DenseGeneral("btd,dnk->btnk", (d, n, k), kv_axes, config, **qkv)
         self.o_proj = DenseGeneral("bthk,hkd->btd", (h, k, d), (AXIS_HEADS, AXIS_HEAD_DIM, AXIS_EMBED), config,
                                    rngs=rngs, bias=config.o_proj_bias)
+        self.q_norm: RMSNorm | None
+        self.k_norm: RMSNorm | None
         if config.qk_norm:
             self.q_norm = RMSNorm(config, k, AXIS_HEAD_DIM)
             self.k_norm = RMSNorm(config, k, AXIS_HEAD_DIM)
@@ -202,7 +206,7 @@ class Attention(nnx.Module):
         only: `decode_attention`). `window`: the sliding window of this layer (None: full
         attention; a traced int when some layers slide)."""
         q_BxTxHxK, k_BxTxNxK = self.q_proj(x_BxTxD), self.k_proj(x_BxTxD)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (qk_norm)
             q_BxTxHxK, k_BxTxNxK = self.q_norm(q_BxTxHxK), self.k_norm(k_BxTxNxK)
         q_BxTxHxK = apply_rope(q_BxTxHxK, cos_BxTxK, sin_BxTxK)
         k_BxNxTxK = apply_rope(k_BxTxNxK, cos_BxTxK, sin_BxTxK).transpose(0, 2, 1, 3)
@@ -211,6 +215,7 @@ class Attention(nnx.Module):
             out_BxTxHxK = full_attention(q_BxTxHxK, k_BxNxTxK, v_BxNxTxK, mask, self.scale, window,
                                          self.attention_chunk_size, self.attention_impl, self.sliding_window)
             return self.o_proj(out_BxTxHxK), None
+        assert write_index is not None, "a cached forward names its write_index"
         cache = cache.write(k_BxNxTxK, v_BxNxTxK, write_index)  # write_index [B]: each row at its own slot
         keys, values = cache.keys, cache.values
         block = self.decode_block_size

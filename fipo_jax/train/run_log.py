@@ -125,7 +125,8 @@ class TensorBoardLog:
                               "pip install 'fipo_jax[tensorboard]' (or tensorboardX)") from err
         self.directory = directory
         self._make_writer = SummaryWriter
-        self.writer: Any | None = None  # a SummaryWriter, opened by the first row: a trainer refused before it logs writes no events file
+        # A SummaryWriter, opened by the first row: a trainer refused before it logs writes no events file.
+        self.writer: Any | None = None
 
     def append(self, row: dict) -> None:
         if self.writer is None:

@@ -63,7 +63,7 @@ def save_params(model, path: str) -> None:
     flat = {_path_name(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp.npz"  # unique: several processes may write the same cache
-    np.savez(tmp, **flat)
+    np.savez(tmp, **flat)  # type: ignore[arg-type]  # numpy's stub fears a key named allow_pickle
     os.replace(tmp, path)
 
 
@@ -172,7 +172,7 @@ def train_sft(model, make_pairs, tokenizer, *, steps: int, batch_size: int, lr: 
 
     `make_pairs(rng, n)` returns n (prompt, response) text pairs. Returns the loss curve.
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]  # flax annotates a variadic tuple
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 2), lr * 0.05)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     opt_state = tx.init(params)

@@ -123,7 +123,9 @@ def influence_png(view: TokenView, path: str, width_chars: int = 96) -> str:
 
     Figure = import_module("matplotlib.figure", "train").Figure  # no pyplot: leaves the caller's backend alone
 
-    lines, line, col = [], [], 0
+    lines: list[list[tuple[int, str, int]]] = []  # per line: (token index, text, column)
+    line: list[tuple[int, str, int]] = []
+    col = 0
     for i, token in enumerate(view.tokens):
         text = _visible(token).replace("\n", "")
         if col + len(text) > width_chars and line:
