@@ -118,8 +118,8 @@ def peak_tflops(device, override: float | None) -> float | None:
 
 def model_config(name_or_fields, remat: str = "none", attention_chunk: int | None = None,
                  attention: str = "auto") -> ModelConfig:
-    """A bfloat16 `ModelConfig` of a known public shape (`plan.KNOWN_MODELS`) or explicit fields."""
-    fields = plan_lib.KNOWN_MODELS[name_or_fields] if isinstance(name_or_fields, str) else name_or_fields
+    """A bfloat16 `ModelConfig` of a known public shape (`shapes.KNOWN_MODELS`) or explicit fields."""
+    fields = shapes.KNOWN_MODELS[name_or_fields] if isinstance(name_or_fields, str) else name_or_fields
     return ModelConfig(**fields, dtype="bfloat16", compute_dtype="bfloat16", remat=remat,
                        attention_chunk_size=attention_chunk, attention_impl=attention)
 

@@ -45,7 +45,7 @@ from flax import nnx  # noqa: E402
 from bench_model import throughput, time_alternating, timed  # noqa: E402
 
 from fipo_jax.generation.logprobs import sequence_log_probs  # noqa: E402
-from fipo_jax.models import load_pretrained  # noqa: E402
+from fipo_jax.models import ModelOptions, load_pretrained  # noqa: E402
 from fipo_jax.models.assets import gemma3_270m_gguf  # noqa: E402
 from fipo_jax.generation.sampling import SamplingConfig  # noqa: E402
 from fipo_jax.generation.static_sampler import generate
@@ -138,7 +138,7 @@ def logprob_child(args) -> dict:
     variant = args.logprob_child
     out = {"variant": variant}
     if variant.startswith("ours"):
-        model = load_pretrained(path, remat=variant == "ours_remat")
+        model = load_pretrained(path, ModelOptions(remat=variant == "ours_remat"))
         step, state = ours_logprob_step(args, model)
         ids_j = jnp.asarray(ids)
         compiled = step.lower(state, ids_j).compile()

@@ -71,7 +71,7 @@ from fipo_jax.train import update as update_lib
 from fipo_jax.core.packing import abstract_batch
 from fipo_jax.config import apply_overrides, cpu_default
 from fipo_jax.models import CausalLM, ModelConfig
-from fipo_jax.train.runtime_configs import PROMPT_BUCKET_SLACK
+from fipo_jax.train.shapes import PROMPT_BUCKET_SLACK, engine_slots
 from fipo_jax.generation.sampling import SamplingConfig
 from fipo_jax.parallel.sharding import row_shardings, row_split
 from fipo_jax.parallel.sharding import batch_sharding, make_mesh, param_shardings, replicated
@@ -111,7 +111,7 @@ def update_sizes(model, mesh):
 def sampler_sizes(model, mesh):
     # The engine's decode call as the trainer makes it: slots split over data (kv heads over tensor).
     row_sharding, split = row_split(batch_sharding(mesh))
-    slots = -(-min(config.rollout.engine_slots, config.rollout.prompts_per_round * config.rollout.n) // split) * split
+    slots = engine_slots(config.rollout.engine_slots, config.rollout.prompts_per_round * config.rollout.n, split)
     width = P + PROMPT_BUCKET_SLACK
     whole = replicated(mesh)
     graphdef, state = nnx.split(model)

@@ -20,6 +20,7 @@ import transformers  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from fipo_jax.models import (  # noqa: E402
+    ModelOptions,
     CheckpointFileError,
     UnsupportedConfigError,
     load_pretrained,
@@ -210,7 +211,7 @@ def test_nonfinite_weights_are_named_with_their_file(checkpoint, tmp_path):
         load_pretrained(path)
     edit_tensors(path, lambda tensors: tensors["lm_head.weight"].fill(0.5))
     with pytest.raises(CheckpointFileError, match=r"1 tensor\(s\) hold NaN.*\['model.layers.1.mlp.up_proj.weight'\]$"):
-        load_pretrained(path, dtype="bfloat16")
+        load_pretrained(path, ModelOptions(dtype="bfloat16"))
 
 
 def test_nonfinite_weights_in_a_sharded_checkpoint_name_the_shard(checkpoint, tmp_path):

@@ -292,7 +292,7 @@ def re_tuple(choices: tuple) -> str:
 
 def test_runtime_configs_copy_every_field():
     """One constructor per runtime config (issue 25, item 3): each copies the run config's values."""
-    from fipo_jax.train import runtime_configs
+    from fipo_jax.train import runtime_configs, shapes
     from fipo_jax.data import CharTokenizer
 
     config = apply_overrides(cpu_default(), ["algo.advantage=rloo", "algo.micro_batch_weighting=official",
@@ -314,4 +314,4 @@ def test_runtime_configs_copy_every_field():
     assert (evaluation.temperature, evaluation.top_p, evaluation.top_k, evaluation.stop_sequences) == (1.0, 0.5, 0, ())
     for sampling in (train, evaluation):
         assert sampling.max_new_tokens == 128 and sampling.eos_token_ids == (tokenizer.eos_token_id,)
-        assert sampling.prompt_length_buckets == (16, 32, 64, 100 + runtime_configs.PROMPT_BUCKET_SLACK)
+        assert sampling.prompt_length_buckets == (16, 32, 64, 100 + shapes.PROMPT_BUCKET_SLACK)

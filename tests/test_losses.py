@@ -417,7 +417,7 @@ def test_every_metric_has_a_declared_reduction(mode, extras, quantiles):
     shape = (2, 4)
     kwargs = dict(ref_log_probs=jnp.zeros(shape), entropy=jnp.ones(shape)) if extras else {}
     _, metrics = fj.policy_loss_terms(jnp.zeros(shape), jnp.zeros(shape), jnp.ones(2), jnp.ones(shape, bool),
-                                      fj.PolicyLossConfig(loss_mode=mode, ratio_quantiles=quantiles), **kwargs)
+                                      fj.PolicyLossConfig(loss_mode=mode), ratio_quantiles=quantiles, **kwargs)
     assert set(metrics) <= set(fj.METRIC_REDUCTIONS), set(metrics) - set(fj.METRIC_REDUCTIONS)
     assert set(fj.METRIC_REDUCTIONS.values()) <= {"sum", "mean", "loss_mean", "min", "max"}
 
@@ -469,7 +469,7 @@ def test_ratio_metrics_outside_the_loss_equal_the_loss_metrics(mode):
     mask = jnp.asarray(np.arange(9)[None, :] < np.array([9, 7, 0, 5])[:, None])
     config = fj.PolicyLossConfig(loss_mode=mode)
     _, metrics = jax.jit(lambda *a: fj.policy_loss_terms(*a, config))(lp, old, adv, mask)
-    _, without = jax.jit(lambda *a: fj.policy_loss_terms(*a, config.replace(ratio_quantiles=False)))(lp, old, adv, mask)
+    _, without = jax.jit(lambda *a: fj.policy_loss_terms(*a, config, ratio_quantiles=False))(lp, old, adv, mask)
     ratio = jax.jit(fj.importance_ratio, static_argnums=3)(lp, old, mask, config.log_ratio_clamp)
     adv_BxT = jnp.broadcast_to(adv[:, None], shape)
     outside = jax.jit(fj.core.loss_metrics.ratio_quantiles)(ratio, adv_BxT, mask)

@@ -20,6 +20,7 @@ from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from fipo_jax.models import (  # noqa: E402
+    ModelOptions,
     LOGICAL_AXES,
     CheckpointMismatchError,
     Qwen2Config,
@@ -184,7 +185,7 @@ def test_bfloat16_checkpoint_and_compute(tmp_path):
         assert json.load(f)["dtype"] == "bfloat16"
     # Reference: the same bf16-rounded weights evaluated in float32 by torch (fresh RoPE buffers).
     hf_model = transformers.Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model = load_pretrained(path, dtype="bfloat16")
+    model = load_pretrained(path, ModelOptions(dtype="bfloat16"))
     assert model.config.compute_dtype == "bfloat16"
     assert all(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
     ids = random_ids((2, 6))
@@ -193,7 +194,7 @@ def test_bfloat16_checkpoint_and_compute(tmp_path):
     ref = torch_logits(hf_model, ids)
     assert np.abs(logits - ref).max() < 0.05 * np.abs(ref).max()
     # bf16 params computed in float32 are exact up to float32 rounding.
-    model32 = load_pretrained(path, dtype="bfloat16", compute_dtype="float32")
+    model32 = load_pretrained(path, ModelOptions(dtype="bfloat16", compute_dtype="float32"))
     np.testing.assert_allclose(np.asarray(forward(model32, ids)), ref, atol=ATOL, rtol=0)
     # bf16 export loads in transformers with bf16 tensors.
     save_pretrained(model, tmp_path / "out")
@@ -335,7 +336,7 @@ def test_config_validation(change, pattern):
 
 def test_config_hf_dict_round_trip():
     config = tiny_config(head_dim=16, rope_theta=1234.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
-    assert config_from_hf(config_to_hf(config), dtype=config.dtype) == config
+    assert config_from_hf(config_to_hf(config), config.options) == config
     assert config_from_hf(transformers.Qwen2Config(**config_to_hf(config))) == config
 
 

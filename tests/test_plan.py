@@ -7,6 +7,7 @@ import json
 import pytest
 
 from fipo_jax.train import plan as plan_lib
+from fipo_jax.train import shapes
 from fipo_jax.config import ConfigError, apply_overrides, cpu_default, load_config
 from tests.multi_device import run_json
 from tests.plan_family import COMPILE_SCRIPT, OVERRIDES, compiled_peak, draw_cases
@@ -121,12 +122,12 @@ def test_model_from_config_json_or_known_name(tmp_path):
         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": False}))
     config = apply_overrides(load_config("qwen2.5-7b-fipo"), [f"model.path={folder}"])
-    model = plan_lib.model_config(config)
+    model = shapes.model_config(config)
     assert (model.num_hidden_layers, model.hidden_size, model.dtype, model.remat) == (3, 64, "bfloat16", "full")
-    assert plan_lib.model_config(load_config("qwen2.5-7b-fipo")).hidden_size == 3584  # by name
+    assert shapes.model_config(load_config("qwen2.5-7b-fipo")).hidden_size == 3584  # by name
     unknown = apply_overrides(load_config("qwen2.5-7b-fipo"), [f"model.path={tmp_path}/mystery"])
     with pytest.raises(ConfigError, match="no config.json there and no known architecture"):
-        plan_lib.model_config(unknown)
+        shapes.model_config(unknown)
 
 
 @pytest.mark.parametrize("text, expected", [("80GiB", 80 * 2**30), ("95GB", 95 * 10**9), ("16g", 16 * 2**30),

@@ -183,6 +183,7 @@ import json, sys
 import jax, jax.numpy as jnp, optax
 from flax import nnx
 from fipo_jax.train import plan as plan_lib
+from fipo_jax.train import shapes
 from fipo_jax.config import apply_overrides, cpu_default
 from fipo_jax.train.sft import sft_step
 from fipo_jax.models import CausalLM
@@ -192,7 +193,7 @@ S = jax.ShapeDtypeStruct
 out = []
 for overrides in json.loads(sys.argv[1]):
     config = apply_overrides(cpu_default(), overrides)
-    model = nnx.eval_shape(lambda: CausalLM(plan_lib.model_config(config), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: CausalLM(shapes.model_config(config), rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.01))
     step = sft_step(graphdef, rest, tx)

@@ -32,6 +32,7 @@ from fipo_jax.config.specs import (
                                      ConfigError,
                                      DataSpec,
                                      EvalSpec,
+                                     MetricsSpec,
                                      ModelSpec,
                                      OptimSpec,
                                      RewardSpec,
@@ -44,7 +45,8 @@ from fipo_jax.config.specs import (
 
 __all__ = [
     "DATA_TASKS", "MODEL_SOURCES", "ON_EXHAUSTED", "PRESETS", "SAMPLERS",
-    "AlgoSpec", "ConfigError", "DataSpec", "EvalSpec", "ModelSpec", "OptimSpec", "RewardSpec", "RolloutSpec", "SFTSpec",
+    "AlgoSpec", "ConfigError", "DataSpec", "EvalSpec", "MetricsSpec", "ModelSpec", "OptimSpec", "RewardSpec",
+    "RolloutSpec", "SFTSpec",
     "TrainConfig",
     "apply_overrides", "check_given_fields", "cpu_default", "fipo_inert_reason", "from_dict", "gemma3_270m_fipo",
     "gemma3_270m_fipo_accelerator", "ignored_fields", "load_config", "micro_batch_rows", "qwen25_32b_fipo",

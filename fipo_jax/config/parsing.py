@@ -110,6 +110,10 @@ def _to_str(value: Any, where: str) -> str:
 _SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
+# Fields that moved, old path → new path: a config file of an earlier version is told where.
+MOVED_FIELDS = {"algo.loss.ratio_quantiles": "metrics.ratio_quantiles"}
+
+
 def from_dict(cls, data: dict[str, Any], where: str = ""):
     """Build dataclass `cls` from a (nested) dict; unknown keys are errors with suggestions."""
     hints = _field_types(cls)
@@ -117,6 +121,8 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
+        _checks.require(path not in MOVED_FIELDS, f"config field {path!r} moved to {MOVED_FIELDS.get(path)!r}",
+                        error=ConfigError)
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             raise ConfigError(f"unknown config field {path!r}" + (f" (did you mean {close[0]!r}?)" if close else "")

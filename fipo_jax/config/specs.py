@@ -23,7 +23,7 @@ from fipo_jax.core import _checks
 from fipo_jax.core.advantages import ADVANTAGE_ESTIMATORS
 from fipo_jax.core.losses import MICRO_BATCH_WEIGHTINGS, MicroBatchWeighting, PolicyLossConfig
 from fipo_jax.generation.sampling import MIN_TEMPERATURE
-from fipo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, SUPPORTED_DTYPES
+from fipo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, SUPPORTED_DTYPES, ModelOptions
 from fipo_jax.parallel.sharding import MESH_AXES, ways
 from fipo_jax.rewards.shaping import check_overlong_factor
 
@@ -99,6 +99,12 @@ class ModelSpec:
         _checks.require(self.hidden_size % self.num_heads == 0,
                         f"model.hidden_size ({self.hidden_size}) must be a multiple of model.num_heads "
                         f"({self.num_heads})", error=ConfigError)
+
+    @property
+    def options(self) -> ModelOptions:
+        """How the policy runs (`ModelOptions`): dtypes, remat, attention chunk and kernel."""
+        return ModelOptions(dtype=self.dtype, compute_dtype=self.compute_dtype, remat=self.remat,
+                            attention_chunk_size=self.attention_chunk_size, attention_impl=self.attention_impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +305,16 @@ class SFTSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsSpec:
+    """What a run reports beyond its loss; no part of the run (left out of the resume fingerprint)."""
+
+    ratio_quantiles: bool = True  # IS-ratio and influence-weight quantiles (sorts of every token each update)
+
+    def __post_init__(self):
+        _checks.check_bool("metrics.ratio_quantiles", self.ratio_quantiles, error=ConfigError)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs; `fingerprint()` is what resume compares."""
 
@@ -313,6 +329,7 @@ class TrainConfig:
     optim: OptimSpec = dataclasses.field(default_factory=OptimSpec)
     eval: EvalSpec = dataclasses.field(default_factory=EvalSpec)
     sft: SFTSpec = dataclasses.field(default_factory=SFTSpec)
+    metrics: MetricsSpec = dataclasses.field(default_factory=MetricsSpec)
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     mesh_shape: tuple[int, ...] = (1,)
@@ -353,9 +370,9 @@ class TrainConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with its checkpoint (all but the length of
-        the run, its name, the checkpoint cadence and logging)."""
+        the run, its name, the checkpoint cadence, logging and metrics)."""
         d = self.to_dict()
-        for key in ("steps", "name", "checkpoint_every", "keep_checkpoints", "tensorboard"):
+        for key in ("steps", "name", "checkpoint_every", "keep_checkpoints", "tensorboard", "metrics"):
             d.pop(key)
         d["eval"].pop("every")
         return d

@@ -6,7 +6,7 @@ Values are checked where they can be seen: concrete arrays (numpy, or jax outsid
 a non-finite score, or outcomes that are not correctness, are refused in one line. Under ``jit``
 the values are tracers and nothing is checked (the functions stay pure and cheap): a non-finite
 score then gives NaN advantages for its whole group, and the update step skips a step whose
-gradient is not finite (`rl_step`, ``skipped_updates``).
+gradient is not finite (`train.update`, ``skipped_updates``).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def rloo_advantages(scores: jax.Array, group_size: int) -> jax.Array:
 
 
 # The group-advantage estimators by name, declared once: a run config's ``algo.advantage`` and
-# `rl_step.UpdateConfig.advantage` are keys of this table.
+# `train.update.UpdateConfig.advantage` are keys of this table.
 ADVANTAGE_ESTIMATORS: Mapping[str, Callable[[jax.Array, int], jax.Array]] = types.MappingProxyType({
     "grpo": grpo_advantages,
     "dr_grpo": dr_grpo_advantages,

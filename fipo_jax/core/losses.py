@@ -41,7 +41,7 @@ LOSS_MODES: tuple[str, ...] = get_args(LossMode)
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
 MICRO_BATCH_WEIGHTINGS: tuple[str, ...] = get_args(MicroBatchWeighting)
-# How a metric combines over micro-batches (`METRIC_REDUCTIONS`, `rl_step.reduce_metrics`).
+# How a metric combines over micro-batches (`METRIC_REDUCTIONS`, `train.update.reduce_metrics`).
 Reduction = Literal["sum", "mean", "loss_mean", "min", "max"]
 
 # Bounds of the safety clamp (E5) and the weight cap when influence_clip == 0 (E4).
@@ -112,7 +112,6 @@ class PolicyLossConfig:
       future_kl_context_axis: mesh axis the time axis is split over (context parallelism): the
         Future-KL runs per slice with the later slices' tail carried in
         (`context_parallel_future_kl`; needs `jax.set_mesh`); None: the whole row on each device.
-      ratio_quantiles: compute the IS-ratio quantile metrics (one sort of B·T values).
     """
 
     loss_mode: LossMode = "fipo"
@@ -134,7 +133,6 @@ class PolicyLossConfig:
     future_kl_method: FutureKLMethod = "auto"
     future_kl_block_size: int | None = None
     future_kl_context_axis: str | None = None
-    ratio_quantiles: bool = True
     # The mode-dependent fields given explicitly (the others are the mode's defaults).
     given: frozenset = dataclasses.field(default=frozenset(), init=False, repr=False, compare=False)
 
@@ -174,7 +172,7 @@ class PolicyLossConfig:
                                                                 and self.future_kl_context_axis),
                         f"PolicyLossConfig: future_kl_context_axis must be a mesh axis name or None, "
                         f"got {self.future_kl_context_axis!r}")
-        for name in ("influence_clip_high_only", "future_kl_filter", "drop_dual_clipped_sequences", "ratio_quantiles"):
+        for name in ("influence_clip_high_only", "future_kl_filter", "drop_dual_clipped_sequences"):
             _checks.check_bool(field(name), getattr(self, name))
 
     @property
@@ -608,6 +606,7 @@ def policy_loss_parts(
     entropy: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     num_sequences=None,
+    ratio_quantiles: bool = True,
 ) -> LossParts:
     """`policy_loss` as additive `LossTerms`, its metrics and its per-token `TokenDiagnostics`.
 
@@ -637,7 +636,7 @@ def policy_loss_parts(
     metrics["loss_count"] = jax.lax.stop_gradient(terms.count)
     terms, extra = _regularised(per_token, terms, log_probs, mask, agg, config, ref_log_probs, entropy)
     metrics.update(extra)
-    metrics.update(lm.ratio_statistics(tokens.ratio, advantages, mask, config.clip_ratio_c, config.ratio_quantiles))
+    metrics.update(lm.ratio_statistics(tokens.ratio, advantages, mask, config.clip_ratio_c, ratio_quantiles))
     return LossParts(terms, metrics, tokens)
 
 
@@ -653,8 +652,9 @@ def token_diagnostics(log_probs: jax.Array, old_log_probs: jax.Array, advantages
     every response of which was dropped (``mask & ~loss_mask`` shows each dropped sequence). The
     regularisers (KL, entropy) change no token's pieces and are left out; nothing carries a gradient.
     """
-    config = config.replace(kl_coef=0.0, entropy_coeff=0.0, ratio_quantiles=False)
-    return policy_loss_parts(log_probs, old_log_probs, advantages, mask, config, segment_ids=segment_ids).tokens
+    config = config.replace(kl_coef=0.0, entropy_coeff=0.0)
+    return policy_loss_parts(log_probs, old_log_probs, advantages, mask, config, segment_ids=segment_ids,
+                             ratio_quantiles=False).tokens
 
 
 def policy_loss_terms(
@@ -668,10 +668,12 @@ def policy_loss_terms(
     entropy: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     num_sequences=None,
+    ratio_quantiles: bool = True,
 ) -> tuple[LossTerms, dict[str, jax.Array]]:
     """(`LossTerms`, metrics) of `policy_loss_parts`: the loss as additive terms (see there)."""
     parts = policy_loss_parts(log_probs, old_log_probs, advantages, mask, config, ref_log_probs=ref_log_probs,
-                              entropy=entropy, segment_ids=segment_ids, num_sequences=num_sequences)
+                              entropy=entropy, segment_ids=segment_ids, num_sequences=num_sequences,
+                              ratio_quantiles=ratio_quantiles)
     return parts.terms, parts.metrics
 
 
@@ -686,6 +688,7 @@ def policy_loss(
     entropy: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     num_sequences=None,
+    ratio_quantiles: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """FIPO / DAPO / GRPO policy loss of one batch (see the module docstring).
 
@@ -702,6 +705,8 @@ def policy_loss(
         sequence aggregations work per segment. Advantages must then be ``[B, T]``.
       num_sequences: scalar, the sequences the "seq-mean-token-sum*" aggregations divide by
         (default: rows, or with ``segment_ids`` the segments holding response tokens).
+      ratio_quantiles: also report the IS-ratio quantiles (two sorts of B·T values): a metrics
+        switch, no part of the loss.
 
     Returns:
       ``(loss, metrics)``: a float32 scalar and a dict of scalar metrics with the official
@@ -717,7 +722,8 @@ def policy_loss(
       -1.0
     """
     terms, metrics = policy_loss_terms(log_probs, old_log_probs, advantages, mask, config, ref_log_probs=ref_log_probs,
-                                       entropy=entropy, segment_ids=segment_ids, num_sequences=num_sequences)
+                                       entropy=entropy, segment_ids=segment_ids, num_sequences=num_sequences,
+                                       ratio_quantiles=ratio_quantiles)
     return terms.value, metrics
 
 

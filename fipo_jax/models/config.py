@@ -47,6 +47,28 @@ class UnsupportedConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How a model runs, whatever its architecture: the runtime fields of `ModelConfig`, as one value.
+
+    The loaders (`load_pretrained`, `load_gguf`, `config_from_hf`) and the run configuration
+    (`TrainConfig.model.options`) pass these together; `ModelConfig.options` reads them back and
+    `ModelConfig.with_options` sets them. ``compute_dtype=None`` computes in the parameters' dtype;
+    each field is validated by `ModelConfig` (see its docstring for what each means).
+    """
+
+    dtype: str = "float32"
+    compute_dtype: str | None = None
+    remat: str | bool = "none"
+    attention_chunk_size: int | None = None
+    attention_impl: str = "auto"
+
+    def config_fields(self) -> dict[str, Any]:
+        """The `ModelConfig` fields these options set (``compute_dtype`` resolved)."""
+        return dict(dtype=self.dtype, compute_dtype=self.compute_dtype or self.dtype, remat=self.remat,
+                    attention_chunk_size=self.attention_chunk_size, attention_impl=self.attention_impl)
+
+
+@dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Frequency scaling of RoPE (Hugging Face `rope_type` "linear" or "llama3").
 
@@ -245,6 +267,16 @@ class ModelConfig:
         if layer_type == "sliding_attention" and self.sliding_rope_theta is not None:
             return float(self.sliding_rope_theta), None
         return float(self.rope_theta), self.rope_scaling
+
+    @property
+    def options(self) -> ModelOptions:
+        """The runtime settings of this model (`ModelOptions`)."""
+        return ModelOptions(dtype=self.dtype, compute_dtype=self.compute_dtype, remat=self.remat,
+                            attention_chunk_size=self.attention_chunk_size, attention_impl=self.attention_impl)
+
+    def with_options(self, options: ModelOptions) -> ModelConfig:
+        """This architecture with other runtime settings."""
+        return self.replace(**options.config_fields())
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""

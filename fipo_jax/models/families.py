@@ -23,6 +23,7 @@ from fipo_jax.models.config import (
     LAYER_TYPES,
     MODEL_TYPES,
     ModelConfig,
+    ModelOptions,
     RopeScaling,
     UnsupportedConfigError,
 )
@@ -69,24 +70,12 @@ def _warn_if_architecture_disagrees(architectures, model_type: str) -> None:
                       stacklevel=4)
 
 
-def config_from_hf(
-    hf_config: Any,
-    *,
-    dtype: str = "float32",
-    compute_dtype: str | None = None,
-    remat: str | bool = "none",
-    attention_chunk_size: int | None = None,
-    attention_impl: str = "auto",
-) -> ModelConfig:
+def config_from_hf(hf_config: Any, options: ModelOptions = ModelOptions()) -> ModelConfig:
     """A `ModelConfig` from a transformers config object or a `config.json` dict.
 
     Args:
       hf_config: transformers config object (anything with `to_dict()`) or a mapping.
-      dtype: parameter dtype of the model to build.
-      compute_dtype: activation dtype; defaults to `dtype`.
-      remat: the layer scan's remat policy (`ModelConfig.remat`).
-      attention_chunk_size: query-chunked attention (see `ModelConfig`).
-      attention_impl: the full-sequence attention kernel (`ModelConfig.attention_impl`).
+      options: how the model runs (`ModelOptions`: dtypes, remat, attention chunk and kernel).
 
     Raises:
       UnsupportedConfigError: an unknown model_type, or a field asking for semantics this
@@ -119,11 +108,7 @@ def config_from_hf(
         max_position_embeddings=d.get("max_position_embeddings") or defaults["max_position_embeddings"],
         tie_word_embeddings=bool(d.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
         initializer_range=float(d.get("initializer_range", 0.02)),
-        dtype=dtype,
-        compute_dtype=compute_dtype or dtype,
-        remat=remat,
-        attention_chunk_size=attention_chunk_size,
-        attention_impl=attention_impl,
+        **options.config_fields(),
     )
     fields.update(_FAMILY_READERS[model_type](d))
     return ModelConfig(**fields)
@@ -361,9 +346,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "dtype": config.dtype,
     }
     d.update(_FAMILY_FIELDS[t](config, layer_types))
-    runtime = dict(dtype=config.dtype, compute_dtype=config.compute_dtype, remat=config.remat,
-                   attention_chunk_size=config.attention_chunk_size, attention_impl=config.attention_impl)
-    read_back = config_from_hf(d, **runtime).replace(decode_block_size=config.decode_block_size)
+    read_back = config_from_hf(d, config.options).replace(decode_block_size=config.decode_block_size)
     if read_back != config:
         differ = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(read_back, f.name)]
         raise ValueError(f"a {t} config.json cannot express this model: {differ} would read back as "

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fipo_jax.models.config import UnsupportedConfigError
+from fipo_jax.models.config import ModelOptions, UnsupportedConfigError
 from fipo_jax.models.families import config_from_hf
 from fipo_jax.models.file_checks import CheckpointFileError
 from fipo_jax.models.weights import TensorInfo, TensorSource, load_from_source
@@ -262,17 +262,7 @@ def _unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def load_gguf(
-    path: str | os.PathLike,
-    *,
-    dtype: str = "float32",
-    compute_dtype: str | None = None,
-    remat: str | bool = "none",
-    attention_chunk_size: int | None = None,
-    attention_impl: str = "auto",
-    mesh=None,
-    rules=None,
-):
+def load_gguf(path: str | os.PathLike, options: ModelOptions = ModelOptions(), *, mesh=None, rules=None):
     """A `CausalLM` from a `.gguf` file (see the module docstring); options as `load_pretrained`."""
     path = os.fspath(path)
     reader = read_gguf(path)
@@ -280,6 +270,5 @@ def load_gguf(
         hf_config = gguf_hf_config(reader)
     except (GGUFError, UnsupportedConfigError) as error:
         raise type(error)(f"{path}: {error}") from error
-    config = config_from_hf(hf_config, dtype=dtype, compute_dtype=compute_dtype, remat=remat,
-                            attention_chunk_size=attention_chunk_size, attention_impl=attention_impl)
+    config = config_from_hf(hf_config, options)
     return load_from_source(GGUFSource(reader, hf_config, path), config, mesh=mesh, rules=rules)

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
-from fipo_jax.models.config import MODEL_TYPES, ModelConfig, UnsupportedConfigError
+from fipo_jax.models.config import MODEL_TYPES, ModelConfig, ModelOptions, UnsupportedConfigError
 from fipo_jax.models.decoder import CausalLM
 from fipo_jax.models.export_folder import ExportFolderError, check_export_folder, replacing
 from fipo_jax.models.families import config_from_hf, config_to_hf, hf_weight_table
@@ -43,7 +43,7 @@ from fipo_jax.models.file_checks import (
     read_json_object,
 )
 from fipo_jax.models.weights import CheckpointMismatchError, TensorInfo, TensorSource, load_from_source
-from fipo_jax.parallel.sharding import RuleLike, param_shardings
+from fipo_jax.parallel.sharding import RuleLike
 
 __all__ = [
     "SAFETENSORS_INDEX", "SAFETENSORS_SINGLE", "CheckpointFileError", "CheckpointMismatchError",
@@ -109,12 +109,8 @@ def load_weights(source: TensorSource | str | os.PathLike, config: ModelConfig, 
 
 def load_pretrained(
     path: str | os.PathLike,
+    options: ModelOptions = ModelOptions(),
     *,
-    dtype: str = "float32",
-    compute_dtype: str | None = None,
-    remat: str | bool = "none",
-    attention_chunk_size: int | None = None,
-    attention_impl: str = "auto",
     mesh: Mesh | None = None,
     rules: Mapping[str, RuleLike] | None = None,
 ) -> CausalLM:
@@ -124,13 +120,8 @@ def load_pretrained(
       path: a Hugging Face checkpoint folder (config.json + model.safetensors or a sharded index;
         the family is read from config.json's model_type), or a `.gguf` file (llama.cpp format,
         float or quantised tensors, dequantised on load: see `fipo_jax.models.gguf_io`).
-      dtype: parameter dtype ("float32" or "bfloat16"); checkpoint tensors are cast to it.
-      compute_dtype: activation dtype; defaults to `dtype`.
-      remat: what the layer scan keeps for the backward pass (`ModelConfig.remat`: "none", "full",
-        "dots"; True / False mean "full" / "none").
-      attention_chunk_size: query-chunked attention (`ModelConfig.attention_chunk_size`).
-      attention_impl: the full-sequence attention kernel (`ModelConfig.attention_impl`: "auto",
-        "xla", "cudnn", "splash").
+      options: how the model runs (`ModelOptions`): parameter dtype ("float32" or "bfloat16";
+        checkpoint tensors are cast to it), compute dtype, remat policy, attention chunk and kernel.
       mesh: if given, every parameter is placed on NamedSharding(mesh, spec from its logical axes).
       rules: logical axis → mesh axis table; defaults to `fipo_jax.parallel.sharding.DEFAULT_RULES`.
 
@@ -146,19 +137,17 @@ def load_pretrained(
       fipo_jax.parallel.sharding.ShardingRuleError: with `mesh`, a rule that cannot apply to a parameter.
     """
     path = os.fspath(path)
-    options = dict(dtype=dtype, compute_dtype=compute_dtype, remat=remat, attention_chunk_size=attention_chunk_size,
-                   attention_impl=attention_impl)
     check_model_path(path)
     if path.endswith(".gguf") or os.path.isfile(path):
         from fipo_jax.models import gguf_io
 
-        return gguf_io.load_gguf(path, mesh=mesh, rules=rules, **options)
+        return gguf_io.load_gguf(path, options, mesh=mesh, rules=rules)
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
     hf_dict = read_json_object(config_path)
     try:
-        config = config_from_hf(_normalised_hf_config(hf_dict), **options)
+        config = config_from_hf(_normalised_hf_config(hf_dict), options)
     except ValueError as error:  # UnsupportedConfigError, or a value ModelConfig refuses (0 layers)
         raise UnsupportedConfigError(f"{config_path}: {error}") from error
     return load_weights(SafetensorsSource(path), config, mesh=mesh, rules=rules)

@@ -77,7 +77,7 @@ DEFAULT_RULES: Mapping[str, AxisRule] = types.MappingProxyType({
     # batches, sampler rows, KV cache [batch, layers, kv_heads, length, head_dim] (models.kv_cache.KV_CACHE_AXES)
     "batch": rule("data"),        # rows of a batch / of the sampler / of the KV cache
     "length": rule(),             # sequence positions, cache slots
-    "mini_batch": rule(),         # the update's [mini_batch, micro_batch, batch, ...] layout (rl_step)
+    "mini_batch": rule(),         # the update's [mini_batch, micro_batch, batch, ...] layout (train.update)
     "micro_batch": rule(),
 })
 

@@ -31,6 +31,7 @@ from fipo_jax.data import (
 )
 from fipo_jax.data.encoding import encode_prompt
 from fipo_jax.parallel import distributed
+from fipo_jax.train.shapes import scratch_model_config
 
 Log = Callable[[str], None]
 ProgressBar = Callable[[int, str], object]  # (total, description) → a tqdm-like bar, or None
@@ -62,15 +63,9 @@ def build_model(config: TrainConfig, tokenizer, mesh, log: Log):
     Gemma 3 270M), whose vocabulary must hold every id of ``tokenizer``."""
     spec = config.model
     if spec.source == "scratch":
-        from fipo_jax.models import CausalLM, ModelConfig
+        from fipo_jax.models import CausalLM
 
-        model_config = ModelConfig(
-            vocab_size=tokenizer.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-            num_key_value_heads=spec.num_kv_heads, rope_theta=spec.rope_theta, max_position_embeddings=4096,
-            tie_word_embeddings=True, dtype=spec.dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
-            attention_chunk_size=spec.attention_chunk_size, attention_impl=spec.attention_impl)
-        return CausalLM(model_config, rngs=nnx.Rngs(config.seed))
+        return CausalLM(scratch_model_config(config), rngs=nnx.Rngs(config.seed))
     from fipo_jax.models import load_pretrained
     from fipo_jax.models.config import UnsupportedConfigError
     from fipo_jax.models.hf_io import CheckpointFileError, CheckpointMismatchError
@@ -78,9 +73,7 @@ def build_model(config: TrainConfig, tokenizer, mesh, log: Log):
     path = _checkpoint_path(config)
     log(f"[model] loading {path}")
     try:
-        model = load_pretrained(path, dtype=spec.dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
-                                attention_chunk_size=spec.attention_chunk_size, attention_impl=spec.attention_impl,
-                                mesh=mesh)
+        model = load_pretrained(path, spec.options, mesh=mesh)
     except (CheckpointFileError, CheckpointMismatchError, UnsupportedConfigError, FileNotFoundError,
             NotADirectoryError) as err:  # each names the file or tensor at fault: one line for train.py
         raise ConfigError(f"model.path: {err}") from err

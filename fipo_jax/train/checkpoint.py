@@ -31,12 +31,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo_jax[train]
 
 # isort: split
 import orbax.checkpoint as ocp
+
+from fipo_jax.models.file_checks import nonfinite_tensors
 
 # Bumped when the saved layout changes; a checkpoint of another format is refused with a clear message.
 # v3: decoder layers stacked on a leading axis (one parameter per kind, not one per layer).
@@ -100,18 +101,9 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
 
 
 def nonfinite_leaves(tree: Any) -> list[str]:
-    """Paths of the floating-point leaves of ``tree`` that hold a NaN or ±inf (one reduction per leaf)."""
-    leaves = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    if not leaves:
-        return []
-    finite = np.asarray(jax.device_get(_leaves_finite([x for _, x in leaves])))
-    return [jax.tree_util.keystr(path) for (path, _), ok in zip(leaves, finite) if not ok]
-
-
-@jax.jit
-def _leaves_finite(leaves: list[jax.Array]) -> jax.Array:
-    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+    """Paths of the floating-point leaves of ``tree`` that hold a NaN or ±inf (`nonfinite_tensors`)."""
+    return nonfinite_tensors({jax.tree_util.keystr(path): jnp.asarray(x)
+                              for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]})
 
 
 @dataclasses.dataclass(frozen=True)

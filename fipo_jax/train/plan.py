@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import functools
 import math
-import os
 import re
 import sys
 from typing import Sequence
@@ -39,30 +38,15 @@ import fipo_jax._requires.models  # noqa: F401  one-line ImportError without fip
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from fipo_jax.config import ConfigError, TrainConfig, fipo_inert_reason, load_config, micro_batch_rows
+from fipo_jax.config import ConfigError, TrainConfig, fipo_inert_reason, load_config
 from fipo_jax.generation.engine import EngineConfig
 from fipo_jax.models import CausalLM, ModelConfig
-from fipo_jax.parallel.sharding import MESH_AXES, logical_sharding, ways
+from fipo_jax.parallel.sharding import MESH_AXES, logical_sharding
 from fipo_jax.train import memory_model
-from fipo_jax.train.runtime_configs import PROMPT_BUCKET_SLACK
+from fipo_jax.train import shapes as shapes_lib
+from fipo_jax.train.shapes import RunShapes, run_shapes
 
 GiB = 2**30
-
-# Architectures of public checkpoints (their config.json), for planning without the files.
-KNOWN_MODELS = {
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4),
-    "qwen2.5-math-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                            num_attention_heads=28, num_key_value_heads=4),
-    "qwen2.5-32b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                        num_attention_heads=40, num_key_value_heads=8),
-    "gemma3-270m": dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-                        num_attention_heads=4, num_key_value_heads=1, head_dim=256, tie_word_embeddings=True,
-                        model_type="gemma3_text", qkv_bias=False, qk_norm=True, norm_unit_offset=True,
-                        sandwich_norms=True, hidden_activation="gelu_pytorch_tanh", scale_embeddings=True),
-}
 
 # int32 / float32 [M, K, R, T] arrays of the step's batch, per token (ids, masks, log-probs, scores …).
 _STEP_TOKEN_ARRAYS = 6
@@ -127,6 +111,8 @@ class MemoryPlan:
     """Per-device bytes of one run on one mesh (see the module docstring), and the verdict.
 
     Attributes:
+      shapes: the run's sizes (`fipo_jax.train.shapes.run_shapes`), the model's included; ``model``,
+        ``remat``, ``micro_batch_rows``, ``row_tokens`` and ``kv_cache_rows`` read them.
       parameters, optimizer, gradients: the model state and AdamW moments (exact, in the
         parameters' dtype), and the gradients of the update (the micro-batch's, in the parameters'
         dtype, and the float32 accumulator).
@@ -141,7 +127,7 @@ class MemoryPlan:
       prefix_store: the engine's prefilled prompts (rows on every device group) and their logits.
       sampler_temporaries: a decode call's temporaries (a layer's weights, cache blocks, refills).
       prefill_temporaries: a prefill's temporaries (its queries' scores against the cache …) at
-        the widest prompt (``data.max_prompt_tokens``, `prompt_width`).
+        the widest prompt bucket (`RunShapes.sampler_prompt_width`).
       warm_start: the SFT warm start, a phase of its own on one device (None: the run has none).
       update_peak, sampling_peak, peak: the phases and the largest (the warm start's included).
       device_memory: bytes per device the plan is checked against (None: no verdict).
@@ -149,10 +135,7 @@ class MemoryPlan:
 
     config_name: str
     mesh_shape: dict[str, int]
-    model: ModelConfig
-    remat: str
-    micro_batch_rows: int
-    row_tokens: int
+    shapes: RunShapes
     parameters: int
     optimizer: int
     gradients: int
@@ -164,12 +147,32 @@ class MemoryPlan:
     embedding_gradient: int
     optimizer_update: int
     kv_cache: int
-    kv_cache_rows: int
     prefix_store: int
     sampler_temporaries: int
     prefill_temporaries: int
     device_memory: int | None = None
     warm_start: WarmStartPlan | None = None
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.shapes.model
+
+    @property
+    def remat(self) -> str:
+        return self.shapes.model.remat
+
+    @property
+    def micro_batch_rows(self) -> int:
+        return self.shapes.micro_batch_rows
+
+    @property
+    def row_tokens(self) -> int:
+        return self.shapes.row_tokens
+
+    @property
+    def kv_cache_rows(self) -> int:
+        """Rows (engine slots) of the rollout KV cache on one device."""
+        return self.shapes.sampler_local_rows
 
     @property
     def update_peak(self) -> int:
@@ -257,36 +260,6 @@ def parse_mesh(text: str | Sequence[int]) -> tuple[int, ...]:
     if not shape or len(shape) > len(MESH_AXES) or min(shape) < 1:
         raise ValueError(f"mesh must have 1 to {len(MESH_AXES)} positive sizes (data,fsdp,tensor), got {text!r}")
     return shape
-
-
-def model_config(config: TrainConfig) -> ModelConfig:
-    """The architecture ``config.model`` names, without loading weights: the scratch model's fields,
-    a checkpoint folder's ``config.json``, or a known public architecture matched by name."""
-    spec = config.model
-    common = dict(dtype=spec.dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
-                  attention_chunk_size=spec.attention_chunk_size, attention_impl=spec.attention_impl)
-    if spec.source == "scratch":
-        from fipo_jax.data import CharTokenizer
-
-        return ModelConfig(vocab_size=CharTokenizer().vocab_size, hidden_size=spec.hidden_size,
-                           intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
-                           num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
-                           tie_word_embeddings=True, **common)
-    name = "gemma3-270m" if spec.source == "gemma3-270m" else spec.path
-    config_json = os.path.join(name, "config.json")
-    if os.path.isfile(config_json):
-        import json
-
-        from fipo_jax.models.families import config_from_hf
-
-        with open(config_json) as f:
-            return dataclasses.replace(config_from_hf(json.load(f)), **common)
-    key = os.path.basename(os.path.normpath(name)).lower().replace("_", "-")
-    for known in sorted(KNOWN_MODELS, key=len, reverse=True):
-        if known in key:
-            return ModelConfig(**KNOWN_MODELS[known], **common)
-    raise ConfigError(f"model.path {spec.path!r}: no config.json there and no known architecture in its name "
-                      f"(known: {sorted(KNOWN_MODELS)}); point model.path at the checkpoint folder")
 
 
 def _shard_bytes(shape, dtype, logical_axes, mesh, name: str) -> int:
@@ -397,19 +370,6 @@ def prefill_bytes(model: ModelConfig, mesh, local_rows: int, prompt_width: int, 
                                                 prompt_width + new_tokens - 1, layer, 0, fitted))
 
 
-def prompt_width(config: TrainConfig) -> int:
-    """Prompt tokens a row holds: the chain task's prompts all have one known length (rounded up to
-    the samplers' prompt bucket); other data are bounded by ``data.max_prompt_tokens``."""
-    data = config.data
-    if data.task != "chain":
-        return data.max_prompt_tokens
-    from fipo_jax.data import ChainTask
-    from fipo_jax.generation.sampling import DEFAULT_PROMPT_BUCKETS
-
-    tokens = ChainTask(n_terms=data.n_terms, ops=data.ops).prompt_tokens()
-    return min(data.max_prompt_tokens, next((b for b in DEFAULT_PROMPT_BUCKETS if b >= tokens), tokens))
-
-
 def warm_start_length(config: TrainConfig) -> int:
     """Tokens of one SFT demonstration row (`fipo_jax.train.build.warm_start`): the chain task's prompt
     and its longest (step-by-step) solution, whatever ``data.max_prompt_tokens`` says."""
@@ -447,37 +407,23 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
          model: ModelConfig | None = None, fitted: memory_model.Fitted = memory_model.FITTED) -> MemoryPlan:
     """The per-device memory of ``config`` (a `TrainConfig`, preset name or JSON path) on a mesh of
     ``mesh_shape`` (data, fsdp, tensor); ``device_memory`` (bytes or '80GiB') adds a verdict.
-    ``model`` overrides the architecture `model_config` finds; ``fitted`` the model's constants."""
+    ``model`` overrides the architecture `shapes.model_config` finds; ``fitted`` the model's constants."""
     config = load_config(config) if isinstance(config, str) else config
     shape = parse_mesh(mesh_shape)
     mesh = AbstractMesh(shape, MESH_AXES[: len(shape)])
-    model = model or model_config(config)
-    rollout = config.rollout
-    prompt = prompt_width(config)
-    row_tokens = prompt + rollout.max_response_tokens
-    sequences = rollout.prompts_per_step * rollout.n
-    rows = micro_batch_rows(dataclasses.replace(config, mesh_shape=shape))
-    data = ways("batch", mesh)
+    sizes = run_shapes(config, shape, model)
+    model, rows, row_tokens = sizes.model, sizes.micro_batch_rows, sizes.row_tokens
     parameters = parameter_bytes(model, mesh)
-    optimizer = 2 * parameters  # AdamW μ and ν, placed like their parameters, in their dtype
-    step_tokens = -(-sequences // data) * row_tokens
-    batch = _STEP_TOKEN_ARRAYS * 4 * step_tokens
+    batch = _STEP_TOKEN_ARRAYS * 4 * -(-sizes.step_rows // sizes.data_split) * row_tokens
     dims = memory_model.local_dims(model, mesh, rows, row_tokens)
-    round_rows = rollout.prompts_per_round * rollout.n
-    engine = rollout.sampler == "engine"
-    sampler_rows = -(-min(rollout.engine_slots, round_rows) // data) * data if engine else round_rows
-    sampler_local = -(-sampler_rows // data)
-    prefill_rows = EngineConfig().prefill_batch if engine else 0
-    kv_cache, prefix_store, sampler_temporaries = sampler_bytes(
-        model, mesh, sampler_local, prompt + PROMPT_BUCKET_SLACK, rollout.max_response_tokens,
-        prefill_rows=prefill_rows, fitted=fitted)
-    prefill_temporaries = prefill_bytes(model, mesh, sampler_local, prompt + PROMPT_BUCKET_SLACK,
-                                        rollout.max_response_tokens, prefill_rows, fitted)
+    prefill_rows = EngineConfig().prefill_batch if config.rollout.sampler == "engine" else 0
+    sampler = (model, mesh, sizes.sampler_local_rows, sizes.sampler_prompt_width, sizes.response_tokens)
+    kv_cache, prefix_store, sampler_temporaries = sampler_bytes(*sampler, prefill_rows=prefill_rows, fitted=fitted)
     memory = None if device_memory is None else (parse_bytes(device_memory) if isinstance(device_memory, str)
                                                  else int(device_memory))
     return MemoryPlan(
-        config_name=config.name, mesh_shape=dict(zip(mesh.axis_names, shape)), model=model, remat=model.remat,
-        micro_batch_rows=rows, row_tokens=row_tokens, parameters=parameters, optimizer=optimizer,
+        config_name=config.name, mesh_shape=dict(zip(mesh.axis_names, shape)), shapes=sizes, parameters=parameters,
+        optimizer=2 * parameters,  # AdamW μ and ν, placed like their parameters, in their dtype
         gradients=parameters + parameters * 4 // np.dtype(model.dtype).itemsize, batch=batch,
         activations=activation_bytes(model, mesh, rows, row_tokens, model.remat, fitted),
         activations_other_remat=activation_bytes(model, mesh, rows, row_tokens, _other_remat(model.remat), fitted),
@@ -486,9 +432,8 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
         embedding_gradient=int(memory_model.embedding_gradient(model, dims, fitted)),
         optimizer_update=int(memory_model.optimizer_working_set(parameters, largest_tensor_bytes(model, mesh),
                                                                 fitted)),
-        kv_cache=kv_cache,
-        kv_cache_rows=sampler_local, prefix_store=prefix_store,
-        sampler_temporaries=sampler_temporaries, prefill_temporaries=prefill_temporaries, device_memory=memory,
+        kv_cache=kv_cache, prefix_store=prefix_store, sampler_temporaries=sampler_temporaries,
+        prefill_temporaries=prefill_bytes(*sampler, prefill_rows, fitted), device_memory=memory,
         warm_start=warm_start_plan(config, model, fitted))
 
 
@@ -508,7 +453,7 @@ def suggestions(config: TrainConfig | str, mesh_shape: Sequence[int], device_mem
     smaller log-prob chunk, a smaller SFT batch, fewer engine slots, other mesh shapes over the
     same devices."""
     config = load_config(config) if isinstance(config, str) else config
-    model = model or model_config(config)
+    model = model or shapes_lib.model_config(config)
     base = plan(config, mesh_shape, device_memory, model)
     if base.fits:
         return []
@@ -566,7 +511,7 @@ _LESS_RECOMPUTE = {"full": ("dots", "none"), "dots": ("none",), "none": ()}
 def less_recompute(config: TrainConfig, mesh_shape: Sequence[int], device_memory: int | str,
                    model: ModelConfig | None = None) -> list[str]:
     """Remat policies that recompute less than ``config``'s and still fit (each re-planned)."""
-    model = model or model_config(config)
+    model = model or shapes_lib.model_config(config)
     found = []
     for policy in _LESS_RECOMPUTE[model.remat]:
         result = plan(_with(config, "model", remat=policy), mesh_shape, device_memory,

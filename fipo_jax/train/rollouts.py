@@ -26,6 +26,7 @@ from fipo_jax.parallel import distributed
 from fipo_jax.parallel.sharding import batch_sharding, ways
 from fipo_jax.rewards import score_batch
 from fipo_jax.train import runtime_configs
+from fipo_jax.train.shapes import engine_slots
 from fipo_jax.train.summary import length_stats
 
 
@@ -114,8 +115,7 @@ class RolloutCollector:
         ro = self.config.rollout
         if ro.sampler == "static":
             return generate(policy, ids, mask, key, sampling, row_sharding=rows)
-        split = ways("batch", self.mesh)
-        slots = -(-min(ro.engine_slots, len(ids)) // split) * split  # no more slots than rows, a multiple of the split
+        slots = engine_slots(ro.engine_slots, len(ids), ways("batch", self.mesh))
         engine = engine_lib.EngineConfig(num_slots=slots, steps_per_sync=ro.engine_steps_per_sync)
         out, stats = engine_lib.generate_with_stats(policy, ids, mask, key, sampling, engine, row_sharding=rows)
         self.engine_stats.append(stats)

@@ -1,18 +1,19 @@
 """A `TrainConfig` → the runtime configs of the parts it drives, one named constructor each.
 
-The run configuration (`fipo_jax.config`) is what users write; the update (`rl_step.UpdateConfig`),
+The run configuration (`fipo_jax.config`) is what users write; the update (`update.UpdateConfig`),
 the scorer (`rewards.RewardConfig`) and the sampler (`sampling.SamplingConfig`) each take their own
 config, usable without a `TrainConfig`. Every field copied from the one to the others is copied
 here, once, so a new field is wired in one place. (Not in `fipo_jax.config`: the run
 configuration stays below the modules that run it; nor as classmethods of the runtime configs,
-which would tie `rl_step` and `rewards` to the application's config.)
+which would tie `update` and `rewards` to the application's config.)
 
 >>> from fipo_jax.config import cpu_default
+>>> from fipo_jax.data import CharTokenizer
 >>> update_config(cpu_default()).group_size
 8
 >>> reward_config(cpu_default()).overlong_buffer
 16
->>> prompt_buckets(cpu_default())[-1]  # data.max_prompt_tokens + PROMPT_BUCKET_SLACK
+>>> sampling_config(cpu_default(), CharTokenizer()).prompt_length_buckets[-1]  # max_prompt_tokens + slack
 2064
 """
 
@@ -21,21 +22,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fipo_jax.config import TrainConfig
-from fipo_jax.generation.sampling import DEFAULT_PROMPT_BUCKETS, SamplingConfig
+from fipo_jax.generation.sampling import SamplingConfig
 from fipo_jax.rewards import RewardConfig
+from fipo_jax.train import shapes
 from fipo_jax.train.update import UpdateConfig
-
-# The rollouts' widest prompt bucket is data.max_prompt_tokens plus this (the memory planner reads it).
-PROMPT_BUCKET_SLACK = 16
 
 
 def update_config(config: TrainConfig) -> UpdateConfig:
-    """The static settings of `rl_step.rl_update`: the loss, advantages over groups of ``rollout.n``
-    responses, the micro-batch weighting and the log-prob chunk."""
+    """The static settings of `update.rl_update`: the loss, advantages over groups of ``rollout.n``
+    responses, the micro-batch weighting, the log-prob chunk and the metrics' quantiles."""
     algo = config.algo
     return UpdateConfig(loss=algo.loss, group_size=config.rollout.n, advantage=algo.advantage,
                         micro_batch_weighting=algo.micro_batch_weighting,
-                        logprob_chunk_size=config.model.logprob_chunk_size)
+                        logprob_chunk_size=config.model.logprob_chunk_size,
+                        ratio_quantiles=config.metrics.ratio_quantiles)
 
 
 def reward_config(config: TrainConfig) -> RewardConfig:
@@ -46,13 +46,6 @@ def reward_config(config: TrainConfig) -> RewardConfig:
                         overlong_buffer=reward.overlong_buffer if reward.overlong_shaping else None,
                         overlong_factor=reward.overlong_factor, verify_timeout_s=reward.verify_timeout_s,
                         batch_budget_s=reward.score_budget_s)
-
-
-def prompt_buckets(config: TrainConfig) -> tuple[int, ...]:
-    """Prompt widths the sampler pads to: the default buckets below the widest, then the widest
-    (``data.max_prompt_tokens`` + `PROMPT_BUCKET_SLACK`)."""
-    widest = config.data.max_prompt_tokens + PROMPT_BUCKET_SLACK
-    return tuple(b for b in DEFAULT_PROMPT_BUCKETS if b < widest) + (widest,)
 
 
 def sampling_config(config: TrainConfig, tokenizer, stop_sequences: Sequence[tuple[int, ...]] = (), *,
@@ -67,4 +60,4 @@ def sampling_config(config: TrainConfig, tokenizer, stop_sequences: Sequence[tup
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return SamplingConfig(max_new_tokens=rollout.max_response_tokens, temperature=temperature, top_p=top_p,
                           top_k=top_k, eos_token_ids=(tokenizer.eos_token_id,), stop_sequences=tuple(stop_sequences),
-                          pad_token_id=pad, prompt_length_buckets=prompt_buckets(config))
+                          pad_token_id=pad, prompt_length_buckets=shapes.prompt_buckets(config))

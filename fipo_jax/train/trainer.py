@@ -33,13 +33,14 @@ import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo
 # isort: split
 from flax import nnx
 
-from fipo_jax.config import ConfigError, TrainConfig, fipo_inert_reason, micro_batch_rows
+from fipo_jax.config import ConfigError, TrainConfig, fipo_inert_reason
+from fipo_jax.config.parsing import MOVED_FIELDS
 from fipo_jax.core.losses import token_diagnostics
 from fipo_jax.core.packing import RLBatch, pack_batch
 from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord
 from fipo_jax.models.file_checks import disk_full
 from fipo_jax.parallel import distributed
-from fipo_jax.parallel.sharding import make_mesh, replicated, ways
+from fipo_jax.parallel.sharding import make_mesh, replicated
 from fipo_jax.train import run_dir as run_dir_lib
 from fipo_jax.train import run_log as run_log_lib
 from fipo_jax.train import runtime_configs
@@ -57,13 +58,12 @@ from fipo_jax.train.checkpoint import Checkpointer, CheckpointMetadataError, con
 from fipo_jax.train.preflight import preflight
 from fipo_jax.train.rollouts import DynamicSamplingExhausted, RolloutCollector, Rollouts, majority_vote
 from fipo_jax.train.run_dir import check_export_destination
+from fipo_jax.train.shapes import run_shapes, update_prompt_width
 from fipo_jax.train.summary import summarize
 from fipo_jax.train.views import TokenView
 
 __all__ = ["Trainer", "NonFiniteStateError", "DynamicSamplingExhausted", "Rollouts", "majority_vote"]
 
-# The update trims all-padding prompt columns to a multiple of this (bounds recompilation).
-PROMPT_WIDTH_MULTIPLE = 64
 # Steps whose batch is more than this share of padding rows are reported.
 PADDING_WARN_SHARE = 0.25
 # Responses drawn as influence views (HTML + PNG under <run-dir>/views/) at each evaluation.
@@ -72,6 +72,19 @@ VIEWS_PER_EVAL = 3
 _EVAL_KEY_OFFSET = 10**6
 # What `save` writes and `resume` reads beside the state: a checkpoint without it is damage.
 REQUIRED_METADATA = {"fingerprint": dict, "iterator": {"epoch": int, "offset": int, "seed": int, "size": int}}
+
+
+def _without_paths(tree: dict, paths) -> dict:
+    """A copy of nested dict ``tree`` without the dotted ``paths`` it holds."""
+    out = json.loads(json.dumps(tree))
+    for path in paths:
+        *parents, leaf = path.split(".")
+        node = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
 
 
 class NonFiniteStateError(RuntimeError):
@@ -130,9 +143,9 @@ class Trainer:
         self.iterator = PromptIterator(self.train_records, seed=config.seed)
 
         algo, optim = config.algo, config.optim
-        self.micro_batch_rows = micro_batch_rows(config)
-        # Device groups the update's rows split over (a packed micro-batch's rows are a multiple).
-        self.rows_split = ways("batch", self.mesh)
+        # The sizes the planner planned: micro-batch rows, the data split (a packed micro-batch's rows
+        # are a multiple of it), prompt widths, the loaded model's config.
+        self.shapes = run_shapes(config, model=model.config)
         schedule = update_lib.warmup_schedule(optim.lr, optim.warmup_steps, algo.mini_batches)
         optimizer = update_lib.make_optimizer(schedule, optim.b1, optim.b2, optim.eps, optim.weight_decay,
                                               optim.grad_clip)
@@ -199,15 +212,15 @@ class Trainer:
         its tokens that are padding; ``batch/padding_frac_unpacked``: the same for one per row).
 
         Prompts are left-padded to the sampler's bucket; columns that are padding in every row
-        change nothing (positions count real tokens) and are dropped, to a multiple of 64."""
-        used = int(rollouts.prompt_mask.sum(axis=1).max())
-        width = min(rollouts.prompt_ids.shape[1], -(-used // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE)
+        change nothing (positions count real tokens) and are dropped (`shapes.update_prompt_width`)."""
+        width = update_prompt_width(int(rollouts.prompt_mask.sum(axis=1).max()), rollouts.prompt_ids.shape[1])
         sequences = {"prompt_ids": rollouts.prompt_ids[:, -width:], "prompt_mask": rollouts.prompt_mask[:, -width:],
                      "tokens": rollouts.tokens, "response_mask": rollouts.response_mask,
                      "scores": rollouts.scores.astype(np.float32),
                      "sampler_log_probs": rollouts.sampler_log_probs.astype(np.float32)}
         algo = self.config.algo
-        batch, stats = pack_batch(sequences, algo.mini_batches, self.micro_batch_rows, row_multiple=self.rows_split,
+        batch, stats = pack_batch(sequences, algo.mini_batches, self.shapes.micro_batch_rows,
+                                  row_multiple=self.shapes.data_split,
                                   layout="packed" if algo.packing else "padded")
         return batch, {"batch/padding_frac": stats["padding_frac"],
                        "batch/padding_frac_unpacked": stats["padding_frac_unpacked"]}
@@ -266,7 +279,9 @@ class Trainer:
 
     def _check_resumable(self, step: int, saved: dict) -> None:
         """Refuse a checkpoint whose config fingerprint or prompt data differ from this run's."""
-        differences = config_differences(saved["fingerprint"], json.loads(json.dumps(self.config.fingerprint())))
+        # A field that moved out of the fingerprint (`MOVED_FIELDS`) is no difference.
+        fingerprint = _without_paths(saved["fingerprint"], MOVED_FIELDS)
+        differences = config_differences(fingerprint, json.loads(json.dumps(self.config.fingerprint())))
         if differences:
             raise ConfigError(f"the run directory's checkpoint (step {step}) was made with different settings; use "
                               f"a new --run-dir or the original config. Differences:\n  " + "\n  ".join(differences))
@@ -358,12 +373,15 @@ class Trainer:
                      f"rewards (rollout/reward = {metrics.get('rollout/reward', float('nan')):.4g}), the "
                      f"learning rate and the loss settings (summary.json counts them: updates_skipped)")
 
+    def _mostly_padding(self, metrics: dict[str, Any]) -> bool:
+        """Whether a step's batch (its metrics row) is more than `PADDING_WARN_SHARE` padding rows."""
+        return metrics.get("rollout/padded_rows", 0) / self.shapes.step_rows > PADDING_WARN_SHARE
+
     def _warn_if_mostly_padding(self, metrics: dict[str, Any]) -> None:
         """Once per run: a step whose batch is more than `PADDING_WARN_SHARE` padding rows trains on
         far fewer responses than configured (dynamic sampling found too few mixed groups)."""
-        rows = self.config.rollout.prompts_per_step * self.config.rollout.n
-        share = metrics.get("rollout/padded_rows", 0) / rows
-        if share > PADDING_WARN_SHARE and not self._warned_padding:
+        rows = self.shapes.step_rows
+        if self._mostly_padding(metrics) and not self._warned_padding:
             self._warned_padding = True
             self.log(f"[warning] step {metrics['step']}: {metrics['rollout/padded_rows']} of {rows} rows are padding "
                      f"(only {metrics['rollout/kept_groups']} of {self.config.rollout.prompts_per_step} prompt groups "
@@ -435,9 +453,7 @@ class Trainer:
         rows = self.run_log.read()
         summary = summarize(rows, name, algo, steps, len(self.eval_records),
                                         os.path.join(self.run_dir, "plots"))
-        batch_rows = self.config.rollout.prompts_per_step * self.config.rollout.n
-        summary["steps_mostly_padding"] = sum(r.get("rollout/padded_rows", 0) / batch_rows > PADDING_WARN_SHARE
-                                              for r in rows)
+        summary["steps_mostly_padding"] = sum(map(self._mostly_padding, rows))
         summary["updates_skipped"] = int(sum(r.get("actor/skipped_updates", 0) for r in rows))
         summary["steps_with_skipped_updates"] = sum(r.get("actor/skipped_updates", 0) > 0 for r in rows)
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:

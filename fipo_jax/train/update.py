@@ -101,6 +101,8 @@ class UpdateConfig:
       micro_batch_weighting: one of `losses.MICRO_BATCH_WEIGHTINGS`: "exact" (token-mean over the
         mini-batch) or "official" (see `losses.weight_micro_batch`).
       logprob_chunk_size: vocabulary-projection chunk of the log-prob computation.
+      ratio_quantiles: also report the IS-ratio and influence-weight quantiles (sorts of every
+        token; metrics only, they change no update).
     """
 
     loss: PolicyLossConfig
@@ -108,6 +110,7 @@ class UpdateConfig:
     advantage: str = "grpo"
     micro_batch_weighting: MicroBatchWeighting = "exact"
     logprob_chunk_size: int = 1024
+    ratio_quantiles: bool = True
 
     def __post_init__(self):
         _checks.require(isinstance(self.loss, PolicyLossConfig),
@@ -117,6 +120,7 @@ class UpdateConfig:
         _checks.check_choice("UpdateConfig.micro_batch_weighting", self.micro_batch_weighting,
                              MICRO_BATCH_WEIGHTINGS)
         _checks.check_int("UpdateConfig.logprob_chunk_size", self.logprob_chunk_size, minimum=1)
+        _checks.check_bool("UpdateConfig.ratio_quantiles", self.ratio_quantiles)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -255,13 +259,14 @@ def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfi
     """One optimizer update from one mini-batch [K, R, L]; returns per-micro and per-update metrics."""
     params, opt_state = carry
     # FIPO's per-token weights, for the per-mini-batch quantiles of `influence_activity` only.
-    keep_weights = loss_config.loss_mode == "fipo" and config.loss.ratio_quantiles
+    keep_weights = loss_config.loss_mode == "fipo" and config.ratio_quantiles
 
     def objective(p, mb):
         lp, _ = packed_log_probs(graphdef, p, rest, mb["input_ids"], mb["segment_ids"], config.logprob_chunk_size)
         old = jnp.where(mb["on_policy"], jax.lax.stop_gradient(lp), mb["old_log_probs"])  # see the module docstring
         parts = policy_loss_parts(lp, old, mb["advantages"], mb["response_mask"], loss_config,
-                                  segment_ids=mb["segment_ids"], num_sequences=mb["sequences"])
+                                  segment_ids=mb["segment_ids"], num_sequences=mb["sequences"],
+                                  ratio_quantiles=False)  # taken once over the mini-batches, below
         terms = weight_micro_batch(parts.terms, config.micro_batch_weighting, mb["sequences"], sequences_per_mini)
         weights = parts.tokens.weights if keep_weights else None
         return terms.total, (terms, parts.metrics, parts.tokens.ratio, weights)
@@ -325,9 +330,8 @@ def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Opti
     minis = {"input_ids": batch.input_ids, "segment_ids": batch.segment_ids, "response_mask": mask,
              "old_log_probs": old_lp, "advantages": advantages, "sequences": batch.sequences,
              "on_policy": jnp.arange(n_mini) == 0}
-    # The IS-ratio quantiles (two sorts of every token) are taken once below, outside the gradient;
-    # the "-norm" horizon is the sampler's response width, not the row width.
-    loss_config = config.loss.replace(ratio_quantiles=False)
+    # The "-norm" horizon is the sampler's response width, not the row width.
+    loss_config = config.loss
     if loss_config.aggregation_horizon is None:
         loss_config = loss_config.replace(aggregation_horizon=batch.response_width)
     (params, opt_state), (micro_metrics, update_metrics, (ratio, weights)) = jax.lax.scan(
@@ -338,12 +342,12 @@ def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Opti
     micro_tokens = jnp.sum(mask, axis=(-2, -1)).astype(jnp.float32)  # [M, K]
     metrics = reduce_metrics(micro_metrics, micro_tokens, METRIC_REDUCTIONS)
     metrics |= reduce_metrics(update_metrics, micro_tokens.sum(axis=-1), UPDATE_METRIC_REDUCTIONS)
-    if config.loss.ratio_quantiles:
+    if config.ratio_quantiles:  # two sorts of every token: once here, outside the gradient
         tokens = lambda x: x.reshape(-1, mask.shape[-1])  # noqa: E731
         metrics |= loss_metrics.ratio_quantiles(tokens(ratio), tokens(advantages), tokens(mask))
     metrics = {f"actor/{k}": v for k, v in metrics.items()}
     if config.loss.loss_mode == "fipo":
-        metrics |= influence_activity(micro_metrics, weights if config.loss.ratio_quantiles else None, mask)
+        metrics |= influence_activity(micro_metrics, weights if config.ratio_quantiles else None, mask)
     metrics["actor/entropy"] = _token_mean(entropy, mask)
     metrics["rollout/sampler_logprob_gap"] = _token_mean(jnp.abs(batch.sampler_log_probs - old_lp), mask)
     metrics["batch/length_weighted_advantage"] = _token_mean(advantages, mask)
