@@ -315,3 +315,24 @@ def test_runtime_configs_copy_every_field():
     for sampling in (train, evaluation):
         assert sampling.max_new_tokens == 128 and sampling.eos_token_ids == (tokenizer.eos_token_id,)
         assert sampling.prompt_length_buckets == (16, 32, 64, 100 + shapes.PROMPT_BUCKET_SLACK)
+
+
+def test_a_moved_field_is_named_in_one_line(tmp_path):
+    """`algo.loss.ratio_quantiles` (a metrics switch) moved to `metrics.ratio_quantiles`: an override or a
+    config file of an earlier version is told where, and the switch is no part of the resume fingerprint."""
+    from fipo_jax.config import MetricsSpec, TrainConfig
+    from fipo_jax.train.trainer import _without_paths
+
+    with pytest.raises(ConfigError, match=r"^config field 'algo.loss.ratio_quantiles' moved to "
+                                          r"'metrics.ratio_quantiles'$"):
+        apply_overrides(cpu_default(), ["algo.loss.ratio_quantiles=false"])
+    old = tmp_path / "config.json"
+    old.write_text(json.dumps({"algo": {"loss": {"ratio_quantiles": False}}}))
+    with pytest.raises(ConfigError, match="moved to 'metrics.ratio_quantiles'"):
+        load_config(str(old))
+    quiet = apply_overrides(cpu_default(), ["metrics.ratio_quantiles=false"])
+    assert quiet.metrics == MetricsSpec(ratio_quantiles=False) and quiet.fingerprint() == cpu_default().fingerprint()
+    saved = TrainConfig().fingerprint()
+    saved["algo"]["loss"]["ratio_quantiles"] = True  # what an earlier version's checkpoint holds
+    assert _without_paths(saved, ["algo.loss.ratio_quantiles", "no.such.path"]) == TrainConfig().fingerprint()
+    assert saved["algo"]["loss"]["ratio_quantiles"] is True  # the saved metadata itself is left alone

@@ -148,6 +148,8 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     for item in overrides:
         _checks.require("=" in item, f"override {item!r} must look like field.path=value", error=ConfigError)
         path, raw = item.split("=", 1)
+        _checks.require(path.strip() not in MOVED_FIELDS,
+                        f"config field {path.strip()!r} moved to {MOVED_FIELDS.get(path.strip())!r}", error=ConfigError)
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
