@@ -1,6 +1,6 @@
 """Benchmark the continuous-batching engine against the static sampler, side by side in one run.
 
-    python experiments/bench_engine.py --out runs/bench_engine          # the README figures
+    python experiments/bench_engine.py --out runs/bench_engine          # the figures in docs/performance.md
     python experiments/bench_engine.py --quick                          # a smaller, faster run
 
 (a) long tail: R requests whose budgets are drawn from a log-normal (EOS off, so every response is

@@ -8,7 +8,7 @@ that floor. This script times candidate exact forms of F_t = x_t + γ F_{t+1} tw
 materialised [B, T] array, and in the loss's own pipeline (x computed from the log-probs, the
 weights clip(exp(F)) after), where XLA fuses or fails to fuse around the sum. The library's
 methods (scan, associative, blocked) are included; the others are experiments kept here with
-their figures (README, Performance), not library code.
+their figures (docs/performance.md), not library code.
 
 * ``lanes c``      each row split into c contiguous chunks, one scan over the chunk length with
                    B·c lanes, a short scan over chunk starts, an elementwise fix-up.

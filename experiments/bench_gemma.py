@@ -1,7 +1,7 @@
 """Benchmark on a real pretrained model: Gemma 3 270M (the packaged Q4_K_M GGUF, dequantised to
 float32), our JAX model vs transformers/PyTorch with the same weights, CPU, one run.
 
-    python experiments/bench_gemma.py --out bench_gemma.json       # the README figures
+    python experiments/bench_gemma.py --out bench_gemma.json       # the figures in docs/performance.md
 
 (a) greedy decode: B = 8 prompts of 64 tokens, 128 new tokens each, KV cache, no early stop.
     Ours: `fipo_jax.generation.static_sampler.generate`. Reference: `transformers` `generate(do_sample=False)`.

@@ -1,7 +1,7 @@
 """Benchmark the FIPO loss: ours (JAX, each Future-KL method) vs our DAPO loss vs the
 official O(T²) chunked formulation (PyTorch transcription and JAX), side by side in one run.
 
-    python experiments/bench_loss.py                       # the README figures
+    python experiments/bench_loss.py                       # the figures in docs/performance.md
     python experiments/bench_loss.py --sizes 2x20480 --repeats 5 --out bench.json
 
 Every timing is forward + backward (d loss / d log_probs) of a jitted (ours) or eager

@@ -1,7 +1,7 @@
 """Benchmark the policy model paths: our jitted sampler and log-prob training step vs the same
 weights in PyTorch/transformers, side by side in one run, plus the LM-head memory bound.
 
-    python experiments/bench_model.py --out bench_model.json       # the README figures
+    python experiments/bench_model.py --out bench_model.json       # the figures in docs/performance.md
     python experiments/bench_model.py --layers 2 --hidden 128 --repeats 5
 
 (a) decode: greedy, KV cache, B prompts of P tokens, N new tokens each, no early stop.
@@ -241,7 +241,7 @@ def bench_sliding_decode(args, model) -> dict:
             "blocks_vs_dense_mask_best": minima["sliding_dense_mask"] / minima["sliding_blocks"],
             "sliding_vs_full": medians["full_blocks"] / medians["sliding_blocks"],
             # Greedy ties can flip between the two sliding paths over long random-weight decodes
-            # (online vs dense softmax rounding); see the README for the exactness check.
+            # (online vs dense softmax rounding); see docs/performance.md for the exactness check.
             "greedy_tokens_identical": bool(np.array_equal(tokens["sliding_blocks"], tokens["sliding_dense_mask"]))}
 
 

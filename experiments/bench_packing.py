@@ -1,6 +1,6 @@
 """Benchmark packed updates against padded ones, side by side in one run.
 
-    python experiments/bench_packing.py --out runs/bench_packing        # the README figures
+    python experiments/bench_packing.py --out runs/bench_packing        # the figures in docs/performance.md
     python experiments/bench_packing.py --quick                         # a smaller, faster run
 
 The same sequences either way: S responses whose lengths are drawn from the engine benchmark's

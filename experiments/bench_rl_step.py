@@ -1,7 +1,7 @@
 """Seconds per RL step and host↔device bytes per step of the CPU experiment: this checkout's
 trainer vs the trainer of an earlier commit, side by side in one run.
 
-    python experiments/bench_rl_step.py --ref cb99b93 --out bench_rl_step.json   # the README figures
+    python experiments/bench_rl_step.py --ref cb99b93 --out bench_rl_step.json   # the figures in docs/performance.md
 
 Each code version runs in its own process (one after the other, alternating over ``--rounds``),
 from a git worktree of ``--ref`` for the earlier one. A process builds the `cpu_default` trainer
@@ -70,7 +70,7 @@ def marking_collect(*args, **kwargs):
     return out
 owner.collect = marking_collect
 
-# The workload the figures in the README were measured on (the default before issue 11), pinned so
+# The workload the figures in docs/performance.md were measured on (the default before issue 11), pinned so
 # that both versions run the same config whatever their cpu_default says.
 EARLIER_DEFAULT = ["data.n_terms=5", "rollout.max_response_tokens=48", "reward.overlong_buffer=8",
                    "algo.mini_batches=4", "algo.micro_batch_size=64", "algo.loss.decay_rate=8", "steps=50"]

@@ -145,7 +145,7 @@ def test_fipo_loss_split_over_time_equals_the_unsplit_loss(results, aggregation,
     # The gradient program (metrics dropped). With segments, the per-sequence sums of the loss
     # number the runs by a cumsum over the row, which XLA gathers: for the drop rule the integer
     # ids and a boolean row; a seq-mean aggregation's scatter also gathers the float per-token
-    # losses (README: context parallelism). The Future-KL itself never gathers a row.
+    # losses (docs/functional-api.md: context parallelism). The Future-KL itself never gathers a row.
     if layout == "rows" or aggregation == "token-mean":
         assert_no_row_is_gathered(case["gathered_shapes"], floats_only=layout == "segments")
 

@@ -37,7 +37,7 @@ def test_the_core_installs_alone_and_runs_the_readme_example(tmp_path):
 
     timed = _run(python, "import time; t = time.perf_counter(); import fipo_jax; print(time.perf_counter() - t)")
     assert timed.returncode == 0, timed.stderr
-    print(f"core import: {float(timed.stdout):.2f} s")  # stated in the README (measured there, not asserted)
+    print(f"core import: {float(timed.stdout):.2f} s")  # stated in the docs (measured there, not asserted)
     example = _run(python, _readme_example() + "\nassert keep.tolist() == [True, False] and grad.shape == (8, 64)")
     assert example.returncode == 0, example.stderr
 

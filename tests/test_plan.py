@@ -16,7 +16,7 @@ from tests.plan_family import COMPILE_SCRIPT, OVERRIDES, compiled_peak, draw_cas
 # `fipo_jax.train.memory_model`), so these cases are out of sample.
 FAMILY = draw_cases(12, seed=2027)
 # The planner must never under-count (0.95); the target upper bound was 1.15, and the fit reaches
-# about 1.26 in sample (README "Before launching"): the band is what is measured, not the target.
+# about 1.26 in sample (docs/planner.md): the band is what is measured, not the target.
 LOWEST, HIGHEST = 0.95, 1.30
 MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2)
