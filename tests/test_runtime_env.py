@@ -171,6 +171,12 @@ def test_the_gemma3_270m_preset(runs):
 
 
 def test_the_planner(runtime_python, cache_dir):
-    result = run(console_script(runtime_python, "fipo-plan"), cache_dir, "--config", "qwen2.5-7b-fipo", "--mesh", "4,4,4",
-                 "--device-memory", "80GiB")
+    result = run(console_script(runtime_python, "fipo-plan"), cache_dir, "--config", "qwen2.5-7b-fipo",
+                 "--mesh", "4,4,4", "--device-memory", "80GiB")
     assert "fits" in result.stdout.lower(), result.stdout
+
+
+@pytest.mark.parametrize("command", ["fipo-train", "fipo-plan"])
+def test_the_console_commands_answer_help(runtime_python, cache_dir, command):
+    result = run(console_script(runtime_python, command), cache_dir, "--help")
+    assert result.stdout.startswith(f"usage: {command}") and "--config" in result.stdout
