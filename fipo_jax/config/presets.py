@@ -24,10 +24,10 @@ from fipo_jax.config.specs import (
     TrainConfig,
 )
 from fipo_jax.core import _checks
-from fipo_jax.core.losses import LOSS_MODES, PolicyLossConfig
+from fipo_jax.core.losses import LOSS_MODES, LossMode, PolicyLossConfig
 
 
-def with_algo(config: TrainConfig, algo: str) -> TrainConfig:
+def with_algo(config: TrainConfig, algo: LossMode) -> TrainConfig:
     """Swap the loss to the official preset of ``algo``, one of `losses.LOSS_MODES` ("fipo" keeps the
     config's FIPO settings)."""
     _checks.check_choice("--algo", algo, LOSS_MODES, error=ConfigError)
