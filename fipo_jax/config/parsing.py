@@ -33,7 +33,7 @@ def _field_types(cls) -> dict[str, Any]:
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Convert JSON / command-line values to a field's annotated type."""
     origin = typing.get_origin(annotation)
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
         _checks.require(isinstance(value, dict), f"{where} must be a mapping, got {value!r}", error=ConfigError)
@@ -195,7 +195,7 @@ def load_config(name_or_path: str) -> TrainConfig:
 
 def _dotted_keys(data: dict, prefix: str = "") -> list[str]:
     """Every leaf key of a nested dict as a dotted path."""
-    out = []
+    out: list[str] = []
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else key
         out += _dotted_keys(value, path) if isinstance(value, dict) else [path]

@@ -223,7 +223,7 @@ class LossTerms(NamedTuple):
     """
 
     total: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count on purpose (the public name)
 
     @property
     def value(self) -> jax.Array:
@@ -421,6 +421,7 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, horizon: int | N
         return LossTerms(jnp.sum(masked), jnp.sum(mask).astype(jnp.float32))
     if mode not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+    sequences: int | jax.Array
     if segment_ids is None:
         sums_S, tokens_S = jnp.sum(masked, axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
         sequences = batch
@@ -629,7 +630,9 @@ def policy_loss_parts(
     metrics.update(_count_metrics(mask, tokens.loss_mask, segment_ids))
     if config.loss_mode == "fipo":
         metrics.update(_activity_metrics(pieces, mask, tokens.loss_mask))
-    agg = lambda x: aggregate(x, tokens.loss_mask, config.aggregation, config.aggregation_horizon,  # noqa: E731
+    aggregation = config.aggregation
+    assert aggregation is not None  # PolicyLossConfig.__post_init__ resolves it
+    agg = lambda x: aggregate(x, tokens.loss_mask, aggregation, config.aggregation_horizon,  # noqa: E731
                               segment_ids, num_sequences)
     terms = agg(per_token)
     metrics["pg_loss"] = jax.lax.stop_gradient(terms.value)

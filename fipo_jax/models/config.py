@@ -186,15 +186,17 @@ class ModelConfig:
                         "ModelConfig.num_attention_heads must be divisible by num_key_value_heads "
                         f"(grouped-query attention), got {self.num_attention_heads} heads and "
                         f"{self.num_key_value_heads} kv heads")
-        if self.head_dim is None:
+        head_dim = self.head_dim
+        if head_dim is None:
             _checks.require(self.hidden_size % self.num_attention_heads == 0,
                             "ModelConfig.hidden_size must be divisible by num_attention_heads when head_dim is not "
                             f"given, got hidden_size={self.hidden_size}, "
                             f"num_attention_heads={self.num_attention_heads}")
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        _checks.check_int("ModelConfig.head_dim", self.head_dim, minimum=1)
-        _checks.require(self.head_dim % 2 == 0,
-                        f"ModelConfig.head_dim must be even (RoPE rotates pairs of dims), got {self.head_dim}")
+            head_dim = self.hidden_size // self.num_attention_heads
+            object.__setattr__(self, "head_dim", head_dim)
+        _checks.check_int("ModelConfig.head_dim", head_dim, minimum=1)
+        _checks.require(head_dim % 2 == 0,
+                        f"ModelConfig.head_dim must be even (RoPE rotates pairs of dims), got {head_dim}")
         _checks.check_choice("ModelConfig.model_type", self.model_type, MODEL_TYPES)
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
             _checks.check_number(f"ModelConfig.{name}", getattr(self, name), minimum=0, exclusive_minimum=True)
@@ -251,6 +253,7 @@ class ModelConfig:
     @property
     def attention_scale(self) -> float:
         """The factor on q·k: query_pre_attn_scalar^(−½), by default head_dim^(−½)."""
+        assert self.head_dim is not None  # __post_init__ resolves it
         return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property

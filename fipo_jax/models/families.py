@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -30,12 +30,22 @@ from fipo_jax.models.config import (
 
 _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM"}
+
+
+class _Defaults(TypedDict):
+    """One family's entry in `_DEFAULTS`."""
+
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    head_dim: int | None
+
+
 # transformers' defaults for fields a config.json may omit, per family.
-_DEFAULTS = {
-    "qwen2": dict(max_position_embeddings=32768, tie_word_embeddings=False, head_dim=None),
-    "qwen3": dict(max_position_embeddings=32768, tie_word_embeddings=False, head_dim=128),
-    "llama": dict(max_position_embeddings=2048, tie_word_embeddings=False, head_dim=None),
-    "gemma3_text": dict(max_position_embeddings=131072, tie_word_embeddings=True, head_dim=256),
+_DEFAULTS: dict[str, _Defaults] = {
+    "qwen2": _Defaults(max_position_embeddings=32768, tie_word_embeddings=False, head_dim=None),
+    "qwen3": _Defaults(max_position_embeddings=32768, tie_word_embeddings=False, head_dim=128),
+    "llama": _Defaults(max_position_embeddings=2048, tie_word_embeddings=False, head_dim=None),
+    "gemma3_text": _Defaults(max_position_embeddings=131072, tie_word_embeddings=True, head_dim=256),
 }
 _GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 
@@ -414,7 +424,7 @@ class WeightMapping:
 
 def _layer_rows(config: ModelConfig) -> list[tuple[str, tuple[str, ...], Layout]]:
     """(HF suffix, path inside the layer, layout) of one decoder layer."""
-    rows = [("input_layernorm.weight", ("attn_norm", "weight"), COPY)]
+    rows: list[tuple[str, tuple[str, ...], Layout]] = [("input_layernorm.weight", ("attn_norm", "weight"), COPY)]
     if config.sandwich_norms:  # Gemma names: post_attention_layernorm is the attention *output* norm
         rows += [("post_attention_layernorm.weight", ("attn_output_norm", "weight"), COPY),
                  ("pre_feedforward_layernorm.weight", ("mlp_norm", "weight"), COPY),

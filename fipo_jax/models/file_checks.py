@@ -81,9 +81,9 @@ def checkpoint_files(path: str | os.PathLike) -> list[str]:
     index_path = os.path.join(path, SAFETENSORS_INDEX)
     if os.path.exists(index_path):
         weight_map = read_json_object(index_path).get("weight_map")
-        require(isinstance(weight_map, dict) and bool(weight_map)
-                and all(isinstance(name, str) for name in weight_map.values()),
-                f"{index_path} has no \"weight_map\" object (tensor name → shard file name)", CheckpointFileError)
+        if not (isinstance(weight_map, dict) and bool(weight_map)
+                and all(isinstance(name, str) for name in weight_map.values())):
+            raise CheckpointFileError(f"{index_path} has no \"weight_map\" object (tensor name → shard file name)")
         files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
         absent = [os.path.basename(file) for file in files if not os.path.isfile(file)]
         if absent:
@@ -125,7 +125,7 @@ def _safetensors_damage(file: str, error: Exception) -> str:
             header = json.loads(f.read(header_bytes))
         data_bytes = size - 8 - header_bytes
         ends = {name: int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"}
-        cut = sorted((name for name, end in ends.items() if end > data_bytes), key=ends.get)
+        cut = sorted((name for name, end in ends.items() if end > data_bytes), key=ends.__getitem__)
         if cut:
             shown = ", ".join(repr(name) for name in cut[:5]) + (f" and {len(cut) - 5} more" if len(cut) > 5 else "")
             return (f"{file} is truncated: {size} bytes on disk, its header describes "
@@ -180,11 +180,12 @@ def raise_if_nonfinite(flags: Mapping[str, jax.Array], locate: Callable[[str], t
 def disk_full(err: BaseException) -> bool:
     """Whether ``err`` (or what caused it) says the disk is full (ENOSPC, or Orbax's RESOURCE_EXHAUSTED)."""
     seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        text = str(err)
-        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in text \
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if (isinstance(current, OSError) and current.errno == errno.ENOSPC) or "No space left on device" in text \
                 or "RESOURCE_EXHAUSTED" in text:
             return True
-        err = err.__cause__ or err.__context__
+        current = current.__cause__ or current.__context__
     return False
