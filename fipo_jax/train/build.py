@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -34,7 +34,21 @@ from fipo_jax.parallel import distributed
 from fipo_jax.train.shapes import scratch_model_config
 
 Log = Callable[[str], None]
-ProgressBar = Callable[[int, str], object]  # (total, description) → a tqdm-like bar, or None
+
+
+class Bar(Protocol):
+    """The part of a tqdm bar `warm_start` uses."""
+
+    n: int
+
+    def update(self, n: int) -> object: ...
+
+    def set_postfix(self, **kwargs: Any) -> object: ...
+
+    def close(self) -> object: ...
+
+
+ProgressBar = Callable[[int, str], Bar | None]  # (total, description) → a tqdm-like bar, or None
 
 
 def build_tokenizer(config: TrainConfig):

@@ -280,7 +280,7 @@ def quiet_closed_loop_callbacks() -> None:
         if not _is_closed_loop_callback(unraisable):
             previous(unraisable)
 
-    hook.drops_closed_loop_callbacks = True
+    setattr(hook, "drops_closed_loop_callbacks", True)  # a mark on the function, read back above
     sys.unraisablehook = hook
 
 

@@ -108,10 +108,12 @@ def local_dims(model: ModelConfig, mesh, rows: int, row_tokens: int) -> LocalDim
     rows_here = rows // ways("batch", mesh)
     hidden = local(model.hidden_size, mesh, "embed")
     heads = local(model.num_attention_heads, mesh, "heads")
+    head_dim = model.head_dim
+    assert head_dim is not None  # ModelConfig.__post_init__ resolves it
     return LocalDims(
         tokens=rows_here * row_tokens, rows=rows_here, row_tokens=row_tokens, hidden=hidden,
-        hidden_split=max(1, hidden // ways("heads", mesh)), query=heads * model.head_dim,
-        key_value=local(model.num_key_value_heads, mesh, "kv_heads") * model.head_dim,
+        hidden_split=max(1, hidden // ways("heads", mesh)), query=heads * head_dim,
+        key_value=local(model.num_key_value_heads, mesh, "kv_heads") * head_dim,
         mlp=local(model.intermediate_size, mesh, "mlp"), heads=heads, vocab=local(model.vocab_size, mesh, "vocab"),
         compute_bytes=np.dtype(model.compute_dtype).itemsize)
 
@@ -122,7 +124,8 @@ def local_dims(model: ModelConfig, mesh, rows: int, row_tokens: int) -> LocalDim
 def _attended(model: ModelConfig, dims: LocalDims) -> int:
     """Keys whose float32 score a layer keeps per query: the row, or none when query chunks
     rematerialise their scores."""
-    chunked = bool(model.attention_chunk_size) and model.attention_chunk_size < dims.row_tokens
+    chunk = model.attention_chunk_size
+    chunked = bool(chunk and chunk < dims.row_tokens)
     return 0 if chunked else dims.row_tokens
 
 
@@ -197,6 +200,7 @@ def decode_temporaries(model: ModelConfig, mesh, slots: int, layer_parameter_byt
     axis they share a factor with (2 kv heads on 4 devices) — XLA's reshard of the cache around the
     layer scan (it splits the heads inside the scan and gathers the whole cache back)."""
     f = fitted
+    assert model.head_dim is not None  # ModelConfig.__post_init__ resolves it
     kv_width = local(model.num_key_value_heads, mesh, "kv_heads") * model.head_dim
     block = min(model.decode_block_size or cache_length, cache_length)
     blocks = 2 * slots * block * kv_width * F32
@@ -224,6 +228,7 @@ def prefill_temporaries(model: ModelConfig, mesh, rows: int, prompt_width: int, 
     2,048 tokens, chunked and not, float32 and bfloat16): scores × 2.05–2.33 where they dominate;
     the planned prefill program is 1.07–1.30 of the compiled one (`tests/test_plan_faults.py`)."""
     f = fitted
+    assert model.head_dim is not None  # ModelConfig.__post_init__ resolves it
     heads = local(model.num_attention_heads, mesh, "heads")
     queries = min(model.attention_chunk_size or prompt_width, prompt_width)
     scores = F32 * rows * heads * queries * cache_length

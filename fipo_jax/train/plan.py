@@ -352,6 +352,7 @@ def sampler_bytes(model: ModelConfig, mesh, local_rows: int, prompt_width: int, 
 def _kv_bytes_per_position(model: ModelConfig, mesh) -> int:
     """Keys and values of one cached position, every layer, kv heads split over ``tensor``."""
     kv_heads = memory_model.local(model.num_key_value_heads, mesh, "kv_heads")
+    assert model.head_dim is not None  # ModelConfig.__post_init__ resolves it
     return 2 * model.num_hidden_layers * model.head_dim * np.dtype(model.compute_dtype).itemsize * kv_heads
 
 
@@ -455,6 +456,7 @@ def suggestions(config: TrainConfig | str, mesh_shape: Sequence[int], device_mem
     config = load_config(config) if isinstance(config, str) else config
     model = model or shapes_lib.model_config(config)
     base = plan(config, mesh_shape, device_memory, model)
+    assert base.device_memory is not None  # device_memory was given
     if base.fits:
         return []
     found = []

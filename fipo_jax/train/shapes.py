@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from fipo_jax.config import ConfigError, TrainConfig, micro_batch_rows
 from fipo_jax.data import ChainTask, CharTokenizer
@@ -34,7 +35,7 @@ PROMPT_WIDTH_MULTIPLE = 64
 SCRATCH_MAX_POSITIONS = 4096
 
 # Architectures of public checkpoints (their config.json), for planning without the files.
-KNOWN_MODELS = {
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,

@@ -54,7 +54,7 @@ from fipo_jax.train.build import (
     needs_warm_start,
     warm_start,
 )
-from fipo_jax.train.checkpoint import Checkpointer, CheckpointMetadataError, config_differences
+from fipo_jax.train.checkpoint import Checkpointer, CheckpointMetadataError, MetadataSchema, config_differences
 from fipo_jax.train.preflight import preflight
 from fipo_jax.train.rollouts import DynamicSamplingExhausted, RolloutCollector, Rollouts, majority_vote
 from fipo_jax.train.run_dir import check_export_destination
@@ -71,7 +71,8 @@ VIEWS_PER_EVAL = 3
 # Eval keys are folded from this offset so they never coincide with a training step's keys.
 _EVAL_KEY_OFFSET = 10**6
 # What `save` writes and `resume` reads beside the state: a checkpoint without it is damage.
-REQUIRED_METADATA = {"fingerprint": dict, "iterator": {"epoch": int, "offset": int, "seed": int, "size": int}}
+REQUIRED_METADATA: MetadataSchema = {"fingerprint": dict,
+                                     "iterator": {"epoch": int, "offset": int, "seed": int, "size": int}}
 
 
 def _without_paths(tree: dict, paths) -> dict:
@@ -149,7 +150,8 @@ class Trainer:
         schedule = update_lib.warmup_schedule(optim.lr, optim.warmup_steps, algo.mini_batches)
         optimizer = update_lib.make_optimizer(schedule, optim.b1, optim.b2, optim.eps, optim.weight_decay,
                                               optim.grad_clip)
-        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]  # two filters give three parts
+        self.graphdef, self.rest = graphdef, rest
         # The state lives on the mesh from the start, placed by the one rules table; the update pins
         # these placements on its output, so every step compiles once and never reshards.
         self.state_shardings = update_lib.state_shardings(params, optimizer, self.mesh)
@@ -407,6 +409,7 @@ class Trainer:
         step's), the highest- and lowest-advantage ones, with `token_diagnostics` — the weights a
         next mini-batch would apply."""
         rollouts = self.last_rollouts if rollouts is None else rollouts
+        assert rollouts is not None, "no step has run yet: pass the rollouts"
         advantages = self._advantages(rollouts)
         real = np.flatnonzero(rollouts.response_mask.any(axis=1))
         by_advantage = real[np.argsort(-advantages[real], kind="stable")]

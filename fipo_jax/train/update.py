@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo_jax[train]
@@ -82,12 +83,15 @@ class RLState:
       opt_state: the optax state of `make_optimizer`.
       step: int32 scalar, RL steps done.
       key: the run's PRNG key; step s samples with keys folded from (key, s).
+
+    The same struct also describes a state: its leaves are then shardings (`state_shardings`),
+    `jax.ShapeDtypeStruct`s (`abstract_state`) or host arrays (`place_state`), hence ``Any``.
     """
 
     params: Any
     opt_state: Any
-    step: jax.Array
-    key: jax.Array
+    step: Any
+    key: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +203,7 @@ def _old_log_probs(graphdef, params, rest, input_ids, segment_ids, chunk_size: i
     params = jax.lax.stop_gradient(params)
     lead = input_ids.shape[:2]
     flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731  [M·K, R, L]
-    lp, ent = jax.lax.map(lambda ids_seg: packed_log_probs(graphdef, params, rest, *ids_seg, chunk_size),
+    lp, ent = jax.lax.map(lambda ids_seg: packed_log_probs(graphdef, params, rest, ids_seg[0], ids_seg[1], chunk_size),
                           (flat(input_ids), flat(segment_ids)))
     return lp.reshape(lead + lp.shape[1:]), ent.reshape(lead + ent.shape[1:])
 
@@ -208,7 +212,7 @@ def _old_log_probs(graphdef, params, rest, input_ids, segment_ids, chunk_size: i
 
 
 def reduce_metrics(stacked: dict[str, jax.Array], weights: jax.Array,
-                   reductions: dict[str, Reduction]) -> dict[str, jax.Array]:
+                   reductions: Mapping[str, Reduction]) -> dict[str, jax.Array]:
     """One value per key from values stacked over micro- (or mini-) batches.
 
     "sum" adds; "mean" is the mean weighted by ``weights`` (response tokens), so batches without
@@ -300,7 +304,7 @@ def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfi
     return (params, opt_state), (micro_metrics, update_metrics, tokens)
 
 
-def sequence_advantages(scores_S: jax.Array, config: UpdateConfig) -> jax.Array:
+def sequence_advantages(scores_S: jax.Array | np.ndarray, config: UpdateConfig) -> jax.Array:
     """Advantages [S] of the step's sequences from their scores: ``config.advantage`` over groups of
     ``config.group_size`` consecutive sequences (the one place the update's advantages are chosen)."""
     return ADVANTAGE_ESTIMATORS[config.advantage](jnp.asarray(scores_S, jnp.float32), config.group_size)
@@ -351,7 +355,7 @@ def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Opti
     metrics["actor/entropy"] = _token_mean(entropy, mask)
     metrics["rollout/sampler_logprob_gap"] = _token_mean(jnp.abs(batch.sampler_log_probs - old_lp), mask)
     metrics["batch/length_weighted_advantage"] = _token_mean(advantages, mask)
-    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+    return dataclasses.replace(state, params=params, opt_state=opt_state, step=state.step + 1), metrics
 
 
 INFLUENCE_QUANTILES = (0.05, 0.5, 0.95)
@@ -393,7 +397,7 @@ def jit_rl_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, st
     (so every step compiles once and never reshards); ``metric_sharding`` the metrics' (replicated,
     so every process reads them locally)."""
     fn = functools.partial(rl_update, graphdef=graphdef, rest=rest, optimizer=optimizer, config=config)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if state_shardings is not None:
         kwargs["out_shardings"] = (state_shardings, metric_sharding)
     jitted = jax.jit(fn, donate_argnums=(0, 1), **kwargs)
@@ -406,7 +410,7 @@ def jit_rl_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, st
             warnings.filterwarnings("ignore", "Some donated buffers were not usable", UserWarning)
             return jitted(state, batch)
 
-    update.lower = jitted.lower
+    setattr(update, "lower", jitted.lower)  # callers lower the update as they would the jitted function
     return update
 
 
@@ -426,9 +430,9 @@ def state_shardings(params, optimizer: Optimizer, mesh) -> RLState:
 def place_state(state: RLState, shardings: RLState) -> RLState:
     """``jax.device_put(state, shardings)``, also across processes: a typed PRNG key cannot be put on
     devices other processes own, so it travels as its (host) key data and is wrapped on the mesh."""
-    raw = state.replace(key=np.asarray(jax.random.key_data(state.key)))
+    raw = dataclasses.replace(state, key=np.asarray(jax.random.key_data(state.key)))
     placed = jax.device_put(raw, shardings)
-    return placed.replace(key=jax.random.wrap_key_data(placed.key, impl=jax.random.key_impl(state.key)))
+    return dataclasses.replace(placed, key=jax.random.wrap_key_data(placed.key, impl=jax.random.key_impl(state.key)))
 
 
 def abstract_state(state: RLState, shardings: RLState) -> RLState:
