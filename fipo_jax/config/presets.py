@@ -50,7 +50,7 @@ def cpu_default() -> TrainConfig:
         rollout=RolloutSpec(n=8, prompts_per_step=32, prompts_per_round=48, max_rounds=3, max_response_tokens=128),
         reward=RewardSpec(overlong_buffer=16),
         # Unpacked: with responses ≤ 128 tokens packing saves ~0.4 s of a ~2 s update, less than the
-        # ~6 s compile each new packed shape costs in a 30-step run (README, "Packed updates").
+        # ~6 s compile each new packed shape costs in a 30-step run (docs/functional-api.md, "Packed updates").
         algo=AlgoSpec(loss=PolicyLossConfig(decay_rate=16.0), mini_batches=8, micro_batch_size=32, packing=False),
         optim=OptimSpec(lr=1e-4, warmup_steps=2, weight_decay=0.0),
         eval=EvalSpec(every=10, k=4, top_p=1.0),

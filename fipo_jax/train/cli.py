@@ -5,7 +5,7 @@
     fipo-train --config qwen2.5-32b-fipo --set model.path=/ckpt/Qwen2.5-32B \\
         --set data.train_path=/data/dapo-math-17k.parquet --set data.eval_path=/data/aime-2024.parquet
 
-Multi-host (one process per host, all with the same arguments; see README "Multi-host"):
+Multi-host (one process per host, all with the same arguments; see docs/real-models.md, "Multi-host"):
 
     fipo-train --config qwen2.5-7b-fipo --distributed auto ...          # TPU pod / SLURM
     fipo-train ... --distributed HOST:PORT --num-processes 4 --process-id $RANK
