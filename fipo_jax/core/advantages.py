@@ -115,7 +115,7 @@ ADVANTAGE_ESTIMATORS: Mapping[str, Callable[[jax.Array, int], jax.Array]] = type
 })
 
 
-def dynamic_sampling_mask(outcomes: jax.Array, group_size: int) -> jax.Array:
+def dynamic_sampling_mask(outcomes: jax.typing.ArrayLike, group_size: int) -> jax.Array:
     """DAPO dynamic sampling: keep a group iff its binary outcomes are not all equal.
 
     Filter on the binary correctness (the official `acc` metric), never on the shaped

@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fipo_jax.config import TrainConfig
@@ -160,7 +159,7 @@ class RolloutCollector:
                                    jax.random.fold_in(key, round_index), self.sampling)
             all_rounds.append(rollouts)
             if ro.dynamic_sampling:
-                keep_groups = np.asarray(adv_lib.dynamic_sampling_mask(jnp.asarray(rollouts.correct), n))
+                keep_groups = np.asarray(adv_lib.dynamic_sampling_mask(rollouts.correct, n))
             else:
                 keep_groups = np.ones(len(rollouts.correct) // n, bool)
             kept.append(rollouts.take(np.flatnonzero(np.repeat(keep_groups, n))))
