@@ -10,6 +10,7 @@ from fipo_jax.core.advantages import (
     grpo_advantages,
     rloo_advantages,
 )
+from fipo_jax.core.behaviour import behaviour_weights
 from fipo_jax.core.future_kl import context_parallel_future_kl, discount_factor, discounted_reverse_cumsum, future_kl
 from fipo_jax.core.losses import (
     METRIC_REDUCTIONS,
@@ -42,6 +43,7 @@ __all__ = [
     "PolicyLossConfig",
     "TokenDiagnostics",
     "aggregate",
+    "behaviour_weights",
     "broadcast_to_tokens",
     "clipped_surrogate",
     "context_parallel_future_kl",

@@ -426,8 +426,9 @@ def test_declared_reductions_are_all_used():
     seen = set()
     for mode in fj.core.losses.LOSS_MODES:
         _, metrics = fj.policy_loss_terms(jnp.zeros((2, 4)), jnp.zeros((2, 4)), jnp.ones(2), jnp.ones((2, 4), bool),
-                                          fj.PolicyLossConfig(loss_mode=mode), ref_log_probs=jnp.zeros((2, 4)),
-                                          entropy=jnp.ones((2, 4)))
+                                          fj.PolicyLossConfig(loss_mode=mode, behaviour_weight_cap=2.0),
+                                          ref_log_probs=jnp.zeros((2, 4)), entropy=jnp.ones((2, 4)),
+                                          behaviour_log_probs=jnp.zeros((2, 4)))
         seen |= set(metrics)
     assert seen == set(fj.METRIC_REDUCTIONS)
 

@@ -28,6 +28,12 @@ import jax.numpy as jnp
 
 from fipo_jax.core import _checks
 from fipo_jax.core import loss_metrics as lm
+from fipo_jax.core.behaviour import (
+    BEHAVIOUR_WEIGHT_LEVELS,
+    BehaviourWeightLevel,
+    behaviour_weights,
+    check_behaviour_weight_cap,
+)
 from fipo_jax.core.future_kl import METHOD_CHOICES as FUTURE_KL_METHOD_CHOICES
 from fipo_jax.core.future_kl import FutureKLMethod, context_parallel_future_kl, future_kl, summed_tokens
 from fipo_jax.core.segments import check_segment_ids, segment_sums
@@ -70,6 +76,7 @@ METRIC_REDUCTIONS: Mapping[str, Reduction] = types.MappingProxyType({
     "neg_is_min": "min", "neg_is_p75": "mean", "neg_is_p995": "mean", "neg_is_p999": "mean", "neg_is_max": "max",
     "pos_is_min": "min", "pos_is_p25": "mean", "pos_is_median": "mean", "pos_is_p75": "mean",
     "pos_is_p995": "mean", "pos_is_p999": "mean", "pos_is_max": "max",
+    "behaviour_weights_mean": "mean", "behaviour_weights_capped_frac": "mean",
 })
 
 
@@ -112,6 +119,10 @@ class PolicyLossConfig:
       future_kl_context_axis: mesh axis the time axis is split over (context parallelism): the
         Future-KL runs per slice with the later slices' tail carried in
         (`context_parallel_future_kl`; needs `jax.set_mesh`); None: the whole row on each device.
+      behaviour_weight_cap, behaviour_weight_level: C and the level ("token" / "sequence") of the
+        decoupled objective's behaviour weights min(π_prox / π_behav, C) on each token's loss
+        (`fipo_jax.core.behaviour`; needs ``behaviour_log_probs``); None: no weights, the loss as
+        without them.
     """
 
     loss_mode: LossMode = "fipo"
@@ -133,6 +144,8 @@ class PolicyLossConfig:
     future_kl_method: FutureKLMethod = "auto"
     future_kl_block_size: int | None = None
     future_kl_context_axis: str | None = None
+    behaviour_weight_cap: float | None = None
+    behaviour_weight_level: BehaviourWeightLevel = "token"
     # The mode-dependent fields given explicitly (the others are the mode's defaults).
     given: frozenset = dataclasses.field(default=frozenset(), init=False, repr=False, compare=False)
 
@@ -172,6 +185,8 @@ class PolicyLossConfig:
                                                                 and self.future_kl_context_axis),
                         f"PolicyLossConfig: future_kl_context_axis must be a mesh axis name or None, "
                         f"got {self.future_kl_context_axis!r}")
+        check_behaviour_weight_cap(field("behaviour_weight_cap"), self.behaviour_weight_cap)
+        _checks.check_choice(field("behaviour_weight_level"), self.behaviour_weight_level, BEHAVIOUR_WEIGHT_LEVELS)
         for name in ("influence_clip_high_only", "future_kl_filter", "drop_dual_clipped_sequences"):
             _checks.check_bool(field(name), getattr(self, name))
 
@@ -443,7 +458,7 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, horizon: int | N
 
 
 def check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_log_probs=None, entropy=None,
-                      segment_ids=None, num_sequences=None):
+                      segment_ids=None, num_sequences=None, behaviour_log_probs=None):
     """Shapes, dtypes and settings of `policy_loss`'s arguments (static: free under jit); raises naming them."""
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
@@ -476,6 +491,12 @@ def check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_lo
                              "config.aggregation_horizon: the packed width T is not a response length")
     if num_sequences is not None and jnp.ndim(num_sequences) != 0:
         raise ValueError(f"num_sequences must be a scalar, got shape {jnp.shape(num_sequences)}")
+    if config.behaviour_weight_cap is not None and behaviour_log_probs is None:
+        raise ValueError("config.behaviour_weight_cap needs behaviour_log_probs ([B, T] log π_behav: what the "
+                         "sampler drew each token with)")
+    if behaviour_log_probs is not None:
+        _checks.check_floating("behaviour_log_probs", behaviour_log_probs)
+        _checks.check_same_shape("behaviour_log_probs", behaviour_log_probs, "log_probs [B, T]", log_probs)
     if config.entropy_coeff > 0 and entropy is None:
         raise ValueError("config.entropy_coeff > 0 needs entropy ([B, T] per-token policy entropy)")
     if entropy is not None:
@@ -516,6 +537,19 @@ def _regularised(per_token, terms, log_probs, mask, agg, config, ref_log_probs, 
     if ref_log_probs is not None or entropy is not None:
         terms = agg(per_token)
     return terms, metrics
+
+
+def _behaviour_weighted(per_token, prox_log_probs, behaviour_log_probs, mask, config, segment_ids):
+    """(per-token loss × the behaviour weights, their metrics) when ``config.behaviour_weight_cap``
+    is set; else (per_token, {}) unchanged."""
+    cap = config.behaviour_weight_cap
+    if cap is None:
+        return per_token, {}
+    behaviour = jnp.where(mask, behaviour_log_probs, 0.0).astype(prox_log_probs.dtype)
+    weights = behaviour_weights(prox_log_probs, behaviour, mask, cap, config.behaviour_weight_level, segment_ids)
+    metrics = {"behaviour_weights_mean": lm.masked_mean(weights, mask),
+               "behaviour_weights_capped_frac": lm.masked_fraction(weights >= cap * (1 - _BOUND_TOLERANCE), mask)}
+    return per_token * weights.astype(per_token.dtype), metrics
 
 
 def _count_metrics(mask, loss_mask, segment_ids=None) -> dict[str, jax.Array]:
@@ -607,6 +641,7 @@ def policy_loss_parts(
     entropy: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     num_sequences=None,
+    behaviour_log_probs: jax.Array | None = None,
     ratio_quantiles: bool = True,
 ) -> LossParts:
     """`policy_loss` as additive `LossTerms`, its metrics and its per-token `TokenDiagnostics`.
@@ -618,11 +653,12 @@ def policy_loss_parts(
     The tokens are the loss's own pieces (no second computation), without gradient.
     """
     check_loss_inputs(log_probs, old_log_probs, advantages, mask, config, ref_log_probs, entropy, segment_ids,
-                      num_sequences)
+                      num_sequences, behaviour_log_probs)
     log_probs, old_log_probs, advantages, mask = prepared_inputs(log_probs, old_log_probs, advantages, mask)
     per_token, is_clipped, tokens, pieces = _surrogate(log_probs, old_log_probs, advantages, mask, config,
                                                        segment_ids)
-    metrics = {"ppo_kl": lm.masked_mean(-tokens.log_ratio, mask)}
+    per_token, metrics = _behaviour_weighted(per_token, old_log_probs, behaviour_log_probs, mask, config, segment_ids)
+    metrics["ppo_kl"] = lm.masked_mean(-tokens.log_ratio, mask)
     if config.loss_mode == "fipo":
         metrics.update(_influence_metrics(pieces.weights, pieces.raw_weights, mask, config))
     metrics["pg_clipfrac"] = lm.masked_fraction(is_clipped, mask)
@@ -671,12 +707,13 @@ def policy_loss_terms(
     entropy: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     num_sequences=None,
+    behaviour_log_probs: jax.Array | None = None,
     ratio_quantiles: bool = True,
 ) -> tuple[LossTerms, dict[str, jax.Array]]:
     """(`LossTerms`, metrics) of `policy_loss_parts`: the loss as additive terms (see there)."""
     parts = policy_loss_parts(log_probs, old_log_probs, advantages, mask, config, ref_log_probs=ref_log_probs,
                               entropy=entropy, segment_ids=segment_ids, num_sequences=num_sequences,
-                              ratio_quantiles=ratio_quantiles)
+                              behaviour_log_probs=behaviour_log_probs, ratio_quantiles=ratio_quantiles)
     return parts.terms, parts.metrics
 
 
@@ -691,6 +728,7 @@ def policy_loss(
     entropy: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     num_sequences=None,
+    behaviour_log_probs: jax.Array | None = None,
     ratio_quantiles: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """FIPO / DAPO / GRPO policy loss of one batch (see the module docstring).
@@ -708,6 +746,10 @@ def policy_loss(
         sequence aggregations work per segment. Advantages must then be ``[B, T]``.
       num_sequences: scalar, the sequences the "seq-mean-token-sum*" aggregations divide by
         (default: rows, or with ``segment_ids`` the segments holding response tokens).
+      behaviour_log_probs: ``[B, T]`` log π_behav, what the sampler drew each token with, when that
+        is not ``old_log_probs`` (stale weights, another engine): with
+        ``config.behaviour_weight_cap`` each token's loss is weighted by min(π_old / π_behav, C)
+        (`fipo_jax.core.behaviour`); ratios, clips and Future-KL stay on π_θ / π_old.
       ratio_quantiles: also report the IS-ratio quantiles (two sorts of B·T values): a metrics
         switch, no part of the loss.
 
@@ -726,7 +768,7 @@ def policy_loss(
     """
     terms, metrics = policy_loss_terms(log_probs, old_log_probs, advantages, mask, config, ref_log_probs=ref_log_probs,
                                        entropy=entropy, segment_ids=segment_ids, num_sequences=num_sequences,
-                                       ratio_quantiles=ratio_quantiles)
+                                       behaviour_log_probs=behaviour_log_probs, ratio_quantiles=ratio_quantiles)
     return terms.value, metrics
 
 
