@@ -133,3 +133,75 @@ def test_missing_or_misshapen_behaviour_log_probs_are_named():
         fj.policy_loss(new, old, advantages, mask, config, behaviour_log_probs=behav[:, :-1])
     with pytest.raises(ValueError, match="behaviour_weight_level"):
         fj.PolicyLossConfig(behaviour_weight_level="row")
+
+
+# ----------------------------------------------------------------------------- through the update
+
+
+def update_run(setup, offset=0.0, cap=None, old_log_probs="trainer", mini=2, steps=1):
+    from tests.test_rl_step import GROUP, ROWS, one_per_row, optimizer
+    from fipo_jax.train import update as update_lib
+
+    graphdef, params, rest, fields = setup
+    fields = {**fields, "sampler_log_probs": fields["sampler_log_probs"] + np.float32(offset)}
+    opt = optimizer(updates_per_step=mini)
+    state = update_lib.init_state(jax.tree.map(jnp.array, params), opt, jax.random.key(0))
+    config = update_lib.UpdateConfig(loss=fj.PolicyLossConfig(behaviour_weight_cap=cap), group_size=GROUP,
+                                     logprob_chunk_size=64, old_log_probs=old_log_probs)
+    update = update_lib.jit_rl_update(graphdef, rest, opt, config)
+    batch = one_per_row(fields, mini, ROWS // mini)
+    for _ in range(steps):
+        state, metrics = update(state, batch)
+    return state, {k: float(v) for k, v in metrics.items()}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from tests.test_rl_step import setup as rl_setup
+
+    return rl_setup.__wrapped__()
+
+
+INFLUENCE = ("actor/influence_weights_mean", "actor/influence_weights_max", "actor/influence_weights_mean_raw",
+             "influence/active_tokens_after_first", "actor/ppo_kl", "drift/update")
+
+
+@pytest.mark.slow
+def test_through_the_update_an_engine_offset_moves_behaviour_weights_and_drift_not_fipo(setup):
+    """Sampler log-probs with a constant offset (another engine's numerics): the behaviour weights and
+    drift/engine move, FIPO's influence metrics and the update's own drift do not (π_old is the
+    trainer's recompute); with ``old_log_probs="sampler"`` they do."""
+    _, base = update_run(setup, cap=2.0)
+    _, shifted = update_run(setup, offset=-0.05, cap=2.0)
+    assert base["drift/engine"] < 1e-5 and abs(shifted["drift/engine"] - 0.05) < 1e-4
+    assert shifted["actor/behaviour_weights_mean"] > base["actor/behaviour_weights_mean"] + 0.04
+    for key in INFLUENCE:
+        np.testing.assert_allclose(shifted[key], base[key], rtol=1e-3, atol=1e-6, err_msg=key)
+    _, sampler_old = update_run(setup, offset=-0.05, old_log_probs="sampler")
+    _, sampler_base = update_run(setup, old_log_probs="sampler")
+    assert abs(sampler_old["drift/update"] - sampler_base["drift/update"]) > 0.02
+    assert sampler_old["actor/influence_weights_mean_raw"] != sampler_base["actor/influence_weights_mean_raw"]
+
+
+@pytest.mark.slow
+def test_through_the_update_matching_sampler_log_probs_give_todays_update(setup):
+    """The sampler's log-probs here are the teacher-forced ones (gap < 1e-5): weights of 1 to float32
+    rounding, so the update with a cap equals the update without one; so does ``"sampler"`` as π_old."""
+    plain, plain_metrics = update_run(setup)
+    for kwargs in (dict(cap=2.0), dict(old_log_probs="sampler")):
+        state, metrics = update_run(setup, **kwargs)
+        for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(state.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(metrics["actor/pg_loss"], plain_metrics["actor/pg_loss"], rtol=1e-4, atol=1e-6)
+
+
+def test_the_sampler_as_old_policy_warns_for_fipo_and_keeps_fipo_acting():
+    from fipo_jax.config import apply_overrides, cpu_default, fipo_inert_reason, sampler_as_old_warning
+
+    config = apply_overrides(cpu_default(), ["algo.old_log_probs=sampler"])
+    assert "Future-KL sums log π_θ − log π_sampler" in sampler_as_old_warning(config)
+    assert sampler_as_old_warning(apply_overrides(config, ["algo.loss.loss_mode=dapo"])) is None
+    assert sampler_as_old_warning(cpu_default()) is None
+    one = apply_overrides(config, ["algo.mini_batches=1"])  # π_old ≠ π_θ even in a step's only update
+    assert fipo_inert_reason(one) is None
+    assert fipo_inert_reason(apply_overrides(cpu_default(), ["algo.mini_batches=1"])) is not None

@@ -41,6 +41,7 @@ from fipo_jax.config.specs import (
                                      TrainConfig,
                                      fipo_inert_reason,
                                      micro_batch_rows,
+                                     sampler_as_old_warning,
 )
 
 __all__ = [
@@ -50,5 +51,5 @@ __all__ = [
     "TrainConfig",
     "apply_overrides", "check_given_fields", "cpu_default", "fipo_inert_reason", "from_dict", "gemma3_270m_fipo",
     "gemma3_270m_fipo_accelerator", "ignored_fields", "load_config", "micro_batch_rows", "qwen25_32b_fipo",
-    "qwen25_7b_fipo", "with_algo",
+    "qwen25_7b_fipo", "sampler_as_old_warning", "with_algo",
 ]

@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args
 
 from fipo_jax.core import _checks
 from fipo_jax.core.advantages import ADVANTAGE_ESTIMATORS
+from fipo_jax.core.behaviour import OLD_LOG_PROBS, OldLogProbs
 from fipo_jax.core.losses import MICRO_BATCH_WEIGHTINGS, MicroBatchWeighting, PolicyLossConfig
 from fipo_jax.generation.sampling import MIN_TEMPERATURE
 from fipo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, SUPPORTED_DTYPES, ModelOptions
@@ -225,6 +226,7 @@ class AlgoSpec:
     micro_batch_size: int = 32
     micro_batch_weighting: MicroBatchWeighting = "exact"
     packing: bool = True
+    old_log_probs: OldLogProbs = "trainer"  # π_old of the loss: the trainer's recompute, or the sampler's
 
     def __post_init__(self):
         _checks.require(isinstance(self.loss, PolicyLossConfig),
@@ -235,6 +237,7 @@ class AlgoSpec:
         _checks.check_choice("algo.micro_batch_weighting", self.micro_batch_weighting, MICRO_BATCH_WEIGHTINGS,
                              error=ConfigError)
         _checks.check_bool("algo.packing", self.packing, error=ConfigError)
+        _checks.check_choice("algo.old_log_probs", self.old_log_probs, OLD_LOG_PROBS, error=ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,6 +380,15 @@ class TrainConfig:
         d["eval"].pop("every")
         return d
 
+def sampler_as_old_warning(config: TrainConfig) -> str | None:
+    """A one-line warning when FIPO's Future-KL reads the sampler's log-probs as π_old, or None."""
+    if config.algo.old_log_probs != "sampler" or config.algo.loss.loss_mode != "fipo":
+        return None
+    return ("algo.old_log_probs='sampler' with loss_mode='fipo': Future-KL sums log π_θ − log π_sampler, which holds "
+            "the engine's numerical mismatch (and any staleness) besides the update's own drift; a systematic offset "
+            "drives the influence weights to their clip bounds. 'trainer' (the default) keeps it on π_θ / π_prox")
+
+
 def fipo_inert_reason(config: TrainConfig) -> str | None:
     """Why FIPO's Future-KL cannot act in this run (it is then DAPO exactly), or None.
 
@@ -384,7 +396,8 @@ def fipo_inert_reason(config: TrainConfig) -> str | None:
     the trainer's updates are on-policy (no stale rollouts), so θ = θ_old in a step's first
     mini-batch and FutureKL ≡ 0 there. With ``algo.mini_batches = 1`` every update is a first one:
     the influence weights are exactly 1 on every token and the loss is DAPO's."""
-    if config.algo.loss.loss_mode != "fipo" or config.algo.mini_batches > 1:
+    algo = config.algo
+    if algo.loss.loss_mode != "fipo" or algo.mini_batches > 1 or algo.old_log_probs == "sampler":
         return None
     return ("algo.mini_batches=1 with loss_mode='fipo': each step makes one update on its own fresh rollouts, so "
             "π_θ = π_old in every update, Future-KL is identically 0 and FIPO is exactly DAPO; set "

@@ -16,7 +16,7 @@ stop-gradient, 1 on padding. Both log-probs are the same tokens' under the same 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,12 @@ from fipo_jax.core import _checks
 from fipo_jax.core.segments import segment_sums
 
 BehaviourWeightLevel = Literal["token", "sequence"]
-BEHAVIOUR_WEIGHT_LEVELS: tuple[str, ...] = ("token", "sequence")
+BEHAVIOUR_WEIGHT_LEVELS: tuple[str, ...] = get_args(BehaviourWeightLevel)
+# Which log-probs the loss takes as π_old: the trainer's recompute (π_prox; the sampler's are then
+# π_behav) or the sampler's own (verl's bypass mode, slime: Future-KL then also sums staleness and
+# engine mismatch — for comparison).
+OldLogProbs = Literal["trainer", "sampler"]
+OLD_LOG_PROBS: tuple[str, ...] = get_args(OldLogProbs)
 
 
 def check_behaviour_weight_cap(name: str, cap: float | None) -> None:

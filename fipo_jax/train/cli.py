@@ -23,7 +23,15 @@ import json
 import os
 import sys
 
-from fipo_jax.config import PRESETS, ConfigError, apply_overrides, fipo_inert_reason, load_config, with_algo
+from fipo_jax.config import (
+    PRESETS,
+    ConfigError,
+    apply_overrides,
+    fipo_inert_reason,
+    load_config,
+    sampler_as_old_warning,
+    with_algo,
+)
 from fipo_jax.core.losses import LOSS_MODES
 
 
@@ -139,8 +147,9 @@ def main(argv=None) -> int:
         return 2
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
-        if reason := fipo_inert_reason(config):
-            print(f"[warning] {reason}", file=sys.stderr)
+        for warning in (fipo_inert_reason(config), sampler_as_old_warning(config)):
+            if warning:
+                print(f"[warning] {warning}", file=sys.stderr)
         return 0
     run_dir = args.run_dir or os.path.join("runs", f"{config.name}-{config.algo.loss.loss_mode}")
     from fipo_jax.models import ExportFolderError

@@ -35,7 +35,7 @@ def update_config(config: TrainConfig) -> UpdateConfig:
     return UpdateConfig(loss=algo.loss, group_size=config.rollout.n, advantage=algo.advantage,
                         micro_batch_weighting=algo.micro_batch_weighting,
                         logprob_chunk_size=config.model.logprob_chunk_size,
-                        ratio_quantiles=config.metrics.ratio_quantiles)
+                        ratio_quantiles=config.metrics.ratio_quantiles, old_log_probs=algo.old_log_probs)
 
 
 def reward_config(config: TrainConfig) -> RewardConfig:

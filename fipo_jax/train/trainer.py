@@ -33,7 +33,7 @@ import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo
 # isort: split
 from flax import nnx
 
-from fipo_jax.config import ConfigError, TrainConfig, fipo_inert_reason
+from fipo_jax.config import ConfigError, TrainConfig, fipo_inert_reason, sampler_as_old_warning
 from fipo_jax.config.parsing import MOVED_FIELDS
 from fipo_jax.core.losses import token_diagnostics
 from fipo_jax.core.packing import RLBatch, pack_batch
@@ -124,8 +124,9 @@ class Trainer:
         self.log = log if self.primary else (lambda _: None)
         distributed.check_same_on_all_processes(config.to_dict(), "the run config")
         preflight(config)  # paths, devices, memory: named before any model is built
-        if reason := fipo_inert_reason(config):
-            self.log(f"[warning] {reason}")
+        for warning in (fipo_inert_reason(config), sampler_as_old_warning(config)):
+            if warning:
+                self.log(f"[warning] {warning}")
         run_dir_lib.ensure_writable(run_dir)
         if self.primary:
             run_dir_lib.check_free(run_dir)  # a live run's directory is refused before anything is built

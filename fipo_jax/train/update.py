@@ -51,6 +51,7 @@ from flax import nnx
 
 from fipo_jax.core import _checks, loss_metrics
 from fipo_jax.core.advantages import ADVANTAGE_ESTIMATORS
+from fipo_jax.core.behaviour import OLD_LOG_PROBS, OldLogProbs
 from fipo_jax.core.losses import (
     METRIC_REDUCTIONS,
     MICRO_BATCH_WEIGHTINGS,
@@ -107,6 +108,10 @@ class UpdateConfig:
       logprob_chunk_size: vocabulary-projection chunk of the log-prob computation.
       ratio_quantiles: also report the IS-ratio and influence-weight quantiles (sorts of every
         token; metrics only, they change no update).
+      old_log_probs: what the loss takes as π_old: "trainer" (π_prox, the trainer's recompute with
+        the weights at the start of the update; the sampler's log-probs are then π_behav, for
+        ``loss.behaviour_weight_cap``) or "sampler" (the sampler's own log-probs, as verl's bypass
+        mode and slime do: Future-KL then also measures staleness and engine mismatch).
     """
 
     loss: PolicyLossConfig
@@ -115,6 +120,7 @@ class UpdateConfig:
     micro_batch_weighting: MicroBatchWeighting = "exact"
     logprob_chunk_size: int = 1024
     ratio_quantiles: bool = True
+    old_log_probs: OldLogProbs = "trainer"
 
     def __post_init__(self):
         _checks.require(isinstance(self.loss, PolicyLossConfig),
@@ -125,6 +131,7 @@ class UpdateConfig:
                              MICRO_BATCH_WEIGHTINGS)
         _checks.check_int("UpdateConfig.logprob_chunk_size", self.logprob_chunk_size, minimum=1)
         _checks.check_bool("UpdateConfig.ratio_quantiles", self.ratio_quantiles)
+        _checks.check_choice("UpdateConfig.old_log_probs", self.old_log_probs, OLD_LOG_PROBS)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -255,6 +262,20 @@ def _token_mean(x, mask):
     return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
+def drift_metrics(ratio: jax.Array, prox_log_probs: jax.Array, behaviour_log_probs: jax.Array,
+                  mask: jax.Array) -> dict[str, jax.Array]:
+    """What moves the log-probs a step compares, token means of |Δ log p| over response tokens:
+
+        drift/update   |log π_θ − log π_old|   (the update's own drift, what FIPO's Future-KL sums)
+        drift/engine   |log π_prox − log π_behav| on samples drawn with the current weights (lag 0:
+                       the sampling engine's numerics against the trainer's; every sample, today)
+
+    ``rollout/sampler_logprob_gap`` (the same as drift/engine) is kept for older dashboards."""
+    engine = _token_mean(jnp.abs(behaviour_log_probs - prox_log_probs), mask)
+    return {"drift/update": _token_mean(jnp.abs(jnp.log(jnp.maximum(ratio, 1e-30))), mask), "drift/engine": engine,
+            "rollout/sampler_logprob_gap": engine}
+
+
 # ----------------------------------------------------------------------------- the update
 
 
@@ -270,6 +291,7 @@ def _mini_batch_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfi
         old = jnp.where(mb["on_policy"], jax.lax.stop_gradient(lp), mb["old_log_probs"])  # see the module docstring
         parts = policy_loss_parts(lp, old, mb["advantages"], mb["response_mask"], loss_config,
                                   segment_ids=mb["segment_ids"], num_sequences=mb["sequences"],
+                                  behaviour_log_probs=mb["behaviour_log_probs"],
                                   ratio_quantiles=False)  # taken once over the mini-batches, below
         terms = weight_micro_batch(parts.terms, config.micro_batch_weighting, mb["sequences"], sequences_per_mini)
         weights = parts.tokens.weights if keep_weights else None
@@ -331,9 +353,11 @@ def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Opti
     old_lp, entropy = _old_log_probs(graphdef, state.params, rest, batch.input_ids, batch.segment_ids,
                                      config.logprob_chunk_size)
     advantages = token_advantages(batch, config)
+    sampler_old = config.old_log_probs == "sampler"
     minis = {"input_ids": batch.input_ids, "segment_ids": batch.segment_ids, "response_mask": mask,
-             "old_log_probs": old_lp, "advantages": advantages, "sequences": batch.sequences,
-             "on_policy": jnp.arange(n_mini) == 0}
+             "old_log_probs": batch.sampler_log_probs if sampler_old else old_lp,
+             "behaviour_log_probs": batch.sampler_log_probs, "advantages": advantages, "sequences": batch.sequences,
+             "on_policy": (jnp.arange(n_mini) == 0) & (not sampler_old)}
     # The "-norm" horizon is the sampler's response width, not the row width.
     loss_config = config.loss
     if loss_config.aggregation_horizon is None:
@@ -353,7 +377,7 @@ def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Opti
     if config.loss.loss_mode == "fipo":
         metrics |= influence_activity(micro_metrics, weights if config.ratio_quantiles else None, mask)
     metrics["actor/entropy"] = _token_mean(entropy, mask)
-    metrics["rollout/sampler_logprob_gap"] = _token_mean(jnp.abs(batch.sampler_log_probs - old_lp), mask)
+    metrics |= drift_metrics(ratio, old_lp, batch.sampler_log_probs, mask)
     metrics["batch/length_weighted_advantage"] = _token_mean(advantages, mask)
     return dataclasses.replace(state, params=params, opt_state=opt_state, step=state.step + 1), metrics
 
