@@ -337,3 +337,22 @@ def test_a_moved_field_is_named_in_one_line(tmp_path):
     now = json.loads(json.dumps(TrainConfig().fingerprint()))  # as checkpoint metadata holds it
     assert _without_paths(saved, ["algo.loss.ratio_quantiles", "no.such.path"]) == now
     assert saved["algo"]["loss"]["ratio_quantiles"] is True  # the saved metadata itself is left alone
+
+
+def test_a_field_added_since_a_checkpoint_is_no_difference_at_its_default():
+    from fipo_jax.config import TrainConfig
+    from fipo_jax.train.checkpoint import config_differences
+
+    now = json.loads(json.dumps(apply_overrides(cpu_default(), ["algo.loss.behaviour_weight_cap=2"]).fingerprint()))
+    default = json.loads(json.dumps(TrainConfig().fingerprint()))
+    saved = json.loads(json.dumps(cpu_default().fingerprint()))
+    for section, key in (("algo", "old_log_probs"), ("algo.loss", "behaviour_weight_cap")):  # written before them
+        node = saved
+        for part in section.split("."):
+            node = node[part]
+        node.pop(key)
+    assert config_differences(saved, now, defaults=default) == [
+        "algo.loss.behaviour_weight_cap: checkpoint None vs now 2.0"]  # not at its default: a difference
+    same = json.loads(json.dumps(cpu_default().fingerprint()))
+    assert config_differences(saved, same, defaults=default) == []
+    assert config_differences(saved, same) != []  # without defaults every added field differs

@@ -88,12 +88,18 @@ def abstract_like(state: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """Dotted paths where two nested dicts differ, as "path: checkpoint X vs now Y"."""
+def config_differences(saved: Any, current: Any, prefix: str = "", defaults: Any = None) -> list[str]:
+    """Dotted paths where two nested dicts differ, as "path: checkpoint X vs now Y". With ``defaults``
+    (a dict shaped like ``current``), a key the checkpoint lacks is no difference while its value now
+    is the default: a field added since the checkpoint was written, at the value it had implicitly."""
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
+        defaults = defaults if isinstance(defaults, dict) else {}
         for key in sorted(set(saved) | set(current)):
-            out += config_differences(saved.get(key), current.get(key), f"{prefix}.{key}" if prefix else key)
+            if key not in saved and key in defaults and current.get(key) == defaults[key]:
+                continue
+            out += config_differences(saved.get(key), current.get(key), f"{prefix}.{key}" if prefix else key,
+                                      defaults.get(key))
         return out
     saved = list(saved) if isinstance(saved, tuple) else saved
     current = list(current) if isinstance(current, tuple) else current

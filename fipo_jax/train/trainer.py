@@ -284,7 +284,8 @@ class Trainer:
         """Refuse a checkpoint whose config fingerprint or prompt data differ from this run's."""
         # A field that moved out of the fingerprint (`MOVED_FIELDS`) is no difference.
         fingerprint = _without_paths(saved["fingerprint"], MOVED_FIELDS)
-        differences = config_differences(fingerprint, json.loads(json.dumps(self.config.fingerprint())))
+        as_saved = lambda config: json.loads(json.dumps(config.fingerprint()))  # noqa: E731
+        differences = config_differences(fingerprint, as_saved(self.config), defaults=as_saved(TrainConfig()))
         if differences:
             raise ConfigError(f"the run directory's checkpoint (step {step}) was made with different settings; use "
                               f"a new --run-dir or the original config. Differences:\n  " + "\n  ".join(differences))
