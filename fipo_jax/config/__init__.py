@@ -27,6 +27,7 @@ from fipo_jax.config.specs import (
                                      DATA_TASKS,
                                      MODEL_SOURCES,
                                      ON_EXHAUSTED,
+                                     PLACEMENT_FIELDS,
                                      SAMPLERS,
                                      AlgoSpec,
                                      ConfigError,
@@ -45,7 +46,7 @@ from fipo_jax.config.specs import (
 )
 
 __all__ = [
-    "DATA_TASKS", "MODEL_SOURCES", "ON_EXHAUSTED", "PRESETS", "SAMPLERS",
+    "DATA_TASKS", "MODEL_SOURCES", "ON_EXHAUSTED", "PLACEMENT_FIELDS", "PRESETS", "SAMPLERS",
     "AlgoSpec", "ConfigError", "DataSpec", "EvalSpec", "MetricsSpec", "ModelSpec", "OptimSpec", "RewardSpec",
     "RolloutSpec", "SFTSpec",
     "TrainConfig",

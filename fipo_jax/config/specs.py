@@ -17,6 +17,7 @@ fipo_jax.config.specs.ConfigError: model.rope_theta must be a finite number > 0,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal, get_args
 
 from fipo_jax.core import _checks
@@ -317,6 +318,15 @@ class MetricsSpec:
         _checks.check_bool("metrics.ratio_quantiles", self.ratio_quantiles, error=ConfigError)
 
 
+# Fields that change where and how fast a run computes, not what it computes (to float32 rounding):
+# a run resumes with other values (the mesh and device count, remat, the chunk sizes, the attention
+# kernel, the sampler and its slots — the engine draws the static sampler's tokens —, packing). The
+# rest of the fingerprint changes the math and is refused on resume, naming the field.
+PLACEMENT_FIELDS = ("mesh_shape", "model.remat", "model.attention_chunk_size", "model.logprob_chunk_size",
+                    "model.attention_impl", "rollout.sampler", "rollout.engine_slots",
+                    "rollout.engine_steps_per_sync", "algo.packing")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs; `fingerprint()` is what resume compares."""
@@ -372,13 +382,21 @@ class TrainConfig:
         return d
 
     def fingerprint(self) -> dict[str, Any]:
-        """The fields a resumed run must share with its checkpoint (all but the length of
-        the run, its name, the checkpoint cadence, logging and metrics)."""
+        """The fields a resumed run must share with its checkpoint: what changes the math (all but
+        the length of the run, its name, the checkpoint cadence, logging, metrics and `PLACEMENT_FIELDS`)."""
         d = self.to_dict()
         for key in ("steps", "name", "checkpoint_every", "keep_checkpoints", "tensorboard", "metrics"):
             d.pop(key)
         d["eval"].pop("every")
+        for path in PLACEMENT_FIELDS:
+            *sections, leaf = path.split(".")
+            functools.reduce(dict.__getitem__, sections, d).pop(leaf)
         return d
+
+    def placement(self) -> dict[str, Any]:
+        """The `PLACEMENT_FIELDS` and their values (a resume may change them; it says which)."""
+        d = self.to_dict()
+        return {path: functools.reduce(dict.__getitem__, path.split("."), d) for path in PLACEMENT_FIELDS}
 
 def sampler_as_old_warning(config: TrainConfig) -> str | None:
     """A one-line warning when FIPO's Future-KL reads the sampler's log-probs as π_old, or None."""

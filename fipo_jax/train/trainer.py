@@ -33,7 +33,7 @@ import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo
 # isort: split
 from flax import nnx
 
-from fipo_jax.config import ConfigError, TrainConfig, fipo_inert_reason, sampler_as_old_warning
+from fipo_jax.config import PLACEMENT_FIELDS, ConfigError, TrainConfig, fipo_inert_reason, sampler_as_old_warning
 from fipo_jax.config.parsing import MOVED_FIELDS
 from fipo_jax.core.losses import token_diagnostics
 from fipo_jax.core.packing import RLBatch, pack_batch
@@ -86,6 +86,26 @@ def _without_paths(tree: dict, paths) -> dict:
         if isinstance(node, dict):
             node.pop(leaf, None)
     return out
+
+
+def placement_changes(metadata: dict, config: TrainConfig) -> list[str]:
+    """"field saved → now" for each `PLACEMENT_FIELDS` value a checkpoint was made with that differs
+    from ``config``'s (read from its fingerprint when written before placements were saved apart)."""
+    saved = metadata.get("placement")
+    if saved is None:
+        saved = {}
+        for path in PLACEMENT_FIELDS:
+            node: Any = metadata.get("fingerprint", {})
+            for key in path.split("."):
+                node = node.get(key, _MISSING) if isinstance(node, dict) else _MISSING
+            if node is not _MISSING:
+                saved[path] = node
+    now = json.loads(json.dumps(config.placement()))
+    return [f"{path} {saved[path]} → {now[path]}" for path in PLACEMENT_FIELDS
+            if path in saved and saved[path] != now[path]]
+
+
+_MISSING = object()
 
 
 class NonFiniteStateError(RuntimeError):
@@ -251,7 +271,8 @@ class Trainer:
                 f"step {self.step_index}: the policy's parameters are not finite; not checkpointing them (the last "
                 f"good checkpoint stays in {self.checkpointer.directory})")
         metadata = {"step": self.step_index, "iterator": self.iterator.state(), "seed": self.config.seed,
-                    "fingerprint": json.loads(json.dumps(self.config.fingerprint())), "data_digest": self.data_digest}
+                    "fingerprint": json.loads(json.dumps(self.config.fingerprint())), "data_digest": self.data_digest,
+                    "placement": json.loads(json.dumps(self.config.placement()))}
         try:
             self.checkpointer.save(self.step_index, self.state, metadata)
         except Exception as err:
@@ -278,12 +299,16 @@ class Trainer:
             return None
         self.state = restored.state
         self.iterator.restore(restored.metadata["iterator"])
+        if changes := placement_changes(restored.metadata, self.config):
+            self.log(f"[resume] step {restored.step} continues with another placement (same math): "
+                     + "; ".join(changes))
         return restored.step
 
     def _check_resumable(self, step: int, saved: dict) -> None:
         """Refuse a checkpoint whose config fingerprint or prompt data differ from this run's."""
-        # A field that moved out of the fingerprint (`MOVED_FIELDS`) is no difference.
-        fingerprint = _without_paths(saved["fingerprint"], MOVED_FIELDS)
+        # A field that moved out of the fingerprint (`MOVED_FIELDS`; `PLACEMENT_FIELDS`, which earlier
+        # versions kept there) is no difference.
+        fingerprint = _without_paths(saved["fingerprint"], (*MOVED_FIELDS, *PLACEMENT_FIELDS))
         as_saved = lambda config: json.loads(json.dumps(config.fingerprint()))  # noqa: E731
         differences = config_differences(fingerprint, as_saved(self.config), defaults=as_saved(TrainConfig()))
         if differences:
