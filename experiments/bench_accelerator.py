@@ -62,6 +62,7 @@ from flax import nnx
 import fipo_jax as fj
 from fipo_jax.generation import engine as engine_lib
 from fipo_jax.train import plan as plan_lib
+from fipo_jax.train import shapes
 from fipo_jax.train import update as update_lib
 from fipo_jax.core.packing import pack_batch
 from fipo_jax.config import apply_overrides, cpu_default

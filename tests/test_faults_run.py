@@ -103,7 +103,7 @@ def test_the_trainer_logs_its_attention_and_warns_when_fipo_cannot_act(tmp_path,
 def test_skipped_updates_are_said_every_step_and_counted_in_the_summary(tmp_path, cache_dir, monkeypatch):
     """A loss that is NaN: every update is skipped; each step says so, summary.json counts them."""
     real = update_lib.policy_loss_parts
-    monkeypatch.setattr(rl_step, "policy_loss_parts", lambda lp, *a, **k: real(lp * jnp.nan, *a, **k))
+    monkeypatch.setattr(update_lib, "policy_loss_parts", lambda lp, *a, **k: real(lp * jnp.nan, *a, **k))
     lines = []
     run_dir = str(tmp_path / "run")
     summary = Trainer(tiny_config(cache_dir, "eval.every=0", "steps=2"), run_dir, progress=False,

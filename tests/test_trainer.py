@@ -188,7 +188,7 @@ def test_exception_inside_an_update_leaves_the_trainer_usable(tmp_path, cache_di
         raise RuntimeError("injected loss failure")
 
     with monkeypatch.context() as patch:
-        patch.setattr(rl_step, "policy_loss_parts", failing_loss)
+        patch.setattr(update_lib, "policy_loss_parts", failing_loss)
         with pytest.raises(RuntimeError, match="injected loss failure"):
             trainer.step()
     assert trainer.step_index == 0
