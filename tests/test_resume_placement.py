@@ -38,7 +38,7 @@ def test_placement_changes_are_named_from_new_and_older_checkpoints():
 # Runs in a subprocess with 8 CPU devices: one run of 3 steps on a 1 × 8 mesh (fsdp), and runs stopped
 # after step 2 and continued on (2, 4) with remat full, and on 4 devices; prints their differences.
 SCRIPT = r"""
-import json, os, sys
+import json, os, shutil, sys
 import jax, numpy as np
 from fipo_jax.config import apply_overrides, cpu_default
 from fipo_jax.train.run_log import MetricsLog
@@ -62,10 +62,11 @@ def last_row(name):
             and isinstance(v, (int, float))}
 
 reference = run("reference", 3, "mesh_shape=[1,8]")
+run("stopped", 2, "mesh_shape=[1,8]")
 out = {}
 for name, extra in (("onto_2x4_remat_full", ["mesh_shape=[2,4]", "model.remat=full"]),
                     ("onto_4_devices", ["mesh_shape=[4]"])):
-    run(name, 2, "mesh_shape=[1,8]")
+    shutil.copytree(os.path.join(root, "stopped"), os.path.join(root, name))  # the run stopped after step 2
     continued = run(name, 3, *extra)
     diffs = [float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
              for a, b in zip(jax.tree.leaves(reference.state.params), jax.tree.leaves(continued.state.params))]
