@@ -321,7 +321,7 @@ def test_a_moved_field_is_named_in_one_line(tmp_path):
     """`algo.loss.ratio_quantiles` (a metrics switch) moved to `metrics.ratio_quantiles`: an override or a
     config file of an earlier version is told where, and the switch is no part of the resume fingerprint."""
     from fipo_jax.config import MetricsSpec, TrainConfig
-    from fipo_jax.train.trainer import _without_paths
+    from fipo_jax.config.specs import without_paths as _without_paths
 
     with pytest.raises(ConfigError, match=r"^config field 'algo.loss.ratio_quantiles' moved to "
                                           r"'metrics.ratio_quantiles'$"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any, Literal, get_args
 
 from fipo_jax.core import _checks
@@ -318,6 +319,20 @@ class MetricsSpec:
         _checks.check_bool("metrics.ratio_quantiles", self.ratio_quantiles, error=ConfigError)
 
 
+def without_paths(tree: dict[str, Any], paths) -> dict[str, Any]:
+    """A JSON copy of nested dict ``tree`` (tuples as lists, as checkpoint metadata holds it) without
+    those of the dotted ``paths`` it holds."""
+    out = json.loads(json.dumps(tree))
+    for path in paths:
+        *parents, leaf = path.split(".")
+        node: Any = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
 # Fields that change where and how fast a run computes, not what it computes (to float32 rounding):
 # a run resumes with other values (the mesh and device count, remat, the chunk sizes, the attention
 # kernel, the sampler and its slots — the engine draws the static sampler's tokens —, packing). The
@@ -388,10 +403,7 @@ class TrainConfig:
         for key in ("steps", "name", "checkpoint_every", "keep_checkpoints", "tensorboard", "metrics"):
             d.pop(key)
         d["eval"].pop("every")
-        for path in PLACEMENT_FIELDS:
-            *sections, leaf = path.split(".")
-            functools.reduce(dict.__getitem__, sections, d).pop(leaf)
-        return d
+        return without_paths(d, PLACEMENT_FIELDS)
 
     def placement(self) -> dict[str, Any]:
         """The `PLACEMENT_FIELDS` and their values (a resume may change them; it says which)."""

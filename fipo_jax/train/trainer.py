@@ -35,6 +35,7 @@ from flax import nnx
 
 from fipo_jax.config import PLACEMENT_FIELDS, ConfigError, TrainConfig, fipo_inert_reason, sampler_as_old_warning
 from fipo_jax.config.parsing import MOVED_FIELDS
+from fipo_jax.config.specs import without_paths
 from fipo_jax.core.losses import token_diagnostics
 from fipo_jax.core.packing import RLBatch, pack_batch
 from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord
@@ -73,19 +74,6 @@ _EVAL_KEY_OFFSET = 10**6
 # What `save` writes and `resume` reads beside the state: a checkpoint without it is damage.
 REQUIRED_METADATA: MetadataSchema = {"fingerprint": dict,
                                      "iterator": {"epoch": int, "offset": int, "seed": int, "size": int}}
-
-
-def _without_paths(tree: dict, paths) -> dict:
-    """A copy of nested dict ``tree`` without the dotted ``paths`` it holds."""
-    out = json.loads(json.dumps(tree))
-    for path in paths:
-        *parents, leaf = path.split(".")
-        node = out
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return out
 
 
 def placement_changes(metadata: dict, config: TrainConfig) -> list[str]:
@@ -308,7 +296,7 @@ class Trainer:
         """Refuse a checkpoint whose config fingerprint or prompt data differ from this run's."""
         # A field that moved out of the fingerprint (`MOVED_FIELDS`; `PLACEMENT_FIELDS`, which earlier
         # versions kept there) is no difference.
-        fingerprint = _without_paths(saved["fingerprint"], (*MOVED_FIELDS, *PLACEMENT_FIELDS))
+        fingerprint = without_paths(saved["fingerprint"], (*MOVED_FIELDS, *PLACEMENT_FIELDS))
         as_saved = lambda config: json.loads(json.dumps(config.fingerprint()))  # noqa: E731
         differences = config_differences(fingerprint, as_saved(self.config), defaults=as_saved(TrainConfig()))
         if differences:
