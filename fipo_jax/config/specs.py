@@ -171,12 +171,16 @@ class RolloutSpec:
     sampler: Sampler = "engine"
     engine_slots: int = 128  # decode slots (at most the rows of a round are used)
     engine_steps_per_sync: int = 16  # decode steps between host syncs
+    # Versions the sampling weights may lag the update (0: each step samples with its own weights, in sequence;
+    # k ≥ 1: the rollouts of the next k steps are drawn while the update runs, `fipo_jax.train.pipeline`).
+    max_staleness: int = 0
 
     def __post_init__(self):
         _checks.check_choice("rollout.sampler", self.sampler, SAMPLERS, error=ConfigError)
         _checks.check_bool("rollout.dynamic_sampling", self.dynamic_sampling, error=ConfigError)
         _checks.check_int("rollout.engine_slots", self.engine_slots, minimum=1, error=ConfigError)
         _checks.check_int("rollout.engine_steps_per_sync", self.engine_steps_per_sync, minimum=1, error=ConfigError)
+        _checks.check_int("rollout.max_staleness", self.max_staleness, minimum=0, error=ConfigError)
         _checks.require(all(isinstance(x, str) and x for x in self.stop),
                         f"rollout.stop must be a list of non-empty strings (a plain value is one stop string, "
                         f"taken literally), got {self.stop!r}", error=ConfigError)
@@ -334,12 +338,13 @@ def without_paths(tree: dict[str, Any], paths) -> dict[str, Any]:
 
 
 # Fields that change where and how fast a run computes, not what it computes (to float32 rounding):
-# a run resumes with other values (the mesh and device count, remat, the chunk sizes, the attention
-# kernel, the sampler and its slots — the engine draws the static sampler's tokens —, packing). The
-# rest of the fingerprint changes the math and is refused on resume, naming the field.
-PLACEMENT_FIELDS = ("mesh_shape", "model.remat", "model.attention_chunk_size", "model.logprob_chunk_size",
-                    "model.attention_impl", "rollout.sampler", "rollout.engine_slots",
-                    "rollout.engine_steps_per_sync", "algo.packing")
+# a run resumes with other values (the mesh and device count, the rollout / train split, remat, the
+# chunk sizes, the attention kernel, the sampler and its slots — the engine draws the static
+# sampler's tokens —, packing) and the staleness bound (which weights sample, not what a step does
+# with its samples). The rest of the fingerprint changes the math and is refused on resume, naming the field.
+PLACEMENT_FIELDS = ("mesh_shape", "rollout_mesh_shape", "model.remat", "model.attention_chunk_size",
+                    "model.logprob_chunk_size", "model.attention_impl", "rollout.sampler", "rollout.engine_slots",
+                    "rollout.engine_steps_per_sync", "rollout.max_staleness", "algo.packing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +366,8 @@ class TrainConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     mesh_shape: tuple[int, ...] = (1,)
+    # The rollout engine's own devices and mesh (after the training mesh's devices); () shares the training mesh.
+    rollout_mesh_shape: tuple[int, ...] = ()
     tensorboard: bool = False  # also write metrics as TensorBoard scalars (run_dir/tensorboard)
 
     def __post_init__(self):
@@ -373,6 +380,11 @@ class TrainConfig:
                         f"{self.mesh_shape!r}", error=ConfigError)
         for axis, size in zip(MESH_AXES, self.mesh_shape):
             _checks.check_int(f"mesh_shape ({axis} axis)", size, minimum=1, error=ConfigError)
+        _checks.require(isinstance(self.rollout_mesh_shape, tuple) and len(self.rollout_mesh_shape) <= len(MESH_AXES),
+                        f"rollout_mesh_shape must be a list of 0 to {len(MESH_AXES)} sizes (axes {MESH_AXES}; empty: "
+                        f"the rollouts share the training mesh), got {self.rollout_mesh_shape!r}", error=ConfigError)
+        for axis, size in zip(MESH_AXES, self.rollout_mesh_shape):
+            _checks.check_int(f"rollout_mesh_shape ({axis} axis)", size, minimum=1, error=ConfigError)
         _checks.check_int("checkpoint_every", self.checkpoint_every, minimum=1, error=ConfigError)
         _checks.check_int("keep_checkpoints", self.keep_checkpoints, minimum=1, error=ConfigError)
         rows = self.rollout.prompts_per_step * self.rollout.n

@@ -115,7 +115,7 @@ LAYOUTS = {"packed": first_fit_decreasing, "padded": one_per_row}
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["input_ids", "segment_ids", "response_mask", "sampler_log_probs", "scores",
-                                "sequences"],
+                                "sequences", "lags"],
                    meta_fields=["response_width"])
 @dataclasses.dataclass(frozen=True)
 class RLBatch:
@@ -132,6 +132,7 @@ class RLBatch:
     scores: Any  # [S] float32 shaped scores, rollout order (groups of group_size contiguous)
     sequences: Any  # [M, K] float32: sequences each micro-batch holds, responses without tokens included
     response_width: int  # N, the sampler's response width (the "-norm" aggregations' horizon)
+    lags: Any = None  # [S] int32: versions each sequence's sampling weights lag the update's (0: its own)
 
 
 SEQUENCE_FIELDS = ("prompt_ids", "prompt_mask", "tokens", "response_mask", "scores", "sampler_log_probs")
@@ -209,13 +210,15 @@ def _place(rows: dict[str, np.ndarray], placement: Packing, first: int, num_rows
 
 
 def pack_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_size: int, row_multiple: int = 1,
-               layout: Literal["packed", "padded"] = "packed") -> tuple[RLBatch, dict[str, float]]:
+               layout: Literal["packed", "padded"] = "packed",
+               lags: np.ndarray | None = None) -> tuple[RLBatch, dict[str, float]]:
     """Host arrays of B sequences → the update's `RLBatch`.
 
     ``fields``: ``prompt_ids`` / ``prompt_mask`` [B, P] (any padding), ``tokens`` /
     ``response_mask`` / ``sampler_log_probs`` [B, N], ``scores`` [B]. Mini-batch m holds sequences
     [m·B/M, (m+1)·B/M); each places its sequences with responses (real prompt tokens + response)
     in rows of L = P + N tokens by ``layout`` (`LAYOUTS`: first-fit decreasing, or one per row).
+    ``lags`` [B] (default 0): how many versions each sequence's sampling weights lag the update's.
     Every micro-batch is [R, L] with R ≤ ``micro_batch_size`` (`micro_batch_shape`, for the
     fullest mini-batch; R a multiple of ``row_multiple``, the data-parallel split).
 
@@ -236,8 +239,10 @@ def pack_batch(fields: dict[str, np.ndarray], mini_batches: int, micro_batch_siz
     split = lambda x: x.reshape((mini_batches, n_micro, micro_rows) + x.shape[1:])  # noqa: E731
     stacked = {name: split(np.concatenate([s[name] for s in sliced])) for name in sliced[0]}
     sequences = np.stack([np.bincount(p.rows // micro_rows, minlength=n_micro) for p in placements]).astype(np.float32)
+    lags = np.zeros(count, np.int32) if lags is None else np.asarray(lags, np.int32)
+    _checks.require(lags.shape == (count,), f"lags has shape {lags.shape}: one per sequence ({count},) needed")
     batch = RLBatch(**stacked, scores=np.asarray(fields["scores"], np.float32), sequences=sequences,
-                    response_width=int(fields["tokens"].shape[1]))
+                    response_width=int(fields["tokens"].shape[1]), lags=lags)
     tokens = float(rows["lengths"].sum())
     stats = {"padding_frac": 1.0 - tokens / batch.input_ids.size,
              "padding_frac_unpacked": 1.0 - tokens / (count * width),
@@ -255,4 +260,4 @@ def abstract_batch(mini_batches: int, micro_batches: int, rows: int, width: int,
     return RLBatch(input_ids=spec(tokens, np.int32), segment_ids=spec(tokens, np.int32),
                    response_mask=spec(tokens, np.bool_), sampler_log_probs=spec(tokens, np.float32),
                    scores=spec((count,), np.float32), sequences=spec((mini_batches, micro_batches), np.float32),
-                   response_width=response_width)
+                   response_width=response_width, lags=spec((count,), np.int32))

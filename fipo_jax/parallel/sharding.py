@@ -244,6 +244,27 @@ def make_mesh(shape: tuple[int, ...] = (1,), devices=None) -> Mesh:
     return Mesh(np.asarray(devices[:need]).reshape(shape), MESH_AXES[: len(shape)])
 
 
+def make_meshes(train_shape: tuple[int, ...], rollout_shape: tuple[int, ...] = (), devices=None) -> tuple[Mesh, Mesh]:
+    """(training mesh, rollout mesh): the training mesh over the first prod(``train_shape``) devices
+    and, for a non-empty ``rollout_shape``, the rollout mesh over the next prod(``rollout_shape``);
+    with ``()`` both are the one training mesh (the rollouts share its devices)."""
+    if not rollout_shape:
+        mesh = make_mesh(train_shape, devices)
+        return mesh, mesh
+    all_devices = devices is None
+    devices = list(jax.devices() if devices is None else devices)
+    need = math.prod(train_shape) + math.prod(rollout_shape)
+    if jax.process_count() > 1 and all_devices and need != len(devices):
+        raise ValueError(f"a multi-process run needs its training and rollout meshes to cover all {len(devices)} "
+                         f"devices, got {train_shape} + {rollout_shape} ({need} devices)")
+    if need > len(devices):
+        raise ValueError(f"mesh shape {train_shape} + rollout mesh shape {rollout_shape} need {need} devices, only "
+                         f"{len(devices)} available (for CPU tests set "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={need})")
+    train = make_mesh(train_shape, devices)
+    return train, make_mesh(rollout_shape, devices[math.prod(train_shape):])
+
+
 def batch_sharding(mesh: Mesh, rules: Mapping[str, RuleLike] | None = None) -> NamedSharding:
     """Rows (dim 0) as the table places logical ``batch`` (over ``data``), the rest replicated.
 

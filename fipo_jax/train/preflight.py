@@ -40,7 +40,8 @@ def preflight(config: TrainConfig, device_count: int | None = None, host_memory:
     check_paths(config)
     check_stop_strings(config)
     check_attention(config)
-    check_mesh(config.mesh_shape, jax.device_count() if device_count is None else device_count)
+    check_mesh(config.mesh_shape, jax.device_count() if device_count is None else device_count,
+               config.rollout_mesh_shape)
     micro_batch_rows(config)
     check_host_memory(config, physical_memory() if host_memory is None else host_memory)
     check_planned_memory(config, physical_memory() if host_memory is None else host_memory)
@@ -68,11 +69,13 @@ def check_stop_strings(config: TrainConfig) -> None:
             raise ConfigError(f"rollout.stop {text!r}: {err} of the scratch model") from None
 
 
-def check_mesh(mesh_shape: tuple[int, ...], device_count: int) -> None:
-    """The mesh needs no more devices than there are."""
-    need = math.prod(mesh_shape)
+def check_mesh(mesh_shape: tuple[int, ...], device_count: int, rollout_mesh_shape: tuple[int, ...] = ()) -> None:
+    """The meshes (training, then rollout when split) need no more devices than there are."""
+    need = math.prod(mesh_shape) + (math.prod(rollout_mesh_shape) if rollout_mesh_shape else 0)
+    meshes = f"mesh_shape {list(mesh_shape)}" + (f" + rollout_mesh_shape {list(rollout_mesh_shape)}"
+                                                 if rollout_mesh_shape else "")
     _checks.require(need <= device_count,
-                    f"mesh_shape {list(mesh_shape)} needs {need} devices, this machine has {device_count} (for CPU "
+                    f"{meshes} needs {need} devices, this machine has {device_count} (for CPU "
                     f"runs set XLA_FLAGS=--xla_force_host_platform_device_count={need})", error=ConfigError)
 
 

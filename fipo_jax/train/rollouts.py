@@ -47,6 +47,7 @@ class Rollouts:
     correct: np.ndarray  # [B] bool
     scores: np.ndarray  # [B] shaped score
     answers: list  # [B] extracted answers (None when none)
+    versions: np.ndarray  # [B] int: the policy version (updates applied) each response was drawn with
     reward_errors: int = 0
     reward_over_budget: int = 0  # answers scored past reward.score_budget_s without math-verify
     score_seconds: float = 0.0
@@ -58,14 +59,15 @@ class Rollouts:
         cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
         return Rollouts(np.concatenate(ids), np.concatenate(masks), cat("tokens"), cat("response_mask"),
                         cat("sampler_log_probs"), cat("lengths"), cat("correct"), cat("scores"),
-                        sum((p.answers for p in parts), []), sum(p.reward_errors for p in parts),
+                        sum((p.answers for p in parts), []), cat("versions"), sum(p.reward_errors for p in parts),
                         sum(p.reward_over_budget for p in parts), sum(p.score_seconds for p in parts))
 
     def take(self, rows: np.ndarray) -> "Rollouts":
         pick = lambda x: x[rows]  # noqa: E731
         return Rollouts(pick(self.prompt_ids), pick(self.prompt_mask), pick(self.tokens), pick(self.response_mask),
                         pick(self.sampler_log_probs), pick(self.lengths), pick(self.correct), pick(self.scores),
-                        [self.answers[i] for i in rows], self.reward_errors, self.reward_over_budget,
+                        [self.answers[i] for i in rows], pick(self.versions), self.reward_errors,
+                        self.reward_over_budget,
                         self.score_seconds)
 
 
@@ -124,8 +126,9 @@ class RolloutCollector:
     def decode(self, tokens: np.ndarray, length: int) -> str:
         return self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
 
-    def sample(self, policy, records: list[PromptRecord], n: int, key, sampling: SamplingConfig) -> Rollouts:
-        """n responses per prompt from ``policy`` (rows grouped per prompt), scored."""
+    def sample(self, policy, records: list[PromptRecord], n: int, key, sampling: SamplingConfig,
+               version: int = 0) -> Rollouts:
+        """n responses per prompt from ``policy`` (rows grouped per prompt, ``version`` recorded), scored."""
         encoded = [encode_prompt(r, self.tokenizer) for r in records]
         width = max(map(len, encoded))
         ids = np.full((len(records) * n, width), sampling.pad_token_id, np.int32)
@@ -141,13 +144,16 @@ class RolloutCollector:
         rewards = score_batch(texts, golds, self.reward_config, response_lengths=lengths)
         return Rollouts(np.asarray(out.prompt_ids), np.asarray(out.prompt_mask), np.asarray(out.tokens),
                         np.asarray(out.mask), np.asarray(out.log_probs), lengths, rewards.correct, rewards.scores,
-                        [r.extracted for r in rewards.results], rewards.num_errors + rewards.num_timeouts,
+                        [r.extracted for r in rewards.results], np.full(len(ids), version, np.int64),
+                        rewards.num_errors + rewards.num_timeouts,
                         rewards.num_over_budget, rewards.seconds)
 
-    def collect(self, policy, iterator: PromptIterator, key, step: int) -> tuple[Rollouts, dict[str, float]]:
+    def collect(self, policy, iterator: PromptIterator, key, step: int,
+                version: int | None = None) -> tuple[Rollouts, dict[str, float]]:
         """DAPO dynamic sampling: rounds of generation until the step's batch is full.
 
-        Round r samples with ``fold_in(key, r)``. Returns exactly ``prompts_per_step × n`` rows:
+        Round r samples with ``fold_in(key, r)``; ``policy`` is version ``version`` (default
+        ``step``: the step's own weights), recorded on each response. Returns exactly ``prompts_per_step × n`` rows:
         the kept groups, truncated, or (``on_exhausted="pad"``) repeated with their response masks
         cleared so that padding rows add nothing to the loss.
         """
@@ -156,7 +162,8 @@ class RolloutCollector:
         self.engine_stats = []
         for round_index in range(ro.max_rounds):
             rollouts = self.sample(policy, iterator.next_batch(ro.prompts_per_round), n,
-                                   jax.random.fold_in(key, round_index), self.sampling)
+                                   jax.random.fold_in(key, round_index), self.sampling,
+                                   step if version is None else version)
             all_rounds.append(rollouts)
             if ro.dynamic_sampling:
                 keep_groups = np.asarray(adv_lib.dynamic_sampling_mask(rollouts.correct, n))

@@ -41,7 +41,8 @@ from fipo_jax.core.packing import RLBatch, pack_batch
 from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord
 from fipo_jax.models.file_checks import disk_full
 from fipo_jax.parallel import distributed
-from fipo_jax.parallel.sharding import make_mesh, replicated
+from fipo_jax.parallel.sharding import make_meshes, replicated
+from fipo_jax.train import pipeline as pipeline_lib
 from fipo_jax.train import run_dir as run_dir_lib
 from fipo_jax.train import run_log as run_log_lib
 from fipo_jax.train import runtime_configs
@@ -124,6 +125,8 @@ class Trainer:
     than checkpoints.
     """
 
+    pipeline: pipeline_lib.RolloutPipeline | None = None  # the producer thread of a k ≥ 1 run, while it trains
+
     def __init__(self, config: TrainConfig, run_dir: str, progress: bool = True, log: Callable[[str], None] = print):
         self.config = config
         self.run_dir = run_dir
@@ -138,7 +141,8 @@ class Trainer:
         run_dir_lib.ensure_writable(run_dir)
         if self.primary:
             run_dir_lib.check_free(run_dir)  # a live run's directory is refused before anything is built
-        self.mesh = make_mesh(config.mesh_shape)
+        # The training mesh, and the rollout engine's (the same mesh unless rollout_mesh_shape splits the devices).
+        self.mesh, self.rollout_mesh = make_meshes(config.mesh_shape, config.rollout_mesh_shape)
         self.tokenizer = build_tokenizer(config)
         self.train_records, self.eval_records = build_prompts(config, self.tokenizer, self.log)  # before the model
         model = build_model(config, self.tokenizer, self.mesh, self.log)
@@ -149,8 +153,10 @@ class Trainer:
         prompt_data = [[r.prompt, r.ground_truth] for r in self.train_records + self.eval_records]
         distributed.check_same_on_all_processes(prompt_data, "the prompt data")
         self.data_digest = distributed.fingerprint(prompt_data)  # a resumed run must see the same prompts
-        self.rollouts = RolloutCollector(config, self.tokenizer, self.mesh)
+        self.rollouts = RolloutCollector(config, self.tokenizer, self.rollout_mesh)
+        self.eval_rollouts = RolloutCollector(config, self.tokenizer, self.mesh)  # samples the current state
         self.iterator = PromptIterator(self.train_records, seed=config.seed)
+        self.prompt_position = self.iterator.state()  # after the last trained step's prompts
 
         algo, optim = config.algo, config.optim
         # The sizes the planner planned: micro-batch rows, the data split (a packed micro-batch's rows
@@ -169,6 +175,10 @@ class Trainer:
         self.update_config = runtime_configs.update_config(config)
         self.update = update_lib.jit_rl_update(self.graphdef, self.rest, optimizer, self.update_config,
                                             self.state_shardings, replicated(self.mesh))
+        # Rollout keys fold from the run's key, kept on the host: the update donates the state's copy.
+        self._host_key = (np.asarray(jax.random.key_data(self.state.key)), jax.random.key_impl(self.state.key))
+        self.weight_sync = pipeline_lib.WeightSync(self.graphdef, self.rest, self.mesh, self.rollout_mesh,
+                                                   copy=config.rollout.max_staleness > 0)
         self.run_log = run_log_lib.RunLog(run_dir, writable=self.primary, tensorboard=config.tensorboard)
         self.checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), config.keep_checkpoints,
                                          required_metadata=REQUIRED_METADATA)
@@ -204,23 +214,56 @@ class Trainer:
         """One RL step; returns its metrics (`train` also logs them)."""
         t0 = time.perf_counter()
         step = self.step_index
-        rollouts, metrics = self.rollouts.collect(self.policy, self.iterator, jax.random.fold_in(self.state.key, step),
-                                                  step)
+        sync = {"time/weight_sync_s": 0.0, "rollout/weight_sync_bytes": 0.0}  # nothing moved this step
+        if self.pipeline is not None:
+            produced = self.pipeline.get(step)
+        else:  # in sequence: the step's own weights, where the rollout engine samples
+            policy, sync = self.weight_sync(self.state.params)
+            produced = self.produce(step, policy, step)
         t_rollout = time.perf_counter() - t0
-        self.last_rollouts = rollouts
-        batch, layout = self.device_batch(rollouts)
-        self.state, update_metrics = self.update(self.state, batch)
-        metrics.update(layout)
+        self.last_rollouts = produced.rollouts
+        self.state, update_metrics = self.update(self.state, jax.device_put(
+            produced.batch, update_lib.batch_shardings(produced.batch, self.mesh)))
+        self.prompt_position = produced.prompt_position
+        metrics = {**produced.metrics, **sync}
         metrics.update({k: float(v) for k, v in distributed.to_host(update_metrics).items()})
+        t_update = time.perf_counter() - t0 - t_rollout
+        if self.pipeline is not None and self.pipeline.needs(step + 1):  # the next weights, for a later step
+            policy, sync = self.weight_sync(self.state.params)
+            self.pipeline.publish(step + 1, policy)
+            metrics.update(sync)
         t_total = time.perf_counter() - t0
-        metrics.update({"time/rollout_s": t_rollout, "time/update_s": t_total - t_rollout, "time/step_s": t_total,
-                        "time/tokens_per_s": float(rollouts.response_mask.sum()) / t_total, "step": step + 1})
+        tokens = float(produced.rollouts.response_mask.sum())
+        metrics.update({"time/rollout_wait_s": t_rollout, "time/update_s": t_update, "time/step_s": t_total,
+                        "time/tokens_per_s": tokens / t_total, "step": step + 1})
         return metrics
 
-    def host_batch(self, rollouts: Rollouts) -> tuple[RLBatch, dict[str, float]]:
+    def produce(self, step: int, policy, version: int) -> pipeline_lib.Produced:
+        """Step ``step``'s rollouts drawn with ``policy`` (weights of ``version``): collected, scored and
+        packed into the update's host batch, with their metrics (`pipeline.Produced`)."""
+        t0 = time.perf_counter()
+        before = self.iterator.state()
+        data, impl = self._host_key
+        key = jax.random.fold_in(jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl), step)
+        rollouts, metrics = self.rollouts.collect(policy, self.iterator, key, step, version)
+        lags = step - rollouts.versions
+        if lags.max() > self.config.rollout.max_staleness or lags.min() < 0:  # the schedule's promise
+            raise RuntimeError(f"step {step}: samples of lag {lags.min()} … {lags.max()} outside [0, "
+                               f"rollout.max_staleness={self.config.rollout.max_staleness}]")
+        metrics["time/rollout_s"] = time.perf_counter() - t0
+        batch, layout = self.host_batch(rollouts, step)
+        after = self.iterator.state()
+        position = lambda state: state["epoch"] * state["size"] + state["offset"]  # noqa: E731
+        metrics.update(layout)
+        metrics.update({"rollout/staleness_mean": float(lags.mean()), "rollout/staleness_max": float(lags.max()),
+                        "data/prompts_from": float(position(before)), "data/prompts_to": float(position(after))})
+        return pipeline_lib.Produced(step, version, rollouts, batch, metrics, after)
+
+    def host_batch(self, rollouts: Rollouts, step: int | None = None) -> tuple[RLBatch, dict[str, float]]:
         """The update's batch on the host, [M, K, R, L] (`packing.pack_batch`): packed unless
         ``algo.packing`` is off (one sequence per row), with ``batch/padding_frac`` (the share of
-        its tokens that are padding; ``batch/padding_frac_unpacked``: the same for one per row).
+        its tokens that are padding; ``batch/padding_frac_unpacked``: the same for one per row);
+        each sequence's lag is ``step`` (default: the current step) minus its sampling version.
 
         Prompts are left-padded to the sampler's bucket; columns that are padding in every row
         change nothing (positions count real tokens) and are dropped (`shapes.update_prompt_width`)."""
@@ -230,9 +273,10 @@ class Trainer:
                      "scores": rollouts.scores.astype(np.float32),
                      "sampler_log_probs": rollouts.sampler_log_probs.astype(np.float32)}
         algo = self.config.algo
+        step = self.step_index if step is None else step
         batch, stats = pack_batch(sequences, algo.mini_batches, self.shapes.micro_batch_rows,
-                                  row_multiple=self.shapes.data_split,
-                                  layout="packed" if algo.packing else "padded")
+                                  row_multiple=self.shapes.data_split, layout="packed" if algo.packing else "padded",
+                                  lags=step - rollouts.versions)
         return batch, {"batch/padding_frac": stats["padding_frac"],
                        "batch/padding_frac_unpacked": stats["padding_frac_unpacked"]}
 
@@ -247,7 +291,7 @@ class Trainer:
         """avg@k (mean accuracy), cons@k (majority vote), pass@k on held-out prompts."""
         records = self.eval_records if records is None else records
         key = jax.random.fold_in(jax.random.fold_in(self.state.key, _EVAL_KEY_OFFSET), self.step_index)
-        return self.rollouts.evaluate(self.policy, records, k or self.config.eval.k, key)
+        return self.eval_rollouts.evaluate(self.policy, records, k or self.config.eval.k, key)
 
     # ----------------------------------------------------------------------------- checkpoints
 
@@ -258,7 +302,7 @@ class Trainer:
             raise NonFiniteStateError(
                 f"step {self.step_index}: the policy's parameters are not finite; not checkpointing them (the last "
                 f"good checkpoint stays in {self.checkpointer.directory})")
-        metadata = {"step": self.step_index, "iterator": self.iterator.state(), "seed": self.config.seed,
+        metadata = {"step": self.step_index, "iterator": self.prompt_position, "seed": self.config.seed,
                     "fingerprint": json.loads(json.dumps(self.config.fingerprint())), "data_digest": self.data_digest,
                     "placement": json.loads(json.dumps(self.config.placement()))}
         try:
@@ -287,6 +331,7 @@ class Trainer:
             return None
         self.state = restored.state
         self.iterator.restore(restored.metadata["iterator"])
+        self.prompt_position = self.iterator.state()
         if changes := placement_changes(restored.metadata, self.config):
             self.log(f"[resume] step {restored.step} continues with another placement (same math): "
                      + "; ".join(changes))
@@ -324,6 +369,7 @@ class Trainer:
             try:
                 return self._train(self.config.steps if total_steps is None else total_steps)
             finally:
+                self.stop_pipeline()
                 self.run_log.close()
 
     def _train(self, total_steps: int) -> dict[str, Any]:
@@ -344,6 +390,7 @@ class Trainer:
         if self.step_index >= total_steps:
             self.log(f"[resume] the run already has {self.step_index} steps, at least the {total_steps} asked for: "
                      f"nothing to train; the summary is of those {self.step_index} steps (a larger --steps continues)")
+        self.start_pipeline(total_steps)
         bar = self._bar(total_steps, f"{cfg.name} [{cfg.algo.loss.loss_mode}]")
         if bar:
             bar.update(self.step_index)
@@ -370,6 +417,22 @@ class Trainer:
             bar.close()
         self.checkpointer.wait()
         return self.write_summary()
+
+    def start_pipeline(self, total_steps: int) -> None:
+        """With ``rollout.max_staleness`` ≥ 1, start drawing rollouts ahead of the updates (from the
+        current step to ``total_steps``; `pipeline.RolloutPipeline`)."""
+        k, step = self.config.rollout.max_staleness, self.step_index
+        if k and self.pipeline is None and step < total_steps:
+            policy, _ = self.weight_sync(self.state.params)
+            self.pipeline = pipeline_lib.RolloutPipeline(self.produce, step, total_steps, k, policy)
+
+    def stop_pipeline(self) -> None:
+        """Stop the producer thread; rollouts drawn for steps not yet trained are dropped (a resumed or
+        continued run draws them again from the same prompts)."""
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
+            self.iterator.restore(self.prompt_position)
 
     def _warn_if_scoring_is_slow(self, metrics: dict[str, Any]) -> None:
         """A step whose scoring took more than half its budget, or ran past it, says so."""

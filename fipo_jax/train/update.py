@@ -263,17 +263,22 @@ def _token_mean(x, mask):
 
 
 def drift_metrics(ratio: jax.Array, prox_log_probs: jax.Array, behaviour_log_probs: jax.Array,
-                  mask: jax.Array) -> dict[str, jax.Array]:
+                  mask: jax.Array, stale: jax.Array) -> dict[str, jax.Array]:
     """What moves the log-probs a step compares, token means of |Δ log p| over response tokens:
 
-        drift/update   |log π_θ − log π_old|   (the update's own drift, what FIPO's Future-KL sums)
-        drift/engine   |log π_prox − log π_behav| on samples drawn with the current weights (lag 0:
-                       the sampling engine's numerics against the trainer's; every sample, today)
+        drift/update     |log π_θ − log π_prox|    (the update's own drift, what FIPO's Future-KL sums)
+        drift/staleness  |log π_prox − log π_behav| on samples drawn with older weights (lag ≥ 1)
+        drift/engine     |log π_prox − log π_behav| on samples drawn with the update's own weights
+                         (lag 0: the sampling engine's numerics against the trainer's)
 
-    ``rollout/sampler_logprob_gap`` (the same as drift/engine) is kept for older dashboards."""
-    engine = _token_mean(jnp.abs(behaviour_log_probs - prox_log_probs), mask)
-    return {"drift/update": _token_mean(jnp.abs(jnp.log(jnp.maximum(ratio, 1e-30))), mask), "drift/engine": engine,
-            "rollout/sampler_logprob_gap": engine}
+    ``stale`` marks the tokens of lag ≥ 1; a mean over no tokens is 0. ``rollout/sampler_logprob_gap``
+    (over every token) is kept for older dashboards; ``rollout/stale_token_frac`` is the stale share."""
+    gap = jnp.abs(behaviour_log_probs - prox_log_probs)
+    fresh = mask & ~stale
+    return {"drift/update": _token_mean(jnp.abs(jnp.log(jnp.maximum(ratio, 1e-30))), mask),
+            "drift/engine": _token_mean(gap, fresh), "drift/staleness": _token_mean(gap, mask & stale),
+            "rollout/sampler_logprob_gap": _token_mean(gap, mask),
+            "rollout/stale_token_frac": jnp.sum(mask & stale) / jnp.maximum(jnp.sum(mask), 1)}
 
 
 # ----------------------------------------------------------------------------- the update
@@ -332,11 +337,17 @@ def sequence_advantages(scores_S: jax.Array | np.ndarray, config: UpdateConfig) 
     return ADVANTAGE_ESTIMATORS[config.advantage](jnp.asarray(scores_S, jnp.float32), config.group_size)
 
 
+def on_tokens(values_S: jax.Array, segment_ids: jax.Array, padding=0) -> jax.Array:
+    """Per-sequence ``values_S`` [S] on each sequence's tokens (shape of ``segment_ids``); padding
+    tokens (segment id < 0) get ``padding``."""
+    values = jnp.append(values_S, jnp.asarray(padding, values_S.dtype))
+    return values[jnp.where(segment_ids >= 0, segment_ids, values_S.shape[0])]
+
+
 def token_advantages(batch: RLBatch, config: UpdateConfig) -> jax.Array:
     """`sequence_advantages` on each sequence's tokens, [M, K, R, L]; padding gets 0 (only
     response tokens are ever read)."""
-    advantages_S = jnp.append(sequence_advantages(batch.scores, config), 0.0)
-    return advantages_S[jnp.where(batch.segment_ids >= 0, batch.segment_ids, batch.scores.shape[0])]  # S: padding
+    return on_tokens(sequence_advantages(batch.scores, config), batch.segment_ids)
 
 
 def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Optimizer,
@@ -377,7 +388,8 @@ def rl_update(state: RLState, batch: RLBatch, *, graphdef, rest, optimizer: Opti
     if config.loss.loss_mode == "fipo":
         metrics |= influence_activity(micro_metrics, weights if config.ratio_quantiles else None, mask)
     metrics["actor/entropy"] = _token_mean(entropy, mask)
-    metrics |= drift_metrics(ratio, old_lp, batch.sampler_log_probs, mask)
+    lags = jnp.zeros(batch.scores.shape, jnp.int32) if batch.lags is None else batch.lags
+    metrics |= drift_metrics(ratio, old_lp, batch.sampler_log_probs, mask, on_tokens(lags, batch.segment_ids) > 0)
     metrics["batch/length_weighted_advantage"] = _token_mean(advantages, mask)
     return dataclasses.replace(state, params=params, opt_state=opt_state, step=state.step + 1), metrics
 
