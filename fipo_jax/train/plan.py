@@ -524,6 +524,11 @@ def less_recompute(config: TrainConfig, mesh_shape: Sequence[int], device_memory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--pipeline" in argv:  # the step-time model of `fipo_jax.train.pipeline_model`
+        from fipo_jax.train import pipeline_model
+
+        return pipeline_model.main([a for a in argv if a != "--pipeline"])
     parser = argparse.ArgumentParser(prog="fipo-plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a preset name or a JSON config file")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -154,7 +155,7 @@ class Trainer:
         distributed.check_same_on_all_processes(prompt_data, "the prompt data")
         self.data_digest = distributed.fingerprint(prompt_data)  # a resumed run must see the same prompts
         self.rollouts = RolloutCollector(config, self.tokenizer, self.rollout_mesh)
-        self.eval_rollouts = RolloutCollector(config, self.tokenizer, self.mesh)  # samples the current state
+        self._sampler = threading.Lock()  # one sampler on the rollout devices at a time (the producer's, an eval's)
         self.iterator = PromptIterator(self.train_records, seed=config.seed)
         self.prompt_position = self.iterator.state()  # after the last trained step's prompts
 
@@ -201,6 +202,15 @@ class Trainer:
     def sampling(self):
         return self.rollouts.sampling
 
+    def run_key(self, *folds: int) -> jax.Array:
+        """The run's PRNG key with ``folds`` folded in, in turn (step s samples with ``run_key(s)``);
+        uncommitted, so it follows the arrays it meets (the rollout mesh's or the training mesh's)."""
+        data, impl = self._host_key
+        key = jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
+        for fold in folds:
+            key = jax.random.fold_in(key, fold)
+        return key
+
     def _bar(self, total, desc):
         if not self.progress:
             return None
@@ -243,15 +253,16 @@ class Trainer:
         packed into the update's host batch, with their metrics (`pipeline.Produced`)."""
         t0 = time.perf_counter()
         before = self.iterator.state()
-        data, impl = self._host_key
-        key = jax.random.fold_in(jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl), step)
-        rollouts, metrics = self.rollouts.collect(policy, self.iterator, key, step, version)
+        key = self.run_key(step)
+        with self._sampler:
+            rollouts, metrics = self.rollouts.collect(policy, self.iterator, key, step, version)
         lags = step - rollouts.versions
         if lags.max() > self.config.rollout.max_staleness or lags.min() < 0:  # the schedule's promise
             raise RuntimeError(f"step {step}: samples of lag {lags.min()} … {lags.max()} outside [0, "
                                f"rollout.max_staleness={self.config.rollout.max_staleness}]")
-        metrics["time/rollout_s"] = time.perf_counter() - t0
+        metrics["time/rollout_s"] = (t1 := time.perf_counter()) - t0
         batch, layout = self.host_batch(rollouts, step)
+        metrics["time/pack_s"] = time.perf_counter() - t1
         after = self.iterator.state()
         position = lambda state: state["epoch"] * state["size"] + state["offset"]  # noqa: E731
         metrics.update(layout)
@@ -288,10 +299,13 @@ class Trainer:
     # ----------------------------------------------------------------------------- evaluation
 
     def evaluate(self, records: list[PromptRecord] | None = None, k: int | None = None) -> dict[str, float]:
-        """avg@k (mean accuracy), cons@k (majority vote), pass@k on held-out prompts."""
+        """avg@k (mean accuracy), cons@k (majority vote), pass@k of the current weights on held-out
+        prompts, sampled where the rollouts are (the weights moved there; a producer drawing ahead waits)."""
         records = self.eval_records if records is None else records
-        key = jax.random.fold_in(jax.random.fold_in(self.state.key, _EVAL_KEY_OFFSET), self.step_index)
-        return self.eval_rollouts.evaluate(self.policy, records, k or self.config.eval.k, key)
+        key = self.run_key(_EVAL_KEY_OFFSET, self.step_index)
+        policy, _ = self.weight_sync(self.state.params)
+        with self._sampler:
+            return self.rollouts.evaluate(policy, records, k or self.config.eval.k, key)
 
     # ----------------------------------------------------------------------------- checkpoints
 
