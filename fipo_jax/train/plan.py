@@ -152,6 +152,8 @@ class MemoryPlan:
     prefill_temporaries: int
     device_memory: int | None = None
     warm_start: WarmStartPlan | None = None
+    group: str = "shared"
+    max_staleness: int = 0
 
     @property
     def model(self) -> ModelConfig:
@@ -203,13 +205,34 @@ class MemoryPlan:
         return 0 if self.warm_start is None else self.warm_start.peak
 
     @property
+    def rollout_peak(self) -> int:
+        """What the rollout engine holds on its own: its copy of the weights (two while the next
+        version arrives, k ≥ 1), cache, prefixes and the larger of decode and prefill temporaries."""
+        extra_copy = self.parameters if self.max_staleness else 0
+        return max(self.sampler_program, self.prefill_program) + extra_copy
+
+    @property
+    def overlapped_peak(self) -> int:
+        """A shared mesh with k ≥ 1: the next steps' rollouts are drawn while the update runs."""
+        return self.update_peak + self.rollout_peak if self.max_staleness else 0
+
+    @property
     def peak(self) -> int:
-        return max(self.update_peak, self.sampling_peak, self.warm_start_peak)
+        """The group's largest phase (`GROUPS`): a shared mesh's sampling, update, both at once when
+        rollouts are drawn ahead, or the warm start; a training group's update or warm start; a
+        rollout group's engine."""
+        if self.group == "train":
+            return max(self.update_peak, self.warm_start_peak)
+        if self.group == "rollout":
+            return self.rollout_peak
+        return max(self.update_peak, self.sampling_peak, self.warm_start_peak, self.overlapped_peak)
 
     def shared_memory_need(self, devices: int) -> int:
         """Bytes ``devices`` devices sharing one memory (CPU devices of one host) need at once: the
         sharded phases on each of them, the warm start on one (nothing else is resident then)."""
-        return max(max(self.update_peak, self.sampling_peak) * devices, self.warm_start_peak)
+        sharded = self.peak if self.group == "rollout" else max(self.update_peak, self.sampling_peak,
+                                                                  self.overlapped_peak)
+        return max(sharded * devices, self.warm_start_peak if self.group != "rollout" else 0)
 
     @property
     def fits(self) -> bool | None:
@@ -230,10 +253,21 @@ class MemoryPlan:
                 ("decode temporaries (a layer's weights, cache blocks)", self.sampler_temporaries),
                 ("prefill temporaries (attention scores of the widest prompt)", self.prefill_temporaries),
                 ("update peak", self.update_peak), ("sampling peak", self.sampling_peak)]
-        rows += self.warm_start.table_rows() if self.warm_start is not None else []
-        rows.append(("peak", self.peak))
+        if self.max_staleness and self.group == "shared":
+            rows.append(("update + rollouts drawn ahead (k ≥ 1)", self.overlapped_peak))
+        if self.group == "rollout":  # a sampling group: no update, no optimizer state
+            rows = [r for r in rows if r[0] in _ROLLOUT_ROWS or r[0].startswith("rollout KV")]
+            rows.append(("rollout engine peak (weights + next weights when k ≥ 1)", self.rollout_peak))
+        rows += self.warm_start.table_rows() if self.warm_start is not None and self.group != "rollout" else []
+        rows.append((f"peak ({self.group} devices)" if self.group != "shared" else "peak", self.peak))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {_gib(value):>10}" for name, value in rows)
+
+
+_ROLLOUT_ROWS = ("parameters", "engine prefix store", "decode temporaries (a layer's weights, cache blocks)",
+                 "prefill temporaries (attention scores of the widest prompt)")
+
+GROUPS = ("shared", "train", "rollout")  # a mesh that samples and updates, or one of a split's two
 
 
 def _gib(n: int) -> str:
@@ -405,37 +439,91 @@ def warm_start_plan(config: TrainConfig, model: ModelConfig,
 
 
 def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: int | str | None = None,
-         model: ModelConfig | None = None, fitted: memory_model.Fitted = memory_model.FITTED) -> MemoryPlan:
+         model: ModelConfig | None = None, fitted: memory_model.Fitted = memory_model.FITTED,
+         group: str = "shared") -> MemoryPlan:
     """The per-device memory of ``config`` (a `TrainConfig`, preset name or JSON path) on a mesh of
     ``mesh_shape`` (data, fsdp, tensor); ``device_memory`` (bytes or '80GiB') adds a verdict.
-    ``model`` overrides the architecture `shapes.model_config` finds; ``fitted`` the model's constants."""
+    ``model`` overrides the architecture `shapes.model_config` finds; ``fitted`` the model's constants;
+    ``group`` (`GROUPS`) what the mesh does: everything ("shared"), or one side of a split."""
     config = load_config(config) if isinstance(config, str) else config
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
     shape = parse_mesh(mesh_shape)
     mesh = AbstractMesh(shape, MESH_AXES[: len(shape)])
-    sizes = run_shapes(config, shape, model)
-    model, rows, row_tokens = sizes.model, sizes.micro_batch_rows, sizes.row_tokens
+    sizes = run_shapes(config, shape, model, updates=group != "rollout")
+    model = sizes.model
     parameters = parameter_bytes(model, mesh)
-    batch = _STEP_TOKEN_ARRAYS * 4 * -(-sizes.step_rows // sizes.data_split) * row_tokens
-    dims = memory_model.local_dims(model, mesh, rows, row_tokens)
     prefill_rows = EngineConfig().prefill_batch if config.rollout.sampler == "engine" else 0
     sampler = (model, mesh, sizes.sampler_local_rows, sizes.sampler_prompt_width, sizes.response_tokens)
     kv_cache, prefix_store, sampler_temporaries = sampler_bytes(*sampler, prefill_rows=prefill_rows, fitted=fitted)
     memory = None if device_memory is None else (parse_bytes(device_memory) if isinstance(device_memory, str)
                                                  else int(device_memory))
+    update = _update_bytes(config, sizes, mesh, parameters, fitted) if group != "rollout" else dict.fromkeys(
+        _UPDATE_FIELDS, 0)
     return MemoryPlan(
         config_name=config.name, mesh_shape=dict(zip(mesh.axis_names, shape)), shapes=sizes, parameters=parameters,
+        **update, kv_cache=kv_cache, prefix_store=prefix_store, sampler_temporaries=sampler_temporaries,
+        prefill_temporaries=prefill_bytes(*sampler, prefill_rows, fitted), device_memory=memory,
+        warm_start=warm_start_plan(config, model, fitted) if group != "rollout" else None, group=group,
+        max_staleness=config.rollout.max_staleness)
+
+
+_UPDATE_FIELDS = ("optimizer", "gradients", "batch", "activations", "activations_other_remat", "backward_working_set",
+                  "logprob_chunks", "embedding_gradient", "optimizer_update")
+
+
+def _update_bytes(config: TrainConfig, sizes: RunShapes, mesh, parameters: int,
+                  fitted: memory_model.Fitted) -> dict[str, int]:
+    """The update's pieces (`_UPDATE_FIELDS`) on one device of ``mesh``."""
+    model, rows, row_tokens = sizes.model, sizes.micro_batch_rows, sizes.row_tokens
+    dims = memory_model.local_dims(model, mesh, rows, row_tokens)
+    return dict(
         optimizer=2 * parameters,  # AdamW μ and ν, placed like their parameters, in their dtype
-        gradients=parameters + parameters * 4 // np.dtype(model.dtype).itemsize, batch=batch,
+        gradients=parameters + parameters * 4 // np.dtype(model.dtype).itemsize,
+        batch=_STEP_TOKEN_ARRAYS * 4 * -(-sizes.step_rows // sizes.data_split) * row_tokens,
         activations=activation_bytes(model, mesh, rows, row_tokens, model.remat, fitted),
         activations_other_remat=activation_bytes(model, mesh, rows, row_tokens, _other_remat(model.remat), fitted),
         backward_working_set=int(memory_model.backward_working_set(model, dims, model.remat, fitted)),
         logprob_chunks=int(memory_model.loss_working_set(dims, config.model.logprob_chunk_size, fitted)),
         embedding_gradient=int(memory_model.embedding_gradient(model, dims, fitted)),
         optimizer_update=int(memory_model.optimizer_working_set(parameters, largest_tensor_bytes(model, mesh),
-                                                                fitted)),
-        kv_cache=kv_cache, prefix_store=prefix_store, sampler_temporaries=sampler_temporaries,
-        prefill_temporaries=prefill_bytes(*sampler, prefill_rows, fitted), device_memory=memory,
-        warm_start=warm_start_plan(config, model, fitted))
+                                                                fitted)))
+
+
+def plan_groups(config: TrainConfig, device_memory: int | str | None = None,
+                model: ModelConfig | None = None) -> dict[str, MemoryPlan]:
+    """Each device group of ``config`` planned for its own phases: {"shared": …} on
+    ``mesh_shape``, or {"train": …, "rollout": …} when ``rollout_mesh_shape`` splits the devices."""
+    if not config.rollout_mesh_shape:
+        return {"shared": plan(config, config.mesh_shape, device_memory, model)}
+    return {"train": plan(config, config.mesh_shape, device_memory, model, group="train"),
+            "rollout": plan(config, config.rollout_mesh_shape, device_memory, model, group="rollout")}
+
+
+def split_suggestions(config: TrainConfig, devices: int, device_memory: int | str,
+                      model: ModelConfig | None = None, limit: int = 2) -> list[str]:
+    """Splits of ``devices`` into a training and a rollout group (a quarter, half or three quarters
+    sampling) under which both groups fit, each group on its best-fitting mesh shape."""
+    found = []
+    for rollout_devices in sorted({devices // 4, devices // 2, 3 * devices // 4} - {0, devices}):
+        best = {}
+        for group, count in (("train", devices - rollout_devices), ("rollout", rollout_devices)):
+            fitting = []
+            for shape in _mesh_shapes(count):
+                try:
+                    result = plan(config, shape, device_memory, model, group=group)
+                except (ConfigError, ValueError):
+                    continue
+                if result.fits:
+                    fitting.append((result.peak, shape))
+            if fitting:
+                best[group] = min(fitting)
+        if len(best) == 2:
+            (train_peak, train), (rollout_peak, rollout) = best["train"], best["rollout"]
+            found.append(f"mesh_shape=[{','.join(map(str, train))}] rollout_mesh_shape=[{','.join(map(str, rollout))}]"
+                         f" (split {devices - rollout_devices} + {rollout_devices}): peaks {_gib(train_peak)} "
+                         f"(train) / {_gib(rollout_peak)} (rollout) per device")
+    return found[:limit]
 
 
 def _with(config: TrainConfig, section: str, **changes) -> TrainConfig:
@@ -534,35 +622,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="a preset name or a JSON config file")
     parser.add_argument("--mesh", required=True, help="data,fsdp,tensor sizes, e.g. 2,16,4 (64 devices)")
     parser.add_argument("--device-memory", default=None, help="per-device memory, e.g. 80GiB (H100), 95GiB (v5p)")
+    parser.add_argument("--rollout-mesh", default=None,
+                        help="the rollout group's own data,fsdp,tensor sizes (split devices; default: shared)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as train.py")
     args = parser.parse_args(argv)
     from fipo_jax.config import apply_overrides
 
     try:
         config = apply_overrides(load_config(args.config), args.set)
-        result = plan(config, args.mesh, args.device_memory)
+        config = dataclasses.replace(config, mesh_shape=parse_mesh(args.mesh))
+        if args.rollout_mesh:
+            config = dataclasses.replace(config, rollout_mesh_shape=parse_mesh(args.rollout_mesh))
+        groups = plan_groups(config, args.device_memory)
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    m = result.model
-    print(f"{result.config_name} on mesh {result.mesh_shape} — model L={m.num_hidden_layers} D={m.hidden_size} "
-          f"F={m.intermediate_size} H={m.num_attention_heads}/{m.num_key_value_heads} V={m.vocab_size} "
-          f"{m.dtype}/{m.compute_dtype}; micro-batch {result.micro_batch_rows} rows × {result.row_tokens} tokens")
     reason = fipo_inert_reason(config)
     if reason is not None:
         print(f"[warning] {reason}")
+    codes = [_report(config, result) for result in groups.values()]
+    return max(codes)
+
+
+def _report(config: TrainConfig, result: MemoryPlan) -> int:
+    """Print one group's plan and verdict (with what would fit); 1 if it does not fit, else 0."""
+    m, mesh = result.model, tuple(result.mesh_shape.values())
+    what = "" if result.group == "shared" else f" ({result.group} group)"
+    print(f"{result.config_name}{what} on mesh {result.mesh_shape} — model L={m.num_hidden_layers} D={m.hidden_size} "
+          f"F={m.intermediate_size} H={m.num_attention_heads}/{m.num_key_value_heads} V={m.vocab_size} "
+          f"{m.dtype}/{m.compute_dtype}; micro-batch {result.micro_batch_rows} rows × {result.row_tokens} tokens")
     print(result.table())
     if result.device_memory is None:
         return 0
     spare = result.device_memory - result.peak
     if result.fits:
         print(f"fits in {_gib(result.device_memory)}: {_gib(spare)} to spare ({spare / result.device_memory:.0%})")
-        for line in less_recompute(config, args.mesh, result.device_memory, result.model):
-            print(f"  also fits, with less recompute (faster): {line}")
+        if result.group != "rollout":
+            for line in less_recompute(config, mesh, result.device_memory, result.model):
+                print(f"  also fits, with less recompute (faster): {line}")
         return 0
     print(f"does NOT fit in {_gib(result.device_memory)}: {_gib(-spare)} over")
-    for line in suggestions(config, args.mesh, result.device_memory, result.model):
+    if result.group != "shared":
+        return 1
+    found = suggestions(config, mesh, result.device_memory, result.model)
+    for line in found:
         print(f"  would fit with {line}")
+    if not any(line.startswith("mesh ") for line in found):  # no shared mesh of these devices fits: split them?
+        for line in split_suggestions(config, math.prod(mesh), result.device_memory,
+                                      result.model):
+            print(f"  would fit on split devices with {line}")
     return 1
 
 

@@ -101,26 +101,31 @@ def check_host_memory(config: TrainConfig, host_memory: int) -> None:
 
 
 def check_planned_memory(config: TrainConfig, host_memory: int) -> None:
-    """The planner's peak, at its most optimistic reading, fits this machine (see the module doc)."""
+    """The planner's peak of each device group, at its most optimistic reading, fits this machine
+    (see the module doc)."""
     from fipo_jax.train import memory_model
     from fipo_jax.train import plan as plan_lib
 
     try:
-        planned = plan_lib.plan(config, config.mesh_shape)
+        groups = plan_lib.plan_groups(config)
     except ConfigError:
         return  # the architecture is unknown without loading it: nothing to check here
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
-    if limit is None:  # CPU: the mesh's devices on this host share its memory
-        devices = min(math.prod(config.mesh_shape), jax.local_device_count())
-        need, have, what = planned.shared_memory_need(devices), host_memory, f"host memory ({devices} CPU device(s))"
+    if limit is None:  # CPU: the groups' devices on this host share its memory
+        counts = {name: min(math.prod(group.mesh_shape.values()), jax.local_device_count())
+                  for name, group in groups.items()}
+        need = sum(group.shared_memory_need(counts[name]) for name, group in groups.items())
+        have, what = host_memory, f"host memory ({sum(counts.values())} CPU device(s))"
     else:
-        need, have, what = planned.peak, limit, "memory per device"
+        need, have, what = max(group.peak for group in groups.values()), limit, "memory per device"
+    meshes = f"--mesh {','.join(map(str, config.mesh_shape))}" + (
+        f" --rollout-mesh {','.join(map(str, config.rollout_mesh_shape))}" if config.rollout_mesh_shape else "")
     _checks.require(
         need / memory_model.HIGHEST_MEASURED_RATIO <= have,
         f"the memory planner puts this run's peak at {_bytes(need)} of {what} (at least "
         f"{_bytes(need / memory_model.HIGHEST_MEASURED_RATIO)}), and this machine has {_bytes(have)}; "
-        f"`fipo-plan --config <this config> --mesh {','.join(map(str, config.mesh_shape))}` shows the "
-        f"pieces and the settings that would fit", error=ConfigError)
+        f"`fipo-plan --config <this config> {meshes}` shows the pieces and the settings that would fit",
+        error=ConfigError)
 
 
 def physical_memory() -> int:

@@ -157,9 +157,10 @@ class RunShapes:
 
 
 def run_shapes(config: TrainConfig, mesh_shape: Sequence[int] | None = None,
-               model: ModelConfig | None = None) -> RunShapes:
+               model: ModelConfig | None = None, updates: bool = True) -> RunShapes:
     """The sizes of ``config``'s arrays on a mesh of ``mesh_shape`` (default ``config.mesh_shape``);
-    ``model`` overrides the architecture `model_config` finds (e.g. the loaded model's)."""
+    ``model`` overrides the architecture `model_config` finds (e.g. the loaded model's). A mesh that
+    only samples (``updates=False``: a rollout group) has no update micro-batch (0 rows)."""
     shape = tuple(config.mesh_shape if mesh_shape is None else mesh_shape)
     config = dataclasses.replace(config, mesh_shape=shape)
     rollout = config.rollout
@@ -170,6 +171,6 @@ def run_shapes(config: TrainConfig, mesh_shape: Sequence[int] | None = None,
     width = bucket(prompt_buckets(config), longest_prompt(config))
     return RunShapes(model=model or model_config(config), mesh_shape=shape, data_split=split,
                      step_rows=rollout.prompts_per_step * rollout.n, round_rows=round_rows,
-                     sampler_rows=sampler_rows, micro_batch_rows=micro_batch_rows(config),
+                     sampler_rows=sampler_rows, micro_batch_rows=micro_batch_rows(config) if updates else 0,
                      sampler_prompt_width=width, update_prompt_width=update_prompt_width(longest_prompt(config), width),
                      response_tokens=rollout.max_response_tokens)
