@@ -48,9 +48,9 @@ def test_planned_memory_never_under_counts_xla(compiled, index):
     result = planned(case)
     # Parameters and AdamW moments are exact: they are the update's arguments, with the batch (ids
     # and segment ids int32, response mask bool, sampler log-probs float32: 13 bytes per token of
-    # the rows split over data; 32 scores and 2 × 2 sequence counts float32, replicated).
+    # the rows split over data; 32 scores, 32 int32 lags and 2 × 2 sequence counts float32, replicated).
     rows = 8 * 4 // case["mesh"][0]
-    batch_inputs = rows * (32 + 224) * 13 + 32 * 4 + 2 * 2 * 4
+    batch_inputs = rows * (32 + 224) * 13 + 32 * 4 + 32 * 4 + 2 * 2 * 4
     state = sizes["update"]["argument_size_in_bytes"] - batch_inputs
     assert abs(state - (result.parameters + result.optimizer)) <= 64, (state, result)  # + step, key, counts
     update = result.update_peak / compiled_peak(sizes["update"])
