@@ -164,6 +164,16 @@ for k, extra in ((1, ()), (2, ("rollout_mesh_shape=[2,2]",))):
                     "stale_drift": [r["drift/staleness"] for r in piped[1]],
                     "stale_frac": [r["rollout/stale_token_frac"] for r in piped[1]],
                     "spans": [[r["data/prompts_from"], r["data/prompts_to"]] for r in piped[1]]}
+# k = 1 on a shared mesh, continued for a 4th step on 2 + 4 split devices with k = 2: a placement change
+logs = []
+continued = Trainer(apply_overrides(cpu_default(), base[:-2] + ["steps=4", "mesh_shape=[2]", "rollout_mesh_shape=[4]",
+                                                             "rollout.max_staleness=2"]),
+                    os.path.join(root, "k1"), progress=False, log=logs.append)
+continued.train()
+last = MetricsLog(os.path.join(root, "k1", "metrics.jsonl")).read()[-1]
+out["continued"] = {"lines": [line for line in logs if line.startswith("[resume] step")], "step": last["step"],
+                    "lag": last["rollout/staleness_max"], "from": last["data/prompts_from"],
+                    "previous_to": out["k1"]["spans"][-1][1]}
 print(json.dumps(out))
 """
 
@@ -181,6 +191,12 @@ def test_split_groups_and_stale_pipelines_equal_their_sequential_references(tmp_
         assert run["stale_frac"][0] == 0 and run["stale_frac"][1] == 1 and run["stale_frac"][2] == 1
         assert run["stale_drift"][0] == 0 and run["stale_drift"][2] > 0  # step 1's warm-up LR is 0: no drift yet
         assert all(a[1] == b[0] for a, b in zip(run["spans"], run["spans"][1:]))  # consecutive prompts
+    # resumed on another split and k: logged; the first step after it samples with the checkpoint's weights
+    continued = out["continued"]
+    assert continued["step"] == 4 and continued["lag"] == 0 and continued["from"] == continued["previous_to"]
+    assert len(continued["lines"]) == 1
+    for change in ("mesh_shape [4] → [2]", "rollout_mesh_shape [] → [4]", "rollout.max_staleness 1 → 2"):
+        assert change in continued["lines"][0]
 
 
 @pytest.mark.slow
