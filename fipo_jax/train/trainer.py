@@ -10,6 +10,10 @@ One `Trainer.step`:
    donated call ``(state, batch) → (state, metrics)``;
 3. log the metrics; 4. save the state (`fipo_jax.train.checkpoint`) every ``checkpoint_every`` steps.
 
+Collection runs where the rollouts are (the training mesh, or the devices of ``rollout_mesh_shape``,
+the weights moved there first) and, with ``rollout.max_staleness`` k ≥ 1, ahead of the update in a
+producer thread, each step sampling with the weights of k steps before (`fipo_jax.train.pipeline`).
+
 The state (`RLState`: parameters, optimizer state, step, PRNG key) is the only thing an update
 changes; the trainer swaps it in only when the update returns, so an exception anywhere in a step
 leaves the previous state intact. Randomness is a pure function of (seed, step, round), and the
