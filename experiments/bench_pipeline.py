@@ -4,21 +4,27 @@ sequential loop (k = 0), side by side in one run, and the pipeline model's predi
     python experiments/bench_pipeline.py --out runs/bench_pipeline          # the figures in docs/pipeline.md
     python experiments/bench_pipeline.py --steps 4 --verify-chars 800       # quicker
 
-Both runs train the CPU default experiment's policy (the cached warm start) for ``--steps`` steps with
-the same seed on the same mesh, with a reward of realistic cost: besides the task's own answer, each
-response's score asks math-verify about a long, unique worked answer (``--verify-chars`` characters of
-LaTeX ending in a boxed fraction, checked against a decimal gold, so the string rules never decide:
-DAPO's scorer on long chains of thought). Its cost per response is measured and reported. The first
-``--skip`` steps (compiles) are left out; each figure is the median step time.
+Both runs train the CPU default experiment's policy (the cached warm start) for ``--steps`` steps
+with the same seed on the same mesh, the weights held still (``optim.lr=1e-30``, below float32
+rounding: every update computed, no change), so both draw the same rollouts and do the same work per
+step — only the schedule differs, not where training led (a run whose responses collapse to a few
+tokens samples faster). The reward has a realistic cost: besides the task's own answer, each
+response's score asks math-verify about a long, unique worked answer (``--verify-chars`` characters
+of LaTeX ending in a boxed fraction, checked against a decimal gold, so the string rules never
+decide: DAPO's scorer on long chains of thought); its cost per response is measured and reported
+and counted in the step's ``time/score_s``. The first ``--skip`` steps (compiles) are left out; each
+figure is the mean step time over the rest.
 
 The model's prediction (`fipo_jax.train.pipeline_model`, shared mesh): phases G, S, U, W measured in
-the k = 0 run, then T(k = 1) = max(G + U + W, G + S); against the measured k = 1 step. On 2 CPU cores
-the device phases and the host's scoring share the same cores, which the model does not know.
+the k = 0 run (means), then T(k = 1) between the serial bound max(G + U + W, G + S) (devices that each
+phase fills) and the concurrent bound max(G + S, U + W) (phases that each leave the devices half idle),
+against the measured k = 1 step.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -57,14 +63,15 @@ class CostlyScoring:
         extra = [long_answer(self.responses + i, self.chars) for i in range(len(texts))]
         checked = score_batch([t for t, _ in extra], [g for _, g in extra], config)
         assert checked.correct.all(), "the long answers equal their golds"
-        self.calls, self.responses, self.seconds = self.calls + 1, self.responses + len(texts), (
-            self.seconds + time.perf_counter() - start)
-        return self.real(texts, golds, config, **kwargs)
+        seconds = time.perf_counter() - start
+        self.calls, self.responses, self.seconds = self.calls + 1, self.responses + len(texts), self.seconds + seconds
+        result = self.real(texts, golds, config, **kwargs)
+        return dataclasses.replace(result, seconds=result.seconds + seconds)  # in the step's time/score_s
 
 
 def run(out: str, k: int, steps: int, overrides: list[str]) -> list[dict]:
-    config = apply_overrides(cpu_default(), overrides + [f"steps={steps}", f"rollout.max_staleness={k}",
-                                                         "eval.every=0", f"checkpoint_every={steps}"])
+    config = apply_overrides(cpu_default(), ["optim.lr=1e-30"] + overrides + [
+        f"steps={steps}", f"rollout.max_staleness={k}", "eval.every=0", f"checkpoint_every={steps}"])
     path = os.path.join(out, f"k{k}")
     start = time.perf_counter()
     Trainer(config, path, progress=False, log=lambda line: None).train()
@@ -85,9 +92,9 @@ def main(argv=None) -> int:
     rollouts_lib.score_batch = scoring  # the collector scores through this module's name
     rows = {k: run(args.out, k, args.steps, args.overrides) for k in (0, 1)}
     kept = {k: [r for r in rs if r["step"] > args.skip] for k, rs in rows.items()}
-    step_s = {k: statistics.median(r["time/step_s"] for r in rs) for k, rs in kept.items()}
+    step_s = {k: statistics.mean(r["time/step_s"] for r in rs) for k, rs in kept.items()}
     phases = pipeline_model.phases_from_log(rows[0], devices=1, skip_first=args.skip)
-    predicted = pipeline_model.step_seconds(phases, 1)
+    serial, concurrent = (pipeline_model.step_seconds(phases, 1, concurrent=c) for c in (False, True))
     result = {
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
                   f"{jax.default_backend()}",
@@ -96,8 +103,10 @@ def main(argv=None) -> int:
         "step_s": step_s, "steps_per_s_ratio_k1_over_k0": step_s[0] / step_s[1],
         "phases_k0": {"generate_s": phases.generate_s, "score_s": phases.score_s, "update_s": phases.update_s,
                       "sync_s": phases.sync_s},
-        "predicted_k1_step_s": predicted, "predicted_over_measured": predicted / step_s[1],
-        "k1_rollout_wait_s": statistics.median(r["time/rollout_wait_s"] for r in kept[1]),
+        "predicted_k0_step_s": pipeline_model.step_seconds(phases, 0),
+        "predicted_k1_step_s_serial": serial, "predicted_k1_step_s_concurrent": concurrent,
+        "k1_rollout_wait_s": statistics.mean(r["time/rollout_wait_s"] for r in kept[1]),
+        "same_rollouts": [r["rollout/length_mean"] for r in rows[0]] == [r["rollout/length_mean"] for r in rows[1]],
         "staleness_max": max(r["rollout/staleness_max"] for r in rows[1]),
     }
     with open(os.path.join(args.out, "bench_pipeline.json"), "w", encoding="utf-8") as f:

@@ -31,11 +31,21 @@ def run_dir(out: str, algo: str, k: int, seed: int) -> str:
     return os.path.join(out, f"{algo}-k{k}-seed{seed}")
 
 
+# A drift over responses of one kind is averaged over the steps that had such responses: drift/engine over
+# steps with lag-0 responses, drift/staleness over steps with stale ones (else a step's 0 means "none").
+_HAS_TOKENS = {"drift/engine": lambda r: r.get("rollout/stale_token_frac", 0.0) < 1.0,
+               "drift/staleness": lambda r: r.get("rollout/stale_token_frac", 0.0) > 0.0}
+
+
 def step_means(path: str) -> dict[str, float]:
-    """The mean over the run's steps of each `STEP_KEYS` metric it logged."""
+    """The mean over the run's steps of each `STEP_KEYS` metric it logged (see `_HAS_TOKENS`)."""
     rows = [r for r in MetricsLog(os.path.join(path, "metrics.jsonl")).read() if r.get("step", 0) > 0]
-    return {key: float(np.mean([r[key] for r in rows if key in r])) for key in STEP_KEYS
-            if any(key in r for r in rows)}
+    out = {}
+    for key in STEP_KEYS:
+        values = [r[key] for r in rows if key in r and _HAS_TOKENS.get(key, lambda r: True)(r)]
+        if values:
+            out[key] = float(np.mean(values))
+    return out
 
 
 def figures(out: str, algo: str, k: int, seed: int) -> dict[str, float]:
@@ -58,11 +68,14 @@ def plot(out: str, aggregate: dict[str, dict[str, dict]], algos, ks) -> str:
         series = ([(algo, key, f"C{i}") for i, algo in enumerate(algos)] if key else
                   [("fipo", drift, f"C{i + 2}") for i, drift in enumerate(STEP_KEYS[:3])])
         for algo, name, color in series:
-            stats = [aggregate.get(f"{algo}/k{k}", {}).get(name, {}) for k in ks]
-            if not all(s.get("n") for s in stats):
+            points = [(k, s) for k in ks if (s := aggregate.get(f"{algo}/k{k}", {}).get(name, {})).get("n")]
+            if not points:  # e.g. drift/staleness at k = 0: no stale response
                 continue
-            mean, std = np.array([s["mean"] for s in stats]), np.array([s["std"] for s in stats])
-            ax.errorbar(ks, mean, yerr=std, marker="o", capsize=3, color=color, label=algo if key else name)
+            mean, std = np.array([s["mean"] for _, s in points]), np.array([s["std"] for _, s in points])
+            ax.errorbar([k for k, _ in points], mean, yerr=std, marker="o", capsize=3, color=color,
+                        label=algo if key else name)
+        if key is None:
+            ax.set_yscale("log")  # the engine's drift is ~1e-7, the others ~1e-2
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("rollout.max_staleness k")
         ax.set_xticks(ks)

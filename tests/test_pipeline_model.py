@@ -29,6 +29,7 @@ def test_the_step_time_of_each_arrangement_follows_its_formula():
     assert step_seconds(PHASES, 1) == step_seconds(PHASES, 2) == max(g + l_ + u + w, g + l_ + s)
     assert step_seconds(PHASES, 0, 4) == g * 2 + l_ + s + u * 2 + w
     assert step_seconds(PHASES, 1, 4) == max(g * 2 + l_ + s, u * 2 + w)
+    assert step_seconds(PHASES, 1, concurrent=True) == max(g + l_ + s, u + w)  # phases that each leave cores idle
     host_bound = Phases(1.0, 50.0, 10.0, 0.0, 1.0, 8)  # scoring dominates: overlap hides the device work
     assert step_seconds(host_bound, 1) == 51.0 < step_seconds(host_bound, 0) == 61.0
 
@@ -52,7 +53,7 @@ def test_phases_are_read_from_a_run_log_skipping_the_compiling_step():
     rows[1]["time/update_s"] = 99.0  # step 1 compiles
     phases = phases_from_log(rows, devices=4)
     assert (phases.generate_s, phases.score_s, phases.update_s, phases.sync_s, phases.tokens) == (
-        13.0 - 2, 2.5, 7.0, 0.25, 1000.0)  # steps 2-4: medians
+        13.0 - 2, 2.5, 7.0, 0.25, 1000.0)  # steps 2-4: means
     with pytest.raises(ValueError, match="no step after the first 1 holds phase times"):
         phases_from_log(rows[:2], devices=4)
 

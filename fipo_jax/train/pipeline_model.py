@@ -52,13 +52,19 @@ class Phases:
         _checks.check_int("Phases.devices", self.devices, minimum=1)
 
 
-def step_seconds(phases: Phases, max_staleness: int, rollout_devices: int = 0) -> float:
-    """T of the module docstring: ``rollout_devices`` = 0 shares the mesh, else D_r of D (the rest train)."""
+def step_seconds(phases: Phases, max_staleness: int, rollout_devices: int = 0, concurrent: bool = False) -> float:
+    """T of the module docstring: ``rollout_devices`` = 0 shares the mesh, else D_r of D (the rest train).
+
+    ``concurrent`` (shared mesh, k ≥ 1): the devices run generation and the update at once, each at
+    its full speed, T = max(G + L + S, U + W) — the bound for devices that one phase leaves half idle
+    (a small model on CPU cores), where the serial formula is the bound for devices each phase fills."""
     _checks.check_int("max_staleness", max_staleness, minimum=0)
     g, s, u, w, d = phases.generate_s, phases.score_s, phases.update_s, phases.sync_s, phases.devices
     if not rollout_devices:
         g += phases.tail_s
-        return g + s + u + w if max_staleness == 0 else max(g + u + w, g + s)
+        if max_staleness == 0:
+            return g + s + u + w
+        return max(g + s, u + w) if concurrent else max(g + u + w, g + s)
     _checks.check_int("rollout_devices", rollout_devices, minimum=1, maximum=d - 1)
     g, u = g * d / rollout_devices + phases.tail_s, u * d / (d - rollout_devices)
     return g + s + u + w if max_staleness == 0 else max(g + s, u + w)
@@ -73,17 +79,18 @@ def best_split(phases: Phases, max_staleness: int, multiple: int = 1) -> tuple[i
 
 
 def phases_from_log(rows: Sequence[dict[str, Any]], devices: int, skip_first: int = 1) -> Phases:
-    """Median phases of a run's metrics rows (metrics.jsonl) after the first ``skip_first`` steps
-    (compiles): G = ``time/rollout_s`` − ``time/score_s``, S = ``time/score_s`` + ``time/pack_s``,
-    U = ``time/update_s``, W = ``time/weight_sync_s``, tokens = ``time/tokens_per_s`` · ``time/step_s``."""
+    """Mean phases of a run's metrics rows (metrics.jsonl) after the first ``skip_first`` steps
+    (compiles), means so that they add up to the mean step: G = ``time/rollout_s`` − ``time/score_s``,
+    S = ``time/score_s`` + ``time/pack_s``, U = ``time/update_s``, W = ``time/weight_sync_s``,
+    tokens = ``time/tokens_per_s`` · ``time/step_s``."""
     steps = [r for r in rows if r.get("step", 0) > skip_first and "time/rollout_s" in r]
     _checks.require(bool(steps), f"no step after the first {skip_first} holds phase times (time/rollout_s)")
-    median = lambda f: float(sorted(f(r) for r in steps)[len(steps) // 2])  # noqa: E731
-    return Phases(generate_s=median(lambda r: r["time/rollout_s"] - r.get("time/score_s", 0.0)),
-                  score_s=median(lambda r: r.get("time/score_s", 0.0) + r.get("time/pack_s", 0.0)),
-                  update_s=median(lambda r: r["time/update_s"]),
-                  sync_s=median(lambda r: r.get("time/weight_sync_s", 0.0)),
-                  tokens=median(lambda r: r["time/tokens_per_s"] * r["time/step_s"]), devices=devices)
+    mean = lambda f: sum(f(r) for r in steps) / len(steps)  # noqa: E731
+    return Phases(generate_s=mean(lambda r: r["time/rollout_s"] - r.get("time/score_s", 0.0)),
+                  score_s=mean(lambda r: r.get("time/score_s", 0.0) + r.get("time/pack_s", 0.0)),
+                  update_s=mean(lambda r: r["time/update_s"]),
+                  sync_s=mean(lambda r: r.get("time/weight_sync_s", 0.0)),
+                  tokens=mean(lambda r: r["time/tokens_per_s"] * r["time/step_s"]), devices=devices)
 
 
 @dataclasses.dataclass(frozen=True)
