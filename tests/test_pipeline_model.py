@@ -83,6 +83,9 @@ def test_fipo_plan_pipeline_reads_a_run_directory(tmp_path, capsys):
     assert plan_lib.main(["--pipeline", "--run-dir", str(tmp_path)]) == 0
     assert "phases on 4 device(s): generate 3.00 s" in capsys.readouterr().out
     assert plan_lib.main(["--pipeline", "--run-dir", str(tmp_path / "missing")]) == 2
+    (tmp_path / "config.json").write_text(json.dumps({"mesh_shape": [2], "rollout_mesh_shape": [2]}))
+    assert plan_lib.main(["--pipeline", "--run-dir", str(tmp_path)]) == 0  # split: 3 s on 2 of 4 devices
+    assert "phases on 4 device(s): generate 1.50 s" in capsys.readouterr().out
 
 
 def test_each_group_is_planned_for_its_own_phases():

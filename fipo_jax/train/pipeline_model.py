@@ -93,6 +93,19 @@ def phases_from_log(rows: Sequence[dict[str, Any]], devices: int, skip_first: in
                   tokens=mean(lambda r: r["time/tokens_per_s"] * r["time/step_s"]), devices=devices)
 
 
+def run_phases(rows: Sequence[dict[str, Any]], mesh_shape: Sequence[int],
+               rollout_mesh_shape: Sequence[int] = ()) -> Phases:
+    """`phases_from_log` of a run on ``mesh_shape`` (and ``rollout_mesh_shape`` when split), stated
+    for all its devices: a split run's generation was measured on D_r devices and its update on D_t,
+    so G·D_r/D and U·D_t/D are what all D devices would take (the linear scaling of the model)."""
+    train, rollout = math.prod(mesh_shape), math.prod(rollout_mesh_shape) if rollout_mesh_shape else 0
+    phases = phases_from_log(rows, train + rollout)
+    if not rollout:
+        return phases
+    return dataclasses.replace(phases, generate_s=phases.generate_s * rollout / phases.devices,
+                               update_s=phases.update_s * train / phases.devices)
+
+
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """An accelerator's datasheet figures: dense bf16 FLOP/s, HBM bytes/s and bytes, link bytes/s."""
@@ -195,7 +208,7 @@ def speedup(phases: Phases, max_staleness: int, rollout_devices: int = 0) -> flo
 
 
 __all__ = ["CHIPS", "Chip", "Phases", "Recipe", "best_split", "decode_tokens_per_s", "phases_from_log",
-           "recipe_phases", "recipe_table", "speedup", "step_seconds", "tail_seconds"]
+           "recipe_phases", "recipe_table", "run_phases", "speedup", "step_seconds", "tail_seconds"]
 
 
 def describe(phases: Phases, multiple: int = 1) -> str:
@@ -226,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--phases", help="G,S,U,W seconds on --devices devices (with --tokens), e.g. 40,2,30,0.5")
     parser.add_argument("--tokens", type=float, default=0.0, help="tokens per step (with --phases)")
     parser.add_argument("--tail", type=float, default=0.0, help="L, the generation tail in seconds (with --phases)")
-    parser.add_argument("--devices", type=int, default=None, help="devices of the measured or given phases")
+    parser.add_argument("--devices", type=int, default=None, help="devices of the given phases (with --phases)")
     parser.add_argument("--multiple", type=int, default=1, help="rollout devices come in groups of (tensor parallel)")
     parser.add_argument("--recipe", action="store_true", help="the modelled FIPO Qwen2.5-32B table (Recipe defaults)")
     parser.add_argument("--chip", choices=sorted(CHIPS), default="h100")
@@ -242,10 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.run_dir:
             with open(os.path.join(args.run_dir, "config.json"), encoding="utf-8") as f:
-                mesh = json.load(f).get("mesh_shape", [1])
+                config = json.load(f)
             with open(os.path.join(args.run_dir, "metrics.jsonl"), encoding="utf-8") as f:
                 rows = [json.loads(line) for line in f if line.strip()]
-            phases = phases_from_log(rows, args.devices or math.prod(mesh))
+            phases = run_phases(rows, config.get("mesh_shape", [1]), config.get("rollout_mesh_shape") or [])
         elif args.phases:
             g, s, u, w = (float(v) for v in args.phases.split(","))
             phases = Phases(g, s, u, w, args.tokens, args.devices or 1, args.tail)
