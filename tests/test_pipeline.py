@@ -4,7 +4,6 @@ k = 1 run killed mid-step that resumes with nothing lost and nothing repeated.""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from fipo_jax.train.pipeline import Produced, RolloutPipeline, sampling_version
 from fipo_jax.train.preflight import check_mesh
 from fipo_jax.train.update import drift_metrics
 from tests.multi_device import ROOT, run_json
-from tests.test_trainer import TINY
+from tests.test_trainer import TINY, kill_after_checkpoint
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
@@ -211,14 +210,7 @@ def test_a_k1_run_killed_mid_step_resumes_with_nothing_lost_and_nothing_repeated
     cmd = [sys.executable, "-m", "fipo_jax.train.cli", "--run-dir", run_dir, "--no-progress", "--steps", "5"] + [
         a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints, deadline = os.path.join(run_dir, "checkpoints"), time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(checkpoints) and "2" in os.listdir(checkpoints):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(cmd, env, os.path.join(run_dir, "checkpoints"), 2)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8")][1:]

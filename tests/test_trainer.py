@@ -118,6 +118,18 @@ def test_resume_matches_uninterrupted_run(tmp_path, cache_dir, reference_run):
     assert comparable(ours) == comparable(reference)
 
 
+def kill_after_checkpoint(cmd: list[str], env: dict, checkpoints: str, step: int, timeout_s: float = 300) -> None:
+    """Start ``cmd`` and SIGKILL it once checkpoint ``step`` appears in ``checkpoints`` (or it ends)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(checkpoints) and str(step) in os.listdir(checkpoints):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_identically(tmp_path, cache_dir, reference_run):
     """SIGKILL a training process after its second checkpoint, rerun the same command."""
@@ -125,15 +137,8 @@ def test_killed_run_resumes_identically(tmp_path, cache_dir, reference_run):
     cmd = [sys.executable, "-m", "fipo_jax.train.cli", "--run-dir", run_dir, "--no-progress",
            "--steps", "4"] + [a for o in TINY + [f"sft.cache_dir={cache_dir}"] for a in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = os.path.join(run_dir, "checkpoints")
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(checkpoints) and "2" in os.listdir(checkpoints):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(cmd, env, checkpoints, 2)
     # Leave a half-written step behind, as a kill during a save would.
     os.makedirs(os.path.join(checkpoints, "9.orbax-checkpoint-tmp-0", "params"), exist_ok=True)
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:

@@ -17,7 +17,6 @@ fipo_jax.config.specs.ConfigError: model.rope_theta must be a finite number > 0,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from typing import Any, Literal, get_args
 
@@ -323,6 +322,22 @@ class MetricsSpec:
         _checks.check_bool("metrics.ratio_quantiles", self.ratio_quantiles, error=ConfigError)
 
 
+_ABSENT = object()
+
+
+def value_at(tree: dict[str, Any], path: str, default: Any = _ABSENT) -> Any:
+    """The value at dotted ``path`` of nested dict ``tree``; ``default`` when a key is missing
+    (`KeyError` without one)."""
+    node: Any = tree
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            if default is _ABSENT:
+                raise KeyError(path)
+            return default
+        node = node[key]
+    return node
+
+
 def without_paths(tree: dict[str, Any], paths) -> dict[str, Any]:
     """A JSON copy of nested dict ``tree`` (tuples as lists, as checkpoint metadata holds it) without
     those of the dotted ``paths`` it holds."""
@@ -420,7 +435,7 @@ class TrainConfig:
     def placement(self) -> dict[str, Any]:
         """The `PLACEMENT_FIELDS` and their values (a resume may change them; it says which)."""
         d = self.to_dict()
-        return {path: functools.reduce(dict.__getitem__, path.split("."), d) for path in PLACEMENT_FIELDS}
+        return {path: value_at(d, path) for path in PLACEMENT_FIELDS}
 
 def sampler_as_old_warning(config: TrainConfig) -> str | None:
     """A one-line warning when FIPO's Future-KL reads the sampler's log-probs as π_old, or None."""

@@ -232,16 +232,23 @@ def make_mesh(shape: tuple[int, ...] = (1,), devices=None) -> Mesh:
     """
     if not shape or len(shape) > len(MESH_AXES) or any(int(s) < 1 for s in shape):
         raise ValueError(f"mesh shape must have 1..{len(MESH_AXES)} positive sizes, got {shape}")
+    need = math.prod(shape)
+    devices = _devices_for(need, f"mesh shape {shape}", devices)
+    return Mesh(np.asarray(devices[:need]).reshape(shape), MESH_AXES[: len(shape)])
+
+
+def _devices_for(need: int, what: str, devices=None) -> list:
+    """The devices ``what`` (meshes needing ``need`` devices) is laid over: ``devices``, or all of
+    `jax.devices()` — which a multi-process run's meshes must cover exactly."""
     all_devices = devices is None
     devices = list(jax.devices() if devices is None else devices)
-    need = math.prod(shape)
     if jax.process_count() > 1 and all_devices and need != len(devices):
         raise ValueError(f"a multi-process run needs a mesh over all {len(devices)} devices of its "
-                         f"{jax.process_count()} processes, got mesh shape {shape} ({need} devices)")
+                         f"{jax.process_count()} processes, got {what} ({need} devices)")
     if need > len(devices):
-        raise ValueError(f"mesh shape {shape} needs {need} devices, only {len(devices)} available "
+        raise ValueError(f"{what} needs {need} devices, only {len(devices)} available "
                          f"(for CPU tests set XLA_FLAGS=--xla_force_host_platform_device_count={need})")
-    return Mesh(np.asarray(devices[:need]).reshape(shape), MESH_AXES[: len(shape)])
+    return devices
 
 
 def make_meshes(train_shape: tuple[int, ...], rollout_shape: tuple[int, ...] = (), devices=None) -> tuple[Mesh, Mesh]:
@@ -251,18 +258,9 @@ def make_meshes(train_shape: tuple[int, ...], rollout_shape: tuple[int, ...] = (
     if not rollout_shape:
         mesh = make_mesh(train_shape, devices)
         return mesh, mesh
-    all_devices = devices is None
-    devices = list(jax.devices() if devices is None else devices)
     need = math.prod(train_shape) + math.prod(rollout_shape)
-    if jax.process_count() > 1 and all_devices and need != len(devices):
-        raise ValueError(f"a multi-process run needs its training and rollout meshes to cover all {len(devices)} "
-                         f"devices, got {train_shape} + {rollout_shape} ({need} devices)")
-    if need > len(devices):
-        raise ValueError(f"mesh shape {train_shape} + rollout mesh shape {rollout_shape} need {need} devices, only "
-                         f"{len(devices)} available (for CPU tests set "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={need})")
-    train = make_mesh(train_shape, devices)
-    return train, make_mesh(rollout_shape, devices[math.prod(train_shape):])
+    devices = _devices_for(need, f"mesh shape {train_shape} + rollout mesh shape {rollout_shape}", devices)
+    return make_mesh(train_shape, devices), make_mesh(rollout_shape, devices[math.prod(train_shape):need])
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, RuleLike] | None = None) -> NamedSharding:

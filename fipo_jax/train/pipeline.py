@@ -99,6 +99,9 @@ class WeightSync:
 
 _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
+# `WeightSync`'s metrics of a step that moved no weights (its rollouts were drawn ahead).
+NOTHING_MOVED = {"time/weight_sync_s": 0.0, "rollout/weight_sync_bytes": 0.0}
+
 
 Produce = Callable[[int, Any, int], Produced]  # (step, policy, version) → that step's rollouts
 

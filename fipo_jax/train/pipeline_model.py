@@ -202,15 +202,6 @@ def recipe_table(recipe: Recipe, chip: Chip, device_counts: Sequence[int] = (64,
     return "\n".join([head, *rows])
 
 
-def speedup(phases: Phases, max_staleness: int, rollout_devices: int = 0) -> float:
-    """T(shared, k = 0) / T(this arrangement)."""
-    return step_seconds(phases, 0) / step_seconds(phases, max_staleness, rollout_devices)
-
-
-__all__ = ["CHIPS", "Chip", "Phases", "Recipe", "best_split", "decode_tokens_per_s", "phases_from_log",
-           "recipe_phases", "recipe_table", "run_phases", "speedup", "step_seconds", "tail_seconds"]
-
-
 def describe(phases: Phases, multiple: int = 1) -> str:
     """Markdown: the step time and tokens/s of each arrangement of ``phases``' devices."""
     lines = ["| arrangement | step (s) | tokens/s | vs shared k = 0 |", "|---|---|---|---|"]

@@ -40,7 +40,7 @@ from flax import nnx
 
 from fipo_jax.config import PLACEMENT_FIELDS, ConfigError, TrainConfig, fipo_inert_reason, sampler_as_old_warning
 from fipo_jax.config.parsing import MOVED_FIELDS
-from fipo_jax.config.specs import without_paths
+from fipo_jax.config.specs import value_at, without_paths
 from fipo_jax.core.losses import token_diagnostics
 from fipo_jax.core.packing import RLBatch, pack_batch
 from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord
@@ -87,13 +87,9 @@ def placement_changes(metadata: dict, config: TrainConfig) -> list[str]:
     from ``config``'s (read from its fingerprint when written before placements were saved apart)."""
     saved = metadata.get("placement")
     if saved is None:
-        saved = {}
-        for path in PLACEMENT_FIELDS:
-            node: Any = metadata.get("fingerprint", {})
-            for key in path.split("."):
-                node = node.get(key, _MISSING) if isinstance(node, dict) else _MISSING
-            if node is not _MISSING:
-                saved[path] = node
+        fingerprint = metadata.get("fingerprint", {})
+        saved = {path: value for path in PLACEMENT_FIELDS
+                 if (value := value_at(fingerprint, path, _MISSING)) is not _MISSING}
     now = json.loads(json.dumps(config.placement()))
     return [f"{path} {saved[path]} → {now[path]}" for path in PLACEMENT_FIELDS
             if path in saved and saved[path] != now[path]]
@@ -228,7 +224,7 @@ class Trainer:
         """One RL step; returns its metrics (`train` also logs them)."""
         t0 = time.perf_counter()
         step = self.step_index
-        sync = {"time/weight_sync_s": 0.0, "rollout/weight_sync_bytes": 0.0}  # nothing moved this step
+        sync = pipeline_lib.NOTHING_MOVED
         if self.pipeline is not None:
             produced = self.pipeline.get(step)
         else:  # in sequence: the step's own weights, where the rollout engine samples
@@ -236,8 +232,7 @@ class Trainer:
             produced = self.produce(step, policy, step)
         t_rollout = time.perf_counter() - t0
         self.last_rollouts = produced.rollouts
-        self.state, update_metrics = self.update(self.state, jax.device_put(
-            produced.batch, update_lib.batch_shardings(produced.batch, self.mesh)))
+        self.state, update_metrics = self.update(self.state, self.place_batch(produced.batch))
         self.prompt_position = produced.prompt_position
         metrics = {**produced.metrics, **sync}
         metrics.update({k: float(v) for k, v in distributed.to_host(update_metrics).items()})
@@ -295,10 +290,14 @@ class Trainer:
         return batch, {"batch/padding_frac": stats["padding_frac"],
                        "batch/padding_frac_unpacked": stats["padding_frac_unpacked"]}
 
+    def place_batch(self, batch: RLBatch) -> RLBatch:
+        """A host batch placed on the training mesh in one transfer, rows split over the data axis."""
+        return jax.device_put(batch, update_lib.batch_shardings(batch, self.mesh))
+
     def device_batch(self, rollouts: Rollouts) -> tuple[RLBatch, dict[str, float]]:
-        """`host_batch` placed on the mesh in one transfer, rows split over the data axis."""
+        """`host_batch` placed on the mesh (`place_batch`)."""
         batch, layout = self.host_batch(rollouts)
-        return jax.device_put(batch, update_lib.batch_shardings(batch, self.mesh)), layout
+        return self.place_batch(batch), layout
 
     # ----------------------------------------------------------------------------- evaluation
 
