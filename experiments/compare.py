@@ -1,7 +1,8 @@
-"""FIPO vs DAPO (and optionally GRPO) over several seeds with the same budget: mean ± spread.
+"""FIPO vs DAPO (and optionally GRPO) over several seeds with the same budget: paired tests.
 
     python experiments/compare.py --seeds 0 1 2 3 4              # CPU default experiment, DAPO vs FIPO
-    python experiments/compare.py --algos dapo fipo grpo --seeds 0 1 --out runs/compare --set steps=20
+    python experiments/compare.py --algos dapo fipo grpo --seeds 0 1 2 3 4 5 6 7 --out runs/compare \
+        --set steps=20 --set eval.every=5 --at-steps 10 20       # the README's pre-registered comparison
 
 Every run of a seed shares the supervised warm start (cached), the prompts and the step budget;
 only the loss differs. Runs are resumable: re-running the command skips finished runs and
@@ -9,13 +10,19 @@ resumes interrupted ones. Writes <out>/comparison.json (each run's summary; per 
 mean / std / min / max over seeds of the final figures; and each algorithm's per-seed difference
 from the first one, paired by seed), <out>/comparison.png (mean ± one std
 over seeds per step, and each seed's curve: held-out avg@k, response length, entropy, FIPO's
-influence activity) and prints Markdown tables (aggregate, and seed by seed).
+influence activity; and each algorithm minus the first, paired by seed, with its 95 % interval) and
+prints Markdown tables (aggregate, seed by seed, and the paired tests).
+
+The paired tests (`paired_test`) are taken at each of ``--at-steps`` (held-out avg@k and mean response
+length of the evaluation at that step) and on the final figures: the mean difference, its 95 %
+t-interval, and a two-sided sign test (exact binomial, ties dropped).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -34,6 +41,37 @@ PAIRED_KEYS = ("accuracy_after", "mean_length_after")
 # Per-step curves: (metrics.jsonl key, panel title).
 PANELS = (("eval/avg@k", "held-out avg@k"), ("rollout/length_mean", "mean response length (tokens)"),
           ("actor/entropy", "entropy (nats / token)"), ("influence/active_frac", "FIPO: loss tokens with |f − 1| > 0.01"))
+
+
+# Per-step endpoints of the paired tests: (metrics.jsonl key, name).
+STEP_ENDPOINTS = (("eval/avg@k", "avg@k"), ("eval/length_mean", "length"))
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (1 … 30; beyond, the normal's 1.96).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: P(a split at least this uneven | each sign equally likely)."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired_test(diffs: list[float]) -> dict[str, float]:
+    """Mean paired difference, its 95 % t-interval (mean ± t₀.₉₇₅(n−1) · sd / √n), wins / losses /
+    ties and the sign test's p-value."""
+    x = np.asarray([d for d in diffs if np.isfinite(d)], np.float64)
+    if x.size == 0:
+        return {"n": 0}
+    half = t975(x.size - 1) * x.std(ddof=1) / math.sqrt(x.size) if x.size > 1 else float("inf")
+    wins, losses = int((x > 0).sum()), int((x < 0).sum())
+    return {"n": int(x.size), "mean": float(x.mean()), "ci95": [float(x.mean() - half), float(x.mean() + half)],
+            "wins": wins, "losses": losses, "ties": int(x.size - wins - losses), "sign_p": sign_test(wins, losses)}
 
 
 def run_dir(out: str, algo: str, seed: int) -> str:
@@ -72,8 +110,10 @@ def plot(out: str, algos, seeds) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
+    fig, grid = plt.subplots(2, len(PANELS), figsize=(4.2 * len(PANELS), 7.2), squeeze=False)
+    axes = grid[0]
     colors = {algo: f"C{i}" for i, algo in enumerate(algos)}  # the same colour in every panel
+    _plot_differences(grid[1], out, algos, seeds, colors)
     for ax, (key, title) in zip(axes, PANELS):
         for algo in algos:
             steps, values = seed_curves(out, algo, seeds, key)
@@ -88,7 +128,8 @@ def plot(out: str, algos, seeds) -> str:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"mean ± 1 std over {len(seeds)} seed(s); thin lines: each seed", fontsize=10)
+    fig.suptitle(f"top: mean ± 1 std over {len(seeds)} seed(s), thin lines each seed; bottom: minus {algos[0]}, "
+                 f"paired by seed, mean and 95 % interval", fontsize=10)
     fig.tight_layout()
     path = os.path.join(out, "comparison.png")
     fig.savefig(path, dpi=110)
@@ -96,11 +137,53 @@ def plot(out: str, algos, seeds) -> str:
     return path
 
 
+def _plot_differences(axes, out: str, algos, seeds, colors) -> None:
+    """Each algorithm minus the first on `STEP_ENDPOINTS`, paired by seed: mean and 95 % band."""
+    for ax, (key, name) in zip(axes, STEP_ENDPOINTS):
+        for algo in algos[1:]:
+            steps, mean, half = difference_curve(out, algos[0], algo, seeds, key)
+            if len(steps):
+                ax.plot(steps, mean, marker="o", ms=3, color=colors[algo], label=f"{algo} − {algos[0]}")
+                ax.fill_between(steps, mean - half, mean + half, color=colors[algo], alpha=0.2)
+        ax.axhline(0.0, color="k", lw=0.8)
+        ax.set_title(f"held-out {name}: difference", fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    for ax in axes[len(STEP_ENDPOINTS):]:
+        ax.axis("off")
+
+
 def paired(runs: dict, baseline: str, algo: str, seeds, key: str) -> dict[str, float]:
-    """`spread` over seeds of ``algo``'s final ``key`` minus ``baseline``'s at the same seed."""
+    """`paired_test` over seeds of ``algo``'s final ``key`` minus ``baseline``'s at the same seed."""
     diffs = [runs[f"{algo}/seed{s}"].get(key) - runs[f"{baseline}/seed{s}"].get(key) for s in seeds
              if all(isinstance(runs[f"{a}/seed{s}"].get(key), (int, float)) for a in (algo, baseline))]
-    return spread(diffs)
+    return paired_test(diffs)
+
+
+def paired_at_step(out: str, baseline: str, algo: str, seeds, key: str, step: int) -> dict[str, float]:
+    """`paired_test` of ``algo`` minus ``baseline`` on metrics.jsonl's ``key`` at ``step``, by seed."""
+    _, base = _values_at(out, baseline, seeds, key, [step])
+    _, other = _values_at(out, algo, seeds, key, [step])
+    return paired_test(list((other - base)[:, 0])) if base.size and other.size else {"n": 0}
+
+
+def _values_at(out: str, algo: str, seeds, key: str, steps) -> tuple[np.ndarray, np.ndarray]:
+    all_steps, values = seed_curves(out, algo, seeds, key)
+    keep = np.isin(all_steps, steps)
+    return all_steps[keep], values[:, keep]
+
+
+def difference_curve(out: str, baseline: str, algo: str, seeds, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, 95 % half-width) of ``algo`` minus ``baseline`` on ``key``, paired by seed."""
+    steps_b, base = seed_curves(out, baseline, seeds, key)
+    steps_a, other = seed_curves(out, algo, seeds, key)
+    steps = np.intersect1d(steps_a, steps_b)
+    diff = other[:, np.isin(steps_a, steps)] - base[:, np.isin(steps_b, steps)]
+    n = diff.shape[0]
+    half = t975(n - 1) * diff.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.full(len(steps), np.nan)
+    return steps, diff.mean(axis=0), half
 
 
 def seed_table(runs: dict, algos, seeds) -> str:
@@ -130,6 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--at-steps", nargs="*", type=int, default=[], metavar="STEP",
+                        help="evaluation steps at which to test the paired differences (besides the final figures)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -146,8 +231,10 @@ def main(argv=None) -> int:
     aggregate = {algo: {key: spread([runs[f"{algo}/seed{s}"].get(key) for s in args.seeds]) for key in SUMMARY_KEYS}
                  for algo in args.algos}
     baseline = args.algos[0]
-    differences = {f"{algo} - {baseline}": {key: paired(runs, baseline, algo, args.seeds, key) for key in PAIRED_KEYS}
-                   for algo in args.algos[1:]}
+    differences = {f"{algo} - {baseline}": {
+        **{f"{name}@{step}": paired_at_step(args.out, baseline, algo, args.seeds, key, step)
+           for step in args.at_steps for key, name in STEP_ENDPOINTS},
+        **{key: paired(runs, baseline, algo, args.seeds, key) for key in PAIRED_KEYS}} for algo in args.algos[1:]}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "comparison.json"), "w") as f:
         json.dump({"config": args.config, "overrides": args.overrides, "seeds": args.seeds, "runs": runs,
@@ -156,11 +243,21 @@ def main(argv=None) -> int:
     print(table(aggregate))
     print()
     print(seed_table(runs, args.algos, args.seeds))
-    for name, stats in differences.items():
-        print(f"{name}, paired by seed: " + ", ".join(
-            f"{key} {s['mean']:+.3f} ± {s['std']:.3f} (min {s['min']:+.3f}, max {s['max']:+.3f})"
-            for key, s in stats.items() if s.get("n")))
+    print()
+    print(test_table(differences))
     return 0
+
+
+def test_table(differences: dict[str, dict[str, dict]]) -> str:
+    """Markdown: one row per (comparison, endpoint): mean difference, 95 % interval, wins/losses/ties, sign p."""
+    head = "| comparison | endpoint | mean difference | 95 % interval | wins / losses / ties | sign test p |"
+    rows = [head, "|---|---|---|---|---|---|"]
+    for name, stats in differences.items():
+        for key, t in stats.items():
+            if t.get("n"):
+                rows.append(f"| {name} | {key} | {t['mean']:+.3f} | [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}] | "
+                            f"{t['wins']} / {t['losses']} / {t['ties']} | {t['sign_p']:.3f} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -406,7 +406,7 @@ def test_compare_runs_seeds_and_reports_mean_and_spread(tmp_path, cache_dir):
     out = str(tmp_path / "cmp")
     sets = [a for o in TINY + [f"sft.cache_dir={cache_dir}", "steps=1", "eval.every=0", "data.eval_prompts=4"]
             for a in ("--set", o)]
-    assert compare.main(["--seeds", "0", "1", "--out", out, "--no-progress", *sets]) == 0
+    assert compare.main(["--seeds", "0", "1", "--out", out, "--no-progress", "--at-steps", "1", *sets]) == 0
     result = json.load(open(os.path.join(out, "comparison.json")))
     assert sorted(result["runs"]) == ["dapo/seed0", "dapo/seed1", "fipo/seed0", "fipo/seed1"]
     fipo = result["aggregate"]["fipo"]
@@ -415,6 +415,9 @@ def test_compare_runs_seeds_and_reports_mean_and_spread(tmp_path, cache_dir):
     runs, difference = result["runs"], result["paired_differences"]["fipo - dapo"]["accuracy_after"]
     diffs = [runs[f"fipo/seed{s}"]["accuracy_after"] - runs[f"dapo/seed{s}"]["accuracy_after"] for s in (0, 1)]
     assert difference["n"] == 2 and difference["mean"] == pytest.approx(np.mean(diffs))
+    assert difference["ci95"][0] <= difference["mean"] <= difference["ci95"][1] and 0 <= difference["sign_p"] <= 1
+    at_one = result["paired_differences"]["fipo - dapo"]["avg@k@1"]  # the evaluation after step 1, paired
+    assert at_one["n"] == 2 and set(at_one) >= {"mean", "ci95", "wins", "losses", "ties", "sign_p"}
     assert os.path.exists(os.path.join(out, "comparison.png"))
     steps, mean, std = compare.curves(out, "fipo", [0, 1], "eval/avg@k")
     assert list(steps) == [0, 1] and (std >= 0).all()

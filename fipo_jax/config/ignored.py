@@ -18,7 +18,7 @@ from fipo_jax.core import _checks
 # The model fields only a scratch model reads (a checkpoint carries its own architecture).
 _SCRATCH_MODEL_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "rope_theta")
 # The data fields each task reads (one key per `specs.DATA_TASKS`).
-_TASK_FIELDS = {"chain": ("n_terms", "ops", "train_prompts"),
+_TASK_FIELDS = {"chain": ("n_terms", "ops", "invertible", "worked", "train_prompts"),
                 "word_problems": ("max_steps", "few_shot", "train_prompts"),
                 "file": ("train_path", "eval_path")}
 # The rollout fields only the continuous-batching engine reads.

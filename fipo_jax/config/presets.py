@@ -2,7 +2,7 @@
 official one of another algorithm.
 
 >>> sorted(PRESETS)[:2]
-['cpu_default', 'gemma3-270m-fipo']
+['cpu_default', 'cpu_skewed_chain']
 >>> with_algo(cpu_default(), "grpo").algo.loss.loss_mode
 'grpo'
 """
@@ -39,12 +39,30 @@ def with_algo(config: TrainConfig, algo: LossMode) -> TrainConfig:
 # ------------------------------------------------------------------------------- presets
 
 def cpu_default() -> TrainConfig:
-    """The CPU experiment (≤ 10 min, 2 cores): a tiny Qwen2, SFT-warm-started on 18-term chains
-    (step-by-step solutions of 106 tokens), then FIPO with the paper's 8 mini-batch updates per
-    step and τ = 16 scaled to the response length, so that later mini-batches see a moved policy
-    and the influence weights act (`influence_active_fraction` in summary.json)."""
+    """The CPU testbed (≤ 10 min, 2 cores): a tiny Qwen2 on invertible 8-term chains, whose answers
+    are uniform (no guess beats 1/10) and whose worked solutions pay (README, "The testbed"). It
+    starts from the packaged warm start: demonstrations that stop after 0 … 7 worked steps and then
+    answer, so every length from a 4-token guess to the 46-token chain is there for RL to choose.
+    FIPO with the paper's 8 mini-batch updates per step, τ = 8 scaled to the response length."""
     return TrainConfig(
         name="cpu_default",
+        steps=30,
+        data=DataSpec(n_terms=8, invertible=True, eval_prompts=128),
+        rollout=RolloutSpec(n=8, prompts_per_step=32, prompts_per_round=48, max_rounds=3, max_response_tokens=64),
+        reward=RewardSpec(overlong_buffer=16),
+        algo=AlgoSpec(loss=PolicyLossConfig(decay_rate=8.0), mini_batches=8, micro_batch_size=32, packing=False),
+        optim=OptimSpec(lr=1e-4, warmup_steps=2, weight_decay=0.0),
+        eval=EvalSpec(every=10, k=4, top_p=1.0),
+        sft=SFTSpec(steps=2000, step_fraction=0.9, partial=True, seed=0),
+    )
+
+
+def cpu_skewed_chain() -> TrainConfig:
+    """The CPU experiment before the testbed: 18-term chains mod 10 with × by any digit, whose
+    skewed answers let a guess from the last operation be right 33 % of the time (a shortcut that
+    beats composing 17 steps); SFT on half direct, half step-by-step solutions, τ = 16."""
+    return TrainConfig(
+        name="cpu_skewed_chain",
         steps=30,
         data=DataSpec(n_terms=18, eval_prompts=128),
         rollout=RolloutSpec(n=8, prompts_per_step=32, prompts_per_round=48, max_rounds=3, max_response_tokens=128),
@@ -137,5 +155,6 @@ def gemma3_270m_fipo_accelerator() -> TrainConfig:
     )
 
 
-PRESETS = {"cpu_default": cpu_default, "qwen2.5-32b-fipo": qwen25_32b_fipo, "qwen2.5-7b-fipo": qwen25_7b_fipo,
+PRESETS = {"cpu_default": cpu_default, "cpu_skewed_chain": cpu_skewed_chain,
+           "qwen2.5-32b-fipo": qwen25_32b_fipo, "qwen2.5-7b-fipo": qwen25_7b_fipo,
            "gemma3-270m-fipo": gemma3_270m_fipo, "gemma3-270m-fipo-accelerator": gemma3_270m_fipo_accelerator}

@@ -121,6 +121,8 @@ class DataSpec:
     eval_path: str = ""
     n_terms: int = 5
     ops: str = "+*"
+    invertible: bool = False  # chain: × only by units mod 10, so answers are uniform (no shortcut)
+    worked: str = "lines"  # chain: worked solutions as "3+5=8" lines or as the running values "8 6 3"
     train_prompts: int = 4096
     eval_prompts: int = 64
     max_prompt_tokens: int = 2048
@@ -142,7 +144,7 @@ class DataSpec:
             from fipo_jax.data.synthetic import ChainTask
 
             try:  # the task validates its own parameters; here, before any model is built
-                ChainTask(n_terms=self.n_terms, ops=self.ops)
+                ChainTask.of(self)
             except ValueError as err:
                 raise ConfigError(f"data.{err}") from None
         for name in ("train_prompts", "eval_prompts", "max_prompt_tokens"):
@@ -300,16 +302,23 @@ class SFTSpec:
     batch_size: int = 64
     lr: float = 3e-3
     step_fraction: float = 0.5
+    seed: int | None = None  # the warm start's own seed (None: the run's); set, RL seeds share one warm start
+    partial: bool = False  # worked demonstrations stop after 1 … all operations, then answer: every length
+    packaged: bool = True  # load the warm start shipped with fipo_jax when one was made for exactly this recipe
     cache_dir: str | None = "runs/.sft_cache"  # None: train the warm start every time, cache nothing
 
     def __post_init__(self):
         _checks.check_bool("sft.enabled", self.enabled, error=ConfigError)
+        _checks.check_bool("sft.packaged", self.packaged, error=ConfigError)
         _checks.require(self.cache_dir is None or (isinstance(self.cache_dir, str) and bool(self.cache_dir)),
                         f"sft.cache_dir must be a non-empty string or None, got {self.cache_dir!r}", error=ConfigError)
         _checks.check_int("sft.steps", self.steps, minimum=0, error=ConfigError)
         _checks.check_int("sft.batch_size", self.batch_size, minimum=1, error=ConfigError)
         _checks.check_number("sft.lr", self.lr, minimum=0, exclusive_minimum=True, error=ConfigError)
         _checks.check_number("sft.step_fraction", self.step_fraction, minimum=0, maximum=1, error=ConfigError)
+        _checks.require(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
+                        f"sft.seed must be an integer or None, got {self.seed!r}", error=ConfigError)
+        _checks.check_bool("sft.partial", self.partial, error=ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)

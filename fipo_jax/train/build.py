@@ -163,7 +163,7 @@ def _chain_prompts(config: TrainConfig, tokenizer, fit) -> tuple[list[PromptReco
     measured before any is generated: ``data.n_terms=100000`` is refused here, not by a warm start
     asking for terabytes."""
     data = config.data
-    task = ChainTask(n_terms=data.n_terms, ops=data.ops)
+    task = ChainTask.of(data)
     probe = PromptRecord(task.prompt(((0,) * data.n_terms, data.ops[0] * (data.n_terms - 1))), "0", "chain")
     length = _prompt_length(probe, 0, tokenizer, "data.task='chain'")
     if length > data.max_prompt_tokens:
@@ -288,24 +288,55 @@ def needs_warm_start(config: TrainConfig) -> bool:
     return config.model.source == "scratch" and config.data.task == "chain" and config.sft.enabled
 
 
-def warm_start(config: TrainConfig, model, tokenizer, task: ChainTask, log: Log, bar: ProgressBar) -> None:
-    """SFT of the scratch model on the chain task's demonstrations, cached under ``sft.cache_dir`` (None:
-    not cached) by a fingerprint of everything that shapes it (model, task, SFT settings, seed)."""
+def warm_start_seed(config: TrainConfig) -> int:
+    """The seed of the warm start's demonstrations: ``sft.seed``, else the run's."""
+    return config.seed if config.sft.seed is None else config.sft.seed
+
+
+def warm_start_key(config: TrainConfig) -> str:
+    """A fingerprint of everything that shapes the warm start: the model, the task, the SFT settings
+    (not where they are cached) and its seed. Equal keys name the same training recipe."""
+    recipe = {k: v for k, v in dataclasses.asdict(config.sft).items()
+              if k not in ("enabled", "packaged", "cache_dir", "seed")}
+    data = config.data
+    return distributed.fingerprint([dataclasses.asdict(config.model), data.n_terms, data.ops, data.invertible,
+                                    data.worked, recipe, warm_start_seed(config), "v4"])
+
+
+def warm_start(config: TrainConfig, model, tokenizer, task: ChainTask, log: Log, bar: ProgressBar) -> str:
+    """SFT of the scratch model on the chain task's demonstrations: the warm start shipped with the
+    package for exactly this recipe (``sft.packaged``; its digest checked), else the one cached under
+    ``sft.cache_dir`` (None: no cache), else trained here and cached. Returns the parameters' SHA-256
+    (`sft.params_digest`), logged so that two machines can check they start RL from the same weights."""
+    from fipo_jax.train import sft
+
+    spec, key = config.sft, warm_start_key(config)
+    path = None if spec.cache_dir is None else os.path.join(spec.cache_dir, f"sft-{key}.npz")  # None: no cache
+    packaged = sft.packaged_warm_start(key) if spec.packaged else None
+    if packaged is not None:
+        sft.load_packaged(model, packaged)
+        log(f"[sft] loaded the packaged warm start {packaged.name} (made by {packaged.made_by})")
+    elif path and sft.load_cached_params(model, path, warn=lambda message: log(f"[warning] {message}")):
+        log(f"[sft] loaded cached warm start {path}")
+    else:
+        _train_warm_start(config, model, tokenizer, task, path, log, bar)
+    digest = sft.params_digest(model)
+    log(f"[sft] warm start parameters sha256 {digest}" + (" (as packaged)" if packaged else ""))
+    return digest
+
+
+def _train_warm_start(config: TrainConfig, model, tokenizer, task: ChainTask, path: str | None, log: Log,
+                      bar: ProgressBar) -> None:
     from fipo_jax.train import sft
 
     spec = config.sft
-    key = distributed.fingerprint([dataclasses.asdict(config.model), config.data.n_terms, config.data.ops,
-                                   dataclasses.asdict(spec), config.seed, "v3"])
-    path = None if spec.cache_dir is None else os.path.join(spec.cache_dir, f"sft-{key}.npz")  # None: no cache
-    if path and sft.load_cached_params(model, path, warn=lambda message: log(f"[warning] {message}")):
-        log(f"[sft] loaded cached warm start {path}")
-        return
     length = task.prompt_tokens() + task.max_response_tokens()
-    log(f"[sft] training the warm start: {spec.steps} steps × {spec.batch_size} demonstrations "
-        f"({spec.step_fraction:.0%} step-by-step)")
+    worked = f"{spec.step_fraction:.0%} worked" + (", stopping after 1 … all steps" if spec.partial else "")
+    log(f"[sft] training the warm start: {spec.steps} steps × {spec.batch_size} demonstrations ({worked})")
     progress = bar(spec.steps, "sft")
-    losses = sft.train_sft(model, lambda rng, n: task.demonstrations(rng, n, spec.step_fraction), tokenizer,
-                           steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, length=length, seed=config.seed,
+    losses = sft.train_sft(model, lambda rng, n: task.demonstrations(rng, n, spec.step_fraction, spec.partial),
+                           tokenizer, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, length=length,
+                           seed=warm_start_seed(config),
                            progress=(lambda i, n, loss: (progress.update(i - progress.n),
                                                          progress.set_postfix(loss=f"{loss:.3f}")))
                            if progress else None)

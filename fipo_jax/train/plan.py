@@ -410,7 +410,7 @@ def warm_start_length(config: TrainConfig) -> int:
     and its longest (step-by-step) solution, whatever ``data.max_prompt_tokens`` says."""
     from fipo_jax.data import ChainTask
 
-    task = ChainTask(n_terms=config.data.n_terms, ops=config.data.ops)
+    task = ChainTask.of(config.data)
     return task.prompt_tokens() + task.max_response_tokens()
 
 

@@ -13,6 +13,9 @@ returns False so the caller retrains and rewrites the cache.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import warnings
 import zipfile
@@ -57,10 +60,25 @@ def _path_name(key_path) -> str:
     return "/".join(str(getattr(e, "key", getattr(e, "idx", e))) for e in key_path)
 
 
+def flat_params(model) -> dict[str, np.ndarray]:
+    """The model's parameters on the host, keyed by their '/'-joined nnx paths."""
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {_path_name(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
+
+
+def params_digest(model) -> str:
+    """SHA-256 over the parameters' names, dtypes, shapes and bytes, in name order: equal digests mean
+    bit-identical weights, whatever file or process they came from."""
+    digest = hashlib.sha256()
+    for name, value in sorted(flat_params(model).items()):
+        digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
 def save_params(model, path: str) -> None:
     """Parameters as a flat .npz (names are '/'-joined nnx paths), written atomically."""
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    flat = {_path_name(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
+    flat = flat_params(model)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp.npz"  # unique: several processes may write the same cache
     np.savez(tmp, **flat)  # type: ignore[arg-type]  # numpy's stub fears a key named allow_pickle
@@ -146,6 +164,55 @@ def load_cached_params(model, path: str, warn: Callable[[str], None] | None = No
         message = f"SFT cache {path} {err.problem}: {where}; retraining the warm start"
         (warn or (lambda text: warnings.warn(text, RuntimeWarning, stacklevel=3)))(message)
         return False
+
+
+# ------------------------------------------------------------------ warm starts shipped with the package
+
+WARM_STARTS = os.path.join(os.path.dirname(__file__), "warm_starts")  # the files and manifest.json
+
+
+@dataclasses.dataclass(frozen=True)
+class PackagedWarmStart:
+    """A warm start shipped in `WARM_STARTS`, listed in its manifest under its recipe's key."""
+
+    path: str
+    sha256: str  # `params_digest` of its parameters
+    made_by: str  # the command that trained it
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+class PackagedWarmStartError(ValueError):
+    """The packaged warm start is not what its manifest says (a damaged or altered install)."""
+
+
+def packaged_warm_start(key: str, directory: str = WARM_STARTS) -> PackagedWarmStart | None:
+    """The packaged warm start made for the recipe ``key`` (`build.warm_start_key`), or None."""
+    manifest = os.path.join(directory, "manifest.json")
+    if not os.path.exists(manifest):
+        return None
+    with open(manifest, encoding="utf-8") as f:
+        entry = json.load(f).get(key)
+    if entry is None:
+        return None
+    return PackagedWarmStart(os.path.join(directory, entry["file"]), entry["sha256"], entry["made_by"])
+
+
+def load_packaged(model, packaged: PackagedWarmStart) -> None:
+    """`load_params` from a packaged warm start, then its digest checked against the manifest's.
+
+    Raises `PackagedWarmStartError` (one line) when the file is unreadable or its weights differ."""
+    fix = "reinstall fipo_jax, or set sft.packaged=false to train the warm start here"
+    try:
+        load_params(model, packaged.path)
+    except SFTCacheError as err:
+        raise PackagedWarmStartError(f"the packaged warm start {packaged.path} {err.problem}; {fix}") from None
+    digest = params_digest(model)
+    if digest != packaged.sha256:
+        raise PackagedWarmStartError(f"the packaged warm start {packaged.path} has parameters sha256 {digest}, its "
+                                     f"manifest says {packaged.sha256}; {fix}")
 
 
 def sft_step(graphdef, rest, tx):

@@ -95,7 +95,7 @@ def longest_prompt(config: TrainConfig) -> int:
     known length; other data are bounded by ``data.max_prompt_tokens``."""
     data = config.data
     if data.task == "chain":
-        return ChainTask(n_terms=data.n_terms, ops=data.ops).prompt_tokens()
+        return ChainTask.of(data).prompt_tokens()
     return data.max_prompt_tokens
 
 

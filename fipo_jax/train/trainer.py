@@ -148,9 +148,9 @@ class Trainer:
         self.train_records, self.eval_records = build_prompts(config, self.tokenizer, self.log)  # before the model
         model = build_model(config, self.tokenizer, self.mesh, self.log)
         self.log(f"[model] attention: {check_attention(config)}")
-        if needs_warm_start(config):
-            warm_start(config, model, self.tokenizer, ChainTask(n_terms=config.data.n_terms, ops=config.data.ops),
-                       self.log, self._bar)
+        # The RL start's weights, by digest: two machines compare it (None: no warm start).
+        self.warm_start_sha256 = (warm_start(config, model, self.tokenizer, ChainTask.of(config.data), self.log,
+                                             self._bar) if needs_warm_start(config) else None)
         prompt_data = [[r.prompt, r.ground_truth] for r in self.train_records + self.eval_records]
         distributed.check_same_on_all_processes(prompt_data, "the prompt data")
         self.data_digest = distributed.fingerprint(prompt_data)  # a resumed run must see the same prompts
@@ -554,6 +554,7 @@ class Trainer:
         summary["steps_mostly_padding"] = sum(map(self._mostly_padding, rows))
         summary["updates_skipped"] = int(sum(r.get("actor/skipped_updates", 0) for r in rows))
         summary["steps_with_skipped_updates"] = sum(r.get("actor/skipped_updates", 0) > 0 for r in rows)
+        summary["warm_start_sha256"] = self.warm_start_sha256
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(run_log_lib.to_python(summary), f, indent=2)
         return summary
