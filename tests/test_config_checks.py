@@ -73,9 +73,9 @@ def test_preflight_names_missing_paths_mesh_and_memory(tmp_path):
     with pytest.raises(ConfigError, match=r"mesh_shape \[2, 4\] needs 8 devices, this machine has 4"):
         check_mesh((2, 4), 4)
     huge = apply_overrides(cpu_default(), ["rollout.n=1e12"])
-    assert rollout_host_bytes(huge) == 48 * 10**12 * 128 * 9  # prompts_per_round × n × max_response_tokens × 9 B
+    assert rollout_host_bytes(huge) == 48 * 10**12 * 64 * 9  # prompts_per_round × n × max_response_tokens × 9 B
     with pytest.raises(ConfigError, match=r"rollout sizes cannot fit in memory: .*rollout\.n \(1000000000000\) .* need "
-                                          r"at least 49\.1 PiB of host memory .* this machine has 16\.0 GiB"):
+                                          r"at least 24\.6 PiB of host memory .* this machine has 16\.0 GiB"):
         check_host_memory(huge, 16 * 2**30)
     check_host_memory(cpu_default(), 16 * 2**30)
     preflight(cpu_default())
@@ -181,7 +181,8 @@ def test_the_planner_refuses_a_run_that_cannot_fit_before_anything_is_built():
     with pytest.raises(ConfigError, match=r"the memory planner puts this run's peak at [\d,.]+ GiB of host memory "
                                           r"\(1 CPU device\(s\)\) \(at least [\d,.]+ GiB\), and this machine has "
                                           r"23\.5 GiB; `fipo-plan --config"):
-        check_planned_memory(apply_overrides(cpu_default(), ["rollout.n=400000"]), int(23.5 * 2**30))
+        check_planned_memory(apply_overrides(load_config("cpu_skewed_chain"), ["rollout.n=400000"]),
+                             int(23.5 * 2**30))
 
 
 # Issue 25, item 4: the fields no check covered. Each bad value is refused through `--set` (the
@@ -304,7 +305,7 @@ def test_runtime_configs_copy_every_field():
             update.logprob_chunk_size) == (config.algo.loss, 8, "rloo", "official", 64)
     reward = runtime_configs.reward_config(config)
     assert (reward.max_response_length, reward.overlong_buffer, reward.overlong_factor, reward.verify_timeout_s,
-            reward.batch_budget_s) == (128, 16, 0.5, 3.0, 9.0)
+            reward.batch_budget_s) == (64, 16, 0.5, 3.0, 9.0)
     unshaped = apply_overrides(config, ["reward.overlong_shaping=false"])
     assert runtime_configs.reward_config(unshaped).overlong_buffer is None
     tokenizer = CharTokenizer()
@@ -313,7 +314,7 @@ def test_runtime_configs_copy_every_field():
     assert (train.temperature, train.top_p, train.top_k, train.stop_sequences) == (1.0, 1.0, 7, ((5, 6),))
     assert (evaluation.temperature, evaluation.top_p, evaluation.top_k, evaluation.stop_sequences) == (1.0, 0.5, 0, ())
     for sampling in (train, evaluation):
-        assert sampling.max_new_tokens == 128 and sampling.eos_token_ids == (tokenizer.eos_token_id,)
+        assert sampling.max_new_tokens == 64 and sampling.eos_token_ids == (tokenizer.eos_token_id,)
         assert sampling.prompt_length_buckets == (16, 32, 64, 100 + shapes.PROMPT_BUCKET_SLACK)
 
 

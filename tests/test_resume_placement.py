@@ -21,7 +21,7 @@ def test_placement_is_outside_the_fingerprint_and_the_math_is_inside():
     assert moved.fingerprint() == base.fingerprint()
     assert set(moved.placement()) == set(PLACEMENT_FIELDS)
     assert moved.placement() != base.placement()
-    for math in ("algo.loss.decay_rate=8", "rollout.n=4", "seed=3", "model.dtype=bfloat16", "algo.mini_batches=4"):
+    for math in ("algo.loss.decay_rate=4", "rollout.n=4", "seed=3", "model.dtype=bfloat16", "algo.mini_batches=4"):
         assert apply_overrides(base, [math]).fingerprint() != base.fingerprint(), math
 
 
@@ -100,6 +100,6 @@ def test_a_math_change_is_still_refused_on_resume():
     from fipo_jax.train.checkpoint import config_differences
 
     saved = json.loads(json.dumps(cpu_default().fingerprint()))
-    now = json.loads(json.dumps(apply_overrides(cpu_default(), ["algo.loss.decay_rate=8",
+    now = json.loads(json.dumps(apply_overrides(cpu_default(), ["algo.loss.decay_rate=4",
                                                                 *PLACEMENT_CHANGES]).fingerprint()))
-    assert config_differences(saved, now) == ["algo.loss.decay_rate: checkpoint 16.0 vs now 8.0"]
+    assert config_differences(saved, now) == ["algo.loss.decay_rate: checkpoint 8.0 vs now 4.0"]
