@@ -4,7 +4,8 @@ sequential loop (k = 0), side by side in one run, and the pipeline model's predi
     python experiments/bench_pipeline.py --out runs/bench_pipeline          # the figures in docs/pipeline.md
     python experiments/bench_pipeline.py --steps 4 --verify-chars 800       # quicker
 
-Both runs train the CPU default experiment's policy (the cached warm start) for ``--steps`` steps
+Both runs train the `cpu_skewed_chain` preset's policy (the CPU default until issue 34: 128-token
+responses give the update and the sampler comparable shares; the cached warm start) for ``--steps`` steps
 with the same seed on the same mesh, the weights held still (``optim.lr=1e-30``, below float32
 rounding: every update computed, no change), so both draw the same rollouts and do the same work per
 step — only the schedule differs, not where training led (a run whose responses collapse to a few
@@ -33,7 +34,7 @@ import time
 
 import jax
 
-from fipo_jax.config import apply_overrides, cpu_default
+from fipo_jax.config import apply_overrides, load_config
 from fipo_jax.rewards import score_batch
 from fipo_jax.train import pipeline_model
 from fipo_jax.train import rollouts as rollouts_lib
@@ -70,7 +71,7 @@ class CostlyScoring:
 
 
 def run(out: str, k: int, steps: int, overrides: list[str]) -> list[dict]:
-    config = apply_overrides(cpu_default(), ["optim.lr=1e-30"] + overrides + [
+    config = apply_overrides(load_config("cpu_skewed_chain"), ["optim.lr=1e-30"] + overrides + [
         f"steps={steps}", f"rollout.max_staleness={k}", "eval.every=0", f"checkpoint_every={steps}"])
     path = os.path.join(out, f"k{k}")
     start = time.perf_counter()

@@ -31,12 +31,13 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = r"""
-import json, sys, time
+import dataclasses, json, sys, time
 import jax, numpy as np
 import fipo_jax
 from fipo_jax.parallel import distributed
 from fipo_jax.train import trainer as trainer_lib
 from fipo_jax.config import apply_overrides, cpu_default
+from fipo_jax.config.specs import DataSpec
 
 steps, cache_dir, run_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 phase = {"name": "idle"}
@@ -73,7 +74,10 @@ owner.collect = marking_collect
 # The workload the figures in docs/performance.md were measured on (the default before issue 11), pinned so
 # that both versions run the same config whatever their cpu_default says.
 EARLIER_DEFAULT = ["data.n_terms=5", "rollout.max_response_tokens=48", "reward.overlong_buffer=8",
-                   "algo.mini_batches=4", "algo.micro_batch_size=64", "algo.loss.decay_rate=8", "steps=50"]
+                   "algo.mini_batches=4", "algo.micro_batch_size=64", "algo.loss.decay_rate=8", "steps=50",
+                   "sft.steps=800"]
+if "invertible" in {f.name for f in dataclasses.fields(DataSpec)}:  # issue 34's testbed fields, at their old values
+    EARLIER_DEFAULT += ["data.invertible=false", "sft.partial=false", "sft.step_fraction=0.5", "sft.seed=null"]
 config = apply_overrides(cpu_default(), EARLIER_DEFAULT + ["sft.cache_dir=" + cache_dir])
 trainer = trainer_lib.Trainer(config, run_dir, progress=False, log=lambda s: None)
 rows = []

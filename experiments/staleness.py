@@ -100,7 +100,8 @@ def table(aggregate: dict[str, dict[str, dict]]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="cpu_default", help="preset name or JSON path")
+    parser.add_argument("--config", default="cpu_skewed_chain",
+                        help="preset name or JSON path (default: the CPU default of the measured run, issue 33)")
     parser.add_argument("--algos", nargs="+", default=["dapo", "fipo"])
     parser.add_argument("--ks", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

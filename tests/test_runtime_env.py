@@ -81,6 +81,10 @@ def _file_task_args(tmp) -> list[str]:
 RUNS = {
     "main": lambda tmp: ["--steps", "1", *sets(*[o for o in TINY if not o.startswith("steps=")],
                                                f"sft.cache_dir={tmp / 'sft'}")],
+    # The main job itself (its model and warm start: the one shipped in the package), fewer rollouts.
+    "main_packaged": lambda tmp: ["--steps", "1", *sets(
+        "data.eval_prompts=4", "eval.k=1", "rollout.prompts_per_step=4", "rollout.prompts_per_round=6",
+        "rollout.on_exhausted=pad", "algo.micro_batch_size=4", f"sft.cache_dir={tmp / 'sft'}")],
     "file": _file_task_args,
     "gemma": lambda tmp: ["--config", "gemma3-270m-fipo", "--steps", "1", *sets(
         "data.train_prompts=8", "data.eval_prompts=1", "rollout.n=2", "rollout.prompts_per_step=2",
@@ -130,6 +134,18 @@ def test_the_runtime_environment_has_no_torch_and_every_declared_module(runtime_
 def test_the_main_job(runs):
     summary, _, _ = finished(runs, "main")
     assert summary["steps"] == 1 and summary["accuracy_after"] is not None
+
+
+def test_the_main_job_starts_from_the_packaged_warm_start(runs):
+    """An installed runtime finds the shipped file (package data) and its digest checks."""
+    from fipo_jax.config import load_config
+    from fipo_jax.train import sft
+    from fipo_jax.train.build import warm_start_key
+
+    summary, log, tmp = finished(runs, "main_packaged")
+    packaged = sft.packaged_warm_start(warm_start_key(load_config("cpu_default")))
+    assert "[sft] loaded the packaged warm start cpu_default.npz" in log
+    assert summary["warm_start_sha256"] == packaged.sha256 and not (tmp / "sft").exists()  # nothing trained
 
 
 def _hf_folder(path) -> str:

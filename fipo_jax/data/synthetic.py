@@ -1,7 +1,7 @@
 """A synthetic reasoning task where careful step-by-step work beats guessing.
 
 Problem: a chain of digit operations evaluated left to right, modulo 10, e.g.
-``Q: 3+5*2+7=`` means ((3 + 5) · 2 + 7) mod 10 = 3. Two styles of answer:
+``Q: 3+5*2+7=`` means ((3 + 5) · 2 + 7) mod 10 = 3. Answers range from direct to worked:
 
     direct        Answer: 3
     step-by-step  3+5=8
@@ -9,13 +9,15 @@ Problem: a chain of digit operations evaluated left to right, modulo 10, e.g.
                   6+7=3
                   Answer: 3
 
-Mixing + and · makes the result order-dependent, so it cannot be read off an average of
-the digits (a plain sum can: small transformers learn that in one shot). Each written step
-is a single lookup in a 10 × 10 table, which a small model learns almost perfectly; the
-whole chain "in its head" it mostly cannot. A policy trained on a mix of both styles is
-therefore right far more often when it writes the longer chain, and RL with a verifiable
-reward should move it toward longer, correct chains — the effect FIPO reports at 32B, in
-miniature. The texts use the DAPO answer format, so the real reward code scores them.
+and a partial solution works the first few operations, then states the answer. Each written step
+is a single lookup in a 10 × 10 table, which a small model learns almost perfectly; the whole
+chain "in its head" it mostly cannot. With ``invertible=True`` (the testbed, `cpu_default`) × takes
+only 1, 3, 7, 9, so every step is a bijection and the answer is uniform: no shortcut (the last
+operation, the most common answer) beats 1/10, and only a response that works (nearly) every step
+pays — RL with a verifiable reward can gain only by lengthening the chain, the effect FIPO reports
+at 32B, in miniature. With × by any digit the answers are skewed (a guess from the last operation
+is right a third of the time on 18 terms). The texts use the DAPO answer format, so the real reward
+code scores them.
 """
 
 from __future__ import annotations
