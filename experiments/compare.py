@@ -110,10 +110,12 @@ def plot(out: str, algos, seeds) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, grid = plt.subplots(2, len(PANELS), figsize=(4.2 * len(PANELS), 7.2), squeeze=False)
+    rows = 2 if len(algos) > 1 else 1  # the second row: each algorithm minus the first
+    fig, grid = plt.subplots(rows, len(PANELS), figsize=(4.2 * len(PANELS), 3.6 * rows), squeeze=False)
     axes = grid[0]
     colors = {algo: f"C{i}" for i, algo in enumerate(algos)}  # the same colour in every panel
-    _plot_differences(grid[1], out, algos, seeds, colors)
+    if rows == 2:
+        _plot_differences(grid[1], out, algos, seeds, colors)
     for ax, (key, title) in zip(axes, PANELS):
         for algo in algos:
             steps, values = seed_curves(out, algo, seeds, key)
@@ -128,8 +130,8 @@ def plot(out: str, algos, seeds) -> str:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"top: mean ± 1 std over {len(seeds)} seed(s), thin lines each seed; bottom: minus {algos[0]}, "
-                 f"paired by seed, mean and 95 % interval", fontsize=10)
+    fig.suptitle(f"mean ± 1 std over {len(seeds)} seed(s), thin lines each seed" + (
+        f"; bottom: minus {algos[0]}, paired by seed, mean and 95 % interval" if rows == 2 else ""), fontsize=10)
     fig.tight_layout()
     path = os.path.join(out, "comparison.png")
     fig.savefig(path, dpi=110)
