@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fipo_jax.train import plan as plan_lib  # noqa: E402
-from fipo_jax.config import apply_overrides, cpu_default  # noqa: E402
+from fipo_jax.config import apply_overrides  # noqa: E402
+from fipo_jax.config.presets import cpu_skewed_chain  # noqa: E402
 from tests.multi_device import run_json  # noqa: E402
 from tests.plan_family import COMPILE_SCRIPT, OVERRIDES, compiled_peak, draw_cases  # noqa: E402
 
@@ -43,7 +44,7 @@ def _deeper_types(model: dict):
 
 
 def planned(case: dict) -> plan_lib.MemoryPlan:
-    return plan_lib.plan(apply_overrides(cpu_default(), OVERRIDES), case["mesh"], model=model_of(case))
+    return plan_lib.plan(apply_overrides(cpu_skewed_chain(), OVERRIDES), case["mesh"], model=model_of(case))
 
 
 def ratios(case: dict, compiled: dict) -> dict:

@@ -69,7 +69,8 @@ from flax import nnx
 from fipo_jax.generation import engine
 from fipo_jax.train import update as update_lib
 from fipo_jax.core.packing import abstract_batch
-from fipo_jax.config import apply_overrides, cpu_default
+from fipo_jax.config import apply_overrides
+from fipo_jax.config.presets import cpu_skewed_chain
 from fipo_jax.models import CausalLM, ModelConfig
 from fipo_jax.train.shapes import PROMPT_BUCKET_SLACK, engine_slots
 from fipo_jax.generation.sampling import SamplingConfig
@@ -79,7 +80,7 @@ from tests.plan_family import OVERRIDES
 
 S = jax.ShapeDtypeStruct
 FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
-config = apply_overrides(cpu_default(), OVERRIDES)
+config = apply_overrides(cpu_skewed_chain(), OVERRIDES)
 M, R = config.algo.mini_batches, config.algo.micro_batch_size
 K = config.rollout.prompts_per_step * config.rollout.n // (M * R)
 P, N = config.data.max_prompt_tokens, config.rollout.max_response_tokens

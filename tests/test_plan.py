@@ -8,7 +8,8 @@ import pytest
 
 from fipo_jax.train import plan as plan_lib
 from fipo_jax.train import shapes
-from fipo_jax.config import ConfigError, apply_overrides, cpu_default, load_config
+from fipo_jax.config import ConfigError, apply_overrides, load_config
+from fipo_jax.config.presets import cpu_skewed_chain
 from tests.multi_device import run_json
 from tests.plan_family import COMPILE_SCRIPT, OVERRIDES, compiled_peak, draw_cases
 
@@ -31,7 +32,7 @@ def planned(case: dict) -> plan_lib.MemoryPlan:
     fields = dict(case["model"])
     if fields.get("layer_types") is not None:
         fields["layer_types"] = tuple(fields["layer_types"])
-    return plan_lib.plan(apply_overrides(cpu_default(), OVERRIDES), case["mesh"], model=plan_lib.ModelConfig(**fields))
+    return plan_lib.plan(apply_overrides(cpu_skewed_chain(), OVERRIDES), case["mesh"], model=plan_lib.ModelConfig(**fields))
 
 
 def test_the_family_varies_what_it_should():
@@ -61,7 +62,7 @@ def test_planned_memory_never_under_counts_xla(compiled, index):
 
 
 def test_sampling_peak_counts_the_parameters_once():
-    result = plan_lib.plan(apply_overrides(cpu_default(), OVERRIDES), (2, 2, 2), model=plan_lib.ModelConfig(**MODEL))
+    result = plan_lib.plan(apply_overrides(cpu_skewed_chain(), OVERRIDES), (2, 2, 2), model=plan_lib.ModelConfig(**MODEL))
     assert result.sampler_program == result.parameters + result.kv_cache + result.prefix_store \
         + result.sampler_temporaries
     assert result.prefill_program == result.parameters + result.kv_cache + result.prefix_store \
@@ -70,7 +71,7 @@ def test_sampling_peak_counts_the_parameters_once():
 
 
 def test_remat_and_mesh_change_what_they_should():
-    config = apply_overrides(cpu_default(), OVERRIDES)
+    config = apply_overrides(cpu_skewed_chain(), OVERRIDES)
     plain = plan_lib.plan(config, (2, 2, 2), model=plan_lib.ModelConfig(**MODEL))
     remat = plan_lib.plan(config, (2, 2, 2), model=plan_lib.ModelConfig(**MODEL, remat="full"))
     dots = plan_lib.plan(config, (2, 2, 2), model=plan_lib.ModelConfig(**MODEL, remat="dots"))
@@ -143,6 +144,6 @@ def test_bad_inputs_are_named():
         plan_lib.parse_mesh("2,2,2,2")
     with pytest.raises(ValueError, match="mesh must be comma-separated"):
         plan_lib.parse_mesh("2x4")
-    config = apply_overrides(cpu_default(), OVERRIDES)
+    config = apply_overrides(cpu_skewed_chain(), OVERRIDES)
     with pytest.raises(ConfigError, match="must divide by the mesh's data axis"):
         plan_lib.plan(config, (16,))  # 8-row micro-batches on 16 data-parallel devices

@@ -200,6 +200,7 @@ def test_a_damaged_sft_cache_is_rebuilt_by_the_warm_start(tmp_path):
     log.clear()
     nnx.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
     warm_start(config, model, tokenizer, task, log.append, lambda total, desc: None)  # the rebuilt cache loads
-    assert log == [f"[sft] loaded cached warm start {tmp_path / cache}"]
+    assert log[0] == f"[sft] loaded cached warm start {tmp_path / cache}"
+    assert log[1].startswith("[sft] warm start parameters sha256 ") and len(log) == 2
     for loaded, saved in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), retrained):
         np.testing.assert_array_equal(loaded, saved)

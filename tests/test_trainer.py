@@ -28,6 +28,8 @@ TINY = [
     "rollout.max_response_tokens=20", "reward.overlong_buffer=4", "algo.mini_batches=2",
     "algo.micro_batch_size=4", "optim.lr=1e-3", "optim.warmup_steps=1", "eval.every=2", "eval.k=2",
     "sft.steps=30", "sft.batch_size=16", "checkpoint_every=1", "keep_checkpoints=2", "steps=4",
+    # the pre-testbed recipe, which this 1-layer policy partly solves after 30 SFT steps (the testbed's it cannot)
+    "data.invertible=false", "sft.partial=false", "sft.step_fraction=0.5", "sft.seed=null",
 ]
 
 
