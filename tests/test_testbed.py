@@ -175,7 +175,8 @@ def test_the_testbed_script_measures_the_task_and_the_warm_start(tmp_path):
     from tests.test_trainer import TINY
 
     out = tmp_path / "tb"
-    sets = [a for o in TINY + [f"sft.cache_dir={tmp_path / 'sft'}", "data.n_terms=4"] for a in ("--set", o)]
+    overrides = TINY + [f"sft.cache_dir={tmp_path / 'sft'}", "data.n_terms=4", "data.invertible=true"]
+    sets = [a for o in overrides for a in ("--set", o)]
     assert testbed.main(["--out", str(out), "--k", "2", *sets]) == 0
     result = json.loads((out / "testbed.json").read_text())
     assert result["task"] == {"n_terms": 4, "ops": "+*", "invertible": True}

@@ -157,7 +157,7 @@ def test_changed_config_is_refused_on_resume(tmp_path, cache_dir, reference_run)
 
     run_dir = str(tmp_path / "changed")
     shutil.copytree(reference_run[0], run_dir)
-    with pytest.raises(ConfigError, match=r"algo\.loss\.decay_rate: checkpoint 16\.0 vs now 32\.0"):
+    with pytest.raises(ConfigError, match=r"algo\.loss\.decay_rate: checkpoint 8\.0 vs now 32\.0"):
         Trainer(tiny_config(cache_dir, "algo.loss.decay_rate=32"), run_dir, progress=False,
                 log=lambda s: None).train()
 
