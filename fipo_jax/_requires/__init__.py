@@ -5,8 +5,8 @@ diagnostics' math) with jax and numpy only. The rest comes with an extra:
 
     extra    for                                                 modules it brings (as imported)
     models   fipo_jax.models: the decoder, HF / GGUF import,      flax, transformers, tokenizers,
-             export, tokenizers and their chat templates          safetensors, huggingface_hub, gguf,
-                                                                  jinja2
+             export, tokenizers and their chat templates,         safetensors, huggingface_hub, gguf,
+             LoRA / QLoRA adapters                                jinja2, qwix
     train    the trainer, rollouts, update step, checkpoints,     the models extra + optax, orbax,
              planner, rewards' verifier, plots                     math_verify, pyarrow, tqdm, matplotlib
     all      everything (train + tensorboard)
@@ -22,7 +22,7 @@ import importlib.util
 
 EXTRAS = {
     "models": ("flax", "transformers", "tokenizers", "safetensors", "huggingface_hub", "ml_dtypes", "gguf",
-               "jinja2"),  # jinja2: transformers renders chat templates with it
+               "jinja2", "qwix"),  # jinja2: transformers renders chat templates with it
     "train": ("flax", "optax", "orbax.checkpoint", "math_verify", "pyarrow", "tqdm", "matplotlib"),
 }
 

@@ -132,15 +132,19 @@ class DenseGeneral(nnx.Module):
                              f"<batch><features>', got {equation!r}")
         self.equation = equation
         self.num_contracted = n
+        self.in_shape, self.out_shape = tuple(kernel_shape[:n]), tuple(kernel_shape[n:])
         self.kernel = _normal_param(rngs, kernel_shape, kernel_axes, config)
         self.bias = _constant_param(kernel_shape[n:], kernel_axes[n:], 0.0, config) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...].astype(x.dtype)
-        n = self.num_contracted
-        batch_shape, in_shape, out_shape = x.shape[: x.ndim - n], kernel.shape[:n], kernel.shape[n:]
-        y = jnp.dot(x.reshape(-1, math.prod(in_shape)), kernel.reshape(math.prod(in_shape), -1))
-        y = y.reshape(batch_shape + out_shape)
+        # The GEMM's shapes come from the declared kernel shape, not the stored one: an adapted
+        # projection (`fipo_jax.models.lora`) holds its kernel in GEMM form [D_in, D_out], quantized
+        # under QLoRA (a qwix array, which `jnp.asarray` casts under qwix's interception).
+        kernel = jnp.asarray(self.kernel[...], x.dtype)
+        d_in, d_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        batch_shape = x.shape[: x.ndim - self.num_contracted]
+        y = jnp.dot(x.reshape(-1, d_in), kernel.reshape(d_in, d_out))
+        y = y.reshape(batch_shape + self.out_shape)
         if self.bias is not None:
             bias = self.bias[...]
             y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape).astype(x.dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -200,3 +201,28 @@ def load_from_source(
         variables[path].set_value(value)
     raise_if_nonfinite(flags, source.locate)
     return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity
+# ---------------------------------------------------------------------------------------------
+
+
+def _path_name(key_path) -> str:
+    return "/".join(str(getattr(e, "key", getattr(e, "idx", e))) for e in key_path)
+
+
+def flat_params(model) -> dict[str, np.ndarray]:
+    """The model's parameters on the host, keyed by their '/'-joined nnx paths."""
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {_path_name(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
+
+
+def params_digest(model) -> str:
+    """SHA-256 over the parameters' names, dtypes, shapes and bytes, in name order: equal digests mean
+    bit-identical weights, whatever file or process they came from."""
+    digest = hashlib.sha256()
+    for name, value in sorted(flat_params(model).items()):
+        digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()

@@ -14,7 +14,6 @@ returns False so the caller retrains and rewrites the cache.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import warnings
@@ -32,6 +31,7 @@ import optax
 from flax import nnx
 
 from fipo_jax.generation.logprobs import sequence_log_probs
+from fipo_jax.models.weights import _path_name, flat_params, params_digest  # noqa: F401  (sft.params_digest is public)
 
 
 def demonstration_batch(pairs: list[tuple[str, str]], tokenizer, length: int
@@ -54,26 +54,6 @@ def demonstration_batch(pairs: list[tuple[str, str]], tokenizer, length: int
         attention[row, : len(seq)] = True
         loss_mask[row, len(p) - 1 : len(seq) - 1] = True
     return ids, attention, loss_mask
-
-
-def _path_name(key_path) -> str:
-    return "/".join(str(getattr(e, "key", getattr(e, "idx", e))) for e in key_path)
-
-
-def flat_params(model) -> dict[str, np.ndarray]:
-    """The model's parameters on the host, keyed by their '/'-joined nnx paths."""
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {_path_name(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
-
-
-def params_digest(model) -> str:
-    """SHA-256 over the parameters' names, dtypes, shapes and bytes, in name order: equal digests mean
-    bit-identical weights, whatever file or process they came from."""
-    digest = hashlib.sha256()
-    for name, value in sorted(flat_params(model).items()):
-        digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    return digest.hexdigest()
 
 
 def save_params(model, path: str) -> None:
