@@ -26,6 +26,7 @@ from fipo_jax.core.behaviour import OLD_LOG_PROBS, OldLogProbs
 from fipo_jax.core.losses import MICRO_BATCH_WEIGHTINGS, MicroBatchWeighting, PolicyLossConfig
 from fipo_jax.generation.sampling import MIN_TEMPERATURE
 from fipo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, SUPPORTED_DTYPES, ModelOptions
+from fipo_jax.models.lora import DEFAULT_MODULE_PATH, LoraConfig
 from fipo_jax.parallel.sharding import MESH_AXES, ways
 from fipo_jax.rewards.shaping import check_overlong_factor
 
@@ -55,6 +56,36 @@ def _check_run_name(name: Any) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Adapters instead of full fine-tuning (`fipo_jax.models.lora`): ``rank`` 0 trains every weight; r ≥ 1
+    trains only rank-r adapters on the projections ``module_path`` matches (a regex over paths inside a
+    decoder layer, "self_attn/q_proj"; default all seven), scaled ``alpha`` / r, with the base frozen and,
+    with ``base_dtype`` int8 / int4 / nf4, held quantized (QLoRA). ``seed`` draws the adapters' A."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    module_path: str = DEFAULT_MODULE_PATH
+    base_dtype: str | None = None  # None: as loaded; one of lora.BASE_DTYPES
+    seed: int = 0
+
+    def __post_init__(self):
+        _checks.check_int("model.lora.rank", self.rank, minimum=0, error=ConfigError)
+        if self.rank:
+            try:
+                self.config()
+            except ValueError as err:
+                raise ConfigError(f"model.{err}") from None
+
+    def config(self) -> LoraConfig | None:
+        """The `LoraConfig` these settings describe (None when rank is 0: no adapters)."""
+        if not self.rank:
+            return None
+        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, module_path=self.module_path,
+                          base_dtype=self.base_dtype, seed=self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """The policy. ``source="hf"`` loads a pretrained checkpoint at ``path``: a Hugging Face
     folder (Qwen2/2.5, Qwen3, Llama 3, Gemma 3 text) or a ``.gguf`` file; ``source="gemma3-270m"``
@@ -75,6 +106,7 @@ class ModelSpec:
     logprob_chunk_size: int = 1024
     attention_chunk_size: int | None = None  # query-chunked attention: O(chunk × T) score memory
     attention_impl: str = "auto"  # full-sequence attention kernel: auto / xla / cudnn / splash (ModelConfig)
+    lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
 
     def __post_init__(self):
         _checks.check_choice("model.source", self.source, MODEL_SOURCES, error=ConfigError)

@@ -58,7 +58,10 @@ class LoraConfig:
     def __post_init__(self) -> None:
         _checks.check_int("lora.rank", self.rank, minimum=1)
         _checks.require(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
-        _checks.require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        # qwix draws the dropout mask from per-module RNG state, which the layer scan would slice and never
+        # advance: every step would reuse one mask. RL recipes run LoRA without dropout.
+        _checks.require(self.dropout == 0, f"lora.dropout {self.dropout} is not supported yet: the layer scan "
+                                           "cannot advance qwix's per-module dropout RNG; use lora.dropout=0")
         if self.base_dtype is not None:
             _checks.check_choice("lora.base_dtype", self.base_dtype, BASE_DTYPES)
         try:
@@ -83,12 +86,12 @@ def adapted_paths(layer: DecoderLayer, lora: LoraConfig) -> list[str]:
     if not paths:
         raise ValueError(f"lora.module_path {lora.module_path!r} matches no projection of a decoder layer "
                          f"(paths: {', '.join(layer_projections(layer))})")
-    for path in paths:
-        projection = layer_projections(layer)[path]
-        side = min(math.prod(projection.in_shape), math.prod(projection.out_shape))
-        if lora.rank > side:
-            raise ValueError(f"lora.rank {lora.rank} exceeds {path}'s smaller side {side} "
-                             f"([{math.prod(projection.in_shape)}, {math.prod(projection.out_shape)}])")
+    gemm = {p: (math.prod(layer_projections(layer)[p].in_shape), math.prod(layer_projections(layer)[p].out_shape))
+            for p in paths}
+    narrowest = min(paths, key=lambda p: min(gemm[p]))
+    if lora.rank > min(gemm[narrowest]):
+        raise ValueError(f"lora.rank {lora.rank} exceeds {narrowest}'s smaller side {min(gemm[narrowest])} "
+                         f"({list(gemm[narrowest])})")
     return paths
 
 
@@ -99,11 +102,6 @@ def lora_provider(lora: LoraConfig):
     """qwix's `LoraProvider` with one `LoraRule` of these settings (QLoRA: `weight_qtype`)."""
     import qwix  # the models extra; only adapted models need it
 
-    if lora.dropout:
-        # qwix draws the mask from per-module RNG state, which the layer scan would slice and never
-        # advance: every step would reuse one mask. RL recipes run LoRA without dropout.
-        raise ValueError(f"lora.dropout {lora.dropout} is not supported yet: the layer scan cannot advance "
-                         "qwix's per-module dropout RNG; use lora.dropout=0")
     return qwix.LoraProvider([qwix.LoraRule(module_path=lora.module_path, rank=lora.rank, alpha=lora.alpha,
                                             weight_qtype=lora.base_dtype)])
 

@@ -18,6 +18,7 @@ import numpy as np
 import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo_jax[train]
 
 # isort: split
+import jax
 from flax import nnx
 
 from fipo_jax.config import ConfigError, TrainConfig
@@ -93,6 +94,26 @@ def build_model(config: TrainConfig, tokenizer, mesh, log: Log):
         raise ConfigError(f"model.path: {err}") from err
     check_vocabulary(model.config.vocab_size, len(tokenizer), path)
     return model
+
+
+def adapt(config: TrainConfig, model, log: Log) -> str | None:
+    """Put ``config.model.lora``'s adapters on the policy (`fipo_jax.models.lora.apply_lora`, in place);
+    returns the base's SHA-256 (None, model untouched, when model.lora.rank is 0)."""
+    lora = config.model.lora.config()
+    if lora is None:
+        return None
+    from fipo_jax.models.lora import apply_lora, base_digest
+
+    try:
+        apply_lora(model, lora)
+    except ValueError as err:  # a rule that matches nothing, a rank above a projection's side
+        raise ConfigError(f"model.lora: {err}") from None
+    adapters = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    total = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    log(f"[lora] rank {lora.rank}, α {lora.alpha:g} on {lora.module_path}: {adapters:,} trained parameters "
+        f"({100 * adapters / total:.2f} % of {total:,}); base {lora.base_dtype or 'as loaded'}, sha256 "
+        f"{base_digest(model)}")
+    return base_digest(model)
 
 
 def build_policy(config: TrainConfig, mesh, log: Log):
@@ -294,12 +315,14 @@ def warm_start_seed(config: TrainConfig) -> int:
 
 
 def warm_start_key(config: TrainConfig) -> str:
-    """A fingerprint of everything that shapes the warm start: the model, the task, the SFT settings
-    (not where they are cached) and its seed. Equal keys name the same training recipe."""
+    """A fingerprint of everything that shapes the warm start: the model (not the adapters RL puts on
+    it after), the task, the SFT settings (not where they are cached) and its seed. Equal keys name
+    the same training recipe."""
     recipe = {k: v for k, v in dataclasses.asdict(config.sft).items()
               if k not in ("enabled", "packaged", "cache_dir", "seed")}
+    model = {k: v for k, v in dataclasses.asdict(config.model).items() if k != "lora"}
     data = config.data
-    return distributed.fingerprint([dataclasses.asdict(config.model), data.n_terms, data.ops, data.invertible,
+    return distributed.fingerprint([model, data.n_terms, data.ops, data.invertible,
                                     data.worked, recipe, warm_start_seed(config), "v4"])
 
 

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="after training, write the policy as a Hugging Face checkpoint folder (safetensors, "
                              "config.json, tokenizer) that transformers loads")
+    parser.add_argument("--export-adapters", default=None, metavar="DIR",
+                        help="after training a run with adapters (model.lora.rank >= 1), write them alone in PEFT's "
+                             "format (adapter_config.json, adapter_model.safetensors)")
     group = parser.add_argument_group("multi-host (jax.distributed)")
     group.add_argument("--distributed", default=None, metavar="auto|HOST:PORT",
                        help="start jax.distributed before training: 'auto' detects the cluster (Cloud TPU, SLURM, "
@@ -119,12 +122,14 @@ def check_flags_agree(args, config) -> None:
             raise ConfigError(f"--{flag} {value} and --set {field}={given} disagree; give the value once")
 
 
-def export_problem(target: str, config, run_dir: str) -> str | None:
-    """Why ``--export target`` cannot be written (checked before anything is built, not after the
-    training), or None."""
+def export_problem(target: str, config, run_dir: str, adapters: bool = False) -> str | None:
+    """Why ``--export target`` (``--export-adapters`` when `adapters`) cannot be written (checked before
+    anything is built, not after the training), or None."""
     from fipo_jax.models import ExportFolderError, check_export_folder
     from fipo_jax.train.run_dir import ExportDestinationError, check_export_destination
 
+    if adapters and not config.model.lora.rank:
+        return "--export-adapters needs a run with adapters: set model.lora.rank >= 1"
     if config.model.source == "scratch":
         return ("--export needs a pretrained model (model.source 'hf' or 'gemma3-270m'); the scratch model's task "
                 "vocabulary is not a Hugging Face tokenizer")
@@ -157,9 +162,10 @@ def main(argv=None) -> int:
     from fipo_jax.train.run_dir import ExportDestinationError, RunDirectoryError, RunDirectoryLocked
     from fipo_jax.train.trainer import DynamicSamplingExhausted, Trainer
 
-    if args.export and (problem := export_problem(args.export, config, run_dir)):
-        print(f"config error: {problem}", file=sys.stderr)
-        return 2
+    for target in (args.export, args.export_adapters):
+        if target and (problem := export_problem(target, config, run_dir, adapters=target == args.export_adapters)):
+            print(f"config error: {problem}", file=sys.stderr)
+            return 2
     try:
         trainer = Trainer(config, run_dir, progress=not args.no_progress)
         summary = trainer.train()
@@ -172,17 +178,21 @@ def main(argv=None) -> int:
         return 2
     from fipo_jax.parallel.distributed import is_primary
 
-    if args.export:
-        try:
+    try:
+        if args.export:
             trainer.export(args.export)
-        except (ExportFolderError, ExportDestinationError) as err:  # the folder changed during the training
-            print(f"error: {err} (the run itself is complete: {run_dir})", file=sys.stderr)
-            return 2
+        if args.export_adapters:
+            trainer.export_adapters(args.export_adapters)
+    except (ExportFolderError, ExportDestinationError) as err:  # the folder changed during the training
+        print(f"error: {err} (the run itself is complete: {run_dir})", file=sys.stderr)
+        return 2
     if is_primary():
         print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
         print(f"run directory: {run_dir}")
         if args.export:
             print(f"exported policy: {args.export}")
+        if args.export_adapters:
+            print(f"exported adapters: {args.export_adapters}")
     return 0
 
 

@@ -40,7 +40,7 @@ import fipo_jax._requires.train  # noqa: F401  one-line ImportError without fipo
 # isort: split
 from flax import nnx
 
-from fipo_jax.parallel.sharding import param_shardings, replicated
+from fipo_jax.parallel.sharding import param_shardings
 
 
 def sampling_version(step: int, start: int, max_staleness: int) -> int:
@@ -80,7 +80,8 @@ class WeightSync:
         self.graphdef = graphdef
         self.split = rollout_mesh is not train_mesh
         self.moves = self.split or copy
-        self.rest = jax.device_put(rest, replicated(rollout_mesh)) if self.split else rest
+        # The untrained part (a LoRA run's frozen base) moves once, placed by the rules table.
+        self.rest = jax.device_put(rest, param_shardings(rest, rollout_mesh)) if self.split else rest
         self._shardings: Any = None
         self.rollout_mesh = rollout_mesh
 

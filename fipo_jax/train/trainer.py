@@ -46,7 +46,7 @@ from fipo_jax.core.packing import RLBatch, pack_batch
 from fipo_jax.data import ChainTask, CharTokenizer, PromptIterator, PromptRecord
 from fipo_jax.models.file_checks import disk_full
 from fipo_jax.parallel import distributed
-from fipo_jax.parallel.sharding import make_meshes, replicated
+from fipo_jax.parallel.sharding import make_meshes, param_shardings, replicated
 from fipo_jax.train import pipeline as pipeline_lib
 from fipo_jax.train import run_dir as run_dir_lib
 from fipo_jax.train import run_log as run_log_lib
@@ -54,6 +54,7 @@ from fipo_jax.train import runtime_configs
 from fipo_jax.train import update as update_lib
 from fipo_jax.train import views as views_lib
 from fipo_jax.train.build import (
+    adapt,
     build_model,
     build_prompts,
     build_tokenizer,
@@ -166,8 +167,12 @@ class Trainer:
         schedule = update_lib.warmup_schedule(optim.lr, optim.warmup_steps, algo.mini_batches)
         optimizer = update_lib.make_optimizer(schedule, optim.b1, optim.b2, optim.eps, optim.weight_decay,
                                               optim.grad_clip)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]  # two filters give three parts
-        self.graphdef, self.rest = graphdef, rest
+        self.lora_base_sha256 = adapt(config, model, self.log)  # None: full fine-tuning
+        # The state trains the adapters alone when there are any; `rest` (the frozen base) is an argument of
+        # the update, never donated, never checkpointed.
+        trainable = nnx.LoRAParam if self.lora_base_sha256 else nnx.Param
+        graphdef, params, rest = nnx.split(model, trainable, ...)  # type: ignore[misc]  # two filters give three parts
+        self.graphdef, self.rest = graphdef, jax.device_put(rest, param_shardings(rest, self.mesh))
         # The state lives on the mesh from the start, placed by the one rules table; the update pins
         # these placements on its output, so every step compiles once and never reshards.
         self.state_shardings = update_lib.state_shardings(params, optimizer, self.mesh)
@@ -321,7 +326,8 @@ class Trainer:
                 f"good checkpoint stays in {self.checkpointer.directory})")
         metadata = {"step": self.step_index, "iterator": self.prompt_position, "seed": self.config.seed,
                     "fingerprint": json.loads(json.dumps(self.config.fingerprint())), "data_digest": self.data_digest,
-                    "placement": json.loads(json.dumps(self.config.placement()))}
+                    "placement": json.loads(json.dumps(self.config.placement())),
+                    "lora_base_sha256": self.lora_base_sha256}
         try:
             self.checkpointer.save(self.step_index, self.state, metadata)
         except Exception as err:
@@ -371,6 +377,10 @@ class Trainer:
             raise ConfigError(f"the run directory's checkpoint (step {step}) was made with different prompt data "
                               f"(digest {saved['data_digest']} vs now {self.data_digest}): {source} changed since. "
                               f"Restore the original prompts, or use a new --run-dir")
+        if (saved_base := saved.get("lora_base_sha256")) != self.lora_base_sha256:
+            raise ConfigError(f"the run directory's checkpoint (step {step}) holds adapters of another base (sha256 "
+                              f"{str(saved_base)[:16]}…, this run's {str(self.lora_base_sha256)[:16]}…): load the "
+                              "model it was trained on, or use a new --run-dir")
         try:  # same config and data: a data position outside the data can only be damage
             PromptIterator(self.train_records, seed=self.config.seed).restore(saved["iterator"])
         except ValueError as err:
@@ -532,16 +542,29 @@ class Trainer:
         """The current policy as a Hugging Face checkpoint folder: safetensors + config.json of its
         family (`save_pretrained`) and the tokenizer, loadable by `transformers.AutoModelForCausalLM`."""
         from fipo_jax.models import save_pretrained
+        from fipo_jax.models.lora import merge_lora
 
         if isinstance(self.tokenizer, CharTokenizer):
             raise ConfigError("export needs a pretrained model's tokenizer; the scratch model's task vocabulary "
                               "is not a Hugging Face tokenizer")
         tok = self.tokenizer
         check_export_destination(path, self.run_dir)
-        save_pretrained(self.policy, path, tokenizer=tok, log=self.log, extra_config={k: v for k, v in (
+        policy = merge_lora(self.policy) if self.lora_base_sha256 else self.policy  # adapters merged into W
+        save_pretrained(policy, path, tokenizer=tok, log=self.log, extra_config={k: v for k, v in (
             ("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id),
             ("pad_token_id", tok.pad_token_id)) if v is not None})
-        self.log(f"[export] wrote the policy to {path}")
+        self.log(f"[export] wrote the policy to {path}" + (" (adapters merged)" if self.lora_base_sha256 else ""))
+
+    def export_adapters(self, path: str) -> None:
+        """The trained adapters alone, in PEFT's format (`save_peft_adapters`): ``peft.PeftModel.from_pretrained``
+        loads them onto the HF base, `load_peft_adapters` onto ours."""
+        from fipo_jax.models.peft_io import save_peft_adapters
+
+        if not self.lora_base_sha256:
+            raise ConfigError("export_adapters needs a run with adapters (model.lora.rank ≥ 1)")
+        check_export_destination(path, self.run_dir)
+        save_peft_adapters(self.policy, path, base_model_name_or_path=self.config.model.path or None)
+        self.log(f"[export] wrote the adapters (PEFT) to {path}")
 
     def write_summary(self) -> dict[str, Any]:
         """summary.json and plots from metrics.jsonl (process 0; other processes return a stub)."""

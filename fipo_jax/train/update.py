@@ -431,22 +431,23 @@ def jit_rl_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, st
                   metric_sharding=None):
     """`rl_update` jitted once, the state and the batch donated. ``state_shardings`` pins the new state's placement
     (so every step compiles once and never reshards); ``metric_sharding`` the metrics' (replicated,
-    so every process reads them locally)."""
-    fn = functools.partial(rl_update, graphdef=graphdef, rest=rest, optimizer=optimizer, config=config)
+    so every process reads them locally). ``rest`` (the model's untrained part: a LoRA run's frozen
+    base) is an argument of every call, neither donated nor baked into the program as constants."""
+    fn = functools.partial(rl_update, graphdef=graphdef, optimizer=optimizer, config=config)
     kwargs: dict[str, Any] = {}
     if state_shardings is not None:
         kwargs["out_shardings"] = (state_shardings, metric_sharding)
-    jitted = jax.jit(fn, donate_argnums=(0, 1), **kwargs)
+    jitted = jax.jit(lambda state, batch, rest: fn(state, batch, rest=rest), donate_argnums=(0, 1), **kwargs)
 
-    @functools.wraps(jitted)
     def update(state, batch):
         # No output has the batch's shapes, so XLA cannot reuse its buffers (JAX says so each
         # compile); donated, they are released when the update ends, not when the caller lets go.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Some donated buffers were not usable", UserWarning)
-            return jitted(state, batch)
+            return jitted(state, batch, rest)
 
-    setattr(update, "lower", jitted.lower)  # callers lower the update as they would the jitted function
+    # callers lower the update as they would the jitted function: lower(state, batch)
+    setattr(update, "lower", lambda state, batch: jitted.lower(state, batch, rest))
     return update
 
 
