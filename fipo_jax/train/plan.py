@@ -154,6 +154,7 @@ class MemoryPlan:
     warm_start: WarmStartPlan | None = None
     group: str = "shared"
     max_staleness: int = 0
+    adapters: int | None = None  # bytes of the trained adapters (model.lora); None: every parameter trains
 
     @property
     def model(self) -> ModelConfig:
@@ -208,7 +209,7 @@ class MemoryPlan:
     def rollout_peak(self) -> int:
         """What the rollout engine holds on its own: its copy of the weights (two while the next
         version arrives, k ≥ 1), cache, prefixes and the larger of decode and prefill temporaries."""
-        extra_copy = self.parameters if self.max_staleness else 0
+        extra_copy = (self.parameters if self.adapters is None else self.adapters) if self.max_staleness else 0
         return max(self.sampler_program, self.prefill_program) + extra_copy
 
     @property
@@ -239,7 +240,10 @@ class MemoryPlan:
         return None if self.device_memory is None else self.peak <= self.device_memory
 
     def table(self) -> str:
-        rows = [("parameters", self.parameters), ("optimizer moments (AdamW)", self.optimizer),
+        rows = [("parameters", self.parameters)]
+        if self.adapters is not None:
+            rows.append(("  of which trained: LoRA adapters (the rest frozen)", self.adapters))
+        rows += [("optimizer moments (AdamW)", self.optimizer),
                 ("gradients (micro-batch + accumulated)", self.gradients),
                 ("step batch (per-token arrays)", self.batch),
                 (f"activations kept, one micro-batch (remat {self.remat})", self.activations),
@@ -333,6 +337,58 @@ def _parameter_shapes(model: ModelConfig) -> tuple[tuple[str, tuple[int, ...], n
 def parameter_bytes(model: ModelConfig, mesh) -> int:
     """Per-device bytes of the model's parameters, placed by the rules table (exact)."""
     return sum(_shard_bytes(shape, dtype, axes, mesh, name) for name, shape, dtype, axes in _parameter_shapes(model))
+
+
+# Bits per element of a QLoRA base (`lora.BASE_DTYPES`): 4-bit types as accelerators store them, two per byte.
+_QUANTIZED_BITS = {"int8": 8, "int4": 4, "nf4": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraBytes:
+    """One device's bytes of an adapted model (`fipo_jax.models.lora`): the frozen base (quantized
+    projections under QLoRA, their per-channel scales in the parameter dtype), the adapters, the
+    largest adapter's float32 bytes (the optimizer step's working set) and one layer's adapted
+    kernels dequantized in the compute dtype (what a QLoRA layer step materialises; 0 otherwise)."""
+
+    frozen: int
+    adapters: int
+    largest_adapter: int
+    dequantized_layer: int
+
+
+@functools.lru_cache(maxsize=16)
+def _gemm_shapes(model: ModelConfig) -> dict[str, tuple[int, int, str | None, str | None]]:
+    """Projection path → (D_in, D_out, first input axis, first output axis) of a decoder layer."""
+    from fipo_jax.models.lora import layer_projections
+
+    abstract = nnx.eval_shape(lambda: CausalLM(_one_layer(model), rngs=nnx.Rngs(0)))
+    out = {}
+    for path, projection in layer_projections(abstract.layers).items():
+        axes = projection.kernel.get_metadata().get("out_sharding") or (None,) * 8
+        out[path] = (math.prod(projection.in_shape), math.prod(projection.out_shape), axes[1],
+                     axes[1 + projection.num_contracted])
+    return out
+
+
+def lora_bytes(model: ModelConfig, lora, mesh) -> LoraBytes:
+    """`LoraBytes` of ``model`` adapted by ``lora`` (a `LoraConfig`) on one device of ``mesh``."""
+    layers, rank, param = model.num_hidden_layers, lora.rank, np.dtype(model.dtype)
+    adapted = {p: g for p, g in _gemm_shapes(model).items() if re.fullmatch(lora.module_path, p)}
+    frozen = sum(_shard_bytes(shape, dtype, axes, mesh, name) for name, shape, dtype, axes in _parameter_shapes(model)
+                 if name.removeprefix("layers.").removesuffix(".kernel").replace(".", "/") not in adapted)
+    adapters = largest = dequantized = 0
+    for path, (d_in, d_out, in_axis, out_axis) in adapted.items():
+        a = _shard_bytes((layers, d_in, rank), param, ("layers", in_axis, None), mesh, path)
+        b = _shard_bytes((layers, rank, d_out), param, ("layers", None, out_axis), mesh, path)
+        adapters, largest = adapters + a + b, max(largest, max(a, b) * 4 // param.itemsize // layers)
+        full = _shard_bytes((layers, d_in, d_out), param, ("layers", in_axis, out_axis), mesh, path)
+        if lora.base_dtype is None:
+            frozen += full
+            continue
+        frozen += full * _QUANTIZED_BITS[lora.base_dtype] // (8 * param.itemsize)
+        frozen += _shard_bytes((layers, 1, d_out), param, ("layers", None, out_axis), mesh, path)  # scales
+        dequantized += full // layers * np.dtype(model.compute_dtype).itemsize // param.itemsize
+    return LoraBytes(frozen, adapters, largest, dequantized)
 
 
 def _other_remat(policy: str) -> str:
@@ -452,42 +508,48 @@ def plan(config: TrainConfig | str, mesh_shape: Sequence[int], device_memory: in
     mesh = AbstractMesh(shape, MESH_AXES[: len(shape)])
     sizes = run_shapes(config, shape, model, updates=group != "rollout")
     model = sizes.model
-    parameters = parameter_bytes(model, mesh)
+    lora = config.model.lora.config()
+    adapted = None if lora is None else lora_bytes(model, lora, mesh)
+    parameters = parameter_bytes(model, mesh) if adapted is None else adapted.frozen + adapted.adapters
     prefill_rows = EngineConfig().prefill_batch if config.rollout.sampler == "engine" else 0
     sampler = (model, mesh, sizes.sampler_local_rows, sizes.sampler_prompt_width, sizes.response_tokens)
     kv_cache, prefix_store, sampler_temporaries = sampler_bytes(*sampler, prefill_rows=prefill_rows, fitted=fitted)
     memory = None if device_memory is None else (parse_bytes(device_memory) if isinstance(device_memory, str)
                                                  else int(device_memory))
-    update = _update_bytes(config, sizes, mesh, parameters, fitted) if group != "rollout" else dict.fromkeys(
+    update = _update_bytes(config, sizes, mesh, parameters, adapted, fitted) if group != "rollout" else dict.fromkeys(
         _UPDATE_FIELDS, 0)
     return MemoryPlan(
         config_name=config.name, mesh_shape=dict(zip(mesh.axis_names, shape)), shapes=sizes, parameters=parameters,
         **update, kv_cache=kv_cache, prefix_store=prefix_store, sampler_temporaries=sampler_temporaries,
         prefill_temporaries=prefill_bytes(*sampler, prefill_rows, fitted), device_memory=memory,
         warm_start=warm_start_plan(config, model, fitted) if group != "rollout" else None, group=group,
-        max_staleness=config.rollout.max_staleness)
+        max_staleness=config.rollout.max_staleness, adapters=None if adapted is None else adapted.adapters)
 
 
 _UPDATE_FIELDS = ("optimizer", "gradients", "batch", "activations", "activations_other_remat", "backward_working_set",
                   "logprob_chunks", "embedding_gradient", "optimizer_update")
 
 
-def _update_bytes(config: TrainConfig, sizes: RunShapes, mesh, parameters: int,
+def _update_bytes(config: TrainConfig, sizes: RunShapes, mesh, parameters: int, adapted: LoraBytes | None,
                   fitted: memory_model.Fitted) -> dict[str, int]:
-    """The update's pieces (`_UPDATE_FIELDS`) on one device of ``mesh``."""
+    """The update's pieces (`_UPDATE_FIELDS`) on one device of ``mesh``; with adapters (``adapted``) only
+    they have moments and gradients, the embedding none, and a QLoRA layer step holds its kernels
+    dequantized."""
     model, rows, row_tokens = sizes.model, sizes.micro_batch_rows, sizes.row_tokens
     dims = memory_model.local_dims(model, mesh, rows, row_tokens)
+    trained = parameters if adapted is None else adapted.adapters
+    largest = largest_tensor_bytes(model, mesh) if adapted is None else adapted.largest_adapter
+    backward = memory_model.backward_working_set(model, dims, model.remat, fitted)
     return dict(
-        optimizer=2 * parameters,  # AdamW μ and ν, placed like their parameters, in their dtype
-        gradients=parameters + parameters * 4 // np.dtype(model.dtype).itemsize,
+        optimizer=2 * trained,  # AdamW μ and ν, placed like their parameters, in their dtype
+        gradients=trained + trained * 4 // np.dtype(model.dtype).itemsize,
         batch=_STEP_TOKEN_ARRAYS * 4 * -(-sizes.step_rows // sizes.data_split) * row_tokens,
         activations=activation_bytes(model, mesh, rows, row_tokens, model.remat, fitted),
         activations_other_remat=activation_bytes(model, mesh, rows, row_tokens, _other_remat(model.remat), fitted),
-        backward_working_set=int(memory_model.backward_working_set(model, dims, model.remat, fitted)),
+        backward_working_set=int(backward + (0 if adapted is None else fitted.margin * adapted.dequantized_layer)),
         logprob_chunks=int(memory_model.loss_working_set(dims, config.model.logprob_chunk_size, fitted)),
-        embedding_gradient=int(memory_model.embedding_gradient(model, dims, fitted)),
-        optimizer_update=int(memory_model.optimizer_working_set(parameters, largest_tensor_bytes(model, mesh),
-                                                                fitted)))
+        embedding_gradient=int(memory_model.embedding_gradient(model, dims, fitted)) if adapted is None else 0,
+        optimizer_update=int(memory_model.optimizer_working_set(trained, largest, fitted)))
 
 
 def plan_groups(config: TrainConfig, device_memory: int | str | None = None,
@@ -593,6 +655,35 @@ def suggestions(config: TrainConfig | str, mesh_shape: Sequence[int], device_mem
     return found
 
 
+def adapter_suggestions(config: TrainConfig, mesh_shape: Sequence[int], device_memory: int | str,
+                        model: ModelConfig | None = None) -> list[str]:
+    """LoRA settings that fit (re-planned): rank 16 (or ``config``'s rank) with the base as loaded,
+    int8 and nf4, each with the largest micro-batch and engine slots that then fit (halved in turn,
+    the update's or the sampler's, whichever is over)."""
+    from fipo_jax.config.specs import LoraSpec
+
+    found = []
+    rank = config.model.lora.rank or 16
+    for base_dtype in (None, "int8", "nf4"):
+        candidate = _with(config, "model", lora=LoraSpec(rank=rank, base_dtype=base_dtype))
+        for _ in range(32):
+            result = plan(candidate, mesh_shape, device_memory, model)
+            assert result.device_memory is not None  # device_memory was given
+            algo, rollout = candidate.algo, candidate.rollout
+            if result.fits:
+                found.append(f"model.lora.rank={rank}" + (f" model.lora.base_dtype={base_dtype}" if base_dtype else "")
+                             + f" algo.micro_batch_size={algo.micro_batch_size} rollout.engine_slots="
+                             f"{rollout.engine_slots}: peak {_gib(result.peak)} per device")
+                break
+            if result.update_peak > result.device_memory and algo.micro_batch_size > 1:
+                candidate = _with(candidate, "algo", micro_batch_size=algo.micro_batch_size // 2)
+            elif result.sampling_peak > result.device_memory and rollout.engine_slots > 1:
+                candidate = _with(candidate, "rollout", engine_slots=rollout.engine_slots // 2)
+            else:
+                break
+    return found
+
+
 # Remat policies from the most recompute to the least (`bench_breakdown`: executed / model matmul
 # FLOPs of the 7B-shaped update, full 1.23, dots 1.07, none ≈ 1.0).
 _LESS_RECOMPUTE = {"full": ("dots", "none"), "dots": ("none",), "none": ()}
@@ -662,11 +753,17 @@ def _report(config: TrainConfig, result: MemoryPlan) -> int:
                 print(f"  also fits, with less recompute (faster): {line}")
         return 0
     print(f"does NOT fit in {_gib(result.device_memory)}: {_gib(-spare)} over")
+    state = result.parameters + result.optimizer + result.gradients
+    if result.adapters is None and state > result.device_memory:
+        print(f"  full fine-tuning cannot fit at any batch size: parameters, moments and gradients alone are "
+              f"{_gib(state)}")
     if result.group != "shared":
         return 1
     found = suggestions(config, mesh, result.device_memory, result.model)
     for line in found:
         print(f"  would fit with {line}")
+    for line in adapter_suggestions(config, mesh, result.device_memory, result.model):
+        print(f"  would fit with adapters (LoRA): {line}")
     if not any(line.startswith("mesh ") for line in found):  # no shared mesh of these devices fits: split them?
         for line in split_suggestions(config, math.prod(mesh), result.device_memory,
                                       result.model):
