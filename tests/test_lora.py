@@ -57,6 +57,12 @@ def family_folder(request, tmp_path_factory):
     return request.param, write_family(tmp_path_factory.mktemp(f"lora_{request.param}"), request.param)
 
 
+@pytest.fixture(scope="module")
+def gemma_folder(tmp_path_factory):
+    """The family with the most switches (sliding window, sandwich norms, GeGLU) for the family-blind checks."""
+    return "gemma3_text", write_family(tmp_path_factory.mktemp("lora_gemma"), "gemma3_text")
+
+
 IDS = np.random.default_rng(0).integers(0, VOCAB, (2, 7))
 
 
@@ -106,8 +112,8 @@ def _fipo_loss(model, old_lp, advantages, mask):
     return policy_loss(lp, old_lp, advantages, mask, PolicyLossConfig())
 
 
-def test_fipo_loss_and_metrics_through_adapters_equal_the_merged_model(family_folder):
-    family, folder = family_folder
+def test_fipo_loss_and_metrics_through_adapters_equal_the_merged_model(gemma_folder):
+    family, folder = gemma_folder
     model = apply_lora(load_pretrained(folder), LoraConfig(rank=4, alpha=8.0))
     randomise_adapters(model)
     old_lp = sequence_log_probs(load_pretrained(folder), jnp.asarray(IDS))  # π_old: the base
@@ -121,8 +127,8 @@ def test_fipo_loss_and_metrics_through_adapters_equal_the_merged_model(family_fo
                                    atol=1e-5, err_msg=name)
 
 
-def test_only_the_adapters_get_gradients(family_folder):
-    family, folder = family_folder
+def test_only_the_adapters_get_gradients(gemma_folder):
+    family, folder = gemma_folder
     model = apply_lora(load_pretrained(folder), LoraConfig(rank=4, alpha=8.0))
     graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
 
@@ -144,10 +150,10 @@ QLORA_TOLERANCE = {"int8": 0.5 / 127, "int4": 0.5 / 7, "nf4": (1.0 - 0.6962) / 2
 
 
 @pytest.mark.parametrize("base_dtype", sorted(QLORA_TOLERANCE))
-def test_qlora_holds_the_base_within_its_quantization_tolerance(family_folder, base_dtype):
+def test_qlora_holds_the_base_within_its_quantization_tolerance(gemma_folder, base_dtype):
     from fipo_jax.models.lora import base_kernel
 
-    family, folder = family_folder
+    family, folder = gemma_folder
     model = load_pretrained(folder)
     plain = {path: np.asarray(p.kernel.get_value()).reshape(p.kernel.shape[0], -1, int(np.prod(p.out_shape)))
              for path, p in layer_projections(model.layers).items()}
@@ -218,3 +224,24 @@ def test_a_peft_folder_of_another_base_is_refused_and_nothing_loaded(qwen_folder
                            tmp_path / "adapters")
     with pytest.raises(PeftAdapterError, match="is not a PEFT adapter folder"):
         load_peft_adapters(load_pretrained(qwen_folder), tmp_path)
+
+
+def test_adapters_on_a_gguf_base_load_in_peft_on_transformers_gguf_loading(tmp_path):
+    """The GGUF loading path: a Q8_0 file's dequantised model adapted, its PEFT adapters on transformers'
+    own loading of the same file give our logits."""
+    import gguf
+    import peft
+
+    from tests.gguf_writer import write_gguf
+    from tests.test_gguf import hf_gguf, tiny
+
+    path = write_gguf(tiny("qwen2"), tmp_path / "qwen2.gguf", "qwen2", gguf.GGMLQuantizationType.Q8_0)
+    model = load_pretrained(path)
+    base = np.asarray(model(jnp.asarray(IDS)))
+    apply_lora(model, LoraConfig(rank=4, alpha=8.0))
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(IDS))), base, atol=1e-6)
+    randomise_adapters(model)
+    save_peft_adapters(model, tmp_path / "adapters")
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf_gguf(path), tmp_path / "adapters")(torch.as_tensor(IDS)).logits
+    np.testing.assert_allclose(theirs.numpy(), np.asarray(model(jnp.asarray(IDS))), atol=1e-4)
