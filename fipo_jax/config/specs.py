@@ -67,6 +67,7 @@ class LoraSpec:
     dropout: float = 0.0
     module_path: str = DEFAULT_MODULE_PATH
     base_dtype: str | None = None  # None: as loaded; one of lora.BASE_DTYPES
+    block_size: int | None = None  # QLoRA: input rows per scale (None: int8 per channel, 4-bit blocks of 64)
     seed: int = 0
 
     def __post_init__(self):
@@ -82,7 +83,7 @@ class LoraSpec:
         if not self.rank:
             return None
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, module_path=self.module_path,
-                          base_dtype=self.base_dtype, seed=self.seed)
+                          base_dtype=self.base_dtype, block_size=self.block_size, seed=self.seed)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,20 +39,23 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # Every linear layer of the decoder layers; never the embedding or the LM head.
 DEFAULT_MODULE_PATH = r"(self_attn/(q|k|v|o)_proj)|(mlp/(gate|up|down)_proj)"
 BASE_DTYPES = ("int8", "int4", "nf4")  # QLoRA: qwix's weight types that run on every backend
+FOUR_BIT_BLOCK = 64  # QLoRA's block: per-channel 4-bit scales lose too much (experiments/qlora_fidelity.py)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Adapters of rank r on the projections `module_path` matches (a `re.fullmatch` over paths inside
     a decoder layer, e.g. "self_attn/q_proj"), scaled α / r; `dropout` on the adapter's input;
-    `base_dtype` None keeps the base as loaded, "int8" / "int4" / "nf4" holds it quantized (QLoRA);
-    `seed` draws A."""
+    `base_dtype` None keeps the base as loaded, "int8" / "int4" / "nf4" holds it quantized (QLoRA), with
+    one scale per output channel and block of `block_size` input rows (None: the whole input for int8,
+    `FOUR_BIT_BLOCK` rows for the 4-bit types where that divides every adapted input width); `seed` draws A."""
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     module_path: str = DEFAULT_MODULE_PATH
     base_dtype: str | None = None
+    block_size: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,6 +67,7 @@ class LoraConfig:
                                            "cannot advance qwix's per-module dropout RNG; use lora.dropout=0")
         if self.base_dtype is not None:
             _checks.check_choice("lora.base_dtype", self.base_dtype, BASE_DTYPES)
+        _checks.check_int("lora.block_size", self.block_size, minimum=1, allow_none=True)
         try:
             re.compile(self.module_path)
         except re.error as error:
@@ -98,12 +102,28 @@ def adapted_paths(layer: DecoderLayer, lora: LoraConfig) -> list[str]:
 # ----------------------------------------------------------------------------- applying qwix
 
 
-def lora_provider(lora: LoraConfig):
-    """qwix's `LoraProvider` with one `LoraRule` of these settings (QLoRA: `weight_qtype`)."""
+def quantization_block(lora: LoraConfig, input_widths: list[int]) -> int | None:
+    """The block of input rows one QLoRA scale covers (None: the whole input, or no quantization), for
+    adapted projections of these GEMM input widths; ValueError when a set `block_size` divides not all."""
+    if lora.base_dtype is None:
+        return None
+    if lora.block_size is not None:
+        bad = sorted({w for w in input_widths if w % lora.block_size})
+        if bad:
+            raise ValueError(f"lora.block_size {lora.block_size} does not divide the input width {bad[0]} of an "
+                             f"adapted projection")
+        return lora.block_size
+    four_bit = lora.base_dtype != "int8" and all(w % FOUR_BIT_BLOCK == 0 for w in input_widths)
+    return FOUR_BIT_BLOCK if four_bit else None
+
+
+def lora_provider(lora: LoraConfig, block: int | None = None):
+    """qwix's `LoraProvider` with one `LoraRule` of these settings (QLoRA: `weight_qtype`, scales per
+    `block` input rows)."""
     import qwix  # the models extra; only adapted models need it
 
     return qwix.LoraProvider([qwix.LoraRule(module_path=lora.module_path, rank=lora.rank, alpha=lora.alpha,
-                                            weight_qtype=lora.base_dtype)])
+                                            weight_qtype=lora.base_dtype, tile_size=block)])
 
 
 def _is_variable(x: Any) -> bool:
@@ -167,8 +187,9 @@ def apply_lora(model: CausalLM, lora: LoraConfig) -> CausalLM:
         raise ValueError("the model already has adapters (apply_lora once; merge_lora gives a plain model)")
     import qwix
 
-    provider = lora_provider(lora)
     paths = adapted_paths(model.layers, lora)
+    widths = [math.prod(layer_projections(model.layers)[p].in_shape) for p in paths]
+    provider = lora_provider(lora, quantization_block(lora, widths))
     digest = params_digest(model)
     for path in paths:
         _hold_in_gemm_form(layer_projections(model.layers)[path], leading=1)

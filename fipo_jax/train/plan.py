@@ -41,6 +41,7 @@ from jax.sharding import AbstractMesh
 from fipo_jax.config import ConfigError, TrainConfig, fipo_inert_reason, load_config
 from fipo_jax.generation.engine import EngineConfig
 from fipo_jax.models import CausalLM, ModelConfig
+from fipo_jax.models.lora import layer_projections, quantization_block
 from fipo_jax.parallel.sharding import MESH_AXES, logical_sharding
 from fipo_jax.train import memory_model
 from fipo_jax.train import shapes as shapes_lib
@@ -359,8 +360,6 @@ class LoraBytes:
 @functools.lru_cache(maxsize=16)
 def _gemm_shapes(model: ModelConfig) -> dict[str, tuple[int, int, str | None, str | None]]:
     """Projection path → (D_in, D_out, first input axis, first output axis) of a decoder layer."""
-    from fipo_jax.models.lora import layer_projections
-
     abstract = nnx.eval_shape(lambda: CausalLM(_one_layer(model), rngs=nnx.Rngs(0)))
     out = {}
     for path, projection in layer_projections(abstract.layers).items():
@@ -377,6 +376,7 @@ def lora_bytes(model: ModelConfig, lora, mesh) -> LoraBytes:
     frozen = sum(_shard_bytes(shape, dtype, axes, mesh, name) for name, shape, dtype, axes in _parameter_shapes(model)
                  if name.removeprefix("layers.").removesuffix(".kernel").replace(".", "/") not in adapted)
     adapters = largest = dequantized = 0
+    block = quantization_block(lora, [d_in for d_in, *_ in adapted.values()])
     for path, (d_in, d_out, in_axis, out_axis) in adapted.items():
         a = _shard_bytes((layers, d_in, rank), param, ("layers", in_axis, None), mesh, path)
         b = _shard_bytes((layers, rank, d_out), param, ("layers", None, out_axis), mesh, path)
@@ -386,7 +386,8 @@ def lora_bytes(model: ModelConfig, lora, mesh) -> LoraBytes:
             frozen += full
             continue
         frozen += full * _QUANTIZED_BITS[lora.base_dtype] // (8 * param.itemsize)
-        frozen += _shard_bytes((layers, 1, d_out), param, ("layers", None, out_axis), mesh, path)  # scales
+        scales = (layers, d_in // block if block else 1, d_out)  # one per output channel and input block
+        frozen += _shard_bytes(scales, param, ("layers", None, out_axis), mesh, path)
         dequantized += full // layers * np.dtype(model.compute_dtype).itemsize // param.itemsize
     return LoraBytes(frozen, adapters, largest, dequantized)
 
