@@ -24,6 +24,7 @@ from fipo_jax.models import CausalLM, load_pretrained, save_pretrained  # noqa: 
 from fipo_jax.models.lora import (  # noqa: E402
     LoraConfig,
     adapter_variables,
+    adapters_off,
     apply_lora,
     base_digest,
     layer_projections,
@@ -127,19 +128,25 @@ def test_fipo_loss_and_metrics_through_adapters_equal_the_merged_model(gemma_fol
                                    atol=1e-5, err_msg=name)
 
 
-def test_only_the_adapters_get_gradients(gemma_folder):
+def test_only_the_adapters_get_gradients_and_switched_off_they_give_the_base(gemma_folder):
     family, folder = gemma_folder
     model = apply_lora(load_pretrained(folder), LoraConfig(rank=4, alpha=8.0))
+    randomise_adapters(model)
     graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
 
     def loss(adapters):
         return -jnp.mean(sequence_log_probs(nnx.merge(graphdef, adapters, frozen), jnp.asarray(IDS)))
 
+    reference = nnx.merge(graphdef, adapters_off(adapters), frozen)  # a KL term's reference: the base itself
+    np.testing.assert_allclose(np.asarray(reference(jnp.asarray(IDS))),
+                               np.asarray(load_pretrained(folder)(jnp.asarray(IDS))), atol=1e-6)
+    assert float(np.abs(np.asarray(nnx.merge(graphdef, adapters, frozen)(jnp.asarray(IDS)))
+                        - np.asarray(reference(jnp.asarray(IDS)))).max()) > 0.05
     grads = jax.grad(loss)(adapters)
     leaves = jax.tree.leaves(grads)
     assert len(leaves) == 2 * 7 and all(np.isfinite(np.asarray(g)).all() for g in leaves)
     b_grads = [g for path, g in nnx.to_flat_state(grads) if path[-1] == "kernel_lora_b"]
-    assert all(float(jnp.abs(g.get_value()).max()) > 0 for g in b_grads)  # B = 0 still gets a gradient
+    assert all(float(jnp.abs(g.get_value()).max()) > 0 for g in b_grads)
     assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(frozen))
 
 

@@ -223,6 +223,16 @@ def adapter_variables(projection: DenseGeneral) -> tuple[nnx.Variable, nnx.Varia
     return getattr(projection, "kernel_lora_a"), getattr(projection, "kernel_lora_b")
 
 
+def adapters_off(adapters: nnx.State) -> nnx.State:
+    """The adapters with every B at 0: ``nnx.merge(graphdef, adapters_off(adapters), frozen)`` is the base
+    model (a reference policy for a KL term) without a second copy of the base."""
+    def off(path, variable: nnx.Variable) -> nnx.Variable:
+        is_b = str(getattr(path[-1], "key", path[-1])) == "kernel_lora_b"
+        return variable.replace(jnp.zeros_like(variable.get_value())) if is_b else variable
+
+    return jax.tree_util.tree_map_with_path(off, adapters, is_leaf=_is_variable)
+
+
 def _values(tree: Any) -> Any:
     return jax.tree.map(lambda v: v.get_value(), tree, is_leaf=_is_variable)
 
