@@ -265,7 +265,7 @@ def train_step(sizes: dict, peak: float | None) -> dict:
     for _ in range(1 + sizes["updates"]):  # the first call also moves the state into place
         placed = jax.block_until_ready(jax.device_put(batch))  # donated: a fresh copy per update, untimed
         start = time.perf_counter()
-        state, metrics = compiled(state, placed)
+        state, metrics = compiled(state, placed, rest)  # the compiled update takes the untrained part too
         jax.block_until_ready(metrics)
         seconds.append(time.perf_counter() - start)
     length = sizes["prompt"] + sizes["response"]
@@ -284,7 +284,7 @@ def train_step(sizes: dict, peak: float | None) -> dict:
 
     def profiled():
         nonlocal state
-        state, result = compiled(state, jax.device_put(batch))
+        state, result = compiled(state, jax.device_put(batch), rest)
         return result
 
     out["top_ops"] = top_device_ops(profiled)

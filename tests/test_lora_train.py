@@ -33,7 +33,7 @@ def quiet(config, run_dir) -> Trainer:
 
 @pytest.mark.slow
 def test_rl_with_adapters_trains_them_alone_and_resumes_exactly(tmp_path, cache_dir):
-    trainer = quiet(tiny_config(cache_dir, *LORA, "steps=3"), tmp_path / "straight")
+    trainer = quiet(tiny_config(cache_dir, *LORA, "steps=2"), tmp_path / "straight")
     base_before = {k: v for k, v in flat_params(trainer.policy).items() if "lora" not in k}
     trainer.train()
     assert is_adapted(trainer.policy)
@@ -49,8 +49,8 @@ def test_rl_with_adapters_trains_them_alone_and_resumes_exactly(tmp_path, cache_
     base_bytes = sum(os.path.getsize(os.path.join(cache_dir, f)) for f in os.listdir(cache_dir))
     assert folder_bytes(tmp_path / "straight" / "checkpoints" / "1") < 0.5 * base_bytes
 
-    quiet(tiny_config(cache_dir, *LORA, "steps=2"), tmp_path / "resumed").train()
-    resumed = quiet(tiny_config(cache_dir, *LORA, "steps=3"), tmp_path / "resumed")
+    quiet(tiny_config(cache_dir, *LORA, "steps=1"), tmp_path / "resumed").train()
+    resumed = quiet(tiny_config(cache_dir, *LORA, "steps=2"), tmp_path / "resumed")
     resumed.train()
     assert comparable(resumed.run_log.read()) == comparable(trainer.run_log.read())
     for (_, ours), (_, theirs) in zip(nnx.to_flat_state(resumed.state.params), trained):

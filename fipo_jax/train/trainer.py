@@ -99,6 +99,14 @@ def placement_changes(metadata: dict, config: TrainConfig) -> list[str]:
 _MISSING = object()
 
 
+def split_trained(model, adapted: bool):
+    """(graphdef, trained parameters, rest): the adapters alone when the model has them, else every
+    parameter. ``rest`` (a LoRA run's frozen base) is an argument of the update: never donated, never
+    checkpointed."""
+    graphdef, params, rest = nnx.split(model, nnx.LoRAParam if adapted else nnx.Param, ...)  # type: ignore[misc]
+    return graphdef, params, rest
+
+
 class NonFiniteStateError(RuntimeError):
     """The run's parameters hold NaN or ±inf."""
 
@@ -168,10 +176,7 @@ class Trainer:
         optimizer = update_lib.make_optimizer(schedule, optim.b1, optim.b2, optim.eps, optim.weight_decay,
                                               optim.grad_clip)
         self.lora_base_sha256 = adapt(config, model, self.log)  # None: full fine-tuning
-        # The state trains the adapters alone when there are any; `rest` (the frozen base) is an argument of
-        # the update, never donated, never checkpointed.
-        trainable = nnx.LoRAParam if self.lora_base_sha256 else nnx.Param
-        graphdef, params, rest = nnx.split(model, trainable, ...)  # type: ignore[misc]  # two filters give three parts
+        graphdef, params, rest = split_trained(model, adapted=self.lora_base_sha256 is not None)
         self.graphdef, self.rest = graphdef, jax.device_put(rest, param_shardings(rest, self.mesh))
         # The state lives on the mesh from the start, placed by the one rules table; the update pins
         # these placements on its output, so every step compiles once and never reshards.

@@ -446,7 +446,8 @@ def jit_rl_update(graphdef, rest, optimizer: Optimizer, config: UpdateConfig, st
             warnings.filterwarnings("ignore", "Some donated buffers were not usable", UserWarning)
             return jitted(state, batch, rest)
 
-    # callers lower the update as they would the jitted function: lower(state, batch)
+    # callers lower the update as they would the jitted function: lower(state, batch) (``rest`` bound); the
+    # compiled program it gives takes (state, batch, rest)
     setattr(update, "lower", lambda state, batch: jitted.lower(state, batch, rest))
     return update
 
