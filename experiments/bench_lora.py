@@ -32,6 +32,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench_gemma import _status_gib as status_gib, reset_peak_rss  # noqa: E402  the same RSS probes
+
 from fipo_jax.config import apply_overrides, load_config  # noqa: E402
 from fipo_jax.core.packing import RLBatch  # noqa: E402
 from fipo_jax.train import runtime_configs  # noqa: E402
@@ -40,18 +42,6 @@ from fipo_jax.train import update as update_lib  # noqa: E402
 VARIANTS = {"full": [], "lora": ["model.lora.rank=16"],
             "qlora_int8": ["model.lora.rank=16", "model.lora.base_dtype=int8"],
             "qlora_nf4": ["model.lora.rank=16", "model.lora.base_dtype=nf4"]}
-
-
-def status_gib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        line = next(x for x in f if x.startswith(field + ":"))
-    return int(line.split()[1]) / 2**20  # kB
-
-
-def reset_peak_rss() -> float:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return status_gib("VmRSS")
 
 
 def random_batch(config, vocab: int, seed: int) -> RLBatch:

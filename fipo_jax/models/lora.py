@@ -86,12 +86,12 @@ def layer_projections(layer: DecoderLayer) -> dict[str, DenseGeneral]:
 def adapted_paths(layer: DecoderLayer, lora: LoraConfig) -> list[str]:
     """The projection paths the rule matches; ValueError naming the regex when it matches none, or when
     the rank exceeds a matched projection's smaller side (the update would not be low-rank)."""
-    paths = [p for p in layer_projections(layer) if re.fullmatch(lora.module_path, p)]
+    projections = layer_projections(layer)
+    paths = [p for p in projections if re.fullmatch(lora.module_path, p)]
     if not paths:
         raise ValueError(f"lora.module_path {lora.module_path!r} matches no projection of a decoder layer "
-                         f"(paths: {', '.join(layer_projections(layer))})")
-    gemm = {p: (math.prod(layer_projections(layer)[p].in_shape), math.prod(layer_projections(layer)[p].out_shape))
-            for p in paths}
+                         f"(paths: {', '.join(projections)})")
+    gemm = {p: (math.prod(projections[p].in_shape), math.prod(projections[p].out_shape)) for p in paths}
     narrowest = min(paths, key=lambda p: min(gemm[p]))
     if lora.rank > min(gemm[narrowest]):
         raise ValueError(f"lora.rank {lora.rank} exceeds {narrowest}'s smaller side {min(gemm[narrowest])} "
